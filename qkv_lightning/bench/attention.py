@@ -1,0 +1,195 @@
+"""Side-by-side timing of the attention core: every sharing variant, ``timm``'s ``Attention`` and
+``torch.nn.MultiheadAttention``, forward plus backward, interleaved, medians after warm-up.
+
+Run: ``python cli.py bench-attention [--d_model 384 --n_head 6 --seq_len 197 --batch_size 8 --causal false]``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qkv_lightning.accounting import AttentionShape, attention_forward_flops
+from qkv_lightning.nn.attention import CANONICAL_VARIANTS, Attention, AttentionConfig, Sharing
+
+
+@dataclass
+class Timing:
+    """One contender's result."""
+
+    name: str
+    median_ms: float
+    flops: int | None = None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds of each step, timed round-robin so that drifts in machine load hit every contender alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+class _MHA(nn.Module):
+    """``nn.MultiheadAttention`` used as self-attention, returning only the output."""
+
+    def __init__(self, d_model: int, n_head: int, causal: bool) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d_model, n_head, bias=True, batch_first=True)
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device) if self.causal else None
+        return self.mha(x, x, x, need_weights=False, attn_mask=mask, is_causal=self.causal)[0]
+
+
+class _Ours(nn.Module):
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x)[0]
+
+
+class _Timm(nn.Module):
+    def __init__(self, attention: nn.Module, causal: bool) -> None:
+        super().__init__()
+        self.attention, self.causal = attention, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, is_causal=self.causal) if self.causal else self.attention(x)
+
+
+def contenders(
+    d_model: int, n_head: int, causal: bool, variants: Sequence[str], n_kv_heads: int | None
+) -> dict[str, tuple[nn.Module, int | None]]:
+    """The modules to time, with their closed-form forward FLOPs where known (our variants)."""
+    modules: dict[str, tuple[nn.Module, int | None]] = {}
+    for variant in variants:
+        kv = None if Sharing.parse(variant).query_shared else n_kv_heads
+        config = AttentionConfig(sharing=variant, n_kv_heads=kv)
+        label = config.sharing if config.n_kv_heads in (None, n_head) else f"{config.sharing} kv={config.n_kv_heads}"
+        modules[label] = (_Ours(Attention(d_model, n_head, config, causal=causal)), 1)
+    try:
+        from timm.layers import Attention as TimmAttention
+
+        modules["timm Attention"] = (_Timm(TimmAttention(d_model, n_head, qkv_bias=True), causal), None)
+    except ImportError:  # the optional `bench` extra
+        pass
+    modules["nn.MultiheadAttention"] = (_MHA(d_model, n_head, causal), None)
+    return modules
+
+
+def bench_attention(
+    d_model: int = 384,
+    n_head: int = 6,
+    seq_len: int = 197,
+    batch_size: int = 8,
+    causal: bool = False,
+    variants: Sequence[str] = CANONICAL_VARIANTS,
+    n_kv_heads: int | None = None,
+    repeats: int = 30,
+    warmup: int = 5,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+) -> list[Timing]:
+    """Time forward plus backward of each contender on the same input; returns one :class:`Timing` each."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    torch_dtype = getattr(torch, dtype)
+    x = torch.randn(batch_size, seq_len, d_model, device=dev, dtype=torch_dtype, requires_grad=True)
+    steps, flops = {}, {}
+    for name, (module, known) in contenders(d_model, n_head, causal, variants, n_kv_heads).items():
+        module.to(device=dev, dtype=torch_dtype).train()
+
+        def step(module: nn.Module = module) -> None:
+            module(x).sum().backward()
+
+        steps[name] = step
+        if known is not None:
+            attention = module.attention
+            shape = AttentionShape(d_model, n_head, attention.sharing.name, attention.n_kv_heads)
+            flops[name] = 3 * batch_size * attention_forward_flops(shape, seq_len, seq_len, causal)
+    medians = interleaved_medians(steps, repeats, warmup, dev)
+    return [Timing(name, medians[name] * 1e3, flops.get(name)) for name in steps]
+
+
+def format_table(timings: list[Timing], reference: str = "QKV") -> str:
+    """Markdown table with each time and FLOP count as a ratio to ``reference``."""
+    ref = next(t for t in timings if t.name == reference)
+    lines = [
+        "| attention | fwd+bwd ms (median) | time / QKV | FLOPs / QKV |",
+        "|---|---:|---:|---:|",
+    ]
+    for t in timings:
+        flop_ratio = f"{t.flops / ref.flops:.3f}" if t.flops and ref.flops else "-"
+        lines.append(f"| {t.name} | {t.median_ms:.3f} | {t.median_ms / ref.median_ms:.3f} | {flop_ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``bench-attention``: print the side-by-side table."""
+    import jsonargparse
+
+    def run(
+        d_model: int = 384,
+        n_head: int = 6,
+        seq_len: int = 197,
+        batch_size: int = 8,
+        causal: bool = False,
+        variants: list[str] = list(CANONICAL_VARIANTS),
+        n_kv_heads: int | None = None,
+        repeats: int = 30,
+        warmup: int = 5,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> None:
+        """Time forward+backward of the attention core against timm and torch.nn.MultiheadAttention.
+
+        Args:
+            d_model: model width.
+            n_head: query heads.
+            seq_len: tokens per sequence.
+            batch_size: sequences per batch.
+            causal: decoder (causal) instead of encoder attention.
+            variants: sharing variants of the core to time.
+            n_kv_heads: K/V heads for the variants that keep Q separate (GQA/MQA); None for MHA.
+            repeats: timed rounds (each contender once per round, interleaved).
+            warmup: untimed steps per contender first.
+            device: torch device.
+            dtype: float32, bfloat16 or float16.
+        """
+        timings = bench_attention(
+            d_model, n_head, seq_len, batch_size, causal, variants, n_kv_heads, repeats, warmup, device, dtype
+        )
+        print(
+            f"attention core, forward+backward, B={batch_size} T={seq_len} C={d_model} H={n_head} "
+            f"causal={causal} {device} {dtype} threads={torch.get_num_threads()}, {repeats} interleaved rounds"
+        )
+        print(format_table(timings))
+
+    jsonargparse.auto_cli(run, args=list(argv or []), as_positional=False)
+    return 0

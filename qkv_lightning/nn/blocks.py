@@ -1,0 +1,140 @@
+"""Pre-norm transformer blocks and the trunk (a stack of blocks) shared by the GPT, ViT and sequence encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p`` during training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, ...)
+        return x * keep / (1.0 - self.p)
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward network with GELU."""
+
+    def __init__(self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_mlp, bias=bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(d_mlp, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``, each branch with dropout and drop-path.
+
+    Args:
+        d_model: model width.
+        n_head: query heads.
+        d_mlp: hidden width of the MLP.
+        attention: the attention variant.
+        causal: decoder or encoder attention.
+        bias: biases in linear layers.
+        dropout: residual dropout (after the attention and MLP output projections).
+        drop_path: stochastic-depth probability of this block.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_mlp: int,
+        attention: AttentionConfig,
+        causal: bool,
+        bias: bool = True,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
+        self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.norm_mlp = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
+        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        attended, weights = self.attn(self.norm_attn(x), rope, cache, need_weights)  # (B, T, C)
+        x = x + self.drop_path(self.attn_dropout(attended))
+        x = x + self.drop_path(self.mlp(self.norm_mlp(x)))
+        return x, weights
+
+
+class Trunk(nn.Module):
+    """A stack of :class:`Block` followed by a final LayerNorm.
+
+    Args:
+        n_layer: number of blocks.
+        drop_path: the largest stochastic-depth rate; block i gets ``drop_path * i / (n_layer - 1)``.
+        **block_kwargs: the arguments of :class:`Block`.
+    """
+
+    def __init__(self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs) -> None:
+        super().__init__()
+        rates = torch.linspace(0, drop_path, n_layer).tolist() if n_layer > 1 else [drop_path]
+        self.blocks = nn.ModuleList(
+            Block(d_model=d_model, drop_path=rate, norm_eps=norm_eps, **block_kwargs) for rate in rates
+        )
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps, bias=block_kwargs.get("bias", True))
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        caches: Sequence[KVCache] | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Run every block; returns the normalised output (B, T, C) and, if asked, each block's attention maps."""
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, rope, None if caches is None else caches[i], need_weights)
+            if weights is not None:
+                maps.append(weights)
+        return self.norm(x), maps
+
+    def new_caches(self, batch_size: int, capacity: int, **kwargs) -> list[KVCache]:
+        """One empty :class:`KVCache` per block."""
+        return [block.attn.new_cache(batch_size, capacity, **kwargs) for block in self.blocks]
+
+
+def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and the residual output
+    projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer)."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            scale = (2 * n_layer) ** -0.5 if name.endswith((".attn.proj", ".mlp.proj")) else 1.0
+            nn.init.normal_(sub.weight, mean=0.0, std=std * scale)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)

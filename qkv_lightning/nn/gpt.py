@@ -1,0 +1,224 @@
+"""GPT-style decoder on the attention core, with KV-cached generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.nn.attention import AttentionConfig, KVCache
+from qkv_lightning.nn.blocks import Trunk, init_gpt2_
+from qkv_lightning.nn.positional import rope_tables
+
+
+@dataclass
+class GPTConfig:
+    """Sizes and options of the GPT decoder."""
+
+    n_layer: int = 4
+    """Number of transformer blocks."""
+
+    n_head: int = 4
+    """Query heads per attention layer."""
+
+    d_model: int = 256
+    """Model width; must be divisible by n_head."""
+
+    d_mlp: int | None = None
+    """Hidden width of the MLP; None means 4 * d_model."""
+
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (size of the learned position table)."""
+
+    vocab_size: int | None = None
+    """Output vocabulary; None takes the data's vocabulary. Set it larger to pad (e.g. 50304 for GPT-2 BPE)."""
+
+    position: Literal["learned", "rope", "none"] = "learned"
+    """Positions: learned absolute embeddings (GPT-2), rotary (RoPE) in attention, or none."""
+
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+
+    bias: bool = True
+    """Biases in linear layers and LayerNorms (GPT-2 has them)."""
+
+    dropout: float = 0.0
+    """Residual and embedding dropout (the paper's GPT-2 setups use 0.1)."""
+
+    tie_embeddings: bool = True
+    """Share the input embedding with the output layer (only with output: linear)."""
+
+    output: Literal["linear", "adaptive"] = "linear"
+    """Output layer: a full linear softmax, or PyTorch's adaptive softmax for large word vocabularies."""
+
+    adaptive_cutoffs: list[int] = field(default_factory=lambda: [20000, 40000, 200000])
+    """Cluster boundaries of the adaptive softmax (cutoffs at or beyond the vocabulary are dropped)."""
+
+    adaptive_div_value: float = 4.0
+    """Each adaptive-softmax tail cluster's width is divided by this factor."""
+
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+
+    init_std: float = 0.02
+    """Standard deviation of the GPT-2 initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"network.{name}={getattr(self, name)} must be at least 1.")
+        if self.d_model % self.n_head:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
+            raise ConfigError(
+                f"network.d_model={self.d_model} must be divisible by network.n_head={self.n_head}; "
+                f"n_head values that divide it: {divisors}."
+            )
+        if self.position == "rope" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(
+                f"network.position=rope needs an even head size, but d_model/n_head = {self.d_model // self.n_head}."
+            )
+        if self.output == "adaptive" and self.tie_embeddings:
+            self.tie_embeddings = False  # the adaptive softmax has its own cluster weights
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_mlp or 4 * self.d_model
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: token (+ position) embedding, pre-norm causal blocks, LM head.
+
+    Args:
+        config: sizes and options; ``vocab_size`` must be set.
+        attention: the attention variant.
+    """
+
+    def __init__(self, config: GPTConfig, attention: AttentionConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ConfigError("network.vocab_size is not set: take it from the data or set it in the config.")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.position = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.trunk = Trunk(
+            n_layer=config.n_layer,
+            d_model=config.d_model,
+            n_head=config.n_head,
+            d_mlp=config.mlp_width,
+            attention=attention,
+            causal=True,
+            bias=config.bias,
+            dropout=config.dropout,
+            norm_eps=config.norm_eps,
+        )
+        if config.output == "adaptive":
+            cutoffs = [c for c in config.adaptive_cutoffs if c < config.vocab_size]
+            self.head: nn.Module = nn.AdaptiveLogSoftmaxWithLoss(
+                config.d_model, config.vocab_size, cutoffs, div_value=config.adaptive_div_value
+            )
+        else:
+            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation (also used after materialising a meta-device model)."""
+        init_gpt2_(self, self.config.n_layer, self.config.init_std)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.trunk.blocks
+
+    def rope(self, length: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """RoPE tables for positions 0 .. length-1, or None without rotary positions."""
+        if self.config.position != "rope":
+            return None
+        head_dim = self.config.d_model // self.config.n_head
+        return rope_tables(torch.arange(length, device=device), head_dim, self.config.rope_base, self.embed.weight.dtype)
+
+    def hidden(
+        self, idx: Tensor, caches: list[KVCache] | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Final hidden states (B, T, C) for token ids ``idx`` (B, T), continuing ``caches`` if given."""
+        _, t = idx.shape
+        offset = caches[0].length if caches else 0
+        if offset + t > self.config.max_seq_len:
+            raise ConfigError(
+                f"sequence of {offset + t} tokens exceeds network.max_seq_len={self.config.max_seq_len}; lower the "
+                "data's seq_len (or the generation length) or raise network.max_seq_len."
+            )
+        x = self.embed(idx)  # (B, T, C)
+        if self.position is not None:
+            x = x + self.position(torch.arange(offset, offset + t, device=idx.device))  # (T, C) broadcast
+        x = self.dropout(x)
+        return self.trunk(x, self.rope(offset + t, idx.device), caches, need_weights)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Log-probabilities or logits (B, T, V) from hidden states (B, T, C)."""
+        if isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss):
+            return self.head.log_prob(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
+        return self.head(hidden)
+
+    def forward(self, idx: Tensor, caches: list[KVCache] | None = None) -> Tensor:
+        """Logits (B, T, V) for token ids (B, T)."""
+        return self.logits(self.hidden(idx, caches)[0])
+
+    def loss(self, idx: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of ``targets`` (B, T) given ``idx`` (B, T); ``reduction='sum'`` for exact perplexity."""
+        hidden = self.hidden(idx)[0]  # (B, T, C)
+        if isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss):
+            nll = -self.head(hidden.flatten(0, 1), targets.flatten()).output  # (B*T,)
+            return nll.sum() if reduction == "sum" else nll.mean()
+        logits = self.head(hidden)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+    def new_caches(self, batch_size: int, capacity: int | None = None) -> list[KVCache]:
+        """Empty KV caches for every layer."""
+        return self.trunk.new_caches(batch_size, capacity or self.config.max_seq_len)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue ``prompt`` (B, T) by ``max_new_tokens`` tokens: greedy at temperature 0, else sampled (top-k).
+
+        With ``use_cache`` the prompt is run once and each new token attends to the KV cache; without it every step
+        runs the whole sequence again (the reference the cache must match).
+        """
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ConfigError(
+                f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds network.max_seq_len="
+                f"{self.config.max_seq_len}."
+            )
+        caches = self.new_caches(prompt.shape[0], total) if use_cache else None
+        tokens, step_input = prompt, prompt
+        for _ in range(max_new_tokens):
+            logits = self(step_input if use_cache else tokens, caches)[:, -1].float()  # (B, V)
+            next_token = sample(logits, temperature, top_k, generator)  # (B, 1)
+            tokens = torch.cat([tokens, next_token], dim=1)
+            step_input = next_token
+        return tokens
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Next token (B, 1) from logits (B, V): argmax at temperature 0, else softmax sampling over the top k."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)

@@ -1,0 +1,94 @@
+"""Positional encodings: rotary (RoPE), 2D sin-cos for image patches, and the pairwise score encoding.
+
+Everything here is computed on the fly from positions (no buffers), so modules built on the meta device for FSDP
+need no re-initialisation of position tables.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def rope_tables(
+    positions: Tensor, head_dim: int, base: float = 10000.0, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """Cosine and sine tables of rotary embeddings (rotate-half convention, as GPT-NeoX and Llama).
+
+    Args:
+        positions: integer positions, shape (T,).
+        head_dim: size of one attention head; must be even.
+        base: the RoPE frequency base.
+        dtype: dtype of the returned tables (defaults to float32).
+
+    Returns:
+        ``(cos, sin)``, each of shape (T, head_dim).
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary positions need an even head size, got head_dim={head_dim}; change d_model or n_head")
+    dtype = dtype or torch.float32
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim))
+    angles = positions.to(work)[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` of shape (B, H, T, D) by the tables ``cos``/``sin`` of shape (T, D)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
+    return x * cos + rotated * sin
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed 2D sin-cos position embedding of a patch grid (as in MAE / "simple ViT").
+
+    Returns:
+        Tensor of shape (grid_h * grid_w, dim), rows in raster order.
+    """
+    if dim % 4:
+        raise ValueError(f"2D sin-cos positions need d_model divisible by 4, got {dim}; change d_model")
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4 - 1 or 1))
+    ys = ys.flatten().float()[:, None] * omega[None, :]  # (N, dim/4)
+    xs = xs.flatten().float()[:, None] * omega[None, :]  # (N, dim/4)
+    return torch.cat([xs.sin(), xs.cos(), ys.sin(), ys.cos()], dim=1)  # (N, dim)
+
+
+def pair_encoding(q_positions: Tensor, k_positions: Tensor, n_frequencies: int) -> Tensor:
+    """Fixed sinusoidal encoding of every (query position i, key position j) pair.
+
+    For each of ``n_frequencies`` frequencies w it has sin and cos of w*i, of w*j and of w*(i - j). The last pair is
+    odd/even in (i - j), so a linear map of these channels can give score(i, j) != score(j, i).
+
+    Returns:
+        Tensor of shape (Tq, Tk, 6 * n_frequencies).
+    """
+    omega = 1.0 / (100.0 ** (torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32) / n_frequencies))
+    i = q_positions.float()[:, None, None]  # (Tq, 1, 1)
+    j = k_positions.float()[None, :, None]  # (1, Tk, 1)
+    wi, wj, wd = i * omega, j * omega, (i - j) * omega  # (Tq, 1, F), (1, Tk, F), (Tq, Tk, F)
+    tq, tk = q_positions.numel(), k_positions.numel()
+    parts = [wi.expand(tq, tk, -1), wj.expand(tq, tk, -1), wd]
+    return torch.cat([f(p) for p in parts for f in (torch.sin, torch.cos)], dim=-1)  # (Tq, Tk, 6F)
+
+
+class PairScoreEncoding(nn.Module):
+    """The paper's "+" symmetry breaker: a learned linear map from the pair encoding to one score bias per head.
+
+    Args:
+        n_head: number of query heads (one bias per head).
+        n_frequencies: frequencies of the fixed pair encoding (6 channels each).
+    """
+
+    def __init__(self, n_head: int, n_frequencies: int) -> None:
+        super().__init__()
+        self.n_frequencies = n_frequencies
+        self.proj = nn.Linear(6 * n_frequencies, n_head)
+
+    def forward(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """Score bias of shape (H, Tq, Tk)."""
+        enc = pair_encoding(q_positions, k_positions, self.n_frequencies).to(self.proj.weight.dtype)  # (Tq, Tk, C)
+        return self.proj(enc).permute(2, 0, 1)  # (H, Tq, Tk)

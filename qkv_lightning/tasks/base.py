@@ -1,0 +1,184 @@
+"""What every task LightningModule shares: the variant, the optimiser and schedule, and lazy network building."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, Literal, TypeVar
+
+import lightning as L
+import torch
+from torch import nn
+
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.nn.attention import AttentionConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with weight decay on matrices only, and a learning-rate schedule with linear warm-up."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to parameters with 2 or more dimensions only (not biases or norms)."""
+
+    warmup_steps: int = 100
+    """Steps of linear warm-up from 0 to ``lr``."""
+
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine decay to ``min_lr_ratio * lr`` at the last step, or constant."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr={self.lr} must be positive.")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optimizer.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1].")
+        self.betas = tuple(self.betas)
+
+
+def as_config(cls: type[T], value: T | dict | None) -> T:
+    """Accept a config dataclass or its dict form (as stored in checkpoints' hyper-parameters)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} settings {unknown}; allowed: {sorted(known)}.")
+        return cls(**value)
+    raise ConfigError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses to dicts and tuples to lists, so hyper-parameters hold only plain, safely loadable types."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return plain(asdict(value))
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then cosine decay to ``min_ratio`` (or constant)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TaskModule(L.LightningModule):
+    """Base of the task modules. Subclasses implement :meth:`build_network` and the step methods.
+
+    The network is built in :meth:`configure_model` (idempotent), so that FSDP can build it sharded and
+    ``load_from_checkpoint`` rebuilds it from the saved hyper-parameters. Values the data decides (vocabulary
+    size, classes, sequence length) come from the datamodule's ``spec()`` at setup and are saved as ``data_spec``.
+
+    Args:
+        attention: the attention variant.
+        optimizer: AdamW and learning-rate schedule.
+        data_spec: what the data decides; filled from the datamodule when None.
+        compile: compile each block with ``torch.compile`` (in place, so checkpoint keys do not change).
+    """
+
+    network: nn.Module | None
+
+    def __init__(
+        self,
+        attention: AttentionConfig | dict | None = None,
+        optimizer: OptimizerConfig | dict | None = None,
+        data_spec: dict | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.attention_config = as_config(AttentionConfig, attention)
+        self.optimizer_config = as_config(OptimizerConfig, optimizer)
+        self.data_spec = dict(data_spec) if data_spec else None
+        self.compile_blocks = compile
+        self.network = None
+
+    def save_task_hyperparameters(self, **task_hparams: Any) -> None:
+        """Save plain hyper-parameters (no modules, no dataclasses) for checkpoints and loggers."""
+        self.save_hyperparameters(
+            plain(
+                {
+                    **task_hparams,
+                    "attention": self.attention_config,
+                    "optimizer": self.optimizer_config,
+                    "data_spec": self.data_spec,
+                    "compile": self.compile_blocks,
+                }
+            )
+        )
+
+    # ----------------------------------------------------------------------------------------------- building
+    def build_network(self, data_spec: dict) -> nn.Module:
+        """Build the network for ``data_spec``; implemented by each task."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if self.data_spec is None:
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is None or not hasattr(datamodule, "spec"):
+                raise ConfigError(
+                    f"{type(self).__name__} needs data_spec: run it with one of qkv_lightning's datamodules, or "
+                    "set model.data_spec explicitly."
+                )
+            self.data_spec = dict(datamodule.spec())
+            self.hparams["data_spec"] = self.data_spec
+
+    def configure_model(self) -> None:
+        if self.network is not None:
+            return
+        if self.data_spec is None:
+            raise ConfigError(f"{type(self).__name__}.configure_model() needs data_spec (see setup()).")
+        self.network = self.build_network(self.data_spec)
+        if self.compile_blocks:
+            for module in self.network.modules():
+                if type(module).__name__ == "Block":
+                    module.compile()
+
+    # ---------------------------------------------------------------------------------------------- optimising
+    def configure_optimizers(self) -> dict:
+        config = self.optimizer_config
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        total = self.total_steps()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, config.warmup_steps, total, config.min_lr_ratio, config.schedule),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run: ``trainer.max_steps``, else Lightning's estimate."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        estimate = trainer.estimated_stepping_batches
+        return int(estimate) if math.isfinite(estimate) else 0
