@@ -95,8 +95,8 @@ class TaskModule(L.LightningModule):
     size, classes, sequence length) come from the datamodule's ``spec()`` at setup and are saved as ``data_spec``.
 
     Args:
-        attention: the attention variant.
-        optimizer: AdamW and learning-rate schedule.
+        attention: the attention variant (a dict, as stored in checkpoints, is accepted too).
+        optimizer: AdamW and learning-rate schedule (or its dict).
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile`` (in place, so checkpoint keys do not change).
     """
@@ -105,8 +105,8 @@ class TaskModule(L.LightningModule):
 
     def __init__(
         self,
-        attention: AttentionConfig | dict | None = None,
-        optimizer: OptimizerConfig | dict | None = None,
+        attention: AttentionConfig = AttentionConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
         data_spec: dict | None = None,
         compile: bool = False,
     ) -> None:
