@@ -23,6 +23,7 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 EXTRA_COMMANDS: dict[str, str] = {
     "bench-attention": "qkv_lightning.bench.attention:main",
+    "consolidate": "qkv_lightning.checkpoints:main",
 }
 """Extra subcommands: name -> ``module:function`` taking the remaining arguments (a list of strings)."""
 
@@ -98,12 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
+    if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        sys.argv[1:] = args
     try:
         if args and args[0] in ("-h", "--help"):
             print("extra commands: " + ", ".join(sorted(EXTRA_COMMANDS)) + " (each with --help)\n")
         if args and args[0] in EXTRA_COMMANDS:
             return int(_load(EXTRA_COMMANDS[args[0]])(args[1:]) or 0)
-        QKVLightningCLI(args=args)
+        QKVLightningCLI(args=None if argv is None else args)
         return 0
     except QKVError as error:
         if debug:
