@@ -16,6 +16,7 @@ import jsonargparse
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.errors import QKVError
 from qkv_lightning.tasks.base import TaskModule
 
@@ -78,6 +79,7 @@ class QKVLightningCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.set_defaults(
             {
                 "trainer.logger": {
