@@ -7,8 +7,14 @@ data are printed as one paragraph without a traceback; ``--debug`` shows the tra
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
+import inspect
+import pkgutil
+import re
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,7 +72,7 @@ class QKVLightningCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
         super().__init__(
             model_class=TaskModule,
             datamodule_class=LightningDataModule,
@@ -89,6 +95,74 @@ class QKVLightningCLI(LightningCLI):
                 "trainer.enable_autolog_hparams": False,
             }
         )
+
+
+_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Expected a <class 'NoneType'>",
+    "Given value type:",
+    "Given value:",
+)
+
+
+def known_setting_names() -> set[str]:
+    """Names of every setting a config can hold: Trainer arguments, and the init arguments (and dataclass fields)
+    of the project's tasks, datamodules and callbacks. Used to suggest the intended name for a typo."""
+    import lightning.pytorch as pl
+
+    import qkv_lightning
+
+    names: set[str] = set(inspect.signature(pl.Trainer.__init__).parameters)
+    for info in pkgutil.walk_packages(qkv_lightning.__path__, "qkv_lightning."):
+        if info.name.split(".")[1] not in ("tasks", "data", "callbacks", "nn", "parallel"):
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:  # an optional dependency
+            continue
+        for obj in vars(module).values():  # config dataclasses: every field is a setting
+            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__:
+                names.update(field.name for field in dataclasses.fields(obj))
+    pending: list[type] = [TaskModule, LightningDataModule, pl.Callback]
+    seen: set[type] = set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        pending.extend(cls.__subclasses__())
+        if not cls.__module__.startswith("qkv_lightning"):
+            continue
+        names.update(inspect.signature(cls.__init__).parameters)
+    return names - {"self", "args", "kwargs"}
+
+
+def explain_config_error(message: str) -> str:
+    """One paragraph from a jsonargparse error: the parts that say what is wrong, and a suggestion for a typo."""
+    parts = []
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if line and not line.startswith(_NOISE):
+            parts.append(line)
+    text = " ".join(parts) or message.strip()
+    unknown = re.findall(r"does not accept option '([^']+)'", message)
+    unknown += re.findall(r"Key '([^']+)' is not expected", message)
+    unknown += [a.lstrip("-").split("=")[0] for a in re.findall(r"unrecognized arguments: (.*)", message)[:1][0].split()] if (
+        "unrecognized arguments" in message
+    ) else []
+    if unknown:
+        vocabulary = sorted(known_setting_names())
+        hints = []
+        for option in unknown:
+            leaf = option.split(".")[-1]
+            close = difflib.get_close_matches(leaf, vocabulary, n=1, cutoff=0.6)
+            if close and close[0] != leaf:
+                hints.append(f"'{option}': did you mean '{close[0]}'?")
+        if hints:
+            text += " " + " ".join(hints)
+    return f"invalid configuration: {text} (see --help for the accepted settings)"
 
 
 def _load(target: str) -> Callable[[list[str]], int | None]:
@@ -114,4 +188,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ArgumentError as error:
+        if debug:
+            raise
+        print(f"error: {explain_config_error(str(error))}", file=sys.stderr)
+        return 2
+    except ValueError as error:  # a setting rejected while the config is instantiated
+        if debug or "Does not validate against any of the Union subtypes" not in str(error):
+            raise
+        print(f"error: {explain_config_error(str(error))}", file=sys.stderr)
         return 2
