@@ -16,6 +16,7 @@ import re
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jsonargparse
@@ -23,7 +24,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
-from qkv_lightning.errors import QKVError
+from qkv_lightning.errors import CheckpointError, QKVError
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -83,6 +84,55 @@ class QKVLightningCLI(LightningCLI):
             auto_configure_optimizers=False,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path last``: resume the newest run that has a ``last.ckpt`` and keep logging into its folder.
+
+        Lightning looks for ``last`` only in the new run's checkpoint folder, which a fresh logger version leaves
+        empty, so a plain re-run would start from scratch instead of resuming.
+        """
+        if self.subcommand != "fit":
+            return
+        config = self.config["fit"]
+        if config.get("ckpt_path") != "last":
+            return
+        found = find_last_checkpoint(config)
+        if found is None:
+            return
+        path, version = found
+        config["ckpt_path"] = str(path)
+        logger = config.get("trainer", {}).get("logger")
+        if version is not None and isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
+            logger.init_args["version"] = version
+
+    def check_checkpoint_fits_strategy(self) -> None:
+        """A sharded checkpoint folder can only be resumed by a sharding strategy: say so instead of a traceback."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        from qkv_lightning.checkpoints import is_sharded_checkpoint
+
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path or not is_sharded_checkpoint(ckpt_path):
+            return
+        if not isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} is a sharded (FSDP/FSDP2) checkpoint folder, but trainer.strategy is "
+                f"{type(self.trainer.strategy).__name__}: resume it with the strategy that saved it (e.g. --config "
+                f"configs/strategy/fsdp2.yaml), or turn it into one file with `python cli.py consolidate {ckpt_path} "
+                f"consolidated.ckpt` and pass --ckpt_path consolidated.ckpt."
+            )
+
+    def before_fit(self) -> None:
+        self.check_checkpoint_fits_strategy()
+
+    def before_validate(self) -> None:
+        self.check_checkpoint_fits_strategy()
+
+    def before_test(self) -> None:
+        self.check_checkpoint_fits_strategy()
+
+    def before_predict(self) -> None:
+        self.check_checkpoint_fits_strategy()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
@@ -163,6 +213,32 @@ def explain_config_error(message: str) -> str:
         if hints:
             text += " " + " ".join(hints)
     return f"invalid configuration: {text} (see --help for the accepted settings)"
+
+
+def find_last_checkpoint(config: Any) -> tuple[Path, str | int | None] | None:
+    """The newest ``last.ckpt`` of the configured logger's runs (``save_dir/name/version_*/checkpoints``) and the
+    version it belongs to, or None. A ModelCheckpoint with an explicit ``dirpath`` is searched first."""
+    trainer = config.get("trainer", {})
+    candidates: list[tuple[Path, str | int | None]] = []
+    for callback in trainer.get("callbacks") or []:
+        init_args = callback.get("init_args", {}) if isinstance(callback, jsonargparse.Namespace) else {}
+        if "ModelCheckpoint" in str(callback.get("class_path", "")) and init_args.get("dirpath"):
+            candidates.append((Path(init_args["dirpath"]) / "last.ckpt", None))
+    logger = trainer.get("logger")
+    if isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
+        save_dir = Path(logger.init_args.get("save_dir") or trainer.get("default_root_dir") or ".")
+        name = logger.init_args.get("name")
+        run_dir = save_dir / name if name else save_dir
+        if run_dir.is_dir():
+            for version_dir in run_dir.iterdir():
+                last = version_dir / "checkpoints" / "last.ckpt"
+                if version_dir.name.startswith("version_") and last.exists():
+                    version = version_dir.name.removeprefix("version_")
+                    candidates.append((last, int(version) if version.isdigit() else version_dir.name))
+    existing = [(path, version) for path, version in candidates if path.exists()]
+    if not existing:
+        return None
+    return max(existing, key=lambda item: item[0].stat().st_mtime)
 
 
 def _load(target: str) -> Callable[[list[str]], int | None]:

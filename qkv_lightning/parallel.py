@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -53,6 +56,31 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer = optimizer._optimizer
         options = StateDictOptions(full_state_dict=not self._save_distributed_checkpoint, cpu_offload=True)
         return get_optimizer_state_dict(self.model, optimizer, options=options)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Save a sharded checkpoint atomically: every rank writes into ``<name>.partial``, then rank 0 swaps it in.
+
+        A crash while saving leaves the previous checkpoint of that name intact.
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staging = path.with_name(path.name + ".partial")
+        if self.global_rank == 0 and staging.exists():
+            shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
+        self.barrier("fsdp2_save_staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("fsdp2_save_written")
+        if self.global_rank == 0:
+            retired = path.with_name(path.name + ".old")
+            if retired.exists():
+                shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+            if path.exists() or path.is_symlink():
+                os.replace(path, retired)
+            os.replace(staging, path)
+            if retired.exists():
+                shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+        self.barrier("fsdp2_save_done")
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
