@@ -103,7 +103,7 @@ class ImageClassifier(TaskModule):
             images, targets = self.mix(images, labels)  # targets: (B, classes) mixed one-hot
         logits = self.network(images)  # (B, classes)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
         if self.mix is None:  # accuracy on mixed images is not meaningful
             self.train_metrics.update(logits, labels)
             self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(labels))
