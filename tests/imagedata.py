@@ -74,17 +74,21 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_mnist_gz(folder: str, n_train: int = 60, n_test: int = 20, seed: int = 0) -> str:
-    """The four official MNIST file names, gzipped IDX, in a flat folder."""
+def write_mnist_gz(
+    folder: str, n_train: int = 60, n_test: int = 20, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The four official MNIST file names, gzipped IDX, in a flat folder; returns each split's (images, labels)."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
+    written = {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = rng.integers(0, 10, size=n).astype(np.uint8)
         images = class_images(labels, 1, 28, seed=seed + n)[:, 0]  # (N, 28, 28)
         for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
             with gzip.open(os.path.join(folder, f"{prefix}-{kind}-ubyte.gz"), "wb") as file:
                 file.write(idx_bytes(array))
-    return folder
+        written["train" if prefix == "train" else "test"] = (images, labels)
+    return written
 
 
 def write_image_tree(

@@ -33,13 +33,17 @@ ALLOWED_GLOBALS = {
 """The only globals a CIFAR pickle may name: what numpy needs to rebuild an array."""
 
 
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle names a global that a data file has no reason to hold."""
+
+
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """An unpickler that rebuilds plain containers and numpy arrays, and refuses every other global."""
 
     def find_class(self, module: str, name: str):
         if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it names the global {module}.{name}, which a data file has no reason to hold")
+        raise ForbiddenGlobal(f"{module}.{name}")
 
 
 def safe_unpickle(path: str) -> object:
@@ -51,6 +55,12 @@ def safe_unpickle(path: str) -> object:
     try:
         with open(path, "rb") as file:
             return NumpyOnlyUnpickler(file, encoding="latin1").load()
+    except ForbiddenGlobal as error:
+        raise DataError(
+            f"refusing to load {path}: it names the global {error}, which a data file has no reason to hold (only "
+            "numpy arrays, lists, dicts, numbers and strings are allowed). It is not an official file: delete it and "
+            "download the official files again (data.download: true)."
+        ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise DataError(
             f"cannot read {path}: it is truncated or corrupted, or not a CIFAR file ({type(error).__name__}: {error}). "
