@@ -62,7 +62,10 @@ def write_cifar100(root: str, n_train: int = 100, n_test: int = 20, seed: int = 
         }
         with open(os.path.join(folder, name), "wb") as file:
             pickle.dump(batch, file, protocol=2)
-    meta = {"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": [f"super{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"class{i}" for i in range(100)],
+        "coarse_label_names": [f"super{i}" for i in range(20)],
+    }
     with open(os.path.join(folder, "meta"), "wb") as file:
         pickle.dump(meta, file, protocol=2)
     return folder

@@ -90,7 +90,8 @@ def test_variant_configs_layer_on_the_vit_recipes(variant: str) -> None:
     with open(variant) as file:
         wanted = yaml.safe_load(file)["model"]["init_args"]["attention"]
     for config in ("cifar10.yaml", "imagenet-vit-s16.yaml"):
-        cli = QKVLightningCLI(args=["--config", os.path.join(ROOT, "configs", "vit", config), "--config", variant], run=False)
+        recipe = os.path.join(ROOT, "configs", "vit", config)
+        cli = QKVLightningCLI(args=["--config", recipe, "--config", variant], run=False)
         attention = cli.model.attention_config
         assert attention.sharing == AttentionConfig(sharing=wanted["sharing"]).sharing
         assert attention.n_kv_heads == wanted["n_kv_heads"]

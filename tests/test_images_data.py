@@ -123,9 +123,8 @@ def test_file_with_the_official_image_count_must_have_the_official_md5(tmp_path,
     # files whose MD5s are the expected ones are accepted silently
     md5s = {name: cifar.md5sum(os.path.join(folder, name)) for name in os.listdir(folder)}
     layout = cifar.CIFAR10_LAYOUT
-    patched = cifar.CifarLayout(
-        **{**layout.__dict__, "train": [(n, md5s[n]) for n, _ in layout.train], "test": [("test_batch", md5s["test_batch"])]}
-    )
+    train, test = [(n, md5s[n]) for n, _ in layout.train], [("test_batch", md5s["test_batch"])]
+    patched = cifar.CifarLayout(**{**layout.__dict__, "train": train, "test": test})
     monkeypatch.setattr(CIFAR10DataModule, "layout", patched)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

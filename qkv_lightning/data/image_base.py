@@ -135,7 +135,9 @@ class TensorSource:
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
-            raise DataError(f"expected uint8 images (N, C, H, W) and N labels, got {tuple(images.shape)} and {len(labels)}")
+            raise DataError(
+                f"expected uint8 images (N, C, H, W) and N labels, got {tuple(images.shape)} and {len(labels)}"
+            )
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
 
     def dataset(self, indices: np.ndarray, transform: v2.Compose) -> Dataset:

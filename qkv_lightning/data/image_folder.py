@@ -71,7 +71,9 @@ def extract_once(archive: str, extract_dir: str) -> str:
         os.replace(scratch, target)
     except (tarfile.TarError, EOFError, OSError, ValueError) as error:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise DataError(f"cannot extract {archive} into {extract_dir}: {error}. Check the archive (data.root).") from None
+        raise DataError(
+            f"cannot extract {archive} into {extract_dir}: {error}. Check the archive (data.root)."
+        ) from None
     return target
 
 
@@ -160,8 +162,8 @@ class ImageFiles(Dataset):
             except Exception as error:  # PIL reports broken files with many exception types
                 self.unreadable[path] = f"{type(error).__name__}: {error}"
                 warnings.warn(
-                    f"skipped unreadable image file {path} ({self.unreadable[path]}); {len(self.unreadable)} unreadable "
-                    "image file(s) skipped so far in this process. Replace or delete the file.",
+                    f"skipped unreadable image file {path} ({self.unreadable[path]}); {len(self.unreadable)} "
+                    "unreadable image file(s) skipped so far in this process. Replace or delete the file.",
                     stacklevel=2,
                 )
                 continue
@@ -308,7 +310,9 @@ class ImageNetDataModule(ImageFolderDataModule):
         try:
             return ImageNet(self.root, split=split)
         except (RuntimeError, OSError) as error:
-            raise DataError(f"torchvision could not open ImageNet ({split}) under data.root={self.root}: {error}") from None
+            raise DataError(
+                f"torchvision could not open ImageNet ({split}) under data.root={self.root}: {error}"
+            ) from None
 
     def locate(self) -> str:
         if not os.path.isdir(self.root) or not os.path.isdir(os.path.join(self.root, "train")):

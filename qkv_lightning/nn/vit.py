@@ -101,12 +101,12 @@ class ViTConfig:
             ConfigError: if a size set here disagrees with the data.
         """
         values = {}
-        for field, key in (("image_size", "image_size"), ("in_channels", "in_channels"), ("num_classes", "num_classes")):
-            mine, theirs = getattr(self, field), data_spec.get(key)
+        for field in ("image_size", "in_channels", "num_classes"):
+            mine, theirs = getattr(self, field), data_spec.get(field)
             if mine is not None and theirs is not None and mine != theirs:
                 raise ConfigError(
-                    f"network.{field}={mine} disagrees with the data ({key}={theirs}); set network.{field} to null to "
-                    f"take the data's value, or change the data's setting."
+                    f"network.{field}={mine} disagrees with the data ({field}={theirs}); set network.{field} to null "
+                    "to take the data's value, or change the data's setting."
                 )
             values[field] = mine if mine is not None else theirs
         return replace(self, **values)
