@@ -302,7 +302,11 @@ class ImageNetDataModule(ImageFolderDataModule):
     def prepare_data(self) -> None:
         if self.torchvision_layout():
             for split in ("train", "val"):
-                self.open_torchvision(split)  # unpacks the archives once, on one process
+                unpacked = os.path.isfile(os.path.join(self.root, "meta.bin")) and os.path.isdir(
+                    os.path.join(self.root, split)
+                )
+                if not unpacked:
+                    self.open_torchvision(split)  # torchvision unpacks the archives once, on one process
         else:
             self.locate()
 
