@@ -23,6 +23,7 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 EXTRA_COMMANDS: dict[str, str] = {
     "bench-attention": "qkv_lightning.bench.attention:main",
+    "study": "qkv_lightning.study:main",
 }
 """Extra subcommands: name -> ``module:function`` taking the remaining arguments (a list of strings)."""
 
