@@ -230,7 +230,8 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path
     assert all(int(r["steps"]) == 4 and 0.0 <= float(r["test/acc"]) <= 1.0 for r in ok.values())
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["primary"] == "test/seq_acc" and summary["metrics"] == ["test/seq_acc", "test/acc", "test/loss", "val/seq_acc", "val/acc", "val/loss"]
+    assert summary["primary"] == "test/acc"
+    assert summary["metrics"] == ["test/acc", "test/seq_acc", "test/loss", "val/acc", "val/seq_acc", "val/loss"]
     by_label = {row["variant"]: row for row in summary["variants"]}
     assert list(by_label) == ["QKV", "QKV_kv3", "Q=K=V"]  # grid order: sharing, then n_kv_heads
     entry = by_label["Q=K=V"]["metrics"]["test/acc"]

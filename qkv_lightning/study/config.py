@@ -13,12 +13,12 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS, Sharing
 
 PREFERRED_METRICS = (
-    "test/seq_acc",
     "test/acc",
+    "test/seq_acc",
     "test/ppl",
     "test/loss",
-    "val/seq_acc",
     "val/acc",
+    "val/seq_acc",
     "val/ppl",
     "val/loss",
 )
@@ -56,7 +56,7 @@ class StudyConfig:
 
     metrics: list[str] | None = None
     """Final metrics summarised per variant, the first being the primary one (table, plot); None picks those the
-    task logs among test/seq_acc, test/acc, test/ppl, test/loss, val/seq_acc, val/acc, val/ppl, val/loss."""
+    task logs among test/acc, test/seq_acc, test/ppl, test/loss, val/acc, val/seq_acc, val/ppl, val/loss."""
 
     higher_is_better: bool | None = None
     """Direction of the metrics for the 'better'/'worse' verdict; None infers it from each name (loss, ppl,
