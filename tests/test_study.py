@@ -18,7 +18,7 @@ from qkv_lightning.study import StudyConfig, parse_study_args, run_study
 from qkv_lightning.study import stats as S
 from qkv_lightning.study.config import Cell, Variant, cells, expand_grid
 from qkv_lightning.study.report import RESULT_COLUMNS, TRAILING_COLUMNS
-from qkv_lightning.study.runner import cell_spec, is_finished
+from qkv_lightning.study.runner import cell_spec, gpu_share, is_finished
 
 scipy_stats = pytest.importorskip("scipy.stats")
 scipy_special = pytest.importorskip("scipy.special")
@@ -31,7 +31,9 @@ B = [0.871, 0.889, 0.902, 0.866, 0.880]
 C = [0.915, 0.921, 0.899, 0.950, 0.930, 0.941]  # another length: Welch only
 
 
-@pytest.mark.parametrize(("a", "b", "x"), [(0.5, 0.5, 0.3), (2.5, 0.5, 0.9), (10.0, 3.0, 0.2), (0.1, 7.0, 0.01), (60, 0.5, 0.995)])
+@pytest.mark.parametrize(
+    ("a", "b", "x"), [(0.5, 0.5, 0.3), (2.5, 0.5, 0.9), (10.0, 3.0, 0.2), (0.1, 7.0, 0.01), (60, 0.5, 0.995)]
+)
 def test_incomplete_beta_matches_scipy(a: float, b: float, x: float) -> None:
     assert S.betainc(a, b, x) == pytest.approx(scipy_special.betainc(a, b, x), rel=1e-10, abs=1e-14)
 
@@ -120,10 +122,22 @@ def _task_config(tmp_path: Path, callbacks: list | None = None) -> Path:
         },
         "data": {
             "class_path": "qkv_lightning.data.synthetic.SyntheticSequenceData",
-            "init_args": {"task": "sub", "seq_len": 4, "train_size": 128, "val_size": 32, "test_size": 32, "batch_size": 32},
+            "init_args": {
+                "task": "sub",
+                "seq_len": 4,
+                "train_size": 128,
+                "val_size": 32,
+                "test_size": 32,
+                "batch_size": 32,
+            },
         },
-        "trainer": {"max_steps": 4, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
-                    "callbacks": callbacks or []},
+        "trainer": {
+            "max_steps": 4,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "callbacks": callbacks or [],
+        },
     }
     path = tmp_path / "task.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -132,14 +146,25 @@ def _task_config(tmp_path: Path, callbacks: list | None = None) -> Path:
 
 def test_grid_leaves_out_query_sharing_with_fewer_kv_heads(tmp_path: Path) -> None:
     config = StudyConfig(
-        task=str(_task_config(tmp_path)), sharing=["QKV", "shared_qk", "Q-K=V"], n_kv_heads=[None, 1],
-        breakers=["none", "score"], seeds=[0, 1],
+        task=str(_task_config(tmp_path)),
+        sharing=["QKV", "shared_qk", "Q-K=V"],
+        n_kv_heads=[None, 1],
+        breakers=["none", "score"],
+        seeds=[0, 1],
     )
     variants, notes = expand_grid(config)
     labels = [v.label for v in variants]
     assert labels == [
-        "QKV", "QKV+score", "QKV_kv1", "QKV+score_kv1", "Q=K-V", "Q=K-V+score",
-        "Q-K=V", "Q-K=V+score", "Q-K=V_kv1", "Q-K=V+score_kv1",
+        "QKV",
+        "QKV+score",
+        "QKV_kv1",
+        "QKV+score_kv1",
+        "Q=K-V",
+        "Q=K-V+score",
+        "Q-K=V",
+        "Q-K=V+score",
+        "Q-K=V_kv1",
+        "Q-K=V+score_kv1",
     ]
     assert len(notes) == 2 and all("Q=K-V" in note for note in notes)
     assert len(cells(config)) == 2 * len(labels)
@@ -164,12 +189,32 @@ def test_a_changed_setting_invalidates_a_finished_cell(tmp_path: Path) -> None:
     assert not is_finished(done, cell_spec(config, tmp_path, cell), retry_failed=True)
 
 
+def test_gpu_shares() -> None:
+    gpus = ["0", "1", "2", "3"]
+    assert [gpu_share(gpus, 4, slot) for slot in range(4)] == [["0"], ["1"], ["2"], ["3"]]
+    assert [gpu_share(gpus, 2, slot) for slot in range(2)] == [["0", "2"], ["1", "3"]]  # two GPUs per worker
+    assert gpu_share(gpus, 1, 0) == gpus  # one worker sees them all (a cell may use DDP)
+    assert [gpu_share(["5", "7"], 3, slot) for slot in range(3)] == [["5"], ["7"], ["5"]]
+
+
+def test_bad_study_settings_are_one_paragraph_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"task": str(tmp_path / "nowhere.yaml")}))
+    assert cli_main(["study", "--config", str(bad)]) == 2
+    assert "study.task=" in capsys.readouterr().err
+    bad.write_text(yaml.safe_dump({"task": str(_task_config(tmp_path)), "sharing": ["Q=Q-V"]}))
+    assert cli_main(["study", "--config", str(bad)]) == 2
+    assert "attention.sharing='Q=Q-V'" in capsys.readouterr().err
+    assert cli_main(["study", "--config", str(bad), "--seeds", "seven"]) == 2
+    assert "study settings" in capsys.readouterr().err
+
+
 def test_study_configs_parse_and_differ_only_in_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     study_dir = ROOT / "configs" / "study"
     texts = {}
     for name, task in (
-        ("synthetic", "configs/synthetic/sort.yaml"),
+        ("synthetic", "configs/synthetic/reverse.yaml"),
         ("wikitext2", "configs/lm/wikitext2-offline.yaml"),
         ("cifar10", "configs/vit/cifar10-jpeg.yaml"),
     ):
@@ -211,14 +256,22 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path
     )
     assert cli_main(["study", "--config", str(study_yaml)]) == 0
     printed = capfd.readouterr().out
-    assert "| variant | runs ok | params |" in printed and "| Q=K=V | 2/2 |" in printed and "QKV_kv3 seed 0: FAILED" in printed
+    assert (
+        "| variant | runs ok | params |" in printed
+        and "| Q=K=V | 2/2 |" in printed
+        and "QKV_kv3 seed 0: FAILED" in printed
+    )
 
     columns, rows = _read_csv(out / "results.csv")
     metrics = ["test/acc", "test/loss", "test/seq_acc", "val/acc", "val/loss", "val/seq_acc"]
     assert columns == RESULT_COLUMNS + metrics + TRAILING_COLUMNS
     assert sorted((r["variant"], r["seed"], r["status"]) for r in rows) == [
-        ("Q=K=V", "0", "ok"), ("Q=K=V", "1", "ok"), ("QKV", "0", "ok"), ("QKV", "1", "ok"),
-        ("QKV_kv3", "0", "failed"), ("QKV_kv3", "1", "failed"),
+        ("Q=K=V", "0", "ok"),
+        ("Q=K=V", "1", "ok"),
+        ("QKV", "0", "ok"),
+        ("QKV", "1", "ok"),
+        ("QKV_kv3", "0", "failed"),
+        ("QKV_kv3", "1", "failed"),
     ]
     failed = [r for r in rows if r["status"] == "failed"]
     assert all("n_kv_heads=3" in r["error"] and r["test/acc"] == "" for r in failed)
@@ -301,7 +354,9 @@ def test_worker_processes_survive_a_dying_cell(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(tmp_path))
     task = _task_config(tmp_path, callbacks=[{"class_path": "dying_callback.DieOnSeed"}])
-    config = StudyConfig(task=str(task), sharing=["QKV"], seeds=[1, 0], workers=1, threads=1, output=str(tmp_path / "s"))
+    config = StudyConfig(
+        task=str(task), sharing=["QKV"], seeds=[1, 0], workers=1, threads=1, output=str(tmp_path / "s")
+    )
     lines: list[str] = []
     summary = run_study(config, tmp_path / "s", echo=lines.append)
     assert summary["ran"] == 2, lines

@@ -41,7 +41,7 @@ def test_targets_follow_the_definitions(task: str, length: int) -> None:
     inputs = torch.randint(0, 10, (50, length), generator=torch.Generator().manual_seed(length))
     targets = make_targets(task, inputs)
     assert targets.shape == inputs.shape
-    for row, target in zip(inputs.tolist(), targets.tolist()):
+    for row, target in zip(inputs.tolist(), targets.tolist(), strict=True):
         assert target == definition(task, row)
 
 
@@ -76,13 +76,13 @@ def test_held_out_sets_are_distinct_disjoint_and_fixed_by_the_seed() -> None:
     for split, ds in dm.splits.items():  # targets belong to their inputs
         assert torch.equal(ds.tensors[1], make_targets("sort", ds.tensors[0])), split
 
-    same = _split_sets(SyntheticSequenceData(task="sort", seq_len=3, train_size=3000, val_size=200, test_size=200, seed=5))
-    assert same == sets
-    bigger_train = _split_sets(
-        SyntheticSequenceData(task="sort", seq_len=3, train_size=500, val_size=200, test_size=200, seed=5)
-    )
-    assert bigger_train["val"] == sets["val"] and bigger_train["test"] == sets["test"]
-    other = _split_sets(SyntheticSequenceData(task="sort", seq_len=3, train_size=3000, val_size=200, test_size=200, seed=6))
+    def sets_of(train_size: int, seed: int) -> dict[str, set[tuple[int, ...]]]:
+        return _split_sets(SyntheticSequenceData("sort", 3, train_size, val_size=200, test_size=200, seed=seed))
+
+    assert sets_of(3000, 5) == sets
+    smaller_train = sets_of(500, 5)
+    assert smaller_train["val"] == sets["val"] and smaller_train["test"] == sets["test"]
+    other = sets_of(3000, 6)
     assert other["val"] != sets["val"]
 
 
@@ -143,7 +143,12 @@ def test_task_learns_sub_and_reports_exact_accuracies(tmp_path: Path) -> None:
 @pytest.mark.parametrize("task", TASKS)
 def test_task_configs_build_their_task(task: str, tmp_path: Path) -> None:
     cli = QKVLightningCLI(
-        args=["--config", str(CONFIGS / f"{task}.yaml"), f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"],
+        args=[
+            "--config",
+            str(CONFIGS / f"{task}.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+        ],
         run=False,
     )
     assert isinstance(cli.model, SequenceTask)

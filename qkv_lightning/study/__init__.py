@@ -21,7 +21,7 @@ import yaml
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study.config import Cell, StudyConfig, Variant, cells, expand_grid
 from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
-from qkv_lightning.study.runner import cell_dir, cell_spec, is_finished, read_result, run_cells
+from qkv_lightning.study.runner import cell_spec, is_finished, read_result, run_cells
 
 __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
 
@@ -119,7 +119,11 @@ def main(argv: Sequence[str]) -> int:
     config, config_path = parse_study_args(argv)
     study_dir = study_dir_of(config, config_path)
     title = f"Study {Path(config_path).stem if config_path else study_dir.name}"
-    summary = run_study(config, study_dir, title=title)
+    try:
+        summary = run_study(config, study_dir, title=title)
+    except KeyboardInterrupt:
+        print(f"\nstudy interrupted: finished runs are kept in {study_dir}; run the same command to continue.")
+        return 130
     print()
     print(summary_table(summary))
     print()

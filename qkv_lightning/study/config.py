@@ -58,9 +58,9 @@ class StudyConfig:
     """Final metrics summarised per variant, the first being the primary one (table, plot); None picks those the
     task logs among test/acc, test/seq_acc, test/ppl, test/loss, val/acc, val/seq_acc, val/ppl, val/loss."""
 
-    higher_is_better: bool | None = None
-    """Direction of the metrics for the 'better'/'worse' verdict; None infers it from each name (loss, ppl,
-    perplexity, error and bpc are lower-is-better)."""
+    lower_is_better: list[str] = field(default_factory=list)
+    """Metrics for which a smaller value is better, besides those recognised by name (loss, ppl, perplexity,
+    error, bpc, nll); the direction decides the 'better' / 'worse' verdict."""
 
     baseline: str = "QKV"
     """Variant that the others are compared with (a variant label of the grid)."""
@@ -127,10 +127,10 @@ class StudyConfig:
         chosen = [name for name in PREFERRED_METRICS if name in logged]
         return chosen or sorted(logged)
 
-    def lower_is_better(self, metric: str) -> bool:
+    def is_lower_better(self, metric: str) -> bool:
         """Whether a smaller value of ``metric`` is better."""
-        if self.higher_is_better is not None:
-            return not self.higher_is_better
+        if metric in self.lower_is_better:
+            return True
         name = metric.lower().rsplit("/", 1)[-1]
         return any(word in name for word in ("loss", "ppl", "perplexity", "error", "bpc", "nll"))
 

@@ -134,8 +134,8 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
             row["metrics"][metric] = entry
         labels = list(tests)
         adjusted = stats.holm([tests[label].p for label in labels])
-        lower_better = config.lower_is_better(metric)
-        for label, p_holm in zip(labels, adjusted):
+        lower_better = config.is_lower_better(metric)
+        for label, p_holm in zip(labels, adjusted, strict=True):
             entry = next(row for row in rows if row["variant"] == label)["metrics"][metric]
             entry["p_holm"] = _finite(p_holm)
             if math.isnan(p_holm):
@@ -154,7 +154,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         "baseline": base,
         "primary": metrics[0] if metrics else None,
         "metrics": metrics,
-        "lower_is_better": {metric: config.lower_is_better(metric) for metric in metrics},
+        "lower_is_better": {metric: config.is_lower_better(metric) for metric in metrics},
         "alpha": config.alpha,
         "variants": rows,
         "failed": [
@@ -270,37 +270,43 @@ def write_summary(summary: dict, study_dir: Path, title: str) -> str:
 
 
 def plot_summary(summary: dict, path: Path) -> None:
-    """Primary metric (mean with 95% CI error bars) versus parameters and versus KV-cache bytes per token."""
+    """Primary metric (mean with 95% CI error bars) versus parameters and versus KV-cache bytes per token.
+
+    Variants with the same x (e.g. the three two-projection variants) are spread slightly sideways.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
 
     metric = summary["primary"]
     if metric is None:
         return
+    rows = [row for row in summary["variants"] if row["metrics"][metric]["mean"] is not None]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, key, label in (
         (axes[0], "params", "parameters"),
         (axes[1], "kv_cache_bytes_per_token", "KV-cache bytes per token (all layers, 2 B/element)"),
     ):
-        for i, row in enumerate(summary["variants"]):
+        placed = [row for row in rows if row[key] is not None]
+        xs = [row[key] for row in placed]
+        span = (max(xs) - min(xs)) if xs and max(xs) > min(xs) else max(1.0, abs(xs[0]) if xs else 1.0)
+        for i, row in enumerate(placed):
             entry = row["metrics"][metric]
-            if row[key] is None or entry["mean"] is None:
-                continue
+            same = [r for r in placed if r[key] == row[key]]
+            shift = (same.index(row) - (len(same) - 1) / 2) * 0.015 * span
             low, high = entry["ci95"]
-            if low is None:
-                error = [[0.0], [0.0]]
-            else:
-                error = [[entry["mean"] - low], [high - entry["mean"]]]
+            error = [[0.0], [0.0]] if low is None else [[entry["mean"] - low], [high - entry["mean"]]]
             marker = "s" if row["variant"] == summary["baseline"] else "o"
-            axis.errorbar(row[key], entry["mean"], yerr=error, fmt=marker, capsize=4, label=row["variant"])
-            axis.annotate(row["variant"], (row[key], entry["mean"]), textcoords="offset points",
-                          xytext=(6, 4 + 9 * (i % 3)), fontsize=8)
+            axis.errorbar(
+                row[key] + shift, entry["mean"], yerr=error, fmt=marker, capsize=4, color=f"C{i}", label=row["variant"]
+            )
         axis.set_xlabel(label)
+        axis.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(f"{metric} (mean, 95% CI)")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=8, loc="best")
     figure.suptitle(f"{summary['task']}: {metric} per variant over seeds {summary['seeds']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

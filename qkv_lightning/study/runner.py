@@ -439,4 +439,3 @@ def is_finished(result: dict | None, spec: dict, retry_failed: bool) -> bool:
     if result is None or result.get("fingerprint") != spec["fingerprint"]:
         return False
     return result.get("status") == "ok" or (result.get("status") == "failed" and not retry_failed)
-

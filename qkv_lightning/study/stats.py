@@ -172,7 +172,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
     """Paired t-test of mean(a - b) == 0 over matched pairs (e.g. the same seeds), with its confidence interval."""
     if len(a) != len(b):
         raise ValueError(f"paired test needs samples of equal length, got {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
     if len(diffs) < 2:
         return _t_test("paired", mean(diffs), math.nan, math.nan, confidence)
     return _t_test("paired", mean(diffs), std(diffs) / math.sqrt(len(diffs)), float(len(diffs) - 1), confidence)
