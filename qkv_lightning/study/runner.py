@@ -177,6 +177,27 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
     logger.experiment.flush()
 
 
+def blank_result(spec: dict) -> dict:
+    """A cell's result before it has run: identity filled in, status failed, no metrics."""
+    variant = spec["variant"]
+    return {
+        "variant": spec["label"],
+        **{key: variant[key] for key in ("sharing", "n_kv_heads", "score_encoding", "mask_self")},
+        "seed": spec["seed"],
+        "status": "failed",
+        "metrics": {},
+        "params": None,
+        "attn_params": None,
+        "kv_cache_bytes_per_token": None,
+        "steps": None,
+        "wall_s": None,
+        "cpu_s": None,
+        "error": "",
+        "log_dir": spec["dir"],
+        "fingerprint": spec["fingerprint"],
+    }
+
+
 def run_cell(spec: dict) -> dict:
     """Train, validate and test one cell in this process; write and return its result.
 
@@ -192,26 +213,7 @@ def run_cell(spec: dict) -> dict:
         shutil.rmtree(directory)  # a half-finished or outdated run starts afresh
     directory.mkdir(parents=True)
     (directory / "cell.yaml").write_text(yaml.safe_dump(cell_overrides(spec), sort_keys=False))
-    variant = spec["variant"]
-    result: dict = {
-        "variant": spec["label"],
-        "sharing": variant["sharing"],
-        "n_kv_heads": variant["n_kv_heads"],
-        "score_encoding": variant["score_encoding"],
-        "mask_self": variant["mask_self"],
-        "seed": spec["seed"],
-        "status": "failed",
-        "metrics": {},
-        "params": None,
-        "attn_params": None,
-        "kv_cache_bytes_per_token": None,
-        "steps": None,
-        "wall_s": None,
-        "cpu_s": None,
-        "error": "",
-        "log_dir": str(directory),
-        "fingerprint": spec["fingerprint"],
-    }
+    result = blank_result(spec)
     trainer = None
     start, cpu_start = time.perf_counter(), time.process_time()
     with output_to(directory / "log.txt" if spec["quiet"] else None):
@@ -300,23 +302,7 @@ def gpu_share(gpus: list[str], workers: int, slot: int) -> list[str]:
 
 def crash_result(spec: dict, message: str) -> dict:
     """The result of a cell whose worker process died without reporting (e.g. killed for memory)."""
-    variant = spec["variant"]
-    result = {
-        "variant": spec["label"],
-        **{k: variant[k] for k in ("sharing", "n_kv_heads", "score_encoding", "mask_self")},
-        "seed": spec["seed"],
-        "status": "failed",
-        "metrics": {},
-        "params": None,
-        "attn_params": None,
-        "kv_cache_bytes_per_token": None,
-        "steps": None,
-        "wall_s": None,
-        "cpu_s": None,
-        "error": message,
-        "log_dir": spec["dir"],
-        "fingerprint": spec["fingerprint"],
-    }
+    result = {**blank_result(spec), "error": message}
     write_result(Path(spec["dir"]), result)
     return result
 
