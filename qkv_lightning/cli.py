@@ -32,6 +32,7 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 EXTRA_COMMANDS: dict[str, str] = {
     "bench-attention": "qkv_lightning.bench.attention:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "study": "qkv_lightning.study:main",
 }
 """Extra subcommands: name -> ``module:function`` taking the remaining arguments (a list of strings)."""
 

@@ -1,0 +1,135 @@
+"""``python cli.py study --config configs/study/<name>.yaml``: attention variants x seeds under one budget, with
+statistics.
+
+Every cell (variant, seed) is a real Lightning fit of the same task config, with the same data, steps, optimiser and
+schedule; only the attention variant and the run seed differ. The study directory gets one TensorBoard run per cell
+(``runs/<variant>/seed<k>``, comparable in the HParams view), ``results.csv`` (one row per run), ``summary.md`` and
+``summary.json`` (one row per variant, differences from the baseline with confidence intervals and Holm-corrected
+p-values) and ``summary.png``. Re-running skips finished cells; a failed cell is recorded and the study goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import jsonargparse
+import yaml
+
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.study.config import Cell, StudyConfig, Variant, cells, expand_grid
+from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
+from qkv_lightning.study.runner import cell_spec, is_finished, read_result, run_cells
+
+__all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
+
+
+def study_dir_of(config: StudyConfig, config_path: str | None) -> Path:
+    """The study directory: ``output``, else ``studies/<stem of the study config>`` (or of the task config)."""
+    if config.output:
+        return Path(config.output)
+    return Path("studies") / Path(config_path or config.task).stem
+
+
+def run_study(
+    config: StudyConfig, study_dir: Path, echo: Callable[[str], None] = print, title: str | None = None
+) -> dict:
+    """Run the pending cells of the study, then write results.csv, summary.{md,json} and summary.png.
+
+    Returns:
+        The summary (as written to summary.json), plus ``ran`` and ``skipped`` cell counts.
+    """
+    variants, notes = expand_grid(config)
+    for note in notes:
+        echo(f"study: {note}")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "study.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    grid = cells(config)
+    specs = [cell_spec(config, study_dir, cell) for cell in grid]
+    pending = [s for s in specs if not is_finished(read_result(Path(s["dir"])), s, config.retry_failed)]
+    echo(
+        f"study: {len(variants)} variants x {len(config.seeds)} seeds = {len(grid)} runs of {config.task} -> "
+        f"{study_dir} ({len(grid) - len(pending)} already finished, {len(pending)} to run)"
+    )
+    primary = config.metrics[0] if config.metrics else None
+    done = [0]
+    start = time.perf_counter()
+
+    def on_result(result: dict) -> None:
+        done[0] += 1
+        head = f"[{done[0]}/{len(pending)}] {result['variant']} seed {result['seed']}:"
+        if result["status"] == "ok":
+            name = primary or config.resolve_metrics([result])[0]
+            value = result["metrics"].get(name)
+            shown = "-" if value is None else f"{value:.4f}"
+            echo(f"{head} {name}={shown} ({result['wall_s']:.1f} s)")
+        else:
+            echo(f"{head} FAILED: {result['error'].splitlines()[0][:200] if result['error'] else 'no message'}")
+
+    if pending:
+        how = run_cells(config, pending, study_dir, on_result)
+        echo(f"study: ran {len(pending)} runs ({how}) in {time.perf_counter() - start:.1f} s")
+
+    results = [r for r in (read_result(Path(s["dir"])) for s in specs) if r is not None]
+    write_results_csv(results, study_dir / "results.csv")
+    summary = summarize(config, variants, results)
+    write_summary(summary, study_dir, title or f"Study {study_dir.name}")
+    try:
+        plot_summary(summary, study_dir / "summary.png")
+    except Exception as error:  # noqa: BLE001 - the tables are written; a plotting problem must not lose them
+        echo(f"study: could not draw summary.png ({type(error).__name__}: {error})")
+    summary["ran"], summary["skipped"] = len(pending), len(grid) - len(pending)
+    return summary
+
+
+def build_parser() -> jsonargparse.ArgumentParser:
+    parser = jsonargparse.ArgumentParser(
+        prog="cli.py study",
+        description="Train attention variants x seeds on one task config under one budget and compare them.",
+        default_env=False,
+        exit_on_error=False,
+    )
+    parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a study config (configs/study/)")
+    parser.add_class_arguments(StudyConfig, instantiate=False, sub_configs=False)
+    return parser
+
+
+def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
+    """The study config from the command line (``--config`` file plus overrides) and the config file's path."""
+    parser = build_parser()
+    try:
+        namespace = parser.parse_args(list(argv))
+    except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
+        raise ConfigError(f"study settings: {error}") from error
+    values = namespace.as_dict()
+    config_paths = values.pop("config", None) or []
+    config_path = str(config_paths[-1]) if config_paths else None
+    names = {f.name for f in fields(StudyConfig)}
+    return StudyConfig(**{k: v for k, v in values.items() if k in names}), config_path
+
+
+def main(argv: Sequence[str]) -> int:
+    """``cli.py study``: run the study and print its summary table."""
+    argv = list(argv)
+    if any(arg in ("-h", "--help") for arg in argv):
+        build_parser().print_help()
+        return 0
+    config, config_path = parse_study_args(argv)
+    study_dir = study_dir_of(config, config_path)
+    title = f"Study {Path(config_path).stem if config_path else study_dir.name}"
+    try:
+        summary = run_study(config, study_dir, title=title)
+    except KeyboardInterrupt:
+        print(f"\nstudy interrupted: finished runs are kept in {study_dir}; run the same command to continue.")
+        return 130
+    print()
+    print(summary_table(summary))
+    print()
+    print(
+        f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
+        f"significant difference. Written: {study_dir}/summary.md, summary.json, results.csv, summary.png; "
+        f"TensorBoard: tensorboard --logdir {study_dir}"
+    )
+    return 0

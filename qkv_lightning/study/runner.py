@@ -1,0 +1,427 @@
+"""Running the cells of a study: each cell is a real Lightning fit of the task config through the same CLI machinery
+as ``fit``, followed by validation and test on the final weights. Cells run in this process or in worker
+subprocesses (one per visible GPU, or several single-threaded ones on CPU); finished cells are skipped on re-runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from qkv_lightning.study.config import Cell, StudyConfig, fingerprint
+
+RESULT_FILE = "result.json"
+"""Written into a cell's directory when the cell has finished (ok or failed); its absence marks a half-finished run."""
+
+
+def cell_dir(study_dir: Path, cell: Cell) -> Path:
+    """The cell's directory, which is also its TensorBoard run: ``<study>/runs/<variant>/seed<k>``."""
+    return study_dir / "runs" / cell.variant.label / f"seed{cell.seed}"
+
+
+def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
+    """Everything :func:`run_cell` needs, as plain JSON (it travels to worker processes)."""
+    return {
+        "key": cell.key,
+        "label": cell.variant.label,
+        "variant": asdict(cell.variant),
+        "seed": cell.seed,
+        "task": str(Path(config.task).resolve()),
+        "task_name": config.task,
+        "overrides": list(config.overrides),
+        "dir": str(cell_dir(study_dir, cell).resolve()),
+        "metrics": list(config.metrics) if config.metrics else None,
+        "validate": config.validate,
+        "test": config.test,
+        "quiet": config.quiet,
+        "keep_checkpoints": config.keep_checkpoints,
+        "fingerprint": fingerprint(config, cell),
+    }
+
+
+def read_result(directory: Path) -> dict | None:
+    """The stored result of a cell, or None when it has not finished (or its file is unreadable)."""
+    try:
+        return json.loads((directory / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_result(directory: Path, result: dict) -> None:
+    """Write ``result.json`` atomically, so that an interrupted write never looks like a finished cell."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
+    os.replace(tmp, directory / RESULT_FILE)
+
+
+def _json_default(value: object) -> object:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def cell_overrides(spec: dict) -> dict:
+    """The config layered last for a cell: the variant, the seed, and a TensorBoard logger in the cell directory."""
+    directory = Path(spec["dir"])
+    trainer: dict = {
+        "default_root_dir": str(directory),
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {
+                "save_dir": str(directory.parent.parent),
+                "name": directory.parent.name,
+                "version": directory.name,
+                "default_hp_metric": False,
+            },
+        },
+    }
+    if spec["quiet"]:
+        trainer.update(enable_progress_bar=False, enable_model_summary=False)
+    return {
+        "seed_everything": spec["seed"],
+        "model": {"init_args": {"attention": dict(spec["variant"])}},
+        "trainer": trainer,
+    }
+
+
+def cell_args(spec: dict) -> list[str]:
+    """Command-line arguments of the cell's fit: task config, the study's overrides, then the cell's own config."""
+    return ["--config", spec["task"], *spec["overrides"], "--config", str(Path(spec["dir"]) / "cell.yaml")]
+
+
+@contextlib.contextmanager
+def output_to(path: Path | None) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C code and loggers too) to ``path``."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def model_accounting(model: object) -> dict:
+    """Parameters of the model and of its attention layers, and KV-cache bytes per token (all layers, 2-byte
+    elements), from the built network."""
+    from qkv_lightning.accounting import AttentionShape, kv_cache_bytes_per_token
+    from qkv_lightning.nn.attention import Attention
+
+    params = sum(p.numel() for p in model.parameters())
+    attn_params, kv_bytes = 0, 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            attn_params += sum(p.numel() for p in module.parameters())
+            shape = AttentionShape(module.qkv.in_features, module.n_head, module.sharing.name, module.n_kv_heads)
+            kv_bytes += kv_cache_bytes_per_token(shape)
+    return {"params": params, "attn_params": attn_params, "kv_cache_bytes_per_token": kv_bytes}
+
+
+def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
+    """Record the cell in TensorBoard's HParams view: variant, seed and accounting as hyper-parameters, the final
+    metrics as its metrics (TensorBoard shows each metric's last logged value in the run).
+
+    A failed cell records its hyper-parameters only (no experiment summary), so that the HParams view takes the
+    metric columns from a finished cell.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard.summary import hparams
+
+    logger = getattr(trainer, "logger", None)
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    variant = spec["variant"]
+    params = {
+        "variant": spec["label"],
+        "sharing": variant["sharing"],
+        "n_kv_heads": "all" if variant["n_kv_heads"] is None else str(variant["n_kv_heads"]),
+        "score_encoding": str(variant["score_encoding"]).lower(),
+        "mask_self": str(variant["mask_self"]).lower(),
+        "seed": spec["seed"],
+        "task": spec["task_name"],
+        "status": result["status"],
+        "params": result.get("params") or 0,
+        "kv_cache_bytes_per_token": result.get("kv_cache_bytes_per_token") or 0,
+    }
+    names = spec["metrics"] or sorted(result["metrics"])
+    experiment, start, end = hparams(params, {metric: 0.0 for metric in names})
+    writer = logger.experiment._get_file_writer()
+    written = (experiment, start, end) if result["status"] == "ok" else (start,)
+    for summary in written:
+        writer.add_summary(summary, result.get("steps") or 0)
+    logger.experiment.flush()
+
+
+def blank_result(spec: dict) -> dict:
+    """A cell's result before it has run: identity filled in, status failed, no metrics."""
+    variant = spec["variant"]
+    return {
+        "variant": spec["label"],
+        **{key: variant[key] for key in ("sharing", "n_kv_heads", "score_encoding", "mask_self")},
+        "seed": spec["seed"],
+        "status": "failed",
+        "metrics": {},
+        "params": None,
+        "attn_params": None,
+        "kv_cache_bytes_per_token": None,
+        "steps": None,
+        "wall_s": None,
+        "cpu_s": None,
+        "error": "",
+        "log_dir": spec["dir"],
+        "fingerprint": spec["fingerprint"],
+    }
+
+
+def run_cell(spec: dict) -> dict:
+    """Train, validate and test one cell in this process; write and return its result.
+
+    Any exception is recorded as a failed result (error message in the result, traceback in ``error.txt``).
+    A keyboard interrupt (which Lightning turns into ``SystemExit``) leaves no result, so the cell is redone later.
+    """
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    from qkv_lightning.cli import QKVLightningCLI
+
+    directory = Path(spec["dir"])
+    if directory.exists():
+        shutil.rmtree(directory)  # a half-finished or outdated run starts afresh
+    directory.mkdir(parents=True)
+    (directory / "cell.yaml").write_text(yaml.safe_dump(cell_overrides(spec), sort_keys=False))
+    result = blank_result(spec)
+    trainer = None
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with output_to(directory / "log.txt" if spec["quiet"] else None):
+        try:
+            cli = QKVLightningCLI(
+                args=cell_args(spec),
+                run=False,
+                save_config_callback=SaveConfigCallback,
+                parser_kwargs={"default_env": False, "exit_on_error": False},
+            )
+            trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+            trainer.fit(model, datamodule=datamodule)
+            if trainer.interrupted:
+                raise KeyboardInterrupt
+            result["steps"] = trainer.global_step
+            result.update(model_accounting(model))
+            metrics: dict[str, float] = {}
+            if spec["validate"]:
+                metrics.update(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
+            if spec["test"]:
+                metrics.update(trainer.test(model, datamodule=datamodule, verbose=False)[0])
+            result["metrics"] = {name: float(value) for name, value in sorted(metrics.items())}
+            missing = [m for m in spec["metrics"] or [] if m not in result["metrics"]]
+            if missing:
+                raise KeyError(
+                    f"the task logged no final {missing} (it logged {sorted(result['metrics'])}): set study.metrics "
+                    "to metrics the task logs, or enable study.validate / study.test."
+                )
+            result["status"] = "ok"
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:  # noqa: BLE001 - a failed cell is recorded and the study goes on
+            result["error"] = f"{type(error).__name__}: {error}".strip()
+            (directory / "error.txt").write_text(traceback.format_exc())
+            traceback.print_exc()
+        finally:
+            result["wall_s"] = round(time.perf_counter() - start, 3)
+            result["cpu_s"] = round(time.process_time() - cpu_start, 3)
+        if result["params"] is None and trainer is not None and trainer.lightning_module is not None:
+            with contextlib.suppress(Exception):
+                result.update(model_accounting(trainer.lightning_module))
+        with contextlib.suppress(Exception):
+            log_tensorboard_hparams(trainer, spec, result)
+    if not spec["keep_checkpoints"]:
+        for checkpoint in directory.rglob("*.ckpt"):
+            checkpoint.unlink()
+        with contextlib.suppress(OSError):
+            (directory / "checkpoints").rmdir()
+    write_result(directory, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- scheduling
+def visible_gpus() -> list[str]:
+    """Ids of the GPUs this process may use (as CUDA_VISIBLE_DEVICES names them), without creating a CUDA context."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+def plan_workers(config: StudyConfig, pending: int) -> tuple[int, int | None, list[str]]:
+    """(workers, torch threads per cell, GPU ids) for ``pending`` cells; 0 workers means in this process."""
+    gpus = visible_gpus()
+    cores = os.cpu_count() or 1
+    workers = config.workers
+    if workers is None:
+        workers = len(gpus) if gpus else min(4, cores)
+    workers = min(workers, pending)
+    threads = config.threads
+    if threads is None and workers > 0:
+        threads = max(1, cores // workers)
+    return workers, threads, gpus
+
+
+def gpu_share(gpus: list[str], workers: int, slot: int) -> list[str]:
+    """The GPUs worker ``slot`` sees: every ``workers``-th GPU from its slot (all of them for a single worker, so
+    that a cell can use DDP), or one GPU shared round-robin when there are more workers than GPUs."""
+    if workers <= len(gpus):
+        return gpus[slot::workers]
+    return [gpus[slot % len(gpus)]]
+
+
+def crash_result(spec: dict, message: str) -> dict:
+    """The result of a cell whose worker process died without reporting (e.g. killed for memory)."""
+    result = {**blank_result(spec), "error": message}
+    write_result(Path(spec["dir"]), result)
+    return result
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_in_workers(
+    specs: list[dict],
+    workers: int,
+    threads: int | None,
+    gpus: list[str],
+    log_dir: Path,
+    on_result: Callable[[dict], None],
+) -> None:
+    """Run ``specs`` on ``workers`` subprocesses (``python -m qkv_lightning.study.worker``), each taking the next
+    cell when free, each seeing only its share of the GPUs (:func:`gpu_share`). A worker that dies fails its cell
+    and is replaced. Ctrl-C stops every worker; the cells they were running are redone on the next run."""
+    import qkv_lightning
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    queue = deque(specs)
+    lock = threading.Lock()
+    stop = threading.Event()
+    processes: dict[int, subprocess.Popen] = {}
+    package_root = str(Path(qkv_lightning.__file__).resolve().parents[1])
+
+    def start(slot: int) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_share(gpus, workers, slot))
+        if threads:
+            env["QKV_STUDY_THREADS"] = str(threads)
+            env["OMP_NUM_THREADS"] = str(threads)
+        log = open(log_dir / f"worker-{slot}.log", "ab")  # noqa: SIM115 - handed to the child process
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "qkv_lightning.study.worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                text=True,
+                bufsize=1,
+            )
+        finally:
+            log.close()
+
+    def serve(slot: int) -> None:
+        process = None
+        while not stop.is_set():
+            with lock:
+                if not queue:
+                    break
+                spec = queue.popleft()
+            if process is None or process.poll() is not None:
+                process = start(slot)
+                processes[slot] = process
+            try:
+                process.stdin.write(json.dumps(spec) + "\n")
+                process.stdin.flush()
+                line = process.stdout.readline()
+            except OSError:
+                line = ""
+            if stop.is_set():
+                break
+            if line:
+                result = json.loads(line)
+            else:
+                code = process.wait()
+                process = None
+                tail = _tail(Path(spec["dir"]) / "log.txt") or _tail(log_dir / f"worker-{slot}.log")
+                result = crash_result(spec, f"worker process died (exit code {code}); last output: {tail}")
+            with lock:
+                on_result(result)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+            process.wait()
+
+    threads_ = [threading.Thread(target=serve, args=(slot,), daemon=True) for slot in range(workers)]
+    for thread in threads_:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads_):
+            for thread in threads_:
+                thread.join(timeout=0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+        raise
+
+
+def run_cells(config: StudyConfig, specs: list[dict], study_dir: Path, on_result: Callable[[dict], None]) -> str:
+    """Run the pending cells, calling ``on_result`` after each; returns a line describing how they ran."""
+    workers, threads, gpus = plan_workers(config, len(specs))
+    if workers == 0:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        how = "in this process" + (f", {threads} thread(s)" if threads else "")
+        for spec in specs:
+            on_result(run_cell(spec))
+        return how
+    how = f"{workers} worker process(es)" + (f" on GPU(s) {','.join(gpus)}" if gpus else f" x {threads} thread(s)")
+    run_in_workers(specs, workers, threads, gpus, study_dir / "workers", on_result)
+    return how
+
+
+def is_finished(result: dict | None, spec: dict, retry_failed: bool) -> bool:
+    """Whether a stored result counts as done: same settings, and ok (or failed when failures are not retried)."""
+    if result is None or result.get("fingerprint") != spec["fingerprint"]:
+        return False
+    return result.get("status") == "ok" or (result.get("status") == "failed" and not retry_failed)

@@ -1,0 +1,91 @@
+"""Sequence-to-sequence tasks of equal length (the synthetic tasks): one class per position."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
+from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
+
+STAGES = ("train", "val", "test")
+
+
+class SequenceTask(TaskModule):
+    """A bidirectional encoder that predicts the output digit at every position.
+
+    Logs ``{stage}/loss``, ``{stage}/acc`` (token accuracy) and ``{stage}/seq_acc`` (whole lists right).
+
+    Args:
+        attention: the attention variant.
+        optimizer: AdamW and learning-rate schedule.
+        network: sizes of the encoder (vocabulary and classes come from the data).
+        data_spec: what the data decides; filled from the datamodule when None.
+        compile: compile each block with ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        attention: AttentionConfig = AttentionConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        network: EncoderConfig = EncoderConfig(),
+        data_spec: dict | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(attention=attention, optimizer=optimizer, data_spec=data_spec, compile=compile)
+        self.network_config = as_config(EncoderConfig, network)
+        self.save_task_hyperparameters(network=self.network_config)
+        # one metric object per stage and quantity (token accuracy, whole-sequence accuracy)
+        self.token_acc = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
+        self.seq_acc = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
+
+    def build_network(self, data_spec: dict) -> nn.Module:
+        config = self.network_config
+        seq_len = data_spec.get("seq_len")
+        if seq_len is not None and seq_len > config.max_seq_len:
+            raise ConfigError(
+                f"data seq_len={seq_len} exceeds model.network.max_seq_len={config.max_seq_len}; raise the latter."
+            )
+        config = replace(
+            config,
+            vocab_size=config.vocab_size or data_spec["vocab_size"],
+            num_classes=config.num_classes or data_spec["num_classes"],
+        )
+        return SequenceEncoder(config, self.attention_config)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits (B, T, classes) for digit lists (B, T)."""
+        return self.network(idx)[0]
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        inputs, targets = batch  # (B, T), (B, T)
+        logits = self(inputs)  # (B, T, classes)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        correct = logits.argmax(dim=-1) == targets  # (B, T)
+        token_acc, seq_acc = self.token_acc[f"{stage}_"], self.seq_acc[f"{stage}_"]
+        token_acc.update(correct.float())
+        seq_acc.update(correct.all(dim=-1).float())
+        on_step = stage == "train"
+        batch_size = inputs.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, batch_size=batch_size)
+        self.log(f"{stage}/acc", token_acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log(f"{stage}/seq_acc", seq_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        inputs = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(inputs).argmax(dim=-1)  # (B, T)

@@ -1,0 +1,368 @@
+"""The study runner: statistics against scipy.stats, the grid, outputs, resume and failing cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qkv_lightning.cli import main as cli_main
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.study import StudyConfig, parse_study_args, run_study
+from qkv_lightning.study import stats as S
+from qkv_lightning.study.config import Cell, Variant, cells, expand_grid
+from qkv_lightning.study.report import RESULT_COLUMNS, TRAILING_COLUMNS
+from qkv_lightning.study.runner import cell_spec, gpu_share, is_finished
+
+scipy_stats = pytest.importorskip("scipy.stats")
+scipy_special = pytest.importorskip("scipy.special")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------------------------------------ statistics
+A = [0.912, 0.934, 0.901, 0.948, 0.925]
+B = [0.871, 0.889, 0.902, 0.866, 0.880]
+C = [0.915, 0.921, 0.899, 0.950, 0.930, 0.941]  # another length: Welch only
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "x"), [(0.5, 0.5, 0.3), (2.5, 0.5, 0.9), (10.0, 3.0, 0.2), (0.1, 7.0, 0.01), (60, 0.5, 0.995)]
+)
+def test_incomplete_beta_matches_scipy(a: float, b: float, x: float) -> None:
+    assert S.betainc(a, b, x) == pytest.approx(scipy_special.betainc(a, b, x), rel=1e-10, abs=1e-14)
+
+
+@pytest.mark.parametrize("df", [1.0, 2.0, 3.7, 9.0, 40.5, 300.0])
+def test_t_distribution_matches_scipy(df: float) -> None:
+    for t in (-12.0, -2.1, -0.3, 0.0, 0.7, 2.5, 30.0):
+        assert S.t_cdf(t, df) == pytest.approx(scipy_stats.t.cdf(t, df), rel=1e-10, abs=1e-13)
+        assert S.t_sf2(t, df) == pytest.approx(2 * scipy_stats.t.sf(abs(t), df), rel=1e-9, abs=1e-13)
+    for q in (0.025, 0.5, 0.9, 0.975, 0.995):
+        assert S.t_ppf(q, df) == pytest.approx(scipy_stats.t.ppf(q, df), rel=1e-9, abs=1e-12)
+
+
+def test_mean_std_and_confidence_interval_match_scipy() -> None:
+    assert S.mean(A) == pytest.approx(sum(A) / len(A))
+    assert S.std(A) == pytest.approx(scipy_stats.tstd(A), rel=1e-12)
+    low, high = S.mean_ci(A)
+    ref = scipy_stats.t.interval(0.95, len(A) - 1, loc=sum(A) / len(A), scale=scipy_stats.sem(A))
+    assert (low, high) == pytest.approx(ref, rel=1e-10)
+    assert all(math.isnan(v) for v in S.mean_ci([0.5]))
+
+
+@pytest.mark.parametrize(("a", "b"), [(A, B), (C, B), (B, C), ([1.0, 2.0], [1.5, 2.5, 9.0])])
+def test_welch_matches_scipy(a: list[float], b: list[float]) -> None:
+    ours = S.welch_test(a, b)
+    ref = scipy_stats.ttest_ind(a, b, equal_var=False)
+    assert ours.kind == "welch"
+    assert ours.t == pytest.approx(ref.statistic, rel=1e-10)
+    assert ours.df == pytest.approx(ref.df, rel=1e-10)
+    assert ours.p == pytest.approx(ref.pvalue, rel=1e-9)
+    ci = ref.confidence_interval(0.95)
+    assert (ours.ci_low, ours.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert ours.diff == pytest.approx(S.mean(a) - S.mean(b))
+
+
+@pytest.mark.parametrize(("a", "b"), [(A, B), (B, A), ([0.5, 0.6, 0.4], [0.45, 0.58, 0.41])])
+def test_paired_matches_scipy(a: list[float], b: list[float]) -> None:
+    ours = S.paired_test(a, b)
+    ref = scipy_stats.ttest_rel(a, b)
+    assert ours.kind == "paired"
+    assert ours.t == pytest.approx(ref.statistic, rel=1e-10)
+    assert ours.p == pytest.approx(ref.pvalue, rel=1e-9)
+    ci = ref.confidence_interval(0.95)
+    assert (ours.ci_low, ours.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    # pairing removes the seed-to-seed spread that Welch's test keeps
+    shifted = [x + 0.01 for x in A]
+    assert S.paired_test(shifted, A).p < 1e-6 < S.welch_test(shifted, A).p
+
+
+def test_degenerate_samples() -> None:
+    assert math.isnan(S.welch_test([1.0], [1.0, 2.0]).p)
+    assert S.paired_test([1.0, 1.0], [1.0, 1.0]).p == 1.0  # identical: no difference at all
+    assert S.paired_test([1.0, 1.0], [0.5, 0.5]).p == 0.0  # constant, non-zero difference
+    with pytest.raises(ValueError):
+        S.paired_test([1.0, 2.0], [1.0])
+
+
+def test_holm_by_hand() -> None:
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.2 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), max(0.06, 0.2)
+    assert S.holm([0.03, 0.01, 0.2, 0.02]) == pytest.approx([0.06, 0.04, 0.2, 0.06])
+    assert S.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1, monotone
+    adjusted = S.holm([0.004, math.nan, 0.04])  # nan does not count towards m
+    assert adjusted[0] == pytest.approx(0.008) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
+
+
+def test_holm_rejects_exactly_what_the_step_down_procedure_rejects() -> None:
+    p_values = [0.001, 0.011, 0.013, 0.04, 0.3, 0.0125]
+    alpha, m = 0.05, len(p_values)
+    rejected = set()
+    for rank, (p, i) in enumerate(sorted((p, i) for i, p in enumerate(p_values))):
+        if p > alpha / (m - rank):
+            break
+        rejected.add(i)
+    assert {i for i, p in enumerate(S.holm(p_values)) if p < alpha} == rejected
+
+
+# ------------------------------------------------------------------------------------------------------ grid
+def _task_config(tmp_path: Path, callbacks: list | None = None) -> Path:
+    config = {
+        "model": {
+            "class_path": "qkv_lightning.tasks.sequence_tasks.SequenceTask",
+            "init_args": {
+                "network": {"n_layer": 1, "n_head": 4, "d_model": 16, "max_seq_len": 8},
+                "optimizer": {"lr": 0.003, "warmup_steps": 2},
+            },
+        },
+        "data": {
+            "class_path": "qkv_lightning.data.synthetic.SyntheticSequenceData",
+            "init_args": {
+                "task": "sub",
+                "seq_len": 4,
+                "train_size": 128,
+                "val_size": 32,
+                "test_size": 32,
+                "batch_size": 32,
+            },
+        },
+        "trainer": {
+            "max_steps": 4,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "callbacks": callbacks or [],
+        },
+    }
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_grid_leaves_out_query_sharing_with_fewer_kv_heads(tmp_path: Path) -> None:
+    config = StudyConfig(
+        task=str(_task_config(tmp_path)),
+        sharing=["QKV", "shared_qk", "Q-K=V"],
+        n_kv_heads=[None, 1],
+        breakers=["none", "score"],
+        seeds=[0, 1],
+    )
+    variants, notes = expand_grid(config)
+    labels = [v.label for v in variants]
+    assert labels == [
+        "QKV",
+        "QKV+score",
+        "QKV_kv1",
+        "QKV+score_kv1",
+        "Q=K-V",
+        "Q=K-V+score",
+        "Q-K=V",
+        "Q-K=V+score",
+        "Q-K=V_kv1",
+        "Q-K=V+score_kv1",
+    ]
+    assert len(notes) == 2 and all("Q=K-V" in note for note in notes)
+    assert len(cells(config)) == 2 * len(labels)
+    with pytest.raises(ConfigError, match="study.baseline"):
+        expand_grid(StudyConfig(task=str(_task_config(tmp_path)), sharing=["Q=K=V"]))
+    with pytest.raises(ConfigError, match="study.task"):
+        StudyConfig(task=str(tmp_path / "missing.yaml"))
+
+
+def test_a_changed_setting_invalidates_a_finished_cell(tmp_path: Path) -> None:
+    task = _task_config(tmp_path)
+    config = StudyConfig(task=str(task), seeds=[0])
+    cell = Cell(Variant("QKV", None, False, False), 0)
+    spec = cell_spec(config, tmp_path, cell)
+    done = {"status": "ok", "fingerprint": spec["fingerprint"]}
+    assert is_finished(done, spec, retry_failed=True)
+    assert not is_finished({**done, "status": "failed"}, spec, retry_failed=True)
+    assert is_finished({**done, "status": "failed"}, spec, retry_failed=False)
+    other = cell_spec(StudyConfig(task=str(task), seeds=[0], overrides=["--trainer.max_steps=9"]), tmp_path, cell)
+    assert not is_finished(done, other, retry_failed=True)
+    task.write_text(task.read_text().replace("max_steps: 4", "max_steps: 5"))
+    assert not is_finished(done, cell_spec(config, tmp_path, cell), retry_failed=True)
+
+
+def test_gpu_shares() -> None:
+    gpus = ["0", "1", "2", "3"]
+    assert [gpu_share(gpus, 4, slot) for slot in range(4)] == [["0"], ["1"], ["2"], ["3"]]
+    assert [gpu_share(gpus, 2, slot) for slot in range(2)] == [["0", "2"], ["1", "3"]]  # two GPUs per worker
+    assert gpu_share(gpus, 1, 0) == gpus  # one worker sees them all (a cell may use DDP)
+    assert [gpu_share(["5", "7"], 3, slot) for slot in range(3)] == [["5"], ["7"], ["5"]]
+
+
+def test_bad_study_settings_are_one_paragraph_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"task": str(tmp_path / "nowhere.yaml")}))
+    assert cli_main(["study", "--config", str(bad)]) == 2
+    assert "study.task=" in capsys.readouterr().err
+    bad.write_text(yaml.safe_dump({"task": str(_task_config(tmp_path)), "sharing": ["Q=Q-V"]}))
+    assert cli_main(["study", "--config", str(bad)]) == 2
+    assert "attention.sharing='Q=Q-V'" in capsys.readouterr().err
+    assert cli_main(["study", "--config", str(bad), "--seeds", "seven"]) == 2
+    assert "study settings" in capsys.readouterr().err
+
+
+def test_study_configs_parse_and_differ_only_in_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    study_dir = ROOT / "configs" / "study"
+    texts = {}
+    for name, task in (
+        ("synthetic", "configs/synthetic/reverse.yaml"),
+        ("wikitext2", "configs/lm/wikitext2-offline.yaml"),
+        ("cifar10", "configs/vit/cifar10-jpeg.yaml"),
+    ):
+        raw = yaml.safe_load((study_dir / f"{name}.yaml").read_text())
+        assert raw["task"] == task
+        texts[name] = {k: v for k, v in raw.items() if k != "task"}
+        if (ROOT / task).is_file():
+            config, _ = parse_study_args(["--config", str(study_dir / f"{name}.yaml")])
+            assert [v.label for v in expand_grid(config)[0]] == ["QKV", "Q=K-V", "Q-K=V", "Q=V-K", "Q=K=V"]
+    assert texts["synthetic"] == texts["wikitext2"] == texts["cifar10"]
+    if not all((ROOT / t).is_file() for t in ("configs/lm/wikitext2-offline.yaml", "configs/vit/cifar10-jpeg.yaml")):
+        pytest.skip("the WikiText / CIFAR task configs are not in this checkout: only the synthetic study was parsed")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    task = _task_config(tmp_path)
+    study_yaml = tmp_path / "tiny.yaml"
+    out = tmp_path / "study"
+    study_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "task": str(task),
+                # QKV_kv3 cannot be built (3 does not divide 4 heads): it fails, the study goes on
+                "sharing": ["QKV", "Q=K=V"],
+                "n_kv_heads": [None, 3],
+                "seeds": [0, 1],
+                "workers": 0,
+                "output": str(out),
+                "retry_failed": False,
+            }
+        )
+    )
+    assert cli_main(["study", "--config", str(study_yaml)]) == 0
+    printed = capfd.readouterr().out
+    assert (
+        "| variant | runs ok | params |" in printed
+        and "| Q=K=V | 2/2 |" in printed
+        and "QKV_kv3 seed 0: FAILED" in printed
+    )
+
+    columns, rows = _read_csv(out / "results.csv")
+    metrics = ["test/acc", "test/loss", "test/seq_acc", "val/acc", "val/loss", "val/seq_acc"]
+    assert columns == RESULT_COLUMNS + metrics + TRAILING_COLUMNS
+    assert sorted((r["variant"], r["seed"], r["status"]) for r in rows) == [
+        ("Q=K=V", "0", "ok"),
+        ("Q=K=V", "1", "ok"),
+        ("QKV", "0", "ok"),
+        ("QKV", "1", "ok"),
+        ("QKV_kv3", "0", "failed"),
+        ("QKV_kv3", "1", "failed"),
+    ]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert all("n_kv_heads=3" in r["error"] and r["test/acc"] == "" for r in failed)
+    ok = {(r["variant"], r["seed"]): r for r in rows if r["status"] == "ok"}
+    # exact accounting, d_model 16, one layer: QKV's fused projection has 2 * (16 * 16 + 16) more weights than Q=K=V
+    assert int(ok["QKV", "0"]["params"]) - int(ok["Q=K=V", "0"]["params"]) == 2 * (16 * 16 + 16)
+    assert int(ok["QKV", "0"]["kv_cache_bytes_per_token"]) == 2 * 16 * 2
+    assert int(ok["Q=K=V", "0"]["kv_cache_bytes_per_token"]) == 16 * 2
+    assert all(int(r["steps"]) == 4 and 0.0 <= float(r["test/acc"]) <= 1.0 for r in ok.values())
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["primary"] == "test/acc"
+    assert summary["metrics"] == ["test/acc", "test/seq_acc", "test/loss", "val/acc", "val/seq_acc", "val/loss"]
+    by_label = {row["variant"]: row for row in summary["variants"]}
+    assert list(by_label) == ["QKV", "QKV_kv3", "Q=K=V"]  # grid order: sharing, then n_kv_heads
+    entry = by_label["Q=K=V"]["metrics"]["test/acc"]
+    qkv = [float(ok["QKV", s]["test/acc"]) for s in ("0", "1")]
+    single = [float(ok["Q=K=V", s]["test/acc"]) for s in ("0", "1")]
+    reference = scipy_stats.ttest_rel(single, qkv)  # same seeds finished: paired
+    assert entry["test"] == "paired" and entry["p"] == pytest.approx(reference.pvalue, rel=1e-8)
+    assert entry["diff"] == pytest.approx(sum(single) / 2 - sum(qkv) / 2)
+    assert entry["p_holm"] == pytest.approx(entry["p"])  # QKV_kv3 has no p-value: a family of one
+    assert entry["verdict"] in ("n.s.", "better", "worse")
+    assert by_label["Q=K=V"]["params_change"] == pytest.approx(
+        int(ok["Q=K=V", "0"]["params"]) / int(ok["QKV", "0"]["params"]) - 1
+    )
+    assert by_label["QKV_kv3"]["runs_ok"] == 0 and by_label["QKV_kv3"]["metrics"]["test/acc"]["verdict"] == "n/a"
+    markdown = (out / "summary.md").read_text()
+    assert "diff vs QKV [95% CI]" in markdown and "Failed runs:" in markdown and "QKV_kv3 seed 1" in markdown
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # one TensorBoard run per cell, with its variant and seed in the HParams plugin's session info
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    run = EventAccumulator(str(out / "runs" / "Q=K=V" / "seed1"))
+    run.Reload()
+    content = run.PluginTagToContent("hparams")
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["variant"].string_value == "Q=K=V" and start.hparams["seed"].number_value == 1
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert {m.name.tag for m in experiment.metric_infos} >= {"test/acc", "val/acc"}
+    assert run.Scalars("test/acc")[-1].value == pytest.approx(float(ok["Q=K=V", "1"]["test/acc"]))
+    assert not list((out / "runs").rglob("*.ckpt"))
+
+    # resume: nothing is run again; a half-finished cell (no result.json) is redone
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("result.json")}
+    config, _ = parse_study_args(["--config", str(study_yaml)])
+    again = run_study(config, out, echo=lambda line: None)
+    assert (again["ran"], again["skipped"]) == (0, 6)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    half = out / "runs" / "QKV" / "seed1"
+    (half / "result.json").unlink()
+    again = run_study(config, out, echo=lambda line: None)
+    assert (again["ran"], again["skipped"]) == (1, 5)
+    assert json.loads((half / "result.json").read_text())["status"] == "ok"
+    _, rows_after = _read_csv(out / "results.csv")
+    before = {(r["variant"], r["seed"]): r["test/acc"] for r in rows}
+    # the redone cell repeats its result exactly (same seed, same data), the others were kept
+    assert {(r["variant"], r["seed"]): r["test/acc"] for r in rows_after} == before
+
+
+CRASH_CALLBACK = '''
+import os
+from lightning.pytorch.callbacks import Callback
+
+
+class DieOnSeed(Callback):
+    """Kills the whole process (as an out-of-memory kill would) when the run's seed is 1."""
+
+    def on_train_start(self, trainer, pl_module):
+        if os.environ.get("PL_GLOBAL_SEED") == "1":
+            os._exit(3)
+'''
+
+
+@pytest.mark.slow
+def test_worker_processes_survive_a_dying_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "dying_callback.py").write_text(CRASH_CALLBACK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = _task_config(tmp_path, callbacks=[{"class_path": "dying_callback.DieOnSeed"}])
+    config = StudyConfig(
+        task=str(task), sharing=["QKV"], seeds=[1, 0], workers=1, threads=1, output=str(tmp_path / "s")
+    )
+    lines: list[str] = []
+    summary = run_study(config, tmp_path / "s", echo=lines.append)
+    assert summary["ran"] == 2, lines
+    _, rows = _read_csv(tmp_path / "s" / "results.csv")
+    status = {r["seed"]: (r["status"], r["error"]) for r in rows}
+    assert status["1"][0] == "failed" and "exit code 3" in status["1"][1]
+    assert status["0"][0] == "ok"  # run by a fresh worker after the first one died
+    assert any("worker process" in line for line in lines)
+    assert sys.executable  # the workers ran with this interpreter
