@@ -118,10 +118,15 @@ class TaskModule(L.LightningModule):
         self.network = None
 
     def save_task_hyperparameters(self, **task_hparams: Any) -> None:
-        """Save plain hyper-parameters (no modules, no dataclasses) for checkpoints and loggers."""
+        """Save plain hyper-parameters (no modules, no dataclasses) for checkpoints and loggers.
+
+        ``_class_path`` names the task class, as LightningCLI records it, so that ``--ckpt_path`` in subclass mode
+        (``model.class_path``) can rebuild the model's settings from the checkpoint.
+        """
         self.save_hyperparameters(
             plain(
                 {
+                    "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
                     **task_hparams,
                     "attention": self.attention_config,
                     "optimizer": self.optimizer_config,

@@ -101,7 +101,9 @@ class LanguageModel(TaskModule):
         super().__init__(attention=attention, optimizer=optimizer, data_spec=data_spec, compile=compile)
         self.network_config = as_config(GPTConfig, network)
         self.generation_config = as_config(GenerationConfig, generation)
-        self.save_task_hyperparameters(network=self.network_config, generation=self.generation_config)
+        # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
+        # config and command line instead of the checkpoint
+        self.save_task_hyperparameters(network=self.network_config)
         self.val_loss_sum = SummedLoss()
         self.test_loss_sum = SummedLoss()
         self.tokens_seen = 0
@@ -128,6 +130,24 @@ class LanguageModel(TaskModule):
                 "the model has positions for; lower data.seq_len or raise model.network.max_seq_len."
             )
         return config
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "spec"):
+            return
+        live = datamodule.spec()
+        for key in ("tokenizer", "vocab_size"):
+            if key in live and key in self.data_spec and live[key] != self.data_spec[key]:
+                raise CheckpointError(
+                    f"the model was made for data with {key}={self.data_spec[key]!r} (model.data_spec, or the "
+                    f"checkpoint's), but the data gives {live[key]!r}: use the data settings of its training run "
+                    "(data.tokenizer, data.train_file, data.bpe_file)."
+                )
+        if "seq_len" in live and self.data_spec.get("seq_len") != live["seq_len"]:
+            self.data_spec["seq_len"] = live["seq_len"]
+            self.hparams["data_spec"] = self.data_spec
+        self.resolved_network_config(self.data_spec)  # data.seq_len against network.max_seq_len
 
     def build_network(self, data_spec: dict) -> GPT:
         return GPT(self.resolved_network_config(data_spec), self.attention_config)
@@ -235,7 +255,9 @@ class LanguageModel(TaskModule):
             if hasattr(datamodule, "decode"):
                 result["completion"] = datamodule.decode(new_ids)
             if config.echo:
-                print(f"--- prompt {batch_idx}: {prompt!r}\n{prompt}{result.get('completion', new_ids)}\n", flush=True)
+                completion = str(result.get("completion", new_ids))
+                gap = " " if prompt and completion and not (prompt[-1].isspace() or completion[0].isspace()) else ""
+                print(f"--- prompt {batch_idx}: {prompt!r}\n{prompt}{gap}{completion}\n", flush=True)
             results.append(result)
         self.generated.extend(results)
         return results
