@@ -199,10 +199,9 @@ class GPT(nn.Module):
             keep = flat != IGNORE_INDEX
             nll = -self.head(hidden.flatten(0, 1)[keep], flat[keep]).output  # (N,)
             return nll.sum() if reduction == "sum" else nll.mean()
-        logits = self.head(hidden)  # (B, T, V)
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
-        )
+        logits = self.head(hidden).flatten(0, 1)  # (B*T, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in float32
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
     def new_caches(self, batch_size: int, capacity: int | None = None) -> list[KVCache]:
         """Empty KV caches for every layer."""
