@@ -63,8 +63,9 @@ class SummedLoss(Metric):
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, loss_sum: Tensor, count: Tensor) -> None:
-        self.total += loss_sum.detach().to(self.total.dtype)
-        self.count += count.to(self.count.dtype)
+        # out of place: states reset under inference mode (trainer.validate) are inference tensors
+        self.total = self.total + loss_sum.detach().to(self.total.dtype)
+        self.count = self.count + count.to(self.count.dtype)
 
     def compute(self) -> tuple[Tensor, Tensor]:
         return self.total, self.count
@@ -144,6 +145,8 @@ class LanguageModel(TaskModule):
                     f"checkpoint's), but the data gives {live[key]!r}: use the data settings of its training run "
                     "(data.tokenizer, data.train_file, data.bpe_file)."
                 )
+        if stage == "predict":  # prompts are cropped to the model's positions; the data's seq_len does not matter
+            return
         if "seq_len" in live and self.data_spec.get("seq_len") != live["seq_len"]:
             self.data_spec["seq_len"] = live["seq_len"]
             self.hparams["data_spec"] = self.data_spec
