@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qkv_lightning.cli import QKVLightningCLI, main
 from qkv_lightning.data.wikitext import WikiText
+from qkv_lightning.errors import CheckpointError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPTConfig
 from qkv_lightning.tasks.base import OptimizerConfig
@@ -23,7 +24,8 @@ from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, word_count, write_wikitext
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LM_CONFIGS = sorted(p.stem for p in (CONFIGS / "lm").glob("*.yaml"))
 SMALL = ["--model.network.n_layer", "2", "--model.network.n_head", "4", "--model.network.d_model", "32",
-         "--model.network.d_mlp", "64", "--model.network.max_seq_len", "16", "--data.seq_len", "16"]
+         "--model.network.d_mlp", "64", "--model.network.max_seq_len", "16", "--data.seq_len", "16",
+         "--model.network.adaptive_cutoffs", "[20, 40]"]  # used with output: adaptive; the small files have ~60 words
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,6 @@ def test_every_lm_config_runs_fast_dev_run(tmp_path, data, config):
         if not GPT2_RANKS.is_file():
             pytest.skip("shared GPT-2 ranks file not present")
         extra += ["--data.bpe_file", str(GPT2_RANKS)]
-    if config == "wikitext103":
-        extra += ["--model.network.adaptive_cutoffs", "[20, 40]"]  # the small files have a few dozen words
     assert main(["fit", *cli_args(tmp_path, data, config, *extra)]) == 0
 
 
@@ -193,9 +193,19 @@ def test_load_from_checkpoint_rebuilds_the_model_and_resume_continues_token_coun
     assert resumed.callback_metrics["train/tokens"].item() == 5 * 4 * 16
 
 
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, data):
+    fit_with_checkpoint(tmp_path, data, 2)
+    other = LanguageModel(network=GPTConfig(n_layer=1, n_head=2, d_model=32, max_seq_len=16),
+                          attention=AttentionConfig(sharing="Q-K=V"))
+    with pytest.raises(CheckpointError, match=r"network\.d_model: checkpoint 16, config 32"):
+        trainer(tmp_path, limit_val_batches=1).validate(other, datamodule(tmp_path, data),
+                                                        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+
 def trained_checkpoint(tmp_path: Path, data: Path) -> Path:
     args = cli_args(tmp_path, data, "wikitext2-offline", *SMALL, "--trainer.max_steps", "3",
-                    "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2")
+                    "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+                    "--trainer.log_every_n_steps", "1")
     assert main(["fit", *args]) == 0
     (last,) = (tmp_path / "logs").glob("*/version_0/checkpoints/last.ckpt")
     return last
@@ -212,6 +222,17 @@ def test_predict_from_a_checkpoint_writes_text_and_cache_equals_no_cache(tmp_pat
         assert main(["predict", *args]) == 0
         outputs[use_cache] = [json.loads(line) for line in out.read_text().splitlines()]
     printed = capsys.readouterr().out
+    log_dir = last.parent.parent  # TensorBoard: the metrics and the whole config as hyper-parameters
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/tokens", "val/loss", "val/ppl", "lr-AdamW/pg1"} <= scalars, scalars
+    hparams = (log_dir / "hparams.yaml").read_text()
+    for key in ("model.init_args.attention.sharing: QKV", "model.init_args.optimizer.lr: 0.002",
+                "data.init_args.seq_len: 16", "trainer.gradient_clip_val: 1.0"):
+        assert key in hparams, key
     assert outputs["true"] == outputs["false"]  # greedy: same tokens with and without the KV cache
     assert [o["prompt"] for o in outputs["true"]] == [" = Robert Boulter = \n", " The game was released in"]
     assert all(len(o["ids"]) == 8 and isinstance(o["completion"], str) for o in outputs["true"])

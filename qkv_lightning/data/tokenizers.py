@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -148,7 +149,7 @@ class WordTokenizer(Tokenizer):
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary, one word per line in id order (atomically: temporary file, then rename)."""
         path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         tmp.write_text("".join(f"{word}\n" for word in self.words), encoding="utf-8")
         tmp.replace(path)
 

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -152,8 +153,9 @@ def md5_file(path: Path) -> str:
 
 
 def temporary(path: Path) -> Path:
-    """A temporary name next to ``path``, unique to this process, for writing before an atomic rename."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """A temporary name next to ``path``, unique to this process and machine (nodes may share a file system), for
+    writing before an atomic rename."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -550,22 +552,26 @@ class WikiText(L.LightningDataModule):
             sources["test"] = SplitSource(path, cut, None)
         return sources
 
-    def check_files(self, splits: tuple[str, ...]) -> None:
-        """Make sure the files of ``splits`` exist: download them when allowed, else explain what is missing."""
+    def check_files(self, splits: tuple[str, ...], download: bool = True) -> None:
+        """Make sure the files of ``splits`` exist: download them when allowed (``data.download``, and only from
+        ``prepare_data``), else explain what is missing."""
         missing = [(split, self.path_of(split)) for split in splits if not self.path_of(split).is_file()]
         if not missing:
             return
         official_names = all(path.name in self.release.lines and path.parent == self.data_dir for _, path in missing)
-        if self.download and official_names:
+        if self.download and download and official_names:
             download_release(self.release, self.data_dir)
             return
         listing = ", ".join(f"{path} ({self.setting_of(split)})" for split, path in missing)
-        hint = (
-            "set data.download: true on a machine with internet to fetch the official archive, or put the official "
-            f"{self.release.title} files there"
-            if not self.download
-            else "data.download only fetches the official file names into data.data_dir; fix the file settings"
-        )
+        if not self.download:
+            hint = (
+                "set data.download: true on a machine with internet to fetch the official archive, or put the "
+                f"official {self.release.title} files there"
+            )
+        elif not download:
+            hint = "run prepare_data() first, which downloads them (Lightning runs it before every stage)"
+        else:
+            hint = "data.download only fetches the official file names into data.data_dir; fix the file settings"
         raise DataError(f"{self.release.title} split file(s) not found: {listing}. Set data.data_dir, or {hint}.")
 
     # ------------------------------------------------------------------------------------------------ tokenizer
@@ -609,9 +615,8 @@ class WikiText(L.LightningDataModule):
             )
             return self.tokenizer
         vocab_path, meta_path = self.vocab_paths()
-        source = self.sources()["train"]
-        if not source.path.is_file():
-            self.check_files(("train",))
+        self.check_files(("train",), download=False)
+        source = SplitSource(self.path_of("train"))
         meta = read_json(meta_path)
         expected = self.expected_meta(source, None, None)
         if meta is None or not vocab_path.is_file() or any(meta.get(k) != v for k, v in expected.items()):
@@ -690,13 +695,12 @@ class WikiText(L.LightningDataModule):
         splits = self.needed_splits(stage)
         if not splits:
             return
+        self.check_files(splits, download=False)
         sources = self.sources() if self.split_test_for_val is not None else None
         for split in splits:
             if split in self.datasets:
                 continue
             source = sources[split] if sources else SplitSource(self.path_of(split))
-            if not source.path.is_file():
-                self.check_files((split,))
             prefix = self.token_dir / split
             reason = cache_mismatch(prefix, self.expected_meta(source, tokenizer, None), check_array=False)
             if reason is not None:
