@@ -34,7 +34,9 @@ def closed_form(c: GPTConfig, variant: str = "QKV", n_kv: int | None = None) -> 
     """Parameters of the decoder, written out from the architecture (independently of the implementation)."""
     d, m, v, hd = c.d_model, c.d_mlp or 4 * c.d_model, c.vocab_size, c.d_model // c.n_head
     kv = n_kv or c.n_head
-    groups = {"QKV": ["Q", "K", "V"], "Q=K-V": ["QK", "V"], "Q-K=V": ["Q", "KV"], "Q=V-K": ["QV", "K"], "Q=K=V": ["QKV"]}
+    groups = {
+        "QKV": ["Q", "K", "V"], "Q=K-V": ["QK", "V"], "Q-K=V": ["Q", "KV"], "Q=V-K": ["QV", "K"], "Q=K=V": ["QKV"]
+    }
     width = sum((c.n_head if "Q" in g else kv) * hd for g in groups[variant])
     b = 1 if c.bias else 0
     attention = d * width + b * width + d * d + b * d

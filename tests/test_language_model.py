@@ -186,8 +186,9 @@ def test_load_from_checkpoint_rebuilds_the_model_and_resume_continues_token_coun
     assert raw["hyper_parameters"]["attention"]["sharing"] == "Q-K=V" and raw["tokens_seen"] == 3 * 4 * 16
     loaded = LanguageModel.load_from_checkpoint(last)
     assert loaded.network is not None and loaded.attention_config.sharing == "Q-K=V"
-    for (name, a), (_, b) in zip(loaded.network.state_dict().items(), run.lightning_module.network.state_dict().items()):
-        assert torch.equal(a, b), name
+    trained = run.lightning_module.network.state_dict()
+    for name, value in loaded.network.state_dict().items():
+        assert torch.equal(value, trained[name]), name
     resumed = fit_with_checkpoint(tmp_path, data, 5, ckpt_path=str(last))
     assert resumed.lightning_module.tokens_seen == 5 * 4 * 16
     assert resumed.callback_metrics["train/tokens"].item() == 5 * 4 * 16
@@ -273,7 +274,8 @@ def test_cache_of_another_tokenizer_is_an_error_when_rebuilding_is_off(tmp_path,
     assert main(["fit", *cli_args(tmp_path, changed, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1")]) == 0
     with open(changed / "wiki.train.tokens", "a", encoding="utf-8") as f:  # another vocabulary: another tokenizer
         f.write(" zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra \n" * 30)
-    args = cli_args(tmp_path, changed, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1", "--data.rebuild_cache", "false")
+    args = cli_args(tmp_path, changed, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1",
+                    "--data.rebuild_cache", "false")
     err = run_failing(capsys, ["fit", *args])
     assert "data.rebuild_cache" in err and "vocabulary" in err
 

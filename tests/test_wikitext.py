@@ -151,7 +151,8 @@ def test_tokenization_does_not_depend_on_the_chunk_size(tmp_path):
     big = build_token_cache(source, info, tokenizer, tmp_path / "a" / "train")
     small = build_token_cache(source, info, tokenizer, tmp_path / "b" / "train", chunk_lines=3)
     assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
-    assert big["array_sha256"] == small["array_sha256"] == hashlib.sha256((tmp_path / "a/train.bin").read_bytes()).hexdigest()
+    digest = hashlib.sha256((tmp_path / "a" / "train.bin").read_bytes()).hexdigest()
+    assert big["array_sha256"] == small["array_sha256"] == digest
     assert big["n_tokens"] == big["n_words"] == word_count(source.path)
     array = np.fromfile(tmp_path / "a" / "train.bin", dtype=np.uint16)
     assert array[0] == tokenizer.eos_id and len(array) == big["n_tokens"] + 1
@@ -279,14 +280,15 @@ def test_truncated_or_altered_official_files_are_rejected(tmp_path):
     shutil.copy(WIKITEXT2 / "wiki.test.tokens", data)
     lines = (WIKITEXT2 / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
     (data / "wiki.valid.tokens").write_text("".join(lines[:1000]), encoding="utf-8")
+    offline = dict(verify=True, train_file="wiki.valid.tokens", val_file=None, split_test_for_val=0.5)
     with pytest.raises(DataError, match="has 1000 lines, but the official WikiText-2 wiki.valid.tokens has 3760"):
-        module(tmp_path, verify=True, train_file="wiki.valid.tokens", val_file=None, split_test_for_val=0.5).prepare_data()
+        module(tmp_path, **offline).prepare_data()
     i = next(i for i, line in enumerate(lines) if " the " in line)
     lines[i] = lines[i].replace(" the ", " ", 1)  # one word less, same number of lines
     (data / "wiki.valid.tokens").write_text("".join(lines), encoding="utf-8")
     with pytest.raises(DataError, match="217645 word-level tokens, but the official"):
-        module(tmp_path, verify=True, train_file="wiki.valid.tokens", val_file=None, split_test_for_val=0.5).prepare_data()
-    module(tmp_path, verify=False, train_file="wiki.valid.tokens", val_file=None, split_test_for_val=0.5).prepare_data()
+        module(tmp_path, **offline).prepare_data()
+    module(tmp_path, **{**offline, "verify": False}).prepare_data()
 
 
 def test_unwritable_cache_dir_names_the_setting(tmp_path):

@@ -197,8 +197,9 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
         digest = md5_file(archive)
         if digest != release.md5:
             raise DataError(
-                f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the download "
-                f"is damaged or the mirror serves another file. Try again, or put the official files into {data_dir}."
+                f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
+                "download is damaged or the mirror serves another file. Try again, or put the official files into "
+                f"{data_dir}."
             )
         with zipfile.ZipFile(archive) as zipped:
             for name in release.lines:
@@ -546,7 +547,8 @@ class WikiText(L.LightningDataModule):
             cut = starts[0] if starts else round(self.split_test_for_val * info.lines)
             if not 0 < cut < info.lines:
                 raise ConfigError(
-                    f"data.split_test_for_val={self.split_test_for_val} leaves no lines for validation or test in {path}."
+                    f"data.split_test_for_val={self.split_test_for_val} leaves no lines for validation or test in "
+                    f"{path}."
                 )
             sources["val"] = SplitSource(path, 0, cut)
             sources["test"] = SplitSource(path, cut, None)
@@ -594,7 +596,8 @@ class WikiText(L.LightningDataModule):
         log.info("building the word vocabulary of %s", source.path)
         tokenizer = WordTokenizer.build(iter_lines(source.path, source.start, source.stop))
         official = self.release.vocab_size
-        if self.verify and source.whole_file and source.path.name == "wiki.train.tokens" and tokenizer.vocab_size != official:
+        official_train = source.whole_file and source.path.name == "wiki.train.tokens"
+        if self.verify and official_train and tokenizer.vocab_size != official:
             log.warning(
                 "the word vocabulary of %s has %d types, the official %s vocabulary %d",
                 source.path, tokenizer.vocab_size, self.release.title, official,
@@ -658,8 +661,8 @@ class WikiText(L.LightningDataModule):
                 continue
             if reason != "it does not exist yet" and not self.rebuild_cache:
                 raise DataError(
-                    f"the token cache {prefix}.bin does not match {source.path} and data.tokenizer={self.tokenizer_kind}: "
-                    f"{reason}. Delete it, point data.cache_dir elsewhere, or set data.rebuild_cache: true."
+                    f"the token cache {prefix}.bin does not match {source.path} and data.tokenizer="
+                    f"{self.tokenizer_kind}: {reason}. Delete it, point data.cache_dir elsewhere, or set data.rebuild_cache: true."
                 )
             log.info("tokenizing %s (%s) into %s.bin: %s", source.path, split, prefix, reason)
             meta = build_token_cache(source, info, tokenizer, prefix)
