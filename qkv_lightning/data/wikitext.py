@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.nn.gpt import IGNORE_INDEX
@@ -740,26 +741,35 @@ class WikiText(L.LightningDataModule):
         return self.load_tokenizer().decode([int(i) for i in ids])
 
     # --------------------------------------------------------------------------------------------- dataloaders
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            self.setup({"val": "validate", "test": "test"}[split])
         return DataLoader(
             self.datasets[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        """Shuffled windows in a seeded order (``seed_everything``'s seed), resumable mid-epoch from checkpoints."""
+        if "train" not in self.datasets:
+            self.setup("fit")
+        return train_loader(
+            self.datasets["train"],
+            self.batch_size,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(Prompts(self.prompts, self.load_tokenizer()), batch_size=1, shuffle=False)

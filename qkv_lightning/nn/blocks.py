@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
 
@@ -101,6 +103,8 @@ class Trunk(nn.Module):
             Block(d_model=d_model, drop_path=rate, norm_eps=norm_eps, **block_kwargs) for rate in rates
         )
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, bias=block_kwargs.get("bias", True))
+        self.activation_checkpointing = False
+        """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
 
     def forward(
         self,
@@ -112,7 +116,11 @@ class Trunk(nn.Module):
         """Run every block; returns the normalised output (B, T, C) and, if asked, each block's attention maps."""
         maps = []
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, rope, None if caches is None else caches[i], need_weights)
+            cache = None if caches is None else caches[i]
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, weights = checkpoint(block, x, rope, cache, need_weights, use_reentrant=False)
+            else:
+                x, weights = block(x, rope, cache, need_weights)
             if weights is not None:
                 maps.append(weights)
         return self.norm(x), maps

@@ -110,6 +110,9 @@ class GPT(nn.Module):
         attention: the attention variant.
     """
 
+    fsdp_methods = ("loss",)
+    """Entry points besides ``forward`` that FSDP2 must hook (they must not call ``forward`` themselves)."""
+
     def __init__(self, config: GPTConfig, attention: AttentionConfig) -> None:
         super().__init__()
         if config.vocab_size is None:

@@ -12,6 +12,8 @@ from torch import nn
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.blocks import Block, Trunk
+from qkv_lightning.parallel import shard_network
 
 T = TypeVar("T")
 
@@ -99,6 +101,7 @@ class TaskModule(L.LightningModule):
         optimizer: AdamW and learning-rate schedule (or its dict).
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile`` (in place, so checkpoint keys do not change).
+        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
     """
 
     network: nn.Module | None
@@ -109,19 +112,20 @@ class TaskModule(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         data_spec: dict | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.attention_config = as_config(AttentionConfig, attention)
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.data_spec = dict(data_spec) if data_spec else None
         self.compile_blocks = compile
+        self.activation_checkpointing = activation_checkpointing
         self.network = None
 
     def save_task_hyperparameters(self, **task_hparams: Any) -> None:
         """Save plain hyper-parameters (no modules, no dataclasses) for checkpoints and loggers.
 
-        ``_class_path`` names the task class, as LightningCLI records it, so that ``--ckpt_path`` in subclass mode
-        (``model.class_path``) can rebuild the model's settings from the checkpoint.
+        ``_class_path`` lets ``fit --ckpt_path`` (LightningCLI) rebuild the task from a checkpoint's hyper-parameters.
         """
         self.save_hyperparameters(
             plain(
@@ -132,6 +136,7 @@ class TaskModule(L.LightningModule):
                     "optimizer": self.optimizer_config,
                     "data_spec": self.data_spec,
                     "compile": self.compile_blocks,
+                    "activation_checkpointing": self.activation_checkpointing,
                 }
             )
         )
@@ -157,11 +162,31 @@ class TaskModule(L.LightningModule):
             return
         if self.data_spec is None:
             raise ConfigError(f"{type(self).__name__}.configure_model() needs data_spec (see setup()).")
-        self.network = self.build_network(self.data_spec)
+        network = self.build_network(self.data_spec)
+        blocks = [module for module in network.modules() if isinstance(module, Block)]
+        for module in network.modules():
+            if isinstance(module, Trunk):
+                module.activation_checkpointing = self.activation_checkpointing
         if self.compile_blocks:
-            for module in self.network.modules():
-                if type(module).__name__ == "Block":
-                    module.compile()
+            for block in blocks:
+                block.compile()  # in place: parameter names (checkpoint keys) stay the same
+        if self.device_mesh is not None:  # FSDP2 / ModelParallelStrategy
+            shard_network(network, self.device_mesh)
+        self.network = network
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Fill in tied parameters (e.g. a GPT head tied to the embedding) that sharded checkpoints store once."""
+        state = checkpoint.get("state_dict")
+        if state is None or self.network is None:
+            return
+        aliases: dict[int, list[str]] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(name)
+        for names in aliases.values():
+            present = [name for name in names if name in state]
+            if present and len(present) < len(names):
+                for name in names:
+                    state.setdefault(name, state[present[0]])
 
     # ---------------------------------------------------------------------------------------------- optimising
     def configure_optimizers(self) -> dict:

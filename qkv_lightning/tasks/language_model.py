@@ -86,6 +86,7 @@ class LanguageModel(TaskModule):
         generation: decoding settings for ``predict``.
         data_spec: what the data decides (vocab_size, seq_len, tokenizer); filled from the datamodule when None.
         compile: compile each block with ``torch.compile``.
+        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
     """
 
     network: GPT | None
@@ -98,8 +99,15 @@ class LanguageModel(TaskModule):
         generation: GenerationConfig = GenerationConfig(),
         data_spec: dict | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(attention=attention, optimizer=optimizer, data_spec=data_spec, compile=compile)
+        super().__init__(
+            attention=attention,
+            optimizer=optimizer,
+            data_spec=data_spec,
+            compile=compile,
+            activation_checkpointing=activation_checkpointing,
+        )
         self.network_config = as_config(GPTConfig, network)
         self.generation_config = as_config(GenerationConfig, generation)
         # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
@@ -168,6 +176,7 @@ class LanguageModel(TaskModule):
         checkpoint["tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # fills in tied parameters that sharded checkpoints store once
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         self.check_checkpoint(checkpoint)
 

@@ -1,0 +1,79 @@
+"""Stop (or, within a budget, skip) optimiser steps whose loss or gradients are not finite."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from qkv_lightning.errors import QKVError
+
+
+class NonFiniteError(QKVError, RuntimeError):
+    """The loss or a gradient became NaN or infinite."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class NonFiniteGuard(Callback):
+    """Checks every optimiser step for a non-finite loss or gradient.
+
+    By default the run stops with a message naming the step; checkpoints saved before it are kept (no checkpoint is
+    written with the bad state). With ``max_skipped_steps > 0`` up to that many bad steps are skipped instead: their
+    gradients are dropped so that the optimiser leaves weights and moments untouched; the count is logged as
+    ``train/skipped_steps``. Ranks agree on every decision.
+
+    Args:
+        max_skipped_steps: bad steps that may be skipped before the run stops (0: stop at the first).
+    """
+
+    def __init__(self, max_skipped_steps: int = 0) -> None:
+        super().__init__()
+        if max_skipped_steps < 0:
+            raise ValueError(f"nonfinite.max_skipped_steps={max_skipped_steps} must be >= 0")
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = 0
+        self._last_loss: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        self._last_loss = loss.detach()  # kept as a tensor: no device sync here
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        checks = [n.float().reshape(1) for n in torch._foreach_norm(grads)] if grads else []
+        if self._last_loss is not None:
+            checks.append(self._last_loss.float().reshape(1).to(checks[0].device if checks else "cpu"))
+        local_bad = bool(checks) and not bool(torch.cat(checks).isfinite().all())  # one device sync per step
+        bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False)
+        if not bad:
+            return
+        loss = None if self._last_loss is None else float(self._last_loss)
+        what = f"loss ({loss})" if loss is not None and not math.isfinite(loss) else "gradient"
+        where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.batch_idx})"
+        if self.skipped_steps < self.max_skipped_steps:
+            self.skipped_steps += 1
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None  # AdamW skips parameters without gradients: weights and moments unchanged
+            pl_module.log("train/skipped_steps", float(self.skipped_steps), rank_zero_only=False, sync_dist=False)
+            return
+        raise NonFiniteError(
+            f"non-finite {what} at {where}: training stopped and no checkpoint was written from this state; the "
+            f"checkpoints saved before it are kept (resume with --ckpt_path last). Lower optimizer.lr, raise "
+            f"optimizer.warmup_steps, check the data, or allow skipping bad steps with "
+            f"--nonfinite.max_skipped_steps N (skipped so far: {self.skipped_steps})."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
