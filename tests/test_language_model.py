@@ -169,8 +169,10 @@ def test_weight_decay_applies_to_matrices_only(tmp_path, data):
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
 def fit_with_checkpoint(tmp_path: Path, data: Path, max_steps: int, ckpt_path: str | None = None) -> L.Trainer:
+    """Fit a tiny Q-K=V model, saving a checkpoint after every step (``step=3.ckpt``, ..., and ``last.ckpt``)."""
     torch.manual_seed(0)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=-1,
+                                 filename="{step}")
     run = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                     callbacks=[checkpoint], num_sanity_val_steps=0, limit_val_batches=2, enable_model_summary=False)
     model = LanguageModel(network=GPTConfig(n_layer=1, n_head=2, d_model=16, max_seq_len=16),
@@ -179,23 +181,26 @@ def fit_with_checkpoint(tmp_path: Path, data: Path, max_steps: int, ckpt_path: s
     return run
 
 
-def test_load_from_checkpoint_rebuilds_the_model_and_resume_continues_token_count(tmp_path, data):
-    run = fit_with_checkpoint(tmp_path, data, 3)
-    last = tmp_path / "ckpt" / "last.ckpt"
-    raw = torch.load(last, weights_only=True)  # plain hyper-parameters only
+def test_load_from_checkpoint_rebuilds_the_model_and_mid_epoch_resume_equals_the_uninterrupted_run(tmp_path, data):
+    full = fit_with_checkpoint(tmp_path / "full", data, 5)
+    middle = tmp_path / "full" / "ckpt" / "step=3.ckpt"
+    raw = torch.load(middle, weights_only=True)  # plain hyper-parameters only
     assert raw["hyper_parameters"]["attention"]["sharing"] == "Q-K=V" and raw["tokens_seen"] == 3 * 4 * 16
-    loaded = LanguageModel.load_from_checkpoint(last)
+    loaded = LanguageModel.load_from_checkpoint(tmp_path / "full" / "ckpt" / "last.ckpt")
     assert loaded.network is not None and loaded.attention_config.sharing == "Q-K=V"
-    trained = run.lightning_module.network.state_dict()
+    final = full.lightning_module.network.state_dict()
     for name, value in loaded.network.state_dict().items():
-        assert torch.equal(value, trained[name]), name
-    resumed = fit_with_checkpoint(tmp_path, data, 5, ckpt_path=str(last))
+        assert torch.equal(value, final[name]), name
+
+    resumed = fit_with_checkpoint(tmp_path / "resumed", data, 5, ckpt_path=str(middle))  # steps 4 and 5 again
+    for name, value in resumed.lightning_module.network.state_dict().items():
+        torch.testing.assert_close(value, final[name], rtol=0, atol=1e-6, msg=name)  # the same batches, in order
     assert resumed.lightning_module.tokens_seen == 5 * 4 * 16
     assert resumed.callback_metrics["train/tokens"].item() == 5 * 4 * 16
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, data):
-    fit_with_checkpoint(tmp_path, data, 2)
+    fit_with_checkpoint(tmp_path, data, 1)
     other = LanguageModel(network=GPTConfig(n_layer=1, n_head=2, d_model=32, max_seq_len=16),
                           attention=AttentionConfig(sharing="Q-K=V"))
     with pytest.raises(CheckpointError, match=r"network\.d_model: checkpoint 16, config 32"):
