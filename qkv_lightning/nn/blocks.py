@@ -98,7 +98,7 @@ class Trunk(nn.Module):
 
     def __init__(self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs) -> None:
         super().__init__()
-        rates = torch.linspace(0, drop_path, n_layer, device="cpu").tolist() if n_layer > 1 else [drop_path]
+        rates = [drop_path * i / (n_layer - 1) for i in range(n_layer)] if n_layer > 1 else [drop_path]  # meta-safe
         self.blocks = nn.ModuleList(
             Block(d_model=d_model, drop_path=rate, norm_eps=norm_eps, **block_kwargs) for rate in rates
         )

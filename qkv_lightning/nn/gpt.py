@@ -14,6 +14,9 @@ from qkv_lightning.nn.attention import AttentionConfig, KVCache
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
 from qkv_lightning.nn.positional import rope_tables
 
+IGNORE_INDEX = -100
+"""Target id that the loss skips (PyTorch's default ``ignore_index``)."""
+
 
 @dataclass
 class GPTConfig:
@@ -81,8 +84,18 @@ class GPTConfig:
             raise ConfigError(
                 f"network.position=rope needs an even head size, but d_model/n_head = {self.d_model // self.n_head}."
             )
+        if self.d_mlp is not None and self.d_mlp < 1:
+            raise ConfigError(f"network.d_mlp={self.d_mlp} must be at least 1 (or null for 4 * d_model).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"network.dropout={self.dropout} must lie in [0, 1).")
         if self.output == "adaptive" and self.tie_embeddings:
             self.tie_embeddings = False  # the adaptive softmax has its own cluster weights
+        self.adaptive_cutoffs = list(self.adaptive_cutoffs)
+        if self.adaptive_cutoffs != sorted(set(self.adaptive_cutoffs)) or min(self.adaptive_cutoffs, default=1) < 1:
+            raise ConfigError(
+                f"network.adaptive_cutoffs={self.adaptive_cutoffs} must be distinct positive integers in increasing "
+                "order, e.g. [20000, 40000, 200000]."
+            )
 
     @property
     def mlp_width(self) -> int:
@@ -121,6 +134,11 @@ class GPT(nn.Module):
         )
         if config.output == "adaptive":
             cutoffs = [c for c in config.adaptive_cutoffs if c < config.vocab_size]
+            if not cutoffs:
+                raise ConfigError(
+                    f"network.output=adaptive needs at least one of network.adaptive_cutoffs={config.adaptive_cutoffs} "
+                    f"below the vocabulary size {config.vocab_size}; lower the cutoffs or use output: linear."
+                )
             self.head: nn.Module = nn.AdaptiveLogSoftmaxWithLoss(
                 config.d_model, config.vocab_size, cutoffs, div_value=config.adaptive_div_value
             )
@@ -172,14 +190,21 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids (B, T)."""
         return self.logits(self.hidden(idx, caches)[0])
 
-    def loss(self, idx: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-        """Cross-entropy of ``targets`` (B, T) given ``idx`` (B, T); ``reduction='sum'`` for exact perplexity."""
+    def loss(self, idx: Tensor, targets: Tensor, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+        """Cross-entropy of ``targets`` (B, T) given ``idx`` (B, T).
+
+        Targets equal to :data:`IGNORE_INDEX` do not count (padding, or tokens a sliding evaluation window has
+        already scored). ``reduction='sum'`` gives the summed loss, for exact perplexity over many batches.
+        """
         hidden = self.hidden(idx)[0]  # (B, T, C)
         if isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss):
-            nll = -self.head(hidden.flatten(0, 1), targets.flatten()).output  # (B*T,)
+            flat = targets.flatten()  # (B*T,)
+            keep = flat != IGNORE_INDEX
+            nll = -self.head(hidden.flatten(0, 1)[keep], flat[keep]).output  # (N,)
             return nll.sum() if reduction == "sum" else nll.mean()
-        logits = self.head(hidden)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+        logits = self.head(hidden).flatten(0, 1)  # (B*T, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in float32
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
     def new_caches(self, batch_size: int, capacity: int | None = None) -> list[KVCache]:
         """Empty KV caches for every layer."""
@@ -194,11 +219,14 @@ class GPT(nn.Module):
         top_k: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        n_valid: int | None = None,
     ) -> Tensor:
         """Continue ``prompt`` (B, T) by ``max_new_tokens`` tokens: greedy at temperature 0, else sampled (top-k).
 
         With ``use_cache`` the prompt is run once and each new token attends to the KV cache; without it every step
-        runs the whole sequence again (the reference the cache must match).
+        runs the whole sequence again (the reference the cache must match). ``n_valid``: only ids below it are
+        generated (the ids above pad the vocabulary, e.g. 50257 real GPT-2 tokens in a 50304-wide output). Call it in
+        eval mode (dropout off).
         """
         total = prompt.shape[1] + max_new_tokens
         if total > self.config.max_seq_len:
@@ -209,7 +237,10 @@ class GPT(nn.Module):
         caches = self.new_caches(prompt.shape[0], total) if use_cache else None
         tokens, step_input = prompt, prompt
         for _ in range(max_new_tokens):
-            logits = self(step_input if use_cache else tokens, caches)[:, -1].float()  # (B, V)
+            hidden = self.hidden(step_input if use_cache else tokens, caches)[0][:, -1:]  # (B, 1, C)
+            logits = self.logits(hidden)[:, 0].float()  # (B, V): only the last position is needed
+            if n_valid is not None and n_valid < logits.shape[-1]:
+                logits[:, n_valid:] = float("-inf")
             next_token = sample(logits, temperature, top_k, generator)  # (B, 1)
             tokens = torch.cat([tokens, next_token], dim=1)
             step_input = next_token

@@ -1,0 +1,775 @@
+"""WikiText-103 and WikiText-2 for language modelling, word level or GPT-2 BPE, with memory-mapped token caches.
+
+Data flow:
+
+* ``data_dir`` holds the official files ``wiki.{train,valid,test}.tokens`` (or ``download: true`` fetches the
+  official archive once and checks its MD5). Each split's file is a setting, and ``split_test_for_val`` carves the
+  validation split out of the test file, so the offline "validation text for training, test text split into
+  validation and test" arrangement is a config.
+* :meth:`WikiText.prepare_data` (rank 0 of each node only) streams each file line by line through the tokenizer into
+  ``<cache_dir>/<tokenizer>/<split>.bin`` (a flat array of ids that starts with the boundary token) next to a small
+  ``<split>.json`` recording the source file's SHA-256, the line range, the tokenizer's identity and the array's size
+  and SHA-256. Writes go to a temporary file that is renamed into place. A cache that no longer matches its source or
+  tokenizer is rebuilt (or, with ``rebuild_cache: false``, reported as an error).
+* :meth:`WikiText.setup` memory-maps the caches. Training samples are contiguous windows of ``seq_len + 1`` tokens;
+  evaluation windows score every token exactly once (non-overlapping, or sliding with ``eval_stride``), and are padded
+  with empty windows to a multiple of the number of processes, so that the summed loss over all ranks divided by the
+  number of scored tokens is the exact perplexity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from qkv_lightning.data.loading import train_loader
+from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
+from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.nn.gpt import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+"""Version of the cache layout; caches of another version are rebuilt."""
+
+SPLITS = ("train", "val", "test")
+
+DEFAULT_PROMPTS = [" = Valkyria Chronicles III = \n", " The history of the"]
+
+
+@dataclass(frozen=True)
+class OfficialRelease:
+    """What the official archive of a WikiText release holds, to download and to check files against."""
+
+    title: str
+    folder: str
+    urls: tuple[str, ...]
+    md5: str
+    lines: dict[str, int]
+    tokens: dict[str, int]
+    vocab_size: int
+
+
+OFFICIAL = {
+    "wikitext-103": OfficialRelease(
+        title="WikiText-103",
+        folder="wikitext-103",
+        urls=(
+            "https://wikitext.smerity.com/wikitext-103-v1.zip",
+            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+        ),
+        md5="9ddaacaf6af0710eda8c456decff7832",
+        lines={"wiki.train.tokens": 1801350, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
+        tokens={"wiki.train.tokens": 103227021, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
+        vocab_size=267735,
+    ),
+    "wikitext-2": OfficialRelease(
+        title="WikiText-2",
+        folder="wikitext-2",
+        urls=(
+            "https://wikitext.smerity.com/wikitext-2-v1.zip",
+            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+        ),
+        md5="542ccefacc6c27f945fb54453812b3cd",
+        lines={"wiki.train.tokens": 36718, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
+        tokens={"wiki.train.tokens": 2088628, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
+        vocab_size=33278,
+    ),
+}
+"""The releases: archive URLs (a mirror first, then the original address), the archive's MD5, and the line and
+word-level token counts (one ``<eos>`` per line) of each file, from the WikiText paper (Merity et al., 2016)."""
+
+ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
+"""A top-level heading (`` = Title = ``) starts a new article."""
+
+
+# ------------------------------------------------------------------------------------------------------------- files
+@dataclass(frozen=True)
+class FileInfo:
+    """What one pass over a text file tells: checksum, size, line count, and whether it ends with a line end."""
+
+    sha256: str
+    size: int
+    lines: int
+    ends_with_newline: bool
+
+
+def scan_file(path: Path) -> FileInfo:
+    """Checksum and count the lines of ``path`` in one streamed pass."""
+    digest, size, lines, last = hashlib.sha256(), 0, 0, b""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return FileInfo(digest.hexdigest(), size, lines, last == b"\n")
+
+
+def iter_lines(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Lines ``start .. stop-1`` of a UTF-8 text file, each with its line end, streamed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from itertools.islice(f, start, stop)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text ({error}); use the official WikiText files.") from error
+
+
+def article_starts(path: Path) -> list[int]:
+    """Indices of the lines that start an article (top-level headings)."""
+    return [i for i, line in enumerate(iter_lines(path)) if ARTICLE_HEADING.match(line.rstrip("\n"))]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def temporary(path: Path) -> Path:
+    """A temporary name next to ``path``, unique to this process and machine (nodes may share a file system), for
+    writing before an atomic rename."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = temporary(path)
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def download_release(release: OfficialRelease, data_dir: Path) -> None:
+    """Fetch the release's archive (trying each URL), check its MD5 and extract its three files into ``data_dir``."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create data.data_dir={data_dir} for the download ({error}).") from error
+    archive = temporary(data_dir / f"{release.folder}-v1.zip")
+    failures = []
+    try:
+        for url in release.urls:
+            log.info("downloading %s from %s", release.title, url)
+            try:
+                request = urllib.request.Request(url, headers={"User-Agent": "qkv-lightning"})
+                with urllib.request.urlopen(request, timeout=60) as response, open(archive, "wb") as out:
+                    shutil.copyfileobj(response, out, 1 << 22)
+                break
+            except OSError as error:
+                failures.append(f"{url}: {error}")
+        else:
+            raise DataError(
+                f"could not download {release.title} ({'; '.join(failures)}). Without internet, put the official files "
+                f"{', '.join(release.lines)} into data.data_dir={data_dir} and set data.download: false."
+            )
+        digest = md5_file(archive)
+        if digest != release.md5:
+            raise DataError(
+                f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
+                "download is damaged or the mirror serves another file. Try again, or put the official files into "
+                f"{data_dir}."
+            )
+        with zipfile.ZipFile(archive) as zipped:
+            for name in release.lines:
+                target = data_dir / name
+                tmp = temporary(target)
+                with zipped.open(f"{release.folder}/{name}") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+                tmp.replace(target)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ caches
+@dataclass(frozen=True)
+class SplitSource:
+    """Where a split's text is: lines ``start .. stop-1`` of ``path`` (``stop`` None: to the end)."""
+
+    path: Path
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def whole_file(self) -> bool:
+        return self.start == 0 and self.stop is None
+
+
+def cache_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def build_token_cache(
+    source: SplitSource, info: FileInfo, tokenizer: Tokenizer, prefix: Path, chunk_lines: int = 4096
+) -> dict:
+    """Tokenize ``source`` line by line into ``<prefix>.bin`` (boundary id, then the text's ids) and ``.json``.
+
+    Memory stays bounded by one chunk of lines. Returns the metadata that was written.
+    """
+    dtype = cache_dtype(tokenizer.vocab_size)
+    bin_path, meta_path = prefix.with_suffix(".bin"), prefix.with_suffix(".json")
+    tmp = temporary(bin_path)
+    digest = hashlib.sha256()
+    n_tokens = n_words = n_lines = 0
+    unknown_before = getattr(tokenizer, "unknown", 0)
+    try:
+        with open(tmp, "wb") as out:
+            head = np.array([tokenizer.boundary_id], dtype=dtype).tobytes()
+            out.write(head)
+            digest.update(head)
+            lines = iter_lines(source.path, source.start, source.stop)
+            while chunk := list(itertools.islice(lines, chunk_lines)):
+                ids = tokenizer.encode_lines(chunk)
+                array = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
+                data = array.tobytes()
+                out.write(data)
+                digest.update(data)
+                n_tokens += array.size
+                n_words += sum(words_in_line(line) for line in chunk)
+                n_lines += len(chunk)
+        meta = {
+            "format": CACHE_FORMAT,
+            "source": str(source.path),
+            "source_sha256": info.sha256,
+            "source_bytes": info.size,
+            "range": [source.start, source.stop],
+            "n_lines": n_lines,
+            "tokenizer": tokenizer.identity,
+            "dtype": dtype.name,
+            "n_tokens": n_tokens,
+            "n_words": n_words,
+            "n_unknown": getattr(tokenizer, "unknown", 0) - unknown_before,
+            "array_bytes": (n_tokens + 1) * dtype.itemsize,
+            "array_sha256": digest.hexdigest(),
+        }
+        meta_path.unlink(missing_ok=True)
+        tmp.replace(bin_path)
+        write_json(meta_path, meta)
+        return meta
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | None:
+    """Why the cache at ``prefix`` does not fit ``expected`` (metadata keys and values), or None if it does.
+
+    The array's size is always checked; its SHA-256 too with ``check_array``.
+    """
+    meta = read_json(prefix.with_suffix(".json"))
+    bin_path = prefix.with_suffix(".bin")
+    if meta is None or not bin_path.is_file():
+        return "it does not exist yet"
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            return f"its {key} is {meta.get(key)!r}, but the current one is {value!r}"
+    size = bin_path.stat().st_size
+    if size != meta.get("array_bytes"):
+        return f"its token file has {size} bytes instead of the recorded {meta.get('array_bytes')} (truncated?)"
+    if check_array and sha256_file(bin_path) != meta.get("array_sha256"):
+        return "its token file's SHA-256 differs from the recorded one (modified or damaged)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+class TokenWindows(Dataset):
+    """Windows over a memory-mapped token array, as ``(input ids (T,), target ids (T,))`` pairs of int64.
+
+    The array starts with a boundary token that is never a target, so its ``n - 1`` later tokens are the targets.
+
+    * training (``stride`` None): windows ``[i*T, i*T + T + 1)`` for ``i < (n - 1) // T``, all targets scored;
+    * evaluation (``stride`` S <= T): windows start at 0, S, 2S, ... (the last one moved back to end at the array's
+      end), and each scores only targets no earlier window scored, so every target is scored exactly once; targets
+      not scored are :data:`IGNORE_INDEX`. ``pad_to`` appends windows that score nothing until the count is a
+      multiple of it (so that every process gets as many batches).
+
+    Args:
+        path: the ``.bin`` file.
+        length: number of ids in it.
+        dtype: their dtype.
+        seq_len: tokens per window input (T).
+        stride: evaluation stride, or None for training windows.
+        pad_to: make the number of windows a multiple of this.
+    """
+
+    def __init__(
+        self, path: Path, length: int, dtype: np.dtype, seq_len: int, stride: int | None = None, pad_to: int = 1
+    ) -> None:
+        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        self.train = stride is None
+        self.seq_len = seq_len if self.train else min(seq_len, length - 1)
+        if self.seq_len < 1 or (self.train and (length - 1) // seq_len < 1):
+            raise DataError(
+                f"{self.path} holds {length - 1} tokens, too few for one window of data.seq_len={seq_len} + 1; "
+                "lower data.seq_len or use a longer split."
+            )
+        if self.train:
+            self.starts = None
+            self.n_windows = (length - 1) // seq_len
+        else:
+            span = length - 1 - self.seq_len  # the largest start
+            self.stride = stride
+            self.n_windows = -(-span // stride) + 1 if span > 0 else 1
+        self.padded = -(-self.n_windows // pad_to) * pad_to
+        self._data: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.n_windows if self.train else self.padded
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}  # workers open their own memory map
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
+        return self._data
+
+    def start(self, i: int) -> int:
+        if self.train:
+            return i * self.seq_len
+        return min(i * self.stride, self.length - 1 - self.seq_len)
+
+    def first_scored(self, i: int) -> int:
+        """Absolute index of the first target window ``i`` scores (an earlier window scored those before it)."""
+        if self.train or i == 0:
+            return self.start(i) + 1
+        return self.start(i - 1) + self.seq_len + 1
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        padding = i >= self.n_windows
+        j = 0 if padding else i
+        begin = self.start(j)
+        chunk = torch.from_numpy(self.data[begin : begin + self.seq_len + 1].astype(np.int64))  # (T+1,)
+        inputs, targets = chunk[:-1], chunk[1:].clone()  # (T,), (T,)
+        if padding:
+            targets.fill_(IGNORE_INDEX)
+        elif not self.train:
+            targets[: self.first_scored(j) - begin - 1] = IGNORE_INDEX
+        return inputs, targets
+
+
+class Prompts(Dataset):
+    """Prompts for generation: ``{"ids": (T,) int64 starting with the boundary id, "prompt": text}``."""
+
+    def __init__(self, prompts: list[str], tokenizer: Tokenizer) -> None:
+        self.prompts = prompts
+        self.ids = [[tokenizer.boundary_id, *tokenizer.encode_prompt(p)] for p in prompts]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"ids": torch.tensor(self.ids[i], dtype=torch.long), "prompt": self.prompts[i]}
+
+
+# -------------------------------------------------------------------------------------------------------- datamodule
+class WikiText(L.LightningDataModule):
+    """WikiText-103 or WikiText-2, word level or GPT-2 BPE, as windows of ``seq_len + 1`` tokens.
+
+    Args:
+        dataset: which release; decides the download and the official line/token counts files are checked against.
+        data_dir: folder with the split files (the official ``wiki.{train,valid,test}.tokens``). Only read, unless
+            ``download`` fetches the files into it.
+        cache_dir: writable folder for token caches and the word vocabulary; None means ``<data_dir>/cache``.
+        download: fetch the official archive (checking its MD5) when split files are missing.
+        tokenizer: ``word``: whitespace words plus ``<eos>`` per line over the training split's vocabulary (the
+            benchmark's standard); ``gpt2``: GPT-2 BPE (tiktoken).
+        bpe_file: GPT-2 ``.tiktoken`` ranks file for offline use; None uses ``tiktoken.get_encoding("gpt2")``.
+        train_file: training text, relative to ``data_dir`` (or absolute).
+        val_file: validation text; unused when ``split_test_for_val`` is set.
+        test_file: test text.
+        split_test_for_val: carve validation out of ``test_file``: the articles in the first fraction of its lines
+            become the validation split, the rest the test split (cut at an article boundary). None: use ``val_file``.
+        seq_len: tokens per sample (the model sees ``seq_len`` and predicts the next ``seq_len``).
+        eval_stride: evaluation windows advance by this many tokens and score only their last ``eval_stride``
+            targets (more context per scored token); None means ``seq_len`` (non-overlapping windows).
+        batch_size: training samples per device and step.
+        eval_batch_size: evaluation samples per device; None means ``batch_size``.
+        num_workers: data-loading worker processes per device.
+        pin_memory: pin batches in page-locked memory (only used when CUDA is available).
+        verify: check official files (by file name) against the release's line and token counts, which catches
+            truncated or altered files.
+        rebuild_cache: rebuild caches that no longer match their source file or tokenizer; False raises an error
+            instead (for shared caches that must not change).
+        prompts: texts that ``predict`` continues; None gives two WikiText-style prompts.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["wikitext-103", "wikitext-2"] = "wikitext-103",
+        data_dir: str = "data/wikitext-103",
+        cache_dir: str | None = None,
+        download: bool = False,
+        tokenizer: Literal["word", "gpt2"] = "word",
+        bpe_file: str | None = None,
+        train_file: str = "wiki.train.tokens",
+        val_file: str | None = "wiki.valid.tokens",
+        test_file: str = "wiki.test.tokens",
+        split_test_for_val: float | None = None,
+        seq_len: int = 512,
+        eval_stride: int | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        verify: bool = True,
+        rebuild_cache: bool = True,
+        prompts: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in OFFICIAL:
+            raise ConfigError(f"data.dataset={dataset!r} is not one of {sorted(OFFICIAL)}.")
+        if tokenizer not in ("word", "gpt2"):
+            raise ConfigError(f"data.tokenizer={tokenizer!r} must be 'word' or 'gpt2'.")
+        if seq_len < 1:
+            raise ConfigError(f"data.seq_len={seq_len} must be at least 1.")
+        if eval_stride is not None and not 1 <= eval_stride <= seq_len:
+            raise ConfigError(f"data.eval_stride={eval_stride} must lie in [1, data.seq_len={seq_len}] (or be null).")
+        if split_test_for_val is not None and not 0.0 < split_test_for_val < 1.0:
+            raise ConfigError(f"data.split_test_for_val={split_test_for_val} must lie strictly between 0 and 1.")
+        if split_test_for_val is None and val_file is None:
+            raise ConfigError("data.val_file is null: name a validation file or set data.split_test_for_val.")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if value < 1:
+                raise ConfigError(f"data.{name}={value} must be at least 1.")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
+        self.save_hyperparameters()
+        self.release = OFFICIAL[dataset]
+        self.dataset = dataset
+        self.data_dir = Path(data_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.data_dir / "cache"
+        self.download = download
+        self.tokenizer_kind = tokenizer
+        self.bpe_file = bpe_file
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.split_test_for_val = split_test_for_val
+        self.seq_len = seq_len
+        self.eval_stride = eval_stride or seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.verify = verify
+        self.rebuild_cache = rebuild_cache
+        self.prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+        self.tokenizer: Tokenizer | None = None
+        self.datasets: dict[str, TokenWindows] = {}
+        self.meta: dict[str, dict] = {}
+        self._infos: dict[Path, FileInfo] = {}
+
+    # ------------------------------------------------------------------------------------------------ locations
+    def path_of(self, split: str) -> Path:
+        """The file that holds ``split``'s text (the test file for both splits when it is split)."""
+        name = self.files["test" if split == "val" and self.split_test_for_val is not None else split]
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else self.data_dir / path
+
+    def setting_of(self, split: str) -> str:
+        return "data.test_file" if split == "val" and self.split_test_for_val is not None else f"data.{split}_file"
+
+    @property
+    def token_dir(self) -> Path:
+        return self.cache_dir / self.tokenizer_kind
+
+    def needed_splits(self, stage: str | None) -> tuple[str, ...]:
+        """Splits a stage reads (all of them when the stage is unknown)."""
+        return {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage, SPLITS)
+
+    def _stage(self) -> str | None:
+        """The running trainer's stage (fit, validate, test, predict), or None outside a trainer."""
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        return getattr(fn, "value", None)
+
+    def info(self, path: Path, split: str) -> FileInfo:
+        """Scan a source file once per run (checksum, lines), and reject empty, cut or (verify) altered files."""
+        if path in self._infos:
+            return self._infos[path]
+        info = scan_file(path)
+        setting = self.setting_of(split)
+        if info.size == 0:
+            raise DataError(f"{path} ({setting}) is empty; replace it with the official {self.release.title} file.")
+        if not info.ends_with_newline:
+            raise DataError(
+                f"{path} ({setting}) does not end with a line end, so it was cut short (an interrupted copy or "
+                f"download?); replace it with the official {self.release.title} file."
+            )
+        official = self.release.lines.get(path.name)
+        if self.verify and official is not None and info.lines != official:
+            raise DataError(
+                f"{path} ({setting}) has {info.lines} lines, but the official {self.release.title} {path.name} has "
+                f"{official}: the file is truncated or not the official one. Replace it (data.download: true fetches "
+                "it), or set data.verify: false to use it anyway."
+            )
+        self._infos[path] = info
+        return info
+
+    def sources(self) -> dict[str, SplitSource]:
+        """Each split's text: a whole file, or a line range of the test file with ``split_test_for_val``."""
+        sources = {split: SplitSource(self.path_of(split)) for split in SPLITS}
+        if self.split_test_for_val is not None:
+            path = sources["test"].path
+            info = self.info(path, "test")
+            starts = [s for s in article_starts(path) if s >= self.split_test_for_val * info.lines]
+            cut = starts[0] if starts else round(self.split_test_for_val * info.lines)
+            if not 0 < cut < info.lines:
+                raise ConfigError(
+                    f"data.split_test_for_val={self.split_test_for_val} leaves no lines for validation or test in "
+                    f"{path}."
+                )
+            sources["val"] = SplitSource(path, 0, cut)
+            sources["test"] = SplitSource(path, cut, None)
+        return sources
+
+    def check_files(self, splits: tuple[str, ...], download: bool = True) -> None:
+        """Make sure the files of ``splits`` exist: download them when allowed (``data.download``, and only from
+        ``prepare_data``), else explain what is missing."""
+        missing = [(split, self.path_of(split)) for split in splits if not self.path_of(split).is_file()]
+        if not missing:
+            return
+        official_names = all(path.name in self.release.lines and path.parent == self.data_dir for _, path in missing)
+        if self.download and download and official_names:
+            download_release(self.release, self.data_dir)
+            return
+        listing = ", ".join(f"{path} ({self.setting_of(split)})" for split, path in missing)
+        if not self.download:
+            hint = (
+                "set data.download: true on a machine with internet to fetch the official archive, or put the "
+                f"official {self.release.title} files there"
+            )
+        elif not download:
+            hint = "run prepare_data() first, which downloads them (Lightning runs it before every stage)"
+        else:
+            hint = "data.download only fetches the official file names into data.data_dir; fix the file settings"
+        raise DataError(f"{self.release.title} split file(s) not found: {listing}. Set data.data_dir, or {hint}.")
+
+    # ------------------------------------------------------------------------------------------------ tokenizer
+    def vocab_paths(self) -> tuple[Path, Path]:
+        return self.cache_dir / "word" / "vocab.txt", self.cache_dir / "word" / "vocab.json"
+
+    def prepare_vocab(self, source: SplitSource, info: FileInfo) -> None:
+        """Build the word vocabulary from the training split, unless a matching one is cached."""
+        vocab_path, meta_path = self.vocab_paths()
+        expected = self.expected_meta(source, None, info)
+        meta = read_json(meta_path)
+        if meta is not None and vocab_path.is_file() and all(meta.get(k) == v for k, v in expected.items()):
+            return
+        if meta is not None and not self.rebuild_cache:
+            raise DataError(
+                f"the cached word vocabulary {vocab_path} was built from other training text than "
+                f"{source.path} ({self.setting_of('train')}) and data.rebuild_cache is false; delete it, point "
+                "data.cache_dir elsewhere, or set data.rebuild_cache: true."
+            )
+        log.info("building the word vocabulary of %s", source.path)
+        tokenizer = WordTokenizer.build(iter_lines(source.path, source.start, source.stop))
+        official = self.release.vocab_size
+        official_train = source.whole_file and source.path.name == "wiki.train.tokens"
+        if self.verify and official_train and tokenizer.vocab_size != official:
+            log.warning(
+                "the word vocabulary of %s has %d types, the official %s vocabulary %d",
+                source.path, tokenizer.vocab_size, self.release.title, official,
+            )
+        vocab_path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(vocab_path)
+        write_json(meta_path, {**expected, "n_types": tokenizer.vocab_size, "tokenizer": tokenizer.identity})
+
+    def load_tokenizer(self) -> Tokenizer:
+        """The tokenizer: GPT-2 BPE, or the word vocabulary that :meth:`prepare_data` built."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_kind == "gpt2":
+            self.tokenizer = (
+                BPETokenizer.from_ranks_file(Path(self.bpe_file).expanduser())
+                if self.bpe_file
+                else BPETokenizer.from_tiktoken("gpt2")
+            )
+            return self.tokenizer
+        vocab_path, meta_path = self.vocab_paths()
+        self.check_files(("train",), download=False)
+        source = SplitSource(self.path_of("train"))
+        meta = read_json(meta_path)
+        expected = self.expected_meta(source, None, None)
+        if meta is None or not vocab_path.is_file() or any(meta.get(k) != v for k, v in expected.items()):
+            raise DataError(
+                f"no word vocabulary for {source.path} ({self.setting_of('train')}) in {vocab_path.parent}: run "
+                "prepare_data() first (Lightning does so before fit/validate/test/predict), or fix data.cache_dir."
+            )
+        self.tokenizer = WordTokenizer.load(vocab_path)
+        if self.tokenizer.identity != meta.get("tokenizer"):
+            raise DataError(f"{vocab_path} was modified after it was built; delete it so that it is rebuilt.")
+        return self.tokenizer
+
+    # ---------------------------------------------------------------------------------------------- Lightning
+    def prepare_data(self) -> None:
+        """Download (if allowed), check the files, build the vocabulary and the token caches (rank 0 only)."""
+        splits = self.needed_splits(self._stage())
+        word = self.tokenizer_kind == "word"
+        self.check_files(tuple(dict.fromkeys((*splits, "train") if word else splits)))
+        try:
+            self.token_dir.mkdir(parents=True, exist_ok=True)
+            probe = temporary(self.token_dir / "write-test")
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise DataError(
+                f"cannot write token caches to {self.token_dir} ({error}); set data.cache_dir to a writable folder."
+            ) from error
+        sources = self.sources()
+        if word:
+            self.prepare_vocab(sources["train"], self.info(sources["train"].path, "train"))
+        tokenizer = self.load_tokenizer()
+        for split in splits:
+            source = sources[split]
+            info = self.info(source.path, split)
+            prefix = self.token_dir / split
+            expected = self.expected_meta(source, tokenizer, info)
+            reason = cache_mismatch(prefix, expected, check_array=True)
+            if reason is None:
+                continue
+            if reason != "it does not exist yet" and not self.rebuild_cache:
+                raise DataError(
+                    f"the token cache {prefix}.bin does not match {source.path} and data.tokenizer="
+                    f"{self.tokenizer_kind}: {reason}. Delete it, point data.cache_dir elsewhere, or set data.rebuild_cache: true."
+                )
+            log.info("tokenizing %s (%s) into %s.bin: %s", source.path, split, prefix, reason)
+            meta = build_token_cache(source, info, tokenizer, prefix)
+            self.check_counts(split, source, meta, prefix)
+
+    def expected_meta(self, source: SplitSource, tokenizer: Tokenizer | None, info: FileInfo | None) -> dict:
+        """Metadata a valid cache of ``source`` must record (the checksum only when ``info`` has been computed)."""
+        expected: dict[str, Any] = {
+            "format": CACHE_FORMAT,
+            "source_bytes": info.size if info else source.path.stat().st_size,
+            "range": [source.start, source.stop],
+        }
+        if tokenizer is not None:
+            expected["tokenizer"] = tokenizer.identity
+        if info is not None:
+            expected["source_sha256"] = info.sha256
+        return expected
+
+    def check_counts(self, split: str, source: SplitSource, meta: dict, prefix: Path) -> None:
+        """Reject a whole official file whose word count differs from the release's (after tokenizing it)."""
+        official = self.release.tokens.get(source.path.name)
+        if not (self.verify and source.whole_file and official is not None) or meta["n_words"] == official:
+            return
+        prefix.with_suffix(".json").unlink(missing_ok=True)
+        raise DataError(
+            f"{source.path} ({self.setting_of(split)}) has {meta['n_words']} word-level tokens, but the official "
+            f"{self.release.title} {source.path.name} has {official}: the file is altered or not the official one. "
+            "Replace it (data.download: true fetches it), or set data.verify: false to use it anyway."
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        tokenizer = self.load_tokenizer()
+        splits = self.needed_splits(stage)
+        if not splits:
+            return
+        self.check_files(splits, download=False)
+        sources = self.sources() if self.split_test_for_val is not None else None
+        for split in splits:
+            if split in self.datasets:
+                continue
+            source = sources[split] if sources else SplitSource(self.path_of(split))
+            prefix = self.token_dir / split
+            reason = cache_mismatch(prefix, self.expected_meta(source, tokenizer, None), check_array=False)
+            if reason is not None:
+                raise DataError(
+                    f"the token cache {prefix}.bin cannot be used for {source.path} with data.tokenizer="
+                    f"{self.tokenizer_kind}: {reason}. Run prepare_data() (Lightning runs it before each stage on rank "
+                    "0), or delete the cache so that it is rebuilt."
+                )
+            meta = read_json(prefix.with_suffix(".json"))
+            self.meta[split] = meta
+            stride = None if split == "train" else self.eval_stride
+            self.datasets[split] = TokenWindows(
+                prefix.with_suffix(".bin"), meta["n_tokens"] + 1, np.dtype(meta["dtype"]), self.seq_len, stride,
+                pad_to=1 if split == "train" else self.world_size,
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def spec(self) -> dict[str, Any]:
+        """What the data decides for the model: vocabulary size, sequence length and the tokenizer's identity."""
+        tokenizer = self.load_tokenizer()
+        return {"vocab_size": tokenizer.vocab_size, "seq_len": self.seq_len, "tokenizer": tokenizer.identity}
+
+    def tokens_per_word(self, split: str) -> float | None:
+        """Tokens per word-level token of a loaded split: turns per-token into per-word loss (None if not loaded)."""
+        meta = self.meta.get(split)
+        if not meta or not meta["n_words"]:
+            return None
+        return meta["n_tokens"] / meta["n_words"]
+
+    def decode(self, ids) -> str:
+        return self.load_tokenizer().decode([int(i) for i in ids])
+
+    # --------------------------------------------------------------------------------------------- dataloaders
+    def _eval_loader(self, split: str) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled windows in a seeded order (``seed_everything``'s seed), resumable mid-epoch from checkpoints."""
+        if "train" not in self.datasets:
+            self.setup("fit")
+        return train_loader(
+            self.datasets["train"],
+            self.batch_size,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(Prompts(self.prompts, self.load_tokenizer()), batch_size=1, shuffle=False)

@@ -1,0 +1,292 @@
+"""Language modelling with the GPT decoder: exact perplexity, tokens seen, and KV-cached generation for ``predict``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import Metric
+
+from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
+from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
+
+
+@dataclass
+class GenerationConfig:
+    """How ``predict`` continues the data's prompts."""
+
+    max_new_tokens: int = 64
+    """Tokens to generate per prompt (fewer if the prompt plus these would exceed network.max_seq_len)."""
+
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy decoding (always the most likely token)."""
+
+    top_k: int | None = None
+    """Sample only among the k most likely tokens (None: all of them)."""
+
+    seed: int = 0
+    """Seed of the sampling random numbers (prompt i uses seed + i)."""
+
+    use_cache: bool = True
+    """Decode with the KV cache (False recomputes the whole sequence at every step; same tokens, slower)."""
+
+    echo: bool = True
+    """Print each prompt and its continuation."""
+
+    output_file: str | None = None
+    """Also write the generations as JSON lines to this file (a rank suffix is added with several processes)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 0.")
+        if self.temperature < 0:
+            raise ConfigError(f"generation.temperature={self.temperature} must be >= 0 (0 is greedy).")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"generation.top_k={self.top_k} must be at least 1 (or null for no limit).")
+
+
+class SummedLoss(Metric):
+    """Summed token loss and token count, reduced by summing across processes: exact perplexity over a split."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, loss_sum: Tensor, count: Tensor) -> None:
+        # out of place: states reset under inference mode (trainer.validate) are inference tensors
+        self.total = self.total + loss_sum.detach().to(self.total.dtype)
+        self.count = self.count + count.to(self.count.dtype)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return self.total, self.count
+
+
+class LanguageModel(TaskModule):
+    """Next-token prediction with the GPT decoder on any attention variant.
+
+    Logs ``train/loss``, ``train/tokens`` (tokens seen, all processes together), and per evaluation split
+    ``val/loss`` and ``val/ppl`` (exact: summed loss over every scored token divided by their count, across batches
+    and processes), plus ``val/word_ppl`` (perplexity per word-level token of the original text) when the tokens are
+    not words. ``predict`` continues the datamodule's prompts with the KV cache.
+
+    Args:
+        network: the decoder's sizes and options; ``vocab_size`` None takes the data's vocabulary.
+        attention: the attention variant.
+        optimizer: AdamW and the learning-rate schedule.
+        generation: decoding settings for ``predict``.
+        data_spec: what the data decides (vocab_size, seq_len, tokenizer); filled from the datamodule when None.
+        compile: compile each block with ``torch.compile``.
+        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
+    """
+
+    network: GPT | None
+
+    def __init__(
+        self,
+        network: GPTConfig = GPTConfig(),
+        attention: AttentionConfig = AttentionConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        generation: GenerationConfig = GenerationConfig(),
+        data_spec: dict | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__(
+            attention=attention,
+            optimizer=optimizer,
+            data_spec=data_spec,
+            compile=compile,
+            activation_checkpointing=activation_checkpointing,
+        )
+        self.network_config = as_config(GPTConfig, network)
+        self.generation_config = as_config(GenerationConfig, generation)
+        # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
+        # config and command line instead of the checkpoint
+        self.save_task_hyperparameters(network=self.network_config)
+        self.val_loss_sum = SummedLoss()
+        self.test_loss_sum = SummedLoss()
+        self.tokens_seen = 0
+        self.generated: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------------- building
+    def resolved_network_config(self, data_spec: dict) -> GPTConfig:
+        """The network config with the data's vocabulary filled in, checked against the data."""
+        config = self.network_config
+        vocab = data_spec.get("vocab_size")
+        if config.vocab_size is None:
+            if vocab is None:
+                raise ConfigError("model.network.vocab_size is null and the data gives no vocab_size; set one of them.")
+            config = replace(config, vocab_size=int(vocab))
+        elif vocab is not None and config.vocab_size < vocab:
+            raise ConfigError(
+                f"model.network.vocab_size={config.vocab_size} is smaller than the data's vocabulary ({vocab} tokens); "
+                "set it to null (take the data's) or to at least the data's size."
+            )
+        seq_len = data_spec.get("seq_len")
+        if seq_len is not None and seq_len > config.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={seq_len} exceeds model.network.max_seq_len={config.max_seq_len}, the longest sequence "
+                "the model has positions for; lower data.seq_len or raise model.network.max_seq_len."
+            )
+        return config
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "spec"):
+            return
+        live = datamodule.spec()
+        for key in ("tokenizer", "vocab_size"):
+            if key in live and key in self.data_spec and live[key] != self.data_spec[key]:
+                raise CheckpointError(
+                    f"the model was made for data with {key}={self.data_spec[key]!r} (model.data_spec, or the "
+                    f"checkpoint's), but the data gives {live[key]!r}: use the data settings of its training run "
+                    "(data.tokenizer, data.train_file, data.bpe_file)."
+                )
+        if stage == "predict":  # prompts are cropped to the model's positions; the data's seq_len does not matter
+            return
+        if "seq_len" in live and self.data_spec.get("seq_len") != live["seq_len"]:
+            self.data_spec["seq_len"] = live["seq_len"]
+            self.hparams["data_spec"] = self.data_spec
+        self.resolved_network_config(self.data_spec)  # data.seq_len against network.max_seq_len
+
+    def build_network(self, data_spec: dict) -> GPT:
+        return GPT(self.resolved_network_config(data_spec), self.attention_config)
+
+    # ------------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch  # (B, T), (B, T)
+        loss = self.network.loss(inputs, targets)
+        self.tokens_seen += targets.numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen))
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # fills in tied parameters that sharded checkpoints store once
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Explain a checkpoint that does not fit this model or data, instead of a bare state-dict error."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
+        current = self.data_spec or {}
+        for key in ("tokenizer", "vocab_size"):
+            if key in saved and key in current and saved[key] != current[key]:
+                raise CheckpointError(
+                    f"the checkpoint was trained with {key}={saved[key]!r}, but the data now gives {current[key]!r}: "
+                    "use the data settings of its training run (data.tokenizer, data.train_file, data.bpe_file)."
+                )
+        trainer = self._trainer
+        wrapped = trainer is not None and trainer.strategy.restore_checkpoint_after_setup
+        if wrapped or self.network is None or "state_dict" not in checkpoint:
+            return  # sharded strategies load their own layout
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
+        problems = [f"{k} missing" for k in expected if k not in found]
+        problems += [f"{k} unexpected" for k in found if k not in expected]
+        problems += [f"{k} {found[k]} vs {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+        if problems:
+            saved_net = (checkpoint.get("hyper_parameters") or {}).get("network") or {}
+            saved_att = (checkpoint.get("hyper_parameters") or {}).get("attention") or {}
+            now = self.hparams
+            differ = [
+                f"{group}.{k}: checkpoint {v!r}, config {now[group].get(k)!r}"
+                for group, values in (("network", saved_net), ("attention", saved_att))
+                for k, v in values.items()
+                if k in now.get(group, {}) and now[group].get(k) != v and k != "vocab_size"
+            ]
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit the configured model ({'; '.join(problems[:5])}"
+                f"{' ...' if len(problems) > 5 else ''}). Use the model settings it was trained with"
+                f"{': ' + '; '.join(differ) if differ else ''}."
+            )
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: tuple[Tensor, Tensor], metric: SummedLoss) -> None:
+        inputs, targets = batch  # (B, T), (B, T)
+        loss_sum = self.network.loss(inputs, targets, reduction="sum")
+        metric.update(loss_sum, (targets != IGNORE_INDEX).sum())
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss_sum)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss_sum)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val", self.val_loss_sum)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test", self.test_loss_sum)
+
+    def _log_evaluation(self, stage: str, metric: SummedLoss) -> None:
+        total, count = metric.compute()  # summed over processes
+        metric.reset()
+        if int(count) == 0:
+            return
+        loss = (total / count).float()
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self.log(f"{stage}/ppl", loss.exp())
+        self.log(f"{stage}/tokens", count.float())
+        datamodule = getattr(self.trainer, "datamodule", None)
+        ratio = datamodule.tokens_per_word(stage) if hasattr(datamodule, "tokens_per_word") else None
+        if ratio is not None and ratio != 1.0:  # total loss / words = mean loss * tokens / words
+            self.log(f"{stage}/word_ppl", (loss * ratio).exp())
+
+    # ----------------------------------------------------------------------------------------------- generation
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Continue each prompt of the batch (``{"ids": (B, T), "prompt": [text]}``); returns text (or ids)."""
+        config = self.generation_config
+        limit = self.network.config.max_seq_len
+        ids = batch["ids"][:, -max(1, limit - config.max_new_tokens) :]  # (B, T): keep the prompt's end
+        n_new = min(config.max_new_tokens, limit - ids.shape[1])
+        generator = torch.Generator(device=ids.device).manual_seed(config.seed + batch_idx)
+        n_valid = (self.data_spec or {}).get("vocab_size")
+        tokens = self.network.generate(
+            ids, n_new, config.temperature, config.top_k, config.use_cache, generator, n_valid=n_valid
+        )  # (B, T + n_new)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        results = []
+        for i, prompt in enumerate(batch["prompt"]):
+            new_ids = tokens[i, ids.shape[1] :].tolist()
+            result = {"prompt": prompt, "ids": new_ids}
+            if hasattr(datamodule, "decode"):
+                result["completion"] = datamodule.decode(new_ids)
+            if config.echo:
+                completion = str(result.get("completion", new_ids))
+                gap = " " if prompt and completion and not (prompt[-1].isspace() or completion[0].isspace()) else ""
+                print(f"--- prompt {batch_idx}: {prompt!r}\n{prompt}{gap}{completion}\n", flush=True)
+            results.append(result)
+        self.generated.extend(results)
+        return results
+
+    def on_predict_epoch_start(self) -> None:
+        self.generated = []
+
+    def on_predict_epoch_end(self) -> None:
+        path = self.generation_config.output_file
+        if not path:
+            return
+        path = Path(path)
+        if self.trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{self.trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for result in self.generated:
+                f.write(json.dumps(result) + "\n")
+        rank_zero_info(f"wrote {len(self.generated)} generations to {path}")
+

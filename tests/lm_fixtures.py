@@ -1,0 +1,49 @@
+"""Small text files in the official WikiText format, for the language-modelling tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+WIKITEXT2 = SHARED / "wikitext-2"
+GPT2_RANKS = SHARED / "tokenizers" / "gpt2" / "gpt2.tiktoken"
+
+WORDS = (
+    "the of and in to a was is for on as by with he that at from his it an were are which this also be has or had "
+    "first its new after who their one two not but they her she game season album song film river city team war "
+    "@-@ @,@ @.@ <unk> 1 000 20 1990 ; : ( ) \" '"
+).split()
+
+
+def article(rng: random.Random, index: int, n_paragraphs: int) -> list[str]:
+    """One article as WikiText lines: a title, sections, paragraphs of sentences, blank lines between."""
+    lines = [" \n", f" = {rng.choice(WORDS).title()} {index} = \n", " \n"]
+    for p in range(n_paragraphs):
+        if p and p % 2 == 0:
+            lines += [f" = = Section {p} = = \n", " \n"]
+        sentences = []
+        for _ in range(rng.randint(1, 4)):
+            n = rng.randint(4, 14)
+            sentences.append(" ".join(WORDS[min(int(rng.paretovariate(1.2)) - 1, len(WORDS) - 1)] for _ in range(n)))
+        lines += [" " + " . ".join(sentences) + " . \n", " \n"]
+    return lines
+
+
+def write_wikitext(folder: Path, articles: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """Write ``wiki.{train,valid,test}.tokens`` (name -> number of articles) into ``folder``; returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    counter = 0
+    for name, count in (articles or {"wiki.train.tokens": 12, "wiki.valid.tokens": 3, "wiki.test.tokens": 4}).items():
+        lines = []
+        for _ in range(count):
+            counter += 1
+            lines += article(rng, counter, rng.randint(3, 6))
+        (folder / name).write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+def word_count(path: Path) -> int:
+    """Word-level tokens of a file: whitespace words plus one ``<eos>`` per line."""
+    return sum(len(line.split()) + 1 for line in path.read_text(encoding="utf-8").splitlines(keepends=True))
