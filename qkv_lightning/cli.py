@@ -14,6 +14,7 @@ import inspect
 import pkgutil
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,9 @@ from qkv_lightning.errors import CheckpointError, QKVError
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+# main() and the study runner hand LightningCLI its arguments explicitly; the warning about also seeing sys.argv
+# (pytest's, a study's) is noise there.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 EXTRA_COMMANDS: dict[str, str] = {
     "bench-attention": "qkv_lightning.bench.attention:main",
