@@ -1,0 +1,238 @@
+"""DDP, FSDP2 and two-node training on CPU (gloo, 2 processes) against one process, through the normal CLI.
+
+Each run is ``python cli.py fit`` in a subprocess (Lightning re-runs the command for rank 1), with
+``tests.distributed_support.RecordRun`` recording global mean losses, shard sizes, full final weights and the
+network's output on a probe batch. One process uses batch 8; two processes use batch 4 each, the same global batch,
+and the resumable sampler gives the global batch the same samples in both cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkv_lightning.cli import main
+from qkv_lightning.tasks.language_model import LanguageModel
+from tests.distributed_support import probe_batch
+from tests.lm_fixtures import write_wikitext
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+STEPS = 8
+CHECKPOINT_EVERY = 4
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("distributed")
+    write_wikitext(folder / "data", {"wiki.train.tokens": 20, "wiki.valid.tokens": 2, "wiki.test.tokens": 2})
+    return folder
+
+
+def run_yaml(workdir: Path, name: str) -> Path:
+    """Trainer, model and callbacks of one run: tiny tied-embedding GPT, no dropout, checkpoints every 4 steps."""
+    path = workdir / f"{name}.yaml"
+    path.write_text(
+        f"""
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  precision: 32-true
+  max_steps: {STEPS}
+  limit_val_batches: 0
+  num_sanity_val_steps: 0
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {workdir / 'logs'}, name: {name}}}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {workdir / name / 'checkpoints'}, save_last: true, every_n_train_steps: {CHECKPOINT_EVERY},
+                  save_top_k: -1}}
+    - class_path: tests.distributed_support.RecordRun
+      init_args: {{out: {workdir / name / 'record'}}}
+model:
+  init_args:
+    network: {{n_layer: 2, n_head: 4, d_model: 32, d_mlp: 64, max_seq_len: 16, dropout: 0.0, output: linear,
+              tie_embeddings: true}}
+    optimizer: {{lr: 0.003, warmup_steps: 2}}
+data:
+  init_args:
+    data_dir: {workdir / 'data'}
+    cache_dir: {workdir / 'cache'}
+    verify: false
+    train_file: wiki.train.tokens
+    val_file: wiki.valid.tokens
+    split_test_for_val: null
+    seq_len: 16
+    num_workers: 0
+"""
+    )
+    return path
+
+
+def cli_command(workdir: Path, name: str, batch_size: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config", str(CONFIGS / "lm" / "wikitext2-offline.yaml"),
+        "--config", str(run_yaml(workdir, name)),
+        "--data.batch_size", str(batch_size),
+        *extra,
+    ]
+
+
+def environment() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PL_GLOBAL_SEED", None)
+    return env
+
+
+def fit(workdir: Path, name: str, batch_size: int, *extra: str, timeout: int = 300) -> dict:
+    """Run ``python cli.py fit`` in a subprocess; returns the recorded run."""
+    command = [sys.executable, str(ROOT / "cli.py"), *cli_command(workdir, name, batch_size, *extra)]
+    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return load(workdir, name)
+
+
+def load(workdir: Path, name: str) -> dict:
+    record = workdir / name / "record"
+    run = json.loads((record / "run.json").read_text())
+    run["state"] = torch.load(record / "state.pt", weights_only=True)
+    run["probe"] = torch.load(record / "probe.pt", weights_only=True)
+    return run
+
+
+DDP = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2")
+FSDP2 = ("--config", str(CONFIGS / "strategy" / "fsdp2.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2")
+
+
+@pytest.fixture(scope="module")
+def single(workdir) -> dict:
+    return fit(workdir, "single", 8, "--trainer.devices", "1")
+
+
+@pytest.fixture(scope="module")
+def ddp(workdir) -> dict:
+    return fit(workdir, "ddp", 4, *DDP)
+
+
+@pytest.fixture(scope="module")
+def fsdp2(workdir) -> dict:
+    return fit(workdir, "fsdp2", 4, *FSDP2)
+
+
+def assert_same_training(run: dict, reference: dict, start: int = 0) -> None:
+    """Same global losses step by step (from ``start``), same final weights, same output on the probe batch."""
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"][start:]), rtol=1e-5, atol=1e-6)
+    assert run["state"].keys() <= reference["state"].keys()
+    for name, tensor in run["state"].items():
+        torch.testing.assert_close(tensor, reference["state"][name], rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(run["probe"], reference["probe"], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_matches_one_process_with_the_same_global_batch(single, ddp):
+    assert single["world_size"] == 1 and ddp["world_size"] == 2
+    assert ddp["strategy"] == "DDPStrategy" and len(ddp["losses"]) == STEPS
+    assert_same_training(ddp, single)
+    assert single["losses"][-1] < single["losses"][0]  # it trained
+
+
+def test_fsdp2_matches_one_process_with_the_same_global_batch(single, fsdp2):
+    assert fsdp2["strategy"] == "FSDP2Strategy" and fsdp2["world_size"] == 2
+    assert_same_training(fsdp2, single)
+
+
+def test_fsdp2_each_rank_holds_about_half_of_every_parameter(fsdp2):
+    for name, per_rank in fsdp2["shard_numel"].items():
+        full = fsdp2["full_numel"][name]
+        assert sum(per_rank) == full, name  # the shards partition the parameter
+        rows = fsdp2["state"][name].shape[0]
+        row = full // rows
+        for numel in per_rank:  # dim-0 sharding: ceil(rows / 2) rows at most on any rank
+            assert numel <= -(-rows // 2) * row, name
+        if rows >= 2:
+            assert min(per_rank) >= (rows // 2) * row, name
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_mid_epoch_resume_continues_exactly(workdir, strategy, ddp, fsdp2):
+    """Resume from the step-4 checkpoint (a sharded folder under FSDP2) in fresh processes: steps 5-8 and the final
+    weights equal the uninterrupted run's."""
+    uninterrupted = {"ddp": ddp, "fsdp2": fsdp2}[strategy]
+    checkpoint = workdir / strategy / "checkpoints" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt"
+    assert checkpoint.is_dir() == (strategy == "fsdp2")  # sharded: one folder with a file per rank
+    args = DDP if strategy == "ddp" else FSDP2
+    resumed = fit(workdir, f"{strategy}-resumed", 4, *args, "--ckpt_path", str(checkpoint))
+    assert resumed["global_step"] == STEPS and len(resumed["losses"]) == STEPS - CHECKPOINT_EVERY
+    assert_same_training(resumed, uninterrupted, start=CHECKPOINT_EVERY)
+
+
+def test_consolidated_fsdp2_checkpoint_loads_into_a_plain_model_and_continues_a_run(workdir, fsdp2, capsys):
+    sharded = workdir / "fsdp2" / "checkpoints" / "last.ckpt"
+    assert (sharded / ".metadata").is_file() and len(list(sharded.glob("*.distcp"))) == 2
+    consolidated = workdir / "consolidated.ckpt"
+    assert main(["consolidate", str(sharded), str(consolidated)]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+    model = LanguageModel.load_from_checkpoint(consolidated, map_location="cpu")  # no FSDP, weights_only loading
+    model.eval()
+    with torch.no_grad():
+        logits = model.network(probe_batch(model.data_spec["vocab_size"]))
+    torch.testing.assert_close(logits, fsdp2["probe"], rtol=1e-5, atol=1e-6)
+    for name, tensor in fsdp2["state"].items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+
+    # back into a run: one process continues from the consolidated file (weights, optimiser, step)
+    continued = fit(workdir, "continued", 8, "--trainer.devices", "1", "--trainer.max_steps", str(STEPS + 2),
+                    "--ckpt_path", str(consolidated))
+    assert continued["global_step"] == STEPS + 2 and len(continued["losses"]) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_torchrun_train_together_through_the_cli(workdir, ddp):
+    """Two "nodes" of one process each, rendezvous on localhost: the same training as 2-process DDP."""
+    port = str(free_port())
+    extra = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--config", str(CONFIGS / "strategy" / "multinode.yaml"),
+             "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2", "--trainer.devices", "1")
+    processes = []
+    for node_rank in (0, 1):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port,
+            str(ROOT / "cli.py"), *cli_command(workdir, "torchrun", 4, *extra),
+        ]
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-5000:]
+    run = load(workdir, "torchrun")
+    assert run["world_size"] == 2 and run["num_nodes"] == 2
+    assert_same_training(run, ddp)
+
+
+@pytest.mark.parametrize("strategy", sorted(p.stem for p in (CONFIGS / "strategy").glob("*.yaml")))
+def test_every_strategy_config_parses_on_a_task_config(strategy, capsys):
+    args = ["fit", "--config", str(CONFIGS / "lm" / "wikitext2-offline.yaml"),
+            "--config", str(CONFIGS / "strategy" / f"{strategy}.yaml"), "--print_config"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "strategy:" in printed and "class_path: qkv_lightning.tasks.language_model.LanguageModel" in printed
