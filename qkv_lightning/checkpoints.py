@@ -1,47 +1,227 @@
-"""Checkpoint utilities: turn a sharded (FSDP / FSDP2 distributed-checkpoint) folder into one plain Lightning file.
+"""Checkpoint utilities: atomic writing, safe reading, and turning a sharded (FSDP / FSDP2 distributed-checkpoint)
+folder into one plain Lightning file.
 
 ``python cli.py consolidate logs/run/version_0/checkpoints/last.ckpt consolidated.ckpt`` writes a single file with
 the full weights, the optimiser state and Lightning's loop, callback, scheduler and hyper-parameter state.
 
 The optimiser state stays keyed by parameter name. ``torch.optim.Optimizer.load_state_dict`` matches saved and live
 parameters by their position in ``param_groups`` whatever the keys are, and the FSDP2 loader reads names directly,
-whereas integer ids would be taken to follow ``model.parameters()`` order, which our decay / no-decay groups do not. It loads without FSDP (``Task.load_from_checkpoint``), resumes a
-single-device run (``fit --ckpt_path consolidated.ckpt``) and resumes an FSDP2 run, which reads full checkpoints too.
+whereas integer ids would be taken to follow ``model.parameters()`` order, which our decay / no-decay groups do not.
+It loads without FSDP (``Task.load_from_checkpoint``), resumes a single-device run (``fit --ckpt_path
+consolidated.ckpt``) and resumes an FSDP2 run, which reads full checkpoints too.
+
+Safety: single files are read with ``torch.load(weights_only=True)`` (tensors and plain containers only). A sharded
+folder's ``.metadata`` is a plain pickle that torch reads without restriction; :func:`read_sharded_metadata` reads it
+with an unpickler that only rebuilds torch's checkpoint-metadata classes, and every sharded load here checks it first.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qkv_lightning.errors import CheckpointError
 
 METADATA_FILE = "meta.pt"
 """Lightning's file with the non-tensor state inside a sharded checkpoint folder."""
 
+DCP_METADATA_FILE = ".metadata"
+"""torch.distributed.checkpoint's index of a sharded checkpoint folder (a pickle)."""
+
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a distributed-checkpoint folder (``.metadata`` plus ``meta.pt``)."""
+    """Whether ``path`` is a complete distributed-checkpoint folder (``.metadata`` plus ``meta.pt``)."""
     path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / METADATA_FILE).is_file()
+    return path.is_dir() and (path / DCP_METADATA_FILE).is_file() and (path / METADATA_FILE).is_file()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash leaves the old file intact."""
+    """``torch.save`` into a temporary file in the destination folder, flush it to disk, then rename it over ``path``.
+
+    A crash or ``kill -9`` at any moment leaves either the previous file or the new one, complete, never a mix.
+    The temporary name (``.checkpoint-*.tmp``) never contains "last", so Lightning's ``ckpt_path="last"`` search
+    cannot pick up a half-written file; a process killed while writing leaves one such file behind.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=path.parent)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but atomic on local file systems: see :func:`atomic_save`.
+
+    Lightning's own writer moves a temporary file from the system's temporary folder into place (``shutil.move``),
+    which is a copy, not an atomic rename, when that folder is on another file system than the checkpoints (common
+    on clusters), and it holds two copies of the checkpoint in memory. Remote URLs (``s3://`` ...) still go through
+    Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        text = str(path)
+        if storage_options is not None or ("://" in text and not text.startswith("file://")):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(checkpoint, text.removeprefix("file://"))
+
+
+# ------------------------------------------------------------------------------------------- safe reading
+class ForbiddenCheckpointContent(CheckpointError):
+    """A checkpoint holds (or its index names) Python objects that weights-only loading refuses."""
+
+
+def _allowed_metadata_global(module: str, name: str) -> bool:
+    """What a distributed-checkpoint ``.metadata`` pickle may name: torch's metadata classes, sizes, dtypes, layouts
+    and paths; nothing that can run code."""
+    if module == "torch.distributed.checkpoint.metadata":
+        return isinstance(getattr(__import__(module, fromlist=[name]), name, None), type)
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+    return (module, name) in {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+    }
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if _allowed_metadata_global(module, name):
+            return super().find_class(module, name)
+        raise ForbiddenCheckpointContent(f"{module}.{name}")
+
+
+def read_sharded_metadata(path: str | Path) -> Any:
+    """The ``.metadata`` index of a sharded checkpoint folder, read with a restricted unpickler.
+
+    Raises:
+        CheckpointError: if the folder is incomplete, the index is unreadable, or it names any other Python object
+            (it could run code when loaded by torch, which unpickles it without restriction).
+    """
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(
+            f"{path} is a single-file checkpoint, not a sharded (FSDP / FSDP2) checkpoint folder; it needs no "
+            "consolidation and loads as it is."
+        )
+    if not is_sharded_checkpoint(path):
+        partial = path.with_name(path.name + ".partial")
+        hint = f" ({partial} is an interrupted save)" if partial.exists() else ""
+        raise CheckpointError(
+            f"{path} is not a complete sharded checkpoint folder: it needs {DCP_METADATA_FILE} and {METADATA_FILE}"
+            f"{hint}. Pass a folder that FSDP / FSDP2 saved completely, e.g. .../checkpoints/last.ckpt."
+        )
+    try:
+        with open(path / DCP_METADATA_FILE, "rb") as file:
+            return _MetadataUnpickler(file).load()
+    except ForbiddenCheckpointContent as error:
+        raise ForbiddenCheckpointContent(
+            f"refusing to load the sharded checkpoint {path}: its {DCP_METADATA_FILE} names the Python object "
+            f"{error}, which a checkpoint index has no reason to hold (loading it could run code). Only load "
+            "checkpoints from sources you trust."
+        ) from None
+    except Exception as error:  # a truncated or corrupted pickle raises many types
+        raise CheckpointError(
+            f"cannot read {path / DCP_METADATA_FILE} ({type(error).__name__}: {error}): the sharded checkpoint is "
+            "truncated or corrupted; use an earlier checkpoint."
+        ) from None
+
+
+def load_checkpoint_file(path: str | Path, weights_only: bool = True, lightning: bool = True) -> dict[str, Any]:
+    """Read a single-file Lightning checkpoint on CPU (memory-mapped), explaining every way it can be unusable.
+
+    Args:
+        path: the file.
+        weights_only: refuse Python objects other than tensors and plain containers (torch's safe loading).
+        lightning: require a Lightning checkpoint (with a ``state_dict``).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupted, not a Lightning checkpoint, or (with
+            ``weights_only``) holds Python objects other than tensors and plain containers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (ckpt_path); check the path, or pass --ckpt_path last.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupted ({error}).") from None
+        found = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        raise ForbiddenCheckpointContent(
+            f"refusing to load checkpoint {path}: it holds Python objects other than tensors and plain containers "
+            f"({found or 'see --debug'}), which could run code when loaded. Only if you trust its source, load it "
+            "with --weights_only false."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({_first_line(error)}). "
+            "An interrupted save never replaces a checkpoint here, so this file was damaged or copied incompletely; "
+            "use another checkpoint (e.g. last.ckpt or an earlier step)."
+        ) from None
+    if not isinstance(checkpoint, dict) or (lightning and "state_dict" not in checkpoint):
+        raise CheckpointError(
+            f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt file that fit saved."
+        )
+    return checkpoint
+
+
+def recover_interrupted_swap(path: str | Path) -> bool:
+    """Finish or undo an FSDP2 checkpoint swap that a crash interrupted between its two renames.
+
+    :meth:`qkv_lightning.parallel.FSDP2Strategy.save_checkpoint` renames ``<name>`` to ``<name>.old`` and then the
+    complete ``<name>.partial`` to ``<name>``. If ``<name>`` is missing, the complete new folder (else the old one)
+    is put back in its place. Returns whether anything was moved.
+    """
+    path = Path(path)
+    if path.exists():
+        return False
+    for candidate in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")):
+        if is_sharded_checkpoint(candidate):
+            os.replace(candidate, path)
+            return True
+    return False
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or folder if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -49,30 +229,38 @@ def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise CheckpointError(
-            f"{path} is not a sharded checkpoint folder (it needs .metadata and {METADATA_FILE}); pass the folder "
-            "that FSDP / FSDP2 saved, e.g. .../checkpoints/last.ckpt."
-        )
+    read_sharded_metadata(path)  # complete, and its index safe to unpickle
     with tempfile.TemporaryDirectory() as tmp:
         flat_file = Path(tmp) / "flat.pt"
         try:
             dcp_to_torch_save(path, flat_file)
             flat = torch.load(flat_file, map_location="cpu", weights_only=True)
         except Exception as error:  # a missing or truncated shard
-            raise CheckpointError(f"cannot read the sharded checkpoint {path}: {error}") from error
-    try:
-        checkpoint = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"cannot read {path / METADATA_FILE}: {error}") from error
+            raise CheckpointError(
+                f"cannot read the sharded checkpoint {path} ({type(error).__name__}: {_first_line(error)}): a shard "
+                "is missing, truncated or corrupted; use an earlier checkpoint."
+            ) from None
+    checkpoint = load_checkpoint_file(path / METADATA_FILE, weights_only=True, lightning=False)
     checkpoint["state_dict"] = flat.pop("state_dict")
     optimizer_keys = sorted((k for k in flat if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     checkpoint["optimizer_states"] = [flat[k] for k in optimizer_keys]
     return checkpoint
 
 
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def consolidate(source: str | Path, destination: str | Path) -> dict[str, Any]:
     """Write the sharded checkpoint ``source`` as the single file ``destination`` (atomically); returns it."""
+    source, destination = Path(source), Path(destination)
+    if destination.is_dir():
+        raise CheckpointError(f"the destination {destination} is a folder; name the file to write, e.g. model.ckpt.")
+    if destination.resolve() == source.resolve() or source.resolve() in destination.resolve().parents:
+        raise CheckpointError(
+            f"the destination {destination} lies in the checkpoint {source} itself; write it elsewhere."
+        )
     checkpoint = load_sharded_checkpoint(source)
     atomic_save(checkpoint, destination)
     return checkpoint

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -64,12 +65,78 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` in the log directory (overwriting on re-runs) and records the whole config, optimiser
-    included, as hyper-parameters of every logger (TensorBoard's HParams tab)."""
+    included, as hyper-parameters of every logger (TensorBoard's HParams tab).
+
+    Both are written when the stage starts running (first validation, training, test or predict batch loop), after
+    data and model setup and checkpoint restoring succeeded, so a command that fails before (bad data, a checkpoint
+    that does not fit) never overwrites the config of the run it was pointed at (``fit --ckpt_path last``).
+    """
+
+    _stage: str = "fit"
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        self._stage = stage
+
+    def _save_now(self, trainer: Trainer, pl_module: Any) -> None:
+        if not self.already_saved:
+            super().setup(trainer, pl_module, self._stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._save_now(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._save_now(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._save_now(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self._save_now(trainer, pl_module)
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         params = {k: v for k, v in flatten(self.config).items() if not k.startswith(("config", "__"))}
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
+
+
+class StrictArgumentParser(LightningArgumentParser):
+    """Lightning's parser without argparse's abbreviations, also in the nested parsers of ``class_path`` settings:
+    a mistyped option (``--model.init_args.attention.sharin``) is an error with a suggestion, not silently taken
+    for the option it abbreviates."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class DeferredSummaryWriter:
+    """Stands in for a TensorBoard logger's ``SummaryWriter`` until something is written.
+
+    Lightning opens the writer, which creates an event file in the run's folder, before the data and the model are set
+    up. Deferring it keeps the folder of a run untouched by a command that fails during setup, e.g. ``fit --ckpt_path
+    last`` with a damaged data file.
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+        self._writer: Any = None
+
+    def _open(self) -> Any:
+        if self._writer is None:
+            self._logger._experiment = None
+            self._writer = self._logger.experiment  # the real writer (creates the folder and the event file)
+        return self._writer
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._open(), name)
 
 
 class QKVLightningCLI(LightningCLI):
@@ -79,6 +146,7 @@ class QKVLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
+        kwargs.setdefault("parser_class", StrictArgumentParser)
         super().__init__(
             model_class=TaskModule,
             datamodule_class=LightningDataModule,
@@ -91,14 +159,19 @@ class QKVLightningCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """``fit --ckpt_path last``: resume the newest run that has a ``last.ckpt`` and keep logging into its folder.
+        """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``fit --ckpt_path
+        last`` resumes the newest run that has a ``last.ckpt`` and keeps logging into its folder.
 
         Lightning looks for ``last`` only in the new run's checkpoint folder, which a fresh logger version leaves
         empty, so a plain re-run would start from scratch instead of resuming.
         """
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        if "weights_only" in config and config.get("weights_only") is None:
+            config["weights_only"] = True
         if self.subcommand != "fit":
             return
-        config = self.config["fit"]
         if config.get("ckpt_path") != "last":
             return
         found = find_last_checkpoint(config)
@@ -127,17 +200,79 @@ class QKVLightningCLI(LightningCLI):
                 f"consolidated.ckpt` and pass --ckpt_path consolidated.ckpt."
             )
 
-    def before_fit(self) -> None:
+    def check_checkpoint_fits_model(self) -> None:
+        """Read ``ckpt_path`` safely and check that its weights fit the configured model, before anything runs."""
+        from qkv_lightning.checkpoints import (
+            METADATA_FILE,
+            load_checkpoint_file,
+            read_sharded_metadata,
+            recover_interrupted_swap,
+        )
+
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "hpc", "registry") or "://" in str(ckpt_path):
+            return
+        path = Path(ckpt_path)
+        recover_interrupted_swap(path)
+        weights_only = config.get("weights_only") is not False
+        if path.is_dir():
+            metadata = read_sharded_metadata(path)  # complete, and its index safe to unpickle
+            shapes = {
+                key.removeprefix("state_dict."): tuple(item.size)
+                for key, item in metadata.state_dict_metadata.items()
+                if key.startswith("state_dict.") and hasattr(item, "size")
+            }
+            meta = load_checkpoint_file(path / METADATA_FILE, weights_only=weights_only, lightning=False)
+            hparams, sharded = meta.get("hyper_parameters") or {}, True
+        else:
+            checkpoint = load_checkpoint_file(path, weights_only=weights_only)
+            shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}
+            hparams, sharded = checkpoint.get("hyper_parameters") or {}, False
+            del checkpoint
+        if isinstance(self.model, TaskModule):
+            self.model.check_checkpoint_fits(shapes, dict(hparams), str(path), sharded=sharded)
+
+    def check_settings_fit_data(self) -> None:
+        """The model's settings against what the data's settings decide (sequence length, image size), before any
+        data is read."""
+        settings_spec = getattr(self.datamodule, "settings_spec", None)
+        if isinstance(self.model, TaskModule) and settings_spec is not None:
+            self.model.check_data_spec(dict(settings_spec()), stage=str(self.subcommand))
+
+    def preflight(self) -> None:
+        """Every check that needs no data: settings against the data's settings, then the checkpoint (strategy,
+        safe loading, fit to the model). Runs before Lightning writes or reads anything."""
+        self.check_settings_fit_data()
         self.check_checkpoint_fits_strategy()
+        self.check_checkpoint_fits_model()
+
+    def before_fit(self) -> None:
+        self.preflight()
 
     def before_validate(self) -> None:
-        self.check_checkpoint_fits_strategy()
+        self.preflight()
 
     def before_test(self) -> None:
-        self.check_checkpoint_fits_strategy()
+        self.preflight()
 
     def before_predict(self) -> None:
-        self.check_checkpoint_fits_strategy()
+        self.preflight()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with an atomic checkpoint writer and TensorBoard event files opened only when first written."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from qkv_lightning.checkpoints import AtomicCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
+                logger._experiment = DeferredSummaryWriter(logger)
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
@@ -154,6 +289,7 @@ class QKVLightningCLI(LightningCLI):
 
 _NOISE = (
     "Does not validate against any of the Union subtypes",
+    "Expected a path but",
     "Subtypes:",
     "Errors:",
     "Expected a <class 'NoneType'>",
@@ -194,29 +330,75 @@ def known_setting_names() -> set[str]:
     return names - {"self", "args", "kwargs"}
 
 
-def explain_config_error(message: str) -> str:
-    """One paragraph from a jsonargparse error: the parts that say what is wrong, and a suggestion for a typo."""
-    parts = []
+TOP_LEVEL_SETTINGS = (
+    "model", "data", "trainer", "seed_everything", "ckpt_path", "weights_only", "optimizer", "lr_scheduler",
+    "nonfinite", "config", "print_config",
+)
+"""Sections and settings at the top of a fit / validate / test / predict config."""
+
+_STRUCTURE = {"init_args", "class_path", "dict_kwargs"}
+
+
+def _suggest(name: str, vocabulary: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(name, list(vocabulary), n=1, cutoff=0.6)
+    return close[0] if close and close[0] != name else None
+
+
+def _hint_for_option(option: str, vocabulary: set[str]) -> str | None:
+    """``'modle': did you mean 'model'?`` for the first part of a dotted option that is not a known name."""
+    for segment in option.lstrip("-").split("=")[0].split("."):
+        if not segment or segment in _STRUCTURE or segment.isdigit() or segment in vocabulary:
+            continue
+        close = _suggest(segment, sorted(vocabulary))
+        return f"'{option}': did you mean '{close}'?" if close else None
+    return None
+
+
+def _hint_for_class_path(message: str) -> list[str]:
+    """``did you mean 'ModelCheckpoint'?`` for a class path naming a missing attribute of an existing module."""
+    hints = []
+    for module_name, attribute in dict.fromkeys(re.findall(r"module '([\w.]+)' has no attribute '(\w+)'", message)):
+        try:
+            names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
+        except ImportError:
+            continue
+        close = _suggest(attribute, names)
+        if close:
+            hints.append(f"'{module_name}.{attribute}': did you mean '{module_name}.{close}'?")
+    return hints
+
+
+def explain_config_error(message: str, vocabulary: set[str] | None = None) -> str:
+    """One paragraph from a jsonargparse error: the parts that say what is wrong, and a suggestion for a typo.
+
+    Args:
+        message: the error's text.
+        vocabulary: known setting names for suggestions; None: every setting of the training commands.
+    """
+    parts: list[str] = []
     for raw in message.splitlines():
         line = raw.strip().removeprefix("- ").strip()
-        if line and not line.startswith(_NOISE):
+        if line and not line.startswith(_NOISE) and line not in parts:
             parts.append(line)
     text = " ".join(parts) or message.strip()
     unknown = re.findall(r"does not accept option '([^']+)'", message)
     unknown += re.findall(r"Key '([^']+)' is not expected", message)
-    unknown += [a.lstrip("-").split("=")[0] for a in re.findall(r"unrecognized arguments: (.*)", message)[:1][0].split()] if (
-        "unrecognized arguments" in message
-    ) else []
+    unknown += re.findall(r"Option '([^']+)' is not accepted", message)
+    for arguments in re.findall(r"unrecognized arguments: (.*)", message)[:1]:
+        unknown += [a.split("=")[0] for a in arguments.split() if a.startswith("--")]
+    hints: list[str] = []
     if unknown:
-        vocabulary = sorted(known_setting_names())
-        hints = []
-        for option in unknown:
-            leaf = option.split(".")[-1]
-            close = difflib.get_close_matches(leaf, vocabulary, n=1, cutoff=0.6)
-            if close and close[0] != leaf:
-                hints.append(f"'{option}': did you mean '{close[0]}'?")
-        if hints:
-            text += " " + " ".join(hints)
+        if vocabulary is None:
+            vocabulary = known_setting_names() | set(TOP_LEVEL_SETTINGS)
+        hints += [hint for hint in (_hint_for_option(o, vocabulary) for o in dict.fromkeys(unknown)) if hint]
+    hints += _hint_for_class_path(message)
+    choice = re.search(r"invalid choice: '([^']+)' \(choose from (.*)\)", message)
+    if choice:
+        close = _suggest(choice.group(1), re.findall(r"'([^']+)'", choice.group(2)))
+        if close:
+            hints.append(f"did you mean '{close}'?")
+    if hints:
+        text += " " + " ".join(hints)
     return f"invalid configuration: {text} (see --help for the accepted settings)"
 
 
@@ -279,4 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug or "Does not validate against any of the Union subtypes" not in str(error):
             raise
         print(f"error: {explain_config_error(str(error))}", file=sys.stderr)
+        return 2
+    except MisconfigurationException as error:  # Lightning rejects a trainer setting (devices, precision, ...)
+        if debug:
+            raise
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: invalid configuration: {text} (see --help for the accepted settings)", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -64,23 +63,35 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from qkv_lightning.checkpoints import _fsync_dir, recover_interrupted_swap, remove_path
+
         path = Path(self.broadcast(str(filepath)))
         staging = path.with_name(path.name + ".partial")
-        if self.global_rank == 0 and staging.exists():
-            shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
+        retired = path.with_name(path.name + ".old")
+        if self.global_rank == 0:
+            recover_interrupted_swap(path)  # a crash between the two renames of an earlier save
+            remove_path(staging)
         self.barrier("fsdp2_save_staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("fsdp2_save_written")
         if self.global_rank == 0:
-            retired = path.with_name(path.name + ".old")
-            if retired.exists():
-                shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+            remove_path(retired)
             if path.exists() or path.is_symlink():
                 os.replace(path, retired)
             os.replace(staging, path)
-            if retired.exists():
-                shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+            _fsync_dir(path.parent)
+            remove_path(retired)
         self.barrier("fsdp2_save_done")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a checkpoint; a sharded folder's index is first checked to hold only checkpoint metadata (torch
+        unpickles it without restriction)."""
+        from qkv_lightning.checkpoints import read_sharded_metadata
+
+        path = Path(str(checkpoint_path))
+        if path.is_dir() and weights_only is not False:
+            read_sharded_metadata(path)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":

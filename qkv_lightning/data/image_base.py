@@ -267,6 +267,13 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.std={std} must be positive.")
         return mean, std
 
+    def settings_spec(self) -> dict:
+        """What the settings and the data set's fixed properties decide, without reading any file: image size, and
+        channels and classes where the data set fixes them."""
+        size = self.requested_size if self.requested_size is not None else self.native_size
+        known = {"image_size": size, "in_channels": self.in_channels, "num_classes": self.num_classes}
+        return {key: value for key, value in known.items() if value is not None}
+
     def spec(self) -> dict:
         """What the network needs from the data: ``num_classes``, ``image_size`` and ``in_channels``."""
         if self.num_classes is None or self.in_channels is None:

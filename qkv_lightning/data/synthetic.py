@@ -137,6 +137,10 @@ class SyntheticSequenceData(L.LightningDataModule):
         """What the data decides for the model: vocabulary, classes and sequence length."""
         return {"vocab_size": NUM_DIGITS, "num_classes": NUM_DIGITS, "seq_len": self.seq_len, "task": self.task}
 
+    def settings_spec(self) -> dict:
+        """What the settings alone decide for the model: everything (the data is generated from them)."""
+        return self.spec()
+
     def generate(self) -> dict[str, Tensor]:
         """The input lists of each split, ``{"train": (N, L), "val": ..., "test": ...}``, from the data seed."""
         held_gen = torch.Generator().manual_seed(2 * self.seed)

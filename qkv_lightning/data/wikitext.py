@@ -725,6 +725,10 @@ class WikiText(L.LightningDataModule):
     def world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
+    def settings_spec(self) -> dict[str, Any]:
+        """What the settings alone decide for the model (no file is read): the sequence length."""
+        return {"seq_len": self.seq_len}
+
     def spec(self) -> dict[str, Any]:
         """What the data decides for the model: vocabulary size, sequence length and the tokenizer's identity."""
         tokenizer = self.load_tokenizer()

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from qkv_lightning.errors import ConfigError
+from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
@@ -156,6 +156,56 @@ class TaskModule(L.LightningModule):
                 )
             self.data_spec = dict(datamodule.spec())
             self.hparams["data_spec"] = self.data_spec
+
+    # ------------------------------------------------------------------------------------- checks before work
+    def check_data_spec(self, spec: dict, stage: str = "fit") -> None:
+        """Check the settings against what the data's settings alone decide (``seq_len``, ``image_size``, ...),
+        before any file is read or written. ``spec`` holds only the keys known without data; ``stage`` is fit,
+        validate, test or predict. Tasks with such constraints override this (raising :class:`ConfigError` naming the
+        settings to change)."""
+
+    def check_checkpoint_fits(
+        self, shapes: dict[str, tuple[int, ...]], hparams: dict, source: str, sharded: bool = False
+    ) -> None:
+        """Raise a :class:`CheckpointError` naming the settings to change if a checkpoint's weights do not fit the
+        configured model, before anything runs: the network is built on the meta device (no memory, no data) for
+        the checkpoint's ``data_spec``, and parameter names and shapes are compared.
+
+        Args:
+            shapes: the checkpoint's ``state_dict`` as name -> shape.
+            hparams: the checkpoint's hyper-parameters.
+            source: the checkpoint's path, for the message.
+            sharded: a sharded checkpoint stores tied parameters once, so names it lacks are not reported.
+        """
+        spec = self.data_spec or hparams.get("data_spec")
+        if not spec:
+            return
+        with torch.device("meta"):
+            network = self.build_network(dict(spec))
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}  # besides the network (not built yet)
+        expected.update({f"network.{k}": tuple(v.shape) for k, v in network.state_dict().items()})
+        problems = [] if sharded else [f"{k} missing" for k in expected if k not in shapes]
+        problems += [f"{k} unexpected" for k in shapes if k not in expected]
+        problems += [f"{k} {shapes[k]} vs {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+        if not problems:
+            return
+        differ = [
+            f"{group}.{key}: checkpoint {value!r}, config {self.hparams.get(group, {}).get(key)!r}"
+            for group in ("network", "attention")
+            for key, value in (hparams.get(group) or {}).items()
+            if isinstance(self.hparams.get(group), dict)
+            and key in self.hparams[group]
+            and self.hparams[group][key] != value
+            and not (key == "vocab_size" and self.hparams[group][key] is None)
+        ]
+        saved_class, mine = hparams.get("_class_path"), f"{type(self).__module__}.{type(self).__qualname__}"
+        if saved_class and saved_class != mine:
+            differ.insert(0, f"model.class_path: checkpoint {saved_class}, config {mine}")
+        raise CheckpointError(
+            f"the checkpoint {source} does not fit the configured model ({'; '.join(problems[:4])}"
+            f"{' ...' if len(problems) > 4 else ''}); nothing was run. Use the model settings it was trained with"
+            f"{': ' + '; '.join(differ) if differ else ''}."
+        )
 
     def configure_model(self) -> None:
         if self.network is not None:

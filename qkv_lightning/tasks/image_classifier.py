@@ -10,7 +10,7 @@ from torchvision.transforms import v2
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
-from qkv_lightning.nn.vit import ViT, ViTConfig
+from qkv_lightning.nn.vit import ViT, ViTConfig, check_patch_grid
 from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
 
 
@@ -45,6 +45,7 @@ class ImageClassifier(TaskModule):
     ) -> None:
         super().__init__(attention=attention, optimizer=optimizer, data_spec=data_spec, compile=compile)
         self.network_config = as_config(ViTConfig, network)
+        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing={label_smoothing} must lie in [0, 1).")
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
@@ -65,6 +66,13 @@ class ImageClassifier(TaskModule):
         )
 
     # ----------------------------------------------------------------------------------------------- building
+    def check_data_spec(self, spec: dict, stage: str = "fit") -> None:
+        """Image size against the patch size, and sizes set in the network against the data's, before any image is
+        read."""
+        config = self.network_config.with_data(spec)  # raises on a disagreement
+        if config.image_size is not None:
+            check_patch_grid(config.image_size, config.patch_size)
+
     def build_network(self, data_spec: dict) -> ViT:
         return ViT(self.network_config.with_data(data_spec), self.attention_config)
 

@@ -109,6 +109,7 @@ class LanguageModel(TaskModule):
             activation_checkpointing=activation_checkpointing,
         )
         self.network_config = as_config(GPTConfig, network)
+        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         self.generation_config = as_config(GenerationConfig, generation)
         # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
         # config and command line instead of the checkpoint
@@ -139,6 +140,16 @@ class LanguageModel(TaskModule):
                 "the model has positions for; lower data.seq_len or raise model.network.max_seq_len."
             )
         return config
+
+    def check_data_spec(self, spec: dict, stage: str = "fit") -> None:
+        """``data.seq_len`` against ``network.max_seq_len`` (and the vocabulary, if known), before any data is read.
+        ``predict`` crops its prompts to the model's positions, so the data's ``seq_len`` does not matter there."""
+        if stage == "predict":
+            spec = {k: v for k, v in spec.items() if k != "seq_len"}
+        config = self.network_config
+        if config.vocab_size is None and spec.get("vocab_size") is None:
+            spec = {**spec, "vocab_size": 1}  # the vocabulary is only known after tokenizing
+        self.resolved_network_config(spec)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -39,18 +39,24 @@ class SequenceTask(TaskModule):
     ) -> None:
         super().__init__(attention=attention, optimizer=optimizer, data_spec=data_spec, compile=compile)
         self.network_config = as_config(EncoderConfig, network)
+        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         self.save_task_hyperparameters(network=self.network_config)
         # one metric object per stage and quantity (token accuracy, whole-sequence accuracy)
         self.token_acc = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
         self.seq_acc = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
 
+    def check_data_spec(self, spec: dict, stage: str = "fit") -> None:
+        """``data.seq_len`` against ``network.max_seq_len``, before any data is generated."""
+        seq_len, limit = spec.get("seq_len"), self.network_config.max_seq_len
+        if seq_len is not None and seq_len > limit:
+            raise ConfigError(
+                f"data.seq_len={seq_len} exceeds model.network.max_seq_len={limit}, the longest sequence the model has "
+                "positions for; lower data.seq_len or raise model.network.max_seq_len."
+            )
+
     def build_network(self, data_spec: dict) -> nn.Module:
         config = self.network_config
-        seq_len = data_spec.get("seq_len")
-        if seq_len is not None and seq_len > config.max_seq_len:
-            raise ConfigError(
-                f"data seq_len={seq_len} exceeds model.network.max_seq_len={config.max_seq_len}; raise the latter."
-            )
+        self.check_data_spec(data_spec)
         config = replace(
             config,
             vocab_size=config.vocab_size or data_spec["vocab_size"],
