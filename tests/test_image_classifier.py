@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from imagedata import tar_tree, write_cifar10, write_cifar100, write_image_tree, write_mnist_gz
+from tests.imagedata import tar_tree, write_cifar10, write_cifar100, write_image_tree, write_mnist_gz
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qkv_lightning.cli import QKVLightningCLI, main

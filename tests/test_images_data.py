@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from imagedata import (
+from tests.imagedata import (
     class_images,
     idx_bytes,
     tar_tree,

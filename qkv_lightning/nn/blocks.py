@@ -3,12 +3,66 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
+
+
+@dataclass
+class TrunkConfig:
+    """Sizes of the stack of transformer blocks, shared by every network's config."""
+
+    n_layer: int = 4
+    """Number of transformer blocks."""
+
+    n_head: int = 4
+    """Query heads per attention layer."""
+
+    d_model: int = 256
+    """Model width; must be divisible by n_head."""
+
+    d_mlp: int | None = None
+    """Hidden width of the MLP; None means 4 * d_model."""
+
+    bias: bool = True
+    """Biases in linear layers and LayerNorms."""
+
+    dropout: float = 0.0
+    """Residual and embedding dropout."""
+
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_model"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"network.{name}={getattr(self, name)} must be at least 1.")
+        if self.d_model % self.n_head:
+            divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
+            raise ConfigError(
+                f"network.d_model={self.d_model} must be divisible by network.n_head={self.n_head}; "
+                f"n_head values that divide it: {divisors}."
+            )
+        if self.d_mlp is not None and self.d_mlp < 1:
+            raise ConfigError(f"network.d_mlp={self.d_mlp} must be at least 1 (or null for 4 * d_model).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"network.dropout={self.dropout} must lie in [0, 1).")
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_mlp or 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
 
 
 class DropPath(nn.Module):
@@ -105,6 +159,22 @@ class Trunk(nn.Module):
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, bias=block_kwargs.get("bias", True))
         self.activation_checkpointing = False
         """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
+
+    @classmethod
+    def from_config(cls, config: TrunkConfig, attention: AttentionConfig, causal: bool, drop_path: float = 0.0) -> Trunk:
+        """The trunk a network config describes."""
+        return cls(
+            n_layer=config.n_layer,
+            d_model=config.d_model,
+            n_head=config.n_head,
+            d_mlp=config.mlp_width,
+            attention=attention,
+            causal=causal,
+            bias=config.bias,
+            dropout=config.dropout,
+            drop_path=drop_path,
+            norm_eps=config.norm_eps,
+        )
 
     def forward(
         self,

@@ -12,45 +12,15 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig, KVCache
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
-from qkv_lightning.nn.positional import rope_tables
+from qkv_lightning.nn.sequence import SequenceConfig
 
 IGNORE_INDEX = -100
 """Target id that the loss skips (PyTorch's default ``ignore_index``)."""
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(SequenceConfig):
     """Sizes and options of the GPT decoder."""
-
-    n_layer: int = 4
-    """Number of transformer blocks."""
-
-    n_head: int = 4
-    """Query heads per attention layer."""
-
-    d_model: int = 256
-    """Model width; must be divisible by n_head."""
-
-    d_mlp: int | None = None
-    """Hidden width of the MLP; None means 4 * d_model."""
-
-    max_seq_len: int = 256
-    """Longest sequence the model accepts (size of the learned position table)."""
-
-    vocab_size: int | None = None
-    """Output vocabulary; None takes the data's vocabulary. Set it larger to pad (e.g. 50304 for GPT-2 BPE)."""
-
-    position: Literal["learned", "rope", "none"] = "learned"
-    """Positions: learned absolute embeddings (GPT-2), rotary (RoPE) in attention, or none."""
-
-    rope_base: float = 10000.0
-    """RoPE frequency base."""
-
-    bias: bool = True
-    """Biases in linear layers and LayerNorms (GPT-2 has them)."""
-
-    dropout: float = 0.0
-    """Residual and embedding dropout (the paper's GPT-2 setups use 0.1)."""
 
     tie_embeddings: bool = True
     """Share the input embedding with the output layer (only with output: linear)."""
@@ -64,30 +34,8 @@ class GPTConfig:
     adaptive_div_value: float = 4.0
     """Each adaptive-softmax tail cluster's width is divided by this factor."""
 
-    norm_eps: float = 1e-5
-    """LayerNorm epsilon."""
-
-    init_std: float = 0.02
-    """Standard deviation of the GPT-2 initialisation."""
-
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "d_model", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"network.{name}={getattr(self, name)} must be at least 1.")
-        if self.d_model % self.n_head:
-            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
-            raise ConfigError(
-                f"network.d_model={self.d_model} must be divisible by network.n_head={self.n_head}; "
-                f"n_head values that divide it: {divisors}."
-            )
-        if self.position == "rope" and (self.d_model // self.n_head) % 2:
-            raise ConfigError(
-                f"network.position=rope needs an even head size, but d_model/n_head = {self.d_model // self.n_head}."
-            )
-        if self.d_mlp is not None and self.d_mlp < 1:
-            raise ConfigError(f"network.d_mlp={self.d_mlp} must be at least 1 (or null for 4 * d_model).")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"network.dropout={self.dropout} must lie in [0, 1).")
+        super().__post_init__()
         if self.output == "adaptive" and self.tie_embeddings:
             self.tie_embeddings = False  # the adaptive softmax has its own cluster weights
         self.adaptive_cutoffs = list(self.adaptive_cutoffs)
@@ -96,10 +44,6 @@ class GPTConfig:
                 f"network.adaptive_cutoffs={self.adaptive_cutoffs} must be distinct positive integers in increasing "
                 "order, e.g. [20000, 40000, 200000]."
             )
-
-    @property
-    def mlp_width(self) -> int:
-        return self.d_mlp or 4 * self.d_model
 
 
 class GPT(nn.Module):
@@ -121,17 +65,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.position = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         self.dropout = nn.Dropout(config.dropout)
-        self.trunk = Trunk(
-            n_layer=config.n_layer,
-            d_model=config.d_model,
-            n_head=config.n_head,
-            d_mlp=config.mlp_width,
-            attention=attention,
-            causal=True,
-            bias=config.bias,
-            dropout=config.dropout,
-            norm_eps=config.norm_eps,
-        )
+        self.trunk = Trunk.from_config(config, attention, causal=True)
         if config.output == "adaptive":
             cutoffs = [c for c in config.adaptive_cutoffs if c < config.vocab_size]
             if not cutoffs:
@@ -158,10 +92,7 @@ class GPT(nn.Module):
 
     def rope(self, length: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """RoPE tables for positions 0 .. length-1, or None without rotary positions."""
-        if self.config.position != "rope":
-            return None
-        head_dim = self.config.d_model // self.config.n_head
-        return rope_tables(torch.arange(length, device=device), head_dim, self.config.rope_base, self.embed.weight.dtype)
+        return self.config.rope(length, device, self.embed.weight.dtype)
 
     def hidden(
         self, idx: Tensor, caches: list[KVCache] | None = None, need_weights: bool = False

@@ -10,16 +10,13 @@ from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
-from qkv_lightning.nn.blocks import Trunk
+from qkv_lightning.nn.blocks import Trunk, TrunkConfig
 from qkv_lightning.nn.positional import sincos_2d
 
 
 @dataclass
-class ViTConfig:
+class ViTConfig(TrunkConfig):
     """Sizes and options of the Vision Transformer."""
-
-    patch_size: int = 4
-    """Side of the square patches, in pixels (4 for 32-px CIFAR, 16 for 224-px ImageNet)."""
 
     n_layer: int = 6
     """Number of transformer blocks."""
@@ -30,8 +27,11 @@ class ViTConfig:
     d_model: int = 192
     """Model width (patch embedding size); must be divisible by n_head."""
 
-    d_mlp: int | None = None
-    """Hidden width of the MLP; None means 4 * d_model."""
+    norm_eps: float = 1e-6
+    """LayerNorm epsilon."""
+
+    patch_size: int = 4
+    """Side of the square patches, in pixels (4 for 32-px CIFAR, 16 for 224-px ImageNet)."""
 
     pool: Literal["cls", "mean"] = "cls"
     """Image representation fed to the head: a learned class token, or the mean of the patch tokens."""
@@ -39,20 +39,8 @@ class ViTConfig:
     position: Literal["learned", "sincos", "none"] = "learned"
     """Patch positions: a learned table (the original ViT), fixed 2D sin-cos (MAE / simple ViT), or none."""
 
-    bias: bool = True
-    """Biases in linear layers and LayerNorms."""
-
-    dropout: float = 0.0
-    """Dropout after the position embedding and on the residual branches."""
-
     drop_path: float = 0.1
     """Largest stochastic-depth rate (reached by the last block; rates rise linearly from 0)."""
-
-    norm_eps: float = 1e-6
-    """LayerNorm epsilon."""
-
-    init_std: float = 0.02
-    """Standard deviation of the truncated-normal initialisation of weights and the position table."""
 
     image_size: int | None = None
     """Side of the (square) input images; None takes the data's image size."""
@@ -64,15 +52,9 @@ class ViTConfig:
     """Output classes; None takes the data's."""
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "n_layer", "n_head", "d_model"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"network.{name}={getattr(self, name)} must be at least 1.")
-        if self.d_model % self.n_head:
-            divisors = [h for h in range(1, min(self.d_model, 64) + 1) if self.d_model % h == 0]
-            raise ConfigError(
-                f"network.d_model={self.d_model} must be divisible by network.n_head={self.n_head}; "
-                f"n_head values that divide it: {divisors}."
-            )
+        super().__post_init__()
+        if self.patch_size < 1:
+            raise ConfigError(f"network.patch_size={self.patch_size} must be at least 1.")
         if self.position == "sincos" and self.d_model % 4:
             raise ConfigError(
                 f"network.position=sincos needs network.d_model divisible by 4, got {self.d_model}; change d_model or "
@@ -82,10 +64,6 @@ class ViTConfig:
             raise ConfigError(f"network.drop_path={self.drop_path} must lie in [0, 1).")
         if self.image_size is not None:
             check_patch_grid(self.image_size, self.patch_size)
-
-    @property
-    def mlp_width(self) -> int:
-        return self.d_mlp or 4 * self.d_model
 
     @property
     def grid(self) -> int:
@@ -179,18 +157,7 @@ class ViT(nn.Module):
             else None
         )
         self.pos_dropout = nn.Dropout(config.dropout)
-        self.trunk = Trunk(
-            n_layer=config.n_layer,
-            d_model=config.d_model,
-            n_head=config.n_head,
-            d_mlp=config.mlp_width,
-            attention=attention,
-            causal=False,
-            bias=config.bias,
-            dropout=config.dropout,
-            drop_path=config.drop_path,
-            norm_eps=config.norm_eps,
-        )
+        self.trunk = Trunk.from_config(config, attention, causal=False, drop_path=config.drop_path)
         self.head = nn.Linear(config.d_model, config.num_classes)
         self.reset_parameters()
 

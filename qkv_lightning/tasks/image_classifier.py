@@ -30,6 +30,7 @@ class ImageClassifier(TaskModule):
             one of the two, chosen at random (as DeiT).
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile``.
+        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
     """
 
     def __init__(
@@ -42,8 +43,15 @@ class ImageClassifier(TaskModule):
         cutmix_alpha: float = 0.0,
         data_spec: dict | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(attention=attention, optimizer=optimizer, data_spec=data_spec, compile=compile)
+        super().__init__(
+            attention=attention,
+            optimizer=optimizer,
+            data_spec=data_spec,
+            compile=compile,
+            activation_checkpointing=activation_checkpointing,
+        )
         self.network_config = as_config(ViTConfig, network)
         self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         if not 0.0 <= label_smoothing < 1.0:

@@ -27,6 +27,7 @@ class SequenceTask(TaskModule):
         network: sizes of the encoder (vocabulary and classes come from the data).
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile``.
+        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
     """
 
     def __init__(
@@ -36,8 +37,15 @@ class SequenceTask(TaskModule):
         network: EncoderConfig = EncoderConfig(),
         data_spec: dict | None = None,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
-        super().__init__(attention=attention, optimizer=optimizer, data_spec=data_spec, compile=compile)
+        super().__init__(
+            attention=attention,
+            optimizer=optimizer,
+            data_spec=data_spec,
+            compile=compile,
+            activation_checkpointing=activation_checkpointing,
+        )
         self.network_config = as_config(EncoderConfig, network)
         self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         self.save_task_hyperparameters(network=self.network_config)

@@ -1,0 +1,54 @@
+"""Properties every task module shares: the hyper-parameters it saves are arguments it accepts."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import pytest
+import torch
+
+from qkv_lightning.tasks.base import TaskModule, warmup_cosine
+from qkv_lightning.tasks.image_classifier import ImageClassifier
+from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.sequence_tasks import SequenceTask
+
+TASKS = [LanguageModel, ImageClassifier, SequenceTask]
+
+
+@pytest.mark.parametrize("task", TASKS, ids=lambda t: t.__name__)
+def test_saved_hyperparameters_rebuild_the_task(task):
+    """``fit --ckpt_path`` re-parses the saved hyper-parameters as init arguments, so each must be accepted and
+    every base-class setting must be a setting of the task."""
+    module = task()
+    accepted = set(inspect.signature(task.__init__).parameters) - {"self"}
+    saved = set(module.hparams) - {"_class_path"}
+    assert saved <= accepted, f"saved but not accepted: {saved - accepted}"
+    assert set(inspect.signature(TaskModule.__init__).parameters) - {"self"} <= accepted
+    assert module.hparams["_class_path"] == f"{task.__module__}.{task.__qualname__}"
+    rebuilt = task(**{k: v for k, v in module.hparams.items() if k != "_class_path"})  # dicts, as in checkpoints
+    assert rebuilt.attention_config == module.attention_config
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    values = [warmup_cosine(step, 4, 14, 0.1, "cosine") for step in range(15)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0 and abs(values[9] - (0.1 + 0.9 * 0.5)) < 1e-12 and abs(values[14] - 0.1) < 1e-12
+    assert all(a >= b for a, b in zip(values[3:], values[4:]))
+    assert [warmup_cosine(s, 2, 10, 0.1, "constant") for s in (0, 1, 5, 9)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_optimizer_decays_matrices_only_and_schedules_per_step():
+    module = SequenceTask(data_spec={"vocab_size": 10, "num_classes": 10, "seq_len": 8})
+    module.configure_model()
+
+    module.trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    config = module.configure_optimizers()
+    decay, no_decay = config["optimizer"].param_groups
+    assert decay["weight_decay"] == module.optimizer_config.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
+    assert config["lr_scheduler"]["interval"] == "step"
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert scheduler.get_last_lr()[0] == pytest.approx(module.optimizer_config.lr / module.optimizer_config.warmup_steps)
+    assert torch.is_tensor(decay["params"][0])
