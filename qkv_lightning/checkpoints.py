@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from qkv_lightning.errors import CheckpointError
 
 METADATA_FILE = "meta.pt"
 """Lightning's file with the non-tensor state inside a sharded checkpoint folder."""
+
+TEMPORARY_PREFIX = ".checkpoint-"
+"""Start of the names of files being written by :func:`atomic_save`."""
 
 DCP_METADATA_FILE = ".metadata"
 """torch.distributed.checkpoint's index of a sharded checkpoint folder (a pickle)."""
@@ -60,12 +64,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` into a temporary file in the destination folder, flush it to disk, then rename it over ``path``.
 
     A crash or ``kill -9`` at any moment leaves either the previous file or the new one, complete, never a mix.
-    The temporary name (``.checkpoint-*.tmp``) never contains "last", so Lightning's ``ckpt_path="last"`` search
-    cannot pick up a half-written file; a process killed while writing leaves one such file behind.
+    The temporary name (``.checkpoint-<host>-<pid>-*.tmp``) never contains "last", so Lightning's
+    ``ckpt_path="last"`` search cannot pick up a half-written file; a process killed while writing leaves one such
+    file behind, which :func:`remove_stale_temporaries` deletes on the next save into that folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             torch.save(obj, file)
@@ -76,6 +81,26 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_save` processes of this host left behind when they were killed
+    (their process no longer exists); returns them."""
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(folder).glob(f"{TEMPORARY_PREFIX}*.tmp"):
+        owner_pid = tmp.name[len(TEMPORARY_PREFIX) : -len(".tmp")].rpartition("-")[0]  # <host>-<pid>-<random>
+        owner, _, pid = owner_pid.rpartition("-")
+        if owner != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -91,7 +116,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         text = str(path)
         if storage_options is not None or ("://" in text and not text.startswith("file://")):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_save(checkpoint, text.removeprefix("file://"))
+        path = Path(text.removeprefix("file://"))
+        if path.parent.is_dir():
+            remove_stale_temporaries(path.parent)
+        atomic_save(checkpoint, path)
 
 
 # ------------------------------------------------------------------------------------------- safe reading

@@ -1,14 +1,19 @@
-"""A callback for the distributed tests: records what each run did, from inside the real training processes.
+"""Callbacks for the distributed and crash tests, run from inside the real training processes.
 
-Used as ``--trainer.callbacks+=tests.distributed_support.RecordRun --trainer.callbacks.out DIR`` so that DDP, FSDP2
-and torchrun processes (which re-run the command line) record the same things as a single process:
-global mean loss per step, shard sizes of every parameter, the full final weights and the network's output on a
-fixed probe batch.
+``RecordRun`` (``--trainer.callbacks+=tests.distributed_support.RecordRun --trainer.callbacks.out DIR``) makes DDP,
+FSDP2 and torchrun processes (which re-run the command line) record the same things as a single process: global mean
+loss per step, shard sizes of every parameter, the full final weights and the network's output on a fixed probe
+batch. ``KillAt`` kills every process of a run with SIGKILL at a given step (optionally half-way through writing that
+step's checkpoint); ``PoisonAt`` makes one step's loss or gradient non-finite.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +84,61 @@ class RecordRun(Callback):
         (self.out / "run.json").write_text(json.dumps(summary, indent=1))
         torch.save(state, self.out / "state.pt")
         torch.save(logits.cpu(), self.out / "probe.pt")
+
+
+class KillAt(Callback):
+    """Kill this process with SIGKILL (as ``kill -9`` would) at global step ``step``, on every rank.
+
+    Args:
+        step: the optimiser step after which to die (checkpoints of earlier steps are complete on disk).
+        during_save: instead, die half-way through writing the checkpoint of that step: the next ``torch.save``
+            (which every checkpoint writer calls, also FSDP2's shard writer) writes half of its bytes and kills the
+            process.
+    """
+
+    def __init__(self, step: int, during_save: bool = False) -> None:
+        super().__init__()
+        self.step = step
+        self.during_save = during_save
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step != self.step:
+            return
+        if not self.during_save:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save = torch.save
+
+        def dying_save(obj: Any, f: Any, *save_args: Any, **save_kwargs: Any) -> None:
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *save_args, **save_kwargs)
+            data = buffer.getvalue()
+            file = open(f, "wb") if isinstance(f, str | os.PathLike) else f  # noqa: SIM115 - the process dies
+            file.write(data[: len(data) // 2])
+            file.flush()
+            if hasattr(file, "fileno"):
+                os.fsync(file.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = dying_save  # ModelCheckpoint saves after this hook (Lightning runs checkpoint callbacks last)
+
+
+class PoisonAt(Callback):
+    """Make the loss or a gradient of optimiser step ``step`` (0-based) NaN, as a numerical blow-up would.
+
+    Args:
+        step: the step to poison (``trainer.global_step`` while it runs).
+        what: ``loss`` (the loss value only; its gradients stay finite) or ``gradient`` (the first parameter's).
+    """
+
+    def __init__(self, step: int, what: str = "gradient") -> None:
+        super().__init__()
+        self.step = step
+        self.what = what
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if self.what == "loss" and trainer.global_step == self.step:
+            loss.data.fill_(math.nan)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.what == "gradient" and trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(math.nan)

@@ -72,6 +72,14 @@ class NonFiniteGuard(Callback):
             f"--nonfinite.max_skipped_steps N (skipped so far: {self.skipped_steps})."
         )
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """No checkpoint of the state that produced the non-finite values, even from ``ModelCheckpoint(
+        save_on_exception=True)`` (which runs after this callback)."""
+        if isinstance(exception, NonFiniteError):
+            for callback in trainer.checkpoint_callbacks:
+                if getattr(callback, "save_on_exception", False):
+                    callback.save_on_exception = False
+
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps}
 

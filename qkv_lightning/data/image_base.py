@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from qkv_lightning.data.loading import train_loader
 from qkv_lightning.errors import ConfigError, DataError
 
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -300,14 +301,15 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_subset is not None and self.train_subset < len(train_idx):
             chosen = seeded_permutation(len(train_idx), self.split_seed + 1)[: self.train_subset]
             train_idx = np.sort(train_idx[chosen])
-        for name, (source, idx) in {"train": (train, train_idx), "val": (val, val_idx)}.items():
+        test_idx = np.arange(len(test.labels))
+        for name, idx in {"train": train_idx, "val": val_idx, "test": test_idx}.items():
             if len(idx) == 0:
                 raise DataError(f"the {name} split of {type(self).__name__} under {self.root} holds no images.")
         train_tf, eval_tf = self.transform(train=True), self.transform(train=False)
         self.datasets = {
             "train": train.dataset(train_idx, train_tf),
             "val": val.dataset(val_idx, eval_tf),
-            "test": test.dataset(np.arange(len(test.labels)), eval_tf),
+            "test": test.dataset(test_idx, eval_tf),
         }
 
     def loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -323,7 +325,17 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", shuffle=True)
+        """Shuffled in a seeded order (``seed_everything``'s seed), resumable mid-epoch from checkpoints."""
+        if not self.datasets:
+            self.setup()
+        return train_loader(
+            self.datasets["train"],
+            self.batch_size,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", shuffle=False)

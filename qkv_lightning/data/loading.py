@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from qkv_lightning.errors import DataError
+
 
 class ResumableSampler(DistributedSampler):
     """Seeded, rank-sharded order of a map-style data set, able to skip samples already consumed this epoch.
@@ -138,6 +140,13 @@ def train_loader(
 ) -> ResumableDataLoader:
     """A resumable training loader: seeded order, sharded over ranks, mid-epoch position saved in checkpoints."""
     sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    n_batches = len(sampler) // batch_size if drop_last else -(-len(sampler) // batch_size)
+    if n_batches == 0:
+        raise DataError(
+            f"the training split holds {len(dataset)} samples ({len(sampler)} per process over "  # type: ignore[arg-type]
+            f"{sampler.num_replicas} process(es)), fewer than one batch of data.batch_size={batch_size}: training "
+            "would do nothing. Lower data.batch_size, or use a larger training split."
+        )
     return ResumableDataLoader(
         dataset,
         batch_size=batch_size,

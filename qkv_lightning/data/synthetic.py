@@ -14,6 +14,7 @@ never sees a validation or test list. Changing ``train_size`` therefore leaves t
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import lightning as L
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from qkv_lightning.data.loading import train_loader
 from qkv_lightning.errors import ConfigError
 
 NUM_DIGITS = 10
@@ -167,7 +169,15 @@ class SyntheticSequenceData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled in a seeded order (``seed_everything``'s seed), resumable mid-epoch from checkpoints."""
+        self.setup()
+        return train_loader(
+            self.splits["train"],
+            self.batch_size,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            drop_last=len(self.splits["train"]) >= self.batch_size,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -21,7 +21,7 @@ import yaml
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study.config import Cell, StudyConfig, Variant, cells, expand_grid
 from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
-from qkv_lightning.study.runner import cell_spec, is_finished, read_result, run_cells
+from qkv_lightning.study.runner import cell_spec, check_variants, is_finished, read_result, run_cells
 
 __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
 
@@ -42,6 +42,7 @@ def run_study(
         The summary (as written to summary.json), plus ``ran`` and ``skipped`` cell counts.
     """
     variants, notes = expand_grid(config)
+    check_variants(config, variants)  # an impossible cell is an error before anything runs or is written
     for note in notes:
         echo(f"study: {note}")
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,10 @@ def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
     try:
         namespace = parser.parse_args(list(argv))
     except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
-        raise ConfigError(f"study settings: {error}") from error
+        from qkv_lightning.cli import explain_config_error
+
+        vocabulary = {f.name for f in fields(StudyConfig)} | {"config"}
+        raise ConfigError(f"study settings: {explain_config_error(str(error), vocabulary)}") from None
     values = namespace.as_dict()
     config_paths = values.pop("config", None) or []
     config_path = str(config_paths[-1]) if config_paths else None

@@ -52,6 +52,51 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
     }
 
 
+def check_variants(config: StudyConfig, variants: list) -> None:
+    """Report an impossible study before anything runs or is written: the task config is parsed once with the
+    study's overrides, and the task module of every variant is built (cheap: networks are built later) and checked
+    against the data's settings.
+
+    Raises:
+        ConfigError: naming the variant and the setting to change (e.g. n_kv_heads that does not divide n_head).
+    """
+    import importlib
+
+    from qkv_lightning.cli import QKVLightningCLI, explain_config_error
+    from qkv_lightning.errors import ConfigError, QKVError
+
+    class ParseOnly(QKVLightningCLI):
+        def instantiate_classes(self) -> None:  # the cells instantiate; here only the config is read
+            pass
+
+    def build(section: dict) -> object:
+        module_name, _, class_name = section["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module_name), class_name)(**(section.get("init_args") or {}))
+
+    where = f"study.task={config.task}" + (f" with study.overrides={config.overrides}" if config.overrides else "")
+    try:
+        parsed = ParseOnly(args=["--config", str(config.task), *config.overrides], run=False).config.as_dict()
+    except QKVError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except Exception as error:  # jsonargparse reports bad keys and values as ArgumentError
+        raise ConfigError(f"{where}: {explain_config_error(str(error))}") from None
+    for variant in variants:
+        model_config = dict(parsed["model"])
+        init_args = dict(model_config.get("init_args") or {})
+        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention()}
+        try:
+            model = build({**model_config, "init_args": init_args})
+            datamodule = build(parsed["data"])
+            settings_spec = getattr(datamodule, "settings_spec", None)
+            if settings_spec is not None and hasattr(model, "check_data_spec"):
+                model.check_data_spec(dict(settings_spec()))
+        except QKVError as error:
+            raise ConfigError(
+                f"study cell {variant.label} is impossible for {config.task}: {error} Change study.sharing / "
+                "study.n_kv_heads / study.breakers, or the task config; nothing was run."
+            ) from None
+
+
 def read_result(directory: Path) -> dict | None:
     """The stored result of a cell, or None when it has not finished (or its file is unreadable)."""
     try:
