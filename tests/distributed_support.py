@@ -9,6 +9,7 @@ step's checkpoint); ``PoisonAt`` makes one step's loss or gradient non-finite.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -115,7 +116,7 @@ class KillAt(Callback):
             file = open(f, "wb") if isinstance(f, str | os.PathLike) else f  # noqa: SIM115 - the process dies
             file.write(data[: len(data) // 2])
             file.flush()
-            if hasattr(file, "fileno"):
+            with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor
                 os.fsync(file.fileno())
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -8,8 +8,10 @@ and the resumable sampler gives the global batch the same samples in both cases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qkv_lightning.checkpoints import METADATA_FILE, is_sharded_checkpoint, load_checkpoint_file
 from qkv_lightning.cli import main
 from qkv_lightning.tasks.language_model import LanguageModel
 from tests.distributed_support import probe_batch
@@ -197,6 +200,64 @@ def test_consolidated_fsdp2_checkpoint_loads_into_a_plain_model_and_continues_a_
     continued = fit(workdir, "continued", 8, "--trainer.devices", "1", "--trainer.max_steps", str(STEPS + 2),
                     "--ckpt_path", str(consolidated))
     assert continued["global_step"] == STEPS + 2 and len(continued["losses"]) == 2
+
+
+def fit_until_killed(workdir: Path, name: str, batch_size: int, *extra: str, timeout: int = 300) -> str:
+    """Run ``python cli.py fit`` in a new session, expect it to die by SIGKILL (a ``KillAt`` callback on every rank);
+    returns its output. Stragglers of the session are killed afterwards."""
+    command = [sys.executable, str(ROOT / "cli.py"), *cli_command(workdir, name, batch_size, *extra)]
+    log = workdir / f"{name}-killed.txt"
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert code == -signal.SIGKILL, f"{name} was not killed (exit code {code}):\n{output[-5000:]}"
+    return output
+
+
+CRASHES = {  # strategy: (CLI arguments, global step of the kill, killed half-way through writing that step's checkpoint)
+    "single": (("--trainer.devices", "1"), STEPS, True),
+    "ddp": (DDP, 6, False),
+    "fsdp2": (FSDP2, STEPS, True),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(CRASHES))
+def test_kill_9_mid_epoch_then_fit_ckpt_path_last_continues_exactly(workdir, strategy, single, ddp, fsdp2):
+    """SIGKILL every process of a run in the middle of its first epoch, after the step-4 checkpoint: at step 6, or
+    half-way through writing the step-8 checkpoint (single file, or FSDP2 shards). The step-4 checkpoint survives as
+    ``last.ckpt``, nothing half-written takes its place, and re-running the same command with ``--ckpt_path last``
+    continues from it with the same data order: steps 5-8 and the final weights equal the uninterrupted run's."""
+    args, kill_step, during_save = CRASHES[strategy]
+    batch_size = 8 if strategy == "single" else 4
+    name = f"{strategy}-killed"
+    kill = ("--trainer.callbacks+=tests.distributed_support.KillAt", f"--trainer.callbacks.step={kill_step}",
+            f"--trainer.callbacks.during_save={str(during_save).lower()}")
+    fit_until_killed(workdir, name, batch_size, *args, *kill)
+
+    folder = workdir / name / "checkpoints"
+    last = folder / "last.ckpt"
+    if strategy == "fsdp2":
+        assert is_sharded_checkpoint(last)
+        saved = load_checkpoint_file(last / METADATA_FILE, lightning=False)
+        staging = folder / f"epoch=0-step={STEPS}.ckpt.partial"
+        assert staging.is_dir() and not is_sharded_checkpoint(staging)  # the interrupted save, never swapped in
+    else:
+        saved = load_checkpoint_file(last)  # complete, loads with weights_only
+        assert len(list(folder.glob(".checkpoint-*.tmp"))) == int(during_save)  # the half-written file, aside
+    assert saved["global_step"] == CHECKPOINT_EVERY and saved["epoch"] == 0
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["samples_yielded"] > 0  # mid-epoch
+    assert not (folder / f"epoch=0-step={STEPS}.ckpt").exists()
+
+    resumed = fit(workdir, name, batch_size, *args, "--ckpt_path", "last")
+    assert resumed["global_step"] == STEPS and len(resumed["losses"]) == STEPS - CHECKPOINT_EVERY
+    assert_same_training(resumed, {"single": single, "ddp": ddp, "fsdp2": fsdp2}[strategy], start=CHECKPOINT_EVERY)
+    assert not list(folder.glob(".checkpoint-*.tmp")) and not list(folder.glob("*.partial"))  # cleaned up
 
 
 def free_port() -> int:
