@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import socket
 import tempfile
@@ -203,22 +204,33 @@ def load_checkpoint_file(path: str | Path, weights_only: bool = True, lightning:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (ckpt_path); check the path, or pass --ckpt_path last.")
+    damaged = (
+        "An interrupted save never replaces a checkpoint here, so this file was damaged or copied incompletely; use "
+        "another checkpoint (e.g. last.ckpt or an earlier step)."
+    )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError as error:
+            if "_use_new_zipfile_serialization" not in str(error):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)  # the legacy format
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupted ({error}).") from None
-        found = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if "Weights only load failed" not in str(error) or (found is None and "Unsupported operand" in str(error)):
+            detail = "no pickle or zip archive found" if "Unsupported operand" in str(error) else _first_line(error)
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({detail}). {damaged}"
+            ) from None
         raise ForbiddenCheckpointContent(
-            f"refusing to load checkpoint {path}: it holds Python objects other than tensors and plain containers "
-            f"({found or 'see --debug'}), which could run code when loaded. Only if you trust its source, load it "
-            "with --weights_only false."
+            f"refusing to load checkpoint {path}: it holds Python objects other than tensors and plain containers"
+            f"{f' ({found.group(1)})' if found else ''}, which could run code when loaded. Only if you trust its "
+            "source, load it with --weights_only false."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is truncated or not a torch checkpoint ({_first_line(error)}). "
-            "An interrupted save never replaces a checkpoint here, so this file was damaged or copied incompletely; "
-            "use another checkpoint (e.g. last.ckpt or an earlier step)."
+            f"{damaged}"
         ) from None
     if not isinstance(checkpoint, dict) or (lightning and "state_dict" not in checkpoint):
         raise CheckpointError(
@@ -276,8 +288,9 @@ def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _first_line(error: BaseException) -> str:
+    """The first sentence of an error's message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
 
 
 def consolidate(source: str | Path, destination: str | Path) -> dict[str, Any]:

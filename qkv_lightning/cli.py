@@ -26,7 +26,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
-from qkv_lightning.errors import CheckpointError, QKVError
+from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -183,6 +183,46 @@ class QKVLightningCLI(LightningCLI):
         if version is not None and isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
             logger.init_args["version"] = version
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's re-parsing of a checkpoint's hyper-parameters into the model config (``--ckpt_path FILE``),
+        reading the file safely: with ``weights_only`` (unless ``--weights_only false``), and a damaged, unsafe or
+        foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs."""
+        from qkv_lightning.checkpoints import load_checkpoint_file
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "hpc", "registry") or "://" in str(ckpt_path):
+            return
+        path = Path(ckpt_path)
+        if not path.exists():
+            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; check the path, or pass --ckpt_path last.")
+        if not path.is_file():
+            return  # a sharded folder: checked before the run starts (check_checkpoint_fits_model)
+        checkpoint = load_checkpoint_file(path, weights_only=config.get("weights_only") is not False)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        del checkpoint
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        saved_class = hparams.pop("_class_path", None)
+        configured = (config.get("model") or {}).get("class_path")
+        if saved_class and configured and saved_class != configured:
+            raise CheckpointError(
+                f"the checkpoint {path} was saved by model.class_path: checkpoint {saved_class}, but the config "
+                f"builds {configured}; use a config of the same task (or another checkpoint). Nothing was run."
+            )
+        model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        except (ArgumentError, SystemExit) as error:
+            raise CheckpointError(
+                f"the hyper-parameters saved in {path} do not fit the configured model ({error}); use a config of "
+                "the task that saved it."
+            ) from None
+
     def check_checkpoint_fits_strategy(self) -> None:
         """A sharded checkpoint folder can only be resumed by a sharding strategy: say so instead of a traceback."""
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -266,7 +306,16 @@ class QKVLightningCLI(LightningCLI):
 
         from qkv_lightning.checkpoints import AtomicCheckpointIO
 
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, ImportError, MisconfigurationException) as error:  # a trainer setting
+            if isinstance(error, QKVError):
+                raise
+            text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise ConfigError(
+                f"invalid configuration: Lightning rejects the trainer settings ({type(error).__name__}: {text}); "
+                "check trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision."
+            ) from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for logger in trainer.loggers:
@@ -350,7 +399,7 @@ def _hint_for_option(option: str, vocabulary: set[str]) -> str | None:
         if not segment or segment in _STRUCTURE or segment.isdigit() or segment in vocabulary:
             continue
         close = _suggest(segment, sorted(vocabulary))
-        return f"'{option}': did you mean '{close}'?" if close else None
+        return f"'{segment}': did you mean '{close}'?" if close else None
     return None
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from qkv_lightning.errors import QKVError
+from qkv_lightning.errors import ConfigError, QKVError
 
 
 class NonFiniteError(QKVError, RuntimeError):
@@ -36,7 +36,7 @@ class NonFiniteGuard(Callback):
     def __init__(self, max_skipped_steps: int = 0) -> None:
         super().__init__()
         if max_skipped_steps < 0:
-            raise ValueError(f"nonfinite.max_skipped_steps={max_skipped_steps} must be >= 0")
+            raise ConfigError(f"nonfinite.max_skipped_steps={max_skipped_steps} must be >= 0 (0: stop at the first bad step).")
         self.max_skipped_steps = max_skipped_steps
         self.skipped_steps = 0
         self._last_loss: torch.Tensor | None = None

@@ -112,7 +112,10 @@ class StudyConfig:
         for n in self.n_kv_heads:
             if n is not None and n < 1:
                 raise ConfigError(f"study.n_kv_heads contains {n}; use null or a count >= 1.")
-        self.sharing = [Sharing.parse(name).name for name in self.sharing]  # raises ConfigError on bad names
+        try:
+            self.sharing = [Sharing.parse(name).name for name in self.sharing]
+        except ConfigError as error:
+            raise ConfigError(f"study.sharing={self.sharing}: {error}") from None
         if not Path(self.task).is_file():
             raise ConfigError(
                 f"study.task={self.task!r}: no such fit config (looked in {os.getcwd()}); run from the project root "

@@ -1,0 +1,380 @@
+"""Bad input of every kind (settings, command lines, data files, checkpoints, study settings) through the real command
+line: each gives its documented one-paragraph error, exit code 2 and no traceback, and none changes a file of the
+finished runs it points at.
+
+Three small runs (synthetic task, language model, ViT) finish first, each with checkpoints in its log folder. Most bad
+commands point at one of them with ``fit --ckpt_path last``, which would resume into, and log into, that very folder;
+the whole ``logs`` tree (file names and SHA-256 of their content) must be the same after every bad command. The
+README's "Errors and recovery" table lists every case with its message.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qkv_lightning.cli import main
+from tests.imagedata import write_cifar10, write_image_tree, write_mnist_gz
+from tests.lm_fixtures import WIKITEXT2, write_wikitext
+from tests.run_fixtures import CONFIGS, image_args, lm_args, snapshot, synthetic_args
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint or data file would hold."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@dataclass
+class Runs:
+    """The finished runs and their data, in one folder."""
+
+    folder: Path
+    wikitext: Path
+    cifar: Path
+
+    def checkpoint(self, run: str) -> Path:
+        return self.folder / "logs" / run / "version_0" / "checkpoints" / "last.ckpt"
+
+    def synthetic(self, *extra: str, command: str = "fit") -> list[str]:
+        return [command, *synthetic_args(self.folder), "--ckpt_path", "last", *extra]
+
+    def lm(self, data: Path | None = None, *extra: str) -> list[str]:
+        return ["fit", *lm_args(self.folder, data or self.wikitext), "--ckpt_path", "last", *extra]
+
+    def vit(self, root: Path | None = None, *extra: str) -> list[str]:
+        return ["fit", *image_args(self.folder, root or self.cifar), "--ckpt_path", "last", *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    folder = tmp_path_factory.mktemp("runs")
+    cwd = os.getcwd()
+    os.chdir(folder)  # relative defaults (.cache/data, logs) stay in here
+    try:
+        made = Runs(folder, write_wikitext(folder / "wikitext"), folder / "cifar")
+        write_cifar10(str(made.cifar))
+        assert main(["fit", *synthetic_args(folder)]) == 0
+        assert main(["fit", *lm_args(folder, made.wikitext)]) == 0
+        assert main(["fit", *image_args(folder, made.cifar)]) == 0
+    finally:
+        os.chdir(cwd)
+    for run in ("synthetic", "lm", "vit"):
+        assert made.checkpoint(run).is_file()
+    return made
+
+
+@pytest.fixture(autouse=True)
+def in_run_folder(runs, monkeypatch) -> None:
+    monkeypatch.chdir(runs.folder)
+    monkeypatch.setattr("sys.argv", ["cli.py"])
+
+
+def yaml_file(tmp: Path, text: str) -> str:
+    path = tmp / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def wikitext_copy(runs: Runs, tmp: Path) -> Path:
+    copy = tmp / "wikitext"
+    shutil.copytree(runs.wikitext, copy)
+    return copy
+
+
+def damaged_wikitext(change: Callable[[Path], None]) -> Callable[[Runs, Path], list[str]]:
+    def build(runs: Runs, tmp: Path) -> list[str]:
+        data = wikitext_copy(runs, tmp)
+        change(data)
+        return runs.lm(data, "--data.cache_dir", str(tmp / "cache"))
+
+    return build
+
+
+def truncated_official(runs: Runs, tmp: Path) -> list[str]:
+    data = tmp / "official"
+    data.mkdir()
+    lines = (WIKITEXT2 / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
+    (data / "wiki.valid.tokens").write_text("".join(lines[:500]), encoding="utf-8")  # cut at a line end
+    shutil.copy(runs.wikitext / "wiki.test.tokens", data / "wiki.test.tokens")
+    return runs.lm(data, "--data.cache_dir", str(tmp / "cache"), "--data.train_file", "wiki.valid.tokens",
+                   "--data.val_file", "wiki.test.tokens", "--data.verify", "true")
+
+
+def modified_cache(runs: Runs, tmp: Path) -> list[str]:
+    cache = tmp / "cache"
+    shutil.copytree(runs.folder / "cache", cache)
+    token_file = cache / "word" / "train.bin"
+    data = bytearray(token_file.read_bytes())
+    data[10:14] = bytes(reversed(data[10:14])) if data[10:14] != data[10:14][::-1] else b"\x01\x02\x03\x04"
+    token_file.write_bytes(bytes(data))  # same size, other content
+    return runs.lm(None, "--data.cache_dir", str(cache), "--data.rebuild_cache", "false")
+
+
+def damaged_cifar(change: Callable[[Path], None]) -> Callable[[Runs, Path], list[str]]:
+    def build(runs: Runs, tmp: Path) -> list[str]:
+        root = tmp / "cifar"
+        shutil.copytree(runs.cifar, root)
+        change(root / "cifar-10-batches-py")
+        return runs.vit(root)
+
+    return build
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def image_folder_with_empty_class(runs: Runs, tmp: Path) -> list[str]:
+    tree = write_image_tree(str(tmp / "tree"), ["a", "b"], 2, size=16, splits=("train", "val"))
+    os.makedirs(tmp / "tree" / "train" / "c")
+    return ["fit", *image_args(runs.folder, Path(tree), name="folder", config="cifar10-jpeg"),
+            "--data.image_size", "16", "--data.extract_dir", str(tmp / "extracted")]
+
+
+def corrupt_mnist(runs: Runs, tmp: Path) -> list[str]:
+    write_mnist_gz(str(tmp / "mnist"))
+    truncate(tmp / "mnist" / "train-images-idx3-ubyte.gz", 0.6)
+    return ["fit", *image_args(runs.folder, tmp / "mnist", name="mnist", config="mnist", patch=7),
+            "--data.extract_dir", str(tmp / "extracted")]
+
+
+def checkpoint_copy(runs: Runs, tmp: Path, run: str = "synthetic") -> tuple[Path, dict]:
+    return tmp / "copy.ckpt", torch.load(runs.checkpoint(run), weights_only=True)
+
+
+def truncated_checkpoint(runs: Runs, tmp: Path) -> list[str]:
+    path = tmp / "cut.ckpt"
+    shutil.copy(runs.checkpoint("synthetic"), path)
+    truncate(path)
+    return runs.synthetic("--ckpt_path", str(path), command="validate")
+
+
+def unsafe_checkpoint(runs: Runs, tmp: Path) -> list[str]:
+    path, checkpoint = checkpoint_copy(runs, tmp)
+    checkpoint["extra"] = RunsCode()
+    torch.save(checkpoint, path)
+    return runs.synthetic("--ckpt_path", str(path), command="validate")
+
+
+def sharded_folder(tmp: Path, metadata_override: bytes | None = None) -> Path:
+    """A real distributed-checkpoint folder (one process), in Lightning's layout."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp / "sharded.ckpt"
+    state = {"state_dict": {"network.embed.weight": torch.zeros(10, 32)}}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save(state, checkpoint_id=str(folder))
+    torch.save({"global_step": 1, "hyper_parameters": {}}, folder / "meta.pt")
+    if metadata_override is not None:
+        (folder / ".metadata").write_bytes(metadata_override)
+    return folder
+
+
+def incomplete_sharded(runs: Runs, tmp: Path) -> list[str]:
+    folder = sharded_folder(tmp)
+    (folder / ".metadata").unlink()  # the index is written last: an interrupted save lacks it
+    return runs.synthetic("--ckpt_path", str(folder), command="validate")
+
+
+def study(*extra: str) -> Callable[[Runs, Path], list[str]]:
+    def build(runs: Runs, tmp: Path) -> list[str]:
+        return ["study", "--config", str(CONFIGS / "study" / "synthetic.yaml"), "--output", str(tmp / "study"),
+                "--task", str(CONFIGS / "synthetic" / "reverse.yaml"), "--seeds", "[0]", *extra]
+
+    return build
+
+
+@dataclass
+class Case:
+    """One bad input: how to make the command, and the part of its message the README documents."""
+
+    id: str
+    build: Callable[[Runs, Path], list[str]]
+    message: str
+
+
+CASES = [
+    # ------------------------------------------------------------------------------------ settings and command line
+    Case("typo in a nested setting (YAML)",
+         lambda r, t: r.synthetic("--config", yaml_file(t, "model:\n  init_args:\n    attention:\n      sharin: QKV\n")),
+         "'sharin': did you mean 'sharing'?"),
+    Case("abbreviated or misspelled option",
+         lambda r, t: r.synthetic("--trainer.max_step", "9"), "'max_step': did you mean 'max_steps'?"),
+    Case("misspelled section", lambda r, t: r.synthetic("--config", yaml_file(t, "modle:\n  init_args:\n    network:\n      n_layer: 2\n")),
+         "'modle': did you mean 'model'?"),
+    Case("misspelled data setting", lambda r, t: r.synthetic("--data.init_args.batchsize", "4"),
+         "'batchsize': did you mean 'batch_size'?"),
+    Case("unknown variant", lambda r, t: r.synthetic("--model.init_args.attention.sharing", "QKX"),
+         "is not a projection-sharing variant"),
+    Case("wrong type", lambda r, t: r.synthetic("--trainer.max_steps", "abc"), 'Parser key "trainer.max_steps"'),
+    Case("value not among the choices", lambda r, t: r.synthetic("--model.init_args.attention.backend", "fast"),
+         'Parser key "attention.backend"'),
+    Case("misspelled class path",
+         lambda r, t: r.synthetic("--trainer.callbacks+=lightning.pytorch.callbacks.ModelChekpoint"),
+         "did you mean 'lightning.pytorch.callbacks.ModelCheckpoint'?"),
+    Case("width not divisible by heads", lambda r, t: r.synthetic("--model.init_args.network.n_head", "3"),
+         "must be divisible by network.n_head=3"),
+    Case("heads not divisible by K/V heads", lambda r, t: r.synthetic("--model.init_args.attention.n_kv_heads", "3"),
+         "attention.n_kv_heads=3 must divide n_head=4"),
+    Case("Q shared with fewer K/V heads",
+         lambda r, t: r.synthetic("--model.init_args.attention.sharing", "Q=K-V",
+                                  "--model.init_args.attention.n_kv_heads", "1"),
+         "so it needs as many K/V heads as query heads"),
+    Case("no K/V heads", lambda r, t: r.synthetic("--model.init_args.attention.n_kv_heads", "0"),
+         "attention.n_kv_heads=0 must be at least 1"),
+    Case("sequence longer than the positions", lambda r, t: r.synthetic("--data.init_args.seq_len", "32"),
+         "data.seq_len=32 exceeds model.network.max_seq_len=16"),
+    Case("RoPE with an odd head size",
+         lambda r, t: r.synthetic("--model.init_args.network.position", "rope", "--model.init_args.network.n_head",
+                                  "32"),
+         "network.position=rope needs an even head size"),
+    Case("image not divisible by the patch", lambda r, t: r.vit(None, "--data.image_size", "30"),
+         "image size 30 is not divisible by network.patch_size=8"),
+    Case("non-positive learning rate", lambda r, t: r.synthetic("--model.init_args.optimizer.lr", "-1"),
+         "optimizer.lr=-1.0 must be positive"),
+    Case("batch size 0", lambda r, t: r.synthetic("--data.init_args.batch_size", "0"),
+         "data.batch_size=0 must be at least 1"),
+    Case("unknown synthetic task", lambda r, t: r.synthetic("--data.init_args.task", "reverso"), "Got value: reverso"),
+    Case("unknown command", lambda r, t: ["fitt", *synthetic_args(r.folder)], "invalid choice: 'fitt'"),
+    Case("trainer setting Lightning rejects", lambda r, t: r.synthetic("--trainer.strategy", "ddpp"),
+         "Lightning rejects the trainer settings"),
+    Case("missing config file", lambda r, t: r.synthetic("--config", str(t / "nothere.yaml")), "File does not exist"),
+    Case("malformed YAML", lambda r, t: r.synthetic("--config", yaml_file(t, "model: [unclosed\n")),
+         "Problems parsing config"),
+    Case("negative skip budget", lambda r, t: r.synthetic("--nonfinite.max_skipped_steps", "-1"),
+         "nonfinite.max_skipped_steps=-1 must be >= 0"),
+    # ------------------------------------------------------------------------------------------------------- data
+    Case("missing WikiText file",
+         damaged_wikitext(lambda d: (d / "wiki.valid.tokens").unlink()), "split file(s) not found"),
+    Case("empty WikiText file", damaged_wikitext(lambda d: (d / "wiki.valid.tokens").write_text("")), "is empty"),
+    Case("WikiText file cut mid-line",
+         damaged_wikitext(lambda d: (d / "wiki.train.tokens").write_bytes(
+             (d / "wiki.train.tokens").read_bytes().rstrip(b"\n") + b" half")),
+         "does not end with a line end"),
+    Case("WikiText file not UTF-8",
+         damaged_wikitext(lambda d: (d / "wiki.train.tokens").write_bytes(b"\xff\xfe\xfa broken \n")),
+         "is not UTF-8 text"),
+    Case("truncated official WikiText file", truncated_official, "has 500 lines, but the official WikiText-2"),
+    Case("token cache altered, rebuilding off", modified_cache, "SHA-256 differs from the recorded one"),
+    Case("split shorter than one sequence",
+         damaged_wikitext(lambda d: (d / "wiki.train.tokens").write_text(" = A = \n")), "too few for one window"),
+    Case("batch larger than the training split", lambda r, t: r.lm(None, "--data.batch_size", "100000"),
+         "fewer than one batch of data.batch_size=100000"),
+    Case("truncated CIFAR batch", damaged_cifar(lambda f: truncate(f / "data_batch_1")), "is truncated or corrupted"),
+    Case("CIFAR file holding code",
+         damaged_cifar(lambda f: (f / "data_batch_2").write_bytes(pickle.dumps(RunsCode(), protocol=2))),
+         "refusing to load"),
+    Case("missing CIFAR file", damaged_cifar(lambda f: (f / "test_batch").unlink()),
+         "is missing; the folder is incomplete"),
+    Case("empty class folder", image_folder_with_empty_class, "holds no images"),
+    Case("corrupt MNIST file", corrupt_mnist, "truncated or corrupted"),
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    Case("checkpoint path that does not exist",
+         lambda r, t: r.synthetic("--ckpt_path", str(t / "nothere.ckpt"), command="validate"), "does not exist"),
+    Case("truncated checkpoint", truncated_checkpoint, "is truncated or not a torch checkpoint"),
+    Case("not a checkpoint",
+         lambda r, t: (t / "notes.ckpt").write_text("not a checkpoint")
+         and r.synthetic("--ckpt_path", str(t / "notes.ckpt"), command="validate"),
+         "is truncated or not a torch checkpoint"),
+    Case("checkpoint of another size", lambda r, t: r.synthetic("--model.init_args.network.n_layer", "2"),
+         "network.n_layer: checkpoint 1, config 2"),
+    Case("checkpoint of another variant", lambda r, t: r.synthetic("--model.init_args.attention.sharing", "Q=K=V"),
+         "attention.sharing: checkpoint 'QKV', config 'Q=K=V'"),
+    Case("checkpoint of another task",
+         lambda r, t: r.synthetic("--ckpt_path", str(r.checkpoint("lm")), command="validate"),
+         "model.class_path: checkpoint qkv_lightning.tasks.language_model.LanguageModel"),
+    Case("checkpoint holding code", unsafe_checkpoint, "it holds Python objects other than tensors and plain containers (posix.system)"),
+    Case("sharded checkpoint without a sharding strategy",
+         lambda r, t: r.synthetic("--ckpt_path", str(sharded_folder(t)), command="validate"),
+         "is a sharded (FSDP/FSDP2) checkpoint folder, but trainer.strategy is"),
+    Case("incomplete sharded checkpoint", incomplete_sharded, "is not a complete sharded checkpoint folder"),
+    Case("sharded checkpoint index holding code",
+         lambda r, t: ["consolidate", str(sharded_folder(t, pickle.dumps(RunsCode()))), str(t / "out.ckpt")],
+         "refusing to load the sharded checkpoint"),
+    Case("consolidating a single file",
+         lambda r, t: ["consolidate", str(r.checkpoint("synthetic")), str(t / "out.ckpt")],
+         "is a single-file checkpoint, not a sharded"),
+    # ------------------------------------------------------------------------------------------------------ study
+    Case("misspelled study setting", study("--sedes", "[0]"), "'sedes': did you mean 'seeds'?"),
+    Case("unknown study variant", study("--sharing", "[QKV, QKX]"), "study.sharing=['QKV', 'QKX']: attention.sharing='QKX' is not a"),
+    Case("impossible study cell", study("--n_kv_heads", "[3]", "--baseline", "QKV_kv3"),
+         "study cell QKV_kv3 is impossible"),
+    Case("study task that does not exist",
+         lambda r, t: ["study", "--task", str(t / "nothere.yaml"), "--output", str(t / "study")],
+         "no such fit config"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_gives_its_documented_error_and_changes_no_run(case, runs, tmp_path, capsys):
+    before = snapshot(runs.folder / "logs")
+    capsys.readouterr()
+    argv = case.build(runs, tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err[-3000:]  # one paragraph, last
+    assert case.message in errors[0], errors[0]
+    assert snapshot(runs.folder / "logs") == before  # no file of any run added, changed or removed
+    assert not (tmp_path / "study").exists()
+
+
+def test_bad_inputs_are_many_and_distinct():
+    assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)
+
+
+def test_readme_documents_every_error():
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Errors and recovery") :]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    for case in CASES:
+        assert any(case.id in row and case.message.replace("|", "\\|") in row for row in rows), case.id
+
+
+def test_every_task_checkpoint_loads_weights_only(runs):
+    """The CLI loads checkpoints with weights_only=True: every task's checkpoint must hold only plain types."""
+    for run in ("synthetic", "lm", "vit"):
+        checkpoint = torch.load(runs.checkpoint(run), weights_only=True)
+        assert checkpoint["global_step"] > 0 and isinstance(checkpoint["hyper_parameters"], dict)
+
+
+def test_debug_shows_the_traceback(runs):
+    with pytest.raises(Exception, match="must divide n_head=4"):
+        main(runs.synthetic("--model.init_args.attention.n_kv_heads", "3", "--debug"))
+
+
+def test_a_trusted_checkpoint_holding_objects_loads_with_weights_only_false(runs, tmp_path, monkeypatch):
+    """``--weights_only false`` is the documented way to load a trusted checkpoint that holds Python objects."""
+    path, checkpoint = checkpoint_copy(runs, tmp_path)
+    checkpoint["extra"] = np.dtype("float32")  # harmless, but not a plain type
+    torch.save(checkpoint, path)
+    args = runs.synthetic("--ckpt_path", str(path), "--trainer.logger", "false", command="validate")
+    assert main(args) == 2
+    assert main([*args, "--weights_only", "false"]) == 0
+
+
+def test_token_cache_altered_in_place_is_caught_by_its_checksum_and_rebuilt(runs, tmp_path):
+    """Same size, one bit flipped: only the recorded SHA-256 can tell; with rebuilding on it is rebuilt, not reused
+    (test_wikitext covers changed sources and truncated caches)."""
+    cache = tmp_path / "cache"
+    base = lm_args(tmp_path, runs.wikitext, name="rebuilt") + ["--data.cache_dir", str(cache)]
+    assert main(["fit", *base]) == 0
+    token_file = cache / "word" / "val.bin"
+    good = token_file.read_bytes()
+    token_file.write_bytes(good[:2] + bytes([good[2] ^ 1]) + good[3:])
+    assert main(["fit", *base]) == 0
+    assert token_file.read_bytes() == good
