@@ -1,0 +1,149 @@
+"""Crash safety and numerical faults: checkpoints are replaced atomically, an interrupted FSDP2 swap is recovered,
+sharded checkpoints are read safely, and a non-finite loss or gradient stops the run (or, within a budget, is skipped)
+without a checkpoint of the bad state.
+
+The kill -9 tests (one process, DDP, FSDP2: a real process killed mid-epoch, then ``fit --ckpt_path last``) are in
+tests/test_distributed.py, next to the uninterrupted runs they are compared with.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qkv_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    consolidate,
+    read_sharded_metadata,
+    recover_interrupted_swap,
+)
+from qkv_lightning.cli import DeferredSummaryWriter, QKVLightningCLI, main
+from tests.run_fixtures import synthetic_args
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["cli.py"])
+
+
+# ---------------------------------------------------------------------------------------------------- atomic saves
+def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    writer, path = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
+    writer.save_checkpoint({"step": 1, "weights": torch.arange(1000.0)}, path)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):  # half of the bytes reach the disk, then the disk is full
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        writer.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    previous = torch.load(path, weights_only=True)
+    assert previous["step"] == 1 and torch.equal(previous["weights"], torch.arange(1000.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # the half-written file is gone
+
+
+def test_the_cli_writes_checkpoints_atomically_and_opens_event_files_lazily(tmp_path):
+    cli = QKVLightningCLI(args=synthetic_args(tmp_path), run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    assert isinstance(cli.trainer.logger._experiment, DeferredSummaryWriter)
+    assert not (tmp_path / "logs").exists()  # nothing written before the run starts
+
+
+def complete(folder: Path, tag: str) -> Path:
+    folder.mkdir()
+    (folder / ".metadata").write_text(tag)
+    (folder / "meta.pt").write_text(tag)
+    return folder
+
+
+def test_an_fsdp2_swap_interrupted_between_its_renames_is_completed_or_undone(tmp_path):
+    last = tmp_path / "last.ckpt"
+    complete(tmp_path / "last.ckpt.old", "old")
+    complete(tmp_path / "last.ckpt.partial", "new")
+    assert recover_interrupted_swap(last) and (last / ".metadata").read_text() == "new"  # completed
+    assert not recover_interrupted_swap(last)  # nothing to do once it exists
+
+    other = tmp_path / "other.ckpt"
+    complete(tmp_path / "other.ckpt.old", "old")
+    (tmp_path / "other.ckpt.partial").mkdir()  # the new one was not complete: the old one comes back
+    assert recover_interrupted_swap(other) and (other / ".metadata").read_text() == "old"
+
+
+def test_a_real_sharded_checkpoint_index_is_accepted_and_consolidates(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "sharded.ckpt"
+    weights = {"network.embed.weight": torch.randn(5, 4), "network.head.bias": torch.randn(5)}
+    optimizer = {"state": {"network.embed.weight": {"step": torch.tensor(3.0), "exp_avg": torch.randn(5, 4)}},
+                 "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": ["network.embed.weight"]}]}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"state_dict": weights, "optimizer_0": optimizer}, checkpoint_id=str(folder))
+    torch.save({"global_step": 7, "hyper_parameters": {"attention": {"sharing": "QKV"}}}, folder / "meta.pt")
+    metadata = read_sharded_metadata(folder)
+    assert tuple(metadata.state_dict_metadata["state_dict.network.embed.weight"].size) == (5, 4)
+    merged = consolidate(folder, tmp_path / "one.ckpt")
+    loaded = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    assert loaded["global_step"] == merged["global_step"] == 7
+    for name, tensor in weights.items():
+        assert torch.equal(loaded["state_dict"][name], tensor)
+    assert torch.equal(loaded["optimizer_states"][0]["state"]["network.embed.weight"]["exp_avg"],
+                       optimizer["state"]["network.embed.weight"]["exp_avg"])
+
+
+# ------------------------------------------------------------------------------------------------ numerical faults
+def poisoned(tmp_path: Path, step: int, what: str, *extra: str, every: int = 2, steps: int = 6) -> list[str]:
+    return ["fit", *synthetic_args(tmp_path, steps=steps, every=every, save_on_exception=True),
+            "--trainer.callbacks+=tests.distributed_support.PoisonAt", f"--trainer.callbacks.step={step}",
+            f"--trainer.callbacks.what={what}", *extra]
+
+
+def checkpoints(tmp_path: Path) -> dict[str, dict]:
+    folder = tmp_path / "logs" / "synthetic" / "version_0" / "checkpoints"
+    return {path.name: torch.load(path, weights_only=True) for path in sorted(folder.glob("*.ckpt"))}
+
+
+@pytest.mark.parametrize(("what", "step", "said"), [("gradient", 3, "gradient"), ("loss", 1, "loss (nan)")])
+def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys, what, step, said
+):
+    assert main(poisoned(tmp_path, step, what)) == 2
+    err = capsys.readouterr().err
+    assert f"error: non-finite {said} at global step {step} (epoch 0, batch {step})" in err
+    assert "--nonfinite.max_skipped_steps" in err and "Traceback" not in err
+    saved = checkpoints(tmp_path)
+    good = (step // 2) * 2  # checkpoints every 2 steps; none of the bad step, though save_on_exception is on
+    assert sorted(saved) == (sorted([f"step={good}.ckpt", "last.ckpt"]) if good else [])
+    if good:
+        assert saved["last.ckpt"]["global_step"] == good
+        for name, tensor in saved["last.ckpt"]["state_dict"].items():
+            assert torch.isfinite(tensor).all() and torch.equal(tensor, saved[f"step={good}.ckpt"]["state_dict"][name])
+
+
+def test_a_skipped_step_leaves_weights_and_optimizer_unchanged_and_is_logged(tmp_path):
+    assert main(poisoned(tmp_path, 2, "gradient", "--nonfinite.max_skipped_steps", "1", every=1, steps=4)) == 0
+    saved = checkpoints(tmp_path)
+    before, skipped, after = (saved[f"step={k}.ckpt"] for k in (2, 3, 4))
+    for name, tensor in before["state_dict"].items():
+        assert torch.equal(skipped["state_dict"][name], tensor), name  # the bad step changed nothing
+    assert any(not torch.equal(after["state_dict"][n], t) for n, t in skipped["state_dict"].items())  # then trains
+    for key, state in before["optimizer_states"][0]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(skipped["optimizer_states"][0]["state"][key][moment], state[moment])
+    guard = next(v for k, v in skipped["callbacks"].items() if k.startswith("NonFiniteGuard"))
+    assert guard == {"skipped_steps": 1}
+    events = EventAccumulator(str(tmp_path / "logs" / "synthetic" / "version_0"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/skipped_steps")]  # the count so far, from step 2
+    assert logged[0] == (2, 1.0) and {value for _, value in logged} == {1.0}
+    assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
