@@ -251,7 +251,10 @@ def recover_interrupted_swap(path: str | Path) -> bool:
         return False
     for candidate in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")):
         if is_sharded_checkpoint(candidate):
-            os.replace(candidate, path)
+            try:
+                os.replace(candidate, path)
+            except FileNotFoundError:  # another process (node) repaired it first
+                return False
             return True
     return False
 

@@ -187,7 +187,7 @@ class QKVLightningCLI(LightningCLI):
         """Lightning's re-parsing of a checkpoint's hyper-parameters into the model config (``--ckpt_path FILE``),
         reading the file safely: with ``weights_only`` (unless ``--weights_only false``), and a damaged, unsafe or
         foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs."""
-        from qkv_lightning.checkpoints import load_checkpoint_file
+        from qkv_lightning.checkpoints import load_checkpoint_file, recover_interrupted_swap
 
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -197,6 +197,7 @@ class QKVLightningCLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "hpc", "registry") or "://" in str(ckpt_path):
             return
         path = Path(ckpt_path)
+        recover_interrupted_swap(path)
         if not path.exists():
             raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; check the path, or pass --ckpt_path last.")
         if not path.is_file():
@@ -454,12 +455,15 @@ def explain_config_error(message: str, vocabulary: set[str] | None = None) -> st
 def find_last_checkpoint(config: Any) -> tuple[Path, str | int | None] | None:
     """The newest ``last.ckpt`` of the configured logger's runs (``save_dir/name/version_*/checkpoints``) and the
     version it belongs to, or None. A ModelCheckpoint with an explicit ``dirpath`` is searched first."""
+    from qkv_lightning.checkpoints import recover_interrupted_swap
+
     trainer = config.get("trainer", {})
     candidates: list[tuple[Path, str | int | None]] = []
     for callback in trainer.get("callbacks") or []:
         init_args = callback.get("init_args", {}) if isinstance(callback, jsonargparse.Namespace) else {}
         if "ModelCheckpoint" in str(callback.get("class_path", "")) and init_args.get("dirpath"):
             candidates.append((Path(init_args["dirpath"]) / "last.ckpt", None))
+            recover_interrupted_swap(candidates[-1][0])
     logger = trainer.get("logger")
     if isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
         save_dir = Path(logger.init_args.get("save_dir") or trainer.get("default_root_dir") or ".")
@@ -468,6 +472,8 @@ def find_last_checkpoint(config: Any) -> tuple[Path, str | int | None] | None:
         if run_dir.is_dir():
             for version_dir in run_dir.iterdir():
                 last = version_dir / "checkpoints" / "last.ckpt"
+                if version_dir.name.startswith("version_") and version_dir.is_dir():
+                    recover_interrupted_swap(last)  # an FSDP2 save that a crash interrupted between its renames
                 if version_dir.name.startswith("version_") and last.exists():
                     version = version_dir.name.removeprefix("version_")
                     candidates.append((last, int(version) if version.isdigit() else version_dir.name))
