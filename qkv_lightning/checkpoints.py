@@ -71,7 +71,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    prefix = f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             torch.save(obj, file)
@@ -203,7 +204,7 @@ def load_checkpoint_file(path: str | Path, weights_only: bool = True, lightning:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (ckpt_path); check the path, or pass --ckpt_path last.")
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path, or pass --ckpt_path last.")
     damaged = (
         "An interrupted save never replaces a checkpoint here, so this file was damaged or copied incompletely; use "
         "another checkpoint (e.g. last.ckpt or an earlier step)."

@@ -24,6 +24,7 @@ import jsonargparse
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
@@ -216,6 +217,7 @@ class QKVLightningCLI(LightningCLI):
                 f"builds {configured}; use a config of the same task (or another checkpoint). Nothing was run."
             )
         model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
+        configured_settings = flatten(config.get("model") or {})
         try:
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
         except (ArgumentError, SystemExit) as error:
@@ -223,6 +225,17 @@ class QKVLightningCLI(LightningCLI):
                 f"the hyper-parameters saved in {path} do not fit the configured model ({error}); use a config of "
                 "the task that saved it."
             ) from None
+        replaced = [
+            f"model.{key}: {value!r} -> {flatten(self.config[subcommand]['model']).get(key)!r}"
+            for key, value in configured_settings.items()
+            if key.startswith("init_args.") and flatten(self.config[subcommand]["model"]).get(key, value) != value
+        ]
+        if replaced:
+            rank_zero_warn(
+                f"ckpt_path={path}: the model settings saved in the checkpoint replace the config's (Lightning's "
+                f"rule for --ckpt_path FILE): {'; '.join(replaced)}. To train with other settings, start from the "
+                "weights instead (e.g. TaskModule.load_from_checkpoint in your own script)."
+            )
 
     def check_checkpoint_fits_strategy(self) -> None:
         """A sharded checkpoint folder can only be resumed by a sharding strategy: say so instead of a traceback."""

@@ -208,11 +208,12 @@ class Case:
 CASES = [
     # ------------------------------------------------------------------------------------ settings and command line
     Case("typo in a nested setting (YAML)",
-         lambda r, t: r.synthetic("--config", yaml_file(t, "model:\n  init_args:\n    attention:\n      sharin: QKV\n")),
+         lambda r, t: r.synthetic("--config", yaml_file(t, "model:\n init_args:\n  attention:\n   sharin: QKV\n")),
          "'sharin': did you mean 'sharing'?"),
     Case("abbreviated or misspelled option",
          lambda r, t: r.synthetic("--trainer.max_step", "9"), "'max_step': did you mean 'max_steps'?"),
-    Case("misspelled section", lambda r, t: r.synthetic("--config", yaml_file(t, "modle:\n  init_args:\n    network:\n      n_layer: 2\n")),
+    Case("misspelled section",
+         lambda r, t: r.synthetic("--config", yaml_file(t, "modle:\n init_args:\n  network:\n   n_layer: 2\n")),
          "'modle': did you mean 'model'?"),
     Case("misspelled data setting", lambda r, t: r.synthetic("--data.init_args.batchsize", "4"),
          "'batchsize': did you mean 'batch_size'?"),
@@ -295,7 +296,8 @@ CASES = [
     Case("checkpoint of another task",
          lambda r, t: r.synthetic("--ckpt_path", str(r.checkpoint("lm")), command="validate"),
          "model.class_path: checkpoint qkv_lightning.tasks.language_model.LanguageModel"),
-    Case("checkpoint holding code", unsafe_checkpoint, "it holds Python objects other than tensors and plain containers (posix.system)"),
+    Case("checkpoint holding code", unsafe_checkpoint,
+         "it holds Python objects other than tensors and plain containers (posix.system)"),
     Case("sharded checkpoint without a sharding strategy",
          lambda r, t: r.synthetic("--ckpt_path", str(sharded_folder(t)), command="validate"),
          "is a sharded (FSDP/FSDP2) checkpoint folder, but trainer.strategy is"),
@@ -308,7 +310,8 @@ CASES = [
          "is a single-file checkpoint, not a sharded"),
     # ------------------------------------------------------------------------------------------------------ study
     Case("misspelled study setting", study("--sedes", "[0]"), "'sedes': did you mean 'seeds'?"),
-    Case("unknown study variant", study("--sharing", "[QKV, QKX]"), "study.sharing=['QKV', 'QKX']: attention.sharing='QKX' is not a"),
+    Case("unknown study variant", study("--sharing", "[QKV, QKX]"),
+         "study.sharing=['QKV', 'QKX']: attention.sharing='QKX' is not a"),
     Case("impossible study cell", study("--n_kv_heads", "[3]", "--baseline", "QKV_kv3"),
          "study cell QKV_kv3 is impossible"),
     Case("study task that does not exist",
@@ -365,6 +368,15 @@ def test_a_trusted_checkpoint_holding_objects_loads_with_weights_only_false(runs
     args = runs.synthetic("--ckpt_path", str(path), "--trainer.logger", "false", command="validate")
     assert main(args) == 2
     assert main([*args, "--weights_only", "false"]) == 0
+
+
+def test_model_settings_replaced_by_a_checkpoint_are_reported(runs, tmp_path):
+    """``--ckpt_path FILE`` takes the model settings saved in the checkpoint (Lightning's rule): a config that says
+    otherwise is not overridden silently."""
+    args = runs.synthetic("--ckpt_path", str(runs.checkpoint("synthetic")), "--model.init_args.optimizer.lr", "0.0001",
+                          "--trainer.logger", "false", command="validate")
+    with pytest.warns(UserWarning, match=r"model\.init_args\.optimizer\.lr: 0\.0001 -> 0\.003"):
+        assert main(args) == 0
 
 
 def test_token_cache_altered_in_place_is_caught_by_its_checksum_and_rebuilt(runs, tmp_path):

@@ -220,7 +220,7 @@ def fit_until_killed(workdir: Path, name: str, batch_size: int, *extra: str, tim
     return output
 
 
-CRASHES = {  # strategy: (CLI arguments, global step of the kill, killed half-way through writing that step's checkpoint)
+CRASHES = {  # strategy: (CLI arguments, step of the kill, killed half-way through writing that step's checkpoint)
     "single": (("--trainer.devices", "1"), STEPS, True),
     "ddp": (DDP, 6, False),
     "fsdp2": (FSDP2, STEPS, True),

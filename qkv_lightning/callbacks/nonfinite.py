@@ -36,7 +36,9 @@ class NonFiniteGuard(Callback):
     def __init__(self, max_skipped_steps: int = 0) -> None:
         super().__init__()
         if max_skipped_steps < 0:
-            raise ConfigError(f"nonfinite.max_skipped_steps={max_skipped_steps} must be >= 0 (0: stop at the first bad step).")
+            raise ConfigError(
+                f"nonfinite.max_skipped_steps={max_skipped_steps} must be >= 0 (0: stop at the first bad step)."
+            )
         self.max_skipped_steps = max_skipped_steps
         self.skipped_steps = 0
         self._last_loss: torch.Tensor | None = None

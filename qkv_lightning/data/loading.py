@@ -5,8 +5,8 @@ with the same seed sees the same batches. :class:`ResumableDataLoader` counts th
 saves that count in checkpoints (``state_dict``) and, on resume, the sampler skips exactly those samples, so a run
 restarted from a mid-epoch checkpoint continues with the batch an uninterrupted run would have seen next.
 
-tests/test_resume.py checks against uninterrupted runs that the count saved is the count trained on (Lightning's
-training loop does not hold a fetched-ahead batch when it saves).
+tests/test_distributed.py checks against uninterrupted runs, also after ``kill -9``, that the count saved is the
+count trained on (Lightning's training loop does not hold a fetched-ahead batch when it saves).
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def train_loader(
     n_batches = len(sampler) // batch_size if drop_last else -(-len(sampler) // batch_size)
     if n_batches == 0:
         raise DataError(
-            f"the training split holds {len(dataset)} samples ({len(sampler)} per process over "  # type: ignore[arg-type]
+            f"the training split holds {len(sampler.dataset)} samples ({len(sampler)} per process over "
             f"{sampler.num_replicas} process(es)), fewer than one batch of data.batch_size={batch_size}: training "
             "would do nothing. Lower data.batch_size, or use a larger training split."
         )
