@@ -236,17 +236,34 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    task = _task_config(tmp_path)
+FAILING_CALLBACK = '''
+from lightning.pytorch.callbacks import Callback
+
+
+class FailWithTwoKVHeads(Callback):
+    """Fails the run of every cell with n_kv_heads=2 when training starts (as a run-time error would)."""
+
+    def on_train_start(self, trainer, pl_module):
+        if pl_module.attention_config.n_kv_heads == 2:
+            raise RuntimeError("this run fails on purpose (n_kv_heads=2)")
+'''
+
+
+def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
+    tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "failing_callback.py").write_text(FAILING_CALLBACK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = _task_config(tmp_path, callbacks=[{"class_path": "failing_callback.FailWithTwoKVHeads"}])
     study_yaml = tmp_path / "tiny.yaml"
     out = tmp_path / "study"
     study_yaml.write_text(
         yaml.safe_dump(
             {
                 "task": str(task),
-                # QKV_kv3 cannot be built (3 does not divide 4 heads): it fails, the study goes on
+                # QKV_kv2 fails while it runs (the callback above): it is recorded, the study goes on
                 "sharing": ["QKV", "Q=K=V"],
-                "n_kv_heads": [None, 3],
+                "n_kv_heads": [None, 2],
                 "seeds": [0, 1],
                 "workers": 0,
                 "output": str(out),
@@ -259,7 +276,7 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path
     assert (
         "| variant | runs ok | params |" in printed
         and "| Q=K=V | 2/2 |" in printed
-        and "QKV_kv3 seed 0: FAILED" in printed
+        and "QKV_kv2 seed 0: FAILED" in printed
     )
 
     columns, rows = _read_csv(out / "results.csv")
@@ -270,11 +287,11 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path
         ("Q=K=V", "1", "ok"),
         ("QKV", "0", "ok"),
         ("QKV", "1", "ok"),
-        ("QKV_kv3", "0", "failed"),
-        ("QKV_kv3", "1", "failed"),
+        ("QKV_kv2", "0", "failed"),
+        ("QKV_kv2", "1", "failed"),
     ]
     failed = [r for r in rows if r["status"] == "failed"]
-    assert all("n_kv_heads=3" in r["error"] and r["test/acc"] == "" for r in failed)
+    assert all("n_kv_heads=2" in r["error"] and r["test/acc"] == "" for r in failed)
     ok = {(r["variant"], r["seed"]): r for r in rows if r["status"] == "ok"}
     # exact accounting, d_model 16, one layer: QKV's fused projection has 2 * (16 * 16 + 16) more weights than Q=K=V
     assert int(ok["QKV", "0"]["params"]) - int(ok["Q=K=V", "0"]["params"]) == 2 * (16 * 16 + 16)
@@ -286,21 +303,21 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path
     assert summary["primary"] == "test/acc"
     assert summary["metrics"] == ["test/acc", "test/seq_acc", "test/loss", "val/acc", "val/seq_acc", "val/loss"]
     by_label = {row["variant"]: row for row in summary["variants"]}
-    assert list(by_label) == ["QKV", "QKV_kv3", "Q=K=V"]  # grid order: sharing, then n_kv_heads
+    assert list(by_label) == ["QKV", "QKV_kv2", "Q=K=V"]  # grid order: sharing, then n_kv_heads
     entry = by_label["Q=K=V"]["metrics"]["test/acc"]
     qkv = [float(ok["QKV", s]["test/acc"]) for s in ("0", "1")]
     single = [float(ok["Q=K=V", s]["test/acc"]) for s in ("0", "1")]
     reference = scipy_stats.ttest_rel(single, qkv)  # same seeds finished: paired
     assert entry["test"] == "paired" and entry["p"] == pytest.approx(reference.pvalue, rel=1e-8)
     assert entry["diff"] == pytest.approx(sum(single) / 2 - sum(qkv) / 2)
-    assert entry["p_holm"] == pytest.approx(entry["p"])  # QKV_kv3 has no p-value: a family of one
+    assert entry["p_holm"] == pytest.approx(entry["p"])  # QKV_kv2 has no p-value: a family of one
     assert entry["verdict"] in ("n.s.", "better", "worse")
     assert by_label["Q=K=V"]["params_change"] == pytest.approx(
         int(ok["Q=K=V", "0"]["params"]) / int(ok["QKV", "0"]["params"]) - 1
     )
-    assert by_label["QKV_kv3"]["runs_ok"] == 0 and by_label["QKV_kv3"]["metrics"]["test/acc"]["verdict"] == "n/a"
+    assert by_label["QKV_kv2"]["runs_ok"] == 0 and by_label["QKV_kv2"]["metrics"]["test/acc"]["verdict"] == "n/a"
     markdown = (out / "summary.md").read_text()
-    assert "diff vs QKV [95% CI]" in markdown and "Failed runs:" in markdown and "QKV_kv3 seed 1" in markdown
+    assert "diff vs QKV [95% CI]" in markdown and "Failed runs:" in markdown and "QKV_kv2 seed 1" in markdown
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # one TensorBoard run per cell, with its variant and seed in the HParams plugin's session info
@@ -332,6 +349,13 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(tmp_path: Path
     before = {(r["variant"], r["seed"]): r["test/acc"] for r in rows}
     # the redone cell repeats its result exactly (same seed, same data), the others were kept
     assert {(r["variant"], r["seed"]): r["test/acc"] for r in rows_after} == before
+
+
+def test_an_impossible_cell_rejects_the_study_before_anything_is_written(tmp_path: Path) -> None:
+    config = StudyConfig(task=str(_task_config(tmp_path)), sharing=["QKV", "Q-K=V"], n_kv_heads=[None, 3], seeds=[0])
+    with pytest.raises(ConfigError, match=r"study cell QKV_kv3 is impossible .*n_kv_heads=3 must divide n_head=4"):
+        run_study(config, tmp_path / "s", echo=lambda line: None)
+    assert not (tmp_path / "s").exists()
 
 
 CRASH_CALLBACK = '''
