@@ -137,6 +137,8 @@ class DeferredSummaryWriter:
             self._writer.close()
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_logger", "_writer"):  # copying and pickling look these up
+            raise AttributeError(name)
         return getattr(self._open(), name)
 
 

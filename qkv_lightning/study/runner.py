@@ -61,6 +61,7 @@ def check_variants(config: StudyConfig, variants: list) -> None:
         ConfigError: naming the variant and the setting to change (e.g. n_kv_heads that does not divide n_head).
     """
     import importlib
+    from argparse import ArgumentError
 
     from qkv_lightning.cli import QKVLightningCLI, explain_config_error
     from qkv_lightning.errors import ConfigError, QKVError
@@ -78,7 +79,7 @@ def check_variants(config: StudyConfig, variants: list) -> None:
         parsed = ParseOnly(args=["--config", str(config.task), *config.overrides], run=False).config.as_dict()
     except QKVError as error:
         raise ConfigError(f"{where}: {error}") from None
-    except Exception as error:  # jsonargparse reports bad keys and values as ArgumentError
+    except (ArgumentError, ValueError) as error:  # jsonargparse reports bad keys and values as ArgumentError
         raise ConfigError(f"{where}: {explain_config_error(str(error))}") from None
     for variant in variants:
         model_config = dict(parsed["model"])
