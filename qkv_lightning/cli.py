@@ -34,8 +34,10 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 EXTRA_COMMANDS: dict[str, str] = {
+    "bench": "qkv_lightning.bench.models:main",
     "bench-attention": "qkv_lightning.bench.attention:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "report": "qkv_lightning.bench.report:main",
     "study": "qkv_lightning.study:main",
 }
 """Extra subcommands: name -> ``module:function`` taking the remaining arguments (a list of strings)."""

@@ -65,8 +65,13 @@ class ImageClassifier(TaskModule):
         )
 
     # ----------------------------------------------------------------------------------------------- building
+    sample_unit = "images"
+
+    def resolved_network_config(self, data_spec: dict) -> ViTConfig:
+        return self.network_config.with_data(data_spec)
+
     def build_network(self, data_spec: dict) -> ViT:
-        return ViT(self.network_config.with_data(data_spec), self.attention_config)
+        return ViT(self.resolved_network_config(data_spec), self.attention_config)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -96,13 +101,27 @@ class ImageClassifier(TaskModule):
         return self.network(images)
 
     # -------------------------------------------------------------------------------------------------- steps
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def tokens_in(self, batch: tuple[Tensor, Tensor]) -> int | None:
+        return None  # throughput is counted in images
+
+    def _training_forward(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Training loss (label smoothing, mixup/cutmix) and the logits (B, classes)."""
         images, labels = batch  # (B, C, H, W), (B,)
         targets: Tensor = labels
         if self.mix is not None:
             images, targets = self.mix(images, labels)  # targets: (B, classes) mixed one-hot
         logits = self.network(images)  # (B, classes)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), logits
+
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return self._training_forward(batch)[0]
+
+    def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+        return self.network.attention_maps(batch[0][:1])  # per block (1, H, T, T)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        labels = batch[1]  # (B,)
+        loss, logits = self._training_forward(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
         if self.mix is None:  # accuracy on mixed images is not meaningful
             self.train_metrics.update(logits, labels)
