@@ -6,6 +6,7 @@ import argparse
 import inspect
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -86,7 +87,9 @@ def load_task(
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)  # no "Seed set to ..." line in the output
     try:
-        task, datamodule, config = _ConfigOnlyCLI.load(args)
+        with warnings.catch_warnings():  # LightningCLI warns that sys.argv (pytest's, say) is not what it parses
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            task, datamodule, config = _ConfigOnlyCLI.load(args)
     finally:
         seed_log.setLevel(level)
     if not isinstance(task, TaskModule):
