@@ -24,7 +24,9 @@ import jsonargparse
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
+from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, QKVError
 from qkv_lightning.tasks.base import TaskModule
 
@@ -143,6 +145,8 @@ class QKVLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(PerfMonitor, "perf")
+        parser.add_lightning_class_args(AttentionMaps, "attention_maps")
         parser.set_defaults(
             {
                 "trainer.logger": {

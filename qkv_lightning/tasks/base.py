@@ -199,6 +199,9 @@ class TaskModule(L.LightningModule):
     sample_unit: str = "samples"
     """What one sample of a batch is, in the names of throughput metrics (``perf/<unit>_per_sec``)."""
 
+    counts_tokens: bool = True
+    """Whether samples are token sequences, so that throughput is also counted in tokens (:meth:`tokens_in`)."""
+
     def cost(
         self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2
     ) -> NetworkCost:
@@ -219,8 +222,8 @@ class TaskModule(L.LightningModule):
         inputs = batch[0] if isinstance(batch, list | tuple) else batch
         return int(inputs.shape[0])
 
-    def tokens_in(self, batch: Any) -> int | None:
-        """Tokens in a batch, or None where the samples are not token sequences (images)."""
+    def tokens_in(self, batch: Any) -> int:
+        """Tokens in a batch (of a task whose samples are token sequences): every element of its inputs."""
         inputs = batch[0] if isinstance(batch, list | tuple) else batch
         return int(inputs.numel())
 

@@ -66,6 +66,7 @@ class ImageClassifier(TaskModule):
 
     # ----------------------------------------------------------------------------------------------- building
     sample_unit = "images"
+    counts_tokens = False
 
     def resolved_network_config(self, data_spec: dict) -> ViTConfig:
         return self.network_config.with_data(data_spec)
@@ -101,9 +102,6 @@ class ImageClassifier(TaskModule):
         return self.network(images)
 
     # -------------------------------------------------------------------------------------------------- steps
-    def tokens_in(self, batch: tuple[Tensor, Tensor]) -> int | None:
-        return None  # throughput is counted in images
-
     def _training_forward(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Training loss (label smoothing, mixup/cutmix) and the logits (B, classes)."""
         images, labels = batch  # (B, C, H, W), (B,)
