@@ -71,7 +71,8 @@ def explicit(variant: str, n_kv: int | None, **options) -> AttentionConfig:
 GPT_OPTIONS = {
     "tied": {},
     "untied-no-bias": {"tie_embeddings": False, "bias": False},
-    "adaptive": {"output": "adaptive", "vocab_size": 300, "adaptive_cutoffs": [40, 100, 1000], "adaptive_div_value": 2.0},
+    "adaptive": {"output": "adaptive", "vocab_size": 300, "adaptive_cutoffs": [40, 100, 1000],
+                 "adaptive_div_value": 2.0},
     "score-rope": {"position": "rope", "score_encoding": True},
     "no-positions-default-mlp": {"position": "none", "d_mlp": None, "score_encoding": True},
 }
@@ -92,7 +93,8 @@ def test_gpt_closed_form_matches_the_built_model(variant, n_kv, option):
 
     assert cost.params_total == n_params(model)
     assert cost.params_attention == attention_params(model)
-    assert cost.params_embedding == model.embed.weight.numel() + (0 if model.position is None else n_params(model.position))
+    positions = 0 if model.position is None else n_params(model.position)
+    assert cost.params_embedding == model.embed.weight.numel() + positions
     head = 0 if config.tie_embeddings and config.output == "linear" else n_params(model.head)
     assert cost.params_head == head
     check_cache(model, config, attention, seq_len)
@@ -180,7 +182,8 @@ def test_encoder_closed_form_matches_the_built_model(variant, n_kv, score):
     check_cache(model, config, attention, 9)
     idx = torch.randint(0, 10, (2, 9))
     assert counted(lambda: model(idx)) == cost.forward_flops(2)
-    assert counted(lambda: F.cross_entropy(model(idx)[0].flatten(0, 1), idx.flatten()).backward()) == cost.train_flops(2)
+    loss = lambda: F.cross_entropy(model(idx)[0].flatten(0, 1), idx.flatten())  # noqa: E731
+    assert counted(lambda: loss().backward()) == cost.train_flops(2)
 
 
 def test_shared_variants_remove_exactly_their_projections():
@@ -247,7 +250,8 @@ def test_report_says_where_the_data_values_came_from(capsys, monkeypatch):
     assert "SyntheticSequenceData.spec()" in report_json(capsys, "--config", "configs/synthetic/reverse.yaml")[
         "data_spec_source"
     ]
-    given = report_json(capsys, "--config", "configs/lm/wikitext2.yaml", "--data_spec", '{"vocab_size": 1000, "seq_len": 32}')
+    spec = '{"vocab_size": 1000, "seq_len": 32}'
+    given = report_json(capsys, "--config", "configs/lm/wikitext2.yaml", "--data_spec", spec)
     assert given["data_spec_source"] == "--data_spec" and given["tokens_per_sample"] == 32
     official = report_json(capsys, "--config", "configs/lm/wikitext2.yaml")  # its files are not on this machine
     assert official["data_spec"]["vocab_size"] == 33278 and "official WikiText-2" in official["data_spec_source"]

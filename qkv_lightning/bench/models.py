@@ -154,13 +154,21 @@ def decode_step(task: TaskModule, batch_size: int, context: int, n_tokens: int, 
     return step, cache_bytes
 
 
-def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
-    """The device's matrix-multiply throughput: median FLOP/s of ``size`` x ``size`` products (2 size^3 FLOPs)."""
+GEMM = "GEMM"
+"""Name of the matrix-multiply step among the timed training steps."""
+
+
+def gemm_step(device: torch.device, dtype: torch.dtype, size: int) -> Callable[[], None]:
+    """One ``size`` x ``size`` matrix product (2 size^3 FLOPs), written into a preallocated output."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    seconds = interleaved_medians({"gemm": lambda: a @ b}, repeats, 0, device)["gemm"]
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
+    """The device's matrix-multiply throughput: median FLOP/s of ``size`` x ``size`` products after warm-up."""
+    seconds = interleaved_medians({GEMM: gemm_step(device, dtype, size)}, repeats, 3, device)[GEMM]
     return 2 * size**3 / seconds
 
 
@@ -383,11 +391,13 @@ class StepTimes:
 
 
 def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, device: torch.device, precision: str,
-                       clip: float | None, steps: int, rounds: int, skip: int) -> tuple[list, list, list]:
+                       clip: float | None, steps: int, rounds: int, skip: int,
+                       gemm: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Per-step times of a plain PyTorch loop and of Lightning fit loops on the same model, batch and optimiser
     settings, interleaved in ``rounds``; the first ``skip`` steps of each segment are left out (warm-up, and a new
     optimiser's first step for each fit). ``lightning``: a bare Trainer; ``lightning_fit``: as ``fit`` runs it here
-    (TensorBoard logging, learning-rate monitor, the non-finite guard and the perf monitor)."""
+    (TensorBoard logging, learning-rate monitor, the non-finite guard and the perf monitor). With ``gemm``, each
+    round also times that many matrix products (key ``gemm``), for the loops' fractions of the GEMM peak."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -400,14 +410,15 @@ def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, devic
     loader = DataLoader(RepeatedBatch(batch, steps), batch_size=None)  # the same batch every step, as the plain loop
     log_every = int(loaded.config.trainer.get("log_every_n_steps") or 50)
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    times: dict[str, list[float]] = {"plain": [], "lightning": [], "lightning_fit": []}
+    times: dict[str, list[float]] = {"plain": [], "lightning": [], "lightning_fit": [], "gemm": []}
+    kinds = ("lightning", "plain", "lightning_fit") + (("gemm",) if gemm else ())
     with tempfile.TemporaryDirectory() as logs:
         for _ in range(rounds):
-            for kind in ("lightning", "plain", "lightning_fit"):
-                if kind == "plain":
+            for kind in kinds:
+                if kind in ("plain", "gemm"):
                     ends = []
                     for _ in range(steps):
-                        plain_step()
+                        (plain_step if kind == "plain" else gemm)()
                         synchronize(device)
                         ends.append(time.perf_counter())
                 else:
@@ -426,7 +437,7 @@ def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, devic
                         trainer.fit(task, train_dataloaders=loader)
                     ends = timer.ends
                 times[kind] += [b - a for a, b in zip(ends[skip:], ends[skip + 1 :])]
-    return times["plain"], times["lightning"], times["lightning_fit"]
+    return times
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -456,7 +467,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also time the attention core against timm's Attention and torch.nn.MultiheadAttention")
     p.add_argument("--attention_repeats", type=int, default=20)
     p.add_argument("--gemm", action="store_true", help="measure the device's GEMM peak and the fraction reached")
-    p.add_argument("--gemm_size", type=int, default=None, help="side of the square GEMM; default 2048 CPU, 8192 GPU")
+    p.add_argument("--gemm_size", type=int, default=None, help="side of the square GEMM; default 4096 CPU, 8192 GPU")
     p.add_argument("--gemm_dtype", default=None, help="GEMM dtype; default float32 (bfloat16 for bf16 precisions)")
     p.add_argument("--lightning_overhead", action="store_true",
                    help="compare Lightning fit loops with a plain PyTorch loop on the first variant")
@@ -512,7 +523,15 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
 
     built = {v.label: build(task, v.attention, device, precision) for v in variants}
     steps = {name: train_step(t, batch, precision, device, clip) for name, t in built.items()}
+    gemm = None
+    if args.gemm:  # timed in the same rounds as the training steps, so that load drifts hit both alike
+        dtype_name = args.gemm_dtype or ("bfloat16" if precision.startswith("bf16") else "float32")
+        size = args.gemm_size or (8192 if device.type == "cuda" else 4096)
+        gemm = {"size": size, "dtype": dtype_name}
+        steps[GEMM] = gemm_step(device, getattr(torch, dtype_name), size)
     step_s = interleaved_medians(steps, args.steps, args.warmup, device)
+    if gemm:
+        gemm["flops_per_sec"] = 2 * gemm["size"] ** 3 / step_s.pop(GEMM)
 
     decode_s: dict[str, float] = {}
     cache_bytes: dict[str, int] = {}
@@ -535,12 +554,6 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
     measured = {
         name: Measured(step_s[name], decode_s.get(name), memory.get(name), cache_bytes.get(name)) for name in costs
     }
-    gemm = None
-    if args.gemm:
-        dtype_name = args.gemm_dtype or ("bfloat16" if precision.startswith("bf16") else "float32")
-        size = args.gemm_size or (8192 if device.type == "cuda" else 2048)
-        gemm = {"size": size, "dtype": dtype_name,
-                "flops_per_sec": measure_gemm(device, getattr(torch, dtype_name), size)}
     decode_tokens = decode_setting["tokens"] * decode_setting["batch"] if decode_setting else None
     rows = summarise(costs, measured, samples, decode_tokens, gemm["flops_per_sec"] if gemm else None)
 
@@ -558,11 +571,14 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
     overhead = None
     if args.lightning_overhead:
         first = variants[0]
-        plain, bare, full = lightning_overhead(loaded, first, batch, device, precision, clip, args.overhead_steps,
-                                               args.overhead_rounds, skip=2)
-        overhead = overhead_summary(plain, bare, full, costs[first.label].train_flops(samples),
-                                    gemm["flops_per_sec"] if gemm else None)
+        products = gemm_step(device, getattr(torch, gemm["dtype"]), gemm["size"]) if gemm else None
+        times = lightning_overhead(loaded, first, batch, device, precision, clip, args.overhead_steps,
+                                   args.overhead_rounds, skip=2, gemm=products)
+        peak = 2 * gemm["size"] ** 3 / statistics.median(times["gemm"]) if gemm else None
+        overhead = overhead_summary(times["plain"], times["lightning"], times["lightning_fit"],
+                                    costs[first.label].train_flops(samples), peak)
         overhead["variant"] = first.label
+        overhead["gemm_flops_per_sec"] = peak
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cost = costs["QKV"]
     return {
@@ -639,7 +655,8 @@ def format_bench(result: dict[str, Any], markdown: bool = False) -> str:
     gemm = result.get("gemm")
     if gemm:
         blocks.append(f"GEMM peak: {gemm['flops_per_sec'] / 1e12:.4f} TFLOP/s ({gemm['size']}^3 {gemm['dtype']} "
-                      "products, median); 'of GEMM peak' above is each variant's achieved FLOP/s over it.")
+                      "products, median, timed in the same rounds as the training steps); 'of GEMM peak' above is "
+                      "each variant's achieved FLOP/s over it. Set it as --perf.available_flops for fit's perf/mfu.")
     o = result.get("lightning_overhead")
     if o:
         def frac(key: str) -> str:
@@ -650,8 +667,11 @@ def format_bench(result: dict[str, Any], markdown: bool = False) -> str:
             f"  plain PyTorch loop       {1e3 * o['plain_step_s']:9.1f} ms{frac('plain_gemm_fraction')}\n"
             f"  Lightning Trainer (bare) {1e3 * o['lightning_step_s']:9.1f} ms  x{o['lightning_over_plain']:.3f}"
             f"{frac('lightning_gemm_fraction')}\n"
-            f"  Lightning as fit runs it {1e3 * o['lightning_fit_step_s']:9.1f} ms  x{o['lightning_fit_over_plain']:.3f}"
+            f"  Lightning as fit runs it {1e3 * o['lightning_fit_step_s']:9.1f} ms  "
+            f"x{o['lightning_fit_over_plain']:.3f}"
             f"{frac('lightning_fit_gemm_fraction')} (TensorBoard, LR monitor, non-finite guard, perf monitor)"
+            + ("" if o.get("gemm_flops_per_sec") is None else
+               f"\n  GEMM peak in these rounds {o['gemm_flops_per_sec'] / 1e12:.4f} TFLOP/s")
         )
     return "\n\n".join(blocks)
 

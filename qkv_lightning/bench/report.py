@@ -86,12 +86,14 @@ def _r(value: float | None) -> str:
 def render_table(rows: list[list[str]], markdown: bool) -> str:
     """Rows (the first is the header) as a markdown table or as aligned text columns."""
     if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|"]
+        align = "|".join("---" if i == 0 else "---:" for i in range(len(rows[0])))
+        lines = ["| " + " | ".join(rows[0]) + " |", f"|{align}|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
     )
 
 
@@ -105,8 +107,8 @@ def format_report(data: dict[str, Any], markdown: bool = False) -> str:
         f"{data['task']} / {data['network']}: {sizes['n_layer']} layers, width {sizes['d_model']}, {sizes['n_head']} "
         f"query heads; {data['tokens_per_sample']} tokens per {unit}.",
         f"Data values from {data['data_spec_source']}: {spec or '-'}.",
-        f"KV cache: {data['kv_bytes_per_element']} bytes per element ({data['kv_dtype']}), all layers; a full context is "
-        f"{data['context_tokens']} tokens.",
+        f"KV cache: {data['kv_bytes_per_element']} bytes per element ({data['kv_dtype']}), all layers; a full "
+        f"context is {data['context_tokens']} tokens.",
         *[f"Note: {note}." for note in data["notes"]],
     ]
     rows = [
@@ -167,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args, overrides = parser.parse_known_args(list(argv or []))
     loaded = load_task(args.config, overrides, args.data_spec, args.prepare_data)
-    variants = variants_of(loaded.task.attention_config, loaded.task.network_config.n_head, args.variants, args.n_kv_heads)
+    task = loaded.task
+    variants = variants_of(task.attention_config, task.network_config.n_head, args.variants, args.n_kv_heads)
     data = report_data(loaded, variants, args.kv_dtype)
     data["config"] = list(args.config) + list(overrides)
     if args.format == "json":

@@ -205,11 +205,13 @@ class TaskModule(L.LightningModule):
     def cost(
         self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2
     ) -> NetworkCost:
-        """Closed-form parameters, FLOPs and KV-cache bytes of this task's network (see :mod:`qkv_lightning.accounting`),
+        """Closed-form parameters, FLOPs and KV-cache bytes of this task's network (:mod:`qkv_lightning.accounting`),
         without building it; ``attention`` and ``data_spec`` default to the task's own."""
         spec = self.data_spec if data_spec is None else data_spec
         if spec is None:
-            raise ConfigError(f"{type(self).__name__}.cost() needs the data's spec (model.data_spec or the datamodule).")
+            raise ConfigError(
+                f"{type(self).__name__}.cost() needs the data's spec (model.data_spec, or the datamodule's spec())."
+            )
         attention = attention or self.attention_config
         key = (repr(attention), repr(sorted(spec.items())), kv_bytes)
         if key not in self._costs:
