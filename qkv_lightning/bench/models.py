@@ -424,16 +424,16 @@ def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, devic
                 else:
                     timer = StepTimes(device)
                     full = kind == "lightning_fit"
-                    trainer = L.Trainer(
-                        accelerator=accelerator, devices=1, precision=precision, max_steps=steps,
-                        gradient_clip_val=clip, limit_val_batches=0, num_sanity_val_steps=0,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        logger=TensorBoardLogger(logs, name="overhead") if full else False,
-                        log_every_n_steps=log_every,
-                        callbacks=[timer, *([LearningRateMonitor("step"), NonFiniteGuard(), PerfMonitor()] if full
-                                           else [])],
-                    )
                     with quiet_lightning():
+                        trainer = L.Trainer(
+                            accelerator=accelerator, devices=1, precision=precision, max_steps=steps,
+                            gradient_clip_val=clip, limit_val_batches=0, num_sanity_val_steps=0,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            logger=TensorBoardLogger(logs, name="overhead") if full else False,
+                            log_every_n_steps=log_every,
+                            callbacks=[timer, *([LearningRateMonitor("step"), NonFiniteGuard(), PerfMonitor()]
+                                                if full else [])],
+                        )
                         trainer.fit(task, train_dataloaders=loader)
                     ends = timer.ends
                 times[kind] += [b - a for a, b in zip(ends[skip:], ends[skip + 1 :])]
