@@ -158,3 +158,20 @@ def test_head_strip_scales_each_map_to_its_range():
     strip = head_strip(maps, heads=2, max_tokens=8)
     expected = torch.tensor([[0.0, 1 / 3, 1.0, 0.0, 1 / 3], [2 / 3, 1.0, 1.0, 2 / 3, 1.0]])
     assert torch.allclose(strip, expected)
+
+
+def test_maps_of_a_compiled_model_are_computed_eagerly_and_leave_it_compiled():
+    spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
+    network = EncoderConfig(n_layer=2, n_head=2, d_model=16, max_seq_len=8)
+    compiled = SequenceTask(attention=AttentionConfig(sharing="Q=K-V"), data_spec=spec, network=network, compile=True)
+    eager = SequenceTask(attention=AttentionConfig(sharing="Q=K-V"), data_spec=spec, network=network)
+    for task in (compiled, eager):
+        task.configure_model()
+        task.eval()
+    compiled.load_state_dict(eager.state_dict())
+    tokens = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(0))
+    callback = AttentionMaps()
+    images, reference = callback.compute(compiled, (tokens,)), callback.compute(eager, (tokens,))
+    assert images.keys() == reference.keys() and all(torch.equal(images[k], reference[k]) for k in images)
+    blocks = [m for m in compiled.modules() if m._compiled_call_impl is not None]
+    assert len(blocks) == 2  # still compiled for training

@@ -36,8 +36,9 @@ class AttentionMaps(Callback):
     encoding) before masks and softmax, which are symmetric when Q and K share a projection (row-wise softmax and
     causal masks hide that symmetry in the probabilities).
 
-    One forward pass of one (cropped) sample, on the first validation batch of every ``every_n_validations``-th
-    validation run, on rank 0, to a TensorBoard logger. Sharded models (FSDP) are skipped.
+    One eager forward pass (compiled blocks run uncompiled for it) of one (cropped) sample, on the first validation
+    batch of every ``every_n_validations``-th validation run, on rank 0, to a TensorBoard logger. Sharded models
+    (FSDP) are skipped.
 
     Args:
         enabled: log the maps.
@@ -127,11 +128,16 @@ class AttentionMaps(Callback):
             return hook
 
         handles = [attentions[i].register_forward_pre_hook(capture(i)) for i in layers] if self.logits else []
+        compiled = [(m, m._compiled_call_impl) for m in pl_module.modules() if m._compiled_call_impl is not None]
+        for module, _ in compiled:  # eager for this one pass: no recompilation for hooks and need_weights
+            module._compiled_call_impl = None
         try:
             maps = pl_module.attention_maps((inputs[:1],))  # per block (1, H, T, S)
         finally:
             for handle in handles:
                 handle.remove()
+            for module, call in compiled:
+                module._compiled_call_impl = call
         images = {f"attention/layer{i}/probs": head_strip(maps[i][0], self.heads, self.max_tokens) for i in layers}
         for i, scores in logits.items():
             images[f"attention/layer{i}/logits"] = head_strip(scores, self.heads, self.max_tokens)
