@@ -101,6 +101,8 @@ def test_bench_command_runs_every_variant_with_attention_core_gemm_and_overhead(
         assert row["step_time_s"] > 0 and row["decode_tokens_per_sec"] is None  # an encoder: no decoding
         assert row["step_time_ratio"] == pytest.approx(row["step_time_s"] / qkv["step_time_s"])
         assert row["gemm_fraction"] == pytest.approx(row["achieved_flops_per_sec"] / result["gemm"]["flops_per_sec"])
+        assert row["step_time_s"] == pytest.approx(sorted(row["step_times_s"])[0])  # one round: median = minimum
+        assert row["step_time_ratio_best"] == pytest.approx(min(row["step_times_s"]) / min(qkv["step_times_s"]))
     setup = result["setup"]
     assert setup["threads"] == 1 and setup["batch_samples"] == 4 and setup["tokens_per_sample"] == 8
     attention = {row["name"] for row in result["attention_core"]}
