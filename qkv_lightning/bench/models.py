@@ -585,6 +585,7 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
         overhead = overhead_summary(times["plain"], times["lightning"], times["lightning_fit"],
                                     costs[first.label].train_flops(samples), peak)
         overhead["variant"] = first.label
+        overhead["step_times_s"] = times
         overhead["gemm_flops_per_sec"] = peak
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cost = costs["QKV"]
