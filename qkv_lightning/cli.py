@@ -26,7 +26,9 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
+from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.tasks.base import TaskModule
 
@@ -36,8 +38,10 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 EXTRA_COMMANDS: dict[str, str] = {
+    "bench": "qkv_lightning.bench.models:main",
     "bench-attention": "qkv_lightning.bench.attention:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "report": "qkv_lightning.bench.report:main",
     "study": "qkv_lightning.study:main",
 }
 """Extra subcommands: name -> ``module:function`` taking the remaining arguments (a list of strings)."""
@@ -341,6 +345,8 @@ class QKVLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(PerfMonitor, "perf")
+        parser.add_lightning_class_args(AttentionMaps, "attention_maps")
         parser.set_defaults(
             {
                 "trainer.logger": {

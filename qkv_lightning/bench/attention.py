@@ -36,6 +36,14 @@ def interleaved_medians(
     steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
 ) -> dict[str, float]:
     """Median seconds of each step, timed round-robin so that drifts in machine load hit every contender alike."""
+    samples = interleaved_samples(steps, repeats, warmup, device)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved_samples(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each step in each of ``repeats`` round-robin rounds, after ``warmup`` untimed calls of each."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -48,7 +56,7 @@ def interleaved_medians(
             step()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 class _MHA(nn.Module):

@@ -174,18 +174,13 @@ def output_to(path: Path | None) -> Iterator[None]:
 
 def model_accounting(model: object) -> dict:
     """Parameters of the model and of its attention layers, and KV-cache bytes per token (all layers, 2-byte
-    elements), from the built network."""
-    from qkv_lightning.accounting import AttentionShape, kv_cache_bytes_per_token
-    from qkv_lightning.nn.attention import Attention
-
-    params = sum(p.numel() for p in model.parameters())
-    attn_params, kv_bytes = 0, 0
-    for module in model.modules():
-        if isinstance(module, Attention):
-            attn_params += sum(p.numel() for p in module.parameters())
-            shape = AttentionShape(module.qkv.in_features, module.n_head, module.sharing.name, module.n_kv_heads)
-            kv_bytes += kv_cache_bytes_per_token(shape)
-    return {"params": params, "attn_params": attn_params, "kv_cache_bytes_per_token": kv_bytes}
+    elements), in closed form (:meth:`TaskModule.cost`, the accounting that ``report`` prints)."""
+    cost = model.cost()
+    return {
+        "params": cost.params_total,
+        "attn_params": cost.params_attention,
+        "kv_cache_bytes_per_token": cost.kv_cache_bytes_per_token,
+    }
 
 
 def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from qkv_lightning.accounting import NetworkCost, network_cost
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
@@ -121,6 +122,8 @@ class TaskModule(L.LightningModule):
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
         self.network = None
+        self._costs: dict[tuple, NetworkCost] = {}
+        self._batch_samples: int | None = None
 
     def save_task_hyperparameters(self, **task_hparams: Any) -> None:
         """Save plain hyper-parameters (no modules, no dataclasses) for checkpoints and loggers.
@@ -142,6 +145,10 @@ class TaskModule(L.LightningModule):
         )
 
     # ----------------------------------------------------------------------------------------------- building
+    def resolved_network_config(self, data_spec: dict) -> Any:
+        """The network config with the values the data decides filled in; implemented by each task."""
+        raise NotImplementedError
+
     def build_network(self, data_spec: dict) -> nn.Module:
         """Build the network for ``data_spec``; implemented by each task."""
         raise NotImplementedError
@@ -238,8 +245,77 @@ class TaskModule(L.LightningModule):
                 for name in names:
                     state.setdefault(name, state[present[0]])
 
+    # ---------------------------------------------------------------------------------------------- accounting
+    sample_unit: str = "samples"
+    """What one sample of a batch is, in the names of throughput metrics (``perf/<unit>_per_sec``)."""
+
+    counts_tokens: bool = True
+    """Whether samples are token sequences, so that throughput is also counted in tokens (:meth:`tokens_in`)."""
+
+    def cost(
+        self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2
+    ) -> NetworkCost:
+        """Closed-form parameters, FLOPs and KV-cache bytes of this task's network (:mod:`qkv_lightning.accounting`),
+        without building it; ``attention`` and ``data_spec`` default to the task's own."""
+        spec = self.data_spec if data_spec is None else data_spec
+        if spec is None:
+            raise ConfigError(
+                f"{type(self).__name__}.cost() needs the data's spec (model.data_spec, or the datamodule's spec())."
+            )
+        attention = attention or self.attention_config
+        key = (repr(attention), repr(sorted(spec.items())), kv_bytes)
+        if key not in self._costs:
+            config = self.resolved_network_config(spec)
+            self._costs[key] = network_cost(config, attention, spec.get("seq_len"), kv_bytes)
+        return self._costs[key]
+
+    def samples_in(self, batch: Any) -> int:
+        """Samples (sequences, images) in a batch: the first dimension of its inputs."""
+        inputs = batch[0] if isinstance(batch, list | tuple) else batch
+        return int(inputs.shape[0])
+
+    def tokens_in(self, batch: Any) -> int:
+        """Tokens in a batch (of a task whose samples are token sequences): every element of its inputs."""
+        inputs = batch[0] if isinstance(batch, list | tuple) else batch
+        return int(inputs.numel())
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Closed-form FLOPs of the current batch on this device: forward plus backward in training, forward in
+        evaluation (read by :class:`~qkv_lightning.callbacks.perf.PerfMonitor`, Lightning's ``ThroughputMonitor``)."""
+        if self._batch_samples is None or self.data_spec is None:
+            return None
+        cost = self.cost()
+        return cost.train_flops(self._batch_samples) if self.training else cost.forward_flops(self._batch_samples)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_samples = self.samples_in(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_samples = self.samples_in(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_samples = self.samples_in(batch)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def training_loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of a batch, without logging (``training_step`` logs it; ``bench`` calls this in a plain
+        PyTorch loop); implemented by each task."""
+        raise NotImplementedError
+
+    def attention_maps(self, batch: Any) -> list[torch.Tensor]:
+        """Each block's attention probabilities, (1, H, T, S), for the first sample of ``batch``; by each task."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------------------------------------- optimising
     def configure_optimizers(self) -> dict:
+        optimizer, scheduler = self.build_optimizer(self.total_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def build_optimizer(
+        self, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW (decay on matrices only) and its warm-up + cosine schedule over ``total_steps`` steps."""
         config = self.optimizer_config
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
@@ -248,12 +324,11 @@ class TaskModule(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-        total = self.total_steps()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: warmup_cosine(step, config.warmup_steps, total, config.min_lr_ratio, config.schedule),
+            lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.min_lr_ratio, config.schedule),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer, scheduler
 
     def total_steps(self) -> int:
         """Optimiser steps of the whole run: ``trainer.max_steps``, else Lightning's estimate."""

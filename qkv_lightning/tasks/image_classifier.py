@@ -74,6 +74,12 @@ class ImageClassifier(TaskModule):
         )
 
     # ----------------------------------------------------------------------------------------------- building
+    sample_unit = "images"
+    counts_tokens = False
+
+    def resolved_network_config(self, data_spec: dict) -> ViTConfig:
+        return self.network_config.with_data(data_spec)
+
     def check_data_spec(self, spec: dict, stage: str = "fit") -> None:
         """Image size against the patch size, and sizes set in the network against the data's, before any image is
         read."""
@@ -82,7 +88,7 @@ class ImageClassifier(TaskModule):
             check_patch_grid(config.image_size, config.patch_size)
 
     def build_network(self, data_spec: dict) -> ViT:
-        return ViT(self.network_config.with_data(data_spec), self.attention_config)
+        return ViT(self.resolved_network_config(data_spec), self.attention_config)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -112,13 +118,24 @@ class ImageClassifier(TaskModule):
         return self.network(images)
 
     # -------------------------------------------------------------------------------------------------- steps
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def _training_forward(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Training loss (label smoothing, mixup/cutmix) and the logits (B, classes)."""
         images, labels = batch  # (B, C, H, W), (B,)
         targets: Tensor = labels
         if self.mix is not None:
             images, targets = self.mix(images, labels)  # targets: (B, classes) mixed one-hot
         logits = self.network(images)  # (B, classes)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), logits
+
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return self._training_forward(batch)[0]
+
+    def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+        return self.network.attention_maps(batch[0][:1])  # per block (1, H, T, T)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        labels = batch[1]  # (B,)
+        loss, logits = self._training_forward(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
         if self.mix is None:  # accuracy on mixed images is not meaningful
             self.train_metrics.update(logits, labels)

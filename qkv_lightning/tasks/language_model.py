@@ -175,9 +175,16 @@ class LanguageModel(TaskModule):
         return GPT(self.resolved_network_config(data_spec), self.attention_config)
 
     # ------------------------------------------------------------------------------------------------- training
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         inputs, targets = batch  # (B, T), (B, T)
-        loss = self.network.loss(inputs, targets)
+        return self.network.loss(inputs, targets)
+
+    def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+        return self.network.hidden(batch[0][:1], need_weights=True)[1]  # per block (1, H, T, T)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        targets = batch[1]  # (B, T)
+        loss = self.training_loss(batch)
         self.tokens_seen += targets.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))

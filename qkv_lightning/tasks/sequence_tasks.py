@@ -62,24 +62,37 @@ class SequenceTask(TaskModule):
                 "positions for; lower data.seq_len or raise model.network.max_seq_len."
             )
 
-    def build_network(self, data_spec: dict) -> nn.Module:
+    def resolved_network_config(self, data_spec: dict) -> EncoderConfig:
         config = self.network_config
         self.check_data_spec(data_spec)
-        config = replace(
+        return replace(
             config,
             vocab_size=config.vocab_size or data_spec["vocab_size"],
             num_classes=config.num_classes or data_spec["num_classes"],
         )
-        return SequenceEncoder(config, self.attention_config)
+
+    def build_network(self, data_spec: dict) -> nn.Module:
+        return SequenceEncoder(self.resolved_network_config(data_spec), self.attention_config)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, classes) for digit lists (B, T)."""
         return self.network(idx)[0]
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy over every position, and the logits (B, T, classes)."""
         inputs, targets = batch  # (B, T), (B, T)
         logits = self(inputs)  # (B, T, classes)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), logits
+
+    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return self._loss(batch)[0]
+
+    def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
+        return self.network(batch[0][:1], need_weights=True)[1]  # per block (1, H, T, T)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        inputs, targets = batch  # (B, T), (B, T)
+        loss, logits = self._loss(batch)
         correct = logits.argmax(dim=-1) == targets  # (B, T)
         token_acc, seq_acc = self.token_acc[f"{stage}_"], self.seq_acc[f"{stage}_"]
         token_acc.update(correct.float())

@@ -1,0 +1,143 @@
+"""Throughput, model FLOPs utilisation (MFU), step time and peak memory during ``fit``, logged as ``perf/...``."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.pytorch.trainer.states import RunningStage
+
+from qkv_lightning.errors import ConfigError
+
+DENSE_PEAKS: dict[str, dict[Any, float]] = {
+    "h100": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+    "h200": {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+}
+"""Dense (not sparse) peak FLOP/s of GPUs whose names Lightning's table does not resolve (e.g. "NVIDIA H200"),
+from NVIDIA's SXM data sheets."""
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s of ``device`` for ``dtype``: Lightning's table of GPUs, then :data:`DENSE_PEAKS`; None for CPUs."""
+    if device.type != "cuda":
+        return None
+    flops = get_available_flops(device, dtype)
+    if flops:
+        return float(flops)
+    name = torch.cuda.get_device_name(device).lower()
+    if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        dtype = "tfloat32"
+    for chip, peaks in DENSE_PEAKS.items():
+        if chip in name and dtype in peaks:
+            return peaks[dtype]
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The CUDA allocator's peak on a GPU; the process's peak resident set size (RSS) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class PerfMonitor(ThroughputMonitor):
+    """Logs throughput and efficiency of training with Lightning's ``ThroughputMonitor`` and the task's closed-form
+    FLOPs (``TaskModule.flops_per_batch``), at ``trainer.log_every_n_steps``:
+
+    - ``perf/tokens_per_sec`` (token tasks) and ``perf/samples_per_sec`` (``perf/images_per_sec`` for images), all
+      devices together;
+    - ``perf/flops_per_sec`` per device and ``perf/mfu``: that divided by the device's peak FLOP/s;
+    - ``perf/step_time``: seconds per optimiser step;
+    - ``perf/peak_memory_gb``: the CUDA allocator's peak (GPU) or the process's peak RSS (CPU), in GB (1e9 bytes).
+
+    Rates are rolling averages over the last ``window`` batches, so they appear once that many have run; time spent
+    in validation is left out. The monitor adds no device synchronisation beyond the one Lightning's monitor makes
+    on GPUs.
+
+    Args:
+        enabled: log the ``perf/...`` metrics.
+        available_flops: peak FLOP/s of one device, for ``perf/mfu``. None takes it from Lightning's table of GPUs
+            for the run's precision; CPUs have no table entry: measure their matrix-multiply peak with
+            ``python cli.py bench --config <config> --gemm`` and set it here.
+        window: batches in the rolling average (at least 2).
+    """
+
+    def __init__(self, enabled: bool = True, available_flops: float | None = None, window: int = 20) -> None:
+        if window < 2:
+            raise ConfigError(f"perf.window={window} must be at least 2 (rates need two time points).")
+        if available_flops is not None and available_flops <= 0:
+            raise ConfigError(f"perf.available_flops={available_flops} must be positive (FLOP/s), or null.")
+        super().__init__(batch_size_fn=self._samples_in, length_fn=self._tokens_in, window_size=window)
+        self.enabled = enabled
+        self.peak_flops = available_flops
+        self._module: Any = None
+
+    def _samples_in(self, batch: Any) -> int:
+        return self._module.samples_in(batch)
+
+    def _tokens_in(self, batch: Any) -> int:
+        return self._module.tokens_in(batch)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.enabled:
+            return
+        self._module = pl_module
+        if not getattr(pl_module, "counts_tokens", False):
+            self.length_fn = None
+        super().setup(trainer, pl_module, stage)
+        dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+        peak = self.peak_flops or device_peak_flops(trainer.strategy.root_device, dtype)
+        self.available_flops = peak
+        for throughput in self._throughputs.values():
+            throughput.available_flops = peak
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def _start(self, trainer: L.Trainer) -> None:
+        if self.enabled and trainer.state.stage in (RunningStage.TRAINING, RunningStage.VALIDATING):
+            super()._start(trainer)
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        if self.enabled and trainer.state.stage in (RunningStage.TRAINING, RunningStage.VALIDATING):
+            super()._update(trainer, pl_module, batch, iter_num)
+
+    def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.enabled and RunningStage.TRAINING in self._throughputs:
+            super().on_validation_end(trainer, *args)
+
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
+        """Log the ``perf/...`` metrics of training (Lightning's own keys renamed; evaluation is not logged)."""
+        if not self.enabled or trainer.state.stage != RunningStage.TRAINING:
+            return
+        if not trainer._logger_connector.should_update_logs:
+            return
+        trainer._logger_connector.log_metrics(self.metrics(trainer))
+
+    def metrics(self, trainer: L.Trainer) -> dict[str, float]:
+        """The ``perf/...`` values now, from the training throughput window and the memory peak."""
+        computed = self._throughputs[RunningStage.TRAINING].compute()
+        unit = getattr(self._module, "sample_unit", "samples")
+        out: dict[str, float] = {}
+
+        def total(key: str) -> float | None:  # all devices together (Lightning gives those only when world > 1)
+            return computed.get(key, computed.get(f"device/{key}"))
+
+        if total("samples_per_sec") is not None:
+            out[f"perf/{unit}_per_sec"] = float(total("samples_per_sec"))
+        if total("items_per_sec") is not None:
+            out["perf/tokens_per_sec"] = float(total("items_per_sec"))
+        if "device/batches_per_sec" in computed:
+            out["perf/step_time"] = trainer.accumulate_grad_batches / computed["device/batches_per_sec"]
+        if "device/flops_per_sec" in computed:
+            out["perf/flops_per_sec"] = float(computed["device/flops_per_sec"])
+        if "device/mfu" in computed:
+            out["perf/mfu"] = float(computed["device/mfu"])
+        out["perf/peak_memory_gb"] = peak_memory_bytes(trainer.strategy.root_device) / 1e9
+        return out
