@@ -73,7 +73,8 @@ def test_fit_logs_perf_metrics_consistent_with_the_closed_form(tmp_path, monkeyp
         assert mfu[key] == pytest.approx(flops[key] / PEAK, rel=1e-5)
         assert step[key] == pytest.approx(16 / samples[key], rel=1e-5)  # batch of 16, no accumulation
     memory = scalars(acc, "perf/peak_memory_gb")
-    assert 0.05 < max(memory.values()) <= peak_memory_bytes(torch.device("cpu")) / 1e9
+    # TensorBoard stores scalars as float32, so the logged peak may round up by a few parts in 1e8.
+    assert 0.05 < max(memory.values()) <= peak_memory_bytes(torch.device("cpu")) / 1e9 * (1 + 1e-6)
 
 
 def test_fit_logs_attention_images_at_each_validation(tmp_path, monkeypatch):
