@@ -217,6 +217,51 @@ def _shape(d_model: int, n_head: int, attention: AttentionConfig, bias: bool) ->
     return AttentionShape.from_config(d_model, n_head, attention, bias)
 
 
+def _trunk_network_cost(
+    network: str,
+    config: Any,
+    attention: AttentionConfig,
+    shape: AttentionShape,
+    *,
+    embedding: int,
+    head: int,
+    flops: Flops,
+    fixed: Flops,
+    tokens_per_sample: int,
+    sample_unit: str,
+    context_tokens: int,
+    kv_bytes: int,
+    notes: tuple[str, ...] = (),
+) -> NetworkCost:
+    """The parts every network shares: ``n_layer`` pre-norm blocks (attention, MLP, two norms) and a final norm
+    between its own embedding and head, whose parameters and FLOPs the caller computed."""
+    d, bias = config.d_model, config.bias
+    block = attention_params(shape) + mlp_params(d, config.mlp_width, bias) + 2 * norm_params(d, bias)
+    return NetworkCost(
+        network=network,
+        sharing=attention.sharing,
+        n_kv_heads=shape.kv_heads,
+        n_head=config.n_head,
+        n_layer=config.n_layer,
+        d_model=d,
+        params_total=embedding + config.n_layer * block + norm_params(d, bias) + head,
+        params_attention=config.n_layer * attention_params(shape),
+        params_embedding=embedding,
+        params_head=head,
+        tokens_per_sample=tokens_per_sample,
+        sample_unit=sample_unit,
+        forward_flops_per_sample=flops.forward,
+        train_flops_per_sample=flops.train,
+        forward_flops_per_batch_fixed=fixed.forward,
+        train_flops_per_batch_fixed=fixed.train,
+        kv_cache_bytes_per_token=config.n_layer * kv_cache_bytes_per_token(shape, kv_bytes),
+        context_tokens=context_tokens,
+        kv_bytes_per_element=kv_bytes,
+        score_encoding=attention.score_encoding,
+        notes=notes,
+    )
+
+
 def gpt_cost(
     config: Any, attention: AttentionConfig, seq_len: int | None = None, kv_bytes: int = 2, count_masked: bool = False
 ) -> NetworkCost:
@@ -240,30 +285,11 @@ def gpt_cost(
     else:
         head = 0 if config.tie_embeddings else v * d
         head_flops = Flops.product(2 * t * d * v)
-    block = attention_params(shape) + mlp_params(d, config.mlp_width, bias) + 2 * norm_params(d, bias)
     flops, fixed = trunk_flops(shape, config.mlp_width, config.n_layer, t, True, count_masked)
     flops += head_flops
-    return NetworkCost(
-        network="GPT",
-        sharing=attention.sharing,
-        n_kv_heads=shape.kv_heads,
-        n_head=config.n_head,
-        n_layer=config.n_layer,
-        d_model=d,
-        params_total=embedding + config.n_layer * block + norm_params(d, bias) + head,
-        params_attention=config.n_layer * attention_params(shape),
-        params_embedding=embedding,
-        params_head=head,
-        tokens_per_sample=t,
-        sample_unit="sequence",
-        forward_flops_per_sample=flops.forward,
-        train_flops_per_sample=flops.train,
-        forward_flops_per_batch_fixed=fixed.forward,
-        train_flops_per_batch_fixed=fixed.train,
-        kv_cache_bytes_per_token=config.n_layer * kv_cache_bytes_per_token(shape, kv_bytes),
-        context_tokens=config.max_seq_len,
-        kv_bytes_per_element=kv_bytes,
-        score_encoding=attention.score_encoding,
+    return _trunk_network_cost(
+        "GPT", config, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
+        tokens_per_sample=t, sample_unit="sequence", context_tokens=config.max_seq_len, kv_bytes=kv_bytes,
         notes=tuple(notes),
     )
 
@@ -280,31 +306,12 @@ def vit_cost(config: Any, attention: AttentionConfig, kv_bytes: int = 2) -> Netw
     embedding += d if config.pool == "cls" else 0
     embedding += t * d if config.position == "learned" else 0
     head = d * config.num_classes + config.num_classes  # the ViT's head always has a bias
-    block = attention_params(shape) + mlp_params(d, config.mlp_width, bias) + 2 * norm_params(d, bias)
     flops, fixed = trunk_flops(shape, config.mlp_width, config.n_layer, t, False, False)
     flops += Flops.product(2 * patches * patch_in * d, input_needs_grad=False)  # images need no gradient
     flops += Flops.product(2 * d * config.num_classes)  # one pooled vector per image
-    return NetworkCost(
-        network="ViT",
-        sharing=attention.sharing,
-        n_kv_heads=shape.kv_heads,
-        n_head=config.n_head,
-        n_layer=config.n_layer,
-        d_model=d,
-        params_total=embedding + config.n_layer * block + norm_params(d, bias) + head,
-        params_attention=config.n_layer * attention_params(shape),
-        params_embedding=embedding,
-        params_head=head,
-        tokens_per_sample=t,
-        sample_unit="image",
-        forward_flops_per_sample=flops.forward,
-        train_flops_per_sample=flops.train,
-        forward_flops_per_batch_fixed=fixed.forward,
-        train_flops_per_batch_fixed=fixed.train,
-        kv_cache_bytes_per_token=config.n_layer * kv_cache_bytes_per_token(shape, kv_bytes),
-        context_tokens=t,
-        kv_bytes_per_element=kv_bytes,
-        score_encoding=attention.score_encoding,
+    return _trunk_network_cost(
+        "ViT", config, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
+        tokens_per_sample=t, sample_unit="image", context_tokens=t, kv_bytes=kv_bytes,
         notes=("ViT: FLOPs per sample are per image; per token means per patch token (class token included)",),
     )
 
@@ -317,30 +324,11 @@ def encoder_cost(config: Any, attention: AttentionConfig, seq_len: int | None = 
     shape = _shape(d, config.n_head, attention, bias)
     embedding = config.vocab_size * d + (config.max_seq_len * d if config.position == "learned" else 0)
     head = d * config.num_classes + (config.num_classes if bias else 0)
-    block = attention_params(shape) + mlp_params(d, config.mlp_width, bias) + 2 * norm_params(d, bias)
     flops, fixed = trunk_flops(shape, config.mlp_width, config.n_layer, t, False, False)
     flops += Flops.product(2 * t * d * config.num_classes)
-    return NetworkCost(
-        network="SequenceEncoder",
-        sharing=attention.sharing,
-        n_kv_heads=shape.kv_heads,
-        n_head=config.n_head,
-        n_layer=config.n_layer,
-        d_model=d,
-        params_total=embedding + config.n_layer * block + norm_params(d, bias) + head,
-        params_attention=config.n_layer * attention_params(shape),
-        params_embedding=embedding,
-        params_head=head,
-        tokens_per_sample=t,
-        sample_unit="sequence",
-        forward_flops_per_sample=flops.forward,
-        train_flops_per_sample=flops.train,
-        forward_flops_per_batch_fixed=fixed.forward,
-        train_flops_per_batch_fixed=fixed.train,
-        kv_cache_bytes_per_token=config.n_layer * kv_cache_bytes_per_token(shape, kv_bytes),
-        context_tokens=t,
-        kv_bytes_per_element=kv_bytes,
-        score_encoding=attention.score_encoding,
+    return _trunk_network_cost(
+        "SequenceEncoder", config, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
+        tokens_per_sample=t, sample_unit="sequence", context_tokens=t, kv_bytes=kv_bytes,
     )
 
 

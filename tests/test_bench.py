@@ -31,13 +31,7 @@ LM = ["--config", str(ROOT / "configs/lm/wikitext2-offline.yaml"), "--data", "ra
 FAST = ["--steps", "1", "--warmup", "0", "--attention_repeats", "1", "--decode_repeats", "1", "--memory", "false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["cli.py"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "plain_argv")
 
 
 def costs() -> dict:

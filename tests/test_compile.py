@@ -22,12 +22,7 @@ CASES = [(v, None) for v in CANONICAL_VARIANTS] + [("Q-K=V", 1)]
 SPEC = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sequence_task(variant: str = "QKV", n_kv: int | None = None, compile: bool = False) -> SequenceTask:

@@ -27,19 +27,7 @@ VARIANT_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "variants", "*.
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture(autouse=True)
-def plain_argv(monkeypatch) -> None:
-    """LightningCLI warns when both sys.argv (here: pytest's) and args are given."""
-    monkeypatch.setattr("sys.argv", ["cli.py"])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and much faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "plain_argv")
 
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--data.num_workers", "0"]

@@ -26,14 +26,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 PEAK = 1e12
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models: one intra-op thread is faster, and much faster on a shared CPU."""
-    monkeypatch.setattr("sys.argv", ["cli.py"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "plain_argv")
 
 
 def events(directory: Path) -> EventAccumulator:
