@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# The offline data sets (read only): $QKV_SHARED_DATA, else ../shared/data next to the checkout. Tests that need
+# them are skipped where they are missing; every other test writes its own files in the official formats.
+SHARED = Path(os.environ.get("QKV_SHARED_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 WIKITEXT2 = SHARED / "wikitext-2"
 GPT2_RANKS = SHARED / "tokenizers" / "gpt2" / "gpt2.tiktoken"
 

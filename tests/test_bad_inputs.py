@@ -23,7 +23,7 @@ import torch
 
 from qkv_lightning.cli import main
 from tests.imagedata import write_cifar10, write_image_tree, write_mnist_gz
-from tests.lm_fixtures import WIKITEXT2, write_wikitext
+from tests.lm_fixtures import write_wikitext
 from tests.run_fixtures import CONFIGS, image_args, lm_args, snapshot, synthetic_args
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -103,9 +103,9 @@ def damaged_wikitext(change: Callable[[Path], None]) -> Callable[[Runs, Path], l
 
 
 def truncated_official(runs: Runs, tmp: Path) -> list[str]:
-    data = tmp / "official"
-    data.mkdir()
-    lines = (WIKITEXT2 / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
+    data = write_wikitext(tmp / "official", {"wiki.valid.tokens": 80})  # the official file's name, in its format
+    lines = (data / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(lines) > 500
     (data / "wiki.valid.tokens").write_text("".join(lines[:500]), encoding="utf-8")  # cut at a line end
     shutil.copy(runs.wikitext / "wiki.test.tokens", data / "wiki.test.tokens")
     return runs.lm(data, "--data.cache_dir", str(tmp / "cache"), "--data.train_file", "wiki.valid.tokens",

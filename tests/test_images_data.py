@@ -32,10 +32,9 @@ from qkv_lightning.data.images import (
     MNISTDataModule,
 )
 from qkv_lightning.errors import ConfigError, DataError
+from tests.lm_fixtures import SHARED
 
-SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
-if not os.path.isdir(SHARED_MNIST):
-    SHARED_MNIST = "/work/shared/data/mnist"
+SHARED_MNIST = str(SHARED / "mnist")
 
 
 def read_back(dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
