@@ -24,10 +24,11 @@ from lightning.pytorch.callbacks import Callback
 
 
 def _full_state_dict(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
-    """Full (unsharded) weights on CPU; a collective under FSDP2, so every rank must call it."""
+    """Full (unsharded) weights on CPU; a collective under FSDP and FSDP2, so every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if any(hasattr(p, "to_local") for p in pl_module.parameters()):
+    fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel" for m in pl_module.modules())
+    if fsdp1 or any(hasattr(p, "to_local") for p in pl_module.parameters()):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(pl_module, options=options)
     return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
@@ -52,6 +53,9 @@ class RecordRun(Callback):
         self.shards: dict[str, list[int]] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        kinds = [type(m).__name__ for m in pl_module.modules()]
+        self.wrappers = {"fsdp_units": kinds.count("FullyShardedDataParallel"),
+                         "checkpoint_wrappers": kinds.count("CheckpointWrapper")}
         for name, param in pl_module.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
             self.shards[name] = [local.numel(), param.numel()]
@@ -81,6 +85,8 @@ class RecordRun(Callback):
             "losses": self.losses,
             "shard_numel": {name: [per_rank[i] for per_rank in self.shards_per_rank] for i, name in enumerate(self.shards)},
             "full_numel": {name: value[1] for name, value in self.shards.items()},
+            **self.wrappers,
+            "precision": trainer.precision,
         }
         (self.out / "run.json").write_text(json.dumps(summary, indent=1))
         torch.save(state, self.out / "state.pt")

@@ -19,19 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qkv_lightning.cli import main  # noqa: E402
 from tests.lm_fixtures import write_wikitext  # noqa: E402
 from tests.test_crash_safety import checkpoints, poisoned  # noqa: E402
-import tests.test_distributed as TD  # noqa: E402
 from tests.test_distributed import CHECKPOINT_EVERY, STEPS, assert_same_training, fit, fit_until_killed  # noqa: E402
-
-_environment = TD.environment
-
-
-def environment():
-    env = _environment()
-    env["PYTHONPATH"] = os.pathsep.join([str(TD.ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])
-    return env
-
-
-TD.environment = environment
 
 ACC = os.environ.get("ACC", "gpu")
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), ACC, flush=True)

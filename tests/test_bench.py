@@ -134,3 +134,8 @@ def test_bench_bad_input_is_one_clear_error(capsys):
     assert "keep QKV among --variants" in capsys.readouterr().err
     assert main(["bench", *SYNTHETIC, "--precision", "16-mixed"]) == 2
     assert "--precision" in capsys.readouterr().err
+    # 3 steps per loop segment leave none to time after the 2 warm-up steps
+    assert main(["bench", *SYNTHETIC, "--lightning_overhead", "--overhead_steps", "3"]) == 2
+    assert "--overhead_steps=3 must be at least 4" in capsys.readouterr().err
+    assert main(["bench", *SYNTHETIC, "--steps", "0"]) == 2
+    assert "--steps=0 must be at least 1" in capsys.readouterr().err

@@ -441,6 +441,8 @@ def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, devic
 
 
 # ------------------------------------------------------------------------------------------------------ main
+OVERHEAD_SKIP = 2  # untimed first steps of each loop segment of --lightning_overhead
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cli.py bench",
@@ -498,6 +500,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     clip = loaded.config.trainer.get("gradient_clip_val")
     n_head = loaded.task.network_config.n_head
     variants = variants_of(loaded.task.attention_config, n_head, args.variants, args.n_kv_heads)
+    for name, value, least in (("steps", args.steps, 1), ("decode_repeats", args.decode_repeats, 1),
+                               ("attention_repeats", args.attention_repeats, 1), ("overhead_rounds", args.overhead_rounds, 1),
+                               ("overhead_steps", args.overhead_steps, OVERHEAD_SKIP + 2)):
+        if value < least:
+            raise ConfigError(f"--{name}={value} must be at least {least}"
+                              + (f" (the first {OVERHEAD_SKIP} steps of each loop segment are warm-up)."
+                                 if name == "overhead_steps" else "."))
     if "QKV" not in [v.label for v in variants] and not args.probe:
         raise ConfigError("bench compares with QKV: keep QKV among --variants.")
     batch = to_device(first_batch(loaded, args.data), device, precision)
@@ -580,7 +589,7 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
         first = variants[0]
         products = gemm_step(device, getattr(torch, gemm["dtype"]), gemm["size"]) if gemm else None
         times = lightning_overhead(loaded, first, batch, device, precision, clip, args.overhead_steps,
-                                   args.overhead_rounds, skip=2, gemm=products)
+                                   args.overhead_rounds, skip=OVERHEAD_SKIP, gemm=products)
         peak = 2 * gemm["size"] ** 3 / statistics.median(times["gemm"]) if gemm else None
         overhead = overhead_summary(times["plain"], times["lightning"], times["lightning_fit"],
                                     costs[first.label].train_flops(samples), peak)
