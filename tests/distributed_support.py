@@ -72,7 +72,8 @@ class RecordRun(Callback):
         was_training = network.training
         network.eval()
         with torch.no_grad():
-            logits = network(probe_batch(pl_module.data_spec["vocab_size"]))  # (B, T, V), collective under FSDP2
+            probe = probe_batch(pl_module.data_spec["vocab_size"]).to(pl_module.device)
+            logits = network(probe)  # (B, T, V), collective under FSDP2
         network.train(was_training)
         if trainer.global_rank != 0:
             return

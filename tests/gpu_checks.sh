@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks, one stage after another, each under its own time limit, each log written to $OUT (or ./gpu-logs).
-# Run from the repository root on a machine with one GPU:  bash tests/gpu_checks.sh
+# Run from the repository root on a machine with one GPU:  bash tests/gpu_checks.sh [STAGE ...]  (default: all)
 set -uo pipefail
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+ONLY="$*"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name (limit ${limit}s)"; local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "^(INFO|LOCAL_RANK|  \| |----|\s*$)" | tail -n 40
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"

@@ -435,6 +435,7 @@ def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, devic
                                                 if full else [])],
                         )
                         trainer.fit(task, train_dataloaders=loader)
+                    task.to(device)  # Lightning's teardown moves the model back to the CPU
                     ends = timer.ends
                 times[kind] += [b - a for a, b in zip(ends[skip:], ends[skip + 1 :])]
     return times
