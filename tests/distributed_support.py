@@ -59,7 +59,8 @@ class RecordRun(Callback):
         for name, param in pl_module.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
             self.shards[name] = [local.numel(), param.numel()]
-        gathered = trainer.strategy.all_gather(torch.tensor([v[0] for v in self.shards.values()]))
+        local_sizes = torch.tensor([v[0] for v in self.shards.values()], device=pl_module.device)  # NCCL: on the GPU
+        gathered = trainer.strategy.all_gather(local_sizes).cpu()
         self.shards_per_rank = gathered.reshape(trainer.world_size, -1).tolist()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
