@@ -74,7 +74,8 @@ class RecordRun(Callback):
         network.eval()
         with torch.no_grad():
             probe = probe_batch(pl_module.data_spec["vocab_size"]).to(pl_module.device)
-            logits = network(probe)  # (B, T, V), collective under FSDP2
+            with trainer.precision_plugin.forward_context():  # as in training (FSDP1 keeps bf16 weights under it)
+                logits = network(probe).float()  # (B, T, V), collective under FSDP2
         network.train(was_training)
         if trainer.global_rank != 0:
             return

@@ -130,6 +130,13 @@ def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good
             assert torch.isfinite(tensor).all() and torch.equal(tensor, saved[f"step={good}.ckpt"]["state_dict"][name])
 
 
+def test_the_guard_turned_off_lets_a_non_finite_step_through(tmp_path):
+    """``--nonfinite.enabled false`` (no per-step device sync): the poisoned gradient reaches the optimiser."""
+    assert main(poisoned(tmp_path, 1, "gradient", "--nonfinite.enabled", "false", every=1, steps=2)) == 0
+    weights = checkpoints(tmp_path)["step=2.ckpt"]["state_dict"]
+    assert any(not torch.isfinite(tensor).all() for tensor in weights.values())
+
+
 def test_a_skipped_step_leaves_weights_and_optimizer_unchanged_and_is_logged(tmp_path):
     assert main(poisoned(tmp_path, 2, "gradient", "--nonfinite.max_skipped_steps", "1", every=1, steps=4)) == 0
     saved = checkpoints(tmp_path)

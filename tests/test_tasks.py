@@ -52,3 +52,48 @@ def test_optimizer_decays_matrices_only_and_schedules_per_step():
     scheduler = config["lr_scheduler"]["scheduler"]
     assert scheduler.get_last_lr()[0] == pytest.approx(module.optimizer_config.lr / module.optimizer_config.warmup_steps)
     assert torch.is_tensor(decay["params"][0])
+
+
+class RecordingFSDP(torch.distributed.fsdp.FullyShardedDataParallel):
+    """Stands in for an FSDP1 root (which needs a GPU here): records what it is asked to clip."""
+
+    def __init__(self) -> None:  # no process group, no wrapping
+        torch.nn.Module.__init__(self)
+        self.clipped = []
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        self.clipped.append(max_norm)
+
+
+def attached_task(root):
+    task = SequenceTask(network={"n_layer": 1, "n_head": 2, "d_model": 8},
+                        data_spec={"vocab_size": 10, "num_classes": 10, "seq_len": 8})
+    task.configure_model()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    task.trainer = trainer
+    if root is not None:
+        trainer.strategy._model = root
+    else:
+        trainer.strategy.connect(task)
+    for p in task.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    return task
+
+
+def test_gradient_clipping_under_fsdp1_goes_through_fsdps_own_clip_grad_norm():
+    """Lightning's FSDPStrategy cannot clip by norm through its precision plugin; the task asks the FSDP root."""
+    root = RecordingFSDP()
+    task = attached_task(root)
+    task.configure_gradient_clipping(None, 1.0, "norm")
+    assert root.clipped == [1.0]
+    assert all(torch.all(p.grad == 10.0) for p in task.parameters())  # not clipped a second time by Lightning
+    with pytest.raises(Exception, match="gradient_clip_algorithm='value' is not supported with FSDPStrategy"):
+        task.configure_gradient_clipping(None, 1.0, "value")
+
+
+def test_gradient_clipping_without_fsdp_clips_the_total_norm():
+    task = attached_task(None)
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    task.configure_gradient_clipping(optimizer, 1.0, "norm")
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in task.parameters()]))
+    assert total == pytest.approx(1.0, rel=1e-4)

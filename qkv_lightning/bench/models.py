@@ -268,7 +268,7 @@ def format_variants(rows: list[dict[str, Any]], unit: str, counts_tokens: bool, 
                 _f(r["step_time_ratio"]),
                 _f(r["flops_ratio"]),
                 _f(r["time_over_flops_ratio"]),
-                f"{r['achieved_flops_per_sec'] / 1e12:.4f}",
+                f"{r['achieved_flops_per_sec'] / 1e12:.4g}",
                 "-" if r["gemm_fraction"] is None else f"{100 * r['gemm_fraction']:.1f}%",
                 "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f}",
                 _f(r["memory_ratio"]),
@@ -680,7 +680,7 @@ def format_bench(result: dict[str, Any], markdown: bool = False) -> str:
         blocks.append("attention core alone (forward + backward, same batch and width):\n" + result["attention_table"])
     gemm = result.get("gemm")
     if gemm:
-        blocks.append(f"GEMM peak: {gemm['flops_per_sec'] / 1e12:.4f} TFLOP/s ({gemm['size']}^3 {gemm['dtype']} "
+        blocks.append(f"GEMM peak: {gemm['flops_per_sec'] / 1e12:.4g} TFLOP/s ({gemm['size']}^3 {gemm['dtype']} "
                       "products, median, timed in the same rounds as the training steps); 'of GEMM peak' above is "
                       "each variant's achieved FLOP/s over it. Set it as --perf.available_flops for fit's perf/mfu.")
     o = result.get("lightning_overhead")
@@ -697,7 +697,7 @@ def format_bench(result: dict[str, Any], markdown: bool = False) -> str:
             f"x{o['lightning_fit_over_plain']:.3f}"
             f"{frac('lightning_fit_gemm_fraction')} (TensorBoard, LR monitor, non-finite guard, perf monitor)"
             + ("" if o.get("gemm_flops_per_sec") is None else
-               f"\n  GEMM peak in these rounds {o['gemm_flops_per_sec'] / 1e12:.4f} TFLOP/s")
+               f"\n  GEMM peak in these rounds {o['gemm_flops_per_sec'] / 1e12:.4g} TFLOP/s")
         )
     return "\n\n".join(blocks)
 

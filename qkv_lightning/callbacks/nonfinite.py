@@ -31,24 +31,31 @@ class NonFiniteGuard(Callback):
 
     Args:
         max_skipped_steps: bad steps that may be skipped before the run stops (0: stop at the first).
+        enabled: check every step; the check costs one device synchronisation per step, which on a GPU can stall the
+            queue of kernels (false turns the guard off).
     """
 
-    def __init__(self, max_skipped_steps: int = 0) -> None:
+    def __init__(self, max_skipped_steps: int = 0, enabled: bool = True) -> None:
         super().__init__()
         if max_skipped_steps < 0:
             raise ConfigError(
                 f"nonfinite.max_skipped_steps={max_skipped_steps} must be >= 0 (0: stop at the first bad step)."
             )
         self.max_skipped_steps = max_skipped_steps
+        self.enabled = enabled
         self.skipped_steps = 0
         self._last_loss: torch.Tensor | None = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if not self.enabled:
+            return
         self._last_loss = loss.detach()  # kept as a tensor: no device sync here
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if not self.enabled:
+            return
         grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         checks = [n.float().reshape(1) for n in torch._foreach_norm(grads)] if grads else []
         if self._last_loss is not None:

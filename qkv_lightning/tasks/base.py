@@ -308,6 +308,24 @@ class TaskModule(L.LightningModule):
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- optimising
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip as the Trainer is told to; under Lightning's FSDPStrategy (FSDP1), whose precision plugin cannot clip
+        by norm, through FSDP's own ``clip_grad_norm_`` on the root module (the norm over all shards)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        if gradient_clip_val and isinstance(root, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError(
+                    f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported with FSDPStrategy: "
+                    "use 'norm' (or FSDP2, configs/strategy/fsdp2.yaml)."
+                )
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict:
         optimizer, scheduler = self.build_optimizer(self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
