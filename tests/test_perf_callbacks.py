@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
@@ -50,14 +51,24 @@ def fit_synthetic(tmp_path, monkeypatch, *extra: str) -> EventAccumulator:
 
 
 def test_fit_logs_perf_metrics_consistent_with_the_closed_form(tmp_path, monkeypatch):
+    time_points = []  # (batches, samples) of every time point the monitor takes, each a device sync on a GPU
+    real_update = Throughput.update
+
+    def recording_update(self, *, time, batches, samples, **kwargs):
+        time_points.append((batches, samples))
+        real_update(self, time=time, batches=batches, samples=samples, **kwargs)
+
+    monkeypatch.setattr(Throughput, "update", recording_update)
     acc = fit_synthetic(tmp_path, monkeypatch, "--perf.available_flops", str(PEAK))
+    # one time point per logging step (every 2nd of the 8 batches), yet every batch of 16 sequences is counted
+    assert time_points == [(2, 32), (4, 64), (6, 96), (8, 128)]
     tags = set(acc.Tags()["scalars"])
     expected = {"perf/tokens_per_sec", "perf/samples_per_sec", "perf/flops_per_sec", "perf/mfu", "perf/step_time",
                 "perf/peak_memory_gb"}
     assert expected <= tags, tags
     samples, tokens = scalars(acc, "perf/samples_per_sec"), scalars(acc, "perf/tokens_per_sec")
     flops, mfu, step = scalars(acc, "perf/flops_per_sec"), scalars(acc, "perf/mfu"), scalars(acc, "perf/step_time")
-    assert sorted(samples) == [3, 5, 7]  # every log_every_n_steps (2) once the window (3 batches) is full
+    assert sorted(samples) == [5, 7]  # logging steps (every 2nd batch) once the window (3 time points) is full
     task = SequenceTask(network=EncoderConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=64))
     cost = task.cost(data_spec={"vocab_size": 10, "num_classes": 10, "seq_len": 12})
     for key in samples:
@@ -169,3 +180,29 @@ def test_maps_of_a_compiled_model_are_computed_eagerly_and_leave_it_compiled():
     assert images.keys() == reference.keys() and all(torch.equal(images[k], reference[k]) for k in images)
     blocks = [m for m in compiled.modules() if m._compiled_call_impl is not None]
     assert len(blocks) == 2  # still compiled for training
+
+
+class SlowValidation(L.Callback):
+    """Each validation batch takes 0.3 s more."""
+
+    def on_validation_batch_end(self, *args, **kwargs):
+        import time
+
+        time.sleep(0.3)
+
+
+def test_validation_time_is_left_out_of_the_training_rates(tmp_path):
+    spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
+    task = SequenceTask(network=EncoderConfig(n_layer=1, n_head=2, d_model=16, max_seq_len=8), data_spec=spec,
+                        optimizer=OptimizerConfig(warmup_steps=0))
+    tokens = torch.randint(0, 10, (64, 8))
+    data = DataLoader(TensorDataset(tokens, tokens), batch_size=8)
+    logger = TensorBoardLogger(str(tmp_path), name="seq", version=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, log_every_n_steps=2, val_check_interval=3, limit_val_batches=2,
+                        num_sanity_val_steps=0, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[PerfMonitor(window=2), SlowValidation()])
+    trainer.fit(task, data, data)
+    step_time = scalars(events(tmp_path / "seq" / "version_0"), "perf/step_time")
+    # time points at batches 2, 4, 6, 8; validations (0.6 s each) after batches 3 and 6 fall inside intervals 2-4, 6-8
+    assert sorted(step_time) == [3, 5, 7]
+    assert max(step_time.values()) < 0.15, step_time  # 0.3 s or more per step if the validations were counted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from typing import Any
 
 import lightning as L
@@ -47,6 +48,11 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def _synchronize(trainer: L.Trainer) -> None:
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize(trainer.strategy.root_device)
+
+
 class PerfMonitor(ThroughputMonitor):
     """Logs throughput and efficiency of training with Lightning's ``ThroughputMonitor`` and the task's closed-form
     FLOPs (``TaskModule.flops_per_batch``), at ``trainer.log_every_n_steps``:
@@ -57,19 +63,22 @@ class PerfMonitor(ThroughputMonitor):
     - ``perf/step_time``: seconds per optimiser step;
     - ``perf/peak_memory_gb``: the CUDA allocator's peak (GPU) or the process's peak RSS (CPU), in GB (1e9 bytes).
 
-    Rates are rolling averages over the last ``window`` batches, so they appear once that many have run; time spent
-    in validation is left out. The monitor adds no device synchronisation beyond the one Lightning's monitor makes
-    on GPUs.
+    A time point is taken at each logging step only (every ``trainer.log_every_n_steps`` batches): on a GPU that is
+    the one device synchronisation the monitor makes in training (Lightning's monitor synchronises after every
+    batch, which keeps the CPU from queueing the next step's kernels). Rates are rolling averages over the last
+    ``window`` time points, i.e. the last ``window - 1`` logging intervals, so they appear from the ``window``-th
+    logging step on; time spent in validation (two synchronisations per validation run) is left out.
 
     Args:
         enabled: log the ``perf/...`` metrics.
         available_flops: peak FLOP/s of one device, for ``perf/mfu``. None takes it from Lightning's table of GPUs
             for the run's precision; CPUs have no table entry: measure their matrix-multiply peak with
             ``python cli.py bench --config <config> --gemm`` and set it here.
-        window: batches in the rolling average (at least 2).
+        window: time points (logging steps) in the rolling average, at least 2: rates average over the last
+            ``window - 1`` intervals of ``trainer.log_every_n_steps`` batches.
     """
 
-    def __init__(self, enabled: bool = True, available_flops: float | None = None, window: int = 20) -> None:
+    def __init__(self, enabled: bool = True, available_flops: float | None = None, window: int = 2) -> None:
         if window < 2:
             raise ConfigError(f"perf.window={window} must be at least 2 (rates need two time points).")
         if available_flops is not None and available_flops <= 0:
@@ -101,16 +110,45 @@ class PerfMonitor(ThroughputMonitor):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     def _start(self, trainer: L.Trainer) -> None:
-        if self.enabled and trainer.state.stage in (RunningStage.TRAINING, RunningStage.VALIDATING):
+        if self.enabled and trainer.state.stage == RunningStage.TRAINING:
             super()._start(trainer)
+            self._flops_since_time_point = 0
 
+    @torch.inference_mode()  # in case the batch's size or length functions touch tensors
     def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
-        if self.enabled and trainer.state.stage in (RunningStage.TRAINING, RunningStage.VALIDATING):
-            super()._update(trainer, pl_module, batch, iter_num)
+        """Count every training batch; take a time point (a device sync) only where the metrics are logged."""
+        stage = trainer.state.stage
+        if not self.enabled or stage != RunningStage.TRAINING:
+            return  # evaluation throughput is not logged: no per-batch synchronisation there
+        if self.length_fn is not None:
+            self._lengths[stage] += self.length_fn(batch)
+        self._samples[stage] += self.batch_size_fn(batch)
+        self._batches[stage] += 1
+        self._flops_since_time_point += pl_module.flops_per_batch  # the closed form for this batch
+        if not trainer._logger_connector.should_update_logs:
+            return
+        _synchronize(trainer)  # the time of work still queued on the GPU belongs to these batches
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=None if self.length_fn is None else self._lengths[stage],
+            flops=self._flops_since_time_point,  # Lightning's Throughput takes FLOPs since its last update
+        )
+        self._flops_since_time_point = 0
+
+    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.enabled and not trainer.sanity_checking and RunningStage.TRAINING in self._t0s:
+            _synchronize(trainer)  # the training work queued so far counts as training time
+            self._validation_started = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.enabled and RunningStage.TRAINING in self._throughputs:
-            super().on_validation_end(trainer, *args)
+        """Leave the validation run's time out of the training rates."""
+        started = getattr(self, "_validation_started", None)
+        if self.enabled and not trainer.sanity_checking and started is not None:
+            _synchronize(trainer)
+            self._t0s[RunningStage.TRAINING] += time.perf_counter() - started
+            self._validation_started = None
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
         """Log the ``perf/...`` metrics of training (Lightning's own keys renamed; evaluation is not logged)."""
