@@ -390,6 +390,9 @@ class StepTimes:
         return _StepTimes()
 
 
+OVERHEAD_SKIP = 2  # untimed first steps of each loop segment of --lightning_overhead
+
+
 def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, device: torch.device, precision: str,
                        clip: float | None, steps: int, rounds: int, skip: int,
                        gemm: Callable[[], None] | None = None) -> dict[str, list[float]]:
@@ -442,8 +445,6 @@ def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, devic
 
 
 # ------------------------------------------------------------------------------------------------------ main
-OVERHEAD_SKIP = 2  # untimed first steps of each loop segment of --lightning_overhead
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cli.py bench",

@@ -87,6 +87,8 @@ class PerfMonitor(ThroughputMonitor):
         self.enabled = enabled
         self.peak_flops = available_flops
         self._module: Any = None
+        self._flops_since_time_point = 0  # closed-form FLOPs of the batches since the last time point
+        self._validation_started: float | None = None  # when the running validation started (after a device sync)
 
     def _samples_in(self, batch: Any) -> int:
         return self._module.samples_in(batch)
@@ -144,10 +146,9 @@ class PerfMonitor(ThroughputMonitor):
 
     def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
         """Leave the validation run's time out of the training rates."""
-        started = getattr(self, "_validation_started", None)
-        if self.enabled and not trainer.sanity_checking and started is not None:
+        if self.enabled and not trainer.sanity_checking and self._validation_started is not None:
             _synchronize(trainer)
-            self._t0s[RunningStage.TRAINING] += time.perf_counter() - started
+            self._t0s[RunningStage.TRAINING] += time.perf_counter() - self._validation_started
             self._validation_started = None
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
