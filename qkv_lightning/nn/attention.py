@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.positional import PairScoreEncoding, apply_rope
+from qkv_lightning.nn.positional import PairScoreEncoding, apply_rope, rotate_into
 
 ROLES = ("Q", "K", "V")
 
@@ -170,6 +170,36 @@ class AttentionConfig:
         return n_kv
 
 
+ROPE_KEYS_DEFAULT = "on_read"
+"""How a K=V cache with rotary positions gives rotated keys: see :func:`parse_rope_keys` and the README's
+"bench-decode" section for the measurements behind the default."""
+
+
+def parse_rope_keys(value: str, capacity: int) -> int:
+    """Positions whose rotated keys a K=V cache keeps in a second tensor, from a ``rope_keys`` setting.
+
+    ``on_read`` (0): the cache holds the one un-rotated K=V tensor (half of QKV's cache) and rotates the cached keys
+    as it reads them, at every step, into a workspace shared by all layers. ``copy`` (``capacity``): a rotated copy
+    of every key, as QKV caches them: decoding costs what QKV's does, and the cache is as large as QKV's.
+    ``window:W``: a rotated copy of the first W positions only; the others are rotated on read.
+
+    Raises:
+        ConfigError: naming ``rope_keys`` and the allowed values.
+    """
+    text = str(value).strip().lower()
+    if text == "on_read":
+        return 0
+    if text == "copy":
+        return capacity
+    if text.startswith("window:") and text[7:].isdigit() and int(text[7:]) > 0:
+        return min(int(text[7:]), capacity)
+    raise ConfigError(
+        f"rope_keys={value!r} is not a K=V cache scheme: use on_read (rotate cached keys when read; half the cache), "
+        "copy (a rotated copy of every key; QKV's cache size and speed) or window:W (a rotated copy of the first W "
+        "positions, e.g. window:1024)."
+    )
+
+
 class KVCache:
     """Cache of one attention layer for incremental decoding; stores each distinct K/V tensor once.
 
@@ -181,6 +211,10 @@ class KVCache:
         head_dim: size of one head.
         dtype: dtype of the stored tensors.
         device: where to allocate them.
+        rotated: positions (from 0) whose rotated keys are also kept, for K=V with RoPE (see
+            :func:`parse_rope_keys`); 0 keeps none.
+        workspace: a list shared by the caches of all layers, holding the one tensor into which keys are rotated
+            on read (allocated on first use); None gives this cache its own.
     """
 
     def __init__(
@@ -192,9 +226,15 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        rotated: int = 0,
+        workspace: list[Tensor] | None = None,
     ) -> None:
         shape = (batch_size, n_kv_heads, capacity, head_dim)
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_tensors)]
+        self.rotated = (
+            torch.zeros((batch_size, n_kv_heads, rotated, head_dim), dtype=dtype, device=device) if rotated else None
+        )
+        self.workspace = [] if workspace is None else workspace
         self.capacity = capacity
         self.length = 0
 
@@ -209,10 +249,43 @@ class KVCache:
         self.length = end
         return [buffer[:, :, :end] for buffer in self.buffers]
 
+    def rotated_keys(self, kv: Tensor, rope: tuple[Tensor, Tensor], start: int) -> Tensor:
+        """Rotated keys (B, H_kv, L, D) of the un-rotated K=V sequence ``kv`` (B, H_kv, L, D) just returned by
+        :meth:`update`, whose positions from ``start`` on are new; ``rope``: tables (L, D) for positions 0 .. L-1.
+
+        Keys of the rotated copy's positions are rotated once, when they arrive; the others at every call, into the
+        shared workspace when no gradient is needed (no cache-sized temporaries), else with :func:`apply_rope`.
+        """
+        cos, sin = rope
+        end, kept = kv.shape[2], 0 if self.rotated is None else self.rotated.shape[2]
+        if kept:
+            upto = min(end, kept)
+            if start < upto:
+                self.rotated[:, :, start:upto] = apply_rope(kv[:, :, start:upto], cos[start:upto], sin[start:upto])
+            if end <= kept:
+                return self.rotated[:, :, :end]
+        if torch.is_grad_enabled() and kv.requires_grad:
+            rest = apply_rope(kv[:, :, kept:], cos[kept:], sin[kept:])
+            return rest if not kept else torch.cat([self.rotated, rest], dim=2)
+        out = self._workspace(kv)[:, :, :end]  # (B, H_kv, L, D)
+        if kept:
+            out[:, :, :kept] = self.rotated
+        rotate_into(kv[:, :, kept:], cos[kept:], sin[kept:], out[:, :, kept:])
+        return out
+
+    def _workspace(self, like: Tensor) -> Tensor:
+        shape = (*like.shape[:2], self.capacity, like.shape[3])
+        ws = self.workspace
+        fits = ws and ws[0].shape == shape and ws[0].dtype == like.dtype and ws[0].device == like.device
+        if not fits or ws[0].is_inference() != torch.is_inference_mode_enabled():
+            ws[:] = [torch.empty(shape, dtype=like.dtype, device=like.device)]
+        return ws[0]
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers)
+        """Bytes held by the cache's tensors (the rotated copy included; not the workspace shared by all layers)."""
+        tensors = self.buffers + ([] if self.rotated is None else [self.rotated])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class Attention(nn.Module):
@@ -248,10 +321,18 @@ class Attention(nn.Module):
         )
 
     def new_cache(
-        self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+        self,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        rope_keys: str = ROPE_KEYS_DEFAULT,
+        workspace: list[Tensor] | None = None,
     ) -> KVCache:
-        """An empty :class:`KVCache` for this layer."""
+        """An empty :class:`KVCache` for this layer; ``rope_keys`` (K=V variants with RoPE): see
+        :func:`parse_rope_keys`; ``workspace``: shared by the layers' caches (see :class:`KVCache`)."""
         weight = self.qkv.weight
+        rotated = parse_rope_keys(rope_keys, capacity) if self.kv_shared else 0
         return KVCache(
             len(self.sharing.cached_groups),
             batch_size,
@@ -260,6 +341,8 @@ class Attention(nn.Module):
             self.head_dim,
             dtype or weight.dtype,
             device or weight.device,
+            rotated=rotated,
+            workspace=workspace,
         )
 
     def project(
@@ -284,7 +367,10 @@ class Attention(nn.Module):
         if self.kv_shared:  # Q-K=V or Q=K=V: one cached tensor serves as keys (rotated) and values (raw)
             kv = cache.update([groups[self.k_group]])[0] if cache is not None else groups[self.k_group]
             v = kv  # (B, H_kv, L+T, D)
-            k = kv if rope is None else apply_rope(kv, *rope)
+            if rope is None:
+                k = kv
+            else:
+                k = apply_rope(kv, *rope) if cache is None else cache.rotated_keys(kv, rope, offset)
             q = k[:, :, offset:] if self.q_group == self.k_group else rotate_new(groups[self.q_group])
             return q, k, v
         k_new = rotate_new(groups[self.k_group])  # (B, H_kv, T, D)
@@ -294,6 +380,81 @@ class Attention(nn.Module):
             return q, k_new, v_new
         k, v = cache.update([k_new, v_new])
         return q, k, v
+
+    def static_step(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        buffers: list[Tensor],
+        inplace: bool = True,
+        workspace: Tensor | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One decoding step against a static cache: every shape is fixed by the cache's capacity, not by the
+        position, so the step compiles (and exports) once and CUDA graphs can replay it.
+
+        Args:
+            x: the new token's input (B, 1, C).
+            pos: its position, an int64 tensor of shape (1,).
+            rope: tables (capacity, D) for positions 0 .. capacity-1, or None.
+            buffers: this layer's cache tensors, each (B, H_kv, capacity, D): K and V; or for K=V the un-rotated
+                tensor, plus its rotated copy when the cache keeps one (``rope_keys=copy``).
+            inplace: write the new entries into ``buffers`` (eager, compiled) or return new tensors (export).
+            workspace: (B, H_kv, capacity, D) tensor to rotate cached keys into (eager); None rotates them with
+                :func:`apply_rope` (compiled and exported graphs, where the compiler fuses it).
+
+        Returns:
+            ``(output (B, 1, C), the layer's cache tensors after the step)``.
+        """
+        b = x.shape[0]
+        capacity = buffers[0].shape[2]
+        fused = self.qkv(x)  # (B, 1, sum of group widths)
+        groups = [
+            part.view(b, 1, heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, D)
+            for part, heads in zip(fused.split(self.group_widths, dim=-1), self.group_heads)
+        ]
+        row = None if rope is None else (rope[0].index_select(0, pos), rope[1].index_select(0, pos))  # (1, D)
+
+        def rotate(tensor: Tensor) -> Tensor:
+            return tensor if row is None else apply_rope(tensor, *row)
+
+        def write(buffer: Tensor, new: Tensor) -> Tensor:  # (B, H_kv, capacity, D)
+            return buffer.index_copy_(2, pos, new) if inplace else buffer.index_copy(2, pos, new)
+
+        if self.kv_shared:
+            kv_new = groups[self.k_group]
+            stored = [write(buffers[0], kv_new)]
+            v = stored[0]
+            if rope is None:
+                k = v
+            elif len(buffers) == 2:  # the rotated copy
+                stored.append(write(buffers[1], rotate(kv_new)))
+                k = stored[1]
+            elif workspace is not None:
+                k = rotate_into(v, *rope, workspace)
+            else:
+                k = apply_rope(v, *rope)
+            q = rotate(kv_new) if self.q_group == self.k_group else rotate(groups[self.q_group])
+        else:
+            k_new = rotate(groups[self.k_group])
+            q = k_new if self.q_group == self.k_group else rotate(groups[self.q_group])
+            stored = [write(buffers[0], k_new), write(buffers[1], groups[self.v_group])]
+            k, v = stored
+        keys = torch.arange(capacity, device=x.device)
+        allowed = keys <= pos  # (capacity,): the filled positions
+        if self.config.mask_self:
+            allowed = allowed & ((keys != pos) | (pos == 0))
+        bias = torch.zeros(1, 1, capacity, dtype=q.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        if self.score_encoding is not None:
+            bias = bias + self.score_encoding(pos, keys).to(q.dtype)  # (H, 1, capacity)
+        if self.config.backend == "explicit":
+            out = self.explicit_attention(q, k, v, bias, 0.0)[0]
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, enable_gqa=self.n_kv_heads != self.n_head
+            )  # (B, H, 1, D)
+        out = out.transpose(1, 2).reshape(b, 1, self.n_head * self.head_dim)  # (B, 1, H*D)
+        return self.proj(out), stored
 
     def score_bias(self, t_q: int, t_k: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """Additive bias (H or 1, Tq, Tk) holding masks and the score encoding; None when no mask is needed.

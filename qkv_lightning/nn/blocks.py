@@ -141,6 +141,14 @@ class Block(nn.Module):
         return x, weights
 
 
+    def static_step(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor] | None, buffers: list[Tensor],
+                    inplace: bool = True, workspace: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`forward` in eval mode for one token against a static cache (see :meth:`Attention.static_step`)."""
+        attended, stored = self.attn.static_step(self.norm_attn(x), pos, rope, buffers, inplace, workspace)
+        x = x + attended  # (B, 1, C)
+        return x + self.mlp(self.norm_mlp(x)), stored
+
+
 class Trunk(nn.Module):
     """A stack of :class:`Block` followed by a final LayerNorm.
 
@@ -196,7 +204,8 @@ class Trunk(nn.Module):
         return self.norm(x), maps
 
     def new_caches(self, batch_size: int, capacity: int, **kwargs) -> list[KVCache]:
-        """One empty :class:`KVCache` per block."""
+        """One empty :class:`KVCache` per block, sharing one workspace (see :class:`KVCache`)."""
+        kwargs.setdefault("workspace", [])
         return [block.attn.new_cache(batch_size, capacity, **kwargs) for block in self.blocks]
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import AttentionConfig, KVCache
+from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, AttentionConfig, KVCache
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
 from qkv_lightning.nn.sequence import SequenceConfig
 
@@ -137,9 +137,13 @@ class GPT(nn.Module):
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in float32
         return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
-    def new_caches(self, batch_size: int, capacity: int | None = None) -> list[KVCache]:
-        """Empty KV caches for every layer."""
-        return self.trunk.new_caches(batch_size, capacity or self.config.max_seq_len)
+    def new_caches(
+        self, batch_size: int, capacity: int | None = None, rope_keys: str = ROPE_KEYS_DEFAULT
+    ) -> list[KVCache]:
+        """Empty KV caches for every layer; ``rope_keys``: how K=V caches give rotated keys with RoPE (see
+        :func:`~qkv_lightning.nn.attention.parse_rope_keys`; ignored without rotary positions)."""
+        rope_keys = rope_keys if self.config.position == "rope" else "on_read"
+        return self.trunk.new_caches(batch_size, capacity or self.config.max_seq_len, rope_keys=rope_keys)
 
     @torch.no_grad()
     def generate(
@@ -151,13 +155,14 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         n_valid: int | None = None,
+        rope_keys: str = ROPE_KEYS_DEFAULT,
     ) -> Tensor:
         """Continue ``prompt`` (B, T) by ``max_new_tokens`` tokens: greedy at temperature 0, else sampled (top-k).
 
         With ``use_cache`` the prompt is run once and each new token attends to the KV cache; without it every step
         runs the whole sequence again (the reference the cache must match). ``n_valid``: only ids below it are
         generated (the ids above pad the vocabulary, e.g. 50257 real GPT-2 tokens in a 50304-wide output). Call it in
-        eval mode (dropout off).
+        eval mode (dropout off). ``rope_keys``: the K=V cache scheme with RoPE (see :meth:`new_caches`).
         """
         total = prompt.shape[1] + max_new_tokens
         if total > self.config.max_seq_len:
@@ -165,7 +170,7 @@ class GPT(nn.Module):
                 f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds network.max_seq_len="
                 f"{self.config.max_seq_len}."
             )
-        caches = self.new_caches(prompt.shape[0], total) if use_cache else None
+        caches = self.new_caches(prompt.shape[0], total, rope_keys) if use_cache else None
         tokens, step_input = prompt, prompt
         for _ in range(max_new_tokens):
             hidden = self.hidden(step_input if use_cache else tokens, caches)[0][:, -1:]  # (B, 1, C)

@@ -42,6 +42,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def rotate_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> Tensor:
+    """:func:`apply_rope` written into ``out`` (same shape as ``x``, (B, H, T, D)) without temporaries.
+
+    Re-rotating a whole KV cache at each decoding step allocates several cache-sized temporaries with
+    :func:`apply_rope`; on CPUs each fresh allocation is paged in again, which costs more than the arithmetic.
+    This writes ``x * cos`` into ``out`` and adds the rotated halves in place (no autograd through ``out``).
+    """
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)  # (B, H, T, D)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
 def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> Tensor:
     """Fixed 2D sin-cos position embedding of a patch grid (as in MAE / "simple ViT").
 
