@@ -1,0 +1,187 @@
+"""``export``: a trained GPT as two graphs with its KV cache as explicit state, checked against eager decoding.
+
+Run: ``python cli.py export --ckpt_path logs/.../last.ckpt --out exported/ [--format torch_export|onnx]
+[--capacity 512 --prompt_len 16 --batch_size 1 --rope_keys on_read]``. It writes
+
+- ``prefill.pt2``: prompt ids (B, T) -> ``(logits (B, V), *cache)``, with T dynamic (2 .. capacity) where
+  ``torch.export`` can keep it so;
+- ``decode_step.pt2``: ``(token (B, 1), pos (1,), *cache) -> (logits (B, V), *cache)``;
+- ``export.json``: the cache layout (tensors per layer, shapes, dtype), the variant and the check's figures.
+
+The cache is one tensor per layer for the K=V variants (Q-K=V, Q=K=V) and two (K, V) for the others, each
+(B, H_kv, capacity, D). Before anything is written, the exported graphs decode ``--check_tokens`` tokens greedily
+from a random prompt and are compared with eager decoding token by token (logits and tokens). Nothing existing is
+overwritten. ``--format onnx`` uses ``torch.onnx.export(dynamo=True)`` when the ``onnx`` and ``onnxscript``
+packages are installed (an optional extra, ``pip install onnx onnxscript``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT
+from qkv_lightning.nn.decoding import PrefillGraph, StaticDecoder, StepGraph
+from qkv_lightning.nn.gpt import GPT
+
+LANGUAGE_MODEL = "qkv_lightning.tasks.language_model.LanguageModel"
+
+
+def load_gpt(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str, Any]]:
+    """The GPT of a ``LanguageModel`` checkpoint (eval mode, on CPU) and the checkpoint's hyper-parameters.
+
+    Only the language-model task is built (its class is named here, not taken from the file).
+
+    Raises:
+        CheckpointError: the file is unreadable, not a language model's, or its weights do not fit.
+    """
+    from qkv_lightning.checkpoints import load_checkpoint_file
+    from qkv_lightning.tasks.language_model import LanguageModel
+
+    checkpoint = load_checkpoint_file(path, weights_only=weights_only)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    saved = hparams.pop("_class_path", LANGUAGE_MODEL)
+    if saved != LANGUAGE_MODEL or not hparams.get("data_spec"):
+        raise CheckpointError(
+            f"{path} is not a language model's checkpoint with its data_spec (saved by {saved}); export takes "
+            "checkpoints that `fit` saved for qkv_lightning.tasks.language_model.LanguageModel."
+        )
+    accepted = inspect.signature(LanguageModel.__init__).parameters
+    task = LanguageModel(**{k: v for k, v in hparams.items() if k in accepted and k != "compile"})
+    task.configure_model()
+    state = checkpoint["state_dict"]
+    task.on_load_checkpoint(checkpoint)
+    try:
+        task.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"the weights in {path} do not fit its own hyper-parameters: {error}") from None
+    return task.network.eval(), hparams
+
+
+def export_graphs(model: GPT, capacity: int, prompt_len: int, batch_size: int, rope_keys: str = ROPE_KEYS_DEFAULT,
+                  dynamic_prompt: bool = True) -> dict[str, Any]:
+    """``torch.export`` the prefill and decode-step graphs of ``model``; returns the programs and the layout."""
+    if not 1 <= prompt_len < capacity:
+        raise ConfigError(f"--prompt_len={prompt_len} must lie in [1, --capacity={capacity}).")
+    decoder = StaticDecoder(model, capacity, rope_keys=rope_keys, inplace=False)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator)
+    prefill_module, step_module = PrefillGraph(decoder).eval(), StepGraph(decoder).eval()
+    with torch.no_grad():
+        prefill, dynamic = None, False
+        if dynamic_prompt and prompt_len >= 2:
+            try:
+                length = torch.export.Dim("prompt_len", min=2, max=capacity - 1)
+                prefill = torch.export.export(prefill_module, (prompt,), dynamic_shapes=({1: length},))
+                dynamic = True
+            except Exception:  # noqa: BLE001 - a graph the exporter cannot keep dynamic is exported static
+                prefill = None
+        if prefill is None:
+            prefill = torch.export.export(prefill_module, (prompt,))
+        outputs = prefill_module(prompt)
+        pos = torch.tensor([prompt_len])
+        token = outputs[0].argmax(dim=-1, keepdim=True)
+        step = torch.export.export(step_module, (token, pos, *outputs[1:]))
+    layout = {
+        "tensors_per_layer": decoder.tensors_per_layer(),
+        "cache_shapes": [list(t.shape) for t in outputs[1:]],
+        "dtype": str(outputs[1].dtype).removeprefix("torch."),
+        "capacity": capacity,
+        "rope_keys": decoder.rope_keys,
+        "prompt_len": prompt_len,
+        "prompt_len_dynamic": dynamic,
+        "batch_size": batch_size,
+    }
+    return {"prefill": prefill, "step": step, "decoder": decoder, "prompt": prompt, "layout": layout}
+
+
+def check_exported(model: GPT, prefill: Any, step: Any, prompt: torch.Tensor, n_tokens: int) -> dict[str, Any]:
+    """Greedy decoding through the exported programs against eager decoding (the dynamic KV cache), token by
+    token: the largest logit difference over the steps and whether every token agrees."""
+    run_prefill, run_step = prefill.module(), step.module()
+    with torch.no_grad():
+        caches = model.new_caches(prompt.shape[0], prompt.shape[1] + n_tokens)
+        eager = model.logits(model.hidden(prompt, caches)[0][:, -1:])[:, 0]  # (B, V)
+        outputs = run_prefill(prompt)
+        logits, cache = outputs[0], list(outputs[1:])
+        worst, same = (logits - eager).abs().max().item(), True
+        scale = eager.abs().max().item()
+        for i in range(n_tokens - 1):
+            token = eager.argmax(dim=-1, keepdim=True)  # (B, 1): both continue from eager's choice
+            same = same and torch.equal(token, logits.argmax(dim=-1, keepdim=True))
+            eager = model.logits(model.hidden(token, caches)[0])[:, 0]
+            outputs = run_step(token, torch.tensor([prompt.shape[1] + i]), *cache)
+            logits, cache = outputs[0], list(outputs[1:])
+            worst = max(worst, (logits - eager).abs().max().item())
+            scale = max(scale, eager.abs().max().item())
+        same = same and torch.equal(eager.argmax(dim=-1), logits.argmax(dim=-1))
+    return {"tokens": n_tokens, "max_abs_logit_diff": worst, "max_abs_logit": scale, "tokens_equal": bool(same)}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cli.py export", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt_path", required=True, help="a single-file checkpoint that fit saved (LanguageModel)")
+    p.add_argument("--out", required=True, help="folder for the graphs and export.json (must not hold them yet)")
+    p.add_argument("--format", choices=("torch_export", "onnx"), default="torch_export")
+    p.add_argument("--capacity", type=int, default=None, help="cache tokens; default network.max_seq_len")
+    p.add_argument("--prompt_len", type=int, default=16, help="example prompt length (dynamic where possible)")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences per call (static in the graphs)")
+    p.add_argument("--rope_keys", default=ROPE_KEYS_DEFAULT, help="K=V with RoPE: on_read (one tensor per layer) "
+                   "or copy (and a rotated copy)")
+    p.add_argument("--check_tokens", type=int, default=8, help="tokens compared with eager decoding")
+    p.add_argument("--weights_only", type=lambda s: s.lower() not in ("0", "false", "no"), default=True,
+                   help="load the checkpoint with torch's safe loading (default true)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``export``: export, check against eager, write."""
+    args = parser().parse_args(list(argv or []))
+    model, hparams = load_gpt(args.ckpt_path, args.weights_only)
+    capacity = args.capacity or model.config.max_seq_len
+    if args.check_tokens < 1 or args.prompt_len + args.check_tokens > capacity:
+        raise ConfigError(f"--prompt_len {args.prompt_len} + --check_tokens {args.check_tokens} must fit in "
+                          f"--capacity {capacity} (and --check_tokens be at least 1).")
+    out = Path(args.out)
+    names = ("prefill.onnx", "decode_step.onnx") if args.format == "onnx" else ("prefill.pt2", "decode_step.pt2")
+    existing = [str(out / name) for name in (*names, "export.json") if (out / name).exists()]
+    if existing:
+        raise ConfigError(f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is "
+                          "overwritten).")
+    result = export_graphs(model, capacity, args.prompt_len, args.batch_size, args.rope_keys)
+    check = check_exported(model, result["prefill"], result["step"], result["prompt"], args.check_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.format == "onnx":
+        write_onnx(result, out / names[0], out / names[1])
+    else:
+        torch.export.save(result["prefill"], out / names[0])
+        torch.export.save(result["step"], out / names[1])
+    attention = hparams.get("attention") or {}
+    manifest = {"checkpoint": str(args.ckpt_path), "format": args.format, "files": list(names),
+                "sharing": attention.get("sharing"), "n_kv_heads": attention.get("n_kv_heads"),
+                "position": model.config.position, **result["layout"], "check": check}
+    (out / "export.json").write_text(json.dumps(manifest, indent=2))
+    per_layer = sorted(set(result["layout"]["tensors_per_layer"]))
+    print(f"exported {out / names[0]} and {out / names[1]}: {len(per_layer) and per_layer[0]} cache tensor(s) per "
+          f"layer, capacity {capacity}; {check['tokens']} greedy tokens equal eager: {check['tokens_equal']}, "
+          f"largest logit difference {check['max_abs_logit_diff']:.3g} (logits up to {check['max_abs_logit']:.3g})")
+    return 0 if check["tokens_equal"] else 1
+
+
+def write_onnx(result: dict[str, Any], prefill_path: Path, step_path: Path) -> None:
+    """The two graphs as ONNX through the dynamo exporter (needs the ``onnx`` and ``onnxscript`` packages)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ConfigError("--format onnx needs the onnx and onnxscript packages: pip install onnx onnxscript (or "
+                          "use --format torch_export).") from None
+    for program, path in ((result["prefill"], prefill_path), (result["step"], step_path)):
+        torch.onnx.export(program, (), str(path), dynamo=True)
