@@ -40,7 +40,9 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter is inte
 EXTRA_COMMANDS: dict[str, str] = {
     "bench": "qkv_lightning.bench.models:main",
     "bench-attention": "qkv_lightning.bench.attention:main",
+    "bench-decode": "qkv_lightning.bench.decode:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "export": "qkv_lightning.export:main",
     "report": "qkv_lightning.bench.report:main",
     "study": "qkv_lightning.study:main",
 }

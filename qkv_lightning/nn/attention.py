@@ -395,7 +395,8 @@ class Attention(nn.Module):
 
         Args:
             x: the new token's input (B, 1, C).
-            pos: its position, an int64 tensor of shape (1,).
+            pos: its position, an int64 tensor of shape (1,), or one position per sequence, shape (B,) (a batch of
+                requests of different lengths, as a serving loop runs them).
             rope: tables (capacity, D) for positions 0 .. capacity-1, or None.
             buffers: this layer's cache tensors, each (B, H_kv, capacity, D): K and V; or for K=V the un-rotated
                 tensor, plus its rotated copy when the cache keeps one (``rope_keys=copy``).
@@ -413,13 +414,17 @@ class Attention(nn.Module):
             part.view(b, 1, heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, D)
             for part, heads in zip(fused.split(self.group_widths, dim=-1), self.group_heads)
         ]
-        row = None if rope is None else (rope[0].index_select(0, pos), rope[1].index_select(0, pos))  # (1, D)
+        n_pos = pos.shape[0]
+        row = None if rope is None else tuple(t.index_select(0, pos).view(n_pos, 1, 1, -1) for t in rope)  # (P,1,1,D)
 
         def rotate(tensor: Tensor) -> Tensor:
             return tensor if row is None else apply_rope(tensor, *row)
 
-        def write(buffer: Tensor, new: Tensor) -> Tensor:  # (B, H_kv, capacity, D)
-            return buffer.index_copy_(2, pos, new) if inplace else buffer.index_copy(2, pos, new)
+        def write(buffer: Tensor, new: Tensor) -> Tensor:  # new (B, H_kv, 1, D) at pos into (B, H_kv, capacity, D)
+            if n_pos == 1:
+                return buffer.index_copy_(2, pos, new) if inplace else buffer.index_copy(2, pos, new)
+            index = pos.view(n_pos, 1, 1, 1).expand_as(new)
+            return buffer.scatter_(2, index, new) if inplace else buffer.scatter(2, index, new)
 
         if self.kv_shared:
             kv_new = groups[self.k_group]
@@ -441,12 +446,14 @@ class Attention(nn.Module):
             stored = [write(buffers[0], k_new), write(buffers[1], groups[self.v_group])]
             k, v = stored
         keys = torch.arange(capacity, device=x.device)
-        allowed = keys <= pos  # (capacity,): the filled positions
+        at = pos.view(n_pos, 1, 1, 1)
+        allowed = keys <= at  # (P, 1, 1, capacity): the filled positions
         if self.config.mask_self:
-            allowed = allowed & ((keys != pos) | (pos == 0))
-        bias = torch.zeros(1, 1, capacity, dtype=q.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+            allowed = allowed & ((keys != at) | (at == 0))
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         if self.score_encoding is not None:
-            bias = bias + self.score_encoding(pos, keys).to(q.dtype)  # (H, 1, capacity)
+            encoded = self.score_encoding(pos, keys).to(q.dtype)  # (H, P, capacity)
+            bias = bias + encoded.transpose(0, 1).unsqueeze(2)  # (P, H, 1, capacity)
         if self.config.backend == "explicit":
             out = self.explicit_attention(q, k, v, bias, 0.0)[0]
         else:

@@ -104,11 +104,12 @@ class StaticDecoder(nn.Module):
         return model.logits(hidden)[:, 0], flat
 
     def step(self, token: Tensor, pos: Tensor, cache: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Decode one token ``token`` (B, 1) at position ``pos`` (int64, shape (1,)) against ``cache``."""
+        """Decode one token ``token`` (B, 1) at position ``pos`` (int64, shape (1,), or (B,): one per sequence)
+        against ``cache``."""
         model = self.model
         x = model.embed(token)  # (B, 1, C)
         if model.position is not None:
-            x = x + model.position(pos)  # (1, C) broadcast
+            x = x + model.position(pos).unsqueeze(1)  # (P, 1, C) broadcast
         workspace = self._workspace_for(cache[0]) if self.use_workspace else None
         out: list[Tensor] = []
         i = 0
