@@ -1,0 +1,272 @@
+"""Decoding with the KV cache: long-context cached decoding against the full forward pass for every variant and RoPE
+K=V cache scheme, the static cache (and its compiled step) against eager, exported graphs against eager, the
+memory-budget batch under a limit the test enforces, and the bench-decode command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkv_lightning.accounting import AttentionShape, kv_cache_bytes_per_token
+from qkv_lightning.bench.decode import (
+    computed_largest_batch,
+    largest_batch,
+    model_spec,
+    param_bytes,
+    parse_bytes,
+)
+from qkv_lightning.cli import main
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig, parse_rope_keys
+from qkv_lightning.nn.decoding import StaticDecoder
+from qkv_lightning.nn.gpt import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [(v, None) for v in CANONICAL_VARIANTS] + [("QKV", 2), ("Q-K=V", 1)]
+SCHEMES = ("on_read", "copy", "window:20")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def model_for(variant: str, n_kv: int | None, position: str, max_seq_len: int = 96, **network) -> GPT:
+    torch.manual_seed(0)
+    attention = AttentionConfig(sharing=variant, n_kv_heads=n_kv, score_encoding=variant == "Q=K-V",
+                                mask_self=variant == "Q=K=V")
+    config = GPTConfig(**{**dict(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=max_seq_len, vocab_size=50,
+                                 init_std=0.3, position=position), **network})
+    return GPT(config, attention).double().eval()
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize(("variant", "n_kv"), CASES)
+def test_long_context_cached_decoding_equals_the_full_forward_pass(variant, n_kv, position):
+    model = model_for(variant, n_kv, position)
+    tokens = torch.randint(0, 50, (2, 90), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)  # (B, T, V)
+    schemes = SCHEMES if model.blocks[0].attn.kv_shared and position == "rope" else ("on_read",)
+    with torch.inference_mode():  # the decoding path: keys rotated on read into the shared workspace
+        for scheme in schemes:
+            caches = model.new_caches(2, 90, rope_keys=scheme)
+            steps = [model(tokens[:, :60], caches)] + [model(tokens[:, t : t + 1], caches) for t in range(60, 90)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10, msg=scheme)
+            kept = caches[0].rotated
+            if scheme == "copy":
+                assert kept.shape[2] == 90 and sum(c.nbytes for c in caches) == 2 * sum(
+                    b.numel() * 8 for c in caches for b in c.buffers)
+            elif scheme == "window:20":
+                assert kept.shape[2] == 20
+            else:
+                assert kept is None
+    assert caches[0].length == 90
+
+
+def test_rope_schemes_keep_k_equal_v_caches_at_half_the_bytes_unless_a_copy_is_asked_for():
+    qkv = model_for("QKV", None, "rope").new_caches(1, 64)
+    kv = model_for("Q-K=V", None, "rope")
+    assert sum(c.nbytes for c in kv.new_caches(1, 64)) * 2 == sum(c.nbytes for c in qkv)
+    assert sum(c.nbytes for c in kv.new_caches(1, 64, rope_keys="copy")) == sum(c.nbytes for c in qkv)
+    assert sum(c.nbytes for c in kv.new_caches(1, 64, rope_keys="window:16")) * 64 == sum(c.nbytes for c in qkv) * 40
+    learned = model_for("Q-K=V", None, "learned")  # no rotary positions: nothing to copy
+    assert all(c.rotated is None for c in learned.new_caches(1, 64, rope_keys="copy"))
+    assert parse_rope_keys("window:99", 64) == 64
+    with pytest.raises(ConfigError, match="rope_keys='twice'"):
+        parse_rope_keys("twice", 64)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize(("variant", "n_kv"), CASES)
+def test_static_cache_steps_equal_the_dynamic_cache(variant, n_kv, position):
+    model = model_for(variant, n_kv, position)
+    prompt = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
+    reference = model.generate(prompt, 20, use_cache=False)
+    schemes = ("on_read", "copy") if model.blocks[0].attn.kv_shared and position == "rope" else ("on_read",)
+    with torch.inference_mode():
+        for scheme in schemes:
+            for workspace in (False, True):
+                decoder = StaticDecoder(model, 30, rope_keys=scheme, workspace=workspace)
+                assert torch.equal(decoder.generate(prompt, 20), reference)
+                caches = model.new_caches(2, 30)
+                eager = model(reference[:, :7], caches)[:, -1]
+                logits, cache = decoder.prefill(reference[:, :7])
+                assert len(cache) == sum(decoder.tensors_per_layer())
+                for t in range(7, 26):
+                    torch.testing.assert_close(logits, eager, rtol=1e-10, atol=1e-10)
+                    eager = model(reference[:, t : t + 1], caches)[:, -1]
+                    logits, cache = decoder.step(reference[:, t : t + 1], torch.tensor([t]), cache)
+
+
+@pytest.mark.parametrize(("variant", "n_kv", "position"), [("Q-K=V", 1, "rope"), ("Q=K-V", None, "learned"),
+                                                           ("Q=K=V", None, "rope")])
+def test_static_steps_at_one_position_per_sequence_equal_each_sequence_alone(variant, n_kv, position):
+    """Requests of different lengths in one batch (the serving loop): each row decodes as if it were alone."""
+    model = model_for(variant, n_kv, position)
+    decoder = StaticDecoder(model, 24, workspace=True)
+    prompts = [torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 11)]
+    with torch.inference_mode():
+        cache = decoder.new_cache(2)
+        tokens, pos = torch.zeros(2, 1, dtype=torch.long), torch.tensor([5, 11])
+        for row, prompt in enumerate(prompts):
+            logits, filled = decoder.prefill(prompt)
+            for target, source in zip(cache, filled, strict=True):
+                target[row : row + 1] = source
+            tokens[row] = logits.argmax(dim=-1)
+        together = [tokens.clone()]
+        for _ in range(8):
+            logits, cache = decoder.step(tokens, pos, cache)
+            tokens, pos = logits.argmax(dim=-1, keepdim=True), pos + 1
+            together.append(tokens.clone())
+    joint = torch.cat(together, dim=1)  # (2, 9)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt, 9, use_cache=False)[:, prompt.shape[1]:]
+        assert torch.equal(joint[row : row + 1], alone)
+
+
+@pytest.mark.slow
+def test_compiled_static_step_equals_eager():
+    model = model_for("Q-K=V", 2, "rope").float()
+    decoder = StaticDecoder(model, 24)
+    compiled = torch.compile(decoder.step, dynamic=False)
+    prompt = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        logits, cache = decoder.prefill(prompt)
+        eager_logits, eager_cache = decoder.prefill(prompt)
+        token = logits.argmax(dim=-1, keepdim=True)
+        for t in range(6, 20):
+            logits, cache = compiled(token, torch.tensor([t]), cache)
+            eager_logits, eager_cache = decoder.step(token, torch.tensor([t]), eager_cache)
+            torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
+            token = eager_logits.argmax(dim=-1, keepdim=True)
+        for a, b in zip(cache, eager_cache, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("variant", "n_kv", "position", "per_layer"), [("Q-K=V", None, "rope", 1),
+                                                                        ("QKV", 2, "learned", 2)])
+def test_exported_graphs_equal_eager_decoding_token_by_token(variant, n_kv, position, per_layer):
+    from qkv_lightning.export import check_exported, export_graphs
+
+    model = model_for(variant, n_kv, position).float()
+    exported = export_graphs(model, 24, 6, 2)
+    assert exported["layout"]["tensors_per_layer"] == [per_layer, per_layer]
+    assert all(shape == [2, n_kv or 4, 24, 8] for shape in exported["layout"]["cache_shapes"])
+    check = check_exported(model, exported["prefill"], exported["step"], exported["prompt"], 12)
+    assert check["tokens_equal"] and check["max_abs_logit_diff"] < 1e-4 * max(1.0, check["max_abs_logit"])
+    # the decode-step graph takes the cache as inputs and returns it: its outputs are logits plus one per input
+    signature = exported["step"].graph_signature
+    assert len(signature.user_outputs) == 1 + 2 * per_layer and len(signature.user_inputs) == 2 + 2 * per_layer
+
+
+@pytest.mark.slow
+def test_export_command_writes_checked_graphs_and_never_overwrites(tmp_path, capsys):
+    from qkv_lightning.tasks.language_model import LanguageModel
+
+    network = GPTConfig(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=32, vocab_size=50, position="rope")
+    task = LanguageModel(network=network, attention=AttentionConfig(sharing="Q-K=V"), data_spec={"vocab_size": 50})
+    task.configure_model()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    out = tmp_path / "exported"
+    args = ["export", "--ckpt_path", str(path), "--out", str(out), "--prompt_len", "5", "--check_tokens", "6"]
+    assert main(args) == 0
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["tensors_per_layer"] == [1, 1] and manifest["check"]["tokens_equal"]
+    program = torch.export.load(out / "decode_step.pt2")
+    assert len(program.graph_signature.user_inputs) == 2 + 2
+    assert main(args) == 2
+    assert "nothing is overwritten" in capsys.readouterr().err
+
+
+CHILD = """
+import json, resource, sys, torch
+from qkv_lightning.bench.decode import _status, fit_step, param_bytes, rebuild
+torch.set_num_threads(1)
+job = json.loads(sys.argv[1])
+model = rebuild(job["spec"], torch.device("cpu"))
+fit_step(model, 1, job["capacity"], "on_read")
+held = _status("VmData")
+resource.setrlimit(resource.RLIMIT_DATA, (held + job["budget"] - param_bytes(model), resource.RLIM_INFINITY))
+try:
+    fit_step(model, job["batch"], job["capacity"], "on_read")
+    print("FITS")
+except (RuntimeError, MemoryError):
+    print("DOES NOT FIT")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA and /proc are Linux's")
+@pytest.mark.parametrize("variant", ["QKV", "Q-K=V"])
+def test_the_largest_batch_for_a_budget_fits_and_one_more_does_not(variant):
+    model = model_for(variant, None, "rope", max_seq_len=2048, d_model=128, d_mlp=256, vocab_size=64).float()
+    budget = param_bytes(model) + 40 * 2**20  # weights + 40 MiB; a K=V cache is 2 MiB per sequence here
+    found = largest_batch(model, 2048, "on_read", budget, torch.device("cpu"))
+    batch = found["checked"]
+    assert batch >= 5 and abs(found["computed"] - batch) <= max(2, 0.3 * batch)
+    assert found["computed"] == computed_largest_batch(model, 2048, "on_read", budget)
+
+    def under_the_budget(n: int) -> bool:  # the test's own limit on a fresh process's data segment
+        job = json.dumps({"spec": model_spec(model), "capacity": 2048, "budget": budget, "batch": n})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        result = subprocess.run([sys.executable, "-c", CHILD, job], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip().endswith("FITS") and "DOES NOT" not in result.stdout
+
+    assert under_the_budget(batch)
+    assert not under_the_budget(batch + 1)
+
+
+def test_memory_amounts_parse_and_bad_ones_are_one_clear_error():
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1e9") == 10**9
+    with pytest.raises(ConfigError, match="--memory_budget='lots'"):
+        parse_bytes("lots")
+
+
+TINY = ["--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model.network.n_layer", "2",
+        "--model.network.d_model", "32", "--model.network.n_head", "4", "--model.network.d_mlp", "64",
+        "--model.network.vocab_size", "64", "--model.network.max_seq_len", "64", "--data_spec",
+        '{"vocab_size": 64, "seq_len": 64}', "--threads", "1", "--progress", "false"]
+
+
+@pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--n_kv_heads", "2", "--labels", "QKV", "Q-K=V",
+            "QKV kv=2", "--rope_keys", "on_read", "copy", "--contexts", "8", "24", "--batch_sizes", "1", "2",
+            "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "--serve_requests", "3",
+            "--serve_prompt_lens", "4", "12", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
+            "--format", "json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    cells = result["cells"]
+    assert {c["name"] for c in cells} == {"QKV", "Q-K=V", "Q-K=V [copy]", "QKV kv=2"}
+    assert len(cells) == 4 * 2 * 2
+    for cell in cells:
+        capacity = cell["context"] + 3
+        assert cell["steps_timed"] == 2 and cell["decode_tokens_per_sec"] > 0
+        shape = AttentionShape(32, 4, "Q-K=V" if "Q-K=V" in cell["name"] else "QKV", 2 if "kv=2" in cell["name"] else 4)
+        per_token = 2 * kv_cache_bytes_per_token(shape, 4)  # fp32, two layers
+        per_token *= 2 if "[copy]" in cell["name"] else 1  # the rotated copy
+        assert cell["kv_cache_bytes"] == per_token * cell["batch"] * capacity
+        if cell["name"] == "QKV":
+            weights = result["setup"]["weights_bytes"]
+            assert cell["bytes_read_per_token"] == int(weights / cell["batch"] + cell["context"] * per_token)
+    ratios = {c["name"]: c["kv_bytes_ratio"] for c in cells}
+    assert ratios == {"QKV": 1.0, "Q-K=V": 0.5, "Q-K=V [copy]": 1.0, "QKV kv=2": 0.5}
+    assert all(c["decode_ratio"] == 1.0 for c in cells if c["name"] == "QKV")
+    serving = {row["name"]: row for row in result["serving"]["rows"]}
+    assert set(serving) == {"QKV", "Q-K=V", "QKV kv=2"}
+    assert all(row["generated_tokens"] == 3 * 3 for row in serving.values())
+    assert {p.name for p in out.iterdir()} == {"result.json", "table.md", "decode.png"}
+    assert "| QKV |" in (out / "table.md").read_text()
+    assert main(args) == 2  # the outputs exist: nothing is overwritten
+    assert "nothing is overwritten" in capsys.readouterr().err
+    bad = ["bench-decode", *TINY, "--contexts", "64", "--new_tokens", "4"]
+    assert main(bad) == 2 and "max_seq_len=64" in capsys.readouterr().err
+    assert main(["bench-decode", *TINY, "--contexts", "8", "--cache", "static", "--rope_keys", "window:4"]) == 2
+    assert "static cache takes on_read or copy" in capsys.readouterr().err
