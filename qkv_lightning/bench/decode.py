@@ -36,14 +36,11 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qkv_lightning.bench.attention import synchronize
-from qkv_lightning.bench.common import Variant, add_config_arguments, load_task, variants_of
-from qkv_lightning.bench.models import build
-from qkv_lightning.bench.report import render_table
+from qkv_lightning.bench.attention import synchronize  # no Lightning import: the memory probe's child starts fast
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, AttentionConfig, parse_rope_keys
 from qkv_lightning.nn.decoding import StaticDecoder
@@ -51,7 +48,10 @@ from qkv_lightning.nn.gpt import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FIT_MARK = "BENCH_DECODE_FIT "
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+if TYPE_CHECKING:
+    from qkv_lightning.bench.common import Variant
+
 
 
 # ------------------------------------------------------------------------------------------------ contenders
@@ -229,17 +229,21 @@ def fits(spec: dict[str, Any], batches: Sequence[int], capacity: int, rope_keys:
         del model
         torch.cuda.empty_cache()
         return out
-    payload = json.dumps({"spec": spec, "batches": list(batches), "capacity": capacity, "rope_keys": rope_keys,
-                          "budget": budget})
+    # one fresh process per batch (what an earlier, larger attempt leaves allocated would count against the next);
     # one thread and one malloc arena; every allocation of 64 KiB or more mapped and unmapped on its own, so that
     # the data segment follows the live tensors (no freed memory kept for reuse)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run([sys.executable, "-m", "qkv_lightning.bench.decode", "--fit_probe", payload],
-                            capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith(FIT_MARK)]
-    if not lines:
-        raise RuntimeError(f"the memory probe failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    return json.loads(lines[-1][len(FIT_MARK):])["fits"]
+    out = []
+    for batch in batches:
+        payload = json.dumps({"spec": spec, "batches": [batch], "capacity": capacity, "rope_keys": rope_keys,
+                              "budget": budget})
+        result = subprocess.run([sys.executable, "-m", "qkv_lightning.bench.decode", "--fit_probe", payload],
+                                capture_output=True, text=True, env=env, check=False)
+        lines = [line for line in result.stdout.splitlines() if line.startswith(FIT_MARK)]
+        if not lines:
+            raise RuntimeError(f"the memory probe failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+        out += json.loads(lines[-1][len(FIT_MARK):])["fits"]
+    return out
 
 
 def rebuild(spec: dict[str, Any], device: torch.device) -> GPT:
@@ -296,8 +300,7 @@ def largest_batch(model: GPT, capacity: int, rope_keys: str, budget: int, device
     spec = model_spec(model)
     computed = computed_largest_batch(model, capacity, rope_keys, budget)
     best, fail = 0, None  # the largest batch seen to fit, the smallest seen not to
-    ask = sorted({max(1, round(computed * f)) for f in (0.7, 0.85, 1.15, 1.3)} | {max(1, computed + d)
-                                                                                  for d in (-1, 0, 1, 2)})
+    ask = [max(1, computed), max(1, computed) + 1]
     while True:
         for batch, ok in zip(ask, fits(spec, ask, capacity, rope_keys, budget, device), strict=True):
             if ok:
@@ -308,11 +311,12 @@ def largest_batch(model: GPT, capacity: int, rope_keys: str, budget: int, device
             raise RuntimeError(f"memory use is not monotonic in the batch here ({best} fits, {fail} does not)")
         if fail == best + 1:
             break
-        if fail is None:
-            ask = [2 * best + 1, 4 * best + 1]
+        if fail is None:  # gallop up, then bisect
+            ask = [max(best + 1, round(best * 1.25))]
+        elif best == 0 and fail > 1:
+            ask = [max(1, fail // 2)]
         else:
-            span = fail - best - 1
-            ask = list(range(best + 1, fail)) if span <= 8 else [best + span * i // 8 for i in range(1, 8)]
+            ask = [(best + fail) // 2] if fail - best > 2 else [best + 1]
     return {"computed": int(computed), "checked": int(best), "capacity": capacity,
             "cache_bytes": int(best * capacity * stored_bytes_per_position(model, rope_keys, capacity))}
 
@@ -394,21 +398,18 @@ def bench_cell(contenders: list[Contender], context: int, batch: int, args: argp
     prefill_s: dict[str, list[float]] = {name: [] for name in runners}
     steps_s: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, int | None] = {}
-    with torch.inference_mode():
+    with torch.inference_mode():  # prefills (timed) in the first rounds; warm-up rounds only decode, untimed
         for round_index in range(args.warmup + args.rounds):
-            timed = round_index >= args.warmup
             for name, runner in runners.items():
-                if round_index < args.warmup + args.prefill_rounds:
+                if round_index < args.prefill_rounds:
                     with PeakMemory(device) as peak:
-                        seconds = runner.prefill()
+                        prefill_s[name].append(runner.prefill())
                         steps = runner.decode()
-                    if timed:
-                        prefill_s[name].append(seconds)
                     if name not in peaks or (peak.peak or 0) > (peaks[name] or 0):
                         peaks[name] = peak.peak
                 else:
                     steps = runner.decode()
-                if timed:
+                if round_index >= args.warmup:
                     steps_s[name] += steps
                 progress.update(1)
     rows = []
@@ -511,6 +512,8 @@ def serve(contender: Contender, prompt_lens: list[int], new_tokens: int, slots: 
 # ------------------------------------------------------------------------------------------------- outputs
 def format_tables(result: dict[str, Any], markdown: bool) -> str:
     """The per-cell table (one block per batch size), the memory-budget table and the serving table."""
+    from qkv_lightning.bench.report import render_table
+
     s = result["setup"]
     load = s["load_average_before"], s["load_average_after"]
     blocks = [
@@ -518,7 +521,8 @@ def format_tables(result: dict[str, Any], markdown: bool) -> str:
         f"position {s['position']}, vocabulary {s['vocab_size']}; {s['dtype']} on {s['device']} ({s['device_name']}), "
         f"torch {s['torch']}, {s['threads']} threads, load average {load[0]} -> {load[1]}; {s['cache']} cache"
         f"{', compiled step' if s['compile'] else ''}; {s['new_tokens']} new tokens (first from the prefill), "
-        f"{s['rounds']} interleaved rounds after {s['warmup']} warm-up, prefill timed in {s['prefill_rounds']}."
+        f"{s['rounds']} interleaved decoding rounds after {s['warmup']} warm-up; prefill timed in the first "
+        f"{s['prefill_rounds']}."
     ]
     header = ["variant", "context", "prefill tok/s", "x QKV", "decode tok/s", "x QKV", "TPOT ms (p90)", "KV MiB",
               "x QKV", "peak MiB", "read MB/token", "GB/s"]
@@ -590,6 +594,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
+    from qkv_lightning.bench.common import add_config_arguments
+
     p = argparse.ArgumentParser(
         prog="cli.py bench-decode", allow_abbrev=False,
         description="Prefill and KV-cached decoding of every variant of a language-model config over context lengths "
@@ -603,7 +609,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per cell")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per cell first")
     p.add_argument("--prefill_rounds", type=int, default=1,
-                   help="timed rounds that also prefill (later rounds rewind the cache to the prompt and decode)")
+                   help="first rounds that also prefill, timed (the others rewind the cache to the prompt and decode)")
     p.add_argument("--rope_keys", nargs="+", default=[ROPE_KEYS_DEFAULT],
                    help="K=V variants with RoPE: on_read (half the cache), copy (rotated copy: QKV's size), "
                    "window:W; one contender each")
@@ -634,8 +640,8 @@ def _check(args: argparse.Namespace, max_len: int) -> None:
         least = 2 if name == "new_tokens" else 1
         if getattr(args, name) < least:
             raise ConfigError(f"--{name}={getattr(args, name)} must be at least {least}.")
-    if args.prefill_rounds > args.rounds:
-        raise ConfigError(f"--prefill_rounds={args.prefill_rounds} cannot exceed --rounds={args.rounds}.")
+    if args.prefill_rounds > args.rounds + args.warmup:
+        raise ConfigError(f"--prefill_rounds={args.prefill_rounds} cannot exceed --rounds plus --warmup.")
     if args.warmup < 0 or min(args.contexts) < 1 or min(args.batch_sizes) < 1:
         raise ConfigError("--warmup must be at least 0, and --contexts and --batch_sizes at least 1.")
     if max(args.contexts) + args.new_tokens > max_len:
@@ -669,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--out {out} already holds results ({', '.join(n for n in names if (out / n).exists())});"
                           " pick another folder (nothing is overwritten).")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    from qkv_lightning.bench.common import load_task, variants_of
+    from qkv_lightning.bench.models import build
+
     loaded = load_task(args.config, overrides, args.data_spec)
     task = loaded.task
     if task.cost().network != "GPT":
