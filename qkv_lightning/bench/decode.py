@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +47,7 @@ from qkv_lightning.nn.gpt import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FIT_MARK = "BENCH_DECODE_FIT "
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 if TYPE_CHECKING:
     from qkv_lightning.bench.common import Variant
@@ -555,7 +555,8 @@ def format_tables(result: dict[str, Any], markdown: bool) -> str:
             table.append([row["name"], f"{row['tokens_per_sec']:,.1f}",
                           f"{row['tokens_per_sec'] / ref['tokens_per_sec']:.3f}", f"{row['requests_per_sec']:.3f}",
                           f"{row['latency_median_s']:.2f} ({row['latency_p90_s']:.2f})",
-                          f"{row['ttft_median_s']:.2f} ({row['ttft_p90_s']:.2f})", f"{row['cache_bytes'] / 2**20:,.1f}"])
+                          f"{row['ttft_median_s']:.2f} ({row['ttft_p90_s']:.2f})",
+                          f"{row['cache_bytes'] / 2**20:,.1f}"])
         blocks.append(f"serving: {sv['requests']} requests, prompts {sv['prompt_lens'][0]}..{sv['prompt_lens'][1]} "
                       f"tokens, {sv['new_tokens']} new tokens each, {sv['slots']} slots (continuous batching); median "
                       f"of {sv['rounds']} interleaved rounds:\n" + render_table(table, markdown))
@@ -727,9 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for c in per_variant:
                 runs[c.label].append(serve(c, lens, args.serve_new_tokens, args.serve_slots, device))
         serving_rows = []
-        for name, results in runs.items():
-            best = sorted(results, key=lambda r: r["seconds"])[len(results) // 2]  # the median round
-            serving_rows.append(best)
+        for results in runs.values():
+            serving_rows.append(sorted(results, key=lambda r: r["seconds"])[len(results) // 2])  # the median round
         serving = {"requests": args.serve_requests, "prompt_lens": [lo, hi], "new_tokens": args.serve_new_tokens,
                    "slots": args.serve_slots, "rounds": args.serve_rounds, "rows": serving_rows}
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -412,7 +412,7 @@ class Attention(nn.Module):
         fused = self.qkv(x)  # (B, 1, sum of group widths)
         groups = [
             part.view(b, 1, heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, D)
-            for part, heads in zip(fused.split(self.group_widths, dim=-1), self.group_heads)
+            for part, heads in zip(fused.split(self.group_widths, dim=-1), self.group_heads, strict=True)
         ]
         n_pos = pos.shape[0]
         row = None if rope is None else tuple(t.index_select(0, pos).view(n_pos, 1, 1, -1) for t in rope)  # (P,1,1,D)
