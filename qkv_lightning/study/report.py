@@ -377,10 +377,10 @@ def verdict_legend(summary: dict) -> str:
     )
     if summary.get("equivalence_margins", {}).get(summary["primary"]):
         return (
-            f"`verdict`: `equivalent *` when the difference from {base} lies within the equivalence margin (TOST "
-            f"p Holm < {alpha}, table below); else `worse *` / `better *` when the difference is significant after Holm's "
-            f"correction over the variants (p Holm < {alpha}); `inconclusive` when neither: these seeds can tell "
-            "neither. " + common
+            f"`verdict`: `equivalent *` when the difference from {base} lies within the equivalence margin "
+            f"(TOST p Holm < {alpha}, table below); else `worse *` / `better *` when the difference is significant "
+            f"after Holm's correction over the variants (p Holm < {alpha}); `inconclusive` when neither: these seeds "
+            "can tell neither. " + common
         )
     return (
         f"`verdict`: `worse *` / `better *` when the difference from {base} is significant after Holm's correction "
@@ -419,8 +419,8 @@ def summary_markdown(summary: dict, title: str) -> str:
             f"{level} CI inside it, stricter after Holm's correction), even where the difference test also detects a "
             "difference smaller than the margin. `min detectable diff`: the smallest true difference that the "
             f"comparison's t-test detects at alpha {summary['alpha']} with {100 * summary['power']:g}% power, at this "
-            "spread and number of seeds; `seeds for ±margin`: seeds needed to detect a true difference of the margin with that "
-            "power (Holm's correction asks for somewhat more).",
+            "spread and number of seeds; `seeds for ±margin`: seeds needed to detect a true difference of the margin "
+            "with that power (Holm's correction asks for somewhat more).",
         ]
     sweep = sweep_markdown(summary)
     if sweep:
@@ -480,7 +480,7 @@ def summary_figure(summary: dict):  # -> matplotlib.figure.Figure | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import StrMethodFormatter
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
     metric = summary["primary"]
     if metric is None:
@@ -506,6 +506,7 @@ def summary_figure(summary: dict):  # -> matplotlib.figure.Figure | None
                 row[key] + shift, entry["mean"], yerr=error, fmt=marker, capsize=4, color=f"C{i}", label=row["variant"]
             )
         axis.set_xlabel(label)
+        axis.xaxis.set_major_locator(MaxNLocator(5))
         axis.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         axis.grid(alpha=0.3)
     if rows:
@@ -549,23 +550,22 @@ def _forest(axis, summary: dict, metric: str, bounds: tuple[float, float]) -> No
             axis.plot([low, high], [y, y], color=color, lw=4, alpha=0.6, solid_capstyle="butt",
                       label=f"{level} CI (TOST)" if y == 0 else None)  # fmt: skip
         points = list(entry.get("diff_points", {}).values())
-        axis.scatter(points, [y + 0.18] * len(points), s=10, color=color, alpha=0.7, marker=".",
+        axis.scatter(points, [y + 0.2] * len(points), s=14, color=color, alpha=0.7, marker=".",
                      label="per seed" if y == 0 else None)  # fmt: skip
         xs += [diff, *points, *(v for v in entry["diff_ci95"] if v is not None)]
-        axis.annotate(_marker(entry["verdict"]), (1.0, y), xycoords=("axes fraction", "data"), xytext=(-4, 4),
-                      textcoords="offset points", ha="right", fontsize=7)  # fmt: skip
     if margin is not None:
         xs += [-margin["margin"], margin["margin"]]
     span = (max(xs) - min(xs)) or 1.0
     low, high = min(xs) - 0.05 * span, max(xs) + 0.05 * span
     axis.set_xlim(max(low, diff_bounds[0] - 0.02 * span), min(high, diff_bounds[1] + 0.02 * span))
-    axis.set_yticks(range(len(compared)), [row["variant"] for row in compared])
+    ticks = [f"{row['variant']}\n{_marker(row['metrics'][metric]['verdict'])}" for row in compared]
+    axis.set_yticks(range(len(compared)), ticks, fontsize=8)
     axis.set_ylim(-0.6, len(compared) - 0.4)
     axis.invert_yaxis()
     axis.set_xlabel(f"{metric} minus {base}")
     axis.grid(alpha=0.3, axis="x")
     if compared:
-        axis.legend(fontsize=7, loc="lower left")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
 
 
 def plot_summary(summary: dict, path: Path) -> None:

@@ -10,6 +10,7 @@ easy synthetic tasks: then the difference is either exactly zero or surely non-z
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,7 +98,9 @@ def welch_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95)
     se = math.sqrt(std(a) ** 2 / len(a) + std(b) ** 2 / len(b))
     if se == 0.0:
         return _without_spread("welch", diff, float(len(a) + len(b) - 2))
-    result = distributions.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():  # nearly identical values: scipy warns of precision loss, the result is right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = distributions.ttest_ind(a, b, equal_var=False)
     ci = result.confidence_interval(confidence)
     return TTest("welch", diff, float(ci.low), float(ci.high), float(result.statistic), float(result.df),
                  float(result.pvalue), se)  # fmt: skip
@@ -114,7 +117,9 @@ def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
     se = std(diffs) / math.sqrt(len(diffs))
     if se == 0.0:
         return _without_spread("paired", mean(diffs), float(len(diffs) - 1))
-    result = distributions.ttest_rel(a, b)
+    with warnings.catch_warnings():  # see welch_test
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = distributions.ttest_rel(a, b)
     ci = result.confidence_interval(confidence)
     return TTest("paired", mean(diffs), float(ci.low), float(ci.high), float(result.statistic),
                  float(result.df), float(result.pvalue), se)  # fmt: skip
@@ -166,8 +171,9 @@ def t_test_power(effect: float, se: float, df: float, alpha: float) -> float:
     """Power of the two-sided t-test at level ``alpha`` when the true difference is ``effect``: the probability
     that |T| exceeds the critical value, T following the non-central t with non-centrality effect / se."""
     critical = t_ppf(1.0 - alpha / 2.0, df)
-    nc = effect / se
-    return float(distributions.nct.sf(critical, df, nc) + distributions.nct.cdf(-critical, df, nc))
+    nc = abs(effect) / se  # the power is symmetric in the sign of the effect
+    far_tail = float(distributions.nct.cdf(-critical, df, nc))  # scipy gives nan where this is far below 1e-16
+    return float(distributions.nct.sf(critical, df, nc)) + (0.0 if math.isnan(far_tail) else far_tail)
 
 
 def _welch_se_df(sd_a: float, sd_b: float, n_a: int, n_b: int) -> tuple[float, float]:
@@ -227,8 +233,11 @@ def power_analysis(
     if all(s == 0.0 for s in sds):  # no spread: any difference is detected, with two seeds already
         return Power(0.0, None if margin is None else 2)
     se, df = _se_df(kind, sds, n)
-    # the power grows with the non-centrality; at nc = 0 it is alpha < power, at critical + 10 it is ~1
-    nc = optimize.brentq(lambda x: t_test_power(x, 1.0, df, alpha) - power, 0.0, t_ppf(1 - alpha / 2, df) + 40.0)
+    # the power grows with the non-centrality nc = difference / se: alpha at nc = 0; bracket the target, then solve
+    high = t_ppf(1.0 - alpha / 2.0, df) + 1.0
+    while t_test_power(high, 1.0, df, alpha) < power:
+        high *= 2.0
+    nc = optimize.brentq(lambda x: t_test_power(x, 1.0, df, alpha) - power, 0.0, high, xtol=1e-12, rtol=1e-12)
     needed = None
     if margin is not None:
 
