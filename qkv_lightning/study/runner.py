@@ -63,8 +63,9 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     import importlib
     from argparse import ArgumentError
 
-    from qkv_lightning.cli import QKVLightningCLI, explain_config_error
+    from qkv_lightning.cli import QKVLightningCLI
     from qkv_lightning.errors import ConfigError, QKVError
+    from qkv_lightning.hints import explain_config_error
 
     class ParseOnly(QKVLightningCLI):
         def instantiate_classes(self) -> None:  # the cells instantiate; here only the config is read
