@@ -12,6 +12,7 @@ from qkv_lightning.study import stats
 from qkv_lightning.study.config import StudyConfig
 from qkv_lightning.variants import Variant, row_columns
 
+
 def result_columns() -> list[str]:
     """The first columns of ``results.csv``: the variant's (:meth:`Variant.as_row`, so a new breaker's setting gets a
     column), the seed and the status; the final metrics (one column each, e.g. ``test/acc``) follow."""
