@@ -16,9 +16,10 @@ from qkv_lightning.cli import main as cli_main
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study import StudyConfig, parse_study_args, run_study
 from qkv_lightning.study import stats as S
-from qkv_lightning.study.config import Cell, Variant, cells, expand_grid
-from qkv_lightning.study.report import RESULT_COLUMNS, TRAILING_COLUMNS
+from qkv_lightning.study.config import Cell, cells, expand_grid
+from qkv_lightning.study.report import TRAILING_COLUMNS, result_columns
 from qkv_lightning.study.runner import cell_spec, gpu_share, is_finished
+from qkv_lightning.variants import Variant
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -168,7 +169,7 @@ def test_grid_leaves_out_query_sharing_with_fewer_kv_heads(tmp_path: Path) -> No
 def test_a_changed_setting_invalidates_a_finished_cell(tmp_path: Path) -> None:
     task = _task_config(tmp_path)
     config = StudyConfig(task=str(task), seeds=[0])
-    cell = Cell(Variant("QKV", None, False, False), 0)
+    cell = Cell(Variant("QKV", None), 0)
     spec = cell_spec(config, tmp_path, cell)
     done = {"status": "ok", "fingerprint": spec["fingerprint"]}
     assert is_finished(done, spec, retry_failed=True)
@@ -272,7 +273,7 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
 
     columns, rows = _read_csv(out / "results.csv")
     metrics = ["test/acc", "test/loss", "test/seq_acc", "val/acc", "val/loss", "val/seq_acc"]
-    assert columns == RESULT_COLUMNS + metrics + TRAILING_COLUMNS
+    assert columns == result_columns() + metrics + TRAILING_COLUMNS
     assert sorted((r["variant"], r["seed"], r["status"]) for r in rows) == [
         ("Q=K=V", "0", "ok"),
         ("Q=K=V", "1", "ok"),

@@ -28,7 +28,7 @@ C = [0.915, 0.921, 0.899, 0.950, 0.930, 0.941]
 @pytest.mark.parametrize(("margin", "alpha"), [(0.05, 0.05), (0.03, 0.05), (0.08, 0.1)])
 def test_paired_tost_equals_a_hand_computation_with_scipy(margin: float, alpha: float) -> None:
     result = S.tost(S.paired_test(A, B), margin, alpha)
-    # H0 diff <= -margin rejected when (a + margin) - b is significantly > 0, H0 diff >= margin when (a - margin) - b < 0
+    # H0 diff <= -margin falls when (a + margin) - b is significantly > 0; H0 diff >= margin when (a - margin) - b < 0
     p_lower = scipy_stats.ttest_rel([x + margin for x in A], B, alternative="greater").pvalue
     p_upper = scipy_stats.ttest_rel([x - margin for x in A], B, alternative="less").pvalue
     assert result.p_lower == pytest.approx(p_lower, rel=1e-9)
@@ -144,7 +144,7 @@ def test_verdicts_on_constructed_data(tmp_path: Path) -> None:
         "Q=K=V": [b - 0.006 + rng.gauss(0, 0.001) for b in base],  # detectably different, but inside the margin
     }
     config = StudyConfig(task=_task(tmp_path), sharing=list(values), seeds=list(range(8)), equivalence_margin=0.02)
-    variants = [Variant(label, None, False, False) for label in values]
+    variants = [Variant(label) for label in values]
     summary = summarize(config, variants, _results(values))
     entries = {row["variant"]: row["metrics"]["test/acc"] for row in summary["variants"]}
     assert {label: entry["verdict"] for label, entry in entries.items()} == {
@@ -273,7 +273,7 @@ def test_results_table_keys_cells_by_axes_and_seed() -> None:
 def test_summary_plot_has_a_forest_panel_clipped_to_the_metric_range(tmp_path: Path) -> None:
     values = {"QKV": [1.0, 0.99, 1.0, 0.98], "Q-K=V": [0.99, 0.60, 0.98, 0.97], "Q=K-V": [1.0, 0.99, 0.99, 0.98]}
     config = StudyConfig(task=_task(tmp_path), sharing=list(values), seeds=[0, 1, 2, 3], equivalence_margin=0.02)
-    summary = summarize(config, [Variant(label, None, False, False) for label in values], _results(values))
+    summary = summarize(config, [Variant(label) for label in values], _results(values))
     noisy = next(row for row in summary["variants"] if row["variant"] == "Q-K=V")["metrics"]["test/acc"]
     assert noisy["ci95"][1] > 1.0 and noisy["diff_ci95"][1] > 1.0 - 0.9925  # the t intervals leave the range
     figure = summary_figure(summary)
@@ -282,7 +282,8 @@ def test_summary_plot_has_a_forest_panel_clipped_to_the_metric_range(tmp_path: P
     tops = [segment[:, 1].max() for c in left.collections for segment in c.get_segments()]
     assert tops and max(tops) <= 1.0  # every error bar ends at 1 at most
     base_mean = sum(values["QKV"]) / 4
-    ends = [segment[:, 0].max() for c in forest.collections if hasattr(c, "get_segments") for segment in c.get_segments()]
+    lines = [c for c in forest.collections if hasattr(c, "get_segments")]
+    ends = [segment[:, 0].max() for c in lines for segment in c.get_segments()]
     assert ends and max(ends) <= 1.0 - base_mean + 1e-12  # a variant's accuracy cannot exceed 1
     band = [p for p in forest.patches if p.get_label().startswith("margin")]
     assert len(band) == 1 and band[0].get_x() == pytest.approx(-0.02) and band[0].get_width() == pytest.approx(0.04)
