@@ -220,6 +220,9 @@ def test_mixed_model_recovers_a_planted_effect() -> None:
     planted = fit["effects"]["Q=K=V"]
     assert planted["ci"][0] < -0.03 < planted["ci"][1] and abs(planted["estimate"] + 0.03) < 0.004
     assert planted["p"] < 1e-6 and planted["cells"] == 18
+    sweep = E.sweep_effects(table, "acc", ["QKV", "Q=K=V", "Q-K=V"], "QKV", mixed=True)
+    raw = [sweep["mixed"]["effects"][v]["p"] for v in ("Q=K=V", "Q-K=V")]
+    assert [sweep["mixed"]["effects"][v]["p_holm"] for v in ("Q=K=V", "Q-K=V")] == pytest.approx(S.holm(raw))
     null = fit["effects"]["Q-K=V"]
     assert null["ci"][0] < 0.0 < null["ci"][1]
     assert fit["cell_sd"] == pytest.approx(0.1, rel=0.5) and fit["residual_sd"] == pytest.approx(0.004, rel=0.5)

@@ -268,8 +268,9 @@ def sweep_effects(
 
     Returns:
         ``paired`` (per variant: cells, diff, ci95, p, p_holm over the variants), ``mixed`` (the
-        :func:`mixed_model`, when ``mixed``) and ``interactions`` (per variant and axis: the :func:`interaction`
-        check, p Holm-corrected over all of them; only axes with two or more values).
+        :func:`mixed_model`, when ``mixed``, its p-values also Holm-corrected as ``p_holm``) and ``interactions``
+        (per variant and axis: the :func:`interaction` check, p Holm-corrected over all of them; only axes with two
+        or more values).
     """
     others = [v for v in variants if v != baseline]
     paired = {}
@@ -285,7 +286,10 @@ def sweep_effects(
         paired[variant]["p_holm"] = p_holm
     out: dict = {"metric": metric, "baseline": baseline, "paired": paired}
     if mixed:
-        out["mixed"] = mixed_model(table, metric, variants, baseline)
+        out["mixed"] = fit = mixed_model(table, metric, variants, baseline)
+        names = list(fit["effects"])
+        for name, p_holm in zip(names, stats.holm([fit["effects"][n]["p"] for n in names]), strict=True):
+            fit["effects"][name]["p_holm"] = p_holm
     checks = []
     for variant in others:
         for axis in axes:

@@ -303,7 +303,7 @@ def sweep_markdown(summary: dict) -> str:
     mixed = sweep.get("mixed")
     header = f"| variant | matched cells | diff vs {base} [95% CI] | p Holm |"
     if mixed:
-        header += " mixed model diff [95% CI] | p |"
+        header += " mixed model diff [95% CI] | p Holm |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for variant, paired in sweep["paired"].items():
         line = (
@@ -318,14 +318,15 @@ def sweep_markdown(summary: dict) -> str:
             else:
                 line += (
                     f" {_signed(effect['estimate'])} [{_signed(effect['ci'][0])}, {_signed(effect['ci'][1])}] "
-                    f"| {_p(effect['p'])} |"
+                    f"| {_p(effect['p_holm'])} |"
                 )
         lines.append(line)
     parts = [f"Effect on {metric} with the cells as blocking factor:", "", "\n".join(lines)]
     if mixed:
         note = (
             f"Mixed model `{metric} ~ variant + (1 | cell)` (REML, Wald z): {mixed['cells']} cells, "
-            f"cell sd {_num(mixed.get('cell_sd'))}, residual sd {_num(mixed.get('residual_sd'))}."
+            f"cell sd {_num(mixed.get('cell_sd'))}, residual sd {_num(mixed.get('residual_sd'))} (one residual spread "
+            "pooled over all variants: where the variants' spreads differ a lot, read the paired columns)."
         )
         if mixed["warnings"]:
             note += " statsmodels warned: " + "; ".join(mixed["warnings"])
