@@ -183,6 +183,8 @@ def test_margins_absolute_relative_and_per_metric(tmp_path: Path) -> None:
             E.parse_margin(bad)
     with pytest.raises(ConfigError, match=r"study.equivalence_margin\['test/ppl'\]"):
         StudyConfig(task=_task(tmp_path), equivalence_margin={"test/acc": 0.01, "test/ppl": "x"})
+    with pytest.raises(ConfigError, match=r"names \['test/ppl'\], which study.metrics"):
+        StudyConfig(task=_task(tmp_path), metrics=["test/acc"], equivalence_margin={"test/ppl": "1%"})
     assert E.margin_for("2%", "test/ppl", "test/ppl", 50.0) == (pytest.approx(1.0), "2% = 1")
     assert E.margin_for(0.01, "test/loss", "test/acc", 1.0) == (None, None)  # one value: the primary metric only
     assert E.margin_for({"test/loss": 0.1}, "test/loss", "test/acc", 1.0) == (0.1, "0.1")

@@ -120,6 +120,13 @@ class StudyConfig:
         if not 0.0 < self.power < 1.0:
             raise ConfigError(f"study.power={self.power} must lie in (0, 1), e.g. 0.8.")
         check_margins(self.equivalence_margin)
+        if isinstance(self.equivalence_margin, dict) and self.metrics is not None:
+            unknown = sorted(set(self.equivalence_margin) - set(self.metrics))
+            if unknown:
+                raise ConfigError(
+                    f"study.equivalence_margin names {unknown}, which study.metrics={self.metrics} does not list: add "
+                    "them to study.metrics or remove their margins."
+                )
         if self.mixed_model and not statsmodels_available():
             raise ConfigError(
                 "study.mixed_model=true needs statsmodels: pip install 'qkv-lightning[stats]' (or set it to false)."

@@ -183,6 +183,11 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
             entry["verdict"] = effects.verdict(p_holm, p_tost, entry["diff"], lower_better, config.alpha)
         next(row for row in rows if row["variant"] == base)["metrics"][metric]["verdict"] = "baseline"
 
+    notes = []
+    if isinstance(config.equivalence_margin, dict):
+        unused = sorted(set(config.equivalence_margin) - set(metrics))
+        if unused:
+            notes.append(f"equivalence_margin for {unused} unused: the study summarises {metrics}")
     axes = sweep_axes(config)
     sweep = None
     if primary is not None and (axes or config.mixed_model):
@@ -203,6 +208,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         "equivalence_margins": margins,
         "variants": rows,
         "sweep": sweep,
+        "notes": notes,
         "failed": [
             {"variant": r["variant"], "seed": r["seed"], "error": r["error"]} for r in results if r["status"] != "ok"
         ],
@@ -419,6 +425,7 @@ def summary_markdown(summary: dict, title: str) -> str:
     sweep = sweep_markdown(summary)
     if sweep:
         parts += ["", sweep]
+    parts += [f"\nNote: {note}." for note in summary.get("notes", [])]
     others = other_metrics_table(summary)
     if others:
         parts += ["", "Other metrics (mean ± std; difference from the baseline, verdict):", "", others]
