@@ -51,6 +51,15 @@ def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def _json_safe(value: object) -> object:
+    """``value`` with every nan replaced by None (summary.json stays valid JSON)."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def sweep_axes(config: StudyConfig) -> list[str]:
     """The study's grid axes besides the seed (the config keys of issue 11's ``axes``; none on a seed-only grid)."""
     return list(getattr(config, "axes", None) or {})
@@ -193,7 +202,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
     if primary is not None and (axes or config.mixed_model):
         table = effects.results_table(results, axes)
         labels = [v.label for v in variants]
-        sweep = effects.sweep_effects(table, primary, labels, base, axes, config.mixed_model, config.alpha)
+        sweep = _json_safe(effects.sweep_effects(table, primary, labels, base, axes, config.mixed_model, config.alpha))
 
     return {
         "task": config.task,
