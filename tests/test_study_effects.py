@@ -300,3 +300,37 @@ def test_summary_plot_has_a_forest_panel_clipped_to_the_metric_range(tmp_path: P
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def test_summary_gets_the_sweep_section_once_the_study_has_axes(tmp_path: Path) -> None:
+    """The wiring for grid axes (issue 11): a config with ``axes`` and results carrying their values."""
+    table = _sweep_table({"QKV": 0.0, "Q=K=V": lambda width, length: -0.06 if width == 32 else 0.0})
+    results = [
+        {
+            "variant": row["variant"],
+            "seed": row["seed"],
+            "axes": {"d_model": row["d_model"], "seq_len": row["seq_len"]},
+            "status": "ok",
+            "metrics": {"test/acc": row["acc"]},
+            "params": 1,
+            "attn_params": 1,
+            "kv_cache_bytes_per_token": 1,
+            "wall_s": 1.0,
+            "error": None,
+        }
+        for row in table
+    ]
+    config = StudyConfig(task=_task(tmp_path), sharing=["QKV", "Q=K=V"], seeds=[0, 1, 2])
+    variants = [Variant("QKV"), Variant("Q=K=V")]
+    assert summarize(config, variants, results)["sweep"] is None  # no axes, no mixed model: the table says it all
+    config.axes = {"d_model": [32, 64, 256], "seq_len": [16, 64]}
+    summary = summarize(config, variants, results)
+    assert summary["sweep"]["paired"]["Q=K=V"]["cells"] == 18
+    value = {(row["variant"], row["cell"]): row["acc"] for row in table}
+    by_hand = [value["Q=K=V", cell] - value["QKV", cell] for (variant, cell) in value if variant == "QKV"]
+    assert summary["sweep"]["paired"]["Q=K=V"]["diff"] == pytest.approx(sum(by_hand) / 18)  # the sweep average
+    assert summary["sweep"]["paired"]["Q=K=V"]["ci95"][0] < -0.02 < summary["sweep"]["paired"]["Q=K=V"]["ci95"][1]
+    depends = {c["axis"]: c["depends"] for c in summary["sweep"]["interactions"]}
+    assert depends == {"d_model": True, "seq_len": False}
+    markdown = summary_markdown(summary, "sweep")
+    assert "blocking factor" in markdown and "| Q=K=V | d_model | 256: " in markdown
