@@ -324,7 +324,8 @@ def test_pair_score_encoding_channels_match_a_reference_and_are_shift_invariant_
     torch.testing.assert_close(shifted, encoding[..., 4 * n_freq :], rtol=0, atol=1e-5)
     # and sin(w (i - j)) is odd: swapping query and key flips its sign
     square = pair_encoding(torch.arange(6), torch.arange(6), n_freq)
-    torch.testing.assert_close(square[..., 4 * n_freq : 5 * n_freq], -square.transpose(0, 1)[..., 4 * n_freq : 5 * n_freq])
+    odd = slice(4 * n_freq, 5 * n_freq)  # the sin(w (i - j)) channels
+    torch.testing.assert_close(square[..., odd], -square.transpose(0, 1)[..., odd])
 
     module = PairScoreEncoding(n_head=2, n_frequencies=n_freq).double()
     bias = module(q_pos, k_pos)  # (H, Tq, Tk): head h, query i, key j
