@@ -30,6 +30,14 @@ from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
+from qkv_lightning.resume import (
+    CheckpointInfo,
+    check_class,
+    check_fits,
+    is_local_file_or_folder,
+    read_checkpoint_info,
+    resolve_last,
+)
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -166,62 +174,49 @@ class QKVLightningCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``fit --ckpt_path
-        last`` resumes the newest run that has a ``last.ckpt`` and keeps logging into its folder.
+        """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``--ckpt_path
+        last`` is resolved for every subcommand (:func:`qkv_lightning.resume.resolve_last`): ``fit`` resumes the newest
+        run that has a ``last.ckpt`` and keeps logging into its folder, the others fail without one.
 
         Lightning looks for ``last`` only in the new run's checkpoint folder, which a fresh logger version leaves
-        empty, so a plain re-run would start from scratch instead of resuming.
+        empty, so a plain re-run would start from scratch instead of resuming (and an evaluation would report an
+        untrained model).
         """
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
         if "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True
-        if self.subcommand != "fit":
-            return
-        if config.get("ckpt_path") != "last":
-            return
-        found = find_last_checkpoint(config)
-        if found is None:
-            return
-        path, version = found
-        config["ckpt_path"] = str(path)
-        logger = config.get("trainer", {}).get("logger")
-        if version is not None and isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
-            logger.init_args["version"] = version
+        resolve_last(config, self.subcommand)
+
+    def checkpoint_info(self, ckpt_path: str | Path, weights_only: bool) -> CheckpointInfo:
+        """The checkpoint's shapes and hyper-parameters, read once per command (:mod:`qkv_lightning.resume`)."""
+        key = (str(ckpt_path), weights_only)
+        cache = self.__dict__.setdefault("_checkpoint_infos", {})
+        if key not in cache:
+            cache[key] = read_checkpoint_info(ckpt_path, weights_only)
+        return cache[key]
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's re-parsing of a checkpoint's hyper-parameters into the model config (``--ckpt_path FILE``),
         reading the file safely: with ``weights_only`` (unless ``--weights_only false``), and a damaged, unsafe or
         foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs."""
-        from qkv_lightning.checkpoints import load_checkpoint_file, recover_interrupted_swap
-
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "hpc", "registry") or "://" in str(ckpt_path):
+        if not is_local_file_or_folder(ckpt_path):
             return
-        path = Path(ckpt_path)
-        recover_interrupted_swap(path)
-        if not path.exists():
-            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; check the path, or pass --ckpt_path last.")
-        if not path.is_file():
+        info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
+        if info.sharded:
             return  # a sharded folder: checked before the run starts (check_checkpoint_fits_model)
-        checkpoint = load_checkpoint_file(path, weights_only=config.get("weights_only") is not False)
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        del checkpoint
-        hparams.pop("_instantiator", None)
+        hparams = dict(info.hparams)
         if not hparams:
             return
         saved_class = hparams.pop("_class_path", None)
-        configured = (config.get("model") or {}).get("class_path")
-        if saved_class and configured and saved_class != configured:
-            raise CheckpointError(
-                f"the checkpoint {path} was saved by model.class_path: checkpoint {saved_class}, but the config "
-                f"builds {configured}; use a config of the same task (or another checkpoint). Nothing was run."
-            )
+        check_class(info, (config.get("model") or {}).get("class_path"))
+        path = info.path
         model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
         configured_settings = flatten(config.get("model") or {})
         try:
@@ -261,37 +256,14 @@ class QKVLightningCLI(LightningCLI):
             )
 
     def check_checkpoint_fits_model(self) -> None:
-        """Read ``ckpt_path`` safely and check that its weights fit the configured model, before anything runs."""
-        from qkv_lightning.checkpoints import (
-            METADATA_FILE,
-            load_checkpoint_file,
-            read_sharded_metadata,
-            recover_interrupted_swap,
-        )
-
+        """Read ``ckpt_path`` safely and check that it fits the configured model, before anything runs."""
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "hpc", "registry") or "://" in str(ckpt_path):
+        if not is_local_file_or_folder(ckpt_path):
             return
-        path = Path(ckpt_path)
-        recover_interrupted_swap(path)
-        weights_only = config.get("weights_only") is not False
-        if path.is_dir():
-            metadata = read_sharded_metadata(path)  # complete, and its index safe to unpickle
-            shapes = {
-                key.removeprefix("state_dict."): tuple(item.size)
-                for key, item in metadata.state_dict_metadata.items()
-                if key.startswith("state_dict.") and hasattr(item, "size")
-            }
-            meta = load_checkpoint_file(path / METADATA_FILE, weights_only=weights_only, lightning=False)
-            hparams, sharded = meta.get("hyper_parameters") or {}, True
-        else:
-            checkpoint = load_checkpoint_file(path, weights_only=weights_only)
-            shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}
-            hparams, sharded = checkpoint.get("hyper_parameters") or {}, False
-            del checkpoint
+        info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if isinstance(self.model, TaskModule):
-            self.model.check_checkpoint_fits(shapes, dict(hparams), str(path), sharded=sharded)
+            check_fits(self.model, info)
 
     def check_settings_fit_data(self) -> None:
         """The model's settings against what the data's settings decide (sequence length, image size), before any
@@ -471,37 +443,6 @@ def explain_config_error(message: str, vocabulary: set[str] | None = None) -> st
     if hints:
         text += " " + " ".join(hints)
     return f"invalid configuration: {text} (see --help for the accepted settings)"
-
-
-def find_last_checkpoint(config: Any) -> tuple[Path, str | int | None] | None:
-    """The newest ``last.ckpt`` of the configured logger's runs (``save_dir/name/version_*/checkpoints``) and the
-    version it belongs to, or None. A ModelCheckpoint with an explicit ``dirpath`` is searched first."""
-    from qkv_lightning.checkpoints import recover_interrupted_swap
-
-    trainer = config.get("trainer", {})
-    candidates: list[tuple[Path, str | int | None]] = []
-    for callback in trainer.get("callbacks") or []:
-        init_args = callback.get("init_args", {}) if isinstance(callback, jsonargparse.Namespace) else {}
-        if "ModelCheckpoint" in str(callback.get("class_path", "")) and init_args.get("dirpath"):
-            candidates.append((Path(init_args["dirpath"]) / "last.ckpt", None))
-            recover_interrupted_swap(candidates[-1][0])
-    logger = trainer.get("logger")
-    if isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
-        save_dir = Path(logger.init_args.get("save_dir") or trainer.get("default_root_dir") or ".")
-        name = logger.init_args.get("name")
-        run_dir = save_dir / name if name else save_dir
-        if run_dir.is_dir():
-            for version_dir in run_dir.iterdir():
-                last = version_dir / "checkpoints" / "last.ckpt"
-                if version_dir.name.startswith("version_") and version_dir.is_dir():
-                    recover_interrupted_swap(last)  # an FSDP2 save that a crash interrupted between its renames
-                if version_dir.name.startswith("version_") and last.exists():
-                    version = version_dir.name.removeprefix("version_")
-                    candidates.append((last, int(version) if version.isdigit() else version_dir.name))
-    existing = [(path, version) for path, version in candidates if path.exists()]
-    if not existing:
-        return None
-    return max(existing, key=lambda item: item[0].stat().st_mtime)
 
 
 def _load(target: str) -> Callable[[list[str]], int | None]:
