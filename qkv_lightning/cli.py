@@ -165,6 +165,32 @@ class QKVLightningCLI(LightningCLI):
             **kwargs,
         )
 
+    @classmethod
+    def parse_only(cls, args: Sequence[str]) -> jsonargparse.Namespace:
+        """The config of ``args`` (``--config FILE`` and options, no subcommand) parsed and checked by this CLI's
+        parser, as ``fit`` would read it; nothing is instantiated or run (the study checks its cells with this)."""
+
+        class ParseOnly(cls):
+            def instantiate_classes(self) -> None:
+                pass
+
+        return ParseOnly(args=list(args), run=False).config
+
+    @classmethod
+    def instantiate_without_trainer(cls, args: Sequence[str]) -> tuple[TaskModule, Any, jsonargparse.Namespace]:
+        """The task and the datamodule of the config of ``args`` (as :meth:`parse_only`), instantiated, and the parsed
+        config; no Trainer is built and nothing runs (``report`` and ``bench`` load their configs with this)."""
+
+        class Loader(cls):
+            def instantiate_classes(self) -> None:
+                self.config_init = self.parser.instantiate_classes(self.config)
+                self.datamodule = self._get(self.config_init, "data")
+                self.model = self._get(self.config_init, "model")
+                self.trainer = None
+
+        cli = Loader(args=list(args), run=False)
+        return cli.model, cli.datamodule, cli.config
+
     def before_instantiate_classes(self) -> None:
         """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``fit --ckpt_path
         last`` resumes the newest run that has a ``last.ckpt`` and keeps logging into its folder.

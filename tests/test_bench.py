@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from qkv_lightning.accounting import network_cost
-from qkv_lightning.bench.models import (
-    Measured,
-    format_bench,
-    format_variants,
-    measure_gemm,
-    overhead_summary,
-    summarise,
-)
+from qkv_lightning.bench.models import Measured, format_bench, format_variants, summarise
+from qkv_lightning.bench.overhead import overhead_summary
+from qkv_lightning.bench.steps import measure_gemm
 from qkv_lightning.cli import main
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPTConfig
