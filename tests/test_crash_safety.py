@@ -22,7 +22,8 @@ from qkv_lightning.checkpoints import (
     read_sharded_metadata,
     recover_interrupted_swap,
 )
-from qkv_lightning.cli import DeferredSummaryWriter, QKVLightningCLI, main
+from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.loggers import DeferredSummaryWriter
 from tests.run_fixtures import synthetic_args
 
 

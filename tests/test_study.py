@@ -17,7 +17,7 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.study import StudyConfig, parse_study_args, run_study
 from qkv_lightning.study import stats as S
 from qkv_lightning.study.config import Cell, cells, expand_grid
-from qkv_lightning.study.report import RESULT_COLUMNS, TRAILING_COLUMNS
+from qkv_lightning.study.report import TRAILING_COLUMNS, result_columns
 from qkv_lightning.study.runner import cell_spec, gpu_share, is_finished
 from qkv_lightning.variants import Variant
 
@@ -282,7 +282,7 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
 
     columns, rows = _read_csv(out / "results.csv")
     metrics = ["test/acc", "test/loss", "test/seq_acc", "val/acc", "val/loss", "val/seq_acc"]
-    assert columns == RESULT_COLUMNS + metrics + TRAILING_COLUMNS
+    assert columns == result_columns() + metrics + TRAILING_COLUMNS
     assert sorted((r["variant"], r["seed"], r["status"]) for r in rows) == [
         ("Q=K=V", "0", "ok"),
         ("Q=K=V", "1", "ok"),

@@ -104,7 +104,7 @@ def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
     try:
         namespace = parser.parse_args(list(argv))
     except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
-        from qkv_lightning.cli import explain_config_error
+        from qkv_lightning.hints import explain_config_error
 
         vocabulary = {f.name for f in fields(StudyConfig)} | {"config"}
         raise ConfigError(f"study settings: {explain_config_error(str(error), vocabulary)}") from None

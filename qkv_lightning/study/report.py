@@ -12,8 +12,11 @@ from qkv_lightning.study import stats
 from qkv_lightning.study.config import StudyConfig
 from qkv_lightning.variants import Variant, row_columns
 
-RESULT_COLUMNS = [*row_columns(), "seed", "status"]
-"""The first columns of ``results.csv``; the final metrics (one column each, e.g. ``test/acc``) follow."""
+
+def result_columns() -> list[str]:
+    """The first columns of ``results.csv``: the variant's (:meth:`Variant.as_row`, so a new breaker's setting gets a
+    column), the seed and the status; the final metrics (one column each, e.g. ``test/acc``) follow."""
+    return [*row_columns(), "seed", "status"]
 
 TRAILING_COLUMNS = [
     "params",
@@ -31,12 +34,13 @@ TRAILING_COLUMNS = [
 def write_results_csv(results: list[dict], path: Path) -> list[str]:
     """One row per run (ok or failed); returns the columns written."""
     metric_names = sorted({name for result in results for name in result.get("metrics", {})})
-    columns = RESULT_COLUMNS + metric_names + TRAILING_COLUMNS
+    first = result_columns()
+    columns = first + metric_names + TRAILING_COLUMNS
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for result in results:
-            row = {key: result.get(key) for key in RESULT_COLUMNS + TRAILING_COLUMNS}
+            row = {key: result.get(key) for key in first + TRAILING_COLUMNS}
             row["n_kv_heads"] = "" if result.get("n_kv_heads") is None else result["n_kv_heads"]
             row.update(result.get("metrics", {}))
             writer.writerow({key: "" if value is None else value for key, value in row.items()})

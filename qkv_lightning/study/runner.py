@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from qkv_lightning.files import atomic_write_json
 from qkv_lightning.study.config import Cell, StudyConfig, fingerprint
 
 RESULT_FILE = "result.json"
@@ -63,8 +64,9 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     import importlib
     from argparse import ArgumentError
 
-    from qkv_lightning.cli import QKVLightningCLI, explain_config_error
+    from qkv_lightning.cli import QKVLightningCLI
     from qkv_lightning.errors import ConfigError, QKVError
+    from qkv_lightning.hints import explain_config_error
 
     def build(section: dict) -> object:
         module_name, _, class_name = section["class_path"].rpartition(".")
@@ -105,10 +107,7 @@ def read_result(directory: Path) -> dict | None:
 
 def write_result(directory: Path, result: dict) -> None:
     """Write ``result.json`` atomically, so that an interrupted write never looks like a finished cell."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
-    os.replace(tmp, directory / RESULT_FILE)
+    atomic_write_json(directory / RESULT_FILE, result, default=_json_default)
 
 
 def _json_default(value: object) -> object:
