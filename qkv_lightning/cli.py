@@ -85,6 +85,32 @@ class QKVLightningCLI(LightningCLI):
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         register_parser(self.parser)  # its sections (model, trainer, perf, ...) are suggested for typos
 
+    @classmethod
+    def parse_only(cls, args: Sequence[str]) -> jsonargparse.Namespace:
+        """The config of ``args`` (``--config FILE`` and options, no subcommand) parsed and checked by this CLI's
+        parser, as ``fit`` would read it; nothing is instantiated or run (the study checks its cells with this)."""
+
+        class ParseOnly(cls):
+            def instantiate_classes(self) -> None:
+                pass
+
+        return ParseOnly(args=list(args), run=False).config
+
+    @classmethod
+    def instantiate_without_trainer(cls, args: Sequence[str]) -> tuple[TaskModule, Any, jsonargparse.Namespace]:
+        """The task and the datamodule of the config of ``args`` (as :meth:`parse_only`), instantiated, and the parsed
+        config; no Trainer is built and nothing runs (``report`` and ``bench`` load their configs with this)."""
+
+        class Loader(cls):
+            def instantiate_classes(self) -> None:
+                self.config_init = self.parser.instantiate_classes(self.config)
+                self.datamodule = self._get(self.config_init, "data")
+                self.model = self._get(self.config_init, "model")
+                self.trainer = None
+
+        cli = Loader(args=list(args), run=False)
+        return cli.model, cli.datamodule, cli.config
+
     def before_instantiate_classes(self) -> None:
         """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``--ckpt_path
         last`` is resolved for every subcommand (:func:`qkv_lightning.resume.resolve_last`): ``fit`` resumes the newest

@@ -55,24 +55,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _ConfigOnlyCLI:
-    """Builds the task and datamodule of a config through :class:`QKVLightningCLI`'s parser, without a Trainer."""
-
-    @staticmethod
-    def load(config_args: Sequence[str]) -> tuple[TaskModule, Any, Any]:
-        from qkv_lightning.cli import QKVLightningCLI
-
-        class Loader(QKVLightningCLI):
-            def instantiate_classes(self) -> None:
-                self.config_init = self.parser.instantiate_classes(self.config)
-                self.datamodule = self._get(self.config_init, "data")
-                self.model = self._get(self.config_init, "model")
-                self.trainer = None
-
-        cli = Loader(args=list(config_args), run=False)
-        return cli.model, cli.datamodule, cli.config
-
-
 def load_task(
     configs: Sequence[str], overrides: Sequence[str] = (), data_spec: dict | None = None, prepare: bool = True
 ) -> LoadedTask:
@@ -82,6 +64,8 @@ def load_task(
     ``spec()``, the network config's own values (e.g. ``network.vocab_size``), and the datamodule's ``spec()`` after
     ``prepare_data()`` (which may download or tokenize, so only with ``prepare``).
     """
+    from qkv_lightning.cli import QKVLightningCLI
+
     args = [arg for path in configs for arg in ("--config", path)] + list(overrides)
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")
     level = seed_log.level
@@ -89,7 +73,7 @@ def load_task(
     try:
         with warnings.catch_warnings():  # LightningCLI warns that sys.argv (pytest's, say) is not what it parses
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            task, datamodule, config = _ConfigOnlyCLI.load(args)
+            task, datamodule, config = QKVLightningCLI.instantiate_without_trainer(args)
     finally:
         seed_log.setLevel(level)
     if not isinstance(task, TaskModule):

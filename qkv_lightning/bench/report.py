@@ -25,8 +25,10 @@ RATIO_KEYS = (
 )
 
 
-def ratio(value: float, reference: float) -> float | None:
-    return value / reference if reference else None
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference``; None when either is missing or the reference is zero (the ratios of ``report`` and
+    ``bench``)."""
+    return None if value is None or not reference else value / reference
 
 
 def report_data(loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -91,10 +93,11 @@ def render_table(rows: list[list[str]], markdown: bool) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-        for row in rows
-    )
+    lines = []
+    for row in rows:
+        cells = zip(row, widths, strict=True)
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(cells)))
+    return "\n".join(lines)
 
 
 def format_report(data: dict[str, Any], markdown: bool = False) -> str:

@@ -68,17 +68,14 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     from qkv_lightning.errors import ConfigError, QKVError
     from qkv_lightning.hints import explain_config_error
 
-    class ParseOnly(QKVLightningCLI):
-        def instantiate_classes(self) -> None:  # the cells instantiate; here only the config is read
-            pass
-
     def build(section: dict) -> object:
         module_name, _, class_name = section["class_path"].rpartition(".")
         return getattr(importlib.import_module(module_name), class_name)(**(section.get("init_args") or {}))
 
     where = f"study.task={config.task}" + (f" with study.overrides={config.overrides}" if config.overrides else "")
     try:
-        parsed = ParseOnly(args=["--config", str(config.task), *config.overrides], run=False).config.as_dict()
+        # the cells instantiate; here only the config is read
+        parsed = QKVLightningCLI.parse_only(["--config", str(config.task), *config.overrides]).as_dict()
     except QKVError as error:
         raise ConfigError(f"{where}: {error}") from None
     except (ArgumentError, ValueError) as error:  # jsonargparse reports bad keys and values as ArgumentError

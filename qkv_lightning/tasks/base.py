@@ -259,6 +259,11 @@ class TaskModule(L.LightningModule, abc.ABC):
         inputs = batch[0] if isinstance(batch, list | tuple) else batch
         return int(inputs.numel())
 
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """A training batch of ``batch_size`` samples of the data's shapes (``data_spec``) with random contents, as the
+        datamodule would collate it (``bench --data random``); implemented by each task."""
+        raise NotImplementedError(f"{type(self).__name__} does not make example batches; use bench --data config.")
+
     @property
     def flops_per_batch(self) -> int | None:
         """Closed-form FLOPs of the current batch on this device: forward plus backward in training, forward in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -88,6 +89,14 @@ class ImageClassifier(TaskModule):
 
     def build_network(self, data_spec: dict) -> ViT:
         return ViT(self.resolved_network_config(data_spec), self.attention_config)
+
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random images (B, C, S, S) of the data's size and channels, and class labels (B,)."""
+        self.cost()  # the data's spec is there and fits the network
+        config = self.resolved_network_config(self.data_spec)
+        size, channels = config.image_size, config.in_channels
+        images = torch.randn(batch_size, channels, size, size, generator=generator)  # (B, C, S, S)
+        return images, torch.randint(0, config.num_classes, (batch_size,), generator=generator)  # (B,)
 
     def configure_model(self) -> None:
         super().configure_model()

@@ -180,6 +180,13 @@ class LanguageModel(TaskModule):
     def build_network(self, data_spec: dict) -> GPT:
         return GPT(self.resolved_network_config(data_spec), self.attention_config)
 
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random token ids and targets, (B, T) each, T the data's ``seq_len`` (or the model's positions)."""
+        t = self.cost().tokens_per_sample  # (raises a ConfigError without the data's spec)
+        vocab = self.data_spec.get("vocab_size") or self.resolved_network_config(self.data_spec).vocab_size
+        inputs = torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
+        return inputs, torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
+
     # ------------------------------------------------------------------------------------------------- training
     def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         inputs, targets = batch  # (B, T), (B, T)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -72,6 +73,14 @@ class SequenceTask(TaskModule):
 
     def build_network(self, data_spec: dict) -> nn.Module:
         return SequenceEncoder(self.resolved_network_config(data_spec), self.attention_config)
+
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random digit lists (B, T) and per-position classes (B, T), T the data's ``seq_len``."""
+        t = self.cost().tokens_per_sample  # (raises a ConfigError without the data's spec)
+        config = self.resolved_network_config(self.data_spec)
+        vocab = self.data_spec.get("vocab_size") or config.vocab_size
+        inputs = torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
+        return inputs, torch.randint(0, config.num_classes or vocab, (batch_size, t), generator=generator)  # (B, T)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, classes) for digit lists (B, T)."""
