@@ -276,13 +276,14 @@ def time_decoding(
 
 
 def time_attention_core(
-    args: argparse.Namespace, cost: NetworkCost, variants: list[Variant], samples: int, device: torch.device,
+    args: argparse.Namespace, cost: NetworkCost, causal: bool, variants: list[Variant], samples: int,
+    device: torch.device,
     precision: str,
 ) -> tuple[list[dict[str, Any]], str]:
     """The attention core alone (``bench-attention``) at the task's width, heads and tokens: rows of the result and
     the table."""
     sharing = list(dict.fromkeys(v.sharing for v in variants))
-    timings = bench_attention(cost.d_model, cost.n_head, cost.tokens_per_sample, samples, cost.network == "GPT",
+    timings = bench_attention(cost.d_model, cost.n_head, cost.tokens_per_sample, samples, causal,
                               sharing, None, args.attention_repeats, 3, str(device),
                               "bfloat16" if precision.startswith("bf16") else "float32")
     ref = next(t for t in timings if t.name == "QKV")
@@ -318,7 +319,7 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
     decode_s: dict[str, float] = {}
     cache_bytes: dict[str, int] = {}
     decode_setting = None
-    if args.decode and costs["QKV"].network == "GPT":
+    if args.decode and task.autoregressive:
         decode_s, cache_bytes, decode_setting = time_decoding(args, loaded, built, device, precision)
     del built
 
@@ -331,7 +332,9 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
 
     attention = attention_table = None
     if args.attention:
-        attention, attention_table = time_attention_core(args, costs["QKV"], variants, samples, device, precision)
+        attention, attention_table = time_attention_core(
+            args, costs["QKV"], task.autoregressive, variants, samples, device, precision
+        )
     overhead = None
     if args.lightning_overhead:
         first = variants[0]

@@ -47,7 +47,7 @@ def report_data(loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16") 
         entries.append(entry)
     first = costs[0] if costs else reference
     notes = list(dict.fromkeys(note for cost in [reference, *costs] for note in cost.notes))
-    causal = first.network == "GPT"
+    causal = task.autoregressive
     notes.insert(
         0,
         "FLOPs: matrix products (2 per multiply-add) of the forward and backward pass, attention scores included"

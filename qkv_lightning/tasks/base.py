@@ -232,6 +232,10 @@ class TaskModule(L.LightningModule, abc.ABC):
     counts_tokens: bool = True
     """Whether samples are token sequences, so that throughput is also counted in tokens (:meth:`tokens_in`)."""
 
+    autoregressive: bool = False
+    """Whether the network is a causal decoder that generates with a KV cache (its attention is causal; ``bench``
+    times decoding for it)."""
+
     def cost(
         self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2
     ) -> NetworkCost:

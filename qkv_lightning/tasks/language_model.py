@@ -131,6 +131,8 @@ class LanguageModel(TaskModule):
         self.generated: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------- building
+    autoregressive = True
+
     def resolved_network_config(self, data_spec: dict) -> GPTConfig:
         """The network config with the data's vocabulary filled in, checked against the data."""
         config = self.network_config
