@@ -28,7 +28,6 @@ import re
 import shutil
 import socket
 import urllib.request
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qkv_lightning.data.archives import extract_zip_members
 from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
@@ -166,10 +166,26 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_json(path: Path) -> dict | None:
+    """The mapping this code wrote to ``path``; None if it is missing or unreadable (then it is rebuilt).
+
+    Raises:
+        DataError: the file holds JSON that is not a mapping (edited or replaced), or ``path`` is a folder.
+    """
+    if path.is_dir():
+        raise DataError(
+            f"the cache metadata path {path} is a folder, not a file; it was not made by this code, so it is left "
+            "alone. Move it away, or point data.cache_dir elsewhere."
+        )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict):
+        raise DataError(
+            f"the cache metadata {path} holds a JSON {type(data).__name__}, not the mapping this code writes: it was "
+            "edited or replaced. Delete it so that the cache is rebuilt, or point data.cache_dir elsewhere."
+        )
+    return data
 
 
 def download_release(release: OfficialRelease, data_dir: Path) -> None:
@@ -202,13 +218,7 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
                 "download is damaged or the mirror serves another file. Try again, or put the official files into "
                 f"{data_dir}."
             )
-        with zipfile.ZipFile(archive) as zipped:
-            for name in release.lines:
-                target = data_dir / name
-                tmp = temporary(target)
-                with zipped.open(f"{release.folder}/{name}") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-                tmp.replace(target)
+        extract_zip_members(archive, {f"{release.folder}/{name}": data_dir / name for name in release.lines})
     finally:
         archive.unlink(missing_ok=True)
 
@@ -287,8 +297,14 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
 
     The array's size is always checked; its SHA-256 too with ``check_array``.
     """
-    meta = read_json(prefix.with_suffix(".json"))
-    bin_path = prefix.with_suffix(".bin")
+    meta_path, bin_path = prefix.with_suffix(".json"), prefix.with_suffix(".bin")
+    for path in (meta_path, bin_path):
+        if path.exists() and not path.is_file():
+            raise DataError(
+                f"the token cache path {path} is a {'folder' if path.is_dir() else 'special file'}, not a file; it "
+                "was not made by this code, so it is left alone. Move it away, or point data.cache_dir elsewhere."
+            )
+    meta = read_json(meta_path)
     if meta is None or not bin_path.is_file():
         return "it does not exist yet"
     for key, value in expected.items():
@@ -297,6 +313,16 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
     size = bin_path.stat().st_size
     if size != meta.get("array_bytes"):
         return f"its token file has {size} bytes instead of the recorded {meta.get('array_bytes')} (truncated?)"
+    try:
+        itemsize = np.dtype(meta.get("dtype")).itemsize if meta.get("dtype") in ("uint16", "uint32") else None
+        counted = (int(meta["n_tokens"]) + 1) * itemsize if itemsize else None
+    except (KeyError, TypeError, ValueError):
+        counted = None
+    if counted != size:
+        return (
+            f"its recorded dtype {meta.get('dtype')!r} x {meta.get('n_tokens')!r} tokens (+1) does not make the "
+            f"{size} bytes of its token file (the metadata was edited)"
+        )
     if check_array and sha256_file(bin_path) != meta.get("array_sha256"):
         return "its token file's SHA-256 differs from the recorded one (modified or damaged)"
     return None
@@ -678,6 +704,7 @@ class WikiText(L.LightningDataModule):
         }
         if tokenizer is not None:
             expected["tokenizer"] = tokenizer.identity
+            expected["dtype"] = cache_dtype(tokenizer.vocab_size).name
         if info is not None:
             expected["source_sha256"] = info.sha256
         return expected
