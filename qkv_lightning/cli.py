@@ -30,9 +30,11 @@ from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
+from qkv_lightning.guards import check_output_folders, check_trainer_settings, install_yaml_guard, place_evaluation_logs
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
 # main() and the study runner hand LightningCLI its arguments explicitly; the warning about also seeing sys.argv
 # (pytest's, a study's) is noise there.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
@@ -177,7 +179,10 @@ class QKVLightningCLI(LightningCLI):
         config = self.config[self.subcommand]
         if "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True
+        check_trainer_settings(config)
+        check_output_folders(config)
         if self.subcommand != "fit":
+            place_evaluation_logs(config, self.subcommand)
             return
         if config.get("ckpt_path") != "last":
             return
@@ -267,6 +272,7 @@ class QKVLightningCLI(LightningCLI):
             load_checkpoint_file,
             read_sharded_metadata,
             recover_interrupted_swap,
+            sharded_weights_key,
         )
 
         config = self.config[self.subcommand]
@@ -277,11 +283,12 @@ class QKVLightningCLI(LightningCLI):
         recover_interrupted_swap(path)
         weights_only = config.get("weights_only") is not False
         if path.is_dir():
-            metadata = read_sharded_metadata(path)  # complete, and its index safe to unpickle
+            metadata = read_sharded_metadata(path)  # complete, its shards whole, every item safe to unpickle
+            prefix = sharded_weights_key(metadata) + "."
             shapes = {
-                key.removeprefix("state_dict."): tuple(item.size)
+                key.removeprefix(prefix): tuple(item.size)
                 for key, item in metadata.state_dict_metadata.items()
-                if key.startswith("state_dict.") and hasattr(item, "size")
+                if key.startswith(prefix) and hasattr(item, "size")
             }
             meta = load_checkpoint_file(path / METADATA_FILE, weights_only=weights_only, lightning=False)
             hparams, sharded = meta.get("hyper_parameters") or {}, True
@@ -318,6 +325,9 @@ class QKVLightningCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self.preflight()
+        check_output = getattr(self.model, "check_output_file", None)
+        if check_output is not None:
+            check_output(self.config[self.subcommand].get("ckpt_path"), self.trainer.world_size)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with an atomic checkpoint writer and TensorBoard event files opened only when first written."""

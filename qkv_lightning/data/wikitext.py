@@ -489,9 +489,10 @@ class WikiText(L.LightningDataModule):
             raise ConfigError(f"data.split_test_for_val={split_test_for_val} must lie strictly between 0 and 1.")
         if split_test_for_val is None and val_file is None:
             raise ConfigError("data.val_file is null: name a validation file or set data.split_test_for_val.")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if value < 1:
-                raise ConfigError(f"data.{name}={value} must be at least 1.")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size).")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
         self.save_hyperparameters()
@@ -507,7 +508,7 @@ class WikiText(L.LightningDataModule):
         self.seq_len = seq_len
         self.eval_stride = eval_stride or seq_len
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.verify = verify
