@@ -30,7 +30,13 @@ from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
-from qkv_lightning.guards import check_output_folders, check_trainer_settings, install_yaml_guard, place_evaluation_logs
+from qkv_lightning.guards import (
+    check_output_folders,
+    check_seed,
+    check_trainer_settings,
+    install_yaml_guard,
+    place_evaluation_logs,
+)
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -166,6 +172,12 @@ class QKVLightningCLI(LightningCLI):
             auto_configure_optimizers=False,
             **kwargs,
         )
+
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after checking the seed (it runs before :meth:`before_instantiate_classes`)."""
+        if self.subcommand is not None:
+            check_seed(self.config[self.subcommand])
+        super()._set_seed()
 
     def before_instantiate_classes(self) -> None:
         """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``fit --ckpt_path

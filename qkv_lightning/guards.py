@@ -19,7 +19,7 @@ MAX_CONFIG_NODES = 100_000
 """A config file may expand to at most this many YAML nodes (aliases counted at every use)."""
 
 MAX_SEED = 2**32 - 1
-"""The largest seed numpy and Lightning's ``seed_everything`` accept (larger ones are replaced by a random seed)."""
+"""The largest seed numpy and Lightning's ``seed_everything`` accept."""
 
 
 class ConfigTooLarge(yaml.YAMLError):
@@ -76,7 +76,7 @@ def install_yaml_guard() -> None:
 
 # ---------------------------------------------------------------------------------------------------- trainer
 def check_trainer_settings(config: Any) -> None:
-    """Settings Lightning accepts silently (a seed past 2^32 becomes a random seed) or rejects only once running.
+    """Settings Lightning accepts silently, rejects only once running, or rejects with a traceback.
 
     Raises:
         ConfigError: naming the setting.
@@ -91,12 +91,18 @@ def check_trainer_settings(config: Any) -> None:
             f"trainer.val_check_interval={interval} must be positive: a number of training batches (int) or a "
             "fraction of the epoch in (0, 1] (float), or null for once per epoch."
         )
+    check_seed(config)
+
+
+def check_seed(config: Any) -> None:
+    """``seed_everything`` must be a seed numpy accepts (Lightning fails with a traceback otherwise).
+
+    Raises:
+        ConfigError: naming the setting and the range.
+    """
     seed = config.get("seed_everything")
     if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
-        raise ConfigError(
-            f"seed_everything={seed} must lie in [0, {MAX_SEED}] (2^32 - 1); Lightning would replace it by a random "
-            "seed, and the run would not be reproducible."
-        )
+        raise ConfigError(f"seed_everything={seed} must lie in [0, {MAX_SEED}] (2^32 - 1), the seeds numpy accepts.")
 
 
 def check_writable_folder(path: str | os.PathLike, setting: str) -> None:

@@ -392,7 +392,7 @@ CASES += [
          "optimizer.lr=nan must be positive"),
     Case("NaN eps", lambda r, t: r.synthetic("--model.init_args.optimizer.eps", ".nan"),
          "optimizer.eps=nan must be a finite number >= 0"),
-    Case("NaN betas", lambda r, t: r.synthetic("--model.init_args.optimizer.betas", "[.nan, 0.95]"),
+    Case("NaN betas", lambda r, t: r.synthetic("--config", yaml_file(t, "model:\n init_args:\n  optimizer:\n   betas: [.nan, 0.95]\n")),
          "optimizer.betas=[nan, 0.95] must be two numbers in [0, 1)"),
     Case("NaN generation temperature", lambda r, t: r.lm(None, "--model.generation.temperature", ".nan"),
          "generation.temperature=nan must be a finite number >= 0"),
