@@ -297,14 +297,15 @@ def _explain_dcp_error(path: Path, error: BaseException) -> CheckpointError:
         inner = getattr(cause, "exc", cause)
         if isinstance(inner, ForbiddenCheckpointContent):
             return ForbiddenCheckpointContent(
-                f"refusing to load the sharded checkpoint {path}: {inner}. Only load checkpoints from sources you trust."
+                f"refusing to load the sharded checkpoint {path}: {inner}. Only load checkpoints from sources you "
+                "trust."
             )
         text = str(inner)
         if "ForbiddenCheckpointContent" in text or "holds Python objects other than tensors" in text:
             detail = re.search(r"its item .*? could run code when loaded", text)
             return ForbiddenCheckpointContent(
-                f"refusing to load the sharded checkpoint {path}: {detail.group(0) if detail else text.splitlines()[0]}."
-                " Only load checkpoints from sources you trust."
+                f"refusing to load the sharded checkpoint {path}: "
+                f"{detail.group(0) if detail else text.splitlines()[0]}. Only load checkpoints from sources you trust."
             )
     return CheckpointError(
         f"cannot read the sharded checkpoint {path} ({type(error).__name__}: {_first_line(error)}): a shard is "

@@ -327,6 +327,9 @@ ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
 """A billion laughs: 10 nodes, each level ten aliases of the previous one (10^10 nodes once expanded)."""
 
 
+NAN_BETAS = "model:\n init_args:\n  optimizer:\n   betas: [.nan, 0.95]\n"
+
+
 def huge_bytes_claim(folder: Path) -> None:
     """A CIFAR batch whose pickle claims a bytes object of 2^62 bytes (BINBYTES8)."""
     (folder / "data_batch_1").write_bytes(b"\x80\x04\x8e" + (1 << 62).to_bytes(8, "little") + b"abc")
@@ -392,7 +395,8 @@ CASES += [
          "optimizer.lr=nan must be positive"),
     Case("NaN eps", lambda r, t: r.synthetic("--model.init_args.optimizer.eps", ".nan"),
          "optimizer.eps=nan must be a finite number >= 0"),
-    Case("NaN betas", lambda r, t: r.synthetic("--config", yaml_file(t, "model:\n init_args:\n  optimizer:\n   betas: [.nan, 0.95]\n")),
+    Case("NaN betas",
+         lambda r, t: r.synthetic("--config", yaml_file(t, NAN_BETAS)),
          "optimizer.betas=[nan, 0.95] must be two numbers in [0, 1)"),
     Case("NaN generation temperature", lambda r, t: r.lm(None, "--model.generation.temperature", ".nan"),
          "generation.temperature=nan must be a finite number >= 0"),

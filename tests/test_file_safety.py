@@ -102,7 +102,8 @@ def test_a_safe_cifar_archive_extracts_and_loads(tmp_path, umask_022):
     data.prepare_data()
     batches = root / "cifar-10-batches-py"
     assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".gz")) == ["cifar-10-batches-py"]
-    assert stat.S_IMODE(batches.stat().st_mode) == 0o755 and stat.S_IMODE((batches / "test_batch").stat().st_mode) == 0o644
+    assert stat.S_IMODE(batches.stat().st_mode) == 0o755
+    assert stat.S_IMODE((batches / "test_batch").stat().st_mode) == 0o644
     assert len(data.load_splits()["test"].labels) == 20
 
 

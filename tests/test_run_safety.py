@@ -76,7 +76,7 @@ def test_the_safe_planner_refuses_what_torchs_default_planner_runs(tmp_path):
     assert marker.exists()  # the threat is real
 
 
-# ------------------------------------------------------------------- item 12: a missing or truncated shard (consolidate)
+# ----------------------------------------------------------------- item 12: a missing or truncated shard (consolidate)
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_consolidate_with_a_missing_or_truncated_shard_is_one_paragraph(tmp_path, capsys, damage):
     folder = dcp_folder(tmp_path / "run.ckpt", {"state_dict": {"w": torch.arange(1000.0)}})
@@ -200,7 +200,8 @@ def test_read_only_outputs_are_found_before_any_work(tmp_path, read_only_dir, mo
         (["fit", *args, "--trainer.logger.init_args.save_dir", str(read_only_dir)],
          f"trainer.logger.init_args.save_dir={read_only_dir} is not writable"),
         (["study", "--config", str(CONFIGS / "study" / "synthetic.yaml"), "--output", str(read_only_dir / "study"),
-          "--task", str(CONFIGS / "synthetic" / "reverse.yaml"), "--seeds", "[0]"], f"study.output={read_only_dir / 'study'} cannot be created"),
+          "--task", str(CONFIGS / "synthetic" / "reverse.yaml"), "--seeds", "[0]"],
+         f"study.output={read_only_dir / 'study'} cannot be created"),
     ]
     for argv, message in commands:
         capsys.readouterr()

@@ -138,7 +138,7 @@ def alive(pid: int) -> bool:
 def test_two_studies_on_one_folder_and_kill_9_of_the_study_process(tmp_path):
     """A second study is refused while the first runs; after ``kill -9`` of the first, its worker dies too, and the
     next run takes the stale lock over and runs the cell again."""
-    slow_task, task = task_config(tmp_path, steps=100000), task_config(tmp_path)
+    slow_task = task_config(tmp_path, steps=100000)
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}

@@ -135,7 +135,8 @@ def images_under(folder: str) -> list[str]:
         for file in sorted(files):
             path = os.path.join(dirpath, file)
             real_file = os.path.realpath(path)
-            if file.lower().endswith(IMG_EXTENSIONS) and real_file.startswith(root + os.sep) and real_file not in seen_files:
+            inside = real_file.startswith(root + os.sep)
+            if file.lower().endswith(IMG_EXTENSIONS) and inside and real_file not in seen_files:
                 seen_files.add(real_file)
                 found.append(path)
     return found

@@ -55,7 +55,8 @@ def check_idx_file(path: str) -> int:
     if tuple(dims[1:]) != official[1:] or not 0 < dims[0] <= official[0]:
         raise DataError(
             f"{path} declares the shape {' x '.join(map(str, dims))}, but the official {name} is "
-            f"{' x '.join(map(str, official))} (at most {official[0]} items of {' x '.join(map(str, official[1:])) or 'one byte'}): "
+            f"{' x '.join(map(str, official))} (at most {official[0]} items of "
+            f"{' x '.join(map(str, official[1:])) or 'one byte'}): "
             "the file is edited or not an MNIST file; replace it with the official file."
         )
     expected = len(header) + int(np.prod(dims))
@@ -165,7 +166,8 @@ class MNISTDataModule(ImageDataModule):
             if counts[images_file] != counts[labels_file]:
                 raise DataError(
                     f"{os.path.join(raw, images_file)} holds {counts[images_file]} images but "
-                    f"{os.path.join(raw, labels_file)} {counts[labels_file]} labels; replace them with the official files."
+                    f"{os.path.join(raw, labels_file)} {counts[labels_file]} labels; replace them with the official "
+                    "files."
                 )
         sources = {}
         for split, train in (("train", True), ("test", False)):

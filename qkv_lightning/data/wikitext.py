@@ -492,7 +492,9 @@ class WikiText(L.LightningDataModule):
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
         if eval_batch_size is not None and eval_batch_size < 1:
-            raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size).")
+            raise ConfigError(
+                f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size)."
+            )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
         self.save_hyperparameters()

@@ -138,7 +138,8 @@ def result_problem(result: object, spec: dict) -> str | None:
     if bad:
         return f"its metrics {bad} are not numbers"
     if result["variant"] != spec["label"] or result["seed"] != spec["seed"]:
-        return f"it is the result of {result['variant']} seed {result['seed']}, not of {spec['label']} seed {spec['seed']}"
+        found, wanted = f"{result['variant']} seed {result['seed']}", f"{spec['label']} seed {spec['seed']}"
+        return f"it is the result of {found}, not of {wanted}"
     return None
 
 
