@@ -155,6 +155,28 @@ def test_ddp_matches_one_process_with_the_same_global_batch(single, ddp):
     assert single["losses"][-1] < single["losses"][0]  # it trained
 
 
+def logged(workdir: Path, name: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar a run logged to TensorBoard (rank 0 writes the events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (version,) = (workdir / "logs" / name).glob("version_*")
+    events = EventAccumulator(str(version))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_ddp_train_tokens_equal_the_single_process_count_for_the_same_global_batch(workdir, single, ddp):
+    """``train/tokens`` counts the tokens of all processes: under DDP (2 x batch 4) it equals one process's count
+    with batch 8, step by step, in the logs and in the checkpoints (which a resumed run continues from)."""
+    tokens_per_step = 8 * 16  # global batch x sequence length
+    expected = [(step - 1, float(step * tokens_per_step)) for step in range(1, STEPS + 1)]  # after k steps, at k - 1
+    assert logged(workdir, "single", "train/tokens") == expected
+    assert logged(workdir, "ddp", "train/tokens") == expected, "DDP (2 processes x batch 4)"
+    for name in ("single", "ddp"):
+        saved = torch.load(workdir / name / "checkpoints" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt", weights_only=True)
+        assert saved["tokens_seen"] == CHECKPOINT_EVERY * tokens_per_step, name
+
+
 def test_fsdp2_matches_one_process_with_the_same_global_batch(single, fsdp2):
     assert fsdp2["strategy"] == "FSDP2Strategy" and fsdp2["world_size"] == 2
     assert_same_training(fsdp2, single)

@@ -10,7 +10,6 @@ created fresh (never through an existing link), their total size is capped, and 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import posixpath
 import shutil
@@ -20,21 +19,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from qkv_lightning.errors import DataError
+from qkv_lightning.files import file_digest
 
 MAX_EXTRACTED_BYTES = 64 << 30
 """Default cap on the bytes one archive may unpack to (64 GiB: ImageNet's training tree is about 140 GB in several
 archives of at most 64 GB each); more is refused as a likely archive bomb."""
 
 CHUNK = 1 << 20
-
-
-def md5_of(path: str | os.PathLike) -> str:
-    """The MD5 of a file (streamed)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_md5(path: str | os.PathLike, expected: str, what: str, setting: str) -> None:
@@ -49,7 +40,7 @@ def check_md5(path: str | os.PathLike, expected: str, what: str, setting: str) -
     Raises:
         DataError: naming the file, both checksums and the setting.
     """
-    found = md5_of(path)
+    found = file_digest(path, "md5")
     if found != expected:
         raise DataError(
             f"{path} has MD5 {found}, not the {expected} of {what}: it is damaged or modified, so it is not "

@@ -19,7 +19,7 @@ import jsonargparse
 import yaml
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.study.config import Cell, StudyConfig, Variant, cells, expand_grid
+from qkv_lightning.study.config import Cell, StudyConfig, cells, expand_grid
 from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
 from qkv_lightning.study.runner import (
     cell_spec,
@@ -30,6 +30,7 @@ from qkv_lightning.study.runner import (
     run_cells,
 )
 from qkv_lightning.study.safety import check_no_survivors, check_output, study_lock, write_marker
+from qkv_lightning.variants import Variant
 
 __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
 
@@ -129,7 +130,7 @@ def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
     try:
         namespace = parser.parse_args(list(argv))
     except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
-        from qkv_lightning.cli import explain_config_error
+        from qkv_lightning.hints import explain_config_error
 
         vocabulary = {f.name for f in fields(StudyConfig)} | {"config"}
         raise ConfigError(f"study settings: {explain_config_error(str(error), vocabulary)}") from None

@@ -9,18 +9,14 @@ import math
 from pathlib import Path
 
 from qkv_lightning.study import stats
-from qkv_lightning.study.config import StudyConfig, Variant
+from qkv_lightning.study.config import StudyConfig
+from qkv_lightning.variants import Variant, row_columns
 
-RESULT_COLUMNS = [
-    "variant",
-    "sharing",
-    "n_kv_heads",
-    "score_encoding",
-    "mask_self",
-    "seed",
-    "status",
-]
-"""The first columns of ``results.csv``; the final metrics (one column each, e.g. ``test/acc``) follow."""
+
+def result_columns() -> list[str]:
+    """The first columns of ``results.csv``: the variant's (:meth:`Variant.as_row`, so a new breaker's setting gets a
+    column), the seed and the status; the final metrics (one column each, e.g. ``test/acc``) follow."""
+    return [*row_columns(), "seed", "status"]
 
 TRAILING_COLUMNS = [
     "params",
@@ -38,12 +34,13 @@ TRAILING_COLUMNS = [
 def write_results_csv(results: list[dict], path: Path) -> list[str]:
     """One row per run (ok or failed); returns the columns written."""
     metric_names = sorted({name for result in results for name in result.get("metrics", {})})
-    columns = RESULT_COLUMNS + metric_names + TRAILING_COLUMNS
+    first = result_columns()
+    columns = first + metric_names + TRAILING_COLUMNS
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for result in results:
-            row = {key: result.get(key) for key in RESULT_COLUMNS + TRAILING_COLUMNS}
+            row = {key: result.get(key) for key in first + TRAILING_COLUMNS}
             row["n_kv_heads"] = "" if result.get("n_kv_heads") is None else result["n_kv_heads"]
             row.update(result.get("metrics", {}))
             writer.writerow({key: "" if value is None else value for key, value in row.items()})
@@ -80,11 +77,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         known = next((r for r in runs if r.get("params")), None)
         rows.append(
             {
-                "variant": variant.label,
-                "sharing": variant.sharing,
-                "n_kv_heads": variant.n_kv_heads,
-                "score_encoding": variant.score_encoding,
-                "mask_self": variant.mask_self,
+                **variant.as_row(),
                 "runs": len(runs),
                 "runs_ok": sum(r["status"] == "ok" for r in runs),
                 "params": known["params"] if known else None,

@@ -16,11 +16,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from qkv_lightning.files import atomic_write_json
 from qkv_lightning.study.config import Cell, StudyConfig, fingerprint
 from qkv_lightning.study.safety import PARENT_ENV, check_no_survivors, claim_cell, release_cell
 
@@ -38,7 +38,8 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
     return {
         "key": cell.key,
         "label": cell.variant.label,
-        "variant": asdict(cell.variant),
+        "attention": cell.variant.attention_settings(),
+        "row": cell.variant.as_row(),
         "seed": cell.seed,
         "task": str(Path(config.task).resolve()),
         "task_name": config.task,
@@ -64,8 +65,9 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     import importlib
     from argparse import ArgumentError
 
-    from qkv_lightning.cli import QKVLightningCLI, explain_config_error
+    from qkv_lightning.cli import QKVLightningCLI
     from qkv_lightning.errors import ConfigError, QKVError
+    from qkv_lightning.hints import explain_config_error
 
     class ParseOnly(QKVLightningCLI):
         def instantiate_classes(self) -> None:  # the cells instantiate; here only the config is read
@@ -85,7 +87,7 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     for variant in variants:
         model_config = dict(parsed["model"])
         init_args = dict(model_config.get("init_args") or {})
-        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention()}
+        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention_settings()}
         try:
             model = build({**model_config, "init_args": init_args})
             datamodule = build(parsed["data"])
@@ -166,10 +168,7 @@ def check_stored_results(specs: list[dict]) -> None:
 
 def write_result(directory: Path, result: dict) -> None:
     """Write ``result.json`` atomically, so that an interrupted write never looks like a finished cell."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
-    os.replace(tmp, directory / RESULT_FILE)
+    atomic_write_json(directory / RESULT_FILE, result, default=_json_default)
 
 
 def _json_default(value: object) -> object:
@@ -197,7 +196,7 @@ def cell_overrides(spec: dict) -> dict:
         trainer.update(enable_progress_bar=False, enable_model_summary=False)
     return {
         "seed_everything": spec["seed"],
-        "model": {"init_args": {"attention": dict(spec["variant"])}},
+        "model": {"init_args": {"attention": dict(spec["attention"])}},
         "trainer": trainer,
     }
 
@@ -254,13 +253,9 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
     logger = getattr(trainer, "logger", None)
     if not isinstance(logger, TensorBoardLogger):
         return
-    variant = spec["variant"]
-    params = {
-        "variant": spec["label"],
-        "sharing": variant["sharing"],
-        "n_kv_heads": "all" if variant["n_kv_heads"] is None else str(variant["n_kv_heads"]),
-        "score_encoding": str(variant["score_encoding"]).lower(),
-        "mask_self": str(variant["mask_self"]).lower(),
+    params = {  # the variant's columns as text: null K/V heads are "all", booleans "true" / "false"
+        **{key: "all" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+           for key, value in spec["row"].items()},
         "seed": spec["seed"],
         "task": spec["task_name"],
         "status": result["status"],
@@ -278,10 +273,8 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
 
 def blank_result(spec: dict) -> dict:
     """A cell's result before it has run: identity filled in, status failed, no metrics."""
-    variant = spec["variant"]
     return {
-        "variant": spec["label"],
-        **{key: variant[key] for key in ("sharing", "n_kv_heads", "score_encoding", "mask_self")},
+        **spec["row"],
         "seed": spec["seed"],
         "status": "failed",
         "metrics": {},

@@ -46,14 +46,13 @@ class ImageClassifier(TaskModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
+            as_config(ViTConfig, network),
             attention=attention,
             optimizer=optimizer,
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
         )
-        self.network_config = as_config(ViTConfig, network)
-        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing={label_smoothing} must lie in [0, 1).")
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):

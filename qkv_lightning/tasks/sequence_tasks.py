@@ -40,14 +40,13 @@ class SequenceTask(TaskModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
+            as_config(EncoderConfig, network),
             attention=attention,
             optimizer=optimizer,
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
         )
-        self.network_config = as_config(EncoderConfig, network)
-        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         self.save_task_hyperparameters(network=self.network_config)
         # one metric object per stage and quantity (token accuracy, whole-sequence accuracy)
         self.token_acc = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
