@@ -22,7 +22,6 @@ from qkv_lightning.study.runner import cell_spec, gpu_share, is_finished
 from qkv_lightning.variants import Variant
 
 scipy_stats = pytest.importorskip("scipy.stats")
-scipy_special = pytest.importorskip("scipy.special")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,20 +31,10 @@ B = [0.871, 0.889, 0.902, 0.866, 0.880]
 C = [0.915, 0.921, 0.899, 0.950, 0.930, 0.941]  # another length: Welch only
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "x"), [(0.5, 0.5, 0.3), (2.5, 0.5, 0.9), (10.0, 3.0, 0.2), (0.1, 7.0, 0.01), (60, 0.5, 0.995)]
-)
-def test_incomplete_beta_matches_scipy(a: float, b: float, x: float) -> None:
-    assert S.betainc(a, b, x) == pytest.approx(scipy_special.betainc(a, b, x), rel=1e-10, abs=1e-14)
-
-
 @pytest.mark.parametrize("df", [1.0, 2.0, 3.7, 9.0, 40.5, 300.0])
-def test_t_distribution_matches_scipy(df: float) -> None:
-    for t in (-12.0, -2.1, -0.3, 0.0, 0.7, 2.5, 30.0):
-        assert S.t_cdf(t, df) == pytest.approx(scipy_stats.t.cdf(t, df), rel=1e-10, abs=1e-13)
-        assert S.t_sf2(t, df) == pytest.approx(2 * scipy_stats.t.sf(abs(t), df), rel=1e-9, abs=1e-13)
+def test_t_quantiles_are_scipys(df: float) -> None:
     for q in (0.025, 0.5, 0.9, 0.975, 0.995):
-        assert S.t_ppf(q, df) == pytest.approx(scipy_stats.t.ppf(q, df), rel=1e-9, abs=1e-12)
+        assert S.t_ppf(q, df) == scipy_stats.t.ppf(q, df)
 
 
 def test_mean_std_and_confidence_interval_match_scipy() -> None:
@@ -88,6 +77,8 @@ def test_degenerate_samples() -> None:
     assert math.isnan(S.welch_test([1.0], [1.0, 2.0]).p)
     assert S.paired_test([1.0, 1.0], [1.0, 1.0]).p == 1.0  # identical: no difference at all
     assert S.paired_test([1.0, 1.0], [0.5, 0.5]).p == 0.0  # constant, non-zero difference
+    assert S.welch_test([1.0, 1.0, 1.0], [1.0, 1.0]).p == 1.0  # scipy answers nan for both
+    assert S.welch_test([1.0, 1.0], [0.5, 0.5]).p == 0.0
     with pytest.raises(ValueError):
         S.paired_test([1.0, 2.0], [1.0])
 

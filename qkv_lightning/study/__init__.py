@@ -20,7 +20,14 @@ import yaml
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study.config import Cell, StudyConfig, cells, expand_grid
-from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
+from qkv_lightning.study.report import (
+    equivalence_table,
+    plot_summary,
+    summarize,
+    summary_table,
+    write_results_csv,
+    write_summary,
+)
 from qkv_lightning.study.runner import (
     cell_spec,
     check_stored_results,
@@ -158,9 +165,21 @@ def main(argv: Sequence[str]) -> int:
     print()
     print(summary_table(summary))
     print()
+    equivalence = equivalence_table(summary)
+    if equivalence:
+        print(equivalence)
+        print()
+        print(
+            f"verdict: equivalent * = within the margin (TOST, Holm, p < {config.alpha}); worse * / better * = "
+            f"significant difference after Holm correction; inconclusive = neither."
+        )
+    else:
+        print(
+            f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
+            "significant difference, which is not evidence of none (set --equivalence_margin to test for that)."
+        )
     print(
-        f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
-        f"significant difference. Written: {study_dir}/summary.md, summary.json, results.csv, summary.png; "
+        f"Written: {study_dir}/summary.md, summary.json, results.csv, summary.png; "
         f"TensorBoard: tensorboard --logdir {study_dir}"
     )
     return 0
