@@ -135,7 +135,7 @@ def _loggers(trainer: Any) -> list[Any]:
 def check_output_folders(config: Any) -> None:
     """``trainer.default_root_dir`` and every logger's ``save_dir`` must be writable (checked before any work)."""
     trainer = config.get("trainer") or {}
-    if trainer.get("default_root_dir"):
+    if trainer.get("default_root_dir") and "://" not in str(trainer["default_root_dir"]):
         check_writable_folder(trainer["default_root_dir"], "trainer.default_root_dir")
     for i, logger in enumerate(_loggers(trainer)):
         init_args = logger.get("init_args") if hasattr(logger, "get") else None
