@@ -17,9 +17,10 @@ import tarfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from qkv_lightning.errors import DataError
-from qkv_lightning.files import file_digest
+from qkv_lightning.files import atomic_open, file_digest
 
 MAX_EXTRACTED_BYTES = 64 << 30
 """Default cap on the bytes one archive may unpack to (64 GiB: ImageNet's training tree is about 140 GB in several
@@ -78,10 +79,15 @@ def _write_member(source: Iterable[bytes], target: Path, written: list[int], lim
     target.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "wb") as out:
-        for chunk in source:
-            written[0] += len(chunk)
-            _check_total(written[0], limit, archive)
-            out.write(chunk)
+        _copy_capped(source, out, written, limit, archive)
+
+
+def _copy_capped(source: Iterable[bytes], out: IO[bytes], written: list[int], limit: int, archive: str) -> None:
+    """Copy chunks into ``out``, counting the bytes of the whole extraction against ``limit``."""
+    for chunk in source:
+        written[0] += len(chunk)
+        _check_total(written[0], limit, archive)
+        out.write(chunk)
 
 
 def _chunks(stream: object) -> Iterator[bytes]:
@@ -197,14 +203,8 @@ def extract_zip_members(
         with zipfile.ZipFile(archive) as zipped:
             _check_total(sum(zipped.getinfo(name).file_size for name in members), max_bytes, str(archive))
             for name, target in members.items():
-                tmp = target.with_name(f".{target.name}.extracting-{os.getpid()}")
-                tmp.unlink(missing_ok=True)
-                try:
-                    with zipped.open(name) as src:
-                        _write_member(_chunks(src), tmp, written, max_bytes, str(archive))
-                    os.replace(tmp, target)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                with zipped.open(name) as src, atomic_open(target) as out:  # a fresh temporary file, then renamed
+                    _copy_capped(_chunks(src), out, written, max_bytes, str(archive))
     except KeyError as error:
         raise DataError(f"{archive} lacks the member {error}; it is not the official archive.") from None
     except (zipfile.BadZipFile, EOFError, OSError) as error:
@@ -217,17 +217,12 @@ def gunzip_file(source: str | os.PathLike, target: str | os.PathLike, max_bytes:
     Raises:
         DataError: the file is truncated or corrupted, or unpacks to more than ``max_bytes``.
     """
-    source, target = str(source), Path(target)
-    tmp = target.with_name(f".{target.name}.extracting-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    source = str(source)
     try:
-        with gzip.open(source) if source.endswith(".gz") else open(source, "rb") as src:
-            _write_member(_chunks(src), tmp, [0], max_bytes, source)
-        os.replace(tmp, target)
+        with gzip.open(source) if source.endswith(".gz") else open(source, "rb") as src, atomic_open(target) as out:
+            _copy_capped(_chunks(src), out, [0], max_bytes, source)
     except (OSError, EOFError, gzip.BadGzipFile) as error:
         raise DataError(f"cannot read {source}: {error}; the file is truncated or corrupted.") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_tree(path: str | os.PathLike) -> None:

@@ -24,8 +24,7 @@ from torchvision.datasets.utils import download_url
 from qkv_lightning.data.archives import check_md5, extract_archive, remove_tree
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule, TensorSource
 from qkv_lightning.errors import ConfigError, DataError
-from qkv_lightning.files import file_digest
-from qkv_lightning.permissions import follow_umask
+from qkv_lightning.files import file_digest, follow_umask
 
 MAX_CIFAR_BYTES = 1 << 30
 """Cap on what a CIFAR archive may unpack to (the official ones hold about 180 MB)."""

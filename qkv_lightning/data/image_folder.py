@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from qkv_lightning.data.archives import extract_archive, remove_tree
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule
 from qkv_lightning.errors import ConfigError, DataError
-from qkv_lightning.permissions import follow_umask
+from qkv_lightning.files import follow_umask
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 EXTRACTED_MARKER = ".extracted-from"
