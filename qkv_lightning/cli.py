@@ -25,6 +25,13 @@ from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
+from qkv_lightning.guards import (
+    check_output_folders,
+    check_seed,
+    check_trainer_settings,
+    install_yaml_guard,
+    place_evaluation_logs,
+)
 from qkv_lightning.hints import explain_config_error, register_parser
 from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten
 from qkv_lightning.resume import (
@@ -38,6 +45,7 @@ from qkv_lightning.resume import (
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
 # main() and the study runner hand LightningCLI its arguments explicitly; the warning about also seeing sys.argv
 # (pytest's, a study's) is noise there.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
@@ -80,6 +88,12 @@ class QKVLightningCLI(LightningCLI):
             auto_configure_optimizers=False,
             **kwargs,
         )
+
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after checking the seed (it runs before :meth:`before_instantiate_classes`)."""
+        if self.subcommand is not None:
+            check_seed(self.config[self.subcommand])
+        super()._set_seed()
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
@@ -125,7 +139,11 @@ class QKVLightningCLI(LightningCLI):
         config = self.config[self.subcommand]
         if "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True
+        check_trainer_settings(config)
+        check_output_folders(config)
         resolve_last(config, self.subcommand)
+        if self.subcommand != "fit":
+            place_evaluation_logs(config, self.subcommand)  # after `last` is resolved: into the evaluated run
 
     def checkpoint_info(self, ckpt_path: str | Path, weights_only: bool) -> CheckpointInfo:
         """The checkpoint's shapes and hyper-parameters, read once per command (:mod:`qkv_lightning.resume`)."""
@@ -228,6 +246,9 @@ class QKVLightningCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self.preflight()
+        check_output = getattr(self.model, "check_output_file", None)
+        if check_output is not None:
+            check_output(self.config[self.subcommand].get("ckpt_path"), self.trainer.world_size)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with an atomic checkpoint writer and TensorBoard event files opened only when first written."""

@@ -31,10 +31,26 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where possible, which, unlike ``os.umask``, changes nothing)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def follow_umask(path: str | os.PathLike, directory: bool | None = None) -> None:
+    """Give ``path`` the mode a plain ``open`` (0666) or ``mkdir`` (0777) would have given it under the umask
+    (``mkdtemp`` scratch folders are 0700)."""
+    if directory is None:
+        directory = os.path.isdir(path)
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -74,7 +90,7 @@ def atomic_open(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix or temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         text = "b" not in mode
         with os.fdopen(fd, mode, encoding=(encoding or "utf-8") if text else None) as file:
             yield file

@@ -51,6 +51,7 @@ def read_checkpoint_info(ckpt_path: str | Path, weights_only: bool = True) -> Ch
         load_checkpoint_file,
         read_sharded_metadata,
         recover_interrupted_swap,
+        sharded_weights_key,
     )
 
     path = Path(ckpt_path)
@@ -58,11 +59,12 @@ def read_checkpoint_info(ckpt_path: str | Path, weights_only: bool = True) -> Ch
     if not path.exists():
         raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; check the path, or pass --ckpt_path last.")
     if path.is_dir():
-        metadata = read_sharded_metadata(path)  # complete, and its index safe to unpickle
+        metadata = read_sharded_metadata(path)  # complete, its shards whole, every item safe to unpickle
+        prefix = sharded_weights_key(metadata) + "."  # "state_dict." (FSDP2), "model." (Lightning's FSDPStrategy)
         shapes = {
-            key.removeprefix("state_dict."): tuple(item.size)
+            key.removeprefix(prefix): tuple(item.size)
             for key, item in metadata.state_dict_metadata.items()
-            if key.startswith("state_dict.") and hasattr(item, "size")
+            if key.startswith(prefix) and hasattr(item, "size")
         }
         meta = load_checkpoint_file(path / METADATA_FILE, weights_only=weights_only, lightning=False)
         return CheckpointInfo(path, True, shapes, _plain_hparams(meta.get("hyper_parameters")))

@@ -120,7 +120,7 @@ def test_bench_command_runs_every_variant_with_attention_core_gemm_and_overhead(
     result = run_json(capsys, *SYNTHETIC, *FAST, "--variants", "QKV", "Q=K=V", "--n_kv_heads", "2", "--gemm",
                       "--gemm_size", "64", "--lightning_overhead", "--overhead_steps", "4", "--overhead_rounds", "1")
     names = [row["name"] for row in result["variants"]]
-    assert names == ["QKV", "Q=K=V", "QKV kv=2"]
+    assert names == ["QKV", "Q=K=V", "QKV_kv2"]
     qkv = result["variants"][0]
     for row in result["variants"]:
         assert row["step_time_s"] > 0 and row["decode_tokens_per_sec"] is None  # an encoder: no decoding

@@ -300,3 +300,64 @@ def test_every_strategy_config_parses_on_a_task_config(strategy, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "strategy:" in printed and "class_path: qkv_lightning.tasks.language_model.LanguageModel" in printed
+
+
+# ------------------------------------------------------------------- issue 13: sharded folders that lie or run code
+class CreatesFile:
+    """Unpickling this creates the file ``path``: what a malicious checkpoint item would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def refused(workdir: Path, name: str, command: str, *extra: str) -> str:
+    """Run ``python cli.py <command>`` under FSDP2 on 2 processes; it must fail with one paragraph (exit 2)."""
+    args = cli_command(workdir, name, 4, *FSDP2, *extra)
+    args[0] = command
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=environment(),
+                            capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-5000:]
+    return errors[0]
+
+
+def test_fsdp2_fit_refuses_an_optimizer_item_that_would_run_code(workdir, fsdp2):
+    """The FSDP2 loader reads the optimiser's param_groups through DCP, whose own planner unpickles them with
+    weights_only=False: a real FSDP2 checkpoint with a payload in param_groups must not run it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    source = workdir / "fsdp2" / "checkpoints" / "last.ckpt"
+    flat_file = workdir / "flat.pt"
+    dcp_to_torch_save(source, flat_file)  # our own trusted folder
+    flat = torch.load(flat_file, weights_only=True)
+    marker = workdir / "created-by-the-checkpoint"
+    flat["optimizer_0"]["param_groups"][0]["evil"] = CreatesFile(marker)
+    evil = workdir / "evil.ckpt"
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save(flat, checkpoint_id=str(evil))
+    (evil / METADATA_FILE).write_bytes((source / METADATA_FILE).read_bytes())
+    error = refused(workdir, "evil-run", "fit", "--ckpt_path", str(evil), "--trainer.max_steps", str(STEPS + 1))
+    assert "refusing to load the sharded checkpoint" in error and "optimizer_0.param_groups" in error
+    assert not marker.exists()
+    assert main(["consolidate", str(evil), str(workdir / "evil-out.ckpt")]) == 2
+    assert not marker.exists() and not (workdir / "evil-out.ckpt").exists()
+
+
+@pytest.mark.parametrize(("command", "damage"), [("validate", "missing"), ("fit", "truncated")])
+def test_fsdp2_with_a_missing_or_truncated_shard_is_one_paragraph(workdir, fsdp2, command, damage):
+    import shutil
+
+    folder = workdir / f"{damage}.ckpt"
+    shutil.copytree(workdir / "fsdp2" / "checkpoints" / "last.ckpt", folder)
+    shard = folder / "__1_0.distcp"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    error = refused(workdir, f"{damage}-run", command, "--ckpt_path", str(folder))
+    assert ("is missing its shard __1_0.distcp" if damage == "missing" else "__1_0.distcp of the sharded") in error
+    assert not (workdir / f"{damage}-run").exists()  # nothing written for the run

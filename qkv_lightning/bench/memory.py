@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from qkv_lightning.bench.common import LoadedTask, Variant
+from qkv_lightning.bench.common import LoadedTask
 from qkv_lightning.bench.steps import build, train_step
+from qkv_lightning.variants import Variant
 
 PROBE_MARK = "BENCH_MEMORY_PROBE "
 """Start of the line on which a probe process prints its result."""
@@ -46,7 +47,7 @@ def measure_memory(argv: Sequence[str], loaded: LoadedTask, variants: list[Varia
             torch.cuda.empty_cache()
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-            task = build(loaded.task, variant.attention, device, precision)
+            task = build(loaded.task, variant.attention_config(loaded.task.attention_config), device, precision)
             step = train_step(task, batch, precision, device, clip)
             for _ in range(2):
                 step()
@@ -69,7 +70,7 @@ def probe(loaded: LoadedTask, variant: Variant, batch: tuple, device: torch.devi
           clip: float | None) -> None:
     """The child process of :func:`measure_memory`: two training steps of one variant; prints its peak RSS."""
     before = current_rss()
-    task = build(loaded.task, variant.attention, device, precision)
+    task = build(loaded.task, variant.attention_config(loaded.task.attention_config), device, precision)
     step = train_step(task, batch, precision, device, clip)
     for _ in range(2):
         step()

@@ -31,7 +31,7 @@ import torch
 from qkv_lightning.accounting import NetworkCost
 from qkv_lightning.bench.attention import bench_attention
 from qkv_lightning.bench.attention import format_table as format_attention_table
-from qkv_lightning.bench.common import LoadedTask, Variant, add_config_arguments, load_task, variants_of
+from qkv_lightning.bench.common import LoadedTask, add_config_arguments, load_task, variants_of
 from qkv_lightning.bench.memory import measure_memory, probe
 from qkv_lightning.bench.overhead import OVERHEAD_SKIP, measure_overhead
 from qkv_lightning.bench.report import ratio, render_table
@@ -48,6 +48,7 @@ from qkv_lightning.bench.steps import (
 from qkv_lightning.bench.timing import interleaved_medians, interleaved_samples
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.variants import Variant
 
 
 # -------------------------------------------------------------------------------------------------- results
@@ -275,13 +276,14 @@ def time_decoding(
 
 
 def time_attention_core(
-    args: argparse.Namespace, cost: NetworkCost, variants: list[Variant], samples: int, device: torch.device,
+    args: argparse.Namespace, cost: NetworkCost, causal: bool, variants: list[Variant], samples: int,
+    device: torch.device,
     precision: str,
 ) -> tuple[list[dict[str, Any]], str]:
     """The attention core alone (``bench-attention``) at the task's width, heads and tokens: rows of the result and
     the table."""
-    sharing = list(dict.fromkeys(v.attention.sharing for v in variants))
-    timings = bench_attention(cost.d_model, cost.n_head, cost.tokens_per_sample, samples, cost.network == "GPT",
+    sharing = list(dict.fromkeys(v.sharing for v in variants))
+    timings = bench_attention(cost.d_model, cost.n_head, cost.tokens_per_sample, samples, causal,
                               sharing, None, args.attention_repeats, 3, str(device),
                               "bfloat16" if precision.startswith("bf16") else "float32")
     ref = next(t for t in timings if t.name == "QKV")
@@ -309,15 +311,15 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
     load_before = _load_average()
     task = loaded.task
     samples = task.samples_in(batch)
-    costs = {v.label: task.cost(v.attention) for v in variants}
+    costs = {v.label: task.cost(v.attention_config(task.attention_config)) for v in variants}
     memory = measure_memory(argv, loaded, variants, batch, device, precision, clip) if args.memory else {}
 
-    built = {v.label: build(task, v.attention, device, precision) for v in variants}
+    built = {v.label: build(task, v.attention_config(task.attention_config), device, precision) for v in variants}
     samples_s, step_s, gemm = time_training_steps(args, built, batch, device, precision, clip)
     decode_s: dict[str, float] = {}
     cache_bytes: dict[str, int] = {}
     decode_setting = None
-    if args.decode and costs["QKV"].network == "GPT":
+    if args.decode and task.autoregressive:
         decode_s, cache_bytes, decode_setting = time_decoding(args, loaded, built, device, precision)
     del built
 
@@ -330,7 +332,9 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
 
     attention = attention_table = None
     if args.attention:
-        attention, attention_table = time_attention_core(args, costs["QKV"], variants, samples, device, precision)
+        attention, attention_table = time_attention_core(
+            args, costs["QKV"], task.autoregressive, variants, samples, device, precision
+        )
     overhead = None
     if args.lightning_overhead:
         first = variants[0]

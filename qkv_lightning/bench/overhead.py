@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qkv_lightning.bench.common import LoadedTask, Variant
+from qkv_lightning.bench.common import LoadedTask
 from qkv_lightning.bench.report import ratio
 from qkv_lightning.bench.steps import build, gemm_step, train_step
 from qkv_lightning.bench.timing import synchronize
+from qkv_lightning.variants import Variant
 
 
 @contextlib.contextmanager
@@ -86,7 +87,7 @@ def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, devic
     from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
     from qkv_lightning.callbacks.perf import PerfMonitor
 
-    task = build(loaded.task, variant.attention, device, precision)
+    task = build(loaded.task, variant.attention_config(loaded.task.attention_config), device, precision)
     plain_step = train_step(task, batch, precision, device, clip)
     loader = DataLoader(RepeatedBatch(batch, steps), batch_size=None)  # the same batch every step, as the plain loop
     log_every = int(loaded.config.trainer.get("log_every_n_steps") or 50)

@@ -36,18 +36,18 @@ def report_data(loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16") 
     task, kv_bytes = loaded.task, KV_BYTES[kv_dtype]
     base_attention = task.attention_config
     n_head = task.network_config.n_head
-    reference = task.cost(baseline_of(base_attention, n_head).attention, kv_bytes=kv_bytes)
-    costs: list[NetworkCost] = [task.cost(v.attention, kv_bytes=kv_bytes) for v in variants]
+    reference = task.cost(baseline_of(base_attention, n_head).attention_config(base_attention), kv_bytes=kv_bytes)
+    costs: list[NetworkCost] = [task.cost(v.attention_config(base_attention), kv_bytes=kv_bytes) for v in variants]
     entries = []
     for variant, cost in zip(variants, costs, strict=True):
         entry = cost.as_dict()
         entry["name"] = variant.label
-        entry["mask_self"] = variant.attention.mask_self
+        entry["mask_self"] = variant.attention_config(base_attention).mask_self
         entry["relative_to_QKV"] = {key: ratio(entry[key], getattr(reference, key)) for key in RATIO_KEYS}
         entries.append(entry)
     first = costs[0] if costs else reference
     notes = list(dict.fromkeys(note for cost in [reference, *costs] for note in cost.notes))
-    causal = first.network == "GPT"
+    causal = task.autoregressive
     notes.insert(
         0,
         "FLOPs: matrix products (2 per multiply-add) of the forward and backward pass, attention scores included"

@@ -28,7 +28,6 @@ import re
 import shutil
 import tempfile
 import urllib.request
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qkv_lightning.data.archives import extract_zip_members
 from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
@@ -139,10 +139,26 @@ def article_starts(path: Path) -> list[int]:
 
 
 def read_json(path: Path) -> dict | None:
+    """The mapping this code wrote to ``path``; None if it is missing or unreadable (then it is rebuilt).
+
+    Raises:
+        DataError: the file holds JSON that is not a mapping (edited or replaced), or ``path`` is a folder.
+    """
+    if path.is_dir():
+        raise DataError(
+            f"the cache metadata path {path} is a folder, not a file; it was not made by this code, so it is left "
+            "alone. Move it away, or point data.cache_dir elsewhere."
+        )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict):
+        raise DataError(
+            f"the cache metadata {path} holds a JSON {type(data).__name__}, not the mapping this code writes: it was "
+            "edited or replaced. Delete it so that the cache is rebuilt, or point data.cache_dir elsewhere."
+        )
+    return data
 
 
 def download_release(release: OfficialRelease, data_dir: Path) -> None:
@@ -175,10 +191,7 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
                 "download is damaged or the mirror serves another file. Try again, or put the official files into "
                 f"{data_dir}."
             )
-        with zipfile.ZipFile(archive) as zipped:
-            for name in release.lines:
-                with zipped.open(f"{release.folder}/{name}") as src, atomic_open(data_dir / name) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
+        extract_zip_members(archive, {f"{release.folder}/{name}": data_dir / name for name in release.lines})
     finally:
         archive.unlink(missing_ok=True)
 
@@ -252,8 +265,14 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
 
     The array's size is always checked; its SHA-256 too with ``check_array``.
     """
-    meta = read_json(prefix.with_suffix(".json"))
-    bin_path = prefix.with_suffix(".bin")
+    meta_path, bin_path = prefix.with_suffix(".json"), prefix.with_suffix(".bin")
+    for path in (meta_path, bin_path):
+        if path.exists() and not path.is_file():
+            raise DataError(
+                f"the token cache path {path} is a {'folder' if path.is_dir() else 'special file'}, not a file; it "
+                "was not made by this code, so it is left alone. Move it away, or point data.cache_dir elsewhere."
+            )
+    meta = read_json(meta_path)
     if meta is None or not bin_path.is_file():
         return "it does not exist yet"
     for key, value in expected.items():
@@ -262,6 +281,16 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
     size = bin_path.stat().st_size
     if size != meta.get("array_bytes"):
         return f"its token file has {size} bytes instead of the recorded {meta.get('array_bytes')} (truncated?)"
+    try:
+        itemsize = np.dtype(meta.get("dtype")).itemsize if meta.get("dtype") in ("uint16", "uint32") else None
+        counted = (int(meta["n_tokens"]) + 1) * itemsize if itemsize else None
+    except (KeyError, TypeError, ValueError):
+        counted = None
+    if counted != size:
+        return (
+            f"its recorded dtype {meta.get('dtype')!r} x {meta.get('n_tokens')!r} tokens (+1) does not make the "
+            f"{size} bytes of its token file (the metadata was edited)"
+        )
     if check_array and file_digest(bin_path) != meta.get("array_sha256"):
         return "its token file's SHA-256 differs from the recorded one (modified or damaged)"
     return None
@@ -428,9 +457,12 @@ class WikiText(L.LightningDataModule):
             raise ConfigError(f"data.split_test_for_val={split_test_for_val} must lie strictly between 0 and 1.")
         if split_test_for_val is None and val_file is None:
             raise ConfigError("data.val_file is null: name a validation file or set data.split_test_for_val.")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if value < 1:
-                raise ConfigError(f"data.{name}={value} must be at least 1.")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(
+                f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size)."
+            )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
         self.save_hyperparameters()
@@ -446,7 +478,7 @@ class WikiText(L.LightningDataModule):
         self.seq_len = seq_len
         self.eval_stride = eval_stride or seq_len
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.verify = verify
@@ -643,6 +675,7 @@ class WikiText(L.LightningDataModule):
         }
         if tokenizer is not None:
             expected["tokenizer"] = tokenizer.identity
+            expected["dtype"] = cache_dtype(tokenizer.vocab_size).name
         if info is not None:
             expected["source_sha256"] = info.sha256
         return expected

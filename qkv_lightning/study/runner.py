@@ -22,6 +22,7 @@ import yaml
 
 from qkv_lightning.files import atomic_write_json
 from qkv_lightning.study.config import Cell, StudyConfig, fingerprint
+from qkv_lightning.study.safety import PARENT_ENV, check_no_survivors, claim_cell, release_cell
 
 RESULT_FILE = "result.json"
 """Written into a cell's directory when the cell has finished (ok or failed); its absence marks a half-finished run."""
@@ -103,6 +104,63 @@ def read_result(directory: Path) -> dict | None:
         return json.loads((directory / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "variant": (str,),
+    "seed": (int,),
+    "status": (str,),
+    "metrics": (dict,),
+    "fingerprint": (str,),
+    "error": (str,),
+    "params": (int, type(None)),
+    "attn_params": (int, type(None)),
+    "kv_cache_bytes_per_token": (int, type(None)),
+    "steps": (int, type(None)),
+    "wall_s": (int, float, type(None)),
+    "cpu_s": (int, float, type(None)),
+}
+"""The fields of ``result.json`` that the report reads, and their types."""
+
+
+def result_problem(result: object, spec: dict) -> str | None:
+    """What is wrong with a stored result of the cell ``spec`` (as this code never writes it), or None."""
+    if not isinstance(result, dict):
+        return f"it holds a JSON {type(result).__name__}, not a mapping"
+    for name, types in RESULT_FIELDS.items():
+        value = result.get(name)
+        if name not in result or not isinstance(value, types) or isinstance(value, bool):
+            return f"its field {name!r} is {value!r}, not {' or '.join(t.__name__ for t in types)}"
+    if result["status"] not in ("ok", "failed"):
+        return f"its status is {result['status']!r}, not 'ok' or 'failed'"
+    bad = {k: v for k, v in result["metrics"].items() if isinstance(v, bool) or not isinstance(v, int | float)}
+    if bad:
+        return f"its metrics {bad} are not numbers"
+    if result["variant"] != spec["label"] or result["seed"] != spec["seed"]:
+        found, wanted = f"{result['variant']} seed {result['seed']}", f"{spec['label']} seed {spec['seed']}"
+        return f"it is the result of {found}, not of {wanted}"
+    return None
+
+
+def check_stored_results(specs: list[dict]) -> None:
+    """Every stored ``result.json`` of the grid is as this code writes it (an unreadable one is redone).
+
+    Raises:
+        DataError: naming the file, what is wrong, and how to redo the cell.
+    """
+    from qkv_lightning.errors import DataError
+
+    for spec in specs:
+        path = Path(spec["dir"]) / RESULT_FILE
+        result = read_result(path.parent)
+        if result is None:
+            continue
+        problem = result_problem(result, spec)
+        if problem is not None:
+            raise DataError(
+                f"the study result {path} was edited or damaged: {problem}. Delete it (the cell is then run again) "
+                "or restore it; nothing was run."
+            )
 
 
 def write_result(directory: Path, result: dict) -> None:
@@ -240,9 +298,11 @@ def run_cell(spec: dict) -> dict:
     from qkv_lightning.cli import QKVLightningCLI
 
     directory = Path(spec["dir"])
+    check_no_survivors([directory])
     if directory.exists():
-        shutil.rmtree(directory)  # a half-finished or outdated run starts afresh
+        shutil.rmtree(directory)  # a half-finished or outdated run of this study starts afresh
     directory.mkdir(parents=True)
+    claim_cell(directory)
     (directory / "cell.yaml").write_text(yaml.safe_dump(cell_overrides(spec), sort_keys=False))
     result = blank_result(spec)
     trainer = None
@@ -294,6 +354,7 @@ def run_cell(spec: dict) -> dict:
         with contextlib.suppress(OSError):
             (directory / "checkpoints").rmdir()
     write_result(directory, result)
+    release_cell(directory)
     return result
 
 
@@ -367,6 +428,7 @@ def run_in_workers(
 
     def start(slot: int) -> subprocess.Popen:
         env = dict(os.environ)
+        env[PARENT_ENV] = str(os.getpid())  # the worker dies with this process (see safety.die_with_parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_share(gpus, workers, slot))

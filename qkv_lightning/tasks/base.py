@@ -46,11 +46,19 @@ class OptimizerConfig:
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
+        if not self.lr > 0:  # also NaN
             raise ConfigError(f"optimizer.lr={self.lr} must be positive.")
+        if not math.isfinite(self.lr):
+            raise ConfigError(f"optimizer.lr={self.lr} must be a finite number.")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ConfigError(f"optimizer.eps={self.eps} must be a finite number >= 0.")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):  # NaN fails every comparison
+            raise ConfigError(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1).")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay={self.weight_decay} must be a finite number >= 0.")
         if self.warmup_steps < 0:
             raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
+        if not 0.0 <= self.min_lr_ratio <= 1.0:  # also NaN
             raise ConfigError(f"optimizer.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1].")
         self.betas = tuple(self.betas)
 
@@ -231,6 +239,10 @@ class TaskModule(L.LightningModule, abc.ABC):
 
     counts_tokens: bool = True
     """Whether samples are token sequences, so that throughput is also counted in tokens (:meth:`tokens_in`)."""
+
+    autoregressive: bool = False
+    """Whether the network is a causal decoder that generates with a KV cache (its attention is causal; ``bench``
+    times decoding for it)."""
 
     def cost(
         self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2

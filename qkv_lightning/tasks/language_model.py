@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,17 @@ class GenerationConfig:
     """Print each prompt and its continuation."""
 
     output_file: str | None = None
-    """Also write the generations as JSON lines to this file (a rank suffix is added with several processes)."""
+    """Also write the generations as JSON lines to this file (a rank suffix is added with several processes). An
+    existing file is an error unless ``overwrite`` is set; the checkpoint being read is never overwritten."""
+
+    overwrite: bool = False
+    """Replace an existing ``output_file`` (never the checkpoint being read)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ConfigError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 0.")
-        if self.temperature < 0:
-            raise ConfigError(f"generation.temperature={self.temperature} must be >= 0 (0 is greedy).")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # also NaN
+            raise ConfigError(f"generation.temperature={self.temperature} must be a finite number >= 0 (0 is greedy).")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"generation.top_k={self.top_k} must be at least 1 (or null for no limit).")
 
@@ -131,6 +136,8 @@ class LanguageModel(TaskModule):
         self.generated: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------- building
+    autoregressive = True
+
     def resolved_network_config(self, data_spec: dict) -> GPTConfig:
         """The network config with the data's vocabulary filled in, checked against the data."""
         config = self.network_config
@@ -294,18 +301,55 @@ class LanguageModel(TaskModule):
         self.generated.extend(results)
         return results
 
+    def output_paths(self, world_size: int) -> list[Path]:
+        """The files ``predict`` writes: ``output_file``, or one per rank (``<stem>.rank<k><suffix>``)."""
+        path = self.generation_config.output_file
+        if not path:
+            return []
+        path = Path(path).expanduser()
+        if world_size <= 1:
+            return [path]
+        return [path.with_name(f"{path.stem}.rank{rank}{path.suffix}") for rank in range(world_size)]
+
+    def check_output_file(self, ckpt_path: str | None, world_size: int = 1, rank: int | None = None) -> None:
+        """Refuse a ``generation.output_file`` that is a folder, the checkpoint being read (or lies in it), or an
+        existing file without ``generation.overwrite``; checked before anything is generated.
+
+        Raises:
+            ConfigError: naming the file and the setting.
+        """
+        paths = self.output_paths(world_size)
+        if rank is not None and paths:
+            paths = [paths[rank if world_size > 1 else 0]]
+        checkpoint = Path(ckpt_path).expanduser().resolve() if ckpt_path and "://" not in str(ckpt_path) else None
+        for path in paths:
+            resolved = path.resolve()
+            if checkpoint is not None and (resolved == checkpoint or checkpoint in resolved.parents):
+                raise ConfigError(
+                    f"model.generation.output_file={path} is the checkpoint being read (ckpt_path={ckpt_path}); "
+                    "name another file: the checkpoint is never overwritten, not even with generation.overwrite."
+                )
+            if path.is_dir():
+                raise ConfigError(f"model.generation.output_file={path} is a folder; name a file to write into.")
+            if path.exists() and not self.generation_config.overwrite:
+                raise ConfigError(
+                    f"model.generation.output_file={path} exists already; name another file, or set "
+                    "--model.generation.overwrite true to replace it. Nothing was generated."
+                )
+
+    def on_predict_start(self) -> None:
+        self.check_output_file(self.trainer.ckpt_path, self.trainer.world_size, self.trainer.global_rank)
+
     def on_predict_epoch_start(self) -> None:
         self.generated = []
 
     def on_predict_epoch_end(self) -> None:
-        path = self.generation_config.output_file
-        if not path:
+        paths = self.output_paths(self.trainer.world_size)
+        if not paths:
             return
-        path = Path(path)
-        if self.trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{self.trainer.global_rank}{path.suffix}")
+        path = paths[self.trainer.global_rank if len(paths) > 1 else 0]
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, "w" if self.generation_config.overwrite else "x", encoding="utf-8") as f:
             for result in self.generated:
                 f.write(json.dumps(result) + "\n")
         rank_zero_info(f"wrote {len(self.generated)} generations to {path}")
