@@ -22,7 +22,6 @@ import pickle
 import re
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qkv_lightning.errors import CheckpointError
+from qkv_lightning.files import atomic_open
 
 METADATA_FILE = "meta.pt"
 """Lightning's file with the non-tensor state inside a sharded checkpoint folder."""
@@ -47,20 +47,6 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / DCP_METADATA_FILE).is_file() and (path / METADATA_FILE).is_file()
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` into a temporary file in the destination folder, flush it to disk, then rename it over ``path``.
 
@@ -69,20 +55,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     ``ckpt_path="last"`` search cannot pick up a half-written file; a process killed while writing leaves one such
     file behind, which :func:`remove_stale_temporaries` deletes on the next save into that folder.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb", prefix=f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-") as file:
+        torch.save(obj, file)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -154,12 +128,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise ForbiddenCheckpointContent(f"{module}.{name}")
 
 
-def read_sharded_metadata(path: str | Path) -> Any:
-    """The ``.metadata`` index of a sharded checkpoint folder, read with a restricted unpickler.
+def read_sharded_metadata(path: str | Path, vet: bool = True) -> Any:
+    """The ``.metadata`` index of a sharded checkpoint folder, read with a restricted unpickler; with ``vet``, every
+    shard it names is checked to exist whole and every non-tensor item to hold only plain types.
 
     Raises:
         CheckpointError: if the folder is incomplete, the index is unreadable, or it names any other Python object
-            (it could run code when loaded by torch, which unpickles it without restriction).
+            (it could run code when loaded by torch, which unpickles it without restriction), a shard is missing or
+            truncated, or (``ForbiddenCheckpointContent``) a non-tensor item names a Python object.
     """
     path = Path(path)
     if path.is_file():
@@ -176,7 +152,7 @@ def read_sharded_metadata(path: str | Path) -> Any:
         )
     try:
         with open(path / DCP_METADATA_FILE, "rb") as file:
-            return _MetadataUnpickler(file).load()
+            metadata = _MetadataUnpickler(file).load()
     except ForbiddenCheckpointContent as error:
         raise ForbiddenCheckpointContent(
             f"refusing to load the sharded checkpoint {path}: its {DCP_METADATA_FILE} names the Python object "
@@ -188,6 +164,151 @@ def read_sharded_metadata(path: str | Path) -> Any:
             f"cannot read {path / DCP_METADATA_FILE} ({type(error).__name__}: {error}): the sharded checkpoint is "
             "truncated or corrupted; use an earlier checkpoint."
         ) from None
+    if vet:
+        check_shard_files(path, metadata)
+        vet_byte_items(path, metadata)
+    return metadata
+
+
+def check_shard_files(path: Path, metadata: Any) -> None:
+    """Every shard file the index names exists and holds the bytes the index locates in it.
+
+    Raises:
+        CheckpointError: naming the missing or truncated shard.
+    """
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if relative is None:
+            continue
+        needed[relative] = max(needed.get(relative, 0), int(info.offset) + int(info.length))
+    for relative, size in sorted(needed.items()):
+        shard = path / relative
+        if not shard.resolve().is_relative_to(path.resolve()):
+            raise CheckpointError(
+                f"refusing to load the sharded checkpoint {path}: its index names the shard {relative}, outside the "
+                "folder. Only load checkpoints from sources you trust."
+            )
+        if not shard.is_file():
+            raise CheckpointError(
+                f"the sharded checkpoint {path} is missing its shard {relative} (copied incompletely?); restore it, "
+                "or use an earlier checkpoint."
+            )
+        if shard.stat().st_size < size:
+            raise CheckpointError(
+                f"the shard {shard} of the sharded checkpoint {path} is truncated ({shard.stat().st_size} bytes, the "
+                f"index needs {size}); restore it, or use an earlier checkpoint."
+            )
+
+
+def _weights_only_bytes(value: Any, fqn: str) -> Any:
+    """Unpickle one non-tensor item of a distributed checkpoint with torch's weights-only unpickler."""
+    try:
+        return torch.load(value, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ForbiddenCheckpointContent(
+            f"its item {fqn} holds Python objects other than tensors and plain containers"
+            f"{f' ({found.group(1)})' if found else ''}, which could run code when loaded"
+        ) from None
+
+
+def _safe_planners() -> tuple[type, type, type]:
+    """Load planners of torch.distributed.checkpoint that unpickle non-tensor items with ``weights_only=True`` (torch's
+    own planners use ``weights_only=False``, which runs whatever the item's pickle says)."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = _weights_only_bytes(value, read_item.dest_index.fqn)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
+        load_bytes = SafeLoadPlanner.load_bytes
+
+    class BytesOnlyPlanner(SafeEmptyLoadPlanner):
+        """Reads only the non-tensor items (no tensor is allocated), each through the weights-only unpickler."""
+
+        def __init__(self) -> None:
+            super().__init__(flatten_state_dict=False)
+
+        def _should_include_key(self, key: str, metadata: Any) -> bool:
+            return isinstance(metadata.state_dict_metadata[key], BytesStorageMetadata)
+
+        def set_up_planner(self, state_dict: Any, metadata: Any = None, is_coordinator: bool = False) -> None:
+            for key, item in metadata.state_dict_metadata.items():
+                if isinstance(item, BytesStorageMetadata):
+                    state_dict[key] = None
+            DefaultLoadPlanner.set_up_planner(self, state_dict, metadata, is_coordinator)
+
+    return SafeLoadPlanner, SafeEmptyLoadPlanner, BytesOnlyPlanner
+
+
+def _dcp_read(path: Path, state_dict: dict[str, Any], planner: Any) -> None:
+    """Read ``state_dict`` from the folder in this process alone, explaining a missing or damaged shard."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    try:
+        _load_state_dict(state_dict, storage_reader=FileSystemReader(path), planner=planner, no_dist=True)
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        raise _explain_dcp_error(path, error) from None
+
+
+def _explain_dcp_error(path: Path, error: BaseException) -> CheckpointError:
+    """One paragraph for a failed distributed-checkpoint read (DCP wraps every rank's error in its own)."""
+    failures = getattr(error, "failures", None) or {}
+    causes = [f for f in failures.values()] if isinstance(failures, dict) else []
+    for cause in [*causes, error]:
+        inner = getattr(cause, "exc", cause)
+        if isinstance(inner, ForbiddenCheckpointContent):
+            return ForbiddenCheckpointContent(
+                f"refusing to load the sharded checkpoint {path}: {inner}. Only load checkpoints from sources you "
+                "trust."
+            )
+        text = str(inner)
+        if "ForbiddenCheckpointContent" in text or "holds Python objects other than tensors" in text:
+            detail = re.search(r"its item .*? could run code when loaded", text)
+            return ForbiddenCheckpointContent(
+                f"refusing to load the sharded checkpoint {path}: "
+                f"{detail.group(0) if detail else text.splitlines()[0]}. Only load checkpoints from sources you trust."
+            )
+    return CheckpointError(
+        f"cannot read the sharded checkpoint {path} ({type(error).__name__}: {_first_line(error)}): a shard is "
+        "missing, truncated or corrupted; use an earlier checkpoint."
+    )
+
+
+def vet_byte_items(path: Path, metadata: Any) -> None:
+    """Read every non-tensor item of a distributed checkpoint (optimiser ``param_groups``, ...) with torch's
+    weights-only unpickler, which refuses anything that could run code.
+
+    Raises:
+        ForbiddenCheckpointContent: an item names another Python object.
+        CheckpointError: an item cannot be read.
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    if not any(isinstance(item, BytesStorageMetadata) for item in metadata.state_dict_metadata.values()):
+        return
+    _dcp_read(path, {}, _safe_planners()[2]())
+
+
+def safe_distributed_load(state: dict[str, Any], path: Any) -> None:
+    """Lightning's distributed-checkpoint load, with non-tensor items unpickled ``weights_only`` (a collective)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        load(state, checkpoint_id=path, planner=_safe_planners()[0]())
+    except CheckpointException as error:
+        raise _explain_dcp_error(Path(str(path)), error) from None
 
 
 def load_checkpoint_file(path: str | Path, weights_only: bool = True, lightning: bool = True) -> dict[str, Any]:
@@ -268,24 +389,30 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
-def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a distributed-checkpoint folder saved by Lightning into one plain checkpoint dict (on CPU)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+WEIGHT_KEYS = ("state_dict", "model")
+"""Where a sharded folder keeps the weights: ``state_dict`` (FSDP2 / ModelParallelStrategy), ``model`` (Lightning's
+FSDPStrategy)."""
 
+
+def sharded_weights_key(metadata: Any) -> str:
+    """The top-level key holding the weights in a sharded checkpoint's index (see :data:`WEIGHT_KEYS`)."""
+    tops = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+    for key in WEIGHT_KEYS:
+        if key in tops:
+            return key
+    return WEIGHT_KEYS[0]
+
+
+def load_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a distributed-checkpoint folder saved by Lightning (FSDP2 / ModelParallelStrategy, or FSDPStrategy, which
+    keeps the weights under ``model``) into one plain checkpoint dict (on CPU). Non-tensor items are unpickled with
+    ``weights_only=True``."""
     path = Path(path)
-    read_sharded_metadata(path)  # complete, and its index safe to unpickle
-    with tempfile.TemporaryDirectory() as tmp:
-        flat_file = Path(tmp) / "flat.pt"
-        try:
-            dcp_to_torch_save(path, flat_file)
-            flat = torch.load(flat_file, map_location="cpu", weights_only=True)
-        except Exception as error:  # a missing or truncated shard
-            raise CheckpointError(
-                f"cannot read the sharded checkpoint {path} ({type(error).__name__}: {_first_line(error)}): a shard "
-                "is missing, truncated or corrupted; use an earlier checkpoint."
-            ) from None
+    metadata = read_sharded_metadata(path)  # complete, whole, and safe to unpickle
+    flat: dict[str, Any] = {}
+    _dcp_read(path, flat, _safe_planners()[1]())
     checkpoint = load_checkpoint_file(path / METADATA_FILE, weights_only=True, lightning=False)
-    checkpoint["state_dict"] = flat.pop("state_dict")
+    checkpoint["state_dict"] = flat.pop(sharded_weights_key(metadata))
     optimizer_keys = sorted((k for k in flat if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     checkpoint["optimizer_states"] = [flat[k] for k in optimizer_keys]
     return checkpoint

@@ -63,7 +63,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from qkv_lightning.checkpoints import _fsync_dir, recover_interrupted_swap, remove_path
+        from qkv_lightning.checkpoints import recover_interrupted_swap, remove_path
+        from qkv_lightning.files import fsync_dir
 
         path = Path(self.broadcast(str(filepath)))
         staging = path.with_name(path.name + ".partial")
@@ -79,18 +80,26 @@ class FSDP2Strategy(ModelParallelStrategy):
             if path.exists() or path.is_symlink():
                 os.replace(path, retired)
             os.replace(staging, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             remove_path(retired)
         self.barrier("fsdp2_save_done")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a checkpoint; a sharded folder's index is first checked to hold only checkpoint metadata (torch
-        unpickles it without restriction)."""
-        from qkv_lightning.checkpoints import read_sharded_metadata
+        unpickles it without restriction), its shards to be whole, and its non-tensor items are read weights-only."""
+        from unittest import mock
+
+        import lightning.fabric.strategies.model_parallel as fabric_model_parallel
+
+        from qkv_lightning.checkpoints import read_sharded_metadata, safe_distributed_load
 
         path = Path(str(checkpoint_path))
         if path.is_dir() and weights_only is not False:
-            read_sharded_metadata(path)
+            read_sharded_metadata(path)  # index, shards and non-tensor items checked before any collective
+            # Lightning reads with torch's default planner, which unpickles non-tensor items (the optimiser's
+            # param_groups) with weights_only=False; ours uses the weights-only unpickler.
+            with mock.patch.object(fabric_model_parallel, "_distributed_checkpoint_load", safe_distributed_load):
+                return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def setup_environment(self) -> None:

@@ -314,9 +314,113 @@ CASES = [
          "study.sharing=['QKV', 'QKX']: attention.sharing='QKX' is not a"),
     Case("impossible study cell", study("--n_kv_heads", "[3]", "--baseline", "QKV_kv3"),
          "study cell QKV_kv3 is impossible"),
+    Case("study margin that is no margin", study("--equivalence_margin", "lots"),
+         "study.equivalence_margin='lots' is not a margin"),
     Case("study task that does not exist",
          lambda r, t: ["study", "--task", str(t / "nothere.yaml"), "--output", str(t / "study")],
          "no such fit config"),
+]
+
+
+# ------------------------------------------------------------------------------------------ issue 13's battery
+ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)
+)
+"""A billion laughs: 10 nodes, each level ten aliases of the previous one (10^10 nodes once expanded)."""
+
+
+NAN_BETAS = "model:\n init_args:\n  optimizer:\n   betas: [.nan, 0.95]\n"
+
+
+def huge_bytes_claim(folder: Path) -> None:
+    """A CIFAR batch whose pickle claims a bytes object of 2^62 bytes (BINBYTES8)."""
+    (folder / "data_batch_1").write_bytes(b"\x80\x04\x8e" + (1 << 62).to_bytes(8, "little") + b"abc")
+
+
+def changed_cache(change: Callable[[Path], None]) -> Callable[[Runs, Path], list[str]]:
+    def build(runs: Runs, tmp: Path) -> list[str]:
+        cache = tmp / "cache"
+        shutil.copytree(runs.folder / "cache", cache)
+        change(cache / "word")
+        return runs.lm(None, "--data.cache_dir", str(cache))
+
+    return build
+
+
+def folder_for_bin(word: Path) -> None:
+    (word / "train.bin").unlink()
+    (word / "train.bin").mkdir()
+
+
+def damaged_shard(kind: str) -> Callable[[Runs, Path], list[str]]:
+    def build(runs: Runs, tmp: Path) -> list[str]:
+        folder = sharded_folder(tmp)
+        shard = next(folder.glob("*.distcp"))
+        if kind == "missing":
+            shard.unlink()
+        else:
+            truncate(shard)
+        return ["consolidate", str(folder), str(tmp / "out.ckpt")]
+
+    return build
+
+
+def edited_study_result(runs: Runs, tmp: Path) -> list[str]:
+    from qkv_lightning.study.safety import MARKER, task_identity
+
+    output = tmp / "old-study"
+    cell = output / "runs" / "QKV" / "seed0"
+    cell.mkdir(parents=True)
+    task = CONFIGS / "synthetic" / "reverse.yaml"
+    (output / MARKER).write_text(f'{{"task": "{task_identity(str(task))}"}}')
+    (cell / "result.json").write_text('{"variant": "QKV", "seed": 0, "status": "ok", "metrics": "edited"}')
+    return study("--output", str(output))(runs, tmp)
+
+
+def predict_into_a_folder(runs: Runs, tmp: Path) -> list[str]:
+    (tmp / "a-folder").mkdir()
+    return ["predict", *lm_args(runs.folder, runs.wikitext), "--ckpt_path", str(runs.checkpoint("lm")),
+            "--model.generation.output_file", str(tmp / "a-folder")]
+
+
+def study_over_a_user_folder(runs: Runs, tmp: Path) -> list[str]:
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "results.csv").write_text("the user's table")
+    return study("--output", str(tmp / "mine"))(runs, tmp)
+
+
+CASES += [
+    Case("YAML alias bomb", lambda r, t: r.synthetic("--config", yaml_file(t, ALIAS_BOMB)),
+         "expands to more than 100,000 YAML nodes"),
+    Case("CIFAR batch claiming a huge bytes object", damaged_cifar(huge_bytes_claim), "is truncated or corrupted"),
+    Case("NaN learning rate", lambda r, t: r.synthetic("--model.init_args.optimizer.lr", ".nan"),
+         "optimizer.lr=nan must be positive"),
+    Case("NaN eps", lambda r, t: r.synthetic("--model.init_args.optimizer.eps", ".nan"),
+         "optimizer.eps=nan must be a finite number >= 0"),
+    Case("NaN betas",
+         lambda r, t: r.synthetic("--config", yaml_file(t, NAN_BETAS)),
+         "optimizer.betas=[nan, 0.95] must be two numbers in [0, 1)"),
+    Case("NaN generation temperature", lambda r, t: r.lm(None, "--model.generation.temperature", ".nan"),
+         "generation.temperature=nan must be a finite number >= 0"),
+    Case("no gradient accumulation", lambda r, t: r.synthetic("--trainer.accumulate_grad_batches", "0"),
+         "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+    Case("validation interval 0", lambda r, t: r.synthetic("--trainer.val_check_interval", "0"),
+         "trainer.val_check_interval=0 must be positive"),
+    Case("seed beyond 2^32", lambda r, t: r.synthetic("--seed_everything", str(2**32)),
+         "seed_everything=4294967296 must lie in [0, 4294967295]"),
+    Case("evaluation batch size 0", lambda r, t: r.vit(None, "--data.eval_batch_size", "0"),
+         "data.eval_batch_size=0 must be at least 1"),
+    Case("study output that is a file",
+         lambda r, t: (t / "a-file").write_text("x") and study("--output", str(t / "a-file"))(r, t),
+         "is a file, not a folder"),
+    Case("study output that is not a study", study_over_a_user_folder, "is not a study folder"),
+    Case("edited study result", edited_study_result, "was edited or damaged: its field 'metrics'"),
+    Case("predict output that is a folder", predict_into_a_folder, "is a folder; name a file"),
+    Case("cache metadata that is not a mapping",
+         changed_cache(lambda w: (w / "train.json").write_text("[1, 2, 3]")), "holds a JSON list, not the mapping"),
+    Case("token cache that is a folder", changed_cache(folder_for_bin), "is a folder, not a file"),
+    Case("sharded checkpoint with a missing shard", damaged_shard("missing"), "is missing its shard"),
+    Case("sharded checkpoint with a truncated shard", damaged_shard("truncated"), "is truncated ("),
 ]
 
 

@@ -237,19 +237,19 @@ TINY = ["--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model
 def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "results"
     args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--n_kv_heads", "2", "--labels", "QKV", "Q-K=V",
-            "QKV kv=2", "--rope_keys", "on_read", "copy", "--contexts", "8", "24", "--batch_sizes", "1", "2",
+            "QKV_kv2", "--rope_keys", "on_read", "copy", "--contexts", "8", "24", "--batch_sizes", "1", "2",
             "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "--serve_requests", "3",
             "--serve_prompt_lens", "4", "12", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
             "--format", "json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     cells = result["cells"]
-    assert {c["name"] for c in cells} == {"QKV", "Q-K=V", "Q-K=V [copy]", "QKV kv=2"}
+    assert {c["name"] for c in cells} == {"QKV", "Q-K=V", "Q-K=V [copy]", "QKV_kv2"}
     assert len(cells) == 4 * 2 * 2
     for cell in cells:
         capacity = cell["context"] + 3
         assert cell["steps_timed"] == 2 and cell["decode_tokens_per_sec"] > 0
-        shape = AttentionShape(32, 4, "Q-K=V" if "Q-K=V" in cell["name"] else "QKV", 2 if "kv=2" in cell["name"] else 4)
+        shape = AttentionShape(32, 4, "Q-K=V" if "Q-K=V" in cell["name"] else "QKV", 2 if "_kv2" in cell["name"] else 4)
         per_token = 2 * kv_cache_bytes_per_token(shape, 4)  # fp32, two layers
         per_token *= 2 if "[copy]" in cell["name"] else 1  # the rotated copy
         assert cell["kv_cache_bytes"] == per_token * cell["batch"] * capacity
@@ -257,10 +257,10 @@ def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tm
             weights = result["setup"]["weights_bytes"]
             assert cell["bytes_read_per_token"] == int(weights / cell["batch"] + cell["context"] * per_token)
     ratios = {c["name"]: c["kv_bytes_ratio"] for c in cells}
-    assert ratios == {"QKV": 1.0, "Q-K=V": 0.5, "Q-K=V [copy]": 1.0, "QKV kv=2": 0.5}
+    assert ratios == {"QKV": 1.0, "Q-K=V": 0.5, "Q-K=V [copy]": 1.0, "QKV_kv2": 0.5}
     assert all(c["decode_ratio"] == 1.0 for c in cells if c["name"] == "QKV")
     serving = {row["name"]: row for row in result["serving"]["rows"]}
-    assert set(serving) == {"QKV", "Q-K=V", "QKV kv=2"}
+    assert set(serving) == {"QKV", "Q-K=V", "QKV_kv2"}
     assert all(row["generated_tokens"] == 3 * 3 for row in serving.values())
     assert {p.name for p in out.iterdir()} == {"result.json", "table.md", "decode.png"}
     assert "| QKV |" in (out / "table.md").read_text()

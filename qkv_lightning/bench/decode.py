@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qkv_lightning.bench.attention import synchronize  # no Lightning import: the memory probe's child starts fast
+from qkv_lightning.bench.timing import synchronize  # no Lightning import: the memory probe's child starts fast
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, AttentionConfig, parse_rope_keys
 from qkv_lightning.nn.decoding import StaticDecoder
@@ -50,7 +50,7 @@ FIT_MARK = "BENCH_DECODE_FIT "
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 if TYPE_CHECKING:
-    from qkv_lightning.bench.common import Variant
+    from qkv_lightning.variants import Variant
 
 
 
@@ -603,7 +603,7 @@ def parser() -> argparse.ArgumentParser:
         "and batch sizes, interleaved, with ratios to QKV. Other --model... options change the config.")
     add_config_arguments(p)
     p.add_argument("--labels", nargs="+", default=None,
-                   help="keep only these of the variants' labels, e.g. QKV 'QKV kv=4' Q-K=V 'Q-K=V kv=1'")
+                   help="keep only these of the variants' labels, e.g. QKV QKV_kv4 Q-K=V Q-K=V_kv1")
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024], help="prompt tokens in the cache")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1], help="sequences decoded together")
     p.add_argument("--new_tokens", type=int, default=16, help="tokens generated per sequence (the first by prefill)")
@@ -677,11 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           " pick another folder (nothing is overwritten).")
     budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     from qkv_lightning.bench.common import load_task, variants_of
-    from qkv_lightning.bench.models import build
+    from qkv_lightning.bench.steps import build
 
     loaded = load_task(args.config, overrides, args.data_spec)
     task = loaded.task
-    if task.cost().network != "GPT":
+    if not task.autoregressive:
         raise ConfigError("bench-decode needs a language-model config (model.class_path: ...LanguageModel).")
     max_len = task.resolved_network_config(loaded.data_spec).max_seq_len
     _check(args, max_len)
@@ -697,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     models = {}
     for v in variants:
-        network = build(task, v.attention, device, "32-true").network.eval()
+        network = build(task, v.attention_config(task.attention_config), device, "32-true").network.eval()
         models[v.label] = network.to(dtype)
     contenders = contenders_of(variants, models, list(dict.fromkeys(args.rope_keys)))
     cells = [(c, b) for b in args.batch_sizes for c in args.contexts]

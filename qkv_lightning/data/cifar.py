@@ -9,19 +9,25 @@ training images by ``val_fraction``.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import download_url
 
+from qkv_lightning.data.archives import check_md5, extract_archive, remove_tree
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule, TensorSource
-from qkv_lightning.errors import DataError
+from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import file_digest, follow_umask
+
+MAX_CIFAR_BYTES = 1 << 30
+"""Cap on what a CIFAR archive may unpack to (the official ones hold about 180 MB)."""
 
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -54,26 +60,22 @@ def safe_unpickle(path: str) -> object:
     """
     try:
         with open(path, "rb") as file:
-            return NumpyOnlyUnpickler(file, encoding="latin1").load()
+            data = file.read()  # a length field claiming more bytes than the file holds is then "truncated"
+        return NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
     except ForbiddenGlobal as error:
         raise DataError(
             f"refusing to load {path}: it names the global {error}, which a data file has no reason to hold (only "
             "numpy arrays, lists, dicts, numbers and strings are allowed). It is not an official file: delete it and "
             "download the official files again (data.download: true)."
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+    except (
+        pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+        OverflowError,
+    ) as error:
         raise DataError(
             f"cannot read {path}: it is truncated or corrupted, or not a CIFAR file ({type(error).__name__}: {error}). "
             "Delete it and download the official files again (data.download: true)."
         ) from None
-
-
-def md5sum(path: str) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,8 @@ class CIFAR10DataModule(ImageDataModule):
     Args:
         root: folder holding ``cifar-10-batches-py/`` (or that folder itself, or the official archive).
         augment: training augmentation (pad-crop and flips by default).
-        verify_md5: check files with the official image counts against the official MD5s.
+        verify_md5: check the official archive's MD5 before extracting it, and files with the official image counts
+            against the official MD5s.
         **kwargs: the settings of :class:`ImageDataModule`.
     """
 
@@ -179,16 +182,42 @@ class CIFAR10DataModule(ImageDataModule):
         if self.folder() is not None:
             return
         archive = os.path.join(self.root, self.layout.archive)
-        if os.path.isfile(archive):
-            extract_archive(archive, self.root)
-        elif self.download:
+        if not os.path.isfile(archive) and self.download:
             try:
-                download_and_extract_archive(self.layout.url, self.root, md5=self.layout.archive_md5)
+                download_url(self.layout.url, self.root, filename=self.layout.archive, md5=self.layout.archive_md5)
             except Exception as error:  # network errors come in many types
                 raise DataError(
                     f"could not download {self.layout.name} from {self.layout.url} into {self.root}: {error}. Download "
                     f"{self.layout.archive} by hand into data.root, or point data.root at an existing copy."
                 ) from None
+        if os.path.isfile(archive):
+            self.extract(archive)
+
+    def extract(self, archive: str) -> None:
+        """Unpack the official archive into ``root``: its MD5 first (unless ``verify_md5`` is off), then the safe
+        extractor (files and folders only, nothing outside ``root``, size capped) into a scratch folder that is
+        moved into place when complete."""
+        if self.verify_md5:
+            official = f"the official {self.layout.name} archive"
+            check_md5(archive, self.layout.archive_md5, official, "data.verify_md5: false")
+        target = os.path.join(self.root, self.layout.folder)
+        if os.path.lexists(target):
+            raise ConfigError(
+                f"data.root={self.root}: {target} exists but lacks {self.layout.meta['filename']}, so {archive} is not "
+                f"extracted over it; move that folder away (or restore the file) and run again."
+            )
+        scratch = tempfile.mkdtemp(prefix=f".{self.layout.folder}-", dir=self.root)
+        try:
+            follow_umask(scratch, directory=True)
+            extract_archive(archive, scratch, max_bytes=MAX_CIFAR_BYTES)
+            inner = os.path.join(scratch, self.layout.folder)
+            if not os.path.isdir(inner):
+                raise DataError(
+                    f"{archive} holds no {self.layout.folder}/ folder; it is not the {self.layout.name} python version."
+                )
+            os.replace(inner, target)
+        finally:
+            remove_tree(scratch)
 
     def load_splits(self) -> dict[str, TensorSource]:
         self.prepare_data()
@@ -216,7 +245,7 @@ class CIFAR10DataModule(ImageDataModule):
             for name, md5 in files:
                 path = self.require(folder, name)
                 data, target = read_batch(path, layout)
-                if self.verify_md5 and md5sum(path) != md5:
+                if self.verify_md5 and file_digest(path, "md5") != md5:
                     if len(data) == layout.official_counts[name]:
                         raise DataError(
                             f"{path} holds {len(data)} images like the official {layout.name} file but its MD5 differs "
@@ -253,7 +282,8 @@ class CIFAR100DataModule(CIFAR10DataModule):
     Args:
         root: folder holding ``cifar-100-python/`` (or that folder itself, or the official archive).
         augment: training augmentation (pad-crop and flips by default).
-        verify_md5: check files with the official image counts against the official MD5s.
+        verify_md5: check the official archive's MD5 before extracting it, and files with the official image counts
+            against the official MD5s.
         **kwargs: the settings of :class:`ImageDataModule`.
     """
 

@@ -211,6 +211,10 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(
+                f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size)."
+            )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
         if not 0.0 <= val_fraction < 1.0:
@@ -221,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.image_size={image_size} must be at least 1.")
         self.root = os.path.expanduser(str(root))
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.requested_size = image_size

@@ -7,8 +7,6 @@ A data set may also be given as a ``.tar``/``.tar.gz`` archive of such a tree: i
 from __future__ import annotations
 
 import os
-import shutil
-import tarfile
 import tempfile
 import warnings
 
@@ -19,10 +17,14 @@ from torchvision.datasets import ImageNet
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from qkv_lightning.data.archives import extract_archive, remove_tree
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule
 from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import follow_umask
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+EXTRACTED_MARKER = ".extracted-from"
+"""Written into a folder that :func:`extract_once` made: only such folders are ever replaced."""
 MAX_CONSECUTIVE_UNREADABLE = 16
 """A run of this many unreadable files in a row is an error rather than a warning."""
 
@@ -38,42 +40,60 @@ def archive_stem(path: str) -> str:
 def extract_once(archive: str, extract_dir: str) -> str:
     """Extract ``archive`` into ``extract_dir/<name>`` unless an extraction of this very file is already there.
 
-    The archive is extracted into a temporary folder that is renamed into place when complete, so an interrupted
-    extraction is never mistaken for a complete one. Members are extracted with tarfile's ``data`` filter (no
-    absolute paths, links out of the tree or device files).
+    The archive is extracted (by :func:`qkv_lightning.data.archives.extract_archive`: only files and folders, nothing
+    outside the target, total size capped) into a scratch folder made here, which is renamed into place when
+    complete, so an interrupted extraction is never mistaken for a complete one. A folder of that name that this code
+    did not make (it lacks the ``.extracted-from`` marker) is never touched: that is an error naming the folder.
 
     Returns:
         The folder the archive was extracted into.
+
+    Raises:
+        ConfigError: ``extract_dir/<name>`` exists and is not an extraction made here (or holds the archive).
+        DataError: the archive is unsafe or unreadable, or ``extract_dir`` is not writable.
     """
     stat = os.stat(archive)
     stamp = f"{os.path.abspath(archive)} {stat.st_size} {int(stat.st_mtime)}"
     target = os.path.join(extract_dir, archive_stem(archive))
-    marker = os.path.join(target, ".extracted-from")
+    marker = os.path.join(target, EXTRACTED_MARKER)
     if os.path.isfile(marker):
         with open(marker) as file:
             if file.read() == stamp:
                 return target
+    archive_inside = os.path.realpath(archive).startswith(os.path.realpath(target) + os.sep)
+    if os.path.lexists(target) and (not os.path.isfile(marker) or os.path.islink(target) or archive_inside):
+        raise ConfigError(
+            f"data.extract_dir={extract_dir}: the folder {target}, where {archive} would be extracted, exists and was "
+            "not made by an earlier extraction (it has no .extracted-from marker), so it is left alone. Set "
+            "data.extract_dir to another folder (not one that holds the archive), or move that folder away."
+        )
     try:
         os.makedirs(extract_dir, exist_ok=True)
         scratch = tempfile.mkdtemp(prefix=f".{archive_stem(archive)}-", dir=extract_dir)
+        follow_umask(scratch, directory=True)
     except OSError as error:
         raise DataError(
             f"cannot create a folder in data.extract_dir={extract_dir} to extract {archive} ({error}); set "
             "data.extract_dir to a writable folder."
         ) from None
+    retired = None
     try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(scratch, filter="data")
-        with open(os.path.join(scratch, ".extracted-from"), "w") as file:
+        extract_archive(archive, scratch)
+        with open(os.path.join(scratch, EXTRACTED_MARKER), "w") as file:
             file.write(stamp)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
+        if os.path.isdir(target):  # an extraction made here of an earlier version of the archive
+            retired = tempfile.mkdtemp(prefix=f".{archive_stem(archive)}-old-", dir=extract_dir)
+            os.replace(target, os.path.join(retired, "old"))
         os.replace(scratch, target)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        shutil.rmtree(scratch, ignore_errors=True)
+    except OSError as error:
         raise DataError(
             f"cannot extract {archive} into {extract_dir}: {error}. Check the archive (data.root)."
         ) from None
+    finally:
+        if os.path.isdir(scratch):
+            remove_tree(scratch)
+        if retired is not None:
+            remove_tree(retired)
     return target
 
 
@@ -95,6 +115,33 @@ def class_folders(split_dir: str) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
+def images_under(folder: str) -> list[str]:
+    """The image files under ``folder``, each once: links to folders are followed only while they stay inside
+    ``folder`` and lead to a folder not visited yet (so a link loop such as ``loop -> .`` adds nothing), and a file
+    reached twice (through a link) is counted once."""
+    root = os.path.realpath(folder)
+    seen_dirs: set[str] = set()
+    walked: list[tuple[str, list[str]]] = []
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs or not (real == root or real.startswith(root + os.sep)):
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        walked.append((dirpath, files))
+    seen_files: set[str] = set()
+    found: list[str] = []
+    for dirpath, files in sorted(walked):
+        for file in sorted(files):
+            path = os.path.join(dirpath, file)
+            real_file = os.path.realpath(path)
+            inside = real_file.startswith(root + os.sep)
+            if file.lower().endswith(IMG_EXTENSIONS) and inside and real_file not in seen_files:
+                seen_files.add(real_file)
+                found.append(path)
+    return found
+
+
 def scan_split(split_dir: str, class_to_idx: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
     """Paths (as UTF-8 bytes, cheap to share with workers) and labels of the images under ``split_dir/<class>/``.
 
@@ -110,12 +157,7 @@ def scan_split(split_dir: str, class_to_idx: dict[str, int]) -> tuple[np.ndarray
                 "must have a folder in train/. Rename or remove the folder."
             )
         folder = os.path.join(split_dir, name)
-        found = [
-            os.path.join(dirpath, file)
-            for dirpath, _, files in sorted(os.walk(folder, followlinks=True))
-            for file in sorted(files)
-            if file.lower().endswith(IMG_EXTENSIONS)
-        ]
+        found = images_under(folder)
         if not found:
             raise DataError(
                 f"class folder {folder} holds no images (files ending in {', '.join(IMG_EXTENSIONS)}): add its images "

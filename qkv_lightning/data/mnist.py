@@ -7,20 +7,65 @@ data set has a validation split: it is carved from the 60,000 training images by
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
-import shutil
-import tempfile
+import struct
 
 import numpy as np
 from torchvision.datasets import MNIST, FashionMNIST
 
+from qkv_lightning.data.archives import gunzip_file
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule, TensorSource
 from qkv_lightning.errors import DataError
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 """The official file names (both data sets use the same ones), without ``.gz``."""
+
+OFFICIAL_SHAPES = {
+    "train-images-idx3-ubyte": (60000, 28, 28),
+    "train-labels-idx1-ubyte": (60000,),
+    "t10k-images-idx3-ubyte": (10000, 28, 28),
+    "t10k-labels-idx1-ubyte": (10000,),
+}
+"""The official shape of each file (images N x 28 x 28 uint8, labels N uint8)."""
+
+MAX_MNIST_BYTES = 256 << 20
+"""Cap on what one MNIST file may un-gzip to (the largest official one is 47 MB)."""
+
+
+def check_idx_file(path: str) -> int:
+    """Check an IDX file's header against its official shape and its size against the header; returns N.
+
+    Fewer items than the official file are allowed (small test files), other image dimensions are not.
+
+    Raises:
+        DataError: naming the file and what differs.
+    """
+    name = os.path.basename(path)
+    official = OFFICIAL_SHAPES[name]
+    with open(path, "rb") as file:
+        header = file.read(4 + 4 * len(official))
+    size = os.path.getsize(path)
+    if len(header) < 4 + 4 * len(official) or header[:2] != b"\0\0" or header[2] != 0x08 or header[3] != len(official):
+        raise DataError(
+            f"{path} is not an IDX file of unsigned bytes with {len(official)} dimension(s) like the official {name}; "
+            "the file is corrupted or not an MNIST file: replace it with the official file."
+        )
+    dims = struct.unpack(f">{len(official)}I", header[4:])
+    if tuple(dims[1:]) != official[1:] or not 0 < dims[0] <= official[0]:
+        raise DataError(
+            f"{path} declares the shape {' x '.join(map(str, dims))}, but the official {name} is "
+            f"{' x '.join(map(str, official))} (at most {official[0]} items of "
+            f"{' x '.join(map(str, official[1:])) or 'one byte'}): "
+            "the file is edited or not an MNIST file; replace it with the official file."
+        )
+    expected = len(header) + int(np.prod(dims))
+    if size != expected:
+        raise DataError(
+            f"{path} holds {size} bytes, but its header ({' x '.join(map(str, dims))}) needs {expected}: the file is "
+            "truncated or edited; replace it with the official file."
+        )
+    return dims[0]
 
 
 def find_files(folder: str) -> dict[str, str] | None:
@@ -49,14 +94,7 @@ def unpack_once(files: dict[str, str], raw_dir: str) -> None:
     except OSError as error:
         raise DataError(f"cannot create {raw_dir} ({error}); set data.extract_dir to a writable folder.") from None
     for name, source in files.items():
-        with tempfile.NamedTemporaryFile(dir=raw_dir, delete=False) as out:
-            try:
-                with gzip.open(source) if source.endswith(".gz") else open(source, "rb") as src:
-                    shutil.copyfileobj(src, out)
-            except (OSError, EOFError, gzip.BadGzipFile) as error:
-                os.unlink(out.name)
-                raise DataError(f"cannot read {source}: {error}; the file is truncated or corrupted.") from None
-        os.replace(out.name, os.path.join(raw_dir, name))
+        gunzip_file(source, os.path.join(raw_dir, name), max_bytes=MAX_MNIST_BYTES)
     with open(marker, "w") as file:
         file.write(stamp)
 
@@ -122,6 +160,15 @@ class MNISTDataModule(ImageDataModule):
                 f"{', '.join(MNIST_FILES)}, or a folder of those files (.gz or not). Set data.download: true to "
                 "download them, or point data.root at them."
             )
+        raw = os.path.join(root, self.name, "raw")
+        counts = {name: check_idx_file(os.path.join(raw, name)) for name in MNIST_FILES}
+        for images_file, labels_file in ((MNIST_FILES[0], MNIST_FILES[1]), (MNIST_FILES[2], MNIST_FILES[3])):
+            if counts[images_file] != counts[labels_file]:
+                raise DataError(
+                    f"{os.path.join(raw, images_file)} holds {counts[images_file]} images but "
+                    f"{os.path.join(raw, labels_file)} {counts[labels_file]} labels; replace them with the official "
+                    "files."
+                )
         sources = {}
         for split, train in (("train", True), ("test", False)):
             try:

@@ -26,9 +26,8 @@ import logging
 import os
 import re
 import shutil
-import socket
+import tempfile
 import urllib.request
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qkv_lightning.data.archives import extract_zip_members
 from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import atomic_open, atomic_write_json, file_digest, temporary_prefix
 from qkv_lightning.nn.gpt import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -137,39 +138,27 @@ def article_starts(path: Path) -> list[int]:
     return [i for i, line in enumerate(iter_lines(path)) if ARTICLE_HEADING.match(line.rstrip("\n"))]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def temporary(path: Path) -> Path:
-    """A temporary name next to ``path``, unique to this process and machine (nodes may share a file system), for
-    writing before an atomic rename."""
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = temporary(path)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-
-
 def read_json(path: Path) -> dict | None:
+    """The mapping this code wrote to ``path``; None if it is missing or unreadable (then it is rebuilt).
+
+    Raises:
+        DataError: the file holds JSON that is not a mapping (edited or replaced), or ``path`` is a folder.
+    """
+    if path.is_dir():
+        raise DataError(
+            f"the cache metadata path {path} is a folder, not a file; it was not made by this code, so it is left "
+            "alone. Move it away, or point data.cache_dir elsewhere."
+        )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict):
+        raise DataError(
+            f"the cache metadata {path} holds a JSON {type(data).__name__}, not the mapping this code writes: it was "
+            "edited or replaced. Delete it so that the cache is rebuilt, or point data.cache_dir elsewhere."
+        )
+    return data
 
 
 def download_release(release: OfficialRelease, data_dir: Path) -> None:
@@ -178,7 +167,7 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"cannot create data.data_dir={data_dir} for the download ({error}).") from error
-    archive = temporary(data_dir / f"{release.folder}-v1.zip")
+    archive = data_dir / f"{temporary_prefix(data_dir / release.folder)}v1.zip"  # scratch, removed below
     failures = []
     try:
         for url in release.urls:
@@ -195,20 +184,14 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
                 f"could not download {release.title} ({'; '.join(failures)}). Without internet, put the official files "
                 f"{', '.join(release.lines)} into data.data_dir={data_dir} and set data.download: false."
             )
-        digest = md5_file(archive)
+        digest = file_digest(archive, "md5")
         if digest != release.md5:
             raise DataError(
                 f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
                 "download is damaged or the mirror serves another file. Try again, or put the official files into "
                 f"{data_dir}."
             )
-        with zipfile.ZipFile(archive) as zipped:
-            for name in release.lines:
-                target = data_dir / name
-                tmp = temporary(target)
-                with zipped.open(f"{release.folder}/{name}") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-                tmp.replace(target)
+        extract_zip_members(archive, {f"{release.folder}/{name}": data_dir / name for name in release.lines})
     finally:
         archive.unlink(missing_ok=True)
 
@@ -240,46 +223,41 @@ def build_token_cache(
     """
     dtype = cache_dtype(tokenizer.vocab_size)
     bin_path, meta_path = prefix.with_suffix(".bin"), prefix.with_suffix(".json")
-    tmp = temporary(bin_path)
     digest = hashlib.sha256()
     n_tokens = n_words = n_lines = 0
     unknown_before = getattr(tokenizer, "unknown", 0)
-    try:
-        with open(tmp, "wb") as out:
-            head = np.array([tokenizer.boundary_id], dtype=dtype).tobytes()
-            out.write(head)
-            digest.update(head)
-            lines = iter_lines(source.path, source.start, source.stop)
-            while chunk := list(itertools.islice(lines, chunk_lines)):
-                ids = tokenizer.encode_lines(chunk)
-                array = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
-                data = array.tobytes()
-                out.write(data)
-                digest.update(data)
-                n_tokens += array.size
-                n_words += sum(words_in_line(line) for line in chunk)
-                n_lines += len(chunk)
-        meta = {
-            "format": CACHE_FORMAT,
-            "source": str(source.path),
-            "source_sha256": info.sha256,
-            "source_bytes": info.size,
-            "range": [source.start, source.stop],
-            "n_lines": n_lines,
-            "tokenizer": tokenizer.identity,
-            "dtype": dtype.name,
-            "n_tokens": n_tokens,
-            "n_words": n_words,
-            "n_unknown": getattr(tokenizer, "unknown", 0) - unknown_before,
-            "array_bytes": (n_tokens + 1) * dtype.itemsize,
-            "array_sha256": digest.hexdigest(),
-        }
-        meta_path.unlink(missing_ok=True)
-        tmp.replace(bin_path)
-        write_json(meta_path, meta)
-        return meta
-    finally:
-        tmp.unlink(missing_ok=True)
+    meta_path.unlink(missing_ok=True)  # the old metadata never describes a new array
+    with atomic_open(bin_path) as out:
+        head = np.array([tokenizer.boundary_id], dtype=dtype).tobytes()
+        out.write(head)
+        digest.update(head)
+        lines = iter_lines(source.path, source.start, source.stop)
+        while chunk := list(itertools.islice(lines, chunk_lines)):
+            ids = tokenizer.encode_lines(chunk)
+            array = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
+            data = array.tobytes()
+            out.write(data)
+            digest.update(data)
+            n_tokens += array.size
+            n_words += sum(words_in_line(line) for line in chunk)
+            n_lines += len(chunk)
+    meta = {
+        "format": CACHE_FORMAT,
+        "source": str(source.path),
+        "source_sha256": info.sha256,
+        "source_bytes": info.size,
+        "range": [source.start, source.stop],
+        "n_lines": n_lines,
+        "tokenizer": tokenizer.identity,
+        "dtype": dtype.name,
+        "n_tokens": n_tokens,
+        "n_words": n_words,
+        "n_unknown": getattr(tokenizer, "unknown", 0) - unknown_before,
+        "array_bytes": (n_tokens + 1) * dtype.itemsize,
+        "array_sha256": digest.hexdigest(),
+    }
+    atomic_write_json(meta_path, meta, sort_keys=True)
+    return meta
 
 
 def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | None:
@@ -287,8 +265,14 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
 
     The array's size is always checked; its SHA-256 too with ``check_array``.
     """
-    meta = read_json(prefix.with_suffix(".json"))
-    bin_path = prefix.with_suffix(".bin")
+    meta_path, bin_path = prefix.with_suffix(".json"), prefix.with_suffix(".bin")
+    for path in (meta_path, bin_path):
+        if path.exists() and not path.is_file():
+            raise DataError(
+                f"the token cache path {path} is a {'folder' if path.is_dir() else 'special file'}, not a file; it "
+                "was not made by this code, so it is left alone. Move it away, or point data.cache_dir elsewhere."
+            )
+    meta = read_json(meta_path)
     if meta is None or not bin_path.is_file():
         return "it does not exist yet"
     for key, value in expected.items():
@@ -297,7 +281,17 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
     size = bin_path.stat().st_size
     if size != meta.get("array_bytes"):
         return f"its token file has {size} bytes instead of the recorded {meta.get('array_bytes')} (truncated?)"
-    if check_array and sha256_file(bin_path) != meta.get("array_sha256"):
+    try:
+        itemsize = np.dtype(meta.get("dtype")).itemsize if meta.get("dtype") in ("uint16", "uint32") else None
+        counted = (int(meta["n_tokens"]) + 1) * itemsize if itemsize else None
+    except (KeyError, TypeError, ValueError):
+        counted = None
+    if counted != size:
+        return (
+            f"its recorded dtype {meta.get('dtype')!r} x {meta.get('n_tokens')!r} tokens (+1) does not make the "
+            f"{size} bytes of its token file (the metadata was edited)"
+        )
+    if check_array and file_digest(bin_path) != meta.get("array_sha256"):
         return "its token file's SHA-256 differs from the recorded one (modified or damaged)"
     return None
 
@@ -463,9 +457,12 @@ class WikiText(L.LightningDataModule):
             raise ConfigError(f"data.split_test_for_val={split_test_for_val} must lie strictly between 0 and 1.")
         if split_test_for_val is None and val_file is None:
             raise ConfigError("data.val_file is null: name a validation file or set data.split_test_for_val.")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if value < 1:
-                raise ConfigError(f"data.{name}={value} must be at least 1.")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(
+                f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size)."
+            )
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
         self.save_hyperparameters()
@@ -481,7 +478,7 @@ class WikiText(L.LightningDataModule):
         self.seq_len = seq_len
         self.eval_stride = eval_stride or seq_len
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.verify = verify
@@ -605,7 +602,8 @@ class WikiText(L.LightningDataModule):
             )
         vocab_path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(vocab_path)
-        write_json(meta_path, {**expected, "n_types": tokenizer.vocab_size, "tokenizer": tokenizer.identity})
+        atomic_write_json(meta_path, {**expected, "n_types": tokenizer.vocab_size, "tokenizer": tokenizer.identity},
+                          sort_keys=True)
 
     def load_tokenizer(self) -> Tokenizer:
         """The tokenizer: GPT-2 BPE, or the word vocabulary that :meth:`prepare_data` built."""
@@ -641,9 +639,8 @@ class WikiText(L.LightningDataModule):
         self.check_files(tuple(dict.fromkeys((*splits, "train") if word else splits)))
         try:
             self.token_dir.mkdir(parents=True, exist_ok=True)
-            probe = temporary(self.token_dir / "write-test")
-            probe.write_bytes(b"")
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=self.token_dir):
+                pass
         except OSError as error:
             raise DataError(
                 f"cannot write token caches to {self.token_dir} ({error}); set data.cache_dir to a writable folder."
@@ -678,6 +675,7 @@ class WikiText(L.LightningDataModule):
         }
         if tokenizer is not None:
             expected["tokenizer"] = tokenizer.identity
+            expected["dtype"] = cache_dtype(tokenizer.vocab_size).name
         if info is not None:
             expected["source_sha256"] = info.sha256
         return expected

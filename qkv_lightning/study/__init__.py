@@ -19,9 +19,25 @@ import jsonargparse
 import yaml
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.study.config import Cell, StudyConfig, Variant, cells, expand_grid
-from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
-from qkv_lightning.study.runner import cell_spec, check_variants, is_finished, read_result, run_cells
+from qkv_lightning.study.config import Cell, StudyConfig, cells, expand_grid
+from qkv_lightning.study.report import (
+    equivalence_table,
+    plot_summary,
+    summarize,
+    summary_table,
+    write_results_csv,
+    write_summary,
+)
+from qkv_lightning.study.runner import (
+    cell_spec,
+    check_stored_results,
+    check_variants,
+    is_finished,
+    read_result,
+    run_cells,
+)
+from qkv_lightning.study.safety import check_no_survivors, check_output, study_lock, write_marker
+from qkv_lightning.variants import Variant
 
 __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
 
@@ -41,14 +57,32 @@ def run_study(
     Returns:
         The summary (as written to summary.json), plus ``ran`` and ``skipped`` cell counts.
     """
+    check_output(study_dir, config.task)  # a file, an unwritable or a foreign folder: before anything is written
     variants, notes = expand_grid(config)
     check_variants(config, variants)  # an impossible cell is an error before anything runs or is written
     for note in notes:
         echo(f"study: {note}")
-    study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / "study.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     grid = cells(config)
     specs = [cell_spec(config, study_dir, cell) for cell in grid]
+    check_stored_results(specs)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(study_dir, config.task)
+    with study_lock(study_dir):
+        check_no_survivors([Path(s["dir"]) for s in specs])
+        return _run_locked(config, study_dir, variants, grid, specs, echo, title)
+
+
+def _run_locked(
+    config: StudyConfig,
+    study_dir: Path,
+    variants: list,
+    grid: list,
+    specs: list[dict],
+    echo: Callable[[str], None],
+    title: str | None,
+) -> dict:
+    """The part of :func:`run_study` that runs under the study folder's lock."""
+    (study_dir / "study.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     pending = [s for s in specs if not is_finished(read_result(Path(s["dir"])), s, config.retry_failed)]
     echo(
         f"study: {len(variants)} variants x {len(config.seeds)} seeds = {len(grid)} runs of {config.task} -> "
@@ -103,7 +137,7 @@ def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
     try:
         namespace = parser.parse_args(list(argv))
     except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
-        from qkv_lightning.cli import explain_config_error
+        from qkv_lightning.hints import explain_config_error
 
         vocabulary = {f.name for f in fields(StudyConfig)} | {"config"}
         raise ConfigError(f"study settings: {explain_config_error(str(error), vocabulary)}") from None
@@ -131,9 +165,21 @@ def main(argv: Sequence[str]) -> int:
     print()
     print(summary_table(summary))
     print()
+    equivalence = equivalence_table(summary)
+    if equivalence:
+        print(equivalence)
+        print()
+        print(
+            f"verdict: equivalent * = within the margin (TOST, Holm, p < {config.alpha}); worse * / better * = "
+            f"significant difference after Holm correction; inconclusive = neither."
+        )
+    else:
+        print(
+            f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
+            "significant difference, which is not evidence of none (set --equivalence_margin to test for that)."
+        )
     print(
-        f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
-        f"significant difference. Written: {study_dir}/summary.md, summary.json, results.csv, summary.png; "
+        f"Written: {study_dir}/summary.md, summary.json, results.csv, summary.png; "
         f"TensorBoard: tensorboard --logdir {study_dir}"
     )
     return 0

@@ -16,12 +16,13 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
+from qkv_lightning.files import atomic_write_json
 from qkv_lightning.study.config import Cell, StudyConfig, fingerprint
+from qkv_lightning.study.safety import PARENT_ENV, check_no_survivors, claim_cell, release_cell
 
 RESULT_FILE = "result.json"
 """Written into a cell's directory when the cell has finished (ok or failed); its absence marks a half-finished run."""
@@ -37,7 +38,8 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
     return {
         "key": cell.key,
         "label": cell.variant.label,
-        "variant": asdict(cell.variant),
+        "attention": cell.variant.attention_settings(),
+        "row": cell.variant.as_row(),
         "seed": cell.seed,
         "task": str(Path(config.task).resolve()),
         "task_name": config.task,
@@ -63,12 +65,9 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     import importlib
     from argparse import ArgumentError
 
-    from qkv_lightning.cli import QKVLightningCLI, explain_config_error
+    from qkv_lightning.cli import QKVLightningCLI
     from qkv_lightning.errors import ConfigError, QKVError
-
-    class ParseOnly(QKVLightningCLI):
-        def instantiate_classes(self) -> None:  # the cells instantiate; here only the config is read
-            pass
+    from qkv_lightning.hints import explain_config_error
 
     def build(section: dict) -> object:
         module_name, _, class_name = section["class_path"].rpartition(".")
@@ -76,7 +75,8 @@ def check_variants(config: StudyConfig, variants: list) -> None:
 
     where = f"study.task={config.task}" + (f" with study.overrides={config.overrides}" if config.overrides else "")
     try:
-        parsed = ParseOnly(args=["--config", str(config.task), *config.overrides], run=False).config.as_dict()
+        # the cells instantiate; here only the config is read
+        parsed = QKVLightningCLI.parse_only(["--config", str(config.task), *config.overrides]).as_dict()
     except QKVError as error:
         raise ConfigError(f"{where}: {error}") from None
     except (ArgumentError, ValueError) as error:  # jsonargparse reports bad keys and values as ArgumentError
@@ -84,7 +84,7 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     for variant in variants:
         model_config = dict(parsed["model"])
         init_args = dict(model_config.get("init_args") or {})
-        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention()}
+        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention_settings()}
         try:
             model = build({**model_config, "init_args": init_args})
             datamodule = build(parsed["data"])
@@ -106,12 +106,66 @@ def read_result(directory: Path) -> dict | None:
         return None
 
 
+RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "variant": (str,),
+    "seed": (int,),
+    "status": (str,),
+    "metrics": (dict,),
+    "fingerprint": (str,),
+    "error": (str,),
+    "params": (int, type(None)),
+    "attn_params": (int, type(None)),
+    "kv_cache_bytes_per_token": (int, type(None)),
+    "steps": (int, type(None)),
+    "wall_s": (int, float, type(None)),
+    "cpu_s": (int, float, type(None)),
+}
+"""The fields of ``result.json`` that the report reads, and their types."""
+
+
+def result_problem(result: object, spec: dict) -> str | None:
+    """What is wrong with a stored result of the cell ``spec`` (as this code never writes it), or None."""
+    if not isinstance(result, dict):
+        return f"it holds a JSON {type(result).__name__}, not a mapping"
+    for name, types in RESULT_FIELDS.items():
+        value = result.get(name)
+        if name not in result or not isinstance(value, types) or isinstance(value, bool):
+            return f"its field {name!r} is {value!r}, not {' or '.join(t.__name__ for t in types)}"
+    if result["status"] not in ("ok", "failed"):
+        return f"its status is {result['status']!r}, not 'ok' or 'failed'"
+    bad = {k: v for k, v in result["metrics"].items() if isinstance(v, bool) or not isinstance(v, int | float)}
+    if bad:
+        return f"its metrics {bad} are not numbers"
+    if result["variant"] != spec["label"] or result["seed"] != spec["seed"]:
+        found, wanted = f"{result['variant']} seed {result['seed']}", f"{spec['label']} seed {spec['seed']}"
+        return f"it is the result of {found}, not of {wanted}"
+    return None
+
+
+def check_stored_results(specs: list[dict]) -> None:
+    """Every stored ``result.json`` of the grid is as this code writes it (an unreadable one is redone).
+
+    Raises:
+        DataError: naming the file, what is wrong, and how to redo the cell.
+    """
+    from qkv_lightning.errors import DataError
+
+    for spec in specs:
+        path = Path(spec["dir"]) / RESULT_FILE
+        result = read_result(path.parent)
+        if result is None:
+            continue
+        problem = result_problem(result, spec)
+        if problem is not None:
+            raise DataError(
+                f"the study result {path} was edited or damaged: {problem}. Delete it (the cell is then run again) "
+                "or restore it; nothing was run."
+            )
+
+
 def write_result(directory: Path, result: dict) -> None:
     """Write ``result.json`` atomically, so that an interrupted write never looks like a finished cell."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
-    os.replace(tmp, directory / RESULT_FILE)
+    atomic_write_json(directory / RESULT_FILE, result, default=_json_default)
 
 
 def _json_default(value: object) -> object:
@@ -139,7 +193,7 @@ def cell_overrides(spec: dict) -> dict:
         trainer.update(enable_progress_bar=False, enable_model_summary=False)
     return {
         "seed_everything": spec["seed"],
-        "model": {"init_args": {"attention": dict(spec["variant"])}},
+        "model": {"init_args": {"attention": dict(spec["attention"])}},
         "trainer": trainer,
     }
 
@@ -196,13 +250,9 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
     logger = getattr(trainer, "logger", None)
     if not isinstance(logger, TensorBoardLogger):
         return
-    variant = spec["variant"]
-    params = {
-        "variant": spec["label"],
-        "sharing": variant["sharing"],
-        "n_kv_heads": "all" if variant["n_kv_heads"] is None else str(variant["n_kv_heads"]),
-        "score_encoding": str(variant["score_encoding"]).lower(),
-        "mask_self": str(variant["mask_self"]).lower(),
+    params = {  # the variant's columns as text: null K/V heads are "all", booleans "true" / "false"
+        **{key: "all" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+           for key, value in spec["row"].items()},
         "seed": spec["seed"],
         "task": spec["task_name"],
         "status": result["status"],
@@ -220,10 +270,8 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
 
 def blank_result(spec: dict) -> dict:
     """A cell's result before it has run: identity filled in, status failed, no metrics."""
-    variant = spec["variant"]
     return {
-        "variant": spec["label"],
-        **{key: variant[key] for key in ("sharing", "n_kv_heads", "score_encoding", "mask_self")},
+        **spec["row"],
         "seed": spec["seed"],
         "status": "failed",
         "metrics": {},
@@ -250,9 +298,11 @@ def run_cell(spec: dict) -> dict:
     from qkv_lightning.cli import QKVLightningCLI
 
     directory = Path(spec["dir"])
+    check_no_survivors([directory])
     if directory.exists():
-        shutil.rmtree(directory)  # a half-finished or outdated run starts afresh
+        shutil.rmtree(directory)  # a half-finished or outdated run of this study starts afresh
     directory.mkdir(parents=True)
+    claim_cell(directory)
     (directory / "cell.yaml").write_text(yaml.safe_dump(cell_overrides(spec), sort_keys=False))
     result = blank_result(spec)
     trainer = None
@@ -304,6 +354,7 @@ def run_cell(spec: dict) -> dict:
         with contextlib.suppress(OSError):
             (directory / "checkpoints").rmdir()
     write_result(directory, result)
+    release_cell(directory)
     return result
 
 
@@ -377,6 +428,7 @@ def run_in_workers(
 
     def start(slot: int) -> subprocess.Popen:
         env = dict(os.environ)
+        env[PARENT_ENV] = str(os.getpid())  # the worker dies with this process (see safety.die_with_parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_share(gpus, workers, slot))

@@ -13,6 +13,9 @@ import sys
 
 
 def main() -> int:
+    from qkv_lightning.study.safety import die_with_parent
+
+    die_with_parent()  # a study process killed with -9 leaves no worker behind
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints must not corrupt the answers
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torchmetrics import Metric
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
+from qkv_lightning.resume import differing_settings, weight_problems
 from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
 
 
@@ -41,13 +43,17 @@ class GenerationConfig:
     """Print each prompt and its continuation."""
 
     output_file: str | None = None
-    """Also write the generations as JSON lines to this file (a rank suffix is added with several processes)."""
+    """Also write the generations as JSON lines to this file (a rank suffix is added with several processes). An
+    existing file is an error unless ``overwrite`` is set; the checkpoint being read is never overwritten."""
+
+    overwrite: bool = False
+    """Replace an existing ``output_file`` (never the checkpoint being read)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ConfigError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 0.")
-        if self.temperature < 0:
-            raise ConfigError(f"generation.temperature={self.temperature} must be >= 0 (0 is greedy).")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # also NaN
+            raise ConfigError(f"generation.temperature={self.temperature} must be a finite number >= 0 (0 is greedy).")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"generation.top_k={self.top_k} must be at least 1 (or null for no limit).")
 
@@ -69,6 +75,17 @@ class SummedLoss(Metric):
 
     def compute(self) -> tuple[Tensor, Tensor]:
         return self.total, self.count
+
+
+def check_same_vocabulary(expected: dict, actual: dict, subject: str) -> None:
+    """Raise a :class:`CheckpointError` if two data specs differ in tokenizer or vocabulary size (the token ids
+    would mean other words)."""
+    for key in ("tokenizer", "vocab_size"):
+        if key in expected and key in actual and expected[key] != actual[key]:
+            raise CheckpointError(
+                f"{subject} with {key}={expected[key]!r}, but the data gives {actual[key]!r}: use the data settings "
+                "of its training run (data.tokenizer, data.train_file, data.bpe_file)."
+            )
 
 
 class LanguageModel(TaskModule):
@@ -102,14 +119,13 @@ class LanguageModel(TaskModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
+            as_config(GPTConfig, network),
             attention=attention,
             optimizer=optimizer,
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
         )
-        self.network_config = as_config(GPTConfig, network)
-        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         self.generation_config = as_config(GenerationConfig, generation)
         # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
         # config and command line instead of the checkpoint
@@ -120,6 +136,8 @@ class LanguageModel(TaskModule):
         self.generated: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------- building
+    autoregressive = True
+
     def resolved_network_config(self, data_spec: dict) -> GPTConfig:
         """The network config with the data's vocabulary filled in, checked against the data."""
         config = self.network_config
@@ -157,13 +175,8 @@ class LanguageModel(TaskModule):
         if not hasattr(datamodule, "spec"):
             return
         live = datamodule.spec()
-        for key in ("tokenizer", "vocab_size"):
-            if key in live and key in self.data_spec and live[key] != self.data_spec[key]:
-                raise CheckpointError(
-                    f"the model was made for data with {key}={self.data_spec[key]!r} (model.data_spec, or the "
-                    f"checkpoint's), but the data gives {live[key]!r}: use the data settings of its training run "
-                    "(data.tokenizer, data.train_file, data.bpe_file)."
-                )
+        made_for = "the model was made for data (model.data_spec, or the checkpoint's)"
+        check_same_vocabulary(self.data_spec, live, made_for)
         if stage == "predict":  # prompts are cropped to the model's positions; the data's seq_len does not matter
             return
         if "seq_len" in live and self.data_spec.get("seq_len") != live["seq_len"]:
@@ -173,6 +186,13 @@ class LanguageModel(TaskModule):
 
     def build_network(self, data_spec: dict) -> GPT:
         return GPT(self.resolved_network_config(data_spec), self.attention_config)
+
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random token ids and targets, (B, T) each, T the data's ``seq_len`` (or the model's positions)."""
+        t = self.cost().tokens_per_sample  # (raises a ConfigError without the data's spec)
+        vocab = self.data_spec.get("vocab_size") or self.resolved_network_config(self.data_spec).vocab_size
+        inputs = torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
+        return inputs, torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
 
     # ------------------------------------------------------------------------------------------------- training
     def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -198,35 +218,24 @@ class LanguageModel(TaskModule):
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         self.check_checkpoint(checkpoint)
 
+    def check_checkpoint_data(self, saved_spec: dict, source: str) -> None:
+        """The checkpoint's tokenizer and vocabulary must be the data's (``data_spec``, from the config or the data)."""
+        check_same_vocabulary(saved_spec, self.data_spec or {}, f"{source} was trained")
+
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Explain a checkpoint that does not fit this model or data, instead of a bare state-dict error."""
-        saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
-        current = self.data_spec or {}
-        for key in ("tokenizer", "vocab_size"):
-            if key in saved and key in current and saved[key] != current[key]:
-                raise CheckpointError(
-                    f"the checkpoint was trained with {key}={saved[key]!r}, but the data now gives {current[key]!r}: "
-                    "use the data settings of its training run (data.tokenizer, data.train_file, data.bpe_file)."
-                )
+        """Explain a checkpoint that does not fit this model or data, instead of a bare state-dict error (for loads
+        that do not pass the CLI's checks, e.g. ``load_from_checkpoint`` in a script)."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        self.check_checkpoint_data(hparams.get("data_spec") or {}, "the checkpoint")
         trainer = self._trainer
         wrapped = trainer is not None and trainer.strategy.restore_checkpoint_after_setup
         if wrapped or self.network is None or "state_dict" not in checkpoint:
             return  # sharded strategies load their own layout
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-        problems = [f"{k} missing" for k in expected if k not in found]
-        problems += [f"{k} unexpected" for k in found if k not in expected]
-        problems += [f"{k} {found[k]} vs {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+        problems = weight_problems(expected, found)
         if problems:
-            saved_net = (checkpoint.get("hyper_parameters") or {}).get("network") or {}
-            saved_att = (checkpoint.get("hyper_parameters") or {}).get("attention") or {}
-            now = self.hparams
-            differ = [
-                f"{group}.{k}: checkpoint {v!r}, config {now[group].get(k)!r}"
-                for group, values in (("network", saved_net), ("attention", saved_att))
-                for k, v in values.items()
-                if k in now.get(group, {}) and now[group].get(k) != v and k != "vocab_size"
-            ]
+            differ = [d for d in differing_settings(hparams, dict(self.hparams)) if not d.startswith("network.vocab")]
             raise CheckpointError(
                 f"the checkpoint's weights do not fit the configured model ({'; '.join(problems[:5])}"
                 f"{' ...' if len(problems) > 5 else ''}). Use the model settings it was trained with"
@@ -292,18 +301,55 @@ class LanguageModel(TaskModule):
         self.generated.extend(results)
         return results
 
+    def output_paths(self, world_size: int) -> list[Path]:
+        """The files ``predict`` writes: ``output_file``, or one per rank (``<stem>.rank<k><suffix>``)."""
+        path = self.generation_config.output_file
+        if not path:
+            return []
+        path = Path(path).expanduser()
+        if world_size <= 1:
+            return [path]
+        return [path.with_name(f"{path.stem}.rank{rank}{path.suffix}") for rank in range(world_size)]
+
+    def check_output_file(self, ckpt_path: str | None, world_size: int = 1, rank: int | None = None) -> None:
+        """Refuse a ``generation.output_file`` that is a folder, the checkpoint being read (or lies in it), or an
+        existing file without ``generation.overwrite``; checked before anything is generated.
+
+        Raises:
+            ConfigError: naming the file and the setting.
+        """
+        paths = self.output_paths(world_size)
+        if rank is not None and paths:
+            paths = [paths[rank if world_size > 1 else 0]]
+        checkpoint = Path(ckpt_path).expanduser().resolve() if ckpt_path and "://" not in str(ckpt_path) else None
+        for path in paths:
+            resolved = path.resolve()
+            if checkpoint is not None and (resolved == checkpoint or checkpoint in resolved.parents):
+                raise ConfigError(
+                    f"model.generation.output_file={path} is the checkpoint being read (ckpt_path={ckpt_path}); "
+                    "name another file: the checkpoint is never overwritten, not even with generation.overwrite."
+                )
+            if path.is_dir():
+                raise ConfigError(f"model.generation.output_file={path} is a folder; name a file to write into.")
+            if path.exists() and not self.generation_config.overwrite:
+                raise ConfigError(
+                    f"model.generation.output_file={path} exists already; name another file, or set "
+                    "--model.generation.overwrite true to replace it. Nothing was generated."
+                )
+
+    def on_predict_start(self) -> None:
+        self.check_output_file(self.trainer.ckpt_path, self.trainer.world_size, self.trainer.global_rank)
+
     def on_predict_epoch_start(self) -> None:
         self.generated = []
 
     def on_predict_epoch_end(self) -> None:
-        path = self.generation_config.output_file
-        if not path:
+        paths = self.output_paths(self.trainer.world_size)
+        if not paths:
             return
-        path = Path(path)
-        if self.trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{self.trainer.global_rank}{path.suffix}")
+        path = paths[self.trainer.global_rank if len(paths) > 1 else 0]
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, "w" if self.generation_config.overwrite else "x", encoding="utf-8") as f:
             for result in self.generated:
                 f.write(json.dumps(result) + "\n")
         rank_zero_info(f"wrote {len(self.generated)} generations to {path}")

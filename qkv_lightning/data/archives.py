@@ -1,0 +1,230 @@
+"""The one safe way data archives are unpacked: tar (plain or compressed), zip and single gzip files.
+
+Every member is checked before anything is written: only regular files and folders are extracted (no symbolic or
+hard links, devices or FIFOs), member names may not be absolute or climb out of the target (``..``), files are
+created fresh (never through an existing link), their total size is capped, and permissions follow the user's umask
+(no set-uid bits, no modes taken from the archive). An official archive's MD5 is checked before it is opened
+(:func:`check_md5`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import posixpath
+import shutil
+import tarfile
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+from qkv_lightning.errors import DataError
+from qkv_lightning.files import atomic_open, file_digest
+
+MAX_EXTRACTED_BYTES = 64 << 30
+"""Default cap on the bytes one archive may unpack to (64 GiB: ImageNet's training tree is about 140 GB in several
+archives of at most 64 GB each); more is refused as a likely archive bomb."""
+
+CHUNK = 1 << 20
+
+
+def check_md5(path: str | os.PathLike, expected: str, what: str, setting: str) -> None:
+    """Refuse an archive whose MD5 is not the official one, before it is opened.
+
+    Args:
+        path: the archive.
+        expected: the official MD5.
+        what: what the archive should be, for the message (e.g. "the official CIFAR-10 archive").
+        setting: the setting that bypasses the check, for the message.
+
+    Raises:
+        DataError: naming the file, both checksums and the setting.
+    """
+    found = file_digest(path, "md5")
+    if found != expected:
+        raise DataError(
+            f"{path} has MD5 {found}, not the {expected} of {what}: it is damaged or modified, so it is not "
+            f"extracted. Delete it and download it again, or set {setting} to use it as it is."
+        )
+
+
+def _safe_name(name: str, archive: str | os.PathLike) -> str | None:
+    """The member's path relative to the target, normalised; None for the archive's root itself.
+
+    Raises:
+        DataError: for an absolute name or one that leaves the target.
+    """
+    text = name.replace("\\", "/")
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        raise DataError(f"refusing to extract {archive}: its member {name!r} has an absolute path.")
+    normal = posixpath.normpath(text)
+    if normal == "." or normal == "":
+        return None
+    if normal == ".." or normal.startswith("../") or "\x00" in normal:
+        raise DataError(f"refusing to extract {archive}: its member {name!r} points outside the target folder.")
+    return normal
+
+
+def _check_total(total: int, limit: int, archive: str | os.PathLike) -> None:
+    if total > limit:
+        raise DataError(
+            f"refusing to extract {archive}: it unpacks to more than {limit:,} bytes (the cap of one archive), which "
+            "a data archive of this kind does not need; it may be an archive bomb. Check the file."
+        )
+
+
+def _write_member(source: Iterable[bytes], target: Path, written: list[int], limit: int, archive: str) -> None:
+    """Write a fresh file (``O_EXCL``: never through an existing file or link), counting bytes against ``limit``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as out:
+        _copy_capped(source, out, written, limit, archive)
+
+
+def _copy_capped(source: Iterable[bytes], out: IO[bytes], written: list[int], limit: int, archive: str) -> None:
+    """Copy chunks into ``out``, counting the bytes of the whole extraction against ``limit``."""
+    for chunk in source:
+        written[0] += len(chunk)
+        _check_total(written[0], limit, archive)
+        out.write(chunk)
+
+
+def _chunks(stream: object) -> Iterator[bytes]:
+    while chunk := stream.read(CHUNK):  # type: ignore[attr-defined]
+        yield chunk
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """``folder / relative``, checked to stay inside ``folder`` once links on the way are resolved."""
+    target = folder / relative
+    if not target.parent.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"refusing to extract into {target}: a folder on its way leads outside {folder}.")
+    return target
+
+
+def extract_archive(
+    archive: str | os.PathLike, destination: str | os.PathLike, max_bytes: int = MAX_EXTRACTED_BYTES
+) -> list[str]:
+    """Extract a ``.tar``/``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz`` or ``.zip`` archive into ``destination``.
+
+    Every member is checked first (names, types, total size); then regular files are written fresh and folders
+    created, all with the user's umask. Files that exist already are an error, never overwritten.
+
+    Returns:
+        The extracted member names (normalised, relative to ``destination``).
+
+    Raises:
+        DataError: for an unreadable archive, a member with an absolute name or one leaving ``destination``, a link,
+            device or other special member, more than ``max_bytes`` of content, or a file that already exists.
+    """
+    archive = str(archive)
+    folder = Path(destination)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [0]
+    names: list[str] = []
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zipped:
+                members = zipped.infolist()
+                _check_total(sum(m.file_size for m in members), max_bytes, archive)
+                plan = []
+                for member in members:
+                    name = _safe_name(member.filename, archive)
+                    mode = (member.external_attr >> 16) & 0o170000
+                    if mode and mode not in (0o100000, 0o040000):  # a symlink or a special file
+                        raise DataError(
+                            f"refusing to extract {archive}: its member {member.filename!r} is a link or a special "
+                            "file; a data archive holds only files and folders."
+                        )
+                    if name is not None:
+                        plan.append((member, name))
+                for member, name in plan:
+                    target = _inside(folder, name)
+                    if member.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    with zipped.open(member) as src:
+                        _write_member(_chunks(src), target, written, max_bytes, archive)
+                    names.append(name)
+            return names
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            _check_total(sum(m.size for m in members if m.isfile()), max_bytes, archive)
+            plan = []
+            for member in members:
+                name = _safe_name(member.name, archive)
+                if not (member.isfile() or member.isdir()):
+                    kind = "link" if member.issym() or member.islnk() else "special file"
+                    raise DataError(
+                        f"refusing to extract {archive}: its member {member.name!r} is a {kind}; a data archive holds "
+                        "only files and folders (a link could make later members land outside the target)."
+                    )
+                if name is not None:
+                    plan.append((member, name))
+            for member, name in plan:
+                target = _inside(folder, name)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                src = tar.extractfile(member)
+                if src is None:
+                    raise DataError(f"cannot read the member {member.name!r} of {archive}.")
+                with src:
+                    _write_member(_chunks(src), target, written, max_bytes, archive)
+                names.append(name)
+        return names
+    except FileExistsError as error:
+        raise DataError(
+            f"refusing to extract {archive}: {error.filename} exists already (a member is repeated, or the target "
+            "folder is not empty); nothing is overwritten."
+        ) from None
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, gzip.BadGzipFile, OSError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(
+            f"cannot extract {archive} ({type(error).__name__}: {error}): the archive is truncated or corrupted. "
+            "Delete it and download it again."
+        ) from None
+
+
+def extract_zip_members(
+    archive: str | os.PathLike, members: dict[str, Path], max_bytes: int = MAX_EXTRACTED_BYTES
+) -> None:
+    """Extract the named members of a zip archive, each to its own path (written to a temporary name, then renamed).
+
+    Args:
+        archive: the zip file.
+        members: member name -> destination file.
+        max_bytes: cap on the bytes written in all.
+    """
+    written = [0]
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            _check_total(sum(zipped.getinfo(name).file_size for name in members), max_bytes, str(archive))
+            for name, target in members.items():
+                with zipped.open(name) as src, atomic_open(target) as out:  # a fresh temporary file, then renamed
+                    _copy_capped(_chunks(src), out, written, max_bytes, str(archive))
+    except KeyError as error:
+        raise DataError(f"{archive} lacks the member {error}; it is not the official archive.") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise DataError(f"cannot extract {archive} ({type(error).__name__}: {error}); download it again.") from None
+
+
+def gunzip_file(source: str | os.PathLike, target: str | os.PathLike, max_bytes: int = MAX_EXTRACTED_BYTES) -> None:
+    """Un-gzip (or copy, if not ``.gz``) ``source`` to ``target`` through a temporary name, at most ``max_bytes``.
+
+    Raises:
+        DataError: the file is truncated or corrupted, or unpacks to more than ``max_bytes``.
+    """
+    source = str(source)
+    try:
+        with gzip.open(source) if source.endswith(".gz") else open(source, "rb") as src, atomic_open(target) as out:
+            _copy_capped(_chunks(src), out, [0], max_bytes, source)
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise DataError(f"cannot read {source}: {error}; the file is truncated or corrupted.") from None
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a folder this module's callers created (a scratch folder), ignoring errors."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""Every shipped fit config saves ``last.ckpt`` and resumes from it with ``fit --ckpt_path last`` (issue 13, item 8).
+
+Every config under configs/ that trains (it names a model and a data class) is parsed and instantiated through the
+real command line and must have a ModelCheckpoint with ``save_last``; one config of each kind (synthetic task,
+language model, ViT, the benchmark model) is also trained for two steps and resumed through the CLI at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from qkv_lightning.cli import QKVLightningCLI, main
+from tests.imagedata import write_cifar10
+from tests.lm_fixtures import write_wikitext
+from tests.run_fixtures import CONFIGS, QUIET, image_args, lm_args, synthetic_args
+
+
+def fit_configs() -> list[Path]:
+    found = []
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        config = yaml.safe_load(path.read_text()) or {}
+        if isinstance(config, dict) and "class_path" in (config.get("model") or {}) and "data" in config:
+            found.append(path)
+    return found
+
+
+FIT_CONFIGS = fit_configs()
+
+
+def test_the_walk_finds_every_kind_of_fit_config():
+    names = {str(p.relative_to(CONFIGS)) for p in FIT_CONFIGS}
+    assert {"synthetic/sort.yaml", "lm/wikitext2-offline.yaml", "vit/cifar10.yaml", "bench/gpt-mid.yaml"} <= names
+    assert len(names) >= 16 and not any(n.startswith(("variants/", "strategy/", "study/")) for n in names)
+
+
+class ParseOnly(QKVLightningCLI):
+    def before_instantiate_classes(self) -> None:  # nothing resolved or checked against files
+        pass
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=[str(p.relative_to(CONFIGS)) for p in FIT_CONFIGS])
+def test_every_fit_config_saves_last_ckpt(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = ParseOnly(args=["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                          "--trainer.strategy", "auto", "--trainer.precision", "32-true"], run=False)
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert any(c.save_last for c in checkpoints), f"{config}: no ModelCheckpoint(save_last=True)"
+
+
+class RecordStart(Callback):
+    """Writes the global step at which training starts (0 unless resumed) to ``out``.
+
+    Args:
+        out: the JSON file to write.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        Path(self.out).write_text(json.dumps({"start": trainer.global_step}))
+
+
+def without_run_yaml(args: list[str], config: Path) -> list[str]:
+    """A run_fixtures command line with its run config (and its callbacks) removed and ``config`` first."""
+    assert args[0] == args[2] == "--config"
+    return ["--config", str(config), *args[4:]]
+
+
+def tiny(name: str, folder: Path) -> list[str]:
+    if name.startswith("synthetic/"):
+        return without_run_yaml(synthetic_args(folder), CONFIGS / name)
+    if name.startswith(("lm/", "bench/")):
+        data = write_wikitext(folder / "wikitext")
+        return without_run_yaml(lm_args(folder, data), CONFIGS / name)
+    write_cifar10(str(folder / "cifar"))
+    return without_run_yaml(image_args(folder, folder / "cifar"), CONFIGS / name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["synthetic/sort.yaml", "bench/gpt-mid.yaml", "lm/wikitext2-offline.yaml",
+                                  "vit/cifar10.yaml"])
+def test_a_config_resumes_from_last_ckpt_through_the_cli(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "start.json"
+    common = [*tiny(name, tmp_path), *QUIET, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.val_check_interval", "2",
+              "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+              "--trainer.callbacks+=tests.test_configs_resume.RecordStart", "--trainer.callbacks.out", str(record)]
+    assert main(["fit", *common, "--trainer.max_steps", "2"]) == 0
+    (last,) = (tmp_path / "logs").rglob("last.ckpt")
+    assert json.loads(record.read_text())["start"] == 0
+    assert main(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
+    assert json.loads(record.read_text())["start"] == 2  # resumed at the saved step, not from scratch
+    assert list((tmp_path / "logs").rglob("last.ckpt")) == [last]  # into the same run

@@ -1,0 +1,185 @@
+"""A study never writes into a folder it did not make, never runs twice on one folder, leaves no worker behind when
+killed, and refuses results it did not write (issue 13, items 4, 6 and part of 12), with real folders and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qkv_lightning.cli import main
+from qkv_lightning.study.safety import LOCK, MARKER, OWNER, identity, process_start_time
+from tests.run_fixtures import snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def task_config(folder: Path, steps: int = 2) -> Path:
+    """A tiny synthetic task (one-layer encoder, 4-token lists)."""
+    config = {
+        "model": {"class_path": "qkv_lightning.tasks.sequence_tasks.SequenceTask",
+                  "init_args": {"network": {"n_layer": 1, "n_head": 2, "d_model": 8, "max_seq_len": 8},
+                                "optimizer": {"lr": 0.003, "warmup_steps": 1}}},
+        "data": {"class_path": "qkv_lightning.data.synthetic.SyntheticSequenceData",
+                 "init_args": {"task": "sub", "seq_len": 4, "train_size": 64, "val_size": 16, "test_size": 16,
+                               "batch_size": 16}},
+        "trainer": {"max_steps": steps, "max_epochs": -1, "accelerator": "cpu", "devices": 1,
+                    "log_every_n_steps": 1, "enable_checkpointing": False, "limit_val_batches": 1},
+    }
+    path = folder / f"task-{steps}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def study_args(task: Path, output: Path, *extra: str) -> list[str]:
+    return ["study", "--task", str(task), "--output", str(output), "--sharing", "[QKV]", "--seeds", "[0]",
+            "--workers", "0", *extra]
+
+
+# ------------------------------------------------------------------------------------------ item 4: foreign folders
+def test_a_folder_that_is_not_a_study_or_a_file_is_refused_and_left_alone(tmp_path, capsys):
+    task = task_config(tmp_path)
+    user = tmp_path / "my-results"
+    (user / "runs" / "QKV" / "seed0").mkdir(parents=True)
+    (user / "runs" / "QKV" / "seed0" / "notes.txt").write_text("hand-made")
+    (user / "results.csv").write_text("the user's table")
+    (user / "study.yaml").write_text("mine: true")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    before = snapshot(tmp_path)
+    for output, message in ((user, "is a folder that holds files but is not a study folder"),
+                            (a_file, "is a file, not a folder")):
+        capsys.readouterr()
+        assert main(study_args(task, output)) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("error: ") == 1, err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_study_of_another_task_is_refused_and_the_same_study_resumes(tmp_path, capsys):
+    task, other = task_config(tmp_path), task_config(tmp_path, steps=3)
+    out = tmp_path / "study"
+    assert main(study_args(task, out)) == 0
+    assert json.loads((out / MARKER).read_text())["task"] == str(task.resolve())
+    assert not (out / LOCK).exists() and not (out / "runs" / "QKV" / "seed0" / OWNER).exists()
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(study_args(other, out)) == 2
+    assert "holds a study of another task" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert main(study_args(task, out)) == 0  # the same study: resumed (nothing to run)
+    assert "1 already finished, 0 to run" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- item 6: locks, survivors, orphans
+def sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_live_lock_is_refused_a_stale_lock_is_taken_over_and_a_survivors_cell_is_left_alone(tmp_path, capsys):
+    task = task_config(tmp_path)
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({"task": str(task.resolve())}))
+    live = sleeper()
+    try:
+        owner = {**identity(), "pid": live.pid, "start": process_start_time(live.pid)}
+        (out / LOCK).write_text(json.dumps(owner))
+        assert main(study_args(task, out)) == 2
+        assert f"is in use by another study process (pid {live.pid})" in capsys.readouterr().err
+
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (out / LOCK).write_text(json.dumps({**identity(), "pid": dead.pid, "start": None}))  # left by kill -9
+        cell = out / "runs" / "QKV" / "seed0"
+        cell.mkdir(parents=True)
+        (cell / OWNER).write_text(json.dumps(owner))  # a worker of the killed study, still running this cell
+        (cell / "events.out.tfevents.1").write_text("the survivor's events")
+        before = snapshot(out)
+        assert main(study_args(task, out)) == 2
+        assert f"is still being run by process {live.pid}" in capsys.readouterr().err
+        after = snapshot(out)
+        assert {k: v for k, v in after.items() if k != LOCK} == {k: v for k, v in before.items() if k != LOCK}
+        assert not (out / LOCK).exists()  # the stale lock was taken over, then released
+    finally:
+        live.kill()
+        live.wait()
+    assert main(study_args(task, out)) == 0  # the survivor is gone: the cell is redone in a folder of its own
+    assert json.loads((out / "runs" / "QKV" / "seed0" / "result.json").read_text())["status"] == "ok"
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead
+        return stat.read().rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_two_studies_on_one_folder_and_kill_9_of_the_study_process(tmp_path):
+    """A second study is refused while the first runs; after ``kill -9`` of the first, its worker dies too, and the
+    next run takes the stale lock over and runs the cell again."""
+    slow_task = task_config(tmp_path, steps=100000)
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, str(ROOT / "cli.py")]
+    first_args = [*study_args(slow_task, out)[:-2], "--workers", "1", "--threads", "1"]
+    first = subprocess.Popen([*cli, *first_args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        owner_file = out / "runs" / "QKV" / "seed0" / OWNER
+        wait_for(owner_file.exists, 120, "the worker to start its cell")
+        worker = json.loads(owner_file.read_text())["pid"]
+        assert worker != first.pid and alive(worker)
+        second = subprocess.run([*cli, *study_args(slow_task, out)], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2 and f"in use by another study process (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        wait_for(lambda: not alive(worker), 10, f"the worker {worker} to die with its study process")
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    third = subprocess.run([*cli, *study_args(slow_task, out, "--overrides", "[--trainer.max_steps=2]")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert third.returncode == 0, third.stderr[-3000:]
+    result = json.loads((out / "runs" / "QKV" / "seed0" / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 2
+
+
+# ------------------------------------------------------------------------------- item 12: an edited result.json
+def test_an_edited_result_is_a_clear_error(tmp_path, capsys):
+    task = task_config(tmp_path)
+    out = tmp_path / "study"
+    assert main(study_args(task, out)) == 0
+    path = out / "runs" / "QKV" / "seed0" / "result.json"
+    result = json.loads(path.read_text())
+    result["metrics"]["test/acc"] = "0.99 (trust me)"
+    path.write_text(json.dumps(result))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(study_args(task, out)) == 2
+    err = capsys.readouterr().err
+    assert f"the study result {path} was edited or damaged" in err and "are not numbers" in err
+    assert "Traceback" not in err and snapshot(out) == before
