@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from qkv_lightning.errors import ConfigError, QKVError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig, Sharing
+from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig, Sharing, score_encoding_suffix
 from qkv_lightning.tasks.base import TaskModule
 
 
@@ -185,7 +185,7 @@ class Variant:
     @property
     def label(self) -> str:
         kv = self.attention.resolve_kv_heads(self.n_head)
-        name = self.attention.sharing + ("+score" if self.attention.score_encoding else "")
+        name = self.attention.sharing + score_encoding_suffix(self.attention.score_encoding)
         return name if kv == self.n_head else f"{name} kv={kv}"
 
 
