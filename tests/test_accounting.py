@@ -69,6 +69,7 @@ GPT_OPTIONS = {
                  "adaptive_div_value": 2.0},
     "score-rope": {"position": "rope", "score_encoding": True},
     "no-positions-default-mlp": {"position": "none", "d_mlp": None, "score_encoding": True},
+    "paper-rope": {"position": "rope", "score_encoding": "paper"},
 }
 
 
@@ -132,6 +133,7 @@ VIT_OPTIONS = {
     "cls-learned": {},
     "mean-sincos-no-bias": {"pool": "mean", "position": "sincos", "bias": False},
     "score": {"score_encoding": True, "position": "none"},
+    "paper": {"score_encoding": "paper", "position": "none"},
 }
 
 
@@ -162,7 +164,7 @@ def test_vit_closed_form_matches_the_built_model(variant, n_kv, option):
 
 # -------------------------------------------------------------------------------------------------------- encoder
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
-@pytest.mark.parametrize("score", [False, True])
+@pytest.mark.parametrize("score", [False, True, "paper"])
 def test_encoder_closed_form_matches_the_built_model(variant, n_kv, score):
     config = EncoderConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=10, num_classes=10,
                            position="rope" if score else "learned", bias=not score)

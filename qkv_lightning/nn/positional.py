@@ -164,6 +164,6 @@ class PaperScoreEncoding(nn.Module):
         """The additive bias ``P . w + b`` of shape (Tq, Tk), from the row and column terms (never building P)."""
         half = self.channels // 2
         dtype = self.weight.dtype
-        rows = sinusoid_channels(q_positions, half, self.base, dtype) @ self.weight[:half]  # (Tq,)
-        cols = sinusoid_channels(k_positions, self.channels - half, self.base, dtype) @ self.weight[half:]  # (Tk,)
-        return rows[:, None] + cols[None, :] + self.bias  # (Tq, Tk)
+        rows = sinusoid_channels(q_positions, half, self.base, dtype) @ self.weight[:half, None]  # (Tq, 1)
+        cols = sinusoid_channels(k_positions, self.channels - half, self.base, dtype) @ self.weight[half:, None]
+        return rows + cols.T + self.bias  # (Tq, 1) + (1, Tk) + (1,) -> (Tq, Tk)
