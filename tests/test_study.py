@@ -16,9 +16,10 @@ from qkv_lightning.cli import main as cli_main
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study import StudyConfig, parse_study_args, run_study
 from qkv_lightning.study import stats as S
-from qkv_lightning.study.config import Cell, Variant, cells, expand_grid
+from qkv_lightning.study.config import Cell, cells, expand_grid
 from qkv_lightning.study.report import RESULT_COLUMNS, TRAILING_COLUMNS
 from qkv_lightning.study.runner import cell_spec, gpu_share, is_finished
+from qkv_lightning.variants import Variant
 
 scipy_stats = pytest.importorskip("scipy.stats")
 scipy_special = pytest.importorskip("scipy.special")
@@ -177,7 +178,7 @@ def test_grid_leaves_out_query_sharing_with_fewer_kv_heads(tmp_path: Path) -> No
 def test_a_changed_setting_invalidates_a_finished_cell(tmp_path: Path) -> None:
     task = _task_config(tmp_path)
     config = StudyConfig(task=str(task), seeds=[0])
-    cell = Cell(Variant("QKV", None, False, False), 0)
+    cell = Cell(Variant("QKV", None), 0)
     spec = cell_spec(config, tmp_path, cell)
     done = {"status": "ok", "fingerprint": spec["fingerprint"]}
     assert is_finished(done, spec, retry_failed=True)

@@ -19,9 +19,10 @@ import jsonargparse
 import yaml
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.study.config import Cell, StudyConfig, Variant, cells, expand_grid
+from qkv_lightning.study.config import Cell, StudyConfig, cells, expand_grid
 from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
 from qkv_lightning.study.runner import cell_spec, check_variants, is_finished, read_result, run_cells
+from qkv_lightning.variants import Variant
 
 __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
 

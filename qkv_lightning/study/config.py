@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, Sharing
+from qkv_lightning.nn.attention import CANONICAL_VARIANTS
+from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers
 
 PREFERRED_METRICS = (
     "test/acc",
@@ -23,9 +23,6 @@ PREFERRED_METRICS = (
     "val/loss",
 )
 """Metrics summarised when ``study.metrics`` is null, in this order, as far as the task logs them."""
-
-Breaker = Literal["none", "score", "noself", "score+noself"]
-
 
 @dataclass
 class StudyConfig:
@@ -46,9 +43,9 @@ class StudyConfig:
     """K/V head counts to cross with the sharing variants (null: as many as query heads; 1: MQA). Variants that
     share Q with K or V are run with null only."""
 
-    breakers: list[Breaker] = field(default_factory=lambda: ["none"])
-    """Symmetry breakers to cross with the variants: none, score (the paper's '+' score encoding), noself (mask
-    each token's score with itself) or score+noself."""
+    breakers: list[str] = field(default_factory=lambda: [NO_BREAKER])
+    """Symmetry breakers to cross with the variants: none, or any of qkv_lightning.variants.BREAKERS joined by '+':
+    score (the paper's '+' score encoding), noself (mask each token's score with itself), score+noself."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Run seeds (seed_everything: initialisation and data order); the data set itself is fixed by the task
@@ -113,9 +110,13 @@ class StudyConfig:
             if n is not None and n < 1:
                 raise ConfigError(f"study.n_kv_heads contains {n}; use null or a count >= 1.")
         try:
-            self.sharing = [Sharing.parse(name).name for name in self.sharing]
+            self.sharing = [Variant(name).sharing for name in self.sharing]
         except ConfigError as error:
             raise ConfigError(f"study.sharing={self.sharing}: {error}") from None
+        try:
+            self.breakers = ["+".join(parse_breakers(name)) or NO_BREAKER for name in self.breakers]
+        except ConfigError as error:
+            raise ConfigError(f"study.breakers={self.breakers}: {error}") from None
         if not Path(self.task).is_file():
             raise ConfigError(
                 f"study.task={self.task!r}: no such fit config (looked in {os.getcwd()}); run from the project root "
@@ -139,31 +140,6 @@ class StudyConfig:
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One attention variant of the grid."""
-
-    sharing: str
-    n_kv_heads: int | None
-    score_encoding: bool
-    mask_self: bool
-
-    @property
-    def label(self) -> str:
-        """Name used in tables and directories, e.g. ``Q=K-V+score`` or ``Q-K=V_kv1``."""
-        label = self.sharing + ("+score" if self.score_encoding else "") + ("+noself" if self.mask_self else "")
-        return label if self.n_kv_heads is None else f"{label}_kv{self.n_kv_heads}"
-
-    def attention(self) -> dict:
-        """The ``model.init_args.attention`` settings of this variant."""
-        return {
-            "sharing": self.sharing,
-            "n_kv_heads": self.n_kv_heads,
-            "score_encoding": self.score_encoding,
-            "mask_self": self.mask_self,
-        }
-
-
-@dataclass(frozen=True)
 class Cell:
     """One run of the study: a variant and a seed."""
 
@@ -176,21 +152,9 @@ class Cell:
 
 
 def expand_grid(config: StudyConfig) -> tuple[list[Variant], list[str]]:
-    """The variants of ``config`` (sharing x n_kv_heads x breakers) and notes on the combinations left out."""
-    variants: list[Variant] = []
-    notes: list[str] = []
-    for sharing in config.sharing:
-        for n_kv in config.n_kv_heads:
-            for breaker in config.breakers:
-                variant = Variant(sharing, n_kv, "score" in breaker, "noself" in breaker)
-                if n_kv is not None and Sharing.parse(sharing).query_shared:
-                    notes.append(
-                        f"left out {variant.label}: {sharing} shares the query projection, so it needs as many K/V "
-                        "heads as query heads (it runs with n_kv_heads null)"
-                    )
-                    continue
-                if variant not in variants:
-                    variants.append(variant)
+    """The variants of ``config`` (sharing x n_kv_heads x breakers, :func:`qkv_lightning.variants.expand`) and notes
+    on the combinations left out."""
+    variants, notes = expand(config.sharing, config.n_kv_heads, config.breakers)
     labels = [v.label for v in variants]
     if config.baseline not in labels:
         raise ConfigError(
@@ -215,7 +179,7 @@ def fingerprint(config: StudyConfig, cell: Cell) -> str:
         "task": Path(config.task).read_text(),
         "override_files": [Path(path).read_text() for path in override_config_files(config.overrides)],
         "overrides": list(config.overrides),
-        "variant": asdict(cell.variant),
+        "variant": cell.variant.attention_settings(),
         "seed": cell.seed,
         "validate": config.validate,
         "test": config.test,

@@ -9,17 +9,10 @@ import math
 from pathlib import Path
 
 from qkv_lightning.study import stats
-from qkv_lightning.study.config import StudyConfig, Variant
+from qkv_lightning.study.config import StudyConfig
+from qkv_lightning.variants import Variant, row_columns
 
-RESULT_COLUMNS = [
-    "variant",
-    "sharing",
-    "n_kv_heads",
-    "score_encoding",
-    "mask_self",
-    "seed",
-    "status",
-]
+RESULT_COLUMNS = [*row_columns(), "seed", "status"]
 """The first columns of ``results.csv``; the final metrics (one column each, e.g. ``test/acc``) follow."""
 
 TRAILING_COLUMNS = [
@@ -80,11 +73,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         known = next((r for r in runs if r.get("params")), None)
         rows.append(
             {
-                "variant": variant.label,
-                "sharing": variant.sharing,
-                "n_kv_heads": variant.n_kv_heads,
-                "score_encoding": variant.score_encoding,
-                "mask_self": variant.mask_self,
+                **variant.as_row(),
                 "runs": len(runs),
                 "runs_ok": sum(r["status"] == "ok" for r in runs),
                 "params": known["params"] if known else None,

@@ -16,7 +16,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -37,7 +36,8 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
     return {
         "key": cell.key,
         "label": cell.variant.label,
-        "variant": asdict(cell.variant),
+        "attention": cell.variant.attention_settings(),
+        "row": cell.variant.as_row(),
         "seed": cell.seed,
         "task": str(Path(config.task).resolve()),
         "task_name": config.task,
@@ -84,7 +84,7 @@ def check_variants(config: StudyConfig, variants: list) -> None:
     for variant in variants:
         model_config = dict(parsed["model"])
         init_args = dict(model_config.get("init_args") or {})
-        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention()}
+        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention_settings()}
         try:
             model = build({**model_config, "init_args": init_args})
             datamodule = build(parsed["data"])
@@ -139,7 +139,7 @@ def cell_overrides(spec: dict) -> dict:
         trainer.update(enable_progress_bar=False, enable_model_summary=False)
     return {
         "seed_everything": spec["seed"],
-        "model": {"init_args": {"attention": dict(spec["variant"])}},
+        "model": {"init_args": {"attention": dict(spec["attention"])}},
         "trainer": trainer,
     }
 
@@ -196,13 +196,9 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
     logger = getattr(trainer, "logger", None)
     if not isinstance(logger, TensorBoardLogger):
         return
-    variant = spec["variant"]
-    params = {
-        "variant": spec["label"],
-        "sharing": variant["sharing"],
-        "n_kv_heads": "all" if variant["n_kv_heads"] is None else str(variant["n_kv_heads"]),
-        "score_encoding": str(variant["score_encoding"]).lower(),
-        "mask_self": str(variant["mask_self"]).lower(),
+    params = {  # the variant's columns as text: null K/V heads are "all", booleans "true" / "false"
+        **{key: "all" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+           for key, value in spec["row"].items()},
         "seed": spec["seed"],
         "task": spec["task_name"],
         "status": result["status"],
@@ -220,10 +216,8 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
 
 def blank_result(spec: dict) -> dict:
     """A cell's result before it has run: identity filled in, status failed, no metrics."""
-    variant = spec["variant"]
     return {
-        "variant": spec["label"],
-        **{key: variant[key] for key in ("sharing", "n_kv_heads", "score_encoding", "mask_self")},
+        **spec["row"],
         "seed": spec["seed"],
         "status": "failed",
         "metrics": {},
