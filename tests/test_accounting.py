@@ -261,10 +261,9 @@ def test_report_keeps_the_configs_symmetry_breakers_and_overrides(capsys, monkey
     scored = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--config",
                          "configs/variants/q=k=v+score.yaml", "--variants", "Q=K=V", "--model.network.n_layer", "3")
     assert [v["name"] for v in scored["variants"]] == ["Q=K=V+score"]
-    per_layer = 6 * 4 + 1  # the score encoding's linear map: 6 channels per frequency (4) plus a bias, per head
-    n_head = 4
+    per_layer = 10 + 1  # the paper's encoding: w (m = 10 channels) and b, one per layer, shared by the heads
     assert scored["variants"][0]["params_attention"] * 2 == plain["variants"][0]["params_attention"] * 3 + \
-        2 * 3 * per_layer * n_head
+        2 * 3 * per_layer
 
 
 def test_report_text_and_markdown_show_ratios(capsys, monkeypatch):
