@@ -31,13 +31,15 @@ TRAILING_COLUMNS = [
 def write_results_csv(results: list[dict], path: Path) -> list[str]:
     """One row per run (ok or failed); returns the columns written."""
     metric_names = sorted({name for result in results for name in result.get("metrics", {})})
-    columns = RESULT_COLUMNS + metric_names + TRAILING_COLUMNS
+    sweep_names = list(dict.fromkeys(name for result in results for name in result.get("sweep", {})))
+    columns = RESULT_COLUMNS[:-2] + sweep_names + RESULT_COLUMNS[-2:] + metric_names + TRAILING_COLUMNS
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for result in results:
             row = {key: result.get(key) for key in RESULT_COLUMNS + TRAILING_COLUMNS}
             row["n_kv_heads"] = "" if result.get("n_kv_heads") is None else result["n_kv_heads"]
+            row.update(result.get("sweep", {}))  # a sweep's task and axis values
             row.update(result.get("metrics", {}))
             writer.writerow({key: "" if value is None else value for key, value in row.items()})
     return columns
@@ -137,7 +139,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         next(row for row in rows if row["variant"] == base)["metrics"][metric]["verdict"] = "baseline"
 
     return {
-        "task": config.task,
+        "task": config.task if isinstance(config.task, str) else list(config.task),
         "overrides": list(config.overrides),
         "seeds": list(config.seeds),
         "baseline": base,
