@@ -222,9 +222,9 @@ def test_torch_initialisation_is_pytorchs_default_as_in_the_papers_code():
     network = SequenceEncoder(config, AttentionConfig(sharing="Q=K=V", score_encoding="paper"))
     qkv = network.trunk.blocks[0].attn.qkv
     bound = 1 / math.sqrt(64)  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
-    assert qkv.weight.abs().max() <= bound and qkv.weight.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert qkv.weight.abs().max() <= bound and qkv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
     assert qkv.bias.abs().max() <= bound and qkv.bias.abs().max() > bound / 2  # not zeroed as GPT-2's init does
-    assert network.position.weight.std() == pytest.approx(1.0, rel=0.05)  # nn.Embedding's N(0, 1)
+    assert network.position.weight.std().item() == pytest.approx(1.0, rel=0.05)  # nn.Embedding's N(0, 1)
     assert network.embed.weight.abs().max() <= 1 / math.sqrt(10)  # the paper's one-hot linear input layer
     assert network.trunk.blocks[1].mlp.proj.weight.abs().max() <= 1 / math.sqrt(256)  # fan_in 4 * d_model
     enc = network.trunk.blocks[0].attn.score_encoding
