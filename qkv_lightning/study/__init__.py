@@ -53,6 +53,9 @@ def run_study(
     (study_dir / "study.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     specs = [cell_spec(config, study_dir, cell) for cell in grid]
     pending = [s for s in specs if not is_finished(read_result(Path(s["dir"])), s, config.retry_failed)]
+    if not config.run:
+        echo(f"study: run=false: {len(pending)} of {len(specs)} cells not finished; the tables show the others")
+        pending = []
     groups = sorted({cell.group for cell in grid}, key=[cell.group for cell in grid].index)
     shape = f"{len(variants)} variants x {len(config.seeds)} seeds" + (
         f" x {len(groups)} task/axis settings" if config.is_sweep else ""

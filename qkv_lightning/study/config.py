@@ -99,6 +99,10 @@ class StudyConfig:
     keep_checkpoints: bool = False
     """Keep each cell's checkpoints (deleted after the run otherwise; metrics come from the final weights)."""
 
+    run: bool = True
+    """Run the pending cells; false runs nothing and writes the tables from the cells finished so far (the report of a
+    study that is still running or was stopped)."""
+
     retry_failed: bool = True
     """On re-runs, run failed cells again (finished ones are always skipped)."""
 
