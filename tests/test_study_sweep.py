@@ -92,9 +92,9 @@ def test_matched_cell_pairing_when_cells_fail(tmp_path: Path) -> None:
     assert keys == expected and len(keys) == 12 - 3
     summary = summarize_sweep(config, variants, results, groups=[])
     entry = summary["sweep"]["test/acc"]["Q=K=V"]
-    reference = scipy_stats.ttest_rel([values["Q=K=V", *k] for k in keys], [values["QKV", *k] for k in keys])
+    reference = scipy_stats.ttest_rel([values[("Q=K=V", *k)] for k in keys], [values[("QKV", *k)] for k in keys])
     assert entry["pairs"] == 9 and entry["p"] == pytest.approx(reference.pvalue, rel=1e-8)
-    assert entry["diff"] == pytest.approx(sum(values["Q=K=V", *k] - values["QKV", *k] for k in keys) / 9)
+    assert entry["diff"] == pytest.approx(sum(values[("Q=K=V", *k)] - values[("QKV", *k)] for k in keys) / 9)
     # the task columns average every finished cell of the variant (not only the matched ones)
     sub = [v for (label, group, seed), v in values.items() if label == "QKV" and group.startswith("sub")
            and (label, group, seed) not in failed]
@@ -150,7 +150,7 @@ def test_paper_sweep_configs_parse_to_the_papers_grid(monkeypatch: pytest.Monkey
     assert [v.label for v in expand_grid(full)[0]] == labels
     assert [Path(t).stem for t in full.task_paths] == ["reverse", "sort", "sub", "swap", "copy"]
     grid = cells(full)
-    # d_model {32, 64, 256} x n_layer {2, 4} x n_head {2, 4} x length {16, 64, 128} x seeds {0, 1, 2}, 5 tasks, 6 variants
+    # d_model {32, 64, 256} x n_layer {2, 4} x n_head {2, 4} x length {16, 64, 128} x 3 seeds x 5 tasks x 6 variants
     assert len(grid) == 3 * 2 * 2 * 3 * 3 * 5 * 6
     cpu, _ = parse_study_args(["--config", "configs/study/paper-synthetic-cpu.yaml"])
     assert [v.label for v in expand_grid(cpu)[0]] == labels

@@ -53,8 +53,8 @@ def run_study(
     (study_dir / "study.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     specs = [cell_spec(config, study_dir, cell) for cell in grid]
     pending = [s for s in specs if not is_finished(read_result(Path(s["dir"])), s, config.retry_failed)]
+    unfinished = len(pending)
     if not config.run:
-        echo(f"study: run=false: {len(pending)} of {len(specs)} cells not finished; the tables show the others")
         pending = []
     groups = sorted({cell.group for cell in grid}, key=[cell.group for cell in grid].index)
     shape = f"{len(variants)} variants x {len(config.seeds)} seeds" + (
@@ -63,8 +63,10 @@ def run_study(
     tasks = ", ".join(config.task_paths)
     echo(
         f"study: {shape} = {len(grid)} runs of {tasks}{f' ({len(skipped)} impossible skipped)' if skipped else ''} "
-        f"-> {study_dir} ({len(grid) - len(pending)} already finished, {len(pending)} to run)"
+        f"-> {study_dir} ({len(grid) - unfinished} already finished, {len(pending)} to run)"
     )
+    if not config.run:
+        echo(f"study: run=false: {unfinished} cells not finished are left out of the tables")
     primary = config.metrics[0] if config.metrics else None
     done = [0]
     start = time.perf_counter()
@@ -111,7 +113,7 @@ def run_study(
             plot_summary(summary, study_dir / "summary.png")
         except Exception as error:  # noqa: BLE001 - the tables are written; a plotting problem must not lose them
             echo(f"study: could not draw summary.png ({type(error).__name__}: {error})")
-    summary["ran"], summary["skipped"] = len(pending), len(grid) - len(pending)
+    summary["ran"], summary["skipped"] = len(pending), len(grid) - unfinished
     summary["impossible"] = skipped
     return summary
 
@@ -172,7 +174,8 @@ def main(argv: Sequence[str]) -> int:
     print()
     print(
         f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
-        f"significant difference. Written: {study_dir}/summary.md, summary.json, results.csv, summary.png; "
+        f"significant difference. Written: {study_dir}/summary.md, summary.json, results.csv, "
+        f"{'cells.md' if 'sweep' in summary else 'summary.png'}; "
         f"TensorBoard: tensorboard --logdir {study_dir}"
     )
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
