@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from qkv_lightning.errors import CheckpointError
+from qkv_lightning.files import atomic_open
 
 METADATA_FILE = "meta.pt"
 """Lightning's file with the non-tensor state inside a sharded checkpoint folder."""
@@ -47,20 +48,6 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / DCP_METADATA_FILE).is_file() and (path / METADATA_FILE).is_file()
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` into a temporary file in the destination folder, flush it to disk, then rename it over ``path``.
 
@@ -69,20 +56,8 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     ``ckpt_path="last"`` search cannot pick up a half-written file; a process killed while writing leaves one such
     file behind, which :func:`remove_stale_temporaries` deletes on the next save into that folder.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb", prefix=f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-") as file:
+        torch.save(obj, file)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

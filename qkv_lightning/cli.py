@@ -7,12 +7,7 @@ data are printed as one paragraph without a traceback; ``--debug`` shows the tra
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
-import inspect
-import pkgutil
-import re
 import sys
 import warnings
 from argparse import ArgumentError
@@ -23,13 +18,23 @@ from typing import Any
 import jsonargparse
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
+from qkv_lightning.hints import explain_config_error, register_parser
+from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten
+from qkv_lightning.resume import (
+    CheckpointInfo,
+    check_class,
+    check_fits,
+    is_local_file_or_folder,
+    read_checkpoint_info,
+    resolve_last,
+)
 from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -47,63 +52,6 @@ EXTRA_COMMANDS: dict[str, str] = {
 """Extra subcommands: name -> ``module:function`` taking the remaining arguments (a list of strings)."""
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a nested config into ``{"model.init_args.attention.sharing": "QKV", ...}`` with loggable values."""
-    if isinstance(config, jsonargparse.Namespace):
-        config = config.as_dict()
-    if isinstance(config, dict):
-        items: dict[str, Any] = {}
-        for key, value in config.items():
-            items.update(flatten(value, f"{prefix}{key}."))
-        return items
-    if isinstance(config, list | tuple):
-        if all(isinstance(v, int | float | str | bool) or v is None for v in config):
-            return {prefix[:-1]: str(list(config))}
-        items = {}
-        for i, value in enumerate(config):
-            items.update(flatten(value, f"{prefix}{i}."))
-        return items
-    if config is None or isinstance(config, int | float | str | bool):
-        return {prefix[:-1]: "null" if config is None else config}
-    return {prefix[:-1]: str(config)}
-
-
-class LoggedSaveConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` in the log directory (overwriting on re-runs) and records the whole config, optimiser
-    included, as hyper-parameters of every logger (TensorBoard's HParams tab).
-
-    Both are written when the stage starts running (first validation, training, test or predict batch loop), after
-    data and model setup and checkpoint restoring succeeded, so a command that fails before (bad data, a checkpoint
-    that does not fit) never overwrites the config of the run it was pointed at (``fit --ckpt_path last``).
-    """
-
-    _stage: str = "fit"
-
-    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        self._stage = stage
-
-    def _save_now(self, trainer: Trainer, pl_module: Any) -> None:
-        if not self.already_saved:
-            super().setup(trainer, pl_module, self._stage)
-
-    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._save_now(trainer, pl_module)
-
-    def on_validation_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._save_now(trainer, pl_module)
-
-    def on_test_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._save_now(trainer, pl_module)
-
-    def on_predict_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self._save_now(trainer, pl_module)
-
-    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        params = {k: v for k, v in flatten(self.config).items() if not k.startswith(("config", "__"))}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(params)
-
-
 class StrictArgumentParser(LightningArgumentParser):
     """Lightning's parser without argparse's abbreviations, also in the nested parsers of ``class_path`` settings:
     a mistyped option (``--model.init_args.attention.sharin``) is an error with a suggestion, not silently taken
@@ -112,38 +60,6 @@ class StrictArgumentParser(LightningArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
-
-
-class DeferredSummaryWriter:
-    """Stands in for a TensorBoard logger's ``SummaryWriter`` until something is written.
-
-    Lightning opens the writer, which creates an event file in the run's folder, before the data and the model are set
-    up. Deferring it keeps the folder of a run untouched by a command that fails during setup, e.g. ``fit --ckpt_path
-    last`` with a damaged data file.
-    """
-
-    def __init__(self, logger: Any) -> None:
-        self._logger = logger
-        self._writer: Any = None
-
-    def _open(self) -> Any:
-        if self._writer is None:
-            self._logger._experiment = None
-            self._writer = self._logger.experiment  # the real writer (creates the folder and the event file)
-        return self._writer
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_logger", "_writer"):  # copying and pickling look these up
-            raise AttributeError(name)
-        return getattr(self._open(), name)
 
 
 class QKVLightningCLI(LightningCLI):
@@ -165,63 +81,80 @@ class QKVLightningCLI(LightningCLI):
             **kwargs,
         )
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        register_parser(self.parser)  # its sections (model, trainer, perf, ...) are suggested for typos
+
+    @classmethod
+    def parse_only(cls, args: Sequence[str]) -> jsonargparse.Namespace:
+        """The config of ``args`` (``--config FILE`` and options, no subcommand) parsed and checked by this CLI's
+        parser, as ``fit`` would read it; nothing is instantiated or run (the study checks its cells with this)."""
+
+        class ParseOnly(cls):
+            def instantiate_classes(self) -> None:
+                pass
+
+        return ParseOnly(args=list(args), run=False).config
+
+    @classmethod
+    def instantiate_without_trainer(cls, args: Sequence[str]) -> tuple[TaskModule, Any, jsonargparse.Namespace]:
+        """The task and the datamodule of the config of ``args`` (as :meth:`parse_only`), instantiated, and the parsed
+        config; no Trainer is built and nothing runs (``report`` and ``bench`` load their configs with this)."""
+
+        class Loader(cls):
+            def instantiate_classes(self) -> None:
+                self.config_init = self.parser.instantiate_classes(self.config)
+                self.datamodule = self._get(self.config_init, "data")
+                self.model = self._get(self.config_init, "model")
+                self.trainer = None
+
+        cli = Loader(args=list(args), run=False)
+        return cli.model, cli.datamodule, cli.config
+
     def before_instantiate_classes(self) -> None:
-        """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``fit --ckpt_path
-        last`` resumes the newest run that has a ``last.ckpt`` and keeps logging into its folder.
+        """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``--ckpt_path
+        last`` is resolved for every subcommand (:func:`qkv_lightning.resume.resolve_last`): ``fit`` resumes the newest
+        run that has a ``last.ckpt`` and keeps logging into its folder, the others fail without one.
 
         Lightning looks for ``last`` only in the new run's checkpoint folder, which a fresh logger version leaves
-        empty, so a plain re-run would start from scratch instead of resuming.
+        empty, so a plain re-run would start from scratch instead of resuming (and an evaluation would report an
+        untrained model).
         """
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
         if "weights_only" in config and config.get("weights_only") is None:
             config["weights_only"] = True
-        if self.subcommand != "fit":
-            return
-        if config.get("ckpt_path") != "last":
-            return
-        found = find_last_checkpoint(config)
-        if found is None:
-            return
-        path, version = found
-        config["ckpt_path"] = str(path)
-        logger = config.get("trainer", {}).get("logger")
-        if version is not None and isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
-            logger.init_args["version"] = version
+        resolve_last(config, self.subcommand)
+
+    def checkpoint_info(self, ckpt_path: str | Path, weights_only: bool) -> CheckpointInfo:
+        """The checkpoint's shapes and hyper-parameters, read once per command (:mod:`qkv_lightning.resume`)."""
+        key = (str(ckpt_path), weights_only)
+        cache = self.__dict__.setdefault("_checkpoint_infos", {})
+        if key not in cache:
+            cache[key] = read_checkpoint_info(ckpt_path, weights_only)
+        return cache[key]
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's re-parsing of a checkpoint's hyper-parameters into the model config (``--ckpt_path FILE``),
         reading the file safely: with ``weights_only`` (unless ``--weights_only false``), and a damaged, unsafe or
         foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs."""
-        from qkv_lightning.checkpoints import load_checkpoint_file, recover_interrupted_swap
-
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "hpc", "registry") or "://" in str(ckpt_path):
+        if not is_local_file_or_folder(ckpt_path):
             return
-        path = Path(ckpt_path)
-        recover_interrupted_swap(path)
-        if not path.exists():
-            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist; check the path, or pass --ckpt_path last.")
-        if not path.is_file():
+        info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
+        if info.sharded:
             return  # a sharded folder: checked before the run starts (check_checkpoint_fits_model)
-        checkpoint = load_checkpoint_file(path, weights_only=config.get("weights_only") is not False)
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        del checkpoint
-        hparams.pop("_instantiator", None)
+        hparams = dict(info.hparams)
         if not hparams:
             return
         saved_class = hparams.pop("_class_path", None)
-        configured = (config.get("model") or {}).get("class_path")
-        if saved_class and configured and saved_class != configured:
-            raise CheckpointError(
-                f"the checkpoint {path} was saved by model.class_path: checkpoint {saved_class}, but the config "
-                f"builds {configured}; use a config of the same task (or another checkpoint). Nothing was run."
-            )
+        check_class(info, (config.get("model") or {}).get("class_path"))
+        path = info.path
         model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
         configured_settings = flatten(config.get("model") or {})
         try:
@@ -261,37 +194,14 @@ class QKVLightningCLI(LightningCLI):
             )
 
     def check_checkpoint_fits_model(self) -> None:
-        """Read ``ckpt_path`` safely and check that its weights fit the configured model, before anything runs."""
-        from qkv_lightning.checkpoints import (
-            METADATA_FILE,
-            load_checkpoint_file,
-            read_sharded_metadata,
-            recover_interrupted_swap,
-        )
-
+        """Read ``ckpt_path`` safely and check that it fits the configured model, before anything runs."""
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("last", "hpc", "registry") or "://" in str(ckpt_path):
+        if not is_local_file_or_folder(ckpt_path):
             return
-        path = Path(ckpt_path)
-        recover_interrupted_swap(path)
-        weights_only = config.get("weights_only") is not False
-        if path.is_dir():
-            metadata = read_sharded_metadata(path)  # complete, and its index safe to unpickle
-            shapes = {
-                key.removeprefix("state_dict."): tuple(item.size)
-                for key, item in metadata.state_dict_metadata.items()
-                if key.startswith("state_dict.") and hasattr(item, "size")
-            }
-            meta = load_checkpoint_file(path / METADATA_FILE, weights_only=weights_only, lightning=False)
-            hparams, sharded = meta.get("hyper_parameters") or {}, True
-        else:
-            checkpoint = load_checkpoint_file(path, weights_only=weights_only)
-            shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}
-            hparams, sharded = checkpoint.get("hyper_parameters") or {}, False
-            del checkpoint
+        info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if isinstance(self.model, TaskModule):
-            self.model.check_checkpoint_fits(shapes, dict(hparams), str(path), sharded=sharded)
+            check_fits(self.model, info)
 
     def check_settings_fit_data(self) -> None:
         """The model's settings against what the data's settings decide (sequence length, image size), before any
@@ -356,152 +266,6 @@ class QKVLightningCLI(LightningCLI):
                 "trainer.enable_autolog_hparams": False,
             }
         )
-
-
-_NOISE = (
-    "Does not validate against any of the Union subtypes",
-    "Expected a path but",
-    "Subtypes:",
-    "Errors:",
-    "Expected a <class 'NoneType'>",
-    "Given value type:",
-    "Given value:",
-)
-
-
-def known_setting_names() -> set[str]:
-    """Names of every setting a config can hold: Trainer arguments, and the init arguments (and dataclass fields)
-    of the project's tasks, datamodules and callbacks. Used to suggest the intended name for a typo."""
-    import lightning.pytorch as pl
-
-    import qkv_lightning
-
-    names: set[str] = set(inspect.signature(pl.Trainer.__init__).parameters)
-    for info in pkgutil.walk_packages(qkv_lightning.__path__, "qkv_lightning."):
-        if info.name.split(".")[1] not in ("tasks", "data", "callbacks", "nn", "parallel"):
-            continue
-        try:
-            module = importlib.import_module(info.name)
-        except ImportError:  # an optional dependency
-            continue
-        for obj in vars(module).values():  # config dataclasses: every field is a setting
-            if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == module.__name__:
-                names.update(field.name for field in dataclasses.fields(obj))
-    pending: list[type] = [TaskModule, LightningDataModule, pl.Callback]
-    seen: set[type] = set()
-    while pending:
-        cls = pending.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        pending.extend(cls.__subclasses__())
-        if not cls.__module__.startswith("qkv_lightning"):
-            continue
-        names.update(inspect.signature(cls.__init__).parameters)
-    return names - {"self", "args", "kwargs"}
-
-
-TOP_LEVEL_SETTINGS = (
-    "model", "data", "trainer", "seed_everything", "ckpt_path", "weights_only", "optimizer", "lr_scheduler",
-    "nonfinite", "config", "print_config",
-)
-"""Sections and settings at the top of a fit / validate / test / predict config."""
-
-_STRUCTURE = {"init_args", "class_path", "dict_kwargs"}
-
-
-def _suggest(name: str, vocabulary: Sequence[str]) -> str | None:
-    close = difflib.get_close_matches(name, list(vocabulary), n=1, cutoff=0.6)
-    return close[0] if close and close[0] != name else None
-
-
-def _hint_for_option(option: str, vocabulary: set[str]) -> str | None:
-    """``'modle': did you mean 'model'?`` for the first part of a dotted option that is not a known name."""
-    for segment in option.lstrip("-").split("=")[0].split("."):
-        if not segment or segment in _STRUCTURE or segment.isdigit() or segment in vocabulary:
-            continue
-        close = _suggest(segment, sorted(vocabulary))
-        return f"'{segment}': did you mean '{close}'?" if close else None
-    return None
-
-
-def _hint_for_class_path(message: str) -> list[str]:
-    """``did you mean 'ModelCheckpoint'?`` for a class path naming a missing attribute of an existing module."""
-    hints = []
-    for module_name, attribute in dict.fromkeys(re.findall(r"module '([\w.]+)' has no attribute '(\w+)'", message)):
-        try:
-            names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
-        except ImportError:
-            continue
-        close = _suggest(attribute, names)
-        if close:
-            hints.append(f"'{module_name}.{attribute}': did you mean '{module_name}.{close}'?")
-    return hints
-
-
-def explain_config_error(message: str, vocabulary: set[str] | None = None) -> str:
-    """One paragraph from a jsonargparse error: the parts that say what is wrong, and a suggestion for a typo.
-
-    Args:
-        message: the error's text.
-        vocabulary: known setting names for suggestions; None: every setting of the training commands.
-    """
-    parts: list[str] = []
-    for raw in message.splitlines():
-        line = raw.strip().removeprefix("- ").strip()
-        if line and not line.startswith(_NOISE) and line not in parts:
-            parts.append(line)
-    text = " ".join(parts) or message.strip()
-    unknown = re.findall(r"does not accept option '([^']+)'", message)
-    unknown += re.findall(r"Key '([^']+)' is not expected", message)
-    unknown += re.findall(r"Option '([^']+)' is not accepted", message)
-    for arguments in re.findall(r"unrecognized arguments: (.*)", message)[:1]:
-        unknown += [a.split("=")[0] for a in arguments.split() if a.startswith("--")]
-    hints: list[str] = []
-    if unknown:
-        if vocabulary is None:
-            vocabulary = known_setting_names() | set(TOP_LEVEL_SETTINGS)
-        hints += [hint for hint in (_hint_for_option(o, vocabulary) for o in dict.fromkeys(unknown)) if hint]
-    hints += _hint_for_class_path(message)
-    choice = re.search(r"invalid choice: '([^']+)' \(choose from (.*)\)", message)
-    if choice:
-        close = _suggest(choice.group(1), re.findall(r"'([^']+)'", choice.group(2)))
-        if close:
-            hints.append(f"did you mean '{close}'?")
-    if hints:
-        text += " " + " ".join(hints)
-    return f"invalid configuration: {text} (see --help for the accepted settings)"
-
-
-def find_last_checkpoint(config: Any) -> tuple[Path, str | int | None] | None:
-    """The newest ``last.ckpt`` of the configured logger's runs (``save_dir/name/version_*/checkpoints``) and the
-    version it belongs to, or None. A ModelCheckpoint with an explicit ``dirpath`` is searched first."""
-    from qkv_lightning.checkpoints import recover_interrupted_swap
-
-    trainer = config.get("trainer", {})
-    candidates: list[tuple[Path, str | int | None]] = []
-    for callback in trainer.get("callbacks") or []:
-        init_args = callback.get("init_args", {}) if isinstance(callback, jsonargparse.Namespace) else {}
-        if "ModelCheckpoint" in str(callback.get("class_path", "")) and init_args.get("dirpath"):
-            candidates.append((Path(init_args["dirpath"]) / "last.ckpt", None))
-            recover_interrupted_swap(candidates[-1][0])
-    logger = trainer.get("logger")
-    if isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
-        save_dir = Path(logger.init_args.get("save_dir") or trainer.get("default_root_dir") or ".")
-        name = logger.init_args.get("name")
-        run_dir = save_dir / name if name else save_dir
-        if run_dir.is_dir():
-            for version_dir in run_dir.iterdir():
-                last = version_dir / "checkpoints" / "last.ckpt"
-                if version_dir.name.startswith("version_") and version_dir.is_dir():
-                    recover_interrupted_swap(last)  # an FSDP2 save that a crash interrupted between its renames
-                if version_dir.name.startswith("version_") and last.exists():
-                    version = version_dir.name.removeprefix("version_")
-                    candidates.append((last, int(version) if version.isdigit() else version_dir.name))
-    existing = [(path, version) for path, version in candidates if path.exists()]
-    if not existing:
-        return None
-    return max(existing, key=lambda item: item[0].stat().st_mtime)
 
 
 def _load(target: str) -> Callable[[list[str]], int | None]:

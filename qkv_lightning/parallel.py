@@ -63,7 +63,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from qkv_lightning.checkpoints import _fsync_dir, recover_interrupted_swap, remove_path
+        from qkv_lightning.checkpoints import recover_interrupted_swap, remove_path
+        from qkv_lightning.files import fsync_dir
 
         path = Path(self.broadcast(str(filepath)))
         staging = path.with_name(path.name + ".partial")
@@ -79,7 +80,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             if path.exists() or path.is_symlink():
                 os.replace(path, retired)
             os.replace(staging, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
             remove_path(retired)
         self.barrier("fsdp2_save_done")
 

@@ -225,7 +225,7 @@ def test_report_json_matches_built_models_of_each_task(capsys, configs, monkeypa
 
     task = load_task(configs).task
     names = [v["name"] for v in data["variants"]]
-    assert names == [*CANONICAL_VARIANTS, "QKV kv=1", "Q-K=V kv=1"]
+    assert names == [*CANONICAL_VARIANTS, "QKV_kv1", "Q-K=V_kv1"]
     reference = data["variants"][0]
     for entry in data["variants"]:
         for key in ("name", "sharing", "n_kv_heads", "params_total", "params_attention", "flops_per_token",

@@ -276,3 +276,81 @@ def test_attention_dropout_only_in_training():
     torch.testing.assert_close(attn(x)[0], attn(x)[0])
     attn.train()
     assert not torch.allclose(attn(x)[0], attn(x)[0])
+
+
+# ----------------------------------------------------------------------------------- chunks after a non-empty cache
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+@pytest.mark.parametrize("config", [{}, {"score_encoding": True}, {"mask_self": True}])
+@pytest.mark.parametrize(("variant", "n_kv"), CASES)
+def test_chunked_decoding_after_a_non_empty_cache_equals_full_forward(variant, n_kv, config, backend):
+    """Chunks of several tokens after a non-empty cache: query i of a chunk sits at position L + i, so the causal
+    mask of the chunk is bottom-right aligned (key j allowed when j <= L + i), not SDPA's top-left ``is_causal``."""
+    config = AttentionConfig(sharing=variant, n_kv_heads=n_kv, backend=backend, **config)
+    attn = Attention(D_MODEL, N_HEAD, config, causal=True).double()
+    x = torch.randn(2, 10, D_MODEL, dtype=torch.float64)
+    tables = rope_tables(torch.arange(10), HEAD_DIM, dtype=torch.float64)
+    full, _ = attn(x, tables)
+    cache = attn.new_cache(batch_size=2, capacity=10)
+    steps, start = [], 0
+    for size in (3, 2, 4, 1):  # prompt, then chunks of 2, 4 and 1 tokens
+        end = start + size
+        steps.append(attn(x[:, start:end], (tables[0][:end], tables[1][:end]), cache)[0])
+        start = end
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------- pair score encoding
+def reference_pair_channels(i: int, j: int, n_frequencies: int) -> list[float]:
+    """The documented channels of pair (i, j): sin, cos of w*i, of w*j and of w*(i - j), w = 100^(-f/F), each
+    group over the F frequencies."""
+    omegas = [100.0 ** (-f / n_frequencies) for f in range(n_frequencies)]
+    channels = []
+    for value in (i, j, i - j):
+        channels += [math.sin(w * value) for w in omegas] + [math.cos(w * value) for w in omegas]
+    return channels
+
+
+def test_pair_score_encoding_channels_match_a_reference_and_are_shift_invariant_in_i_minus_j():
+    from qkv_lightning.nn.positional import PairScoreEncoding, pair_encoding
+
+    n_freq, q_pos, k_pos = 3, torch.tensor([5, 6, 7, 8]), torch.arange(9)
+    encoding = pair_encoding(q_pos, k_pos, n_freq)  # (Tq, Tk, 6F), rows: queries, columns: keys
+    assert encoding.shape == (4, 9, 6 * n_freq)
+    expected = torch.tensor([[reference_pair_channels(i, j, n_freq) for j in k_pos.tolist()] for i in q_pos.tolist()])
+    torch.testing.assert_close(encoding, expected.float(), rtol=0, atol=1e-5)
+
+    # the relative channels depend on i - j only: shifting both positions changes nothing
+    shifted = pair_encoding(q_pos + 11, k_pos + 11, n_freq)[..., 4 * n_freq :]
+    torch.testing.assert_close(shifted, encoding[..., 4 * n_freq :], rtol=0, atol=1e-5)
+    # and sin(w (i - j)) is odd: swapping query and key flips its sign
+    square = pair_encoding(torch.arange(6), torch.arange(6), n_freq)
+    odd = slice(4 * n_freq, 5 * n_freq)  # the sin(w (i - j)) channels
+    torch.testing.assert_close(square[..., odd], -square.transpose(0, 1)[..., odd])
+
+    module = PairScoreEncoding(n_head=2, n_frequencies=n_freq).double()
+    bias = module(q_pos, k_pos)  # (H, Tq, Tk): head h, query i, key j
+    manual = expected.double() @ module.proj.weight.T + module.proj.bias  # (Tq, Tk, H)
+    torch.testing.assert_close(bias, manual.permute(2, 0, 1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("variant", ["QKV", "Q=K-V", "Q=K=V"])
+def test_explicit_probabilities_equal_softmax_of_masked_logits_with_score_encoding(variant, causal):
+    """The probabilities the explicit path returns are softmax(logits() masked): the score bias is added as
+    (query i, key j), the same as in ``logits()``, in both paths."""
+    config = AttentionConfig(sharing=variant, score_encoding=True, backend="explicit")
+    attn = Attention(D_MODEL, N_HEAD, config, causal=causal).double()
+    with torch.no_grad():  # a score bias as large as the logits, so that a transposed one shows
+        attn.score_encoding.proj.weight.normal_(0.0, 1.0)
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    tables = rope_tables(torch.arange(7), HEAD_DIM, dtype=torch.float64)
+    _, probs = attn(x, tables, need_weights=True)  # (B, H, T, T)
+    logits = attn.logits(x, tables)  # (B, H, T, T)
+    if causal:
+        logits = logits.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(probs, logits.softmax(-1), rtol=1e-10, atol=1e-10)
+    sdpa = Attention(D_MODEL, N_HEAD, AttentionConfig(sharing=variant, score_encoding=True), causal=causal).double()
+    sdpa.load_state_dict(attn.state_dict())
+    v = attn.project(x, tables)[2]
+    expected = (probs @ attn.expand_kv(v)).transpose(1, 2).reshape(2, 7, D_MODEL) @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(sdpa(x, tables)[0], expected, rtol=1e-10, atol=1e-10)

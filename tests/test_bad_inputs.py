@@ -314,6 +314,8 @@ CASES = [
          "study.sharing=['QKV', 'QKX']: attention.sharing='QKX' is not a"),
     Case("impossible study cell", study("--n_kv_heads", "[3]", "--baseline", "QKV_kv3"),
          "study cell QKV_kv3 is impossible"),
+    Case("study margin that is no margin", study("--equivalence_margin", "lots"),
+         "study.equivalence_margin='lots' is not a margin"),
     Case("study task that does not exist",
          lambda r, t: ["study", "--task", str(t / "nothere.yaml"), "--output", str(t / "study")],
          "no such fit config"),

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from qkv_lightning.accounting import network_cost
-from qkv_lightning.bench.models import (
-    Measured,
-    format_bench,
-    format_variants,
-    measure_gemm,
-    overhead_summary,
-    summarise,
-)
+from qkv_lightning.bench.common import load_task
+from qkv_lightning.bench.models import Measured, format_bench, format_variants, summarise
+from qkv_lightning.bench.overhead import overhead_summary
+from qkv_lightning.bench.steps import first_batch, measure_gemm
 from qkv_lightning.cli import main
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPTConfig
+from tests.imagedata import write_cifar10
+from tests.lm_fixtures import write_wikitext
+from tests.run_fixtures import options, wikitext_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["--config", str(ROOT / "configs/synthetic/reverse.yaml"), "--model.network.d_model", "16",
@@ -80,6 +80,37 @@ def test_gemm_measures_a_positive_rate():
     assert measure_gemm(torch.device("cpu"), torch.float32, 64, repeats=3) > 0
 
 
+@pytest.mark.parametrize("kind", ["synthetic", "lm", "vit"])
+def test_random_batches_come_from_the_task_with_the_shapes_and_types_of_the_data(kind, tmp_path):
+    """``bench --data random``: each task's ``example_batch`` has the shapes and dtypes of its datamodule's first
+    batch, and ids and labels within the network's vocabulary and classes."""
+    if kind == "synthetic":
+        configs, overrides = [SYNTHETIC[1]], SYNTHETIC[2:]
+    elif kind == "lm":
+        data = write_wikitext(tmp_path / "data")
+        configs = [LM[1]]
+        overrides = [*options("data", {**wikitext_data(data, tmp_path / "cache"), "batch_size": 2, "seq_len": 12}),
+                     *options("model.network", {"n_layer": 1, "d_model": 16, "output": "linear"})]
+    else:
+        write_cifar10(str(tmp_path / "data"))
+        configs = [str(ROOT / "configs/vit/cifar10.yaml")]
+        overrides = ["--data.root", str(tmp_path / "data"), "--data.download", "false", "--data.num_workers", "0",
+                     "--data.batch_size", "4", "--model.network.n_layer", "1"]
+    loaded = load_task(configs, overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small CIFAR files are "not the official" ones
+        real = first_batch(loaded, "config")
+    made = first_batch(loaded, "random")
+    assert [(t.shape, t.dtype) for t in made] == [(t.shape, t.dtype) for t in real]
+    config = loaded.task.resolved_network_config(loaded.data_spec)
+    inputs, targets = made
+    if not inputs.is_floating_point():
+        assert 0 <= inputs.min() and inputs.max() < config.vocab_size
+    classes = getattr(config, "num_classes", None) or config.vocab_size
+    assert 0 <= targets.min() and targets.max() < classes
+    assert torch.equal(made[0], first_batch(loaded, "random")[0])  # seeded: the same batch every time
+
+
 def run_json(capsys, *args: str) -> dict:
     assert main(["bench", *args, "--format", "json"]) == 0
     return json.loads(capsys.readouterr().out)
@@ -89,7 +120,7 @@ def test_bench_command_runs_every_variant_with_attention_core_gemm_and_overhead(
     result = run_json(capsys, *SYNTHETIC, *FAST, "--variants", "QKV", "Q=K=V", "--n_kv_heads", "2", "--gemm",
                       "--gemm_size", "64", "--lightning_overhead", "--overhead_steps", "4", "--overhead_rounds", "1")
     names = [row["name"] for row in result["variants"]]
-    assert names == ["QKV", "Q=K=V", "QKV kv=2"]
+    assert names == ["QKV", "Q=K=V", "QKV_kv2"]
     qkv = result["variants"][0]
     for row in result["variants"]:
         assert row["step_time_s"] > 0 and row["decode_tokens_per_sec"] is None  # an encoder: no decoding

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,8 @@ from qkv_lightning.checkpoints import (
     read_sharded_metadata,
     recover_interrupted_swap,
 )
-from qkv_lightning.cli import DeferredSummaryWriter, QKVLightningCLI, main
+from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.loggers import DeferredSummaryWriter
 from tests.run_fixtures import synthetic_args
 
 
@@ -51,6 +55,36 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_whole(tmp_pat
     previous = torch.load(path, weights_only=True)
     assert previous["step"] == 1 and torch.equal(previous["weights"], torch.arange(1000.0))
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # the half-written file is gone
+
+
+def test_stale_temporary_cleanup_never_deletes_a_temporary_file_of_a_live_process(tmp_path, monkeypatch):
+    """A save first deletes the ``.checkpoint-<host>-<pid>-*.tmp`` files of writers that were killed, and only those:
+    a file of a live process (another run saving into the same folder, this process itself) or of another host
+    (whose processes cannot be checked from here) is kept. The host name has dashes, as cluster node names do."""
+    monkeypatch.setattr("qkv_lightning.checkpoints.socket.gethostname", lambda: "gpu-node-07")
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    try:
+        names = {
+            "live": f".checkpoint-gpu-node-07-{live.pid}-k2x_9q.tmp",
+            "this process": f".checkpoint-gpu-node-07-{os.getpid()}-a1b2c3.tmp",
+            "parent": f".checkpoint-gpu-node-07-{os.getppid()}-zz_top.tmp",
+            "other host": f".checkpoint-gpu-node-08-{dead.pid}-p0q1r2.tmp",
+            "dead": f".checkpoint-gpu-node-07-{dead.pid}-d3e4f5.tmp",
+        }
+        for name in names.values():
+            (folder / name).write_bytes(b"half a checkpoint")
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, folder / "last.ckpt")
+        deleted = {owner for owner, name in names.items() if not (folder / name).exists()}
+        assert deleted == {"dead"}, f"deleted the temporary files of: {sorted(deleted)}"
+        assert sorted(p.name for p in folder.glob("*.ckpt")) == ["last.ckpt"]
+        assert (folder / names["live"]).read_bytes() == b"half a checkpoint"
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_the_cli_writes_checkpoints_atomically_and_opens_event_files_lazily(tmp_path):

@@ -25,9 +25,9 @@ from qkv_lightning.cli import main
 from qkv_lightning.tasks.language_model import LanguageModel
 from tests.distributed_support import probe_batch
 from tests.lm_fixtures import write_wikitext
+from tests.run_fixtures import CONFIGS, run_settings, wikitext_data, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
 STEPS = 8
 CHECKPOINT_EVERY = 4
 pytestmark = pytest.mark.slow
@@ -42,46 +42,21 @@ def workdir(tmp_path_factory) -> Path:
 
 def run_yaml(workdir: Path, name: str) -> Path:
     """Trainer, model and callbacks of one run: tiny tied-embedding GPT, no dropout, checkpoints every 4 steps."""
-    path = workdir / f"{name}.yaml"
-    path.write_text(
-        f"""
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  precision: 32-true
-  max_steps: {STEPS}
-  limit_val_batches: 0
-  num_sanity_val_steps: 0
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {workdir / 'logs'}, name: {name}}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {workdir / name / 'checkpoints'}, save_last: true, every_n_train_steps: {CHECKPOINT_EVERY},
-                  save_top_k: -1}}
-    - class_path: tests.distributed_support.RecordRun
-      init_args: {{out: {workdir / name / 'record'}}}
-model:
-  init_args:
-    network: {{n_layer: 2, n_head: 4, d_model: 32, d_mlp: 64, max_seq_len: 16, dropout: 0.0, output: linear,
-              tie_embeddings: true}}
-    optimizer: {{lr: 0.003, warmup_steps: 2}}
-data:
-  init_args:
-    data_dir: {workdir / 'data'}
-    cache_dir: {workdir / 'cache'}
-    verify: false
-    train_file: wiki.train.tokens
-    val_file: wiki.valid.tokens
-    split_test_for_val: null
-    seq_len: 16
-    num_workers: 0
-"""
+    settings = run_settings(workdir, name, CHECKPOINT_EVERY, save_on_exception=None,
+                            dirpath=workdir / name / "checkpoints", filename=None, devices=None)
+    settings["trainer"].update(max_steps=STEPS, limit_val_batches=0)
+    settings["trainer"]["callbacks"].append(
+        {"class_path": "tests.distributed_support.RecordRun", "init_args": {"out": str(workdir / name / "record")}}
     )
-    return path
+    settings["model"] = {
+        "init_args": {
+            "network": {"n_layer": 2, "n_head": 4, "d_model": 32, "d_mlp": 64, "max_seq_len": 16, "dropout": 0.0,
+                        "output": "linear", "tie_embeddings": True},
+            "optimizer": {"lr": 0.003, "warmup_steps": 2},
+        }
+    }
+    settings["data"] = {"init_args": {**wikitext_data(workdir / "data", workdir / "cache"), "seq_len": 16}}
+    return write_yaml(workdir / f"{name}.yaml", settings)
 
 
 def cli_command(workdir: Path, name: str, batch_size: int, *extra: str) -> list[str]:
@@ -141,7 +116,8 @@ def fsdp2(workdir) -> dict:
 
 def assert_same_training(run: dict, reference: dict, start: int = 0) -> None:
     """Same global losses step by step (from ``start``), same final weights, same output on the probe batch."""
-    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"][start:]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"][start:]), rtol=1e-5,
+                               atol=1e-6)
     assert run["state"].keys() <= reference["state"].keys()
     for name, tensor in run["state"].items():
         torch.testing.assert_close(tensor, reference["state"][name], rtol=1e-4, atol=1e-5, msg=name)
@@ -153,6 +129,28 @@ def test_ddp_matches_one_process_with_the_same_global_batch(single, ddp):
     assert ddp["strategy"] == "DDPStrategy" and len(ddp["losses"]) == STEPS
     assert_same_training(ddp, single)
     assert single["losses"][-1] < single["losses"][0]  # it trained
+
+
+def logged(workdir: Path, name: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar a run logged to TensorBoard (rank 0 writes the events)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (version,) = (workdir / "logs" / name).glob("version_*")
+    events = EventAccumulator(str(version))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_ddp_train_tokens_equal_the_single_process_count_for_the_same_global_batch(workdir, single, ddp):
+    """``train/tokens`` counts the tokens of all processes: under DDP (2 x batch 4) it equals one process's count
+    with batch 8, step by step, in the logs and in the checkpoints (which a resumed run continues from)."""
+    tokens_per_step = 8 * 16  # global batch x sequence length
+    expected = [(step - 1, float(step * tokens_per_step)) for step in range(1, STEPS + 1)]  # after k steps, at k - 1
+    assert logged(workdir, "single", "train/tokens") == expected
+    assert logged(workdir, "ddp", "train/tokens") == expected, "DDP (2 processes x batch 4)"
+    for name in ("single", "ddp"):
+        saved = torch.load(workdir / name / "checkpoints" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt", weights_only=True)
+        assert saved["tokens_seen"] == CHECKPOINT_EVERY * tokens_per_step, name
 
 
 def test_fsdp2_matches_one_process_with_the_same_global_batch(single, fsdp2):
@@ -273,7 +271,8 @@ def free_port() -> int:
 def test_two_nodes_with_torchrun_train_together_through_the_cli(workdir, ddp):
     """Two "nodes" of one process each, rendezvous on localhost: the same training as 2-process DDP."""
     port = str(free_port())
-    extra = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--config", str(CONFIGS / "strategy" / "multinode.yaml"),
+    extra = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"),
+             "--config", str(CONFIGS / "strategy" / "multinode.yaml"),
              "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2", "--trainer.devices", "1")
     processes = []
     for node_rank in (0, 1):
@@ -285,7 +284,7 @@ def test_two_nodes_with_torchrun_train_together_through_the_cli(workdir, ddp):
         processes.append(subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in processes]
-    for process, output in zip(processes, outputs):
+    for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0, output[-5000:]
     run = load(workdir, "torchrun")
     assert run["world_size"] == 2 and run["num_nodes"] == 2

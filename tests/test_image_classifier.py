@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from tests.imagedata import tar_tree, write_cifar10, write_cifar100, write_image_tree, write_mnist_gz
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qkv_lightning.cli import QKVLightningCLI, main
@@ -20,35 +19,19 @@ from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig
 from qkv_lightning.nn.vit import ViT, ViTConfig
 from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.image_classifier import ImageClassifier
+from tests import run_fixtures
+from tests.imagedata import write_cifar10, write_image_tree
+from tests.run_fixtures import image_data_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "vit", "*.yaml")))
 VARIANT_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "variants", "*.yaml")))
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "plain_argv")
 
 
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--data.num_workers", "0"]
-
-
-def data_for(config: str, tmp_path) -> list[str]:
-    """CLI overrides pointing a shipped config at small files in the official format of its data set."""
-    name = os.path.basename(config)
-    if name in ("cifar10.yaml", "cifar100.yaml"):
-        (write_cifar10 if name == "cifar10.yaml" else write_cifar100)(str(tmp_path / "data"))
-        return ["--data.root", str(tmp_path / "data"), "--data.download", "false"]
-    if name == "mnist.yaml":
-        write_mnist_gz(str(tmp_path / "mnist"))
-        return ["--data.root", str(tmp_path / "mnist"), "--data.download", "false"]
-    if name == "cifar10-jpeg.yaml":
-        tree = write_image_tree(str(tmp_path / "cifar10-jpeg"), CIFAR_CLASSES, 2, size=32, splits=("train", "test"))
-        return ["--data.root", tar_tree(tree, str(tmp_path / "cifar10-jpeg.tar.gz"))]
-    if name == "imagenet-vit-s16.yaml":
-        tree = write_image_tree(str(tmp_path / "imagenet"), ["n01440764", "n01443537"], 3, size=40)
-        return ["--data.root", tree, "--data.image_size", "32", "--model.network.d_model", "96"]
-    raise AssertionError(f"no test data for {name}: add it to data_for()")
+QUIET = [*run_fixtures.QUIET, "--data.num_workers", "0"]
 
 
 def test_every_shipped_config_has_test_data() -> None:
@@ -65,7 +48,7 @@ def test_every_shipped_config_has_test_data() -> None:
 def test_config_runs_fast_dev_run_on_cpu(config: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # logs/ and .cache/ go here
     args = ["fit", "--config", config, "--trainer.fast_dev_run", "2", "--trainer.accelerator", "cpu"]
-    args += ["--data.batch_size", "4", "--model.network.n_layer", "1", *QUIET, *data_for(config, tmp_path)]
+    args += ["--data.batch_size", "4", "--model.network.n_layer", "1", *QUIET, *image_data_args(config, tmp_path)]
     assert main(args) == 0
 
 
@@ -185,7 +168,7 @@ def test_tensorboard_gets_the_metrics_learning_rate_and_whole_config(tmp_path, m
     args = ["fit", "--config", config, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1"]
     args += ["--trainer.precision", "32-true", "--data.batch_size", "16", "--model.network.n_layer", "1", *QUIET]
     with pytest.warns(UserWarning, match="not the official"):
-        assert main(args + data_for(config, tmp_path)) == 0
+        assert main(args + image_data_args(config, tmp_path)) == 0
     version = tmp_path / "logs" / "vit-cifar10" / "version_0"
     events = EventAccumulator(str(version))
     events.Reload()
@@ -231,7 +214,7 @@ def test_cli_empty_class_folder(tmp_path, monkeypatch, capsys) -> None:
 def test_cli_image_size_not_divisible_by_patch_size(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     config = os.path.join(ROOT, "configs", "vit", "imagenet-vit-s16.yaml")
-    args = ["fit", "--config", config, *data_for(config, tmp_path), "--data.image_size", "40"]
+    args = ["fit", "--config", config, *image_data_args(config, tmp_path), "--data.image_size", "40"]
     code, err = run_cli(args, capsys)
     assert code == 2 and "image size 40 is not divisible by network.patch_size=16" in err and "data.image_size" in err
 

@@ -10,15 +10,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tests.imagedata import (
-    class_images,
-    idx_bytes,
-    tar_tree,
-    write_cifar10,
-    write_cifar100,
-    write_image_tree,
-    write_mnist_gz,
-)
 
 import qkv_lightning.data.cifar as cifar
 from qkv_lightning.data.image_base import NO_AUGMENTATION, Augmentation, carve_validation
@@ -32,6 +23,16 @@ from qkv_lightning.data.images import (
     MNISTDataModule,
 )
 from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import file_digest
+from tests.imagedata import (
+    class_images,
+    idx_bytes,
+    tar_tree,
+    write_cifar10,
+    write_cifar100,
+    write_image_tree,
+    write_mnist_gz,
+)
 from tests.lm_fixtures import SHARED
 
 SHARED_MNIST = str(SHARED / "mnist")
@@ -120,7 +121,7 @@ def test_file_with_the_official_image_count_must_have_the_official_md5(tmp_path,
     unchecked.setup()
     assert len(unchecked.datasets["train"]) == 10000 + 4 * 3
     # files whose MD5s are the expected ones are accepted silently
-    md5s = {name: cifar.md5sum(os.path.join(folder, name)) for name in os.listdir(folder)}
+    md5s = {name: file_digest(os.path.join(folder, name), "md5") for name in os.listdir(folder)}
     layout = cifar.CIFAR10_LAYOUT
     train, test = [(n, md5s[n]) for n, _ in layout.train], [("test_batch", md5s["test_batch"])]
     patched = cifar.CifarLayout(**{**layout.__dict__, "train": train, "test": test})

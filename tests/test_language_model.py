@@ -20,8 +20,8 @@ from qkv_lightning.nn.gpt import GPTConfig
 from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.language_model import LanguageModel
 from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, word_count, write_wikitext
+from tests.run_fixtures import CONFIGS, lm_config_args
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LM_CONFIGS = sorted(p.stem for p in (CONFIGS / "lm").glob("*.yaml"))
 SMALL = ["--model.network.n_layer", "2", "--model.network.n_head", "4", "--model.network.d_model", "32",
          "--model.network.d_mlp", "64", "--model.network.max_seq_len", "16", "--data.seq_len", "16",
@@ -31,19 +31,6 @@ SMALL = ["--model.network.n_layer", "2", "--model.network.n_head", "4", "--model
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return write_wikitext(tmp_path_factory.mktemp("wikitext"))
-
-
-def cli_args(tmp_path: Path, data: Path, config: str = "wikitext2-offline", *extra: str) -> list[str]:
-    """A config from configs/lm on the small files in ``data``, on CPU, writing only under ``tmp_path``."""
-    return [
-        "--config", str(CONFIGS / "lm" / f"{config}.yaml"),
-        "--data.data_dir", str(data), "--data.cache_dir", str(tmp_path / "cache"), "--data.verify", "false",
-        "--data.train_file", "wiki.train.tokens", "--data.val_file", "wiki.valid.tokens",
-        "--data.split_test_for_val", "null", "--data.num_workers", "0", "--data.batch_size", "4",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false",
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-        "--trainer.default_root_dir", str(tmp_path), *extra,
-    ]
 
 
 def tiny_model(**network) -> LanguageModel:
@@ -80,11 +67,11 @@ def test_every_lm_config_runs_fast_dev_run(tmp_path, data, config):
         if not GPT2_RANKS.is_file():
             pytest.skip("shared GPT-2 ranks file not present")
         extra += ["--data.bpe_file", str(GPT2_RANKS)]
-    assert main(["fit", *cli_args(tmp_path, data, config, *extra)]) == 0
+    assert main(["fit", *lm_config_args(tmp_path, data, config, *extra)]) == 0
 
 
 def test_variant_configs_layer_on_lm_configs(tmp_path, data):
-    args = cli_args(tmp_path, data, "wikitext2-offline", "--config", str(CONFIGS / "variants" / "q-k=v_mqa.yaml"))
+    args = lm_config_args(tmp_path, data, "wikitext2-offline", "--config", str(CONFIGS / "variants" / "q-k=v_mqa.yaml"))
     cli = QKVLightningCLI(args=args, run=False)
     assert isinstance(cli.model, LanguageModel)
     assert (cli.model.attention_config.sharing, cli.model.attention_config.n_kv_heads) == ("Q-K=V", 1)
@@ -209,7 +196,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, data):
 
 
 def trained_checkpoint(tmp_path: Path, data: Path) -> Path:
-    args = cli_args(tmp_path, data, "wikitext2-offline", *SMALL, "--trainer.max_steps", "3",
+    args = lm_config_args(tmp_path, data, "wikitext2-offline", *SMALL, "--trainer.max_steps", "3",
                     "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
                     "--trainer.log_every_n_steps", "1")
     assert main(["fit", *args]) == 0
@@ -222,7 +209,7 @@ def test_predict_from_a_checkpoint_writes_text_and_cache_equals_no_cache(tmp_pat
     outputs = {}
     for use_cache in ("true", "false"):
         out = tmp_path / f"generated-{use_cache}.jsonl"
-        args = cli_args(tmp_path, data, "wikitext2-offline", "--ckpt_path", str(last),
+        args = lm_config_args(tmp_path, data, "wikitext2-offline", "--ckpt_path", str(last),
                         "--model.generation.output_file", str(out), "--model.generation.use_cache", use_cache,
                         "--model.generation.max_new_tokens", "8", "--trainer.logger", "false")
         assert main(["predict", *args]) == 0
@@ -256,13 +243,14 @@ def run_failing(capsys, argv: list[str]) -> str:
 
 
 def test_seq_len_beyond_the_positions_is_a_clear_error(tmp_path, data, capsys):
-    args = cli_args(tmp_path, data, "wikitext2-offline", *SMALL, "--data.seq_len", "32", "--trainer.fast_dev_run", "1")
+    args = lm_config_args(tmp_path, data, "wikitext2-offline", *SMALL, "--data.seq_len", "32",
+                          "--trainer.fast_dev_run", "1")
     err = run_failing(capsys, ["fit", *args])
     assert "data.seq_len=32 exceeds model.network.max_seq_len=16" in err
 
 
 def test_missing_files_without_internet_is_a_clear_error(tmp_path, data, capsys):
-    args = cli_args(tmp_path, tmp_path / "nowhere", "wikitext2", *SMALL, "--trainer.fast_dev_run", "1")
+    args = lm_config_args(tmp_path, tmp_path / "nowhere", "wikitext2", *SMALL, "--trainer.fast_dev_run", "1")
     err = run_failing(capsys, ["fit", *args])
     assert "wiki.train.tokens" in err and "data.download: true" in err and "data.data_dir" in err
 
@@ -270,16 +258,17 @@ def test_missing_files_without_internet_is_a_clear_error(tmp_path, data, capsys)
 def test_empty_file_is_a_clear_error(tmp_path, data, capsys):
     broken = write_wikitext(tmp_path / "broken")
     (broken / "wiki.valid.tokens").write_text("")
-    err = run_failing(capsys, ["fit", *cli_args(tmp_path, broken, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1")])
+    args = lm_config_args(tmp_path, broken, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1")
+    err = run_failing(capsys, ["fit", *args])
     assert "wiki.valid.tokens (data.val_file) is empty" in err
 
 
 def test_cache_of_another_tokenizer_is_an_error_when_rebuilding_is_off(tmp_path, data, capsys):
     changed = write_wikitext(tmp_path / "changed")
-    assert main(["fit", *cli_args(tmp_path, changed, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1")]) == 0
+    assert main(["fit", *lm_config_args(tmp_path, changed, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1")]) == 0
     with open(changed / "wiki.train.tokens", "a", encoding="utf-8") as f:  # another vocabulary: another tokenizer
         f.write(" zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra zebra \n" * 30)
-    args = cli_args(tmp_path, changed, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1",
+    args = lm_config_args(tmp_path, changed, "wikitext2", *SMALL, "--trainer.fast_dev_run", "1",
                     "--data.rebuild_cache", "false")
     err = run_failing(capsys, ["fit", *args])
     assert "data.rebuild_cache" in err and "vocabulary" in err
@@ -288,7 +277,7 @@ def test_cache_of_another_tokenizer_is_an_error_when_rebuilding_is_off(tmp_path,
 @pytest.mark.skipif(not GPT2_RANKS.is_file(), reason="shared GPT-2 ranks file not present")
 def test_checkpoint_of_another_tokenizer_is_a_clear_error(tmp_path, data, capsys):
     last = trained_checkpoint(tmp_path, data)
-    args = cli_args(tmp_path, data, "wikitext2-offline", "--ckpt_path", str(last), "--trainer.logger", "false",
+    args = lm_config_args(tmp_path, data, "wikitext2-offline", "--ckpt_path", str(last), "--trainer.logger", "false",
                     "--data.tokenizer", "gpt2", "--data.bpe_file", str(GPT2_RANKS))
     err = run_failing(capsys, ["predict", *args])
     assert "tokenizer" in err and "data.tokenizer" in err

@@ -91,14 +91,14 @@ def test_matched_cell_pairing_when_cells_fail(tmp_path: Path) -> None:
     expected = sorted(k[1:] for k in values if k[0] == "Q=K=V" and k not in failed and ("QKV", *k[1:]) not in failed)
     assert keys == expected and len(keys) == 12 - 3
     summary = summarize_sweep(config, variants, results, groups=[])
-    entry = summary["sweep"]["test/acc"]["Q=K=V"]
+    entry = summary["sweep_table"]["test/acc"]["Q=K=V"]
     reference = scipy_stats.ttest_rel([values[("Q=K=V", *k)] for k in keys], [values[("QKV", *k)] for k in keys])
     assert entry["pairs"] == 9 and entry["p"] == pytest.approx(reference.pvalue, rel=1e-8)
     assert entry["diff"] == pytest.approx(sum(values[("Q=K=V", *k)] - values[("QKV", *k)] for k in keys) / 9)
     # the task columns average every finished cell of the variant (not only the matched ones)
     sub = [v for (label, group, seed), v in values.items() if label == "QKV" and group.startswith("sub")
            and (label, group, seed) not in failed]
-    assert summary["sweep"]["test/acc"]["QKV"]["per_task"]["sub"] == pytest.approx(sum(sub) / len(sub))
+    assert summary["sweep_table"]["test/acc"]["QKV"]["per_task"]["sub"] == pytest.approx(sum(sub) / len(sub))
     assert summary["tasks"] == ["sub", "copy"]
 
 
@@ -124,7 +124,7 @@ def test_sweep_study_skips_impossible_cells_and_its_table_follows_from_results_c
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {(r["task"], r["n_head"]) for r in rows} == {("sub", "4"), ("copy", "4")}
-    table = json.loads((out / "summary.json").read_text())["sweep"]["test/acc"]
+    table = json.loads((out / "summary.json").read_text())["sweep_table"]["test/acc"]
     for label in ("QKV", "Q=K=V+score"):
         per_task = {}
         for task in ("sub", "copy"):

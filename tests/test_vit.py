@@ -10,6 +10,7 @@ from torch import nn
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig
+from qkv_lightning.nn.blocks import DropPath
 from qkv_lightning.nn.positional import sincos_2d
 from qkv_lightning.nn.vit import ViT, ViTConfig, vit_config
 
@@ -142,6 +143,22 @@ def test_stochastic_depth_rates_rise_to_drop_path_and_only_act_in_training() -> 
     first = model.forward_features(images)
     torch.manual_seed(2)
     assert not torch.allclose(first, model.forward_features(images))
+
+
+def test_drop_path_scales_kept_samples_by_one_over_keep_probability() -> None:
+    """Stochastic depth keeps the expected residual branch: a sample's branch is dropped whole with probability p
+    and kept samples are scaled by exactly 1 / (1 - p)."""
+    p = 0.25
+    drop = DropPath(p).train()
+    branch = torch.randn(4000, 3, 5)  # (B, T, C)
+    torch.manual_seed(0)
+    out = drop(branch)
+    kept = (out != 0).flatten(1).any(dim=1)  # (B,): a sample is kept or dropped whole
+    assert (out[~kept] == 0).all()
+    torch.testing.assert_close(out[kept], branch[kept] / (1.0 - p), rtol=1e-6, atol=0)
+    assert abs(kept.float().mean().item() - (1.0 - p)) < 0.03  # 4000 draws: standard deviation 0.007
+    drop.eval()
+    assert torch.equal(drop(branch), branch)
 
 
 def test_attention_maps_are_probabilities_over_all_tokens() -> None:

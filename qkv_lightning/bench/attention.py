@@ -8,15 +8,13 @@ ratio of each encoding to the same variant without one (and, on CUDA, the SDPA k
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from qkv_lightning.accounting import AttentionShape, attention_forward_flops, score_encoding_flops
+from qkv_lightning.bench.timing import Timing, interleaved_medians
 from qkv_lightning.nn.attention import (
     CANONICAL_VARIANTS,
     Attention,
@@ -25,47 +23,6 @@ from qkv_lightning.nn.attention import (
     canonical_score_encoding,
     score_encoding_suffix,
 )
-
-
-@dataclass
-class Timing:
-    """One contender's result."""
-
-    name: str
-    median_ms: float
-    flops: int | None = None
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_medians(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds of each step, timed round-robin so that drifts in machine load hit every contender alike."""
-    samples = interleaved_samples(steps, repeats, warmup, device)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def interleaved_samples(
-    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds of each step in each of ``repeats`` round-robin rounds, after ``warmup`` untimed calls of each."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 class _MHA(nn.Module):
@@ -238,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seq_len: int = 197,
         batch_size: int = 8,
         causal: bool = False,
-        variants: list[str] = list(CANONICAL_VARIANTS),
+        variants: list[str] = list(CANONICAL_VARIANTS),  # noqa: B006 (jsonargparse shows it in --help)
         n_kv_heads: int | None = None,
         repeats: int = 30,
         warmup: int = 5,

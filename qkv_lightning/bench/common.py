@@ -8,12 +8,13 @@ import json
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from qkv_lightning.errors import ConfigError, QKVError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig, Sharing, score_encoding_suffix
+from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig
 from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.variants import Variant, expand
 
 
 @dataclass
@@ -55,24 +56,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _ConfigOnlyCLI:
-    """Builds the task and datamodule of a config through :class:`QKVLightningCLI`'s parser, without a Trainer."""
-
-    @staticmethod
-    def load(config_args: Sequence[str]) -> tuple[TaskModule, Any, Any]:
-        from qkv_lightning.cli import QKVLightningCLI
-
-        class Loader(QKVLightningCLI):
-            def instantiate_classes(self) -> None:
-                self.config_init = self.parser.instantiate_classes(self.config)
-                self.datamodule = self._get(self.config_init, "data")
-                self.model = self._get(self.config_init, "model")
-                self.trainer = None
-
-        cli = Loader(args=list(config_args), run=False)
-        return cli.model, cli.datamodule, cli.config
-
-
 def load_task(
     configs: Sequence[str], overrides: Sequence[str] = (), data_spec: dict | None = None, prepare: bool = True
 ) -> LoadedTask:
@@ -82,6 +65,8 @@ def load_task(
     ``spec()``, the network config's own values (e.g. ``network.vocab_size``), and the datamodule's ``spec()`` after
     ``prepare_data()`` (which may download or tokenize, so only with ``prepare``).
     """
+    from qkv_lightning.cli import QKVLightningCLI
+
     args = [arg for path in configs for arg in ("--config", path)] + list(overrides)
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")
     level = seed_log.level
@@ -89,7 +74,7 @@ def load_task(
     try:
         with warnings.catch_warnings():  # LightningCLI warns that sys.argv (pytest's, say) is not what it parses
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            task, datamodule, config = _ConfigOnlyCLI.load(args)
+            task, datamodule, config = QKVLightningCLI.instantiate_without_trainer(args)
     finally:
         seed_log.setLevel(level)
     if not isinstance(task, TaskModule):
@@ -175,47 +160,30 @@ def published_vocabulary(datamodule: Any) -> tuple[int, str] | None:
     )
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One attention variant to compare: the config's attention settings with another sharing and K/V heads."""
-
-    attention: AttentionConfig
-    n_head: int
-
-    @property
-    def label(self) -> str:
-        kv = self.attention.resolve_kv_heads(self.n_head)
-        name = self.attention.sharing + score_encoding_suffix(self.attention.score_encoding)
-        return name if kv == self.n_head else f"{name} kv={kv}"
-
-
 def variants_of(
     base: AttentionConfig, n_head: int, sharing: Sequence[str], n_kv_heads: Sequence[int] | None = None
 ) -> list[Variant]:
-    """``base`` with each sharing variant, then with each K/V head count for the variants that keep Q separate.
+    """Each sharing variant with all heads, then with each K/V head count for the variants that keep Q separate
+    (:func:`qkv_lightning.variants.expand`), all with ``base``'s symmetry breakers; apply one to the config with
+    ``variant.attention_config(base)``, which keeps ``base``'s other attention settings.
 
-    The config's own ``n_kv_heads`` is added to ``n_kv_heads`` when it differs from ``n_head``. The symmetry
-    breakers and other attention settings of ``base`` are kept.
+    The config's own ``n_kv_heads`` is added to ``n_kv_heads`` when it differs from ``n_head``.
 
     Raises:
         ConfigError: for unknown variant names or K/V head counts that do not divide ``n_head``.
     """
-    names = list(dict.fromkeys(Sharing.parse(name).name for name in sharing))
+    breakers = Variant.of(base, n_head).breakers
     kv_counts = [k for k in dict.fromkeys([*(n_kv_heads or []), base.n_kv_heads]) if k not in (None, n_head)]
-    out = [Variant(replace(base, sharing=name, n_kv_heads=None), n_head) for name in names]
-    for kv in kv_counts:
-        for name in names:
-            if Sharing.parse(name).query_shared:
-                continue
-            attention = replace(base, sharing=name, n_kv_heads=kv)
-            attention.resolve_kv_heads(n_head)  # raises a ConfigError naming the allowed counts
-            out.append(Variant(attention, n_head))
+    out: list[Variant] = []
+    for kv in [None, *kv_counts]:  # all heads first, then each K/V head count
+        found, _ = expand(sharing, [kv], [breakers], n_head=n_head)
+        out += [variant for variant in found if variant not in out]
     return out
 
 
 def baseline_of(base: AttentionConfig, n_head: int) -> Variant:
-    """The reference every ratio is taken against: ``QKV`` with all heads and the same other settings."""
-    return Variant(replace(base, sharing="QKV", n_kv_heads=None), n_head)
+    """The reference every ratio is taken against: ``QKV`` with all heads and the same breakers as ``base``."""
+    return Variant("QKV", None, Variant.of(base, n_head).breakers)
 
 
 def task_variant(task: TaskModule, attention: AttentionConfig) -> TaskModule:

@@ -18,172 +18,37 @@ Every figure is also given as a ratio to ``QKV``, next to the closed-form FLOP a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from qkv_lightning.accounting import NetworkCost
-from qkv_lightning.bench.attention import bench_attention, interleaved_medians, interleaved_samples, synchronize
+from qkv_lightning.bench.attention import bench_attention
 from qkv_lightning.bench.attention import format_table as format_attention_table
-from qkv_lightning.bench.common import LoadedTask, Variant, add_config_arguments, load_task, task_variant, variants_of
-from qkv_lightning.bench.report import render_table
+from qkv_lightning.bench.common import LoadedTask, add_config_arguments, load_task, variants_of
+from qkv_lightning.bench.memory import measure_memory, probe
+from qkv_lightning.bench.overhead import OVERHEAD_SKIP, measure_overhead
+from qkv_lightning.bench.report import ratio, render_table
+from qkv_lightning.bench.steps import (
+    GEMM,
+    build,
+    check_precision,
+    decode_step,
+    first_batch,
+    gemm_step,
+    to_device,
+    train_step,
+)
+from qkv_lightning.bench.timing import interleaved_medians, interleaved_samples
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.tasks.base import TaskModule
-
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true")
-PROBE_MARK = "BENCH_MEMORY_PROBE "
-
-
-# --------------------------------------------------------------------------------------------------- set-up
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context of a Lightning precision setting (nothing for 32-bit and bf16-true)."""
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def check_precision(precision: str) -> str:
-    precision = str(precision)
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"bench measures precision {', '.join(PRECISIONS)}; got trainer.precision={precision!r}. Pass --precision."
-        )
-    return precision
-
-
-def random_batch(task: TaskModule, spec: dict, batch_size: int, generator: torch.Generator) -> tuple:
-    """A batch of the task's shapes with random contents (token ids or images and labels)."""
-    cost = task.cost()
-    if cost.network == "ViT":
-        config = task.resolved_network_config(spec)
-        size, channels = config.image_size, config.in_channels
-        images = torch.randn(batch_size, channels, size, size, generator=generator)
-        return images, torch.randint(0, config.num_classes, (batch_size,), generator=generator)
-    config = task.resolved_network_config(spec)
-    vocab = spec.get("vocab_size") or config.vocab_size
-    t = cost.tokens_per_sample
-    inputs = torch.randint(0, vocab, (batch_size, t), generator=generator)
-    classes = getattr(config, "num_classes", None) or vocab
-    return inputs, torch.randint(0, classes, (batch_size, t), generator=generator)
-
-
-def first_batch(loaded: LoadedTask, source: str, seed: int = 0) -> tuple:
-    """One training batch: the datamodule's first (``source='config'``) or random contents of its shapes."""
-    datamodule = loaded.datamodule
-    if source == "random":
-        batch_size = getattr(datamodule, "batch_size", None) or 8
-        return random_batch(loaded.task, loaded.data_spec, int(batch_size), torch.Generator().manual_seed(seed))
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
-    return tuple(batch) if isinstance(batch, list | tuple) else (batch,)
-
-
-def build(task: TaskModule, attention: Any, device: torch.device, precision: str) -> TaskModule:
-    """A built, trainable copy of ``task`` with another attention variant, on ``device``."""
-    variant = task_variant(task, attention)
-    variant.configure_model()
-    variant.to(device)
-    if precision == "bf16-true":
-        variant.to(torch.bfloat16)
-    variant.train()
-    return variant
-
-
-def to_device(batch: tuple, device: torch.device, precision: str) -> tuple:
-    moved = tuple(t.to(device) for t in batch)
-    if precision == "bf16-true":
-        moved = tuple(t.to(torch.bfloat16) if t.is_floating_point() else t for t in moved)
-    return moved
-
-
-def train_step(
-    task: TaskModule, batch: tuple, precision: str, device: torch.device, clip: float | None
-) -> Callable[[], None]:
-    """One optimiser step, as Lightning's automatic optimisation does it: forward (loss), backward, gradient
-    clipping by norm, AdamW step, scheduler step, zero_grad."""
-    optimizer, scheduler = task.build_optimizer(total_steps=10**6)
-    params = [p for p in task.parameters() if p.requires_grad]
-
-    def step() -> None:
-        with autocast(precision, device):
-            loss = task.training_loss(batch)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def decode_step(task: TaskModule, batch_size: int, context: int, n_tokens: int, device: torch.device, precision: str):
-    """Greedy decoding of ``n_tokens`` tokens with the KV cache after a prompt of ``context`` tokens; the prompt is
-    run once, and every call rewinds the caches to it. Returns the call and the caches' bytes per token."""
-    network = task.network
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, network.config.vocab_size, (batch_size, context), generator=generator).to(device)
-    caches = network.new_caches(batch_size, context + n_tokens)
-    with torch.inference_mode(), autocast(precision, device):
-        network.hidden(prompt, caches)
-    last = prompt[:, -1:]
-    cache_bytes = sum(c.nbytes for c in caches) // (batch_size * (context + n_tokens))
-
-    def step() -> None:
-        for cache in caches:
-            cache.length = context
-        token = last
-        with torch.inference_mode(), autocast(precision, device):
-            for _ in range(n_tokens):
-                hidden = network.hidden(token, caches)[0][:, -1:]  # (B, 1, C)
-                token = network.logits(hidden)[:, 0].argmax(dim=-1, keepdim=True)  # (B, 1)
-
-    return step, cache_bytes
-
-
-GEMM = "GEMM"
-"""Name of the matrix-multiply step among the timed training steps."""
-
-
-def gemm_step(device: torch.device, dtype: torch.dtype, size: int) -> Callable[[], None]:
-    """One ``size`` x ``size`` matrix product (2 size^3 FLOPs), written into a preallocated output."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    return lambda: torch.mm(a, b, out=out)
-
-
-def measure_gemm(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
-    """The device's matrix-multiply throughput: median FLOP/s of ``size`` x ``size`` products after warm-up."""
-    seconds = interleaved_medians({GEMM: gemm_step(device, dtype, size)}, repeats, 3, device)[GEMM]
-    return 2 * size**3 / seconds
-
-
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+from qkv_lightning.variants import Variant
 
 
 # -------------------------------------------------------------------------------------------------- results
@@ -195,10 +60,6 @@ class Measured:
     decode_s: float | None = None
     peak_memory: int | None = None
     cache_bytes_per_token: int | None = None
-
-
-def ratio(value: float | None, reference: float | None) -> float | None:
-    return None if value is None or not reference else value / reference
 
 
 def summarise(
@@ -280,170 +141,6 @@ def format_variants(rows: list[dict[str, Any]], unit: str, counts_tokens: bool, 
     return render_table(table, markdown)
 
 
-def overhead_summary(
-    plain: list[float], bare: list[float], full: list[float], flops_per_step: int, gemm_flops: float | None
-) -> dict[str, Any]:
-    """Medians of per-step times of the three loops, Lightning's cost relative to the plain loop, and each loop's
-    achieved FLOP/s (and fraction of the GEMM peak)."""
-    medians = {name: statistics.median(times) for name, times in (("plain", plain), ("lightning", bare),
-                                                                   ("lightning_fit", full))}
-    out: dict[str, Any] = {f"{name}_step_s": value for name, value in medians.items()}
-    out["steps_timed"] = {"plain": len(plain), "lightning": len(bare), "lightning_fit": len(full)}
-    out["lightning_over_plain"] = medians["lightning"] / medians["plain"]
-    out["lightning_fit_over_plain"] = medians["lightning_fit"] / medians["plain"]
-    for name, value in medians.items():
-        out[f"{name}_flops_per_sec"] = flops_per_step / value
-        out[f"{name}_gemm_fraction"] = ratio(flops_per_step / value, gemm_flops)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ measuring
-def measure_memory(argv: Sequence[str], loaded: LoadedTask, variants: list[Variant], batch: tuple,
-                   device: torch.device, precision: str, clip: float | None) -> dict[str, int]:
-    """Peak memory of a training step per variant: on a GPU the allocator's peak above what was allocated before the
-    variant was built (one variant at a time); on a CPU a fresh process per variant (its peak RSS above its RSS
-    before the model was built)."""
-    out: dict[str, int] = {}
-    if device.type == "cuda":
-        for variant in variants:
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            task = build(loaded.task, variant.attention, device, precision)
-            step = train_step(task, batch, precision, device, clip)
-            for _ in range(2):
-                step()
-            torch.cuda.synchronize(device)
-            out[variant.label] = torch.cuda.max_memory_allocated(device) - before
-            del task, step
-        torch.cuda.empty_cache()
-        return out
-    for index, variant in enumerate(variants):
-        command = [sys.executable, "-m", "qkv_lightning.bench.models", *argv, "--probe", str(index)]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        lines = [line for line in result.stdout.splitlines() if line.startswith(PROBE_MARK)]
-        if result.returncode or not lines:
-            raise RuntimeError(f"memory probe of {variant.label} failed:\n{result.stderr[-2000:]}")
-        out[variant.label] = json.loads(lines[-1][len(PROBE_MARK):])["delta"]
-    return out
-
-
-def probe(loaded: LoadedTask, variant: Variant, batch: tuple, device: torch.device, precision: str,
-          clip: float | None) -> None:
-    """The child process of :func:`measure_memory`: two training steps of one variant; prints its peak RSS."""
-    before = current_rss()
-    task = build(loaded.task, variant.attention, device, precision)
-    step = train_step(task, batch, precision, device, clip)
-    for _ in range(2):
-        step()
-    peak = peak_rss()
-    print(PROBE_MARK + json.dumps({"rss_before": before, "peak": peak, "delta": max(0, peak - before)}), flush=True)
-
-
-@contextlib.contextmanager
-def quiet_lightning():
-    """Lightning's info messages and warnings off (e.g. "max_steps reached", "no val_dataloader")."""
-    import logging
-    import warnings
-
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-
-
-class RepeatedBatch(Dataset):
-    """``length`` times the same (already collated, already on the device) batch."""
-
-    def __init__(self, batch: tuple, length: int) -> None:
-        self.batch, self.length = batch, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple:
-        return self.batch
-
-
-class StepTimes:
-    """A callback recording the time at the end of every training batch (after the optimiser step)."""
-
-    def __new__(cls, device: torch.device):
-        from lightning.pytorch.callbacks import Callback
-
-        class _StepTimes(Callback):
-            def __init__(self) -> None:
-                self.ends: list[float] = []
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-                synchronize(device)
-                self.ends.append(time.perf_counter())
-
-        return _StepTimes()
-
-
-OVERHEAD_SKIP = 2  # untimed first steps of each loop segment of --lightning_overhead
-
-
-def lightning_overhead(loaded: LoadedTask, variant: Variant, batch: tuple, device: torch.device, precision: str,
-                       clip: float | None, steps: int, rounds: int, skip: int,
-                       gemm: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Per-step times of a plain PyTorch loop and of Lightning fit loops on the same model, batch and optimiser
-    settings, interleaved in ``rounds``; the first ``skip`` steps of each segment are left out (warm-up, and a new
-    optimiser's first step for each fit). ``lightning``: a bare Trainer; ``lightning_fit``: as ``fit`` runs it here
-    (TensorBoard logging, learning-rate monitor, the non-finite guard and the perf monitor). With ``gemm``, each
-    round also times that many matrix products (key ``gemm``), for the loops' fractions of the GEMM peak."""
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
-    from qkv_lightning.callbacks.perf import PerfMonitor
-
-    task = build(loaded.task, variant.attention, device, precision)
-    plain_step = train_step(task, batch, precision, device, clip)
-    loader = DataLoader(RepeatedBatch(batch, steps), batch_size=None)  # the same batch every step, as the plain loop
-    log_every = int(loaded.config.trainer.get("log_every_n_steps") or 50)
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
-    times: dict[str, list[float]] = {"plain": [], "lightning": [], "lightning_fit": [], "gemm": []}
-    kinds = ("lightning", "plain", "lightning_fit") + (("gemm",) if gemm else ())
-    with tempfile.TemporaryDirectory() as logs:
-        for _ in range(rounds):
-            for kind in kinds:
-                if kind in ("plain", "gemm"):
-                    ends = []
-                    for _ in range(steps):
-                        (plain_step if kind == "plain" else gemm)()
-                        synchronize(device)
-                        ends.append(time.perf_counter())
-                else:
-                    timer = StepTimes(device)
-                    full = kind == "lightning_fit"
-                    with quiet_lightning():
-                        trainer = L.Trainer(
-                            accelerator=accelerator, devices=1, precision=precision, max_steps=steps,
-                            gradient_clip_val=clip, limit_val_batches=0, num_sanity_val_steps=0,
-                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                            logger=TensorBoardLogger(logs, name="overhead") if full else False,
-                            log_every_n_steps=log_every,
-                            callbacks=[timer, *([LearningRateMonitor("step"), NonFiniteGuard(), PerfMonitor()]
-                                                if full else [])],
-                        )
-                        trainer.fit(task, train_dataloaders=loader)
-                    task.to(device)  # Lightning's teardown moves the model back to the CPU
-                    ends = timer.ends
-                times[kind] += [b - a for a, b in zip(ends[skip:], ends[skip + 1 :])]
-    return times
-
-
 # ------------------------------------------------------------------------------------------------------ main
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -490,6 +187,22 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """The repeat and step counts of the command line are large enough.
+
+    Raises:
+        ConfigError: naming the option that is too small.
+    """
+    for name, value, least in (("steps", args.steps, 1), ("decode_repeats", args.decode_repeats, 1),
+                               ("attention_repeats", args.attention_repeats, 1),
+                               ("overhead_rounds", args.overhead_rounds, 1),
+                               ("overhead_steps", args.overhead_steps, OVERHEAD_SKIP + 2)):
+        if value < least:
+            raise ConfigError(f"--{name}={value} must be at least {least}"
+                              + (f" (the first {OVERHEAD_SKIP} steps of each loop segment are warm-up)."
+                                 if name == "overhead_steps" else "."))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``bench``: measure and print."""
     argv = list(argv or [])
@@ -502,13 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     clip = loaded.config.trainer.get("gradient_clip_val")
     n_head = loaded.task.network_config.n_head
     variants = variants_of(loaded.task.attention_config, n_head, args.variants, args.n_kv_heads)
-    for name, value, least in (("steps", args.steps, 1), ("decode_repeats", args.decode_repeats, 1),
-                               ("attention_repeats", args.attention_repeats, 1), ("overhead_rounds", args.overhead_rounds, 1),
-                               ("overhead_steps", args.overhead_steps, OVERHEAD_SKIP + 2)):
-        if value < least:
-            raise ConfigError(f"--{name}={value} must be at least {least}"
-                              + (f" (the first {OVERHEAD_SKIP} steps of each loop segment are warm-up)."
-                                 if name == "overhead_steps" else "."))
+    check_counts(args)
     if "QKV" not in [v.label for v in variants] and not args.probe:
         raise ConfigError("bench compares with QKV: keep QKV among --variants.")
     batch = to_device(first_batch(loaded, args.data), device, precision)
@@ -523,19 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, variants: list[Variant], batch: tuple,
-              device: torch.device, precision: str, clip: float | None) -> dict[str, Any]:
-    """Every measurement; returns the result as a plain dict (the JSON form)."""
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    task = loaded.task
-    samples = task.samples_in(batch)
-    costs = {v.label: task.cost(v.attention) for v in variants}
-    memory = measure_memory(argv, loaded, variants, batch, device, precision, clip) if args.memory else {}
-
-    built = {v.label: build(task, v.attention, device, precision) for v in variants}
+# ------------------------------------------------------------------------------------------------ measuring
+def time_training_steps(
+    args: argparse.Namespace, built: dict[str, TaskModule], batch: tuple, device: torch.device, precision: str,
+    clip: float | None,
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, Any] | None]:
+    """Every variant's training step, timed in interleaved rounds (with ``--gemm`` a matrix product too, in the same
+    rounds, so that load drifts hit both alike). Returns the seconds of each round, their medians, and the GEMM
+    setting and rates (None without ``--gemm``)."""
     steps = {name: train_step(t, batch, precision, device, clip) for name, t in built.items()}
     gemm = None
-    if args.gemm:  # timed in the same rounds as the training steps, so that load drifts hit both alike
+    if args.gemm:
         dtype_name = args.gemm_dtype or ("bfloat16" if precision.startswith("bf16") else "float32")
         size = args.gemm_size or (8192 if device.type == "cuda" else 4096)
         gemm = {"size": size, "dtype": dtype_name}
@@ -545,93 +250,137 @@ def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, var
     if gemm:
         gemm["flops_per_sec"] = 2 * gemm["size"] ** 3 / step_s.pop(GEMM)
         gemm["flops_per_sec_best"] = 2 * gemm["size"] ** 3 / min(samples_s.pop(GEMM))
+    return samples_s, step_s, gemm
 
+
+def time_decoding(
+    args: argparse.Namespace, loaded: LoadedTask, built: dict[str, TaskModule], device: torch.device, precision: str
+) -> tuple[dict[str, float], dict[str, int], dict[str, int]]:
+    """KV-cached greedy decoding of every variant (a language model's), timed in interleaved rounds. Returns the
+    median seconds per call, the caches' bytes per token, and the setting (context, tokens, batch).
+
+    Raises:
+        ConfigError: if the context and the decoded tokens do not fit the model's positions.
+    """
+    max_len = loaded.task.resolved_network_config(loaded.data_spec).max_seq_len
+    n_new = min(args.decode_tokens, max_len - 1)
+    context = args.decode_context or max(1, max_len - n_new)
+    if context + n_new > max_len:
+        raise ConfigError(f"--decode_context {context} + --decode_tokens {n_new} exceed max_seq_len={max_len}.")
+    decoders, cache_bytes = {}, {}
+    for name, t in built.items():
+        t.eval()
+        decoders[name], cache_bytes[name] = decode_step(t, args.decode_batch, context, n_new, device, precision)
+    decode_s = interleaved_medians(decoders, args.decode_repeats, 1, device)
+    return decode_s, cache_bytes, {"context": context, "tokens": n_new, "batch": args.decode_batch}
+
+
+def time_attention_core(
+    args: argparse.Namespace, cost: NetworkCost, causal: bool, variants: list[Variant], samples: int,
+    device: torch.device,
+    precision: str,
+) -> tuple[list[dict[str, Any]], str]:
+    """The attention core alone (``bench-attention``) at the task's width, heads and tokens: rows of the result and
+    the table."""
+    sharing = list(dict.fromkeys(v.sharing for v in variants))
+    timings = bench_attention(cost.d_model, cost.n_head, cost.tokens_per_sample, samples, causal,
+                              sharing, None, args.attention_repeats, 3, str(device),
+                              "bfloat16" if precision.startswith("bf16") else "float32")
+    ref = next(t for t in timings if t.name == "QKV")
+    rows = [{"name": t.name, "median_ms": t.median_ms, "time_ratio": t.median_ms / ref.median_ms,
+             "flops_ratio": (t.flops / ref.flops) if t.flops else None} for t in timings]
+    return rows, format_attention_table(timings)
+
+
+def add_best_rounds(rows: list[dict[str, Any]], samples_s: dict[str, list[float]], gemm: dict | None) -> None:
+    """Add the fastest round of each variant to its row: on a busy machine, load only ever adds time."""
+    for row in rows:
+        row["step_times_s"] = samples_s[row["name"]]
+        best = min(samples_s[row["name"]])
+        row["step_time_ratio_best"] = best / min(samples_s["QKV"])
+        row["gemm_fraction_best"] = row["train_flops_per_step"] / best / gemm["flops_per_sec_best"] if gemm else None
+
+
+def _load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def run_bench(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, variants: list[Variant], batch: tuple,
+              device: torch.device, precision: str, clip: float | None) -> dict[str, Any]:
+    """Every measurement; returns the result as a plain dict (the JSON form)."""
+    load_before = _load_average()
+    task = loaded.task
+    samples = task.samples_in(batch)
+    costs = {v.label: task.cost(v.attention_config(task.attention_config)) for v in variants}
+    memory = measure_memory(argv, loaded, variants, batch, device, precision, clip) if args.memory else {}
+
+    built = {v.label: build(task, v.attention_config(task.attention_config), device, precision) for v in variants}
+    samples_s, step_s, gemm = time_training_steps(args, built, batch, device, precision, clip)
     decode_s: dict[str, float] = {}
     cache_bytes: dict[str, int] = {}
-    is_lm = costs["QKV"].network == "GPT"
     decode_setting = None
-    if args.decode and is_lm:
-        max_len = task.resolved_network_config(loaded.data_spec).max_seq_len
-        n_new = min(args.decode_tokens, max_len - 1)
-        context = args.decode_context or max(1, max_len - n_new)
-        if context + n_new > max_len:
-            raise ConfigError(f"--decode_context {context} + --decode_tokens {n_new} exceed max_seq_len={max_len}.")
-        decoders = {}
-        for name, t in built.items():
-            t.eval()
-            decoders[name], cache_bytes[name] = decode_step(t, args.decode_batch, context, n_new, device, precision)
-        decode_s = interleaved_medians(decoders, args.decode_repeats, 1, device)
-        decode_setting = {"context": context, "tokens": n_new, "batch": args.decode_batch}
-    del steps, built
+    if args.decode and task.autoregressive:
+        decode_s, cache_bytes, decode_setting = time_decoding(args, loaded, built, device, precision)
+    del built
 
     measured = {
         name: Measured(step_s[name], decode_s.get(name), memory.get(name), cache_bytes.get(name)) for name in costs
     }
     decode_tokens = decode_setting["tokens"] * decode_setting["batch"] if decode_setting else None
     rows = summarise(costs, measured, samples, decode_tokens, gemm["flops_per_sec"] if gemm else None)
-    for row in rows:  # the fastest round too: on a busy machine, load only ever adds time
-        row["step_times_s"] = samples_s[row["name"]]
-        best = min(samples_s[row["name"]])
-        row["step_time_ratio_best"] = best / min(samples_s["QKV"])
-        row["gemm_fraction_best"] = row["train_flops_per_step"] / best / gemm["flops_per_sec_best"] if gemm else None
+    add_best_rounds(rows, samples_s, gemm)
 
     attention = attention_table = None
     if args.attention:
-        cost = costs["QKV"]
-        sharing = list(dict.fromkeys(v.attention.sharing for v in variants))
-        timings = bench_attention(cost.d_model, cost.n_head, cost.tokens_per_sample, samples, cost.network == "GPT",
-                                  sharing, None, args.attention_repeats, 3, str(device),
-                                  "bfloat16" if precision.startswith("bf16") else "float32")
-        ref = next(t for t in timings if t.name == "QKV")
-        attention = [{"name": t.name, "median_ms": t.median_ms, "time_ratio": t.median_ms / ref.median_ms,
-                      "flops_ratio": (t.flops / ref.flops) if t.flops else None} for t in timings]
-        attention_table = format_attention_table(timings)
+        attention, attention_table = time_attention_core(
+            args, costs["QKV"], task.autoregressive, variants, samples, device, precision
+        )
     overhead = None
     if args.lightning_overhead:
         first = variants[0]
-        products = gemm_step(device, getattr(torch, gemm["dtype"]), gemm["size"]) if gemm else None
-        times = lightning_overhead(loaded, first, batch, device, precision, clip, args.overhead_steps,
-                                   args.overhead_rounds, skip=OVERHEAD_SKIP, gemm=products)
-        peak = 2 * gemm["size"] ** 3 / statistics.median(times["gemm"]) if gemm else None
-        overhead = overhead_summary(times["plain"], times["lightning"], times["lightning_fit"],
-                                    costs[first.label].train_flops(samples), peak)
-        overhead["variant"] = first.label
-        overhead["step_times_s"] = times
-        overhead["gemm_flops_per_sec"] = peak
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    cost = costs["QKV"]
+        overhead = measure_overhead(loaded, first, batch, device, precision, clip, args.overhead_steps,
+                                    args.overhead_rounds, costs[first.label].train_flops(samples), gemm)
+    setup = setup_of(args, argv, loaded, costs["QKV"], samples, device, precision, clip, decode_setting)
+    setup["load_average_before"], setup["load_average_after"] = load_before, _load_average()
     return {
-        "setup": {
-            "command": "python cli.py bench " + " ".join(argv),
-            "task": type(task).__name__,
-            "network": cost.network,
-            "sizes": {"n_layer": cost.n_layer, "d_model": cost.d_model, "n_head": cost.n_head},
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_before": load_before,
-            "load_average_after": load_after,
-            "precision": precision,
-            "gradient_clip_val": clip,
-            "batch_samples": samples,
-            "tokens_per_sample": cost.tokens_per_sample,
-            "sample_unit": cost.sample_unit,
-            "counts_tokens": task.counts_tokens,
-            "data": args.data,
-            "data_spec_source": loaded.spec_source,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "memory": ("CUDA allocator peak above the memory allocated before the variant was built" if device.type
-                       == "cuda" else "peak RSS of a fresh process per variant, above its RSS before the model was "
-                       "built") if args.memory else None,
-            "decode": decode_setting,
-        },
+        "setup": setup,
         "variants": rows,
         "attention_core": attention,
         "attention_table": attention_table,
         "gemm": gemm,
         "lightning_overhead": overhead,
+    }
+
+
+def setup_of(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, cost: NetworkCost, samples: int,
+             device: torch.device, precision: str, clip: float | None, decode: dict | None) -> dict[str, Any]:
+    """What was measured, where and how: the ``setup`` part of the result (the load averages are filled in by
+    :func:`run_bench`)."""
+    return {
+        "command": "python cli.py bench " + " ".join(argv),
+        "task": type(loaded.task).__name__,
+        "network": cost.network,
+        "sizes": {"n_layer": cost.n_layer, "d_model": cost.d_model, "n_head": cost.n_head},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_before": None,
+        "load_average_after": None,
+        "precision": precision,
+        "gradient_clip_val": clip,
+        "batch_samples": samples,
+        "tokens_per_sample": cost.tokens_per_sample,
+        "sample_unit": cost.sample_unit,
+        "counts_tokens": loaded.task.counts_tokens,
+        "data": args.data,
+        "data_spec_source": loaded.spec_source,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "memory": ("CUDA allocator peak above the memory allocated before the variant was built" if device.type
+                   == "cuda" else "peak RSS of a fresh process per variant, above its RSS before the model was "
+                   "built") if args.memory else None,
+        "decode": decode,
     }
 
 

@@ -25,8 +25,10 @@ RATIO_KEYS = (
 )
 
 
-def ratio(value: float, reference: float) -> float | None:
-    return value / reference if reference else None
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference``; None when either is missing or the reference is zero (the ratios of ``report`` and
+    ``bench``)."""
+    return None if value is None or not reference else value / reference
 
 
 def report_data(loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16") -> dict[str, Any]:
@@ -34,18 +36,18 @@ def report_data(loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16") 
     task, kv_bytes = loaded.task, KV_BYTES[kv_dtype]
     base_attention = task.attention_config
     n_head = task.network_config.n_head
-    reference = task.cost(baseline_of(base_attention, n_head).attention, kv_bytes=kv_bytes)
-    costs: list[NetworkCost] = [task.cost(v.attention, kv_bytes=kv_bytes) for v in variants]
+    reference = task.cost(baseline_of(base_attention, n_head).attention_config(base_attention), kv_bytes=kv_bytes)
+    costs: list[NetworkCost] = [task.cost(v.attention_config(base_attention), kv_bytes=kv_bytes) for v in variants]
     entries = []
     for variant, cost in zip(variants, costs, strict=True):
         entry = cost.as_dict()
         entry["name"] = variant.label
-        entry["mask_self"] = variant.attention.mask_self
+        entry["mask_self"] = variant.attention_config(base_attention).mask_self
         entry["relative_to_QKV"] = {key: ratio(entry[key], getattr(reference, key)) for key in RATIO_KEYS}
         entries.append(entry)
     first = costs[0] if costs else reference
     notes = list(dict.fromkeys(note for cost in [reference, *costs] for note in cost.notes))
-    causal = first.network == "GPT"
+    causal = task.autoregressive
     notes.insert(
         0,
         "FLOPs: matrix products (2 per multiply-add) of the forward and backward pass, attention scores included"
@@ -91,10 +93,11 @@ def render_table(rows: list[list[str]], markdown: bool) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-        for row in rows
-    )
+    lines = []
+    for row in rows:
+        cells = zip(row, widths, strict=True)
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(cells)))
+    return "\n".join(lines)
 
 
 def format_report(data: dict[str, Any], markdown: bool = False) -> str:

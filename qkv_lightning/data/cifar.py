@@ -9,7 +9,6 @@ training images by ``val_fraction``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torchvision.datasets.utils import download_and_extract_archive, extract_arc
 
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule, TensorSource
 from qkv_lightning.errors import DataError
+from qkv_lightning.files import file_digest
 
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -66,14 +66,6 @@ def safe_unpickle(path: str) -> object:
             f"cannot read {path}: it is truncated or corrupted, or not a CIFAR file ({type(error).__name__}: {error}). "
             "Delete it and download the official files again (data.download: true)."
         ) from None
-
-
-def md5sum(path: str) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -216,7 +208,7 @@ class CIFAR10DataModule(ImageDataModule):
             for name, md5 in files:
                 path = self.require(folder, name)
                 data, target = read_batch(path, layout)
-                if self.verify_md5 and md5sum(path) != md5:
+                if self.verify_md5 and file_digest(path, "md5") != md5:
                     if len(data) == layout.official_counts[name]:
                         raise DataError(
                             f"{path} holds {len(data)} images like the official {layout.name} file but its MD5 differs "

@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import shutil
-import socket
+import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import atomic_open, atomic_write_json, file_digest, temporary_prefix
 from qkv_lightning.nn.gpt import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -137,34 +138,6 @@ def article_starts(path: Path) -> list[int]:
     return [i for i, line in enumerate(iter_lines(path)) if ARTICLE_HEADING.match(line.rstrip("\n"))]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def temporary(path: Path) -> Path:
-    """A temporary name next to ``path``, unique to this process and machine (nodes may share a file system), for
-    writing before an atomic rename."""
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = temporary(path)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-
-
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -178,7 +151,7 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"cannot create data.data_dir={data_dir} for the download ({error}).") from error
-    archive = temporary(data_dir / f"{release.folder}-v1.zip")
+    archive = data_dir / f"{temporary_prefix(data_dir / release.folder)}v1.zip"  # scratch, removed below
     failures = []
     try:
         for url in release.urls:
@@ -195,7 +168,7 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
                 f"could not download {release.title} ({'; '.join(failures)}). Without internet, put the official files "
                 f"{', '.join(release.lines)} into data.data_dir={data_dir} and set data.download: false."
             )
-        digest = md5_file(archive)
+        digest = file_digest(archive, "md5")
         if digest != release.md5:
             raise DataError(
                 f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
@@ -204,11 +177,8 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
             )
         with zipfile.ZipFile(archive) as zipped:
             for name in release.lines:
-                target = data_dir / name
-                tmp = temporary(target)
-                with zipped.open(f"{release.folder}/{name}") as src, open(tmp, "wb") as dst:
+                with zipped.open(f"{release.folder}/{name}") as src, atomic_open(data_dir / name) as dst:
                     shutil.copyfileobj(src, dst, 1 << 22)
-                tmp.replace(target)
     finally:
         archive.unlink(missing_ok=True)
 
@@ -240,46 +210,41 @@ def build_token_cache(
     """
     dtype = cache_dtype(tokenizer.vocab_size)
     bin_path, meta_path = prefix.with_suffix(".bin"), prefix.with_suffix(".json")
-    tmp = temporary(bin_path)
     digest = hashlib.sha256()
     n_tokens = n_words = n_lines = 0
     unknown_before = getattr(tokenizer, "unknown", 0)
-    try:
-        with open(tmp, "wb") as out:
-            head = np.array([tokenizer.boundary_id], dtype=dtype).tobytes()
-            out.write(head)
-            digest.update(head)
-            lines = iter_lines(source.path, source.start, source.stop)
-            while chunk := list(itertools.islice(lines, chunk_lines)):
-                ids = tokenizer.encode_lines(chunk)
-                array = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
-                data = array.tobytes()
-                out.write(data)
-                digest.update(data)
-                n_tokens += array.size
-                n_words += sum(words_in_line(line) for line in chunk)
-                n_lines += len(chunk)
-        meta = {
-            "format": CACHE_FORMAT,
-            "source": str(source.path),
-            "source_sha256": info.sha256,
-            "source_bytes": info.size,
-            "range": [source.start, source.stop],
-            "n_lines": n_lines,
-            "tokenizer": tokenizer.identity,
-            "dtype": dtype.name,
-            "n_tokens": n_tokens,
-            "n_words": n_words,
-            "n_unknown": getattr(tokenizer, "unknown", 0) - unknown_before,
-            "array_bytes": (n_tokens + 1) * dtype.itemsize,
-            "array_sha256": digest.hexdigest(),
-        }
-        meta_path.unlink(missing_ok=True)
-        tmp.replace(bin_path)
-        write_json(meta_path, meta)
-        return meta
-    finally:
-        tmp.unlink(missing_ok=True)
+    meta_path.unlink(missing_ok=True)  # the old metadata never describes a new array
+    with atomic_open(bin_path) as out:
+        head = np.array([tokenizer.boundary_id], dtype=dtype).tobytes()
+        out.write(head)
+        digest.update(head)
+        lines = iter_lines(source.path, source.start, source.stop)
+        while chunk := list(itertools.islice(lines, chunk_lines)):
+            ids = tokenizer.encode_lines(chunk)
+            array = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
+            data = array.tobytes()
+            out.write(data)
+            digest.update(data)
+            n_tokens += array.size
+            n_words += sum(words_in_line(line) for line in chunk)
+            n_lines += len(chunk)
+    meta = {
+        "format": CACHE_FORMAT,
+        "source": str(source.path),
+        "source_sha256": info.sha256,
+        "source_bytes": info.size,
+        "range": [source.start, source.stop],
+        "n_lines": n_lines,
+        "tokenizer": tokenizer.identity,
+        "dtype": dtype.name,
+        "n_tokens": n_tokens,
+        "n_words": n_words,
+        "n_unknown": getattr(tokenizer, "unknown", 0) - unknown_before,
+        "array_bytes": (n_tokens + 1) * dtype.itemsize,
+        "array_sha256": digest.hexdigest(),
+    }
+    atomic_write_json(meta_path, meta, sort_keys=True)
+    return meta
 
 
 def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | None:
@@ -297,7 +262,7 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
     size = bin_path.stat().st_size
     if size != meta.get("array_bytes"):
         return f"its token file has {size} bytes instead of the recorded {meta.get('array_bytes')} (truncated?)"
-    if check_array and sha256_file(bin_path) != meta.get("array_sha256"):
+    if check_array and file_digest(bin_path) != meta.get("array_sha256"):
         return "its token file's SHA-256 differs from the recorded one (modified or damaged)"
     return None
 
@@ -605,7 +570,8 @@ class WikiText(L.LightningDataModule):
             )
         vocab_path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(vocab_path)
-        write_json(meta_path, {**expected, "n_types": tokenizer.vocab_size, "tokenizer": tokenizer.identity})
+        atomic_write_json(meta_path, {**expected, "n_types": tokenizer.vocab_size, "tokenizer": tokenizer.identity},
+                          sort_keys=True)
 
     def load_tokenizer(self) -> Tokenizer:
         """The tokenizer: GPT-2 BPE, or the word vocabulary that :meth:`prepare_data` built."""
@@ -641,9 +607,8 @@ class WikiText(L.LightningDataModule):
         self.check_files(tuple(dict.fromkeys((*splits, "train") if word else splits)))
         try:
             self.token_dir.mkdir(parents=True, exist_ok=True)
-            probe = temporary(self.token_dir / "write-test")
-            probe.write_bytes(b"")
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=self.token_dir):
+                pass
         except OSError as error:
             raise DataError(
                 f"cannot write token caches to {self.token_dir} ({error}); set data.cache_dir to a writable folder."

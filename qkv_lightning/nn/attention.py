@@ -97,6 +97,11 @@ class Sharing:
         """Indices of the distinct tensors a KV cache must store (the groups of K and V)."""
         return tuple(sorted({self.group_of("K"), self.group_of("V")}))
 
+    def group_heads(self, n_head: int, n_kv_heads: int) -> tuple[int, ...]:
+        """Heads of each group in the fused projection: ``n_head`` for the group holding Q, ``n_kv_heads`` for the
+        others (so its output width is their sum times the head size)."""
+        return tuple(n_head if "Q" in group else n_kv_heads for group in self.groups)
+
     @property
     def query_shared(self) -> bool:
         """Whether Q shares its projection with K or V (then K/V must have as many heads as Q)."""
@@ -280,7 +285,7 @@ class Attention(nn.Module):
         self.n_head = n_head
         self.n_kv_heads = config.resolve_kv_heads(n_head)
         self.head_dim = d_model // n_head
-        self.group_heads = [n_head if "Q" in group else self.n_kv_heads for group in self.sharing.groups]
+        self.group_heads = list(self.sharing.group_heads(n_head, self.n_kv_heads))
         self.group_widths = [heads * self.head_dim for heads in self.group_heads]
         self.q_group, self.k_group, self.v_group = (self.sharing.group_of(role) for role in ROLES)
         self.kv_shared = self.k_group == self.v_group

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
+from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shape, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.sequence import SequenceConfig
 
 
@@ -36,6 +37,23 @@ class EncoderConfig(SequenceConfig):
     1/sqrt(2 n_layer). torch: PyTorch's default initialisation of every layer (Kaiming-uniform linear layers, N(0, 1)
     position embeddings), with the token embedding drawn as the paper's one-hot linear input layer, U(+-1/sqrt(vocab)):
     the initialisation of the paper's synthetic-task code. The paper's score encoding keeps its own either way."""
+
+    def cost(
+        self, attention: AttentionConfig, seq_len: int | None = None, kv_bytes: int = 2, count_masked: bool = False
+    ) -> NetworkCost:
+        """Cost of the :class:`SequenceEncoder` this config builds (``vocab_size``, ``num_classes`` set) on
+        sequences of ``seq_len`` tokens (default: ``max_seq_len``)."""
+        d, bias = self.d_model, self.bias
+        t = seq_len or self.max_seq_len
+        shape = attention_shape(d, self.n_head, attention, bias)
+        embedding = self.vocab_size * d + (self.max_seq_len * d if self.position == "learned" else 0)
+        head = d * self.num_classes + (self.num_classes if bias else 0)
+        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, False, False)
+        flops += Flops.product(2 * t * d * self.num_classes)
+        return trunk_network_cost(
+            "SequenceEncoder", self, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
+            tokens_per_sample=t, sample_unit="sequence", context_tokens=t, kv_bytes=kv_bytes,
+        )
 
 
 class SequenceEncoder(nn.Module):

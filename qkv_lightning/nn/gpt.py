@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig, KVCache
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
+from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shape, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.sequence import SequenceConfig
 
 IGNORE_INDEX = -100
@@ -44,6 +45,37 @@ class GPTConfig(SequenceConfig):
                 f"network.adaptive_cutoffs={self.adaptive_cutoffs} must be distinct positive integers in increasing "
                 "order, e.g. [20000, 40000, 200000]."
             )
+
+    def cost(
+        self, attention: AttentionConfig, seq_len: int | None = None, kv_bytes: int = 2, count_masked: bool = False
+    ) -> NetworkCost:
+        """Cost of the :class:`GPT` this config builds (its ``vocab_size`` set) trained on ``seq_len`` tokens
+        (default: ``max_seq_len``). An adaptive softmax counts its head cluster only: each tail cluster runs only
+        for the tokens whose target falls in it, which the data decides."""
+        d, v, bias = self.d_model, self.vocab_size, self.bias
+        t = seq_len or self.max_seq_len
+        shape = attention_shape(d, self.n_head, attention, bias)
+        embedding = v * d + (self.max_seq_len * d if self.position == "learned" else 0)
+        notes = []
+        if self.output == "adaptive":
+            cutoffs = [c for c in self.adaptive_cutoffs if c < v] + [v]
+            head_width = cutoffs[0] + len(cutoffs) - 1  # the shortlist plus one logit per tail cluster
+            head = d * head_width
+            for i in range(len(cutoffs) - 1):
+                hidden = int(d // self.adaptive_div_value ** (i + 1))
+                head += d * hidden + hidden * (cutoffs[i + 1] - cutoffs[i])
+            head_flops = Flops.product(2 * t * d * head_width)
+            notes.append("adaptive softmax: FLOPs count its head cluster only (tail clusters run for rare targets)")
+        else:
+            head = 0 if self.tie_embeddings else v * d
+            head_flops = Flops.product(2 * t * d * v)
+        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, True, count_masked)
+        flops += head_flops
+        return trunk_network_cost(
+            "GPT", self, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
+            tokens_per_sample=t, sample_unit="sequence", context_tokens=self.max_seq_len, kv_bytes=kv_bytes,
+            notes=tuple(notes),
+        )
 
 
 class GPT(nn.Module):

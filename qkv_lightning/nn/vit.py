@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Trunk, TrunkConfig
+from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shape, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.positional import sincos_2d
 
 
@@ -88,6 +89,29 @@ class ViTConfig(TrunkConfig):
                 )
             values[field] = mine if mine is not None else theirs
         return replace(self, **values)
+
+    def cost(
+        self, attention: AttentionConfig, seq_len: int | None = None, kv_bytes: int = 2, count_masked: bool = False
+    ) -> NetworkCost:
+        """Cost of the :class:`ViT` this config builds (``image_size``, ``in_channels``, ``num_classes`` set), per
+        image; its tokens are the patches plus the class token (``seq_len`` and ``count_masked`` do not apply)."""
+        d, bias = self.d_model, self.bias
+        patches = self.grid**2
+        t = patches + (1 if self.pool == "cls" else 0)
+        shape = attention_shape(d, self.n_head, attention, bias)
+        patch_in = self.in_channels * self.patch_size**2
+        embedding = patch_in * d + (d if bias else 0)
+        embedding += d if self.pool == "cls" else 0
+        embedding += t * d if self.position == "learned" else 0
+        head = d * self.num_classes + self.num_classes  # the ViT's head always has a bias
+        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, False, False)
+        flops += Flops.product(2 * patches * patch_in * d, input_needs_grad=False)  # images need no gradient
+        flops += Flops.product(2 * d * self.num_classes)  # one pooled vector per image
+        return trunk_network_cost(
+            "ViT", self, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
+            tokens_per_sample=t, sample_unit="image", context_tokens=t, kv_bytes=kv_bytes,
+            notes=("ViT: FLOPs per sample are per image; per token means per patch token (class token included)",),
+        )
 
 
 def check_patch_grid(image_size: int, patch_size: int) -> None:

@@ -21,7 +21,14 @@ import yaml
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study.config import Cell, StudyConfig, cells, expand_grid
-from qkv_lightning.study.report import plot_summary, summarize, summary_table, write_results_csv, write_summary
+from qkv_lightning.study.report import (
+    equivalence_table,
+    plot_summary,
+    summarize,
+    summary_table,
+    write_results_csv,
+    write_summary,
+)
 from qkv_lightning.study.runner import cell_spec, check_cells, is_finished, read_result, run_cells
 from qkv_lightning.study.sweep import summarize_sweep, sweep_markdown, sweep_table
 from qkv_lightning.variants import Variant
@@ -144,7 +151,7 @@ def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
     try:
         namespace = parser.parse_args(list(argv))
     except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
-        from qkv_lightning.cli import explain_config_error
+        from qkv_lightning.hints import explain_config_error
 
         vocabulary = {f.name for f in fields(StudyConfig)} | {"config"}
         raise ConfigError(f"study settings: {explain_config_error(str(error), vocabulary)}") from None
@@ -170,12 +177,24 @@ def main(argv: Sequence[str]) -> int:
         print(f"\nstudy interrupted: finished runs are kept in {study_dir}; run the same command to continue.")
         return 130
     print()
-    print(sweep_table(summary) if "sweep" in summary else summary_table(summary))
+    print(sweep_table(summary) if "sweep_table" in summary else summary_table(summary))
     print()
+    equivalence = None if "sweep_table" in summary else equivalence_table(summary)
+    if equivalence:
+        print(equivalence)
+        print()
+        print(
+            f"verdict: equivalent * = within the margin (TOST, Holm, p < {config.alpha}); worse * / better * = "
+            f"significant difference after Holm correction; inconclusive = neither."
+        )
+    else:
+        print(
+            f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
+            "significant difference, which is not evidence of none (set --equivalence_margin to test for that)."
+        )
     print(
-        f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
-        f"significant difference. Written: {study_dir}/summary.md, summary.json, results.csv, "
-        f"{'cells.md' if 'sweep' in summary else 'summary.png'}; "
+        f"Written: {study_dir}/summary.md, summary.json, results.csv, "
+        f"{'cells.md' if 'sweep_table' in summary else 'summary.png'}; "
         f"TensorBoard: tensorboard --logdir {study_dir}"
     )
     return 0

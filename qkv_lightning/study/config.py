@@ -12,6 +12,7 @@ from typing import Any
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS
+from qkv_lightning.study.effects import check_margins, statsmodels_available
 from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers, parse_label
 
 PREFERRED_METRICS = (
@@ -76,6 +77,20 @@ class StudyConfig:
     alpha: float = 0.05
     """Family-wise significance level (Holm correction over the variants compared with the baseline)."""
 
+    equivalence_margin: float | str | dict[str, float | str] | None = None
+    """Equivalence margin: a difference from the baseline smaller than this counts as no difference. A number is
+    in the metric's units (0.02: two accuracy points), a string like '1%' is that fraction of the baseline's mean.
+    One value applies to the primary metric; a mapping sets it per metric, e.g. {test/acc: 0.01, test/ppl: '1%'}.
+    With a margin the summary adds the TOST p-value (paired, Holm-corrected), its 1 - 2 alpha (90%) CI, the minimum
+    detectable difference and the seeds needed, and the verdict becomes equivalent / worse / better / inconclusive."""
+
+    power: float = 0.8
+    """Target power of the minimum detectable difference and of the seeds needed for the margin."""
+
+    mixed_model: bool = False
+    """Also fit a random-intercept mixed model (metric ~ variant + (1 | cell), statsmodels: pip install
+    'qkv-lightning[stats]') and show the variant effects with the cells as blocking factor."""
+
     output: str | None = None
     """Study directory; None: studies/<name of the study config>."""
 
@@ -137,6 +152,20 @@ class StudyConfig:
             raise ConfigError("study.metrics is empty: name final metrics (e.g. [test/acc]) or set it to null.")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"study.alpha={self.alpha} must lie in (0, 1).")
+        if not 0.0 < self.power < 1.0:
+            raise ConfigError(f"study.power={self.power} must lie in (0, 1), e.g. 0.8.")
+        check_margins(self.equivalence_margin)
+        if isinstance(self.equivalence_margin, dict) and self.metrics is not None:
+            unknown = sorted(set(self.equivalence_margin) - set(self.metrics))
+            if unknown:
+                raise ConfigError(
+                    f"study.equivalence_margin names {unknown}, which study.metrics={self.metrics} does not list: add "
+                    "them to study.metrics or remove their margins."
+                )
+        if self.mixed_model and not statsmodels_available():
+            raise ConfigError(
+                "study.mixed_model=true needs statsmodels: pip install 'qkv-lightning[stats]' (or set it to false)."
+            )
         if self.workers is not None and self.workers < 0:
             raise ConfigError(f"study.workers={self.workers} must be >= 0 (0: run in this process).")
         if self.threads is not None and self.threads < 1:

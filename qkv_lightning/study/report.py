@@ -8,12 +8,15 @@ import json
 import math
 from pathlib import Path
 
-from qkv_lightning.study import stats
+from qkv_lightning.study import effects, stats
 from qkv_lightning.study.config import StudyConfig
 from qkv_lightning.variants import Variant, row_columns
 
-RESULT_COLUMNS = [*row_columns(), "seed", "status"]
-"""The first columns of ``results.csv``; the final metrics (one column each, e.g. ``test/acc``) follow."""
+
+def result_columns() -> list[str]:
+    """The first columns of ``results.csv``: the variant's (:meth:`Variant.as_row`, so a new breaker's setting gets a
+    column), the seed and the status; the final metrics (one column each, e.g. ``test/acc``) follow."""
+    return [*row_columns(), "seed", "status"]
 
 TRAILING_COLUMNS = [
     "params",
@@ -31,13 +34,14 @@ TRAILING_COLUMNS = [
 def write_results_csv(results: list[dict], path: Path) -> list[str]:
     """One row per run (ok or failed); returns the columns written."""
     metric_names = sorted({name for result in results for name in result.get("metrics", {})})
+    first = result_columns()
     sweep_names = list(dict.fromkeys(name for result in results for name in result.get("sweep", {})))
-    columns = RESULT_COLUMNS[:-2] + sweep_names + RESULT_COLUMNS[-2:] + metric_names + TRAILING_COLUMNS
+    columns = first[:-2] + sweep_names + first[-2:] + metric_names + TRAILING_COLUMNS
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for result in results:
-            row = {key: result.get(key) for key in RESULT_COLUMNS + TRAILING_COLUMNS}
+            row = {key: result.get(key) for key in first + TRAILING_COLUMNS}
             row["n_kv_heads"] = "" if result.get("n_kv_heads") is None else result["n_kv_heads"]
             row.update(result.get("sweep", {}))  # a sweep's task and axis values
             row.update(result.get("metrics", {}))
@@ -49,12 +53,34 @@ def _finite(value: float) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def _json_safe(value: object) -> object:
+    """``value`` with every nan replaced by None (summary.json stays valid JSON)."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def sweep_axes(config: StudyConfig) -> list[str]:
+    """The study's grid axes besides the seed (the config keys of issue 11's ``axes``; none on a seed-only grid)."""
+    return list(getattr(config, "axes", None) or {})
+
+
 def summarize(config: StudyConfig, variants: list[Variant], results: list[dict]) -> dict:
     """Per-variant statistics of every metric, each compared with the baseline over the seeds.
 
     The comparison is a paired t-test when the variant and the baseline finished the same seeds (two or more),
-    Welch's t-test otherwise; the p-values of all variants are then Holm-corrected per metric. ``verdict`` says
-    'better' / 'worse' when the corrected p-value is below ``alpha``, else 'n.s.'.
+    Welch's t-test otherwise; the p-values of all variants are then Holm-corrected per metric. ``diff_verdict``
+    says 'better' / 'worse' when the corrected p-value is below ``alpha``, else 'n.s.'. Every comparison also gets
+    its minimum detectable difference at ``alpha`` and ``power``, and the per-seed differences (``diff_points``).
+
+    Where ``equivalence_margin`` gives the metric a margin, the same comparison is read as two one-sided tests
+    (``tost_p``, Holm-corrected over the variants as ``tost_p_holm``, with its 1 - 2 alpha CI ``tost_ci``), the
+    seeds needed to detect the margin are added, and ``verdict`` is 'equivalent', 'worse' / 'better' or
+    'inconclusive' (see :func:`effects.verdict`); without a margin ``verdict`` equals ``diff_verdict``.
+    ``sweep`` holds the effects with the cells as blocking factor when the study has grid axes or asks for the
+    mixed model.
     """
     by_variant: dict[str, list[dict]] = {v.label: [] for v in variants}
     for result in results:
@@ -93,9 +119,15 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
             row["params_change"] = None
 
     metrics = config.resolve_metrics(results)
+    primary = metrics[0] if metrics else None
+    margins = {}
     for metric in metrics:
         base_values = ok_values(base, metric)
-        tests = {}
+        base_series = [base_values[s] for s in sorted(base_values)]
+        margin, stated = effects.margin_for(config.equivalence_margin, metric, primary, stats.mean(base_series))
+        if margin is not None:
+            margins[metric] = {"margin": margin, "stated": stated}
+        tests, equivalences = {}, {}
         for row in rows:
             values = ok_values(row["variant"], metric)
             series = [values[s] for s in sorted(values)]
@@ -111,8 +143,22 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
                 if set(values) == set(base_values) and len(values) >= 2:
                     seeds = sorted(values)
                     test = stats.paired_test([values[s] for s in seeds], [base_values[s] for s in seeds])
+                    points = {str(s): values[s] - base_values[s] for s in seeds}
+                    power = stats.power_analysis(
+                        "paired", [stats.std(list(points.values()))], [len(seeds)], config.alpha, config.power, margin
+                    )
                 else:
-                    test = stats.welch_test(series, [base_values[s] for s in sorted(base_values)])
+                    test = stats.welch_test(series, base_series)
+                    base_mean = stats.mean(base_series)
+                    points = {str(s): v - base_mean for s, v in sorted(values.items())}
+                    power = stats.power_analysis(
+                        "welch",
+                        [stats.std(series), stats.std(base_series)],
+                        [len(series), len(base_series)],
+                        config.alpha,
+                        config.power,
+                        margin,
+                    )
                 tests[row["variant"]] = test
                 entry.update(
                     diff=_finite(test.diff),
@@ -121,22 +167,44 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
                     t=_finite(test.t) if not math.isinf(test.t) else test.t,
                     df=_finite(test.df),
                     p=_finite(test.p),
+                    diff_points=points,
+                    min_detectable=None if power is None else power.min_detectable,
+                    seeds_needed=None if power is None else power.seeds_needed,
                 )
+                if margin is not None:
+                    equivalence = stats.tost(test, margin, config.alpha)
+                    equivalences[row["variant"]] = equivalence
+                    entry.update(
+                        margin=margin,
+                        tost_ci=[_finite(equivalence.ci_low), _finite(equivalence.ci_high)],
+                        tost_p=_finite(equivalence.p),
+                    )
             row["metrics"][metric] = entry
         labels = list(tests)
         adjusted = stats.holm([tests[label].p for label in labels])
+        adjusted_tost = dict(zip(equivalences, stats.holm([e.p for e in equivalences.values()]), strict=True))
         lower_better = config.is_lower_better(metric)
         for label, p_holm in zip(labels, adjusted, strict=True):
             entry = next(row for row in rows if row["variant"] == label)["metrics"][metric]
             entry["p_holm"] = _finite(p_holm)
-            if math.isnan(p_holm):
-                entry["verdict"] = "n/a"
-            elif p_holm < config.alpha:
-                worse = (entry["diff"] > 0) == lower_better
-                entry["verdict"] = "worse" if worse else "better"
-            else:
-                entry["verdict"] = "n.s."
+            p_tost = adjusted_tost.get(label)
+            if p_tost is not None:
+                entry["tost_p_holm"] = _finite(p_tost)
+            entry["diff_verdict"] = effects.verdict(p_holm, None, entry["diff"], lower_better, config.alpha)
+            entry["verdict"] = effects.verdict(p_holm, p_tost, entry["diff"], lower_better, config.alpha)
         next(row for row in rows if row["variant"] == base)["metrics"][metric]["verdict"] = "baseline"
+
+    notes = []
+    if isinstance(config.equivalence_margin, dict):
+        unused = sorted(set(config.equivalence_margin) - set(metrics))
+        if unused:
+            notes.append(f"equivalence_margin for {unused} unused: the study summarises {metrics}")
+    axes = sweep_axes(config)
+    sweep = None
+    if primary is not None and (axes or config.mixed_model):
+        table = effects.results_table(results, axes)
+        labels = [v.label for v in variants]
+        sweep = _json_safe(effects.sweep_effects(table, primary, labels, base, axes, config.mixed_model, config.alpha))
 
     return {
         "task": config.task if isinstance(config.task, str) else list(config.task),
@@ -147,7 +215,11 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         "metrics": metrics,
         "lower_is_better": {metric: config.is_lower_better(metric) for metric in metrics},
         "alpha": config.alpha,
+        "power": config.power,
+        "equivalence_margins": margins,
         "variants": rows,
+        "sweep": sweep,
+        "notes": notes,
         "failed": [
             {"variant": r["variant"], "seed": r["seed"], "error": r["error"]} for r in results if r["status"] != "ok"
         ],
@@ -174,7 +246,11 @@ def _count(value: int | None) -> str:
 
 
 def _marker(verdict: str) -> str:
-    return {"worse": "worse *", "better": "better *"}.get(verdict, verdict)
+    return {"worse": "worse *", "better": "better *", "equivalent": "equivalent *"}.get(verdict, verdict)
+
+
+def _seeds(value: int | None, limit: int = 10_000) -> str:
+    return "-" if value is None else (f">{limit:,}" if value > limit else f"{value:,}")
 
 
 def summary_table(summary: dict, metric: str | None = None) -> str:
@@ -206,6 +282,85 @@ def summary_table(summary: dict, metric: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def equivalence_table(summary: dict, metric: str | None = None) -> str:
+    """The equivalence test of one metric (the primary one by default): one row per compared variant, with its
+    TOST interval and p-values, what the design can detect and the seeds the margin needs; '' without a margin."""
+    metric = metric or summary["primary"]
+    margin = summary.get("equivalence_margins", {}).get(metric)
+    if metric is None or margin is None:
+        return ""
+    base = summary["baseline"]
+    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    power = f"{100 * summary['power']:g}%"
+    lines = [
+        f"| variant | diff vs {base} | {level} CI | margin ± | TOST p | TOST p Holm | min detectable diff ({power}) "
+        f"| seeds for ±{margin['margin']:.4g} | verdict |",
+        "|" + "---|" * 9,
+    ]
+    for row in summary["variants"]:
+        entry = row["metrics"][metric]
+        if row["variant"] == base:
+            continue
+        ci = entry.get("tost_ci", [None, None])
+        lines.append(
+            f"| {row['variant']} | {_signed(entry['diff'])} | [{_signed(ci[0])}, {_signed(ci[1])}] "
+            f"| {margin['stated']} | {_p(entry.get('tost_p'))} | {_p(entry.get('tost_p_holm'))} "
+            f"| {_num(entry.get('min_detectable'))} | {_seeds(entry.get('seeds_needed'))} "
+            f"| {_marker(entry['verdict'])} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_markdown(summary: dict) -> str:
+    """The effects with the cells as blocking factor (paired over matched cells, the mixed model, interactions)."""
+    sweep = summary.get("sweep")
+    if not sweep:
+        return ""
+    base, metric = sweep["baseline"], sweep["metric"]
+    mixed = sweep.get("mixed")
+    header = f"| variant | matched cells | diff vs {base} [95% CI] | p Holm |"
+    if mixed:
+        header += " mixed model diff [95% CI] | p Holm |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for variant, paired in sweep["paired"].items():
+        line = (
+            f"| {variant} | {paired['cells']} | {_signed(_finite(paired['diff']))} "
+            f"[{_signed(_finite(paired['ci95'][0]))}, {_signed(_finite(paired['ci95'][1]))}] "
+            f"| {_p(_finite(paired['p_holm']))} |"
+        )
+        if mixed:
+            effect = mixed["effects"].get(variant)
+            if effect is None:
+                line += " - | - |"
+            else:
+                line += (
+                    f" {_signed(effect['estimate'])} [{_signed(effect['ci'][0])}, {_signed(effect['ci'][1])}] "
+                    f"| {_p(effect['p_holm'])} |"
+                )
+        lines.append(line)
+    parts = [f"Effect on {metric} with the cells as blocking factor:", "", "\n".join(lines)]
+    if mixed:
+        note = (
+            f"Mixed model `{metric} ~ variant + (1 | cell)` (REML, Wald z): {mixed['cells']} cells, "
+            f"cell sd {_num(mixed.get('cell_sd'))}, residual sd {_num(mixed.get('residual_sd'))} (one residual spread "
+            "pooled over all variants: where the variants' spreads differ a lot, read the paired columns)."
+        )
+        if mixed["warnings"]:
+            note += " statsmodels warned: " + "; ".join(mixed["warnings"])
+        parts += ["", note]
+    if sweep["interactions"]:
+        lines = ["| variant | axis | diff per value [n] | F | p | p Holm | depends |", "|" + "---|" * 7]
+        for check in sweep["interactions"]:
+            levels = ", ".join(f"{level}: {_signed(v['diff'])} [{v['n']}]" for level, v in check["levels"].items())
+            lines.append(
+                f"| {check['variant']} | {check['axis']} | {levels} | {check['F']:.3g} | {_p(check['p'])} "
+                f"| {_p(check['p_holm'])} | {'yes *' if check['depends'] else 'no'} |"
+            )
+        parts += ["", "Does the effect depend on an axis? (one-way ANOVA of the per-cell differences)", ""]
+        parts += ["\n".join(lines)]
+    return "\n".join(parts)
+
+
 def other_metrics_table(summary: dict) -> str:
     """Mean ± std and difference from the baseline (with its verdict) of the other metrics."""
     others = summary["metrics"][1:]
@@ -224,6 +379,27 @@ def other_metrics_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict_legend(summary: dict) -> str:
+    """One paragraph explaining the verdict column."""
+    base, alpha = summary["baseline"], summary["alpha"]
+    common = (
+        "`test`: `paired` t-test over matching seeds, or `welch` when the seeds that finished differ. KV cache: bytes "
+        "per token over all layers at 2 bytes per element."
+    )
+    if summary.get("equivalence_margins", {}).get(summary["primary"]):
+        return (
+            f"`verdict`: `equivalent *` when the difference from {base} lies within the equivalence margin "
+            f"(TOST p Holm < {alpha}, table below); else `worse *` / `better *` when the difference is significant "
+            f"after Holm's correction over the variants (p Holm < {alpha}); `inconclusive` when neither: these seeds "
+            "can tell neither. " + common
+        )
+    return (
+        f"`verdict`: `worse *` / `better *` when the difference from {base} is significant after Holm's correction "
+        f"over the variants (p Holm < {alpha}); `n.s.` otherwise, which is not evidence of no difference: set "
+        "`equivalence_margin` to test for that. " + common
+    )
+
+
 def summary_markdown(summary: dict, title: str) -> str:
     """The whole ``summary.md``."""
     primary = summary["primary"]
@@ -238,11 +414,29 @@ def summary_markdown(summary: dict, title: str) -> str:
         "",
         summary_table(summary),
         "",
-        f"`verdict`: `worse *` / `better *` when the difference from {summary['baseline']} is significant after Holm's "
-        f"correction over the variants (p Holm < {summary['alpha']}); `n.s.` otherwise. `test`: `paired` t-test over "
-        "matching seeds, or `welch` when the seeds that finished differ. KV cache: bytes per token over all layers "
-        "at 2 bytes per element.",
+        verdict_legend(summary),
     ]
+    equivalence = equivalence_table(summary)
+    if equivalence:
+        level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+        parts += [
+            "",
+            f"Equivalence of {primary} within the margin (two one-sided tests on the same comparison, Holm-corrected "
+            "over the variants):",
+            "",
+            equivalence,
+            "",
+            f"`equivalent *`: TOST p Holm < {summary['alpha']}, i.e. the difference lies within ± the margin (its "
+            f"{level} CI inside it, stricter after Holm's correction), even where the difference test also detects a "
+            "difference smaller than the margin. `min detectable diff`: the smallest true difference that the "
+            f"comparison's t-test detects at alpha {summary['alpha']} with {100 * summary['power']:g}% power, at this "
+            "spread and number of seeds; `seeds for ±margin`: seeds needed to detect a true difference of the margin "
+            "with that power (Holm's correction asks for somewhat more).",
+        ]
+    sweep = sweep_markdown(summary)
+    if sweep:
+        parts += ["", sweep]
+    parts += [f"\nNote: {note}." for note in summary.get("notes", [])]
     others = other_metrics_table(summary)
     if others:
         parts += ["", "Other metrics (mean ± std; difference from the baseline, verdict):", "", others]
@@ -260,22 +454,53 @@ def write_summary(summary: dict, study_dir: Path, title: str) -> str:
     return markdown
 
 
-def plot_summary(summary: dict, path: Path) -> None:
-    """Primary metric (mean with 95% CI error bars) versus parameters and versus KV-cache bytes per token.
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take: [0, 1] for accuracies, [1, inf) for perplexities, [0, inf) for losses."""
+    name = metric.lower().rsplit("/", 1)[-1]
+    if "acc" in name:
+        return 0.0, 1.0
+    if "ppl" in name or "perplexity" in name:
+        return 1.0, math.inf
+    if any(word in name for word in ("loss", "nll", "bpc", "error")):
+        return 0.0, math.inf
+    return -math.inf, math.inf
 
-    Variants with the same x (e.g. the three two-projection variants) are spread slightly sideways.
+
+def _clipped_error(center: float, low: float | None, high: float | None, bounds: tuple[float, float]) -> list:
+    """Error-bar lengths below and above ``center`` of the interval [low, high] clipped to ``bounds``."""
+    if low is None or high is None:
+        return [[0.0], [0.0]]
+    low, high = max(low, bounds[0]), min(high, bounds[1])
+    return [[max(center - low, 0.0)], [max(high - center, 0.0)]]
+
+
+def _clip_limits(axis_limits: tuple[float, float], bounds: tuple[float, float], pad: float) -> tuple[float, float]:
+    """Axis limits no further than ``pad`` beyond ``bounds``."""
+    return max(axis_limits[0], bounds[0] - pad), min(axis_limits[1], bounds[1] + pad)
+
+
+def summary_figure(summary: dict):  # -> matplotlib.figure.Figure | None
+    """The summary plot: the primary metric (mean, 95% CI) versus parameters and versus KV-cache bytes per token,
+    and a forest panel of each variant's difference from the baseline (95% CI as a line, the TOST interval as a
+    thicker bar, per-seed differences as dots, the equivalence margin as a band).
+
+    Variants with the same x (e.g. the three two-projection variants) are spread slightly sideways. Every interval
+    and axis is clipped to the values the metric can take (an accuracy's CI ends at 0 and 1, a difference of
+    accuracies at the bounds that the baseline's mean leaves).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import StrMethodFormatter
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
     metric = summary["primary"]
     if metric is None:
-        return
+        return None
+    bounds = metric_range(metric)
     rows = [row for row in summary["variants"] if row["metrics"][metric]["mean"] is not None]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    axes[1].sharey(axes[0])
     for axis, key, label in (
         (axes[0], "params", "parameters"),
         (axes[1], "kv_cache_bytes_per_token", "KV-cache bytes per token (all layers, 2 B/element)"),
@@ -287,18 +512,80 @@ def plot_summary(summary: dict, path: Path) -> None:
             entry = row["metrics"][metric]
             same = [r for r in placed if r[key] == row[key]]
             shift = (same.index(row) - (len(same) - 1) / 2) * 0.015 * span
-            low, high = entry["ci95"]
-            error = [[0.0], [0.0]] if low is None else [[entry["mean"] - low], [high - entry["mean"]]]
+            error = _clipped_error(entry["mean"], *entry["ci95"], bounds)
             marker = "s" if row["variant"] == summary["baseline"] else "o"
             axis.errorbar(
                 row[key] + shift, entry["mean"], yerr=error, fmt=marker, capsize=4, color=f"C{i}", label=row["variant"]
             )
         axis.set_xlabel(label)
+        axis.xaxis.set_major_locator(MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]))
         axis.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
         axis.grid(alpha=0.3)
+    if rows:
+        values = [v for row in rows for v in row["metrics"][metric]["values"].values()]
+        pad = 0.03 * ((max(values) - min(values)) or 1.0)
+        axes[0].set_ylim(*_clip_limits(axes[0].get_ylim(), bounds, pad))
     axes[0].set_ylabel(f"{metric} (mean, 95% CI)")
     axes[1].legend(fontsize=8, loc="best")
+    _forest(axes[2], summary, metric, bounds)
     figure.suptitle(f"{summary['task']}: {metric} per variant over seeds {summary['seeds']}", fontsize=10)
     figure.tight_layout()
+    return figure
+
+
+def _forest(axis, summary: dict, metric: str, bounds: tuple[float, float]) -> None:
+    """Forest panel: one line per compared variant, difference from the baseline with its intervals."""
+    base = summary["baseline"]
+    base_mean = next(row for row in summary["variants"] if row["variant"] == base)["metrics"][metric]["mean"]
+    if base_mean is None:
+        base_mean = 0.0
+    diff_bounds = (bounds[0] - base_mean, bounds[1] - base_mean)  # a variant's mean stays within the metric's range
+    compared = [
+        row for row in summary["variants"] if row["variant"] != base and row["metrics"][metric]["mean"] is not None
+    ]
+    margin = summary.get("equivalence_margins", {}).get(metric)
+    if margin is not None:
+        m = margin["margin"]
+        axis.axvspan(-m, m, color="tab:green", alpha=0.15, lw=0, label=f"margin ±{m:.3g}")
+    axis.axvline(0.0, color="black", lw=0.8)
+    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    xs: list[float] = [0.0]
+    for y, row in enumerate(compared):
+        entry = row["metrics"][metric]
+        color = f"C{summary['variants'].index(row)}"
+        diff = entry["diff"]
+        error = _clipped_error(diff, *entry["diff_ci95"], diff_bounds)
+        axis.errorbar(diff, y, xerr=error, fmt="o", color=color, capsize=4, lw=1.2,
+                      label="diff, 95% CI" if y == 0 else None)  # fmt: skip
+        if "tost_ci" in entry and entry["tost_ci"][0] is not None:
+            low, high = max(entry["tost_ci"][0], diff_bounds[0]), min(entry["tost_ci"][1], diff_bounds[1])
+            axis.plot([low, high], [y, y], color=color, lw=4, alpha=0.6, solid_capstyle="butt",
+                      label=f"{level} CI (TOST)" if y == 0 else None)  # fmt: skip
+        points = list(entry.get("diff_points", {}).values())
+        axis.scatter(points, [y + 0.2] * len(points), s=14, color=color, alpha=0.7, marker=".",
+                     label="per seed" if y == 0 else None)  # fmt: skip
+        xs += [diff, *points, *(v for v in entry["diff_ci95"] if v is not None)]
+    if margin is not None:
+        xs += [-margin["margin"], margin["margin"]]
+    span = (max(xs) - min(xs)) or 1.0
+    low, high = min(xs) - 0.05 * span, max(xs) + 0.05 * span
+    axis.set_xlim(max(low, diff_bounds[0] - 0.02 * span), min(high, diff_bounds[1] + 0.02 * span))
+    ticks = [f"{row['variant']}\n{_marker(row['metrics'][metric]['verdict'])}" for row in compared]
+    axis.set_yticks(range(len(compared)), ticks, fontsize=8)
+    axis.set_ylim(-0.6, len(compared) - 0.4)
+    axis.invert_yaxis()
+    axis.set_xlabel(f"{metric} minus {base}")
+    axis.grid(alpha=0.3, axis="x")
+    if compared:
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
+
+
+def plot_summary(summary: dict, path: Path) -> None:
+    """Draw :func:`summary_figure` into ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    figure = summary_figure(summary)
+    if figure is None:
+        return
     figure.savefig(path, dpi=120)
     plt.close(figure)

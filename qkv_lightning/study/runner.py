@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from qkv_lightning.files import atomic_write_json
 from qkv_lightning.study.config import Cell, StudyConfig, fingerprint, task_label
 
 RESULT_FILE = "result.json"
@@ -95,12 +96,9 @@ def check_cells(config: StudyConfig, variants: list, grid: list[Cell]) -> tuple[
     import importlib
     from argparse import ArgumentError
 
-    from qkv_lightning.cli import QKVLightningCLI, explain_config_error
+    from qkv_lightning.cli import QKVLightningCLI
     from qkv_lightning.errors import ConfigError, QKVError
-
-    class ParseOnly(QKVLightningCLI):
-        def instantiate_classes(self) -> None:  # the cells instantiate; here only the config is read
-            pass
+    from qkv_lightning.hints import explain_config_error
 
     def build(section: dict) -> object:
         module_name, _, class_name = section["class_path"].rpartition(".")
@@ -109,8 +107,8 @@ def check_cells(config: StudyConfig, variants: list, grid: list[Cell]) -> tuple[
     parsed: dict[str, dict] = {}
     for task in config.task_paths:
         where = f"study.task={task}" + (f" with study.overrides={config.overrides}" if config.overrides else "")
-        try:
-            parsed[task] = ParseOnly(args=["--config", str(task), *config.overrides], run=False).config.as_dict()
+        try:  # the cells instantiate; here only the config is read
+            parsed[task] = QKVLightningCLI.parse_only(["--config", str(task), *config.overrides]).as_dict()
         except QKVError as error:
             raise ConfigError(f"{where}: {error}") from None
         except (ArgumentError, ValueError) as error:  # jsonargparse reports bad keys and values as ArgumentError
@@ -175,10 +173,7 @@ def read_result(directory: Path) -> dict | None:
 
 def write_result(directory: Path, result: dict) -> None:
     """Write ``result.json`` atomically, so that an interrupted write never looks like a finished cell."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
-    os.replace(tmp, directory / RESULT_FILE)
+    atomic_write_json(directory / RESULT_FILE, result, default=_json_default)
 
 
 def _json_default(value: object) -> object:
@@ -289,6 +284,8 @@ def blank_result(spec: dict) -> dict:
     return {
         **spec["row"],
         **({"group": spec["group"], "sweep": dict(spec["sweep"])} if spec.get("group") else {}),
+        # every axis value by its config key, the task too (qkv_lightning.study.effects reads cells from them)
+        **({"axes": {"task": spec["sweep"]["task"], **dict(spec["axes"])}} if spec.get("group") else {}),
         "seed": spec["seed"],
         "status": "failed",
         "metrics": {},

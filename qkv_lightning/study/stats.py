@@ -1,96 +1,21 @@
-"""Statistics of a study, without scipy: Student's t distribution, confidence intervals, Welch's and the paired
-t-test, and Holm's step-down correction for testing several variants against one baseline.
+"""Statistics of a study, through ``scipy.stats``: confidence intervals, Welch's and the paired t-test, the two
+one-sided tests (TOST) of equivalence within a margin, the power of a t-test (the minimum detectable difference and
+the number of seeds needed), and Holm's step-down correction for testing several variants against one baseline.
 
-The t distribution's CDF comes from the regularised incomplete beta function, evaluated by its continued fraction
-(modified Lentz method); quantiles invert the CDF by bisection. Accuracy is about 1e-12, far beyond what a handful
-of seeds can resolve. ``tests/test_study.py`` checks every function against ``scipy.stats``.
+scipy does the distributions (``ttest_rel``, ``ttest_ind(equal_var=False)`` with ``confidence_interval``,
+``t.ppf``, ``nct``). What is ours: the zero-spread case, where scipy answers nan (all seeds identical is common on
+easy synthetic tasks: then the difference is either exactly zero or surely non-zero), and the small Holm step.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_TINY = 1e-300
-_EPS = 1e-15
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction 1 / (1 + d1 / (1 + d2 / (1 + ...))) of I_x(a, b), by the modified Lentz method."""
-    f, c, d = _TINY, _TINY, 0.0  # b0 = 0 is replaced by a tiny number
-    for j in range(1, 10_000):
-        if j == 1:
-            numerator = 1.0
-        else:
-            k = j - 1  # numerator of the term: d_k
-            m = k // 2
-            if k % 2:  # d_{2m+1}
-                numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-            else:  # d_{2m}
-                numerator = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + numerator * d
-        d = 1.0 / (d if abs(d) > _TINY else _TINY)
-        c = 1.0 + numerator / c
-        c = c if abs(c) > _TINY else _TINY
-        delta = c * d
-        f *= delta
-        if abs(delta - 1.0) < _EPS:
-            return f
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if not (a > 0 and b > 0):
-        raise ValueError(f"betainc needs a, b > 0, got a={a}, b={b}")
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point: use symmetry
-        return 1.0 - betainc(b, a, 1.0 - x)
-    log_front = a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    return math.exp(log_front) / a * _beta_continued_fraction(a, b, x)
-
-
-def t_sf2(t: float, df: float) -> float:
-    """Two-sided tail probability P(|T| >= |t|) of Student's t with ``df`` degrees of freedom."""
-    if math.isnan(t) or math.isnan(df):
-        return math.nan
-    if math.isinf(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t distribution with ``df`` (> 0, not necessarily whole) degrees of freedom."""
-    half_tail = 0.5 * t_sf2(t, df)
-    return 1.0 - half_tail if t > 0 else half_tail
-
-
-def t_ppf(q: float, df: float) -> float:
-    """Quantile of Student's t: the t with ``t_cdf(t, df) == q``, for 0 < q < 1."""
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"t_ppf needs 0 < q < 1, got {q}")
-    if math.isnan(df):
-        return math.nan
-    if q < 0.5:
-        return -t_ppf(1.0 - q, df)
-    if q == 0.5:
-        return 0.0
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < q:
-        low, high = high, 2.0 * high
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if t_cdf(middle, df) < q:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-14 * max(1.0, high):
-            break
-    return 0.5 * (low + high)
+from scipy import optimize
+from scipy import stats as distributions
 
 
 def mean(values: Sequence[float]) -> float:
@@ -104,6 +29,11 @@ def std(values: Sequence[float]) -> float:
         return math.nan
     m = mean(values)
     return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def t_ppf(q: float, df: float) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom (``scipy.stats.t.ppf``)."""
+    return float(distributions.t.ppf(q, df))
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -121,7 +51,7 @@ class TTest:
     """A two-sample comparison of ``a`` against ``b``: the difference of means ``mean(a) - mean(b)``."""
 
     kind: str
-    """'welch' (independent samples, unequal variances) or 'paired' (matched seeds)."""
+    """'welch' (independent samples, unequal variances) or 'paired' (matched seeds or cells)."""
 
     diff: float
     """Difference of the means, a minus b."""
@@ -141,43 +71,194 @@ class TTest:
     p: float
     """Two-sided p-value of 'no difference'."""
 
+    se: float = math.nan
+    """Standard error of the difference (0 when there is no spread at all; nan below two values)."""
 
-def _t_test(kind: str, diff: float, se: float, df: float, confidence: float) -> TTest:
-    if math.isnan(se) or math.isnan(df):
-        return TTest(kind, diff, math.nan, math.nan, math.nan, df, math.nan)
-    if se == 0.0:  # no spread at all: either identical or surely different (scipy gives nan / 0 here)
-        p = 1.0 if diff == 0.0 else 0.0
-        t = 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
-        return TTest(kind, diff, diff, diff, t, df, p)
-    t = diff / se
-    half = t_ppf(0.5 + confidence / 2.0, df) * se
-    return TTest(kind, diff, diff - half, diff + half, t, df, t_sf2(t, df))
+
+def _without_spread(kind: str, diff: float, df: float) -> TTest:
+    """No spread at all: either identical (p = 1) or surely different (p = 0); scipy gives nan here."""
+    p = 1.0 if diff == 0.0 else 0.0
+    t = 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
+    return TTest(kind, diff, diff, diff, t, df, p, 0.0)
+
+
+def _undefined(kind: str, diff: float) -> TTest:
+    return TTest(kind, diff, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
 
 
 def welch_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> TTest:
-    """Welch's t-test of mean(a) == mean(b) with its confidence interval of mean(a) - mean(b).
+    """Welch's t-test of mean(a) == mean(b) (``scipy.stats.ttest_ind(equal_var=False)``) with its confidence
+    interval of mean(a) - mean(b).
 
     Needs at least two values in each sample (else the interval and p-value are nan).
     """
     diff = mean(a) - mean(b)
     if len(a) < 2 or len(b) < 2:
-        return _t_test("welch", diff, math.nan, math.nan, confidence)
-    va, vb = std(a) ** 2 / len(a), std(b) ** 2 / len(b)
-    se2 = va + vb
-    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se2 > 0 else float(len(a) + len(b) - 2)
-    return _t_test("welch", diff, math.sqrt(se2), df, confidence)
+        return _undefined("welch", diff)
+    se = math.sqrt(std(a) ** 2 / len(a) + std(b) ** 2 / len(b))
+    if se == 0.0:
+        return _without_spread("welch", diff, float(len(a) + len(b) - 2))
+    with warnings.catch_warnings():  # nearly identical values: scipy warns of precision loss, the result is right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = distributions.ttest_ind(a, b, equal_var=False)
+    ci = result.confidence_interval(confidence)
+    return TTest("welch", diff, float(ci.low), float(ci.high), float(result.statistic), float(result.df),
+                 float(result.pvalue), se)  # fmt: skip
 
 
 def paired_test(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> TTest:
-    """Paired t-test of mean(a - b) == 0 over matched pairs (e.g. the same seeds), with its confidence interval."""
+    """Paired t-test of mean(a - b) == 0 over matched pairs (``scipy.stats.ttest_rel``), with its confidence
+    interval; pairs are the same seeds, or the same cells of a sweep."""
     if len(a) != len(b):
         raise ValueError(f"paired test needs samples of equal length, got {len(a)} and {len(b)}")
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     if len(diffs) < 2:
-        return _t_test("paired", mean(diffs), math.nan, math.nan, confidence)
-    return _t_test("paired", mean(diffs), std(diffs) / math.sqrt(len(diffs)), float(len(diffs) - 1), confidence)
+        return _undefined("paired", mean(diffs))
+    se = std(diffs) / math.sqrt(len(diffs))
+    if se == 0.0:
+        return _without_spread("paired", mean(diffs), float(len(diffs) - 1))
+    with warnings.catch_warnings():  # see welch_test
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = distributions.ttest_rel(a, b)
+    ci = result.confidence_interval(confidence)
+    return TTest("paired", mean(diffs), float(ci.low), float(ci.high), float(result.statistic),
+                 float(result.df), float(result.pvalue), se)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Equivalence:
+    """Two one-sided tests (TOST) of |difference| < margin, read from a :class:`TTest`'s difference, standard error
+    and degrees of freedom (so the same for the paired and the Welch case)."""
+
+    margin: float
+    """The absolute equivalence margin (> 0): equivalence means -margin < difference < margin."""
+
+    ci_low: float
+    """Lower end of the 1 - 2 alpha (90% at alpha 0.05) confidence interval of the difference."""
+
+    ci_high: float
+    """Upper end of that interval: TOST rejects at alpha exactly when the interval lies inside the margin."""
+
+    p_lower: float
+    """p-value of the one-sided test of H0: difference <= -margin."""
+
+    p_upper: float
+    """p-value of the one-sided test of H0: difference >= +margin."""
+
+    p: float
+    """The TOST p-value, max(p_lower, p_upper): small when the difference lies within the margin."""
+
+
+def tost(test: TTest, margin: float, alpha: float = 0.05) -> Equivalence:
+    """The two one-sided tests of equivalence within ``margin`` for the difference that ``test`` estimated."""
+    if not margin > 0:
+        raise ValueError(f"the equivalence margin must be > 0, got {margin}")
+    diff, se, df = test.diff, test.se, test.df
+    if math.isnan(se) or math.isnan(df):
+        return Equivalence(margin, math.nan, math.nan, math.nan, math.nan, math.nan)
+    if se == 0.0:  # no spread: the difference is known exactly
+        p_lower = 0.0 if diff > -margin else 1.0
+        p_upper = 0.0 if diff < margin else 1.0
+        return Equivalence(margin, diff, diff, p_lower, p_upper, max(p_lower, p_upper))
+    p_lower = float(distributions.t.sf((diff + margin) / se, df))
+    p_upper = float(distributions.t.cdf((diff - margin) / se, df))
+    half = t_ppf(1.0 - alpha, df) * se
+    return Equivalence(margin, diff - half, diff + half, p_lower, p_upper, max(p_lower, p_upper))
+
+
+# ----------------------------------------------------------------------------------------------------- power
+def t_test_power(effect: float, se: float, df: float, alpha: float) -> float:
+    """Power of the two-sided t-test at level ``alpha`` when the true difference is ``effect``: the probability
+    that |T| exceeds the critical value, T following the non-central t with non-centrality effect / se."""
+    critical = t_ppf(1.0 - alpha / 2.0, df)
+    nc = abs(effect) / se  # the power is symmetric in the sign of the effect
+    far_tail = float(distributions.nct.cdf(-critical, df, nc))  # scipy gives nan where this is far below 1e-16
+    return float(distributions.nct.sf(critical, df, nc)) + (0.0 if math.isnan(far_tail) else far_tail)
+
+
+def _welch_se_df(sd_a: float, sd_b: float, n_a: int, n_b: int) -> tuple[float, float]:
+    va, vb = sd_a**2 / n_a, sd_b**2 / n_b
+    se2 = va + vb
+    df = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1)) if se2 > 0 else float(n_a + n_b - 2)
+    return math.sqrt(se2), df
+
+
+def _se_df(kind: str, sds: tuple[float, ...], n: tuple[int, ...]) -> tuple[float, float]:
+    if kind == "paired":
+        return sds[0] / math.sqrt(n[0]), float(n[0] - 1)
+    return _welch_se_df(sds[0], sds[1], n[0], n[1])
+
+
+@dataclass(frozen=True)
+class Power:
+    """What a t-test with this spread can detect, at level alpha and the target power."""
+
+    min_detectable: float
+    """Smallest true |difference| that the test detects with the target power at today's number of seeds."""
+
+    seeds_needed: int | None
+    """Seeds (pairs for 'paired', per variant for 'welch') with which a true difference of the margin is detected
+    with the target power; None without a margin, ``max_seeds + 1`` when more than ``max_seeds`` would be needed."""
+
+
+def power_analysis(
+    kind: str,
+    sds: Sequence[float],
+    n: Sequence[int],
+    alpha: float,
+    power: float = 0.8,
+    margin: float | None = None,
+    max_seeds: int = 10_000,
+) -> Power | None:
+    """Minimum detectable difference and seeds needed for a two-sided t-test (exact, through the non-central t).
+
+    Args:
+        kind: 'paired' (``sds`` = [sd of the paired differences], ``n`` = [pairs]) or 'welch' (``sds`` = [sd of a,
+            sd of b], ``n`` = [size of a, size of b]).
+        sds: The observed standard deviations.
+        n: The sample sizes (two or more each).
+        alpha: Level of the test (two-sided).
+        power: Target power, e.g. 0.8.
+        margin: The difference to detect for ``seeds_needed``; None leaves it out.
+        max_seeds: Upper end of the search for ``seeds_needed``.
+
+    Returns:
+        The :class:`Power`, or None when the spread is unknown (fewer than two values).
+    """
+    sds, n = tuple(sds), tuple(n)
+    if min(n) < 2 or any(math.isnan(s) for s in sds):
+        return None
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must lie in (0, 1), got {power}")
+    if all(s == 0.0 for s in sds):  # no spread: any difference is detected, with two seeds already
+        return Power(0.0, None if margin is None else 2)
+    se, df = _se_df(kind, sds, n)
+    # the power grows with the non-centrality nc = difference / se: alpha at nc = 0; bracket the target, then solve
+    high = t_ppf(1.0 - alpha / 2.0, df) + 1.0
+    while t_test_power(high, 1.0, df, alpha) < power:
+        high *= 2.0
+    nc = optimize.brentq(lambda x: t_test_power(x, 1.0, df, alpha) - power, 0.0, high, xtol=1e-12, rtol=1e-12)
+    needed = None
+    if margin is not None:
+
+        def enough(seeds: int) -> bool:
+            se_k, df_k = _se_df(kind, sds, (seeds,) * len(n))
+            return t_test_power(margin, se_k, df_k, alpha) >= power
+
+        low, high = 1, 2  # enough(low) is False by convention (no test below two seeds)
+        while not enough(high):
+            low, high = high, 2 * high
+            if high > max_seeds:
+                high = max_seeds + 1
+                break
+        while high - low > 1:  # the power grows with the seeds: bisect for the smallest enough count
+            middle = (low + high) // 2
+            low, high = (low, middle) if enough(middle) else (middle, high)
+        needed = high
+    return Power(float(nc * se), needed)
+
+
+# ------------------------------------------------------------------------------------------------- correction
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (family-wise error control); nan p-values stay nan and don't count.
 

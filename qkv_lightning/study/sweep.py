@@ -89,7 +89,7 @@ def variant_sweep(results: list[dict], label: str, tasks: list[str], metric: str
 
 def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[dict], groups: list[dict]) -> dict:
     """The summary of a sweep, in the shape of :func:`~qkv_lightning.study.report.summarize` (one row per variant,
-    so that its table and the CLI read it alike) plus ``tasks``, ``sweep`` (the paper-layout table of every metric)
+    so that its table and the CLI read it alike) plus ``tasks``, ``sweep_table`` (the paper-layout table of every metric)
     and ``groups`` (the per-cell summaries, given)."""
     base = config.baseline
     tasks = []
@@ -169,7 +169,7 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
         "lower_is_better": {metric: config.is_lower_better(metric) for metric in metrics},
         "alpha": config.alpha,
         "variants": rows,
-        "sweep": sweep,
+        "sweep_table": sweep,
         "groups": groups,
         "failed": [
             {"variant": r["variant"], "group": r.get("group", ""), "seed": r["seed"], "error": r["error"]}
@@ -205,7 +205,7 @@ def sweep_table(summary: dict, metric: str | None = None) -> str:
         "| pairs | p Holm | verdict |"
     )
     lines = [header, "|" + "---|" * (len(tasks) + 7)]
-    for label, entry in summary["sweep"][metric].items():
+    for label, entry in summary["sweep_table"][metric].items():
         cells = " | ".join(_num(entry["per_task"].get(task)) for task in tasks)
         ci = f"[{_num(entry['ci95'][0])}, {_num(entry['ci95'][1])}]"
         if label == base:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Literal, TypeVar
@@ -10,8 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from qkv_lightning.accounting import NetworkCost, network_cost
-from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.accounting import NetworkCost, check_declares_cost, network_cost
+from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
@@ -96,7 +97,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class TaskModule(L.LightningModule):
+class TaskModule(L.LightningModule, abc.ABC):
     """Base of the task modules. Subclasses implement :meth:`build_network` and the step methods.
 
     The network is built in :meth:`configure_model` (idempotent), so that FSDP can build it sharded and
@@ -104,6 +105,9 @@ class TaskModule(L.LightningModule):
     size, classes, sequence length) come from the datamodule's ``spec()`` at setup and are saved as ``data_spec``.
 
     Args:
+        network: the network config (GPT, ViT or encoder sizes), already a dataclass; it must declare its closed-form
+            cost (:func:`qkv_lightning.accounting.check_declares_cost`); its ``n_head`` decides the allowed K/V
+            heads.
         attention: the attention variant (a dict, as stored in checkpoints, is accepted too).
         optimizer: AdamW and learning-rate schedule (or its dict).
         data_spec: what the data decides; filled from the datamodule when None.
@@ -112,9 +116,12 @@ class TaskModule(L.LightningModule):
     """
 
     network: nn.Module | None
+    network_config: Any
+    """The network's config (sizes and options; the values the data decides may still be None)."""
 
     def __init__(
         self,
+        network: Any,
         attention: AttentionConfig = AttentionConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         data_spec: dict | None = None,
@@ -122,7 +129,10 @@ class TaskModule(L.LightningModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        check_declares_cost(network)
+        self.network_config = network
         self.attention_config = as_config(AttentionConfig, attention)
+        self.attention_config.resolve_kv_heads(network.n_head)  # head counts checked once, before any work
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.data_spec = dict(data_spec) if data_spec else None
         self.compile_blocks = compile
@@ -151,13 +161,13 @@ class TaskModule(L.LightningModule):
         )
 
     # ----------------------------------------------------------------------------------------------- building
+    @abc.abstractmethod
     def resolved_network_config(self, data_spec: dict) -> Any:
         """The network config with the values the data decides filled in; implemented by each task."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build_network(self, data_spec: dict) -> nn.Module:
         """Build the network for ``data_spec``; implemented by each task."""
-        raise NotImplementedError
 
     def setup(self, stage: str) -> None:
         if self.data_spec is None:
@@ -177,48 +187,18 @@ class TaskModule(L.LightningModule):
         validate, test or predict. Tasks with such constraints override this (raising :class:`ConfigError` naming the
         settings to change)."""
 
-    def check_checkpoint_fits(
-        self, shapes: dict[str, tuple[int, ...]], hparams: dict, source: str, sharded: bool = False
-    ) -> None:
-        """Raise a :class:`CheckpointError` naming the settings to change if a checkpoint's weights do not fit the
-        configured model, before anything runs: the network is built on the meta device (no memory, no data) for
-        the checkpoint's ``data_spec``, and parameter names and shapes are compared.
-
-        Args:
-            shapes: the checkpoint's ``state_dict`` as name -> shape.
-            hparams: the checkpoint's hyper-parameters.
-            source: the checkpoint's path, for the message.
-            sharded: a sharded checkpoint stores tied parameters once, so names it lacks are not reported.
-        """
-        spec = self.data_spec or hparams.get("data_spec")
-        if not spec:
-            return
+    def expected_weight_shapes(self, data_spec: dict) -> dict[str, tuple[int, ...]]:
+        """The ``state_dict`` names and shapes of this task with its network built for ``data_spec``, on the meta
+        device (no memory, no data); :func:`qkv_lightning.resume.check_fits` compares a checkpoint with them."""
         with torch.device("meta"):
-            network = self.build_network(dict(spec))
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}  # besides the network (not built yet)
+            network = self.build_network(dict(data_spec))
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith("network.")}
         expected.update({f"network.{k}": tuple(v.shape) for k, v in network.state_dict().items()})
-        problems = [] if sharded else [f"{k} missing" for k in expected if k not in shapes]
-        problems += [f"{k} unexpected" for k in shapes if k not in expected]
-        problems += [f"{k} {shapes[k]} vs {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
-        if not problems:
-            return
-        differ = [
-            f"{group}.{key}: checkpoint {value!r}, config {self.hparams.get(group, {}).get(key)!r}"
-            for group in ("network", "attention")
-            for key, value in (hparams.get(group) or {}).items()
-            if isinstance(self.hparams.get(group), dict)
-            and key in self.hparams[group]
-            and self.hparams[group][key] != value
-            and not (key == "vocab_size" and self.hparams[group][key] is None)
-        ]
-        saved_class, mine = hparams.get("_class_path"), f"{type(self).__module__}.{type(self).__qualname__}"
-        if saved_class and saved_class != mine:
-            differ.insert(0, f"model.class_path: checkpoint {saved_class}, config {mine}")
-        raise CheckpointError(
-            f"the checkpoint {source} does not fit the configured model ({'; '.join(problems[:4])}"
-            f"{' ...' if len(problems) > 4 else ''}); nothing was run. Use the model settings it was trained with"
-            f"{': ' + '; '.join(differ) if differ else ''}."
-        )
+        return expected
+
+    def check_checkpoint_data(self, saved_spec: dict, source: str) -> None:
+        """Raise a :class:`CheckpointError` if a checkpoint's ``data_spec`` (what its data decided) cannot serve this
+        task's data; tasks with such constraints override it (a language model's tokenizer and vocabulary)."""
 
     def configure_model(self) -> None:
         if self.network is not None:
@@ -258,6 +238,10 @@ class TaskModule(L.LightningModule):
     counts_tokens: bool = True
     """Whether samples are token sequences, so that throughput is also counted in tokens (:meth:`tokens_in`)."""
 
+    autoregressive: bool = False
+    """Whether the network is a causal decoder that generates with a KV cache (its attention is causal; ``bench``
+    times decoding for it)."""
+
     def cost(
         self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2
     ) -> NetworkCost:
@@ -285,6 +269,11 @@ class TaskModule(L.LightningModule):
         inputs = batch[0] if isinstance(batch, list | tuple) else batch
         return int(inputs.numel())
 
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """A training batch of ``batch_size`` samples of the data's shapes (``data_spec``) with random contents, as the
+        datamodule would collate it (``bench --data random``); implemented by each task."""
+        raise NotImplementedError(f"{type(self).__name__} does not make example batches; use bench --data config.")
+
     @property
     def flops_per_batch(self) -> int | None:
         """Closed-form FLOPs of the current batch on this device: forward plus backward in training, forward in
@@ -304,14 +293,14 @@ class TaskModule(L.LightningModule):
         self._batch_samples = self.samples_in(batch)
 
     # ------------------------------------------------------------------------------------------------ training
+    @abc.abstractmethod
     def training_loss(self, batch: Any) -> torch.Tensor:
         """The training loss of a batch, without logging (``training_step`` logs it; ``bench`` calls this in a plain
         PyTorch loop); implemented by each task."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def attention_maps(self, batch: Any) -> list[torch.Tensor]:
         """Each block's attention probabilities, (1, H, T, S), for the first sample of ``batch``; by each task."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- optimising
     def configure_gradient_clipping(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -46,14 +47,13 @@ class ImageClassifier(TaskModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
+            as_config(ViTConfig, network),
             attention=attention,
             optimizer=optimizer,
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
         )
-        self.network_config = as_config(ViTConfig, network)
-        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing={label_smoothing} must lie in [0, 1).")
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
@@ -89,6 +89,14 @@ class ImageClassifier(TaskModule):
 
     def build_network(self, data_spec: dict) -> ViT:
         return ViT(self.resolved_network_config(data_spec), self.attention_config)
+
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random images (B, C, S, S) of the data's size and channels, and class labels (B,)."""
+        self.cost()  # the data's spec is there and fits the network
+        config = self.resolved_network_config(self.data_spec)
+        size, channels = config.image_size, config.in_channels
+        images = torch.randn(batch_size, channels, size, size, generator=generator)  # (B, C, S, S)
+        return images, torch.randint(0, config.num_classes, (batch_size,), generator=generator)  # (B,)
 
     def configure_model(self) -> None:
         super().configure_model()

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
+from qkv_lightning.resume import differing_settings, weight_problems
 from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
 
 
@@ -71,6 +72,17 @@ class SummedLoss(Metric):
         return self.total, self.count
 
 
+def check_same_vocabulary(expected: dict, actual: dict, subject: str) -> None:
+    """Raise a :class:`CheckpointError` if two data specs differ in tokenizer or vocabulary size (the token ids
+    would mean other words)."""
+    for key in ("tokenizer", "vocab_size"):
+        if key in expected and key in actual and expected[key] != actual[key]:
+            raise CheckpointError(
+                f"{subject} with {key}={expected[key]!r}, but the data gives {actual[key]!r}: use the data settings "
+                "of its training run (data.tokenizer, data.train_file, data.bpe_file)."
+            )
+
+
 class LanguageModel(TaskModule):
     """Next-token prediction with the GPT decoder on any attention variant.
 
@@ -102,14 +114,13 @@ class LanguageModel(TaskModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
+            as_config(GPTConfig, network),
             attention=attention,
             optimizer=optimizer,
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
         )
-        self.network_config = as_config(GPTConfig, network)
-        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         self.generation_config = as_config(GenerationConfig, generation)
         # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
         # config and command line instead of the checkpoint
@@ -120,6 +131,8 @@ class LanguageModel(TaskModule):
         self.generated: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------------- building
+    autoregressive = True
+
     def resolved_network_config(self, data_spec: dict) -> GPTConfig:
         """The network config with the data's vocabulary filled in, checked against the data."""
         config = self.network_config
@@ -157,13 +170,8 @@ class LanguageModel(TaskModule):
         if not hasattr(datamodule, "spec"):
             return
         live = datamodule.spec()
-        for key in ("tokenizer", "vocab_size"):
-            if key in live and key in self.data_spec and live[key] != self.data_spec[key]:
-                raise CheckpointError(
-                    f"the model was made for data with {key}={self.data_spec[key]!r} (model.data_spec, or the "
-                    f"checkpoint's), but the data gives {live[key]!r}: use the data settings of its training run "
-                    "(data.tokenizer, data.train_file, data.bpe_file)."
-                )
+        made_for = "the model was made for data (model.data_spec, or the checkpoint's)"
+        check_same_vocabulary(self.data_spec, live, made_for)
         if stage == "predict":  # prompts are cropped to the model's positions; the data's seq_len does not matter
             return
         if "seq_len" in live and self.data_spec.get("seq_len") != live["seq_len"]:
@@ -173,6 +181,13 @@ class LanguageModel(TaskModule):
 
     def build_network(self, data_spec: dict) -> GPT:
         return GPT(self.resolved_network_config(data_spec), self.attention_config)
+
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random token ids and targets, (B, T) each, T the data's ``seq_len`` (or the model's positions)."""
+        t = self.cost().tokens_per_sample  # (raises a ConfigError without the data's spec)
+        vocab = self.data_spec.get("vocab_size") or self.resolved_network_config(self.data_spec).vocab_size
+        inputs = torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
+        return inputs, torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
 
     # ------------------------------------------------------------------------------------------------- training
     def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -198,35 +213,24 @@ class LanguageModel(TaskModule):
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         self.check_checkpoint(checkpoint)
 
+    def check_checkpoint_data(self, saved_spec: dict, source: str) -> None:
+        """The checkpoint's tokenizer and vocabulary must be the data's (``data_spec``, from the config or the data)."""
+        check_same_vocabulary(saved_spec, self.data_spec or {}, f"{source} was trained")
+
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Explain a checkpoint that does not fit this model or data, instead of a bare state-dict error."""
-        saved = (checkpoint.get("hyper_parameters") or {}).get("data_spec") or {}
-        current = self.data_spec or {}
-        for key in ("tokenizer", "vocab_size"):
-            if key in saved and key in current and saved[key] != current[key]:
-                raise CheckpointError(
-                    f"the checkpoint was trained with {key}={saved[key]!r}, but the data now gives {current[key]!r}: "
-                    "use the data settings of its training run (data.tokenizer, data.train_file, data.bpe_file)."
-                )
+        """Explain a checkpoint that does not fit this model or data, instead of a bare state-dict error (for loads
+        that do not pass the CLI's checks, e.g. ``load_from_checkpoint`` in a script)."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        self.check_checkpoint_data(hparams.get("data_spec") or {}, "the checkpoint")
         trainer = self._trainer
         wrapped = trainer is not None and trainer.strategy.restore_checkpoint_after_setup
         if wrapped or self.network is None or "state_dict" not in checkpoint:
             return  # sharded strategies load their own layout
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()}
-        problems = [f"{k} missing" for k in expected if k not in found]
-        problems += [f"{k} unexpected" for k in found if k not in expected]
-        problems += [f"{k} {found[k]} vs {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+        problems = weight_problems(expected, found)
         if problems:
-            saved_net = (checkpoint.get("hyper_parameters") or {}).get("network") or {}
-            saved_att = (checkpoint.get("hyper_parameters") or {}).get("attention") or {}
-            now = self.hparams
-            differ = [
-                f"{group}.{k}: checkpoint {v!r}, config {now[group].get(k)!r}"
-                for group, values in (("network", saved_net), ("attention", saved_att))
-                for k, v in values.items()
-                if k in now.get(group, {}) and now[group].get(k) != v and k != "vocab_size"
-            ]
+            differ = [d for d in differing_settings(hparams, dict(self.hparams)) if not d.startswith("network.vocab")]
             raise CheckpointError(
                 f"the checkpoint's weights do not fit the configured model ({'; '.join(problems[:5])}"
                 f"{' ...' if len(problems) > 5 else ''}). Use the model settings it was trained with"

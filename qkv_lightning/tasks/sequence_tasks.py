@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -40,14 +41,13 @@ class SequenceTask(TaskModule):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(
+            as_config(EncoderConfig, network),
             attention=attention,
             optimizer=optimizer,
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
         )
-        self.network_config = as_config(EncoderConfig, network)
-        self.attention_config.resolve_kv_heads(self.network_config.n_head)  # head counts checked before any work
         self.save_task_hyperparameters(network=self.network_config)
         # one metric object per stage and quantity (token accuracy, whole-sequence accuracy)
         self.token_acc = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
@@ -73,6 +73,14 @@ class SequenceTask(TaskModule):
 
     def build_network(self, data_spec: dict) -> nn.Module:
         return SequenceEncoder(self.resolved_network_config(data_spec), self.attention_config)
+
+    def example_batch(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Random digit lists (B, T) and per-position classes (B, T), T the data's ``seq_len``."""
+        t = self.cost().tokens_per_sample  # (raises a ConfigError without the data's spec)
+        config = self.resolved_network_config(self.data_spec)
+        vocab = self.data_spec.get("vocab_size") or config.vocab_size
+        inputs = torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
+        return inputs, torch.randint(0, config.num_classes or vocab, (batch_size, t), generator=generator)  # (B, T)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, classes) for digit lists (B, T)."""
