@@ -87,11 +87,10 @@ def variant_sweep(results: list[dict], label: str, tasks: list[str], metric: str
     }
 
 
-def summarize_sweep(
-    config: StudyConfig, variants: list[Variant], results: list[dict], groups: list[dict]
-) -> dict:
+def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[dict], groups: list[dict]) -> dict:
     """The summary of a sweep, in the shape of :func:`~qkv_lightning.study.report.summarize` (one row per variant,
-    so that its table and the CLI read it alike) plus ``tasks``, ``sweep_table`` (the paper-layout table of every metric)
+    so that its table and the CLI read it alike) plus ``tasks``, ``sweep_table`` (the paper-layout table of every
+    metric)
     and ``groups`` (the per-cell summaries, given)."""
     base = config.baseline
     tasks = []
