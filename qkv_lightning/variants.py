@@ -18,11 +18,14 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig, Sharing
 
 BREAKERS: dict[str, dict[str, Any]] = {
-    "score": {"score_encoding": True},
+    "score": {"score_encoding": "paper"},
+    "relative": {"score_encoding": "relative"},
     "noself": {"mask_self": True},
 }
 """Symmetry breakers by name: the attention settings each one turns on. The other value of each setting is its
-:class:`AttentionConfig` default (the breaker off). Breakers combine with ``+`` (``score+noself``)."""
+:class:`AttentionConfig` default (the breaker off). Breakers combine with ``+`` (``score+noself``). ``score`` is the
+paper's "+" encoding (``score_encoding: paper``), ``relative`` the learned per-head relative bias; the two set the
+same setting, so they do not combine."""
 
 NO_BREAKER = "none"
 """The name of the empty breaker combination in configs (``study.breakers: [none, score]``)."""
@@ -49,7 +52,37 @@ def parse_breakers(text: str | Sequence[str]) -> tuple[str, ...]:
             f"unknown symmetry breaker {unknown[0]!r}: use {NO_BREAKER}, one of {', '.join(BREAKERS)}, or several "
             "joined by '+' (e.g. score+noself)."
         )
-    return tuple(name for name in BREAKERS if name in parts)
+    chosen = tuple(name for name in BREAKERS if name in parts)
+    for i, first in enumerate(chosen):
+        for second in chosen[i + 1 :]:
+            clash = set(BREAKERS[first]) & set(BREAKERS[second])
+            if clash:
+                raise ConfigError(
+                    f"symmetry breakers {first} and {second} both set attention.{sorted(clash)[0]}: pick one of them."
+                )
+    return chosen
+
+
+def parse_label(label: str) -> Variant:
+    """The variant a label names: ``QKV``, ``Q=K-V+score``, ``Q-K=V_kv2``, ``Q=K=V+score+noself``; the paper's
+    ``(Q=K=V)+`` is accepted for ``Q=K=V+score``.
+
+    Raises:
+        ConfigError: for an unknown sharing, breaker or K/V head count, naming the label.
+    """
+    text = str(label).strip().replace(" ", "")
+    if text.startswith("(") and ")+" in text:  # the paper's notation of the "+" variants
+        text = text[1:].replace(")+", "+score", 1)
+    text, n_kv = (text.rsplit("_kv", 1) + [None])[:2] if "_kv" in text else (text, None)
+    sharing, *breakers = text.split("+")
+    try:
+        count = None if n_kv is None else int(n_kv)
+        return Variant(sharing, count, parse_breakers(breakers or [NO_BREAKER]))
+    except (ConfigError, ValueError) as error:
+        raise ConfigError(
+            f"variant label {label!r} is not a variant ({error}): write the sharing, then '+breaker' for each "
+            "symmetry breaker, then '_kvN' for N K/V heads, e.g. Q=K-V+score or Q-K=V_kv2."
+        ) from None
 
 
 @dataclass(frozen=True)

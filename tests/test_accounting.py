@@ -69,6 +69,7 @@ GPT_OPTIONS = {
                  "adaptive_div_value": 2.0},
     "score-rope": {"position": "rope", "score_encoding": True},
     "no-positions-default-mlp": {"position": "none", "d_mlp": None, "score_encoding": True},
+    "paper-rope": {"position": "rope", "score_encoding": "paper"},
 }
 
 
@@ -132,6 +133,7 @@ VIT_OPTIONS = {
     "cls-learned": {},
     "mean-sincos-no-bias": {"pool": "mean", "position": "sincos", "bias": False},
     "score": {"score_encoding": True, "position": "none"},
+    "paper": {"score_encoding": "paper", "position": "none"},
 }
 
 
@@ -162,7 +164,7 @@ def test_vit_closed_form_matches_the_built_model(variant, n_kv, option):
 
 # -------------------------------------------------------------------------------------------------------- encoder
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
-@pytest.mark.parametrize("score", [False, True])
+@pytest.mark.parametrize("score", [False, True, "paper"])
 def test_encoder_closed_form_matches_the_built_model(variant, n_kv, score):
     config = EncoderConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=10, num_classes=10,
                            position="rope" if score else "learned", bias=not score)
@@ -259,10 +261,9 @@ def test_report_keeps_the_configs_symmetry_breakers_and_overrides(capsys, monkey
     scored = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--config",
                          "configs/variants/q=k=v+score.yaml", "--variants", "Q=K=V", "--model.network.n_layer", "3")
     assert [v["name"] for v in scored["variants"]] == ["Q=K=V+score"]
-    per_layer = 6 * 4 + 1  # the score encoding's linear map: 6 channels per frequency (4) plus a bias, per head
-    n_head = 4
+    per_layer = 10 + 1  # the paper's encoding: w (m = 10 channels) and b, one per layer, shared by the heads
     assert scored["variants"][0]["params_attention"] * 2 == plain["variants"][0]["params_attention"] * 3 + \
-        2 * 3 * per_layer * n_head
+        2 * 3 * per_layer
 
 
 def test_report_text_and_markdown_show_ratios(capsys, monkeypatch):

@@ -29,16 +29,18 @@ def test_one_label_format_for_every_variant() -> None:
     assert Variant("Q-K=V", 2).label == "Q-K=V_kv2"
     assert Variant("V=Q-K", None, ("noself", "score")).label == "Q=V-K+score+noself"  # canonical order
     assert Variant("Q=K-V", None, "score+noself") == Variant("Q=K-V", None, ("noself", "score"))
-    assert Variant.of(AttentionConfig(sharing="Q-K=V", n_kv_heads=4, score_encoding=True), n_head=4).label == (
+    assert Variant.of(AttentionConfig(sharing="Q-K=V", n_kv_heads=4, score_encoding="paper"), n_head=4).label == (
         "Q-K=V+score"
     )
+    # true is the alias of the relative encoding, a breaker of its own
+    assert Variant.of(AttentionConfig(sharing="Q-K=V", score_encoding=True)).label == "Q-K=V+relative"
     with pytest.raises(ConfigError, match="unknown symmetry breaker 'scor'"):
         Variant("QKV", None, "scor")
 
 
 def test_attention_settings_turn_off_the_breakers_a_variant_does_not_have() -> None:
     settings = Variant("Q=K-V", None, ("score",)).attention_settings()
-    assert settings == {"sharing": "Q=K-V", "n_kv_heads": None, "score_encoding": True, "mask_self": False}
+    assert settings == {"sharing": "Q=K-V", "n_kv_heads": None, "score_encoding": "paper", "mask_self": False}
     base = AttentionConfig(mask_self=True, dropout=0.1)
     config = Variant("Q-K=V", 2).attention_config(base)
     assert (config.sharing, config.n_kv_heads, config.mask_self, config.dropout) == ("Q-K=V", 2, False, 0.1)

@@ -2,6 +2,8 @@
 ``torch.nn.MultiheadAttention``, forward plus backward, interleaved, medians after warm-up.
 
 Run: ``python cli.py bench-attention [--d_model 384 --n_head 6 --seq_len 197 --batch_size 8 --causal false]``.
+``--score_encodings [none,paper,relative]`` also times each variant with each score encoding and prints the step-time
+ratio of each encoding to the same variant without one (and, on CUDA, the SDPA kernels each may use).
 """
 
 from __future__ import annotations
@@ -11,9 +13,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from qkv_lightning.accounting import AttentionShape, attention_forward_flops
+from qkv_lightning.accounting import AttentionShape, attention_forward_flops, score_encoding_flops
 from qkv_lightning.bench.timing import Timing, interleaved_medians
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, Attention, AttentionConfig, Sharing
+from qkv_lightning.nn.attention import (
+    CANONICAL_VARIANTS,
+    Attention,
+    AttentionConfig,
+    Sharing,
+    canonical_score_encoding,
+    score_encoding_suffix,
+)
 
 
 class _MHA(nn.Module):
@@ -48,15 +57,23 @@ class _Timm(nn.Module):
 
 
 def contenders(
-    d_model: int, n_head: int, causal: bool, variants: Sequence[str], n_kv_heads: int | None
+    d_model: int,
+    n_head: int,
+    causal: bool,
+    variants: Sequence[str],
+    n_kv_heads: int | None,
+    score_encodings: Sequence[str] = ("none",),
 ) -> dict[str, tuple[nn.Module, int | None]]:
-    """The modules to time, with their closed-form forward FLOPs where known (our variants)."""
+    """The modules to time, with their closed-form forward FLOPs where known (our variants, each with each score
+    encoding: ``Q=K=V``, ``Q=K=V+score`` for the paper's, ``Q=K=V+relative``)."""
     modules: dict[str, tuple[nn.Module, int | None]] = {}
     for variant in variants:
         kv = None if Sharing.parse(variant).query_shared else n_kv_heads
-        config = AttentionConfig(sharing=variant, n_kv_heads=kv)
-        label = config.sharing if config.n_kv_heads in (None, n_head) else f"{config.sharing} kv={config.n_kv_heads}"
-        modules[label] = (_Ours(Attention(d_model, n_head, config, causal=causal)), 1)
+        for mode in score_encodings:
+            config = AttentionConfig(sharing=variant, n_kv_heads=kv, score_encoding=mode)
+            name = config.sharing + score_encoding_suffix(mode)
+            label = name if config.n_kv_heads in (None, n_head) else f"{name} kv={config.n_kv_heads}"
+            modules[label] = (_Ours(Attention(d_model, n_head, config, causal=causal)), 1)
     try:
         from timm.layers import Attention as TimmAttention
 
@@ -80,6 +97,7 @@ def bench_attention(
     device: str = "cpu",
     dtype: str = "float32",
     seed: int = 0,
+    score_encodings: Sequence[str] = ("none",),
 ) -> list[Timing]:
     """Time forward plus backward of each contender on the same input; returns one :class:`Timing` each."""
     torch.manual_seed(seed)
@@ -87,7 +105,8 @@ def bench_attention(
     torch_dtype = getattr(torch, dtype)
     x = torch.randn(batch_size, seq_len, d_model, device=dev, dtype=torch_dtype, requires_grad=True)
     steps, flops = {}, {}
-    for name, (module, known) in contenders(d_model, n_head, causal, variants, n_kv_heads).items():
+    modes = [canonical_score_encoding(mode) for mode in score_encodings]
+    for name, (module, known) in contenders(d_model, n_head, causal, variants, n_kv_heads, modes).items():
         module.to(device=dev, dtype=torch_dtype).train()
 
         def step(module: nn.Module = module) -> None:
@@ -96,8 +115,9 @@ def bench_attention(
         steps[name] = step
         if known is not None:
             attention = module.attention
-            shape = AttentionShape(d_model, n_head, attention.sharing.name, attention.n_kv_heads)
-            flops[name] = 3 * batch_size * attention_forward_flops(shape, seq_len, seq_len, causal)
+            shape = AttentionShape.from_config(d_model, n_head, attention.config)
+            encoding = 2 * score_encoding_flops(shape, seq_len, seq_len)  # once per batch; its input needs no grad
+            flops[name] = 3 * batch_size * attention_forward_flops(shape, seq_len, seq_len, causal) + encoding
     medians = interleaved_medians(steps, repeats, warmup, dev)
     return [Timing(name, medians[name] * 1e3, flops.get(name)) for name in steps]
 
@@ -113,6 +133,56 @@ def format_table(timings: list[Timing], reference: str = "QKV") -> str:
         flop_ratio = f"{t.flops / ref.flops:.3f}" if t.flops and ref.flops else "-"
         lines.append(f"| {t.name} | {t.median_ms:.3f} | {t.median_ms / ref.median_ms:.3f} | {flop_ratio} |")
     return "\n".join(lines)
+
+
+def format_encoding_table(timings: list[Timing], modes: Sequence[str]) -> str:
+    """Markdown table: one row per variant, its step time without a score encoding and each encoding's time as a
+    ratio to it (the cost of the encoding on the same variant)."""
+    by_name = {t.name: t for t in timings}
+    others = [mode for mode in modes if mode != "none"]
+    header = "| variant | none ms | " + " | ".join(f"{mode} ms | {mode} / none" for mode in others) + " |"
+    lines = [header, "|---|---:|" + "---:|---:|" * len(others)]
+    for t in timings:
+        if t.name not in by_name or any(s in t.name for s in ("+score", "+relative", "timm", "nn.")):
+            continue
+        base, _, kv = t.name.partition(" kv=")
+        cells = [f"{t.median_ms:.3f}"]
+        for mode in others:
+            name = base + score_encoding_suffix(mode) + (f" kv={kv}" if kv else "")
+            other = by_name.get(name)
+            cells += ["-", "-"] if other is None else [f"{other.median_ms:.3f}", f"{other.median_ms / t.median_ms:.3f}"]
+        lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sdpa_kernels(
+    d_model: int, n_head: int, seq_len: int, batch_size: int, causal: bool, mode: str, device: str, dtype: str
+) -> list[str]:
+    """The SDPA kernels (flash, efficient, cudnn, math) that accept a forward plus backward of the QKV core with
+    score encoding ``mode`` on this CUDA device, each tried alone (the others disabled)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch_dtype = getattr(torch, dtype)
+    attention = Attention(d_model, n_head, AttentionConfig(score_encoding=mode), causal=causal)
+    attention = attention.to(device=device, dtype=torch_dtype)
+    x = torch.randn(batch_size, seq_len, d_model, device=device, dtype=torch_dtype, requires_grad=True)
+    names = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None),
+        "math": SDPBackend.MATH,
+    }
+    usable = []
+    for name, backend in names.items():
+        if backend is None:
+            continue
+        try:
+            with sdpa_kernel([backend]):
+                attention(x)[0].sum().backward()
+            usable.append(name)
+        except RuntimeError:
+            pass
+    return usable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup: int = 5,
         device: str = "cpu",
         dtype: str = "float32",
+        score_encodings: list[str] = ["none"],
     ) -> None:
         """Time forward+backward of the attention core against timm and torch.nn.MultiheadAttention.
 
@@ -146,15 +217,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup: untimed steps per contender first.
             device: torch device.
             dtype: float32, bfloat16 or float16.
+            score_encodings: score encodings to time each variant with (none, paper, relative); with more than
+                none, a second table gives each encoding's step time as a ratio to the same variant without one.
         """
+        modes = list(dict.fromkeys(canonical_score_encoding(mode) for mode in ["none", *score_encodings]))
         timings = bench_attention(
-            d_model, n_head, seq_len, batch_size, causal, variants, n_kv_heads, repeats, warmup, device, dtype
+            d_model, n_head, seq_len, batch_size, causal, variants, n_kv_heads, repeats, warmup, device, dtype,
+            score_encodings=modes,
         )
         print(
             f"attention core, forward+backward, B={batch_size} T={seq_len} C={d_model} H={n_head} "
             f"causal={causal} {device} {dtype} threads={torch.get_num_threads()}, {repeats} interleaved rounds"
         )
         print(format_table(timings))
+        if len(modes) > 1:
+            print()
+            print("score encodings: step time of each variant with the encoding / the same variant without one")
+            print(format_encoding_table(timings, modes))
+            if torch.device(device).type == "cuda":
+                for mode in modes:
+                    kernels = sdpa_kernels(d_model, n_head, seq_len, batch_size, causal, mode, device, dtype)
+                    print(f"SDPA kernels usable with score_encoding={mode}: {', '.join(kernels) or 'none'}")
 
     jsonargparse.auto_cli(run, args=list(argv or []), as_positional=False)
     return 0

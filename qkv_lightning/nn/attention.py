@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.positional import PairScoreEncoding, apply_rope, rotate_into
+from qkv_lightning.nn.positional import PairScoreEncoding, PaperScoreEncoding, apply_rope, rotate_into
 
 ROLES = ("Q", "K", "V")
 
@@ -113,6 +113,36 @@ def canonical_variant(name: str) -> str:
     return Sharing.parse(name).name
 
 
+SCORE_ENCODINGS = ("none", "paper", "relative")
+"""The score-encoding modes; ``True`` is an alias of ``relative`` and ``False`` of ``none``."""
+
+
+def canonical_score_encoding(value: str | bool | None) -> str:
+    """``none``, ``paper`` or ``relative`` for a score-encoding setting (``True`` -> relative, ``False``/None -> none).
+
+    Raises:
+        ConfigError: naming ``attention.score_encoding`` and the allowed values.
+    """
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "relative"
+    text = str(value).strip().lower()
+    aliases = {"true": "relative", "false": "none"}
+    text = aliases.get(text, text)
+    if text not in SCORE_ENCODINGS:
+        raise ConfigError(
+            f"attention.score_encoding={value!r} is not a score encoding; allowed: none, paper (the paper's '+' "
+            "variants), relative, or the aliases true (= relative) and false (= none)."
+        )
+    return text
+
+
+def score_encoding_suffix(value: str | bool | None) -> str:
+    """The label suffix of a score encoding: '' (none), '+score' (the paper's '+'), '+relative'."""
+    return {"none": "", "paper": "+score", "relative": "+relative"}[canonical_score_encoding(value)]
+
+
 @dataclass
 class AttentionConfig:
     """The attention variant: projection sharing, K/V heads and symmetry breakers."""
@@ -125,12 +155,20 @@ class AttentionConfig:
     """Number of key/value heads (GQA; 1 is MQA). None means as many as query heads. Must divide n_head; a
     variant that shares Q with K or V needs as many K/V heads as query heads."""
 
-    score_encoding: bool = False
-    """Add the paper's 2D positional score encoding (the "+" variants): a fixed sinusoidal encoding of each
-    (query i, key j) pair, mapped by a learned linear layer to one bias per head, added before the softmax."""
+    score_encoding: Literal["none", "paper", "relative"] | bool = "none"
+    """A positional encoding of the score map, added before the softmax (breaks the symmetry of Q=K scores).
+    'none'; 'paper': the paper's "+" variants exactly, a 1x1 convolution over (scores + a fixed (T, T, m)
+    sinusoidal tensor of query and key positions), i.e. a learned temperature sum(w) and a (T, T) bias, one w and b
+    per layer shared by all heads (score_encoding_channels); 'relative': a learned per-head bias from sin/cos
+    features of i, j and i - j (score_encoding_frequencies). Aliases: true = 'relative' (what true meant before
+    'paper' existed, so old configs and checkpoints keep their meaning), false = 'none'."""
+
+    score_encoding_channels: int = 10
+    """m, the channels of the paper's encoding (half for the query position, half for the key position): 10 for
+    the paper's synthetic tasks, 50 for its ViT."""
 
     score_encoding_frequencies: int = 4
-    """Frequencies of the pair encoding (it has 6 channels per frequency)."""
+    """Frequencies of the 'relative' pair encoding (it has 6 channels per frequency)."""
 
     mask_self: bool = False
     """Mask each token's score with itself (Reformer's remedy for shared Q=K), except where it is the only key."""
@@ -148,6 +186,12 @@ class AttentionConfig:
             raise ConfigError(f"attention.n_kv_heads={self.n_kv_heads} must be at least 1 (or null for n_head).")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"attention.dropout={self.dropout} must lie in [0, 1).")
+        self.score_encoding = canonical_score_encoding(self.score_encoding)
+        if self.score_encoding_channels < 2:
+            raise ConfigError(
+                f"attention.score_encoding_channels={self.score_encoding_channels} must be at least 2 (half of the "
+                "channels encode the query position, half the key position)."
+            )
         if self.score_encoding_frequencies < 1:
             raise ConfigError(
                 f"attention.score_encoding_frequencies={self.score_encoding_frequencies} must be at least 1."
@@ -321,9 +365,13 @@ class Attention(nn.Module):
 
         self.qkv = nn.Linear(d_model, sum(self.group_widths), bias=bias)  # one fused matmul for every group
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
-        self.score_encoding = (
-            PairScoreEncoding(n_head, config.score_encoding_frequencies) if config.score_encoding else None
-        )
+        mode = canonical_score_encoding(config.score_encoding)
+        self.score_encoding: PairScoreEncoding | PaperScoreEncoding | None = None
+        if mode == "relative":
+            self.score_encoding = PairScoreEncoding(n_head, config.score_encoding_frequencies)
+        elif mode == "paper":
+            self.score_encoding = PaperScoreEncoding(config.score_encoding_channels)
+        self.paper_encoding = mode == "paper"
 
     def new_cache(
         self,
@@ -479,9 +527,9 @@ class Attention(nn.Module):
             return None
         allowed = self.allowed(t_q, t_k, device)
         bias = torch.zeros(1, t_q, t_k, device=device, dtype=dtype)
-        if self.score_encoding is not None:
+        if self.score_encoding is not None:  # relative: (H, Tq, Tk); paper: (Tq, Tk), shared by the heads
             q_pos = torch.arange(offset, t_k, device=device)
-            bias = bias + self.score_encoding(q_pos, torch.arange(t_k, device=device)).to(dtype)  # (H, Tq, Tk)
+            bias = bias + self.score_encoding(q_pos, torch.arange(t_k, device=device)).to(dtype)
         return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
 
     def allowed(self, t_q: int, t_k: int, device: torch.device) -> Tensor | None:
@@ -518,6 +566,8 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope, cache)  # (B, H, T, D), (B, H_kv, S, D), (B, H_kv, S, D)
         s = k.shape[2]
         dropout = self.config.dropout if self.training else 0.0
+        if self.paper_encoding:  # the paper's temperature sum(w) scales the scores: scale q, keep the fused path
+            q = q * self.score_encoding.temperature.to(q.dtype)
         bias = self.score_bias(t, s, x.device, q.dtype)
         weights = None
         if need_weights or self.config.backend == "explicit":
@@ -549,9 +599,11 @@ class Attention(nn.Module):
         return tensor.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)
 
     def logits(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Attention logits (B, H, T, T) before any mask: q k^T / sqrt(D) plus the score encoding, if any."""
+        """Attention logits (B, H, T, T) before any mask: q k^T / sqrt(D) with the score encoding, if any."""
         q, k, _ = self.project(x, rope)
         scores = (q @ self.expand_kv(k).transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+        if self.paper_encoding:
+            scores = scores * self.score_encoding.temperature.to(scores.dtype)
         if self.score_encoding is not None:
             positions = torch.arange(x.shape[1], device=x.device)
             scores = scores + self.score_encoding(positions, positions).to(scores.dtype)

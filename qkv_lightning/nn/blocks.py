@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
+from qkv_lightning.nn.positional import PaperScoreEncoding
 
 
 @dataclass
@@ -211,7 +212,8 @@ class Trunk(nn.Module):
 
 def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
     """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and the residual output
-    projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer)."""
+    projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer). The paper's score encoding keeps
+    its own initialisation."""
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
             scale = (2 * n_layer) ** -0.5 if name.endswith((".attn.proj", ".mlp.proj")) else 1.0
@@ -224,3 +226,5 @@ def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
             nn.init.ones_(sub.weight)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
+        elif isinstance(sub, PaperScoreEncoding):
+            sub.reset_parameters()  # the paper's own initialisation, w ~ N(0, 0.02) and b = 0, whatever std is

@@ -26,6 +26,9 @@ class AttentionShape:
     n_kv_heads: int | None = None
     bias: bool = True
     score_encoding_frequencies: int | None = None
+    """Frequencies of the 'relative' score encoding, or None without it."""
+    score_encoding_channels: int | None = None
+    """Channels m of the paper's score encoding, or None without it."""
 
     @property
     def head_dim(self) -> int:
@@ -53,7 +56,8 @@ class AttentionShape:
             attention.sharing,
             attention.resolve_kv_heads(n_head),
             bias,
-            attention.score_encoding_frequencies if attention.score_encoding else None,
+            attention.score_encoding_frequencies if attention.score_encoding == "relative" else None,
+            attention.score_encoding_channels if attention.score_encoding == "paper" else None,
         )
 
 
@@ -65,6 +69,8 @@ def attention_params(shape: AttentionShape) -> int:
         params += shape.projection_width + shape.d_model
     if shape.score_encoding_frequencies:
         params += (6 * shape.score_encoding_frequencies + 1) * shape.n_head
+    if shape.score_encoding_channels:  # the paper's w (m values) and b, shared by the heads
+        params += shape.score_encoding_channels + 1
     return params
 
 
@@ -93,7 +99,12 @@ def attention_forward_flops(
 
 
 def score_encoding_flops(shape: AttentionShape, t_q: int, t_k: int) -> int:
-    """Forward FLOPs of the score encoding's linear map (6F channels to one bias per head) over all pairs."""
+    """Forward FLOPs of the score encoding: the relative encoding's linear map (6F channels to one bias per head)
+    over all pairs, or the paper's row and column terms (m/2 channels of each query position and m - m/2 of each
+    key position, dotted with w; the temperature's scaling of q is element-wise, not counted)."""
+    if shape.score_encoding_channels:
+        half = shape.score_encoding_channels // 2
+        return 2 * (t_q * half + t_k * (shape.score_encoding_channels - half))
     if not shape.score_encoding_frequencies:
         return 0
     return 2 * t_q * t_k * 6 * shape.score_encoding_frequencies * shape.n_head
@@ -172,7 +183,7 @@ class NetworkCost:
     kv_cache_bytes_per_token: int
     context_tokens: int
     kv_bytes_per_element: int
-    score_encoding: bool = False
+    score_encoding: str = "none"
     notes: tuple[str, ...] = field(default=())
     label: str = ""
     """The variant's name (:attr:`qkv_lightning.variants.Variant.label`), filled in by

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,12 @@ class EncoderConfig(SequenceConfig):
 
     num_classes: int | None = None
     """Output classes per position; None takes the data's."""
+
+    init: Literal["gpt2", "torch"] = "gpt2"
+    """Weight initialisation. gpt2: N(0, init_std) weights, zero biases, residual projections scaled by
+    1/sqrt(2 n_layer). torch: PyTorch's default initialisation of every layer (Kaiming-uniform linear layers, N(0, 1)
+    position embeddings), with the token embedding drawn as the paper's one-hot linear input layer, U(+-1/sqrt(vocab)):
+    the initialisation of the paper's synthetic-task code. The paper's score encoding keeps its own either way."""
 
     def cost(
         self, attention: AttentionConfig, seq_len: int | None = None, kv_bytes: int = 2, count_masked: bool = False
@@ -69,7 +77,14 @@ class SequenceEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style initialisation (also used after materialising a meta-device model)."""
+        """The configured initialisation, ``network.init`` (also used after materialising a meta-device model)."""
+        if self.config.init == "torch":
+            for module in self.modules():
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()  # each layer's PyTorch default (and the paper encoding's own)
+            bound = 1.0 / math.sqrt(self.config.vocab_size)
+            nn.init.uniform_(self.embed.weight, -bound, bound)  # as a linear layer over one-hot inputs
+            return
         init_gpt2_(self, self.config.n_layer, self.config.init_std)
 
     def forward(self, idx: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:

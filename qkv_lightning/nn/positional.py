@@ -106,3 +106,78 @@ class PairScoreEncoding(nn.Module):
         """Score bias of shape (H, Tq, Tk)."""
         enc = pair_encoding(q_positions, k_positions, self.n_frequencies).to(self.proj.weight.dtype)  # (Tq, Tk, C)
         return self.proj(enc).permute(2, 0, 1)  # (H, Tq, Tk)
+
+
+def sinusoid_channels(positions: Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype | None = None) -> Tensor:
+    """1-D sinusoidal features of ``positions`` (T,) with ``dim`` channels, interleaved: channel 2k holds
+    sin(p * base^(-2k/dim)) and channel 2k+1 holds cos(p * base^(-2k/dim)) (an odd ``dim`` ends on a sine).
+
+    This is the layout of the paper's score encoding; the exponent uses ``dim``, the size of this half.
+
+    Returns:
+        Tensor of shape (T, dim) in ``dtype`` (default: float64 for float64 positions, else float32), computed in
+        float64 when that is asked for.
+    """
+    dtype = dtype or (torch.float64 if positions.dtype == torch.float64 else torch.float32)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    channel = torch.arange(dim, device=positions.device)
+    exponent = (2 * (channel // 2)).to(work) / max(dim, 1)  # (dim,): 0, 0, 2/dim, 2/dim, ...
+    angles = positions.to(work)[:, None] * base ** (-exponent)[None, :]  # (T, dim)
+    return torch.where(channel % 2 == 0, angles.sin(), angles.cos()).to(dtype)  # (T, dim)
+
+
+def paper_pair_tensor(q_positions: Tensor, k_positions: Tensor, channels: int, base: float = 10000.0) -> Tensor:
+    """The paper's fixed tensor P of shape (Tq, Tk, m): the first m//2 channels encode the query position i, the
+    other m - m//2 the key position j (:func:`sinusoid_channels` of each). Written out for reference and tests; the
+    layer itself never materialises it (:class:`PaperScoreEncoding`)."""
+    half = channels // 2
+    rows = sinusoid_channels(q_positions, half, base)  # (Tq, m/2)
+    cols = sinusoid_channels(k_positions, channels - half, base)  # (Tk, m - m/2)
+    tq, tk = q_positions.numel(), k_positions.numel()
+    return torch.cat([rows[:, None, :].expand(tq, tk, half), cols[None, :, :].expand(tq, tk, channels - half)], -1)
+
+
+class PaperScoreEncoding(nn.Module):
+    """The paper's "+" score encoding: a 1x1 convolution (m channels -> 1) over (score map broadcast + P).
+
+    With S the (Tq, Tk) score map and P the fixed (Tq, Tk, m) tensor of :func:`paper_pair_tensor`, the convolution
+    gives ``S' = sum_c w_c (S + P_c) + b = S * sum(w) + (P . w) + b``. Because P's channels depend on i alone or on
+    j alone, ``P . w = r(i) + c(j)``, so the layer needs only a temperature ``sum(w)`` and a (Tq, Tk) additive
+    bias, both shared by every head. One ``w`` (m values, initialised N(0, 0.02)) and one ``b`` (initialised 0)
+    per layer.
+
+    What it can express: softmax is invariant to terms constant along a row, so r(i) and b cancel; what remains is a
+    learned temperature and a bias c(j) that depends on the key position only. It makes a symmetric score map
+    asymmetric (c(j) != c(i) in general) but cannot depend on i - j.
+
+    Args:
+        channels: m, the channels of P (10 for the paper's synthetic tasks, 50 for its ViT).
+        base: frequency base of the sinusoids.
+    """
+
+    def __init__(self, channels: int = 10, base: float = 10000.0) -> None:
+        super().__init__()
+        self.channels = channels
+        self.base = base
+        self.weight = nn.Parameter(torch.empty(channels))  # w: one weight per channel of P
+        self.bias = nn.Parameter(torch.empty(1))  # b
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's initialisation: w ~ N(0, 0.02), b = 0."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(self.bias)
+
+    @property
+    def temperature(self) -> Tensor:
+        """sum(w), the factor of the score map (a 0-d tensor)."""
+        return self.weight.sum()
+
+    def forward(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """The additive bias ``P . w + b`` of shape (Tq, Tk), from the row and column terms (never building P)."""
+        half = self.channels // 2
+        dtype = self.weight.dtype
+        rows = sinusoid_channels(q_positions, half, self.base, dtype) @ self.weight[:half, None]  # (Tq, 1)
+        cols = sinusoid_channels(k_positions, self.channels - half, self.base, dtype) @ self.weight[half:, None]
+        return rows + cols.T + self.bias  # (Tq, 1) + (1, Tk) + (1,) -> (Tq, Tk)

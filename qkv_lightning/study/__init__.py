@@ -10,6 +10,7 @@ p-values) and ``summary.png``. Re-running skips finished cells; a failed cell is
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
@@ -30,13 +31,14 @@ from qkv_lightning.study.report import (
 )
 from qkv_lightning.study.runner import (
     cell_spec,
+    check_cells,
     check_stored_results,
-    check_variants,
     is_finished,
     read_result,
     run_cells,
 )
 from qkv_lightning.study.safety import check_no_survivors, check_output, study_lock, write_marker
+from qkv_lightning.study.sweep import summarize_sweep, sweep_markdown, sweep_table
 from qkv_lightning.variants import Variant
 
 __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
@@ -46,7 +48,7 @@ def study_dir_of(config: StudyConfig, config_path: str | None) -> Path:
     """The study directory: ``output``, else ``studies/<stem of the study config>`` (or of the task config)."""
     if config.output:
         return Path(config.output)
-    return Path("studies") / Path(config_path or config.task).stem
+    return Path("studies") / Path(config_path or config.task_paths[0]).stem
 
 
 def run_study(
@@ -59,10 +61,10 @@ def run_study(
     """
     check_output(study_dir, config.task)  # a file, an unwritable or a foreign folder: before anything is written
     variants, notes = expand_grid(config)
-    check_variants(config, variants)  # an impossible cell is an error before anything runs or is written
+    grid, skipped = check_cells(config, variants, cells(config))  # impossible cells are known before anything runs
+    notes = notes + skipped
     for note in notes:
         echo(f"study: {note}")
-    grid = cells(config)
     specs = [cell_spec(config, study_dir, cell) for cell in grid]
     check_stored_results(specs)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -84,24 +86,39 @@ def _run_locked(
     """The part of :func:`run_study` that runs under the study folder's lock."""
     (study_dir / "study.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     pending = [s for s in specs if not is_finished(read_result(Path(s["dir"])), s, config.retry_failed)]
-    echo(
-        f"study: {len(variants)} variants x {len(config.seeds)} seeds = {len(grid)} runs of {config.task} -> "
-        f"{study_dir} ({len(grid) - len(pending)} already finished, {len(pending)} to run)"
+    unfinished = len(pending)
+    if not config.run:
+        pending = []
+    groups = sorted({cell.group for cell in grid}, key=[cell.group for cell in grid].index)
+    shape = f"{len(variants)} variants x {len(config.seeds)} seeds" + (
+        f" x {len(groups)} task/axis settings" if config.is_sweep else ""
     )
+    tasks = ", ".join(config.task_paths)
+    echo(
+        f"study: {shape} = {len(grid)} runs of {tasks}{f' ({len(skipped)} impossible skipped)' if skipped else ''} "
+        f"-> {study_dir} ({len(grid) - unfinished} already finished, {len(pending)} to run)"
+    )
+    if not config.run:
+        echo(f"study: run=false: {unfinished} cells not finished are left out of the tables")
     primary = config.metrics[0] if config.metrics else None
     done = [0]
     start = time.perf_counter()
 
     def on_result(result: dict) -> None:
         done[0] += 1
-        head = f"[{done[0]}/{len(pending)}] {result['variant']} seed {result['seed']}:"
+        elapsed = time.perf_counter() - start
+        remaining = elapsed / done[0] * (len(pending) - done[0])
+        where = f"{result['group']}/" if result.get("group") else ""
+        head = f"[{done[0]}/{len(pending)}] {where}{result['variant']} seed {result['seed']}:"
+        clock = f"elapsed {_duration(elapsed)}, ETA {_duration(remaining)}"
         if result["status"] == "ok":
             name = primary or config.resolve_metrics([result])[0]
             value = result["metrics"].get(name)
             shown = "-" if value is None else f"{value:.4f}"
-            echo(f"{head} {name}={shown} ({result['wall_s']:.1f} s)")
+            echo(f"{head} {name}={shown} ({result['wall_s']:.1f} s) | {clock}")
         else:
-            echo(f"{head} FAILED: {result['error'].splitlines()[0][:200] if result['error'] else 'no message'}")
+            failure = result["error"].splitlines()[0][:200] if result["error"] else "no message"
+            echo(f"{head} FAILED: {failure} | {clock}")
 
     if pending:
         how = run_cells(config, pending, study_dir, on_result)
@@ -109,14 +126,37 @@ def _run_locked(
 
     results = [r for r in (read_result(Path(s["dir"])) for s in specs) if r is not None]
     write_results_csv(results, study_dir / "results.csv")
-    summary = summarize(config, variants, results)
-    write_summary(summary, study_dir, title or f"Study {study_dir.name}")
-    try:
-        plot_summary(summary, study_dir / "summary.png")
-    except Exception as error:  # noqa: BLE001 - the tables are written; a plotting problem must not lose them
-        echo(f"study: could not draw summary.png ({type(error).__name__}: {error})")
-    summary["ran"], summary["skipped"] = len(pending), len(grid) - len(pending)
+    name = title or f"Study {study_dir.name}"
+    if config.is_sweep:
+        per_group = []
+        for group in groups:
+            part = summarize(config, variants, [r for r in results if r.get("group") == group])
+            per_group.append({**part, "group": group})
+        summary = summarize_sweep(config, variants, results, per_group)
+        (study_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (study_dir / "summary.md").write_text(sweep_markdown(summary, name, notes))
+        cells_md = [f"# {name}: every task and axis setting, paired over seeds", ""]
+        for part in per_group:
+            cells_md += [f"## {part['group']}", "", summary_table(part), ""]
+        (study_dir / "cells.md").write_text("\n".join(cells_md))
+    else:
+        summary = summarize(config, variants, results)
+        write_summary(summary, study_dir, name)
+        try:
+            plot_summary(summary, study_dir / "summary.png")
+        except Exception as error:  # noqa: BLE001 - the tables are written; a plotting problem must not lose them
+            echo(f"study: could not draw summary.png ({type(error).__name__}: {error})")
+    summary["ran"], summary["skipped"] = len(pending), len(grid) - unfinished
+    summary["impossible"] = skipped
     return summary
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m07s`` or ``12s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def build_parser() -> jsonargparse.ArgumentParser:
@@ -163,9 +203,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"\nstudy interrupted: finished runs are kept in {study_dir}; run the same command to continue.")
         return 130
     print()
-    print(summary_table(summary))
+    print(sweep_table(summary) if "sweep_table" in summary else summary_table(summary))
     print()
-    equivalence = equivalence_table(summary)
+    equivalence = None if "sweep_table" in summary else equivalence_table(summary)
     if equivalence:
         print(equivalence)
         print()
@@ -179,7 +219,8 @@ def main(argv: Sequence[str]) -> int:
             "significant difference, which is not evidence of none (set --equivalence_margin to test for that)."
         )
     print(
-        f"Written: {study_dir}/summary.md, summary.json, results.csv, summary.png; "
+        f"Written: {study_dir}/summary.md, summary.json, results.csv, "
+        f"{'cells.md' if 'sweep_table' in summary else 'summary.png'}; "
         f"TensorBoard: tensorboard --logdir {study_dir}"
     )
     return 0

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS
 from qkv_lightning.study.effects import check_margins, statsmodels_available
-from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers
+from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers, parse_label
 
 PREFERRED_METRICS = (
     "test/acc",
@@ -29,9 +31,18 @@ PREFERRED_METRICS = (
 class StudyConfig:
     """A grid of attention variants x seeds, each trained by the same fit config under the same budget."""
 
-    task: str = ""
-    """Path of a normal fit config (e.g. configs/synthetic/sort.yaml) that every cell trains; relative to the
-    working directory."""
+    task: str | list[str] = ""
+    """Path of a normal fit config (e.g. configs/synthetic/sort.yaml) that every cell trains, or a list of them (one
+    column per task in the sweep table); relative to the working directory."""
+
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    """Extra grid axes over any config key, crossed with the variants and seeds, e.g.
+    {model.init_args.network.d_model: [32, 64], data.init_args.seq_len: [16, 64]}. Cells that are impossible (heads
+    that do not divide the width) are skipped with a note."""
+
+    variants: list[str] | None = None
+    """Explicit variant labels (QKV, Q=K-V+score, Q-K=V_kv2, or the paper's (Q=K=V)+) instead of the grid
+    sharing x n_kv_heads x breakers; None: that grid."""
 
     overrides: list[str] = field(default_factory=list)
     """Extra command-line arguments applied to every cell after the task config, e.g. '--trainer.max_steps=300'
@@ -103,12 +114,36 @@ class StudyConfig:
     keep_checkpoints: bool = False
     """Keep each cell's checkpoints (deleted after the run otherwise; metrics come from the final weights)."""
 
+    run: bool = True
+    """Run the pending cells; false runs nothing and writes the tables from the cells finished so far (the report of a
+    study that is still running or was stopped)."""
+
     retry_failed: bool = True
     """On re-runs, run failed cells again (finished ones are always skipped)."""
 
     def __post_init__(self) -> None:
         if not self.task:
             raise ConfigError("study.task is not set: give the path of a fit config, e.g. configs/synthetic/sort.yaml.")
+        if not isinstance(self.task, str):
+            self.task = [str(path) for path in self.task]
+            if len(set(self.task)) != len(self.task):
+                raise ConfigError(f"study.task={self.task} repeats a task config.")
+            if len({task_label(path) for path in self.task}) != len(self.task):
+                raise ConfigError(f"study.task={self.task}: two task configs have the same file name; rename one.")
+        for key, values in self.axes.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"study.axes.{key} must be a non-empty list of values, got {values!r}.")
+            if len(key.split(".")) < 2 and key != "seed_everything":
+                raise ConfigError(
+                    f"study.axes key {key!r} is not a config key: write the full dotted key, e.g. "
+                    "model.init_args.network.d_model or data.init_args.seq_len."
+                )
+        if self.variants is not None:
+            if not self.variants:
+                raise ConfigError("study.variants is empty: list variant labels (e.g. [QKV, Q=K-V+score]) or null.")
+            labels = [parse_label(label).label for label in self.variants]
+            if len(set(labels)) != len(labels):
+                raise ConfigError(f"study.variants={self.variants} names a variant twice.")
         if not self.seeds:
             raise ConfigError("study.seeds is empty: list at least one seed (two or more for statistics).")
         if len(set(self.seeds)) != len(self.seeds):
@@ -146,11 +181,29 @@ class StudyConfig:
             self.breakers = ["+".join(parse_breakers(name)) or NO_BREAKER for name in self.breakers]
         except ConfigError as error:
             raise ConfigError(f"study.breakers={self.breakers}: {error}") from None
-        if not Path(self.task).is_file():
-            raise ConfigError(
-                f"study.task={self.task!r}: no such fit config (looked in {os.getcwd()}); run from the project root "
-                "or give a path that exists."
-            )
+        for path in self.task_paths:
+            if not Path(path).is_file():
+                raise ConfigError(
+                    f"study.task={path!r}: no such fit config (looked in {os.getcwd()}); run from the project root "
+                    "or give a path that exists."
+                )
+
+    @property
+    def task_paths(self) -> list[str]:
+        """The task configs, as a list (one or more)."""
+        return [self.task] if isinstance(self.task, str) else list(self.task)
+
+    @property
+    def is_sweep(self) -> bool:
+        """Whether cells differ in more than variant and seed (several tasks, or axes): then a cell's matched cells
+        are those of the same task, axis values and seed, and the report adds the sweep table."""
+        return len(self.task_paths) > 1 or bool(self.axes)
+
+    def axis_names(self) -> dict[str, str]:
+        """Each axis key's short name in labels and columns: its last part (``d_model``), or the whole key where two
+        keys end alike."""
+        last = [key.rsplit(".", 1)[-1] for key in self.axes]
+        return {key: short if last.count(short) == 1 else key for key, short in zip(self.axes, last, strict=True)}
 
     def resolve_metrics(self, results: list[dict]) -> list[str]:
         """The metrics to summarise: ``metrics``, else the preferred ones among those the finished runs logged."""
@@ -168,22 +221,43 @@ class StudyConfig:
         return any(word in name for word in ("loss", "ppl", "perplexity", "error", "bpc", "nll"))
 
 
+def task_label(path: str) -> str:
+    """A task config's name in tables and directories: its file name without the extension (``reverse``)."""
+    return Path(path).stem
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One run of the study: a variant and a seed."""
+    """One run of the study: a variant and a seed, and in a sweep a task config and axis values."""
 
     variant: Variant
     seed: int
+    task: str = ""
+    """The task config's path ("": the study's only one)."""
+    axes: tuple[tuple[str, Any], ...] = ()
+    """(config key, value) of every axis, in the study's order."""
+    group: str = ""
+    """The cells this one is matched with, but for variant and seed: '' outside sweeps, else e.g.
+    ``reverse/d_model=32,seq_len=16``."""
 
     @property
     def key(self) -> str:
-        return f"{self.variant.label}/seed{self.seed}"
+        head = f"{self.group}/" if self.group else ""
+        return f"{head}{self.variant.label}/seed{self.seed}"
+
+
+def axes_label(values: tuple[tuple[str, Any], ...], names: dict[str, str]) -> str:
+    """``d_model=32,seq_len=16`` for axis values (config key, value), with the short names of :meth:`axis_names`."""
+    return ",".join(f"{names[key]}={'null' if value is None else value}" for key, value in values)
 
 
 def expand_grid(config: StudyConfig) -> tuple[list[Variant], list[str]]:
     """The variants of ``config`` (sharing x n_kv_heads x breakers, :func:`qkv_lightning.variants.expand`) and notes
     on the combinations left out."""
-    variants, notes = expand(config.sharing, config.n_kv_heads, config.breakers)
+    if config.variants is not None:
+        variants, notes = [parse_label(label) for label in config.variants], []
+    else:
+        variants, notes = expand(config.sharing, config.n_kv_heads, config.breakers)
     labels = [v.label for v in variants]
     if config.baseline not in labels:
         raise ConfigError(
@@ -194,9 +268,21 @@ def expand_grid(config: StudyConfig) -> tuple[list[Variant], list[str]]:
 
 
 def cells(config: StudyConfig) -> list[Cell]:
-    """Every (variant, seed) of the study, seeds outermost so that a partial study covers all variants."""
+    """Every cell of the study: seed x task x axis values x variant, seeds outermost so that a partial study covers
+    every variant and setting (impossible cells are taken out later, :func:`~qkv_lightning.study.runner.check_cells`).
+    """
     variants, _ = expand_grid(config)
-    return [Cell(variant, seed) for seed in config.seeds for variant in variants]
+    names = config.axis_names()
+    combos = list(itertools.product(*[[(key, value) for value in values] for key, values in config.axes.items()]))
+    several = len(config.task_paths) > 1
+    grid = []
+    for seed in config.seeds:
+        for task in config.task_paths:
+            for combo in combos:
+                parts = ([task_label(task)] if several else []) + ([axes_label(combo, names)] if combo else [])
+                group = "/".join(parts)
+                grid += [Cell(variant, seed, task if config.is_sweep else "", combo, group) for variant in variants]
+    return grid
 
 
 def fingerprint(config: StudyConfig, cell: Cell) -> str:
@@ -205,11 +291,12 @@ def fingerprint(config: StudyConfig, cell: Cell) -> str:
     A finished cell whose stored fingerprint differs was run under other settings and is run again.
     """
     settings = {
-        "task": Path(config.task).read_text(),
+        "task": Path(cell.task or config.task_paths[0]).read_text(),
         "override_files": [Path(path).read_text() for path in override_config_files(config.overrides)],
         "overrides": list(config.overrides),
         "variant": cell.variant.attention_settings(),
         "seed": cell.seed,
+        **({"axes": [[key, value] for key, value in cell.axes]} if cell.axes else {}),
         "validate": config.validate,
         "test": config.test,
     }

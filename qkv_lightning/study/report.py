@@ -35,13 +35,15 @@ def write_results_csv(results: list[dict], path: Path) -> list[str]:
     """One row per run (ok or failed); returns the columns written."""
     metric_names = sorted({name for result in results for name in result.get("metrics", {})})
     first = result_columns()
-    columns = first + metric_names + TRAILING_COLUMNS
+    sweep_names = list(dict.fromkeys(name for result in results for name in result.get("sweep", {})))
+    columns = first[:-2] + sweep_names + first[-2:] + metric_names + TRAILING_COLUMNS
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for result in results:
             row = {key: result.get(key) for key in first + TRAILING_COLUMNS}
             row["n_kv_heads"] = "" if result.get("n_kv_heads") is None else result["n_kv_heads"]
+            row.update(result.get("sweep", {}))  # a sweep's task and axis values
             row.update(result.get("metrics", {}))
             writer.writerow({key: "" if value is None else value for key, value in row.items()})
     return columns
@@ -205,7 +207,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         sweep = _json_safe(effects.sweep_effects(table, primary, labels, base, axes, config.mixed_model, config.alpha))
 
     return {
-        "task": config.task,
+        "task": config.task if isinstance(config.task, str) else list(config.task),
         "overrides": list(config.overrides),
         "seeds": list(config.seeds),
         "baseline": base,

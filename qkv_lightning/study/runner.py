@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from qkv_lightning.files import atomic_write_json
-from qkv_lightning.study.config import Cell, StudyConfig, fingerprint
+from qkv_lightning.study.config import Cell, StudyConfig, fingerprint, task_label
 from qkv_lightning.study.safety import PARENT_ENV, check_no_survivors, claim_cell, release_cell
 
 RESULT_FILE = "result.json"
@@ -29,20 +29,27 @@ RESULT_FILE = "result.json"
 
 
 def cell_dir(study_dir: Path, cell: Cell) -> Path:
-    """The cell's directory, which is also its TensorBoard run: ``<study>/runs/<variant>/seed<k>``."""
-    return study_dir / "runs" / cell.variant.label / f"seed{cell.seed}"
+    """The cell's directory, which is also its TensorBoard run: ``<study>/runs/<variant>/seed<k>``, or in a sweep
+    ``<study>/runs/<task>/<axis values>/<variant>/seed<k>``."""
+    group = [part for part in cell.group.split("/") if part]
+    return study_dir.joinpath("runs", *group, cell.variant.label, f"seed{cell.seed}")
 
 
 def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
     """Everything :func:`run_cell` needs, as plain JSON (it travels to worker processes)."""
+    task = cell.task or config.task_paths[0]
+    names = config.axis_names()
     return {
         "key": cell.key,
         "label": cell.variant.label,
         "attention": cell.variant.attention_settings(),
         "row": cell.variant.as_row(),
         "seed": cell.seed,
-        "task": str(Path(config.task).resolve()),
-        "task_name": config.task,
+        "task": str(Path(task).resolve()),
+        "task_name": task,
+        "group": cell.group,
+        "sweep": {"task": task_label(task), **{names[key]: value for key, value in cell.axes}} if cell.group else {},
+        "axes": [[key, value] for key, value in cell.axes],
         "overrides": list(config.overrides),
         "dir": str(cell_dir(study_dir, cell).resolve()),
         "metrics": list(config.metrics) if config.metrics else None,
@@ -54,14 +61,39 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
     }
 
 
-def check_variants(config: StudyConfig, variants: list) -> None:
-    """Report an impossible study before anything runs or is written: the task config is parsed once with the
-    study's overrides, and the task module of every variant is built (cheap: networks are built later) and checked
-    against the data's settings.
+def set_key(tree: dict, key: str, value: object) -> None:
+    """Set the dotted config ``key`` (``model.init_args.network.d_model``) in the nested dict ``tree``."""
+    *parents, last = key.split(".")
+    for part in parents:
+        child = tree.get(part)
+        if not isinstance(child, dict):
+            child = tree[part] = {}
+        tree = child
+    tree[last] = value
+
+
+def has_key(tree: dict, key: str) -> bool:
+    """Whether the parsed config ``tree`` has the dotted ``key`` (every setting appears there, at its default)."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def check_cells(config: StudyConfig, variants: list, grid: list[Cell]) -> tuple[list[Cell], list[str]]:
+    """Find the impossible cells before anything runs or is written: every task config is parsed once with the
+    study's overrides, and the task module of every (task, axis values, variant) is built (cheap: networks are
+    built later) and checked against the data's settings.
+
+    Returns:
+        The possible cells, in order, and one note per impossible (task, axis values, variant), which is skipped.
 
     Raises:
-        ConfigError: naming the variant and the setting to change (e.g. n_kv_heads that does not divide n_head).
+        ConfigError: for an axis key the task config does not have, or a variant that is impossible in every cell
+            (naming the variant and the setting to change, e.g. n_kv_heads that does not divide n_head).
     """
+    import copy
     import importlib
     from argparse import ArgumentError
 
@@ -73,29 +105,63 @@ def check_variants(config: StudyConfig, variants: list) -> None:
         module_name, _, class_name = section["class_path"].rpartition(".")
         return getattr(importlib.import_module(module_name), class_name)(**(section.get("init_args") or {}))
 
-    where = f"study.task={config.task}" + (f" with study.overrides={config.overrides}" if config.overrides else "")
-    try:
-        # the cells instantiate; here only the config is read
-        parsed = QKVLightningCLI.parse_only(["--config", str(config.task), *config.overrides]).as_dict()
-    except QKVError as error:
-        raise ConfigError(f"{where}: {error}") from None
-    except (ArgumentError, ValueError) as error:  # jsonargparse reports bad keys and values as ArgumentError
-        raise ConfigError(f"{where}: {explain_config_error(str(error))}") from None
-    for variant in variants:
-        model_config = dict(parsed["model"])
-        init_args = dict(model_config.get("init_args") or {})
-        init_args["attention"] = {**(init_args.get("attention") or {}), **variant.attention_settings()}
-        try:
-            model = build({**model_config, "init_args": init_args})
-            datamodule = build(parsed["data"])
-            settings_spec = getattr(datamodule, "settings_spec", None)
-            if settings_spec is not None and hasattr(model, "check_data_spec"):
-                model.check_data_spec(dict(settings_spec()))
+    parsed: dict[str, dict] = {}
+    for task in config.task_paths:
+        where = f"study.task={task}" + (f" with study.overrides={config.overrides}" if config.overrides else "")
+        try:  # the cells instantiate; here only the config is read
+            parsed[task] = QKVLightningCLI.parse_only(["--config", str(task), *config.overrides]).as_dict()
         except QKVError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        except (ArgumentError, ValueError) as error:  # jsonargparse reports bad keys and values as ArgumentError
+            raise ConfigError(f"{where}: {explain_config_error(str(error))}") from None
+        for key in config.axes:
+            if not has_key(parsed[task], key):
+                raise ConfigError(
+                    f"study.axes key {key!r} is not a setting of {task} (write the full dotted key as in the task "
+                    "config, e.g. model.init_args.network.d_model or data.init_args.seq_len); nothing was run."
+                )
+
+    verdicts: dict[tuple, str | None] = {}  # (task, axes, variant label) -> None if possible, else the reason
+
+    def problem(cell: Cell) -> str | None:
+        task = cell.task or config.task_paths[0]
+        key = (task, cell.axes, cell.variant.label)
+        if key not in verdicts:
+            tree = copy.deepcopy(parsed[task])
+            for axis, value in cell.axes:
+                set_key(tree, axis, value)
+            init_args = tree["model"].setdefault("init_args", {})
+            init_args["attention"] = {**(init_args.get("attention") or {}), **cell.variant.attention_settings()}
+            try:
+                model = build(tree["model"])
+                datamodule = build(tree["data"])
+                settings_spec = getattr(datamodule, "settings_spec", None)
+                if settings_spec is not None and hasattr(model, "check_data_spec"):
+                    model.check_data_spec(dict(settings_spec()))
+                verdicts[key] = None
+            except QKVError as error:
+                verdicts[key] = str(error)
+        return verdicts[key]
+
+    kept, notes, seen = [], [], set()
+    for cell in grid:
+        reason = problem(cell)
+        if reason is None:
+            kept.append(cell)
+            continue
+        where = f"{cell.group}/{cell.variant.label}" if cell.group else cell.variant.label
+        if where not in seen:
+            seen.add(where)
+            notes.append(f"skipped {where} (every seed): impossible: {reason}")
+    for variant in variants:
+        if not any(cell.variant == variant for cell in kept):
+            cell = next(cell for cell in grid if cell.variant == variant)
+            task = cell.task or config.task_paths[0]
             raise ConfigError(
-                f"study cell {variant.label} is impossible for {config.task}: {error} Change study.sharing / "
-                "study.n_kv_heads / study.breakers, or the task config; nothing was run."
-            ) from None
+                f"study cell {variant.label} is impossible for {task}: {problem(cell)} Change study.sharing / "
+                "study.n_kv_heads / study.breakers / study.variants / study.axes, or the task config; nothing was run."
+            )
+    return kept, notes
 
 
 def read_result(directory: Path) -> dict | None:
@@ -191,11 +257,14 @@ def cell_overrides(spec: dict) -> dict:
     }
     if spec["quiet"]:
         trainer.update(enable_progress_bar=False, enable_model_summary=False)
-    return {
+    overrides = {
         "seed_everything": spec["seed"],
         "model": {"init_args": {"attention": dict(spec["attention"])}},
         "trainer": trainer,
     }
+    for key, value in spec.get("axes", []):  # the cell's axis values (they may touch the sections above)
+        set_key(overrides, key, value)
+    return overrides
 
 
 def cell_args(spec: dict) -> list[str]:
@@ -272,6 +341,9 @@ def blank_result(spec: dict) -> dict:
     """A cell's result before it has run: identity filled in, status failed, no metrics."""
     return {
         **spec["row"],
+        **({"group": spec["group"], "sweep": dict(spec["sweep"])} if spec.get("group") else {}),
+        # every axis value by its config key, the task too (qkv_lightning.study.effects reads cells from them)
+        **({"axes": {"task": spec["sweep"]["task"], **dict(spec["axes"])}} if spec.get("group") else {}),
         "seed": spec["seed"],
         "status": "failed",
         "metrics": {},

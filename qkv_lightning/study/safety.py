@@ -115,7 +115,7 @@ def die_with_parent() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the folder
-def check_output(study_dir: Path, task: str) -> None:
+def check_output(study_dir: Path, task: str | list[str]) -> None:
     """Refuse a study folder that is a file, is not writable, or is a non-empty folder that is not a study of
     ``task``; writes nothing.
 
@@ -145,12 +145,13 @@ def check_output(study_dir: Path, task: str) -> None:
         )
 
 
-def task_identity(task: str) -> str:
-    """The task as the marker records it: the config file's absolute path."""
-    return str(Path(task).expanduser().resolve())
+def task_identity(task: str | list[str]) -> str:
+    """The task as the marker records it: the config file's absolute path (several joined by ``" + "``)."""
+    paths = [task] if isinstance(task, str) else list(task)
+    return " + ".join(str(Path(path).expanduser().resolve()) for path in paths)
 
 
-def write_marker(study_dir: Path, task: str) -> None:
+def write_marker(study_dir: Path, task: str | list[str]) -> None:
     """Mark ``study_dir`` (just created, or a study folder already) as a study of ``task``."""
     path = study_dir / MARKER
     if not path.exists():

@@ -37,7 +37,11 @@ class OptimizerConfig:
     """Decoupled weight decay, applied to parameters with 2 or more dimensions only (not biases or norms)."""
 
     warmup_steps: int = 100
-    """Steps of linear warm-up from 0 to ``lr``."""
+    """Steps of linear warm-up from 0 to ``lr`` (ignored when warmup_fraction is set)."""
+
+    warmup_fraction: float | None = None
+    """Warm-up over this fraction of the run's optimiser steps instead of warmup_steps: max(1, int(fraction *
+    total steps)) steps, e.g. 0.05 as in the paper's synthetic tasks; None uses warmup_steps."""
 
     schedule: Literal["cosine", "constant"] = "cosine"
     """After warm-up: cosine decay to ``min_lr_ratio * lr`` at the last step, or constant."""
@@ -58,6 +62,8 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.weight_decay={self.weight_decay} must be a finite number >= 0.")
         if self.warmup_steps < 0:
             raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
+        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:  # also NaN
+            raise ConfigError(f"optimizer.warmup_fraction={self.warmup_fraction} must lie in [0, 1) (or be null).")
         if not 0.0 <= self.min_lr_ratio <= 1.0:  # also NaN
             raise ConfigError(f"optimizer.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1].")
         self.betas = tuple(self.betas)
@@ -339,9 +345,12 @@ class TaskModule(L.LightningModule, abc.ABC):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        warmup = config.warmup_steps
+        if config.warmup_fraction is not None:
+            warmup = max(1, int(config.warmup_fraction * total_steps)) if config.warmup_fraction > 0 else 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: warmup_cosine(step, config.warmup_steps, total_steps, config.min_lr_ratio, config.schedule),
+            lambda step: warmup_cosine(step, warmup, total_steps, config.min_lr_ratio, config.schedule),
         )
         return optimizer, scheduler
 

@@ -1,0 +1,250 @@
+"""The report of a sweep: a study over several task configs and/or axes (any config key), in the paper's layout.
+
+A cell of a sweep is (task, axis values, variant, seed). The **sweep table** has one row per variant and one column
+per task: the mean of the primary metric over that task's cells (every axis value and seed), and their average over
+the tasks, as the paper's Table 1 reports. Its statistics stay paired:
+
+* the **difference from the baseline** is the mean over *matched cells*, the cells of the variant and of the baseline
+  with the same task, axis values and seed that both finished, with a paired t confidence interval over those
+  pairs and a Holm-corrected p-value over the variants compared with the baseline;
+* the **95% CI** of a variant's average is a t interval over seeds: for each seed, the average over tasks of the
+  mean over that task's cells with that seed.
+
+The per-cell table (one :func:`~qkv_lightning.study.report.summarize` per task and axis values, paired over seeds)
+stays available in ``summary.json`` (``groups``) and ``cells.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qkv_lightning.study import stats
+from qkv_lightning.study.config import StudyConfig
+from qkv_lightning.variants import Variant
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def ok_value(result: dict, metric: str) -> float | None:
+    """The cell's final ``metric`` if the cell finished and logged a number, else None."""
+    if result.get("status") != "ok":
+        return None
+    value = result.get("metrics", {}).get(metric)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def cell_values(results: list[dict], label: str, metric: str) -> dict[tuple[str, int], float]:
+    """``{(group, seed): value}`` of the finished cells of variant ``label``."""
+    return {
+        (r.get("group", ""), r["seed"]): value
+        for r in results
+        if r["variant"] == label and (value := ok_value(r, metric)) is not None
+    }
+
+
+def matched_pairs(
+    results: list[dict], label: str, baseline: str, metric: str
+) -> tuple[list[tuple[str, int]], list[float], list[float]]:
+    """The matched cells of ``label`` and ``baseline``: those with the same group (task and axis values) and seed
+    that both finished with a value of ``metric``. Returns their (group, seed) keys, sorted, and the two series."""
+    mine, base = cell_values(results, label, metric), cell_values(results, baseline, metric)
+    keys = sorted(set(mine) & set(base))
+    return keys, [mine[k] for k in keys], [base[k] for k in keys]
+
+
+def task_of(result: dict) -> str:
+    """The task label of a sweep cell's result."""
+    return str(result.get("sweep", {}).get("task", ""))
+
+
+def variant_sweep(results: list[dict], label: str, tasks: list[str], metric: str) -> dict:
+    """Per-task means, their average over the tasks, and the seed-level 95% CI of that average, for one variant."""
+    mine = [r for r in results if r["variant"] == label and ok_value(r, metric) is not None]
+    per_task = {}
+    for task in tasks:
+        values = [ok_value(r, metric) for r in mine if task_of(r) == task]
+        per_task[task] = _finite(stats.mean(values)) if values else None
+    present = [v for v in per_task.values() if v is not None]
+    average = _finite(stats.mean(present)) if len(present) == len(tasks) else None  # only over every task
+    by_seed = []
+    for seed in sorted({r["seed"] for r in mine}):
+        means = [
+            stats.mean(values)
+            for task in tasks
+            if (values := [ok_value(r, metric) for r in mine if task_of(r) == task and r["seed"] == seed])
+        ]
+        if len(means) == len(tasks):
+            by_seed.append(stats.mean(means))
+    low, high = stats.mean_ci(by_seed)
+    return {
+        "per_task": per_task,
+        "average": average,
+        "seed_averages": by_seed,
+        "ci95": [_finite(low), _finite(high)],
+        "cells_ok": len(mine),
+    }
+
+
+def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[dict], groups: list[dict]) -> dict:
+    """The summary of a sweep, in the shape of :func:`~qkv_lightning.study.report.summarize` (one row per variant,
+    so that its table and the CLI read it alike) plus ``tasks``, ``sweep_table`` (the paper-layout table of every
+    metric)
+    and ``groups`` (the per-cell summaries, given)."""
+    base = config.baseline
+    tasks = []
+    for result in results:
+        if task_of(result) not in tasks:
+            tasks.append(task_of(result))
+    metrics = config.resolve_metrics(results)
+    rows = []
+    for variant in variants:
+        runs = [r for r in results if r["variant"] == variant.label]
+        rows.append(
+            {
+                **variant.as_row(),
+                "runs": len(runs),
+                "runs_ok": sum(r["status"] == "ok" for r in runs),
+                "params": None,  # differs between the cells of a sweep: see results.csv
+                "attn_params": None,
+                "kv_cache_bytes_per_token": None,
+                "params_change": None,
+                "wall_s_mean": _finite(stats.mean([r["wall_s"] for r in runs if r["status"] == "ok"])),
+                "metrics": {},
+            }
+        )
+    sweep: dict[str, dict] = {}
+    for metric in metrics:
+        table, tests = {}, {}
+        for row in rows:
+            label = row["variant"]
+            entry = variant_sweep(results, label, tasks, metric)
+            if label != base:
+                keys, mine, theirs = matched_pairs(results, label, base, metric)
+                test = stats.paired_test(mine, theirs)
+                tests[label] = test
+                entry.update(
+                    pairs=len(keys),
+                    diff=_finite(test.diff),
+                    diff_ci95=[_finite(test.ci_low), _finite(test.ci_high)],
+                    test="paired (matched cells)",
+                    t=_finite(test.t) if not math.isinf(test.t) else test.t,
+                    df=_finite(test.df),
+                    p=_finite(test.p),
+                )
+            table[label] = entry
+        adjusted = stats.holm([tests[label].p for label in tests])
+        lower_better = config.is_lower_better(metric)
+        for label, p_holm in zip(tests, adjusted, strict=True):
+            entry = table[label]
+            entry["p_holm"] = _finite(p_holm)
+            if math.isnan(p_holm):
+                entry["verdict"] = "n/a"
+            elif p_holm < config.alpha:
+                entry["verdict"] = "worse" if (entry["diff"] > 0) == lower_better else "better"
+            else:
+                entry["verdict"] = "n.s."
+        table[base]["verdict"] = "baseline"
+        sweep[metric] = table
+        for row in rows:  # the standard row view: the average, its seed CI and the matched-cell test
+            entry = table[row["variant"]]
+            seeds = entry["seed_averages"]
+            row["metrics"][metric] = {
+                "n": entry["cells_ok"],
+                "mean": entry["average"],
+                "std": _finite(stats.std(seeds)),
+                "ci95": entry["ci95"],
+                **{k: entry[k] for k in ("diff", "diff_ci95", "test", "t", "df", "p", "p_holm") if k in entry},
+                "verdict": entry["verdict"],
+            }
+    return {
+        "task": config.task_paths,
+        "tasks": tasks,
+        "axes": dict(config.axes),
+        "overrides": list(config.overrides),
+        "seeds": list(config.seeds),
+        "baseline": base,
+        "primary": metrics[0] if metrics else None,
+        "metrics": metrics,
+        "lower_is_better": {metric: config.is_lower_better(metric) for metric in metrics},
+        "alpha": config.alpha,
+        "variants": rows,
+        "sweep_table": sweep,
+        "groups": groups,
+        "failed": [
+            {"variant": r["variant"], "group": r.get("group", ""), "seed": r["seed"], "error": r["error"]}
+            for r in results
+            if r["status"] != "ok"
+        ],
+    }
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:+.{digits}f}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "<1e-4" if value < 1e-4 else f"{value:.4f}"
+
+
+def sweep_table(summary: dict, metric: str | None = None) -> str:
+    """The paper-layout markdown table of one metric: a row per variant, a column per task, the average over the
+    tasks with its seed-level 95% CI, and the matched-cell difference from the baseline with its CI and Holm p."""
+    metric = metric or summary["primary"]
+    if metric is None:
+        return "(no run has finished: no metrics to summarise; see the failed runs)"
+    base, tasks = summary["baseline"], summary["tasks"]
+    header = (
+        f"| variant | {' | '.join(tasks)} | average | 95% CI (seeds) | diff vs {base} [95% CI] (matched cells) "
+        "| pairs | p Holm | verdict |"
+    )
+    lines = [header, "|" + "---|" * (len(tasks) + 7)]
+    for label, entry in summary["sweep_table"][metric].items():
+        cells = " | ".join(_num(entry["per_task"].get(task)) for task in tasks)
+        ci = f"[{_num(entry['ci95'][0])}, {_num(entry['ci95'][1])}]"
+        if label == base:
+            diff = pairs = p_holm = ""
+        else:
+            diff = f"{_signed(entry['diff'])} [{_signed(entry['diff_ci95'][0])}, {_signed(entry['diff_ci95'][1])}]"
+            pairs, p_holm = str(entry["pairs"]), _p(entry["p_holm"])
+        verdict = {"worse": "worse *", "better": "better *"}.get(entry["verdict"], entry["verdict"])
+        lines.append(
+            f"| {label} | {cells} | {_num(entry['average'])} | {ci} | {diff} | {pairs} | {p_holm} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_markdown(summary: dict, title: str, notes: list[str]) -> str:
+    """The ``summary.md`` of a sweep: the paper-layout table, how to read it, skipped and failed cells."""
+    primary = summary["primary"]
+    direction = "lower" if primary and summary["lower_is_better"][primary] else "higher"
+    axes = ", ".join(f"`{key}` {values}" for key, values in summary["axes"].items()) or "none"
+    parts = [
+        f"# {title}",
+        "",
+        f"Tasks {', '.join(f'`{t}`' for t in summary['task'])}; axes {axes}; seeds {summary['seeds']}; baseline "
+        f"`{summary['baseline']}`; {primary}: {direction} is better.",
+        "",
+        sweep_table(summary),
+        "",
+        f"Each task column is the mean of {primary} over that task's cells (every axis value and seed); `average` is "
+        "their mean over the tasks; `95% CI (seeds)` is a t interval over the seeds of that average. The difference "
+        f"from {summary['baseline']} is the mean over matched cells (same task, axis values and seed, both "
+        f"finished), with a paired t interval; `p Holm`: Holm-corrected over the variants (`worse *` / `better *` "
+        f"when below {summary['alpha']}). Per-cell tables: `cells.md`; every run: `results.csv`.",
+    ]
+    for metric in summary["metrics"][1:]:
+        parts += ["", f"{metric}:", "", sweep_table(summary, metric)]
+    if notes:
+        parts += ["", "Skipped or left out:", ""] + [f"- {note}" for note in notes]
+    if summary["failed"]:
+        parts += ["", "Failed runs:", ""]
+        parts += [f"- {f['group']}/{f['variant']} seed {f['seed']}: {f['error'][:300]}" for f in summary["failed"]]
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,158 @@
+"""Study sweeps: axes over any config key, several task configs, skipped impossible cells, the paper-layout sweep
+table (recomputed here from results.csv) and matched-cell pairing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.study import StudyConfig, parse_study_args, run_study
+from qkv_lightning.study.config import cells, expand_grid
+from qkv_lightning.study.runner import cell_overrides, cell_spec
+from qkv_lightning.study.sweep import matched_pairs, summarize_sweep
+from qkv_lightning.variants import parse_label
+from tests.test_study import _task_config
+
+scipy_stats = pytest.importorskip("scipy.stats")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tasks(tmp_path: Path) -> list[str]:
+    """Two task configs (sub and copy) of the tiny study task, 2 optimiser steps each."""
+    paths = []
+    for name in ("sub", "copy"):
+        config = yaml.safe_load(_task_config(tmp_path).read_text())
+        config["data"]["init_args"]["task"] = name
+        config["trainer"]["max_steps"] = 2
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        paths.append(str(path))
+    return paths
+
+
+def test_axes_expand_to_exactly_the_expected_cells(tmp_path: Path) -> None:
+    config = StudyConfig(
+        task=_tasks(tmp_path),
+        variants=["QKV", "(Q=K=V)+", "Q-K=V_kv2"],
+        axes={"model.init_args.network.d_model": [16, 24], "data.init_args.seq_len": [4, 6]},
+        seeds=[0, 1],
+    )
+    assert [v.label for v in expand_grid(config)[0]] == ["QKV", "Q=K=V+score", "Q-K=V_kv2"]
+    grid = cells(config)
+    assert len(grid) == 2 * 2 * 2 * 2 * 3  # seeds x tasks x widths x lengths x variants
+    keys = [cell.key for cell in grid]
+    assert len(set(keys)) == len(keys)
+    assert keys[0] == "sub/d_model=16,seq_len=4/QKV/seed0" and keys[-1] == "copy/d_model=24,seq_len=6/Q-K=V_kv2/seed1"
+    spec = cell_spec(config, tmp_path / "s", grid[-1])
+    assert spec["dir"].endswith("runs/copy/d_model=24,seq_len=6/Q-K=V_kv2/seed1")
+    assert spec["sweep"] == {"task": "copy", "d_model": 24, "seq_len": 6}
+    layered = cell_overrides(spec)  # the axis values land in the cell's own config, beside the variant
+    assert layered["model"]["init_args"]["network"] == {"d_model": 24}
+    assert layered["model"]["init_args"]["attention"]["n_kv_heads"] == 2
+    assert layered["data"] == {"init_args": {"seq_len": 6}}
+    # the fingerprint tells cells apart by task and axis values
+    assert len({cell_spec(config, tmp_path / "s", cell)["fingerprint"] for cell in grid}) == len(grid)
+    assert parse_label("(Q=K-V)+").label == "Q=K-V+score" and parse_label("Q=K=V+relative+noself").breakers == (
+        "relative", "noself")
+    with pytest.raises(ConfigError, match=r"variant label 'Q=K-V\+alibi'"):
+        StudyConfig(task=_tasks(tmp_path)[0], variants=["QKV", "Q=K-V+alibi"])
+    with pytest.raises(ConfigError, match="study.axes key 'd_model'"):
+        StudyConfig(task=_tasks(tmp_path)[0], axes={"d_model": [16]})
+
+
+def _fake_result(variant: str, group: str, task: str, seed: int, value: float | None) -> dict:
+    return {
+        "variant": variant, "group": group, "sweep": {"task": task}, "seed": seed,
+        "status": "ok" if value is not None else "failed",
+        "metrics": {} if value is None else {"test/acc": value}, "wall_s": 1.0, "error": "" if value else "boom",
+    }
+
+
+def test_matched_cell_pairing_when_cells_fail(tmp_path: Path) -> None:
+    config = StudyConfig(task=_tasks(tmp_path), variants=["QKV", "Q=K=V"], seeds=[0, 1, 2], metrics=["test/acc"],
+                         axes={"data.init_args.seq_len": [4, 6]})
+    variants = expand_grid(config)[0]
+    values = {}
+    results = []
+    for i, (task, length, seed) in enumerate((t, n, s) for t in ("sub", "copy") for n in (4, 6) for s in (0, 1, 2)):
+        group = f"{task}/seq_len={length}"
+        values["QKV", group, seed] = 0.5 + 0.01 * i
+        values["Q=K=V", group, seed] = 0.45 + 0.013 * i - 0.002 * seed
+    failed = {("QKV", "sub/seq_len=6", 1), ("Q=K=V", "copy/seq_len=4", 2), ("Q=K=V", "copy/seq_len=6", 0)}
+    for (label, group, seed), value in values.items():
+        results.append(_fake_result(label, group, group.split("/")[0], seed, None if (label, group, seed) in failed
+                                    else value))
+    keys, mine, base = matched_pairs(results, "Q=K=V", "QKV", "test/acc")
+    expected = sorted(k[1:] for k in values if k[0] == "Q=K=V" and k not in failed and ("QKV", *k[1:]) not in failed)
+    assert keys == expected and len(keys) == 12 - 3
+    summary = summarize_sweep(config, variants, results, groups=[])
+    entry = summary["sweep_table"]["test/acc"]["Q=K=V"]
+    reference = scipy_stats.ttest_rel([values[("Q=K=V", *k)] for k in keys], [values[("QKV", *k)] for k in keys])
+    assert entry["pairs"] == 9 and entry["p"] == pytest.approx(reference.pvalue, rel=1e-8)
+    assert entry["diff"] == pytest.approx(sum(values[("Q=K=V", *k)] - values[("QKV", *k)] for k in keys) / 9)
+    # the task columns average every finished cell of the variant (not only the matched ones)
+    sub = [v for (label, group, seed), v in values.items() if label == "QKV" and group.startswith("sub")
+           and (label, group, seed) not in failed]
+    assert summary["sweep_table"]["test/acc"]["QKV"]["per_task"]["sub"] == pytest.approx(sum(sub) / len(sub))
+    assert summary["tasks"] == ["sub", "copy"]
+
+
+def test_sweep_study_skips_impossible_cells_and_its_table_follows_from_results_csv(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    study_yaml = tmp_path / "sweep.yaml"
+    study_yaml.write_text(yaml.safe_dump({
+        "task": _tasks(tmp_path),
+        "variants": ["QKV", "Q=K=V+score"],
+        # n_head 4 divides d_model 16; n_head 3 does not: those cells are skipped with a note
+        "axes": {"model.init_args.network.n_head": [4, 3]},
+        "seeds": [0, 1],
+        "workers": 0,
+        "validate": False,
+        "output": str(out),
+    }))
+    config, _ = parse_study_args(["--config", str(study_yaml)])
+    lines: list[str] = []
+    summary = run_study(config, out, echo=lines.append)
+    assert summary["ran"] == 2 * 2 * 2  # tasks x seeds x variants with n_head 4
+    assert any("skipped copy/n_head=3/QKV" in line and "divisible" in line for line in lines), lines
+    assert any("ETA" in line for line in lines)
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["task"], r["n_head"]) for r in rows} == {("sub", "4"), ("copy", "4")}
+    table = json.loads((out / "summary.json").read_text())["sweep_table"]["test/acc"]
+    for label in ("QKV", "Q=K=V+score"):
+        per_task = {}
+        for task in ("sub", "copy"):
+            accs = [float(r["test/acc"]) for r in rows if r["variant"] == label and r["task"] == task]
+            assert len(accs) == 2
+            per_task[task] = sum(accs) / 2
+            assert table[label]["per_task"][task] == pytest.approx(per_task[task])
+        assert table[label]["average"] == pytest.approx((per_task["sub"] + per_task["copy"]) / 2)
+    markdown = (out / "summary.md").read_text()
+    assert "| variant | sub | copy | average |" in markdown and "n_head=3" in markdown
+    assert "## copy/n_head=4" in (out / "cells.md").read_text()
+    # a variant impossible in every cell is an error before anything runs
+    with pytest.raises(ConfigError, match="study cell QKV_kv3 is impossible"):
+        run_study(StudyConfig(task=_tasks(tmp_path), variants=["QKV", "QKV_kv3"], axes={
+            "model.init_args.network.d_model": [16, 32]}), tmp_path / "never", echo=lambda line: None)
+    assert not (tmp_path / "never").exists()
+
+
+def test_paper_sweep_configs_parse_to_the_papers_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    full, _ = parse_study_args(["--config", "configs/study/paper-synthetic.yaml"])
+    labels = ["QKV", "Q=K-V", "Q=K-V+score", "Q-K=V", "Q=K=V", "Q=K=V+score"]
+    assert [v.label for v in expand_grid(full)[0]] == labels
+    assert [Path(t).stem for t in full.task_paths] == ["reverse", "sort", "sub", "swap", "copy"]
+    grid = cells(full)
+    # d_model {32, 64, 256} x n_layer {2, 4} x n_head {2, 4} x length {16, 64, 128} x 3 seeds x 5 tasks x 6 variants
+    assert len(grid) == 3 * 2 * 2 * 3 * 3 * 5 * 6
+    cpu, _ = parse_study_args(["--config", "configs/study/paper-synthetic-cpu.yaml"])
+    assert [v.label for v in expand_grid(cpu)[0]] == labels
+    assert [Path(t).stem for t in cpu.task_paths] == ["reverse", "swap"] and cpu.seeds == [0, 1, 2]
+    assert len(cpu.axes["model.init_args.network.d_model"]) >= 2 and len(cpu.axes["data.init_args.seq_len"]) >= 2
