@@ -71,7 +71,7 @@ def run_study(
     write_marker(study_dir, config.task)
     with study_lock(study_dir):
         check_no_survivors([Path(s["dir"]) for s in specs])
-        return _run_locked(config, study_dir, variants, grid, specs, echo, title)
+        return _run_locked(config, study_dir, variants, grid, specs, notes, skipped, echo, title)
 
 
 def _run_locked(
@@ -80,6 +80,8 @@ def _run_locked(
     variants: list,
     grid: list,
     specs: list[dict],
+    notes: list[str],
+    skipped: list[str],
     echo: Callable[[str], None],
     title: str | None,
 ) -> dict:
