@@ -114,6 +114,24 @@ class Variant:
         )
         return cls(attention.sharing, n_kv, on)
 
+    @classmethod
+    def parse(cls, label: str) -> Variant:
+        """The variant a :attr:`label` names (``Q-K=V+score_kv2``), the inverse of :attr:`label`.
+
+        Raises:
+            ConfigError: if ``label`` is not a variant label.
+        """
+        name, sep, kv = label.strip().rpartition("_kv") if "_kv" in label else (label.strip(), "", "")
+        if sep and not kv.isdigit():
+            raise ConfigError(f"{label!r} is not a variant label (e.g. Q-K=V, Q=K-V+score, Q-K=V_kv2).")
+        sharing, *breakers = name.split("+")
+        return cls(sharing, int(kv) if sep else None, tuple(breakers))
+
+    def with_settings(self, **settings: Any) -> Variant:
+        """The variant with other attention settings, e.g. ``with_settings(score_encoding="paper")``: a breaker's
+        setting turns that breaker on or off."""
+        return Variant.of(dataclasses.replace(self.attention_config(), **settings))
+
     @property
     def query_shared(self) -> bool:
         """Whether Q shares its projection (then it needs as many K/V heads as query heads)."""

@@ -191,3 +191,12 @@ def test_imports_point_down_and_form_no_cycle() -> None:
         "qkv_lightning.bench.common -> qkv_lightning.cli",
     }
     assert set(upward) <= allowed_up, sorted(set(upward) - allowed_up)
+
+
+def test_a_label_parses_back_to_its_variant_and_settings_toggle_breakers() -> None:
+    for variant in expand(["QKV", "Q-K=V", "Q=K=V"], [None, 2], ["none", "score+noself", "relative"])[0]:
+        assert Variant.parse(variant.label) == variant
+    assert Variant.parse("Q-K=V_kv2").with_settings(score_encoding="paper").label == "Q-K=V+score_kv2"
+    assert Variant.parse("Q-K=V+score_kv2").with_settings(score_encoding="none").label == "Q-K=V_kv2"
+    with pytest.raises(ConfigError):
+        Variant.parse("timm Attention")

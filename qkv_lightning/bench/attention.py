@@ -15,14 +15,14 @@ from torch import nn
 
 from qkv_lightning.accounting import AttentionShape, attention_forward_flops, score_encoding_flops
 from qkv_lightning.bench.timing import Timing, interleaved_medians
+from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import (
     CANONICAL_VARIANTS,
     Attention,
     AttentionConfig,
-    Sharing,
     canonical_score_encoding,
-    score_encoding_suffix,
 )
+from qkv_lightning.variants import Variant
 
 
 class _MHA(nn.Module):
@@ -68,11 +68,10 @@ def contenders(
     encoding: ``Q=K=V``, ``Q=K=V+score`` for the paper's, ``Q=K=V+relative``)."""
     modules: dict[str, tuple[nn.Module, int | None]] = {}
     for variant in variants:
-        kv = None if Sharing.parse(variant).query_shared else n_kv_heads
+        kv = None if Variant(variant).query_shared else n_kv_heads
         for mode in score_encodings:
             config = AttentionConfig(sharing=variant, n_kv_heads=kv, score_encoding=mode)
-            name = config.sharing + score_encoding_suffix(mode)
-            label = name if config.n_kv_heads in (None, n_head) else f"{name} kv={config.n_kv_heads}"
+            label = Variant.of(config, n_head).label
             modules[label] = (_Ours(Attention(d_model, n_head, config, causal=causal)), 1)
     try:
         from timm.layers import Attention as TimmAttention
@@ -143,13 +142,15 @@ def format_encoding_table(timings: list[Timing], modes: Sequence[str]) -> str:
     header = "| variant | none ms | " + " | ".join(f"{mode} ms | {mode} / none" for mode in others) + " |"
     lines = [header, "|---|---:|" + "---:|---:|" * len(others)]
     for t in timings:
-        if t.name not in by_name or any(s in t.name for s in ("+score", "+relative", "timm", "nn.")):
+        try:
+            variant = Variant.parse(t.name)
+        except ConfigError:  # timm's, torch's
             continue
-        base, _, kv = t.name.partition(" kv=")
+        if variant.attention_config().score_encoding != "none":
+            continue
         cells = [f"{t.median_ms:.3f}"]
         for mode in others:
-            name = base + score_encoding_suffix(mode) + (f" kv={kv}" if kv else "")
-            other = by_name.get(name)
+            other = by_name.get(variant.with_settings(score_encoding=mode).label)
             cells += ["-", "-"] if other is None else [f"{other.median_ms:.3f}", f"{other.median_ms / t.median_ms:.3f}"]
         lines.append(f"| {t.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

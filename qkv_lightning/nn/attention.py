@@ -138,11 +138,6 @@ def canonical_score_encoding(value: str | bool | None) -> str:
     return text
 
 
-def score_encoding_suffix(value: str | bool | None) -> str:
-    """The label suffix of a score encoding: '' (none), '+score' (the paper's '+'), '+relative'."""
-    return {"none": "", "paper": "+score", "relative": "+relative"}[canonical_score_encoding(value)]
-
-
 @dataclass
 class AttentionConfig:
     """The attention variant: projection sharing, K/V heads and symmetry breakers."""
