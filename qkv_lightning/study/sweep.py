@@ -20,6 +20,7 @@ import math
 
 from qkv_lightning.study import stats
 from qkv_lightning.study.config import StudyConfig
+from qkv_lightning.study.report import _num, _p, _signed
 from qkv_lightning.variants import Variant
 
 
@@ -178,20 +179,6 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
             if r["status"] != "ok"
         ],
     }
-
-
-def _num(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _signed(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:+.{digits}f}"
-
-
-def _p(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return "<1e-4" if value < 1e-4 else f"{value:.4f}"
 
 
 def sweep_table(summary: dict, metric: str | None = None) -> str:
