@@ -63,7 +63,7 @@ def test_every_lm_config_runs_fast_dev_run(tmp_path, data, config):
         assert main(["fit", *args]) == 0
         return
     extra += SMALL + ["--trainer.accumulate_grad_batches", "1"]
-    if config.startswith("gpt2"):
+    if config.startswith(("gpt2", "paper")):
         if not GPT2_RANKS.is_file():
             pytest.skip("shared GPT-2 ranks file not present")
         extra += ["--data.bpe_file", str(GPT2_RANKS)]
