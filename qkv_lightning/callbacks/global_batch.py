@@ -78,7 +78,7 @@ class GlobalBatch(L.Callback):
                 "from the devices and the micro-batch: leave trainer.accumulate_grad_batches at 1."
             )
         trainer.accumulate_grad_batches = accumulation
-        if self.val_every_n_steps is not None:
+        if self.val_every_n_steps is not None and not trainer.fast_dev_run:  # fast_dev_run validates its one batch
             if trainer.check_val_every_n_epoch is not None:
                 raise ConfigError(
                     "GlobalBatch.val_every_n_steps needs trainer.check_val_every_n_epoch: null (validation by steps)."
