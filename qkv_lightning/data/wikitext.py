@@ -25,9 +25,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from qkv_lightning.data.archives import extract_zip_members
 from qkv_lightning.data.documents import DocumentMode, check_document_mode, padded_row, row_sample
 from qkv_lightning.data.loading import train_loader
+from qkv_lightning.data.progress import Progress
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_open, atomic_write_json, file_digest, temporary_prefix
@@ -163,7 +162,10 @@ def read_json(path: Path) -> dict | None:
 
 
 def download_release(release: OfficialRelease, data_dir: Path) -> None:
-    """Fetch the release's archive (trying each URL), check its MD5 and extract its three files into ``data_dir``."""
+    """Fetch the release's archive (trying each URL; torchvision's ``download_url``, with a progress bar), check its
+    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor."""
+    from torchvision.datasets.utils import calculate_md5, download_url
+
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -174,18 +176,17 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
         for url in release.urls:
             log.info("downloading %s from %s", release.title, url)
             try:
-                request = urllib.request.Request(url, headers={"User-Agent": "qkv-lightning"})
-                with urllib.request.urlopen(request, timeout=60) as response, open(archive, "wb") as out:
-                    shutil.copyfileobj(response, out, 1 << 22)
+                download_url(url, str(data_dir), filename=archive.name)
                 break
-            except OSError as error:
+            except (OSError, RuntimeError, ValueError) as error:  # URLError, HTTPError, too many redirects
+                archive.unlink(missing_ok=True)
                 failures.append(f"{url}: {error}")
         else:
             raise DataError(
                 f"could not download {release.title} ({'; '.join(failures)}). Without internet, put the official files "
                 f"{', '.join(release.lines)} into data.data_dir={data_dir} and set data.download: false."
             )
-        digest = file_digest(archive, "md5")
+        digest = calculate_md5(str(archive))
         if digest != release.md5:
             raise DataError(
                 f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
@@ -216,12 +217,15 @@ def cache_dtype(vocab_size: int) -> np.dtype:
 
 
 def build_token_cache(
-    source: SplitSource, info: FileInfo, tokenizer: Tokenizer, prefix: Path, chunk_lines: int = 4096
+    source: SplitSource, info: FileInfo, tokenizer: Tokenizer, prefix: Path, chunk_lines: int = 4096,
+    what: str | None = None,
 ) -> dict:
     """Tokenize ``source`` line by line into ``<prefix>.bin`` (boundary id, then the text's ids) and ``.json``.
 
-    Memory stays bounded by one chunk of lines. Returns the metadata that was written.
+    Memory stays bounded by one chunk of lines; progress lines (tokens, tokens/s) name the job ``what``. Returns the
+    metadata that was written.
     """
+    progress = Progress(what or f"tokenizing {source.path}", unit="tokens")
     dtype = cache_dtype(tokenizer.vocab_size)
     bin_path, meta_path = prefix.with_suffix(".bin"), prefix.with_suffix(".json")
     digest = hashlib.sha256()
@@ -251,6 +255,8 @@ def build_token_cache(
             n_tokens += array.size
             n_words += sum(words_in_line(line) for line in chunk)
             n_lines += len(chunk)
+            progress.update(array.size)
+    progress.done()
     meta = {
         "format": CACHE_FORMAT,
         "source": str(source.path),
@@ -743,8 +749,9 @@ class WikiText(L.LightningDataModule):
                     f"{self.tokenizer_kind}: {reason}. Delete it, point data.cache_dir elsewhere, or set "
                     "data.rebuild_cache: true."
                 )
-            log.info("tokenizing %s (%s) into %s.bin: %s", source.path, split, prefix, reason)
-            meta = build_token_cache(source, info, tokenizer, prefix)
+            log.info("building the token cache %s.bin of %s (%s split): %s", prefix, source.path, split, reason)
+            what = f"tokenizing the {split} split ({source.path.name}, {self.tokenizer_kind})"
+            meta = build_token_cache(source, info, tokenizer, prefix, what=what)
             self.check_counts(split, source, meta, prefix)
 
     def documents_missing(self, prefix: Path) -> str | None:
