@@ -61,3 +61,23 @@ def read_batches(out: Path, rank: int = 0) -> dict[int, list[list[int]]]:
     """The recorded batches of one rank: step -> its rows' input ids."""
     lines = (out / f"rank{rank}.jsonl").read_text().splitlines()
     return {record["step"]: record["rows"] for record in map(json.loads, lines)}
+
+
+def write_corpus(data: Path, n_train: int, seed: int = 1) -> None:
+    """Two training JSONL files of ``n_train`` distinct documents each, a validation file and the byte ranks."""
+    data.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    write_byte_ranks(data / "bytes.tiktoken")
+    for k in range(2):
+        write_jsonl(data / f"train-{k}.jsonl", [f"{k} {i} {t}" for i, t in enumerate(documents(rng, n_train))])
+    write_jsonl(data / "val.jsonl", documents(rng, 4))
+
+
+def streaming_data_args(data: Path, seq_len: int = 8) -> list[str]:
+    """Command-line options pointing configs/lm/streaming.yaml at the files of :func:`write_corpus`."""
+    return [
+        "--data.train_files", f"[{data / 'train-*.jsonl'}]", "--data.val_files", f"[{data / 'val.jsonl'}]",
+        "--data.cache_dir", str(data / "cache"), "--data.bpe_file", str(data / "bytes.tiktoken"),
+        "--data.seq_len", str(seq_len), "--data.val_tokens", "20", "--data.batch_size", "2",
+        "--data.num_workers", "0", "--data.optimize_workers", "1",
+    ]

@@ -23,17 +23,30 @@ from qkv_lightning.cli import main  # noqa: E402
 from qkv_lightning.data.streaming import StreamingText, to_sample  # noqa: E402
 from qkv_lightning.errors import DataError  # noqa: E402
 from tests.run_fixtures import CONFIGS, run_settings, write_yaml  # noqa: E402
-from tests.streaming_support import documents, read_batches, write_byte_ranks, write_jsonl  # noqa: E402
+from tests.streaming_support import (  # noqa: E402
+    documents,
+    read_batches,
+    streaming_data_args,
+    write_byte_ranks,
+    write_corpus,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EOT = 256
 
 
 def corpus(folder: Path, seed: int = 0) -> dict[str, list[str]]:
-    """A JSONL, a text and a Parquet file; returns each file's documents."""
+    """A JSONL, a text, a Parquet and a zstd-compressed JSONL file; returns each file's documents."""
     rng = random.Random(seed)
-    texts = {"a.jsonl": documents(rng, 9), "b.txt": documents(rng, 7), "c.parquet": documents(rng, 5, 20, 30)}
+    texts = {"a.jsonl": documents(rng, 9), "b.txt": documents(rng, 7), "c.parquet": documents(rng, 5, 20, 30),
+             "d.jsonl.zst": documents(rng, 3)}
     write_jsonl(folder / "a.jsonl", texts["a.jsonl"])
+    import zstandard
+
+    plain = write_jsonl(folder / "d.jsonl", texts["d.jsonl.zst"]).read_bytes()
+    (folder / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))  # SlimPajama's format
+    (folder / "d.jsonl").unlink()
     (folder / "b.txt").write_text("".join(f"{t}\n\n" for t in texts["b.txt"]), encoding="utf-8")  # blank lines skipped
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -61,7 +74,8 @@ def test_rows_equal_a_direct_tokenization_and_the_validation_slice_is_carved_by_
     ranks = write_byte_ranks(tmp_path / "bytes.tiktoken")
     seq_len, val_tokens = 16, 100
     dm = StreamingText(
-        train_files=[str(tmp_path / "a.jsonl"), str(tmp_path / "*.txt"), str(tmp_path / "c.parquet")],
+        train_files=[str(tmp_path / "a.jsonl"), str(tmp_path / "*.txt"), str(tmp_path / "c.parquet"),
+                     str(tmp_path / "d.jsonl.zst")],
         cache_dir=str(tmp_path / "cache"), bpe_file=str(ranks), seq_len=seq_len, document_mode=mode,
         val_tokens=val_tokens, batch_size=2, num_workers=0,
     )
@@ -75,7 +89,7 @@ def test_rows_equal_a_direct_tokenization_and_the_validation_slice_is_carved_by_
     assert stored_rows(val) == direct_rows(texts["a.jsonl"][:n_val], seq_len, mode)
     # training: the rest of a.jsonl, then b.txt and c.parquet (packed within each file), in any order
     expected = (direct_rows(texts["a.jsonl"][n_val:], seq_len, mode) + direct_rows(texts["b.txt"], seq_len, mode)
-                + direct_rows(texts["c.parquet"], seq_len, mode))
+                + direct_rows(texts["c.parquet"], seq_len, mode) + direct_rows(texts["d.jsonl.zst"], seq_len, mode))
     train = dm._dataset(dm.folder() / "train", shuffle=False)
     assert sorted(stored_rows(train)) == sorted(expected)
     # samples: (inputs, targets) packed; (inputs, targets, padding) padded, padding after the document's tokens
@@ -107,28 +121,15 @@ def streaming_args(folder: Path, data: Path, name: str, steps: int, *extra: str)
     """configs/lm/streaming.yaml at tiny sizes on the JSONL files in ``data``; every training batch recorded."""
     run = write_yaml(folder / f"{name}-run.yaml", run_settings(folder, name, every=2))
     return [
-        "--config", str(CONFIGS / "lm" / "streaming.yaml"), "--config", str(run),
-        "--data.train_files", f"[{data / 'train-*.jsonl'}]", "--data.val_files", f"[{data / 'val.jsonl'}]",
-        "--data.cache_dir", str(data / "cache"), "--data.bpe_file", str(data / "bytes.tiktoken"),
-        "--data.seq_len", "8", "--data.val_tokens", "20", "--data.batch_size", "2", "--data.num_workers", "0",
-        "--data.optimize_workers", "1",
+        "--config", str(CONFIGS / "lm" / "streaming.yaml"), "--config", str(run), *streaming_data_args(data),
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
         "--trainer.limit_val_batches", "2", "--trainer.accumulate_grad_batches", "1",
         "--model.network.n_layer", "1", "--model.network.n_head", "2", "--model.network.d_model", "16",
-        "--model.network.d_mlp", "32", "--model.network.max_seq_len", "8", "--model.network.vocab_size", "null",
+        "--model.network.d_mlp", "32", "--model.network.max_seq_len", "8", "--model.network.vocab_size", "320",
         "--model.optimizer.warmup_steps", "2",
         "--trainer.callbacks+=tests.streaming_support.RecordBatches", "--trainer.callbacks.out", str(folder / name),
         *extra,
     ]
-
-
-def write_data(data: Path, n_train: int, seed: int = 1) -> None:
-    data.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    write_byte_ranks(data / "bytes.tiktoken")
-    for k in range(2):
-        write_jsonl(data / f"train-{k}.jsonl", [f"{k} {i} {t}" for i, t in enumerate(documents(rng, n_train))])
-    write_jsonl(data / "val.jsonl", documents(rng, 4))
 
 
 def environment() -> dict[str, str]:
@@ -143,13 +144,13 @@ def environment() -> dict[str, str]:
 @pytest.mark.slow
 def test_resume_after_kill_9_of_a_real_fit_reproduces_the_uninterrupted_batches(tmp_path):
     data = tmp_path / "data"
-    write_data(data, 30)
+    write_corpus(data, 30)
     steps = 8
     assert main(["fit", *streaming_args(tmp_path, data, "reference", steps)]) == 0
     reference = read_batches(tmp_path / "reference")
     assert sorted(reference) == list(range(steps))
 
-    # the same command in a subprocess, killed with SIGKILL after step 5 (last.ckpt: step 4, mid-epoch)
+    # the same command in a subprocess, killed with SIGKILL after its 5th step (last.ckpt: step 4, mid-epoch)
     kill = ("--trainer.callbacks+=tests.distributed_support.KillAt", "--trainer.callbacks.step=5")
     command = [sys.executable, str(ROOT / "cli.py"), "fit", *streaming_args(tmp_path, data, "killed", steps, *kill)]
     with open(tmp_path / "killed.txt", "w") as out:
@@ -162,7 +163,7 @@ def test_resume_after_kill_9_of_a_real_fit_reproduces_the_uninterrupted_batches(
                 os.killpg(process.pid, signal.SIGKILL)
     assert code == -signal.SIGKILL, (tmp_path / "killed.txt").read_text()[-3000:]
     killed = read_batches(tmp_path / "killed")
-    assert sorted(killed) == list(range(6)) and all(killed[s] == reference[s] for s in killed)
+    assert sorted(killed) == list(range(5)) and all(killed[s] == reference[s] for s in killed)
     (last,) = (tmp_path / "logs" / "killed").rglob("last.ckpt")
 
     import torch
@@ -183,7 +184,7 @@ def test_resume_after_kill_9_of_a_real_fit_reproduces_the_uninterrupted_batches(
 @pytest.mark.slow
 def test_two_process_ddp_sees_every_training_row_exactly_once(tmp_path):
     data = tmp_path / "data"
-    write_data(data, 8)  # padded: one row per document, 16 rows = 2 processes x 4 steps x 2
+    write_corpus(data, 8)  # padded: one row per document, 16 rows = 2 processes x 4 steps x 2
     extra = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--trainer.accelerator", "cpu",
              "--trainer.devices", "2", "--data.document_mode", "padded", "--trainer.max_epochs", "1")
     args = streaming_args(tmp_path, data, "ddp", -1, *extra)
