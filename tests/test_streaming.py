@@ -200,3 +200,11 @@ def test_two_process_ddp_sees_every_training_row_exactly_once(tmp_path):
     assert len(every) == 16 and len({tuple(r) for r in every}) == 16  # distinct rows
     assert len(seen) == 16 and sorted(seen) == sorted(every)  # each exactly once over both processes
     assert all(len(read_batches(tmp_path / "ddp", rank)) == 4 for rank in (0, 1))
+    # validation over both processes scores every document token of the slice once (exact perplexity)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "logs" / "ddp").rglob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+    val_rows = stored_rows(dm._dataset(dm.folder() / "val", shuffle=False))
+    assert scalars.Scalars("val/tokens")[-1].value == sum(n for _, n in val_rows)
+    assert scalars.Scalars("val/tokens_with_padding")[-1].value == 8 * len(val_rows)

@@ -197,12 +197,26 @@ def to_sample(item: Any, padded: bool) -> tuple[torch.Tensor, ...]:
     return row_sample(row, int(n_document))
 
 
-class ValidationRows(Dataset):
-    """The validation rows in order, padded with rows that score nothing to a multiple of ``pad_to``."""
+def count_rows(folder: Path) -> int:
+    """Rows of an optimized dataset, from its ``index.json`` (``len(StreamingDataset)`` is per process under DDP)."""
+    index = read_json(folder / "index.json") or {}
+    return sum(int(chunk["chunk_size"]) for chunk in index.get("chunks", []))
 
-    def __init__(self, dataset: Any, padded: bool, pad_to: int = 1) -> None:
+
+class ValidationRows(Dataset):
+    """The validation rows in order (read by global index), padded with rows that score nothing to a multiple of
+    ``pad_to``, so that the sampler Lightning adds under DDP never repeats a row.
+
+    Args:
+        dataset: the ``StreamingDataset`` of the validation rows.
+        n: its number of rows (all processes together).
+        padded: samples with a padding mask (padded documents).
+        pad_to: make the number of rows a multiple of this (the number of processes).
+    """
+
+    def __init__(self, dataset: Any, n: int, padded: bool, pad_to: int = 1) -> None:
         self.dataset, self.padded = dataset, padded
-        self.n = len(dataset)
+        self.n = n
         self.total = -(-self.n // pad_to) * pad_to
 
     def __len__(self) -> int:
@@ -375,7 +389,7 @@ class StreamingText(L.LightningDataModule):
         folder.mkdir(parents=True, exist_ok=True)
         self._optimize([segments], folder / "val", "validation")
         self._optimize(jobs, folder / "train", "training")
-        counts = {split: len(self._dataset(folder / split, shuffle=False)) for split in ("train", "val")}
+        counts = {split: count_rows(folder / split) for split in ("train", "val")}
         if counts["train"] == 0:
             raise DataError(
                 f"data.train_files hold no training row of data.seq_len={self.seq_len} + 1 tokens after the "
@@ -407,7 +421,9 @@ class StreamingText(L.LightningDataModule):
                 transform=partial(to_sample, padded=padded),
             )
         if stage in (None, "fit", "validate") and "val" not in self.datasets:
-            self.datasets["val"] = ValidationRows(self._dataset(folder / "val", shuffle=False), padded, self.world_size)
+            self.datasets["val"] = ValidationRows(
+                self._dataset(folder / "val", shuffle=False), count_rows(folder / "val"), padded, self.world_size
+            )
 
     @property
     def world_size(self) -> int:
