@@ -188,7 +188,7 @@ def test_two_process_ddp_sees_every_training_row_exactly_once(tmp_path):
     extra = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--trainer.accelerator", "cpu",
              "--trainer.devices", "2", "--data.document_mode", "padded", "--trainer.max_epochs", "1")
     args = streaming_args(tmp_path, data, "ddp", -1, *extra)
-    args[args.index("--trainer.val_check_interval") + 1] = "1.0"
+    args[args.index("--trainer.val_check_interval") + 1] = "4"  # the end of the epoch: 4 steps per process
     command = [sys.executable, str(ROOT / "cli.py"), "fit", *args]
     result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -25,12 +25,24 @@ class _RankZero(logging.Filter):
         return getattr(rank_zero_only, "rank", 0) == 0
 
 
+class _Stderr(logging.StreamHandler):
+    """A stream handler that writes to the current ``sys.stderr`` (also when it was replaced after setup)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def show_data_progress(level: int = logging.INFO) -> None:
     """Send the data modules' log records (``qkv_lightning.data.*``) to stderr on global rank 0 (idempotent)."""
     logger = logging.getLogger(DATA_LOGGER)
     if any(getattr(handler, "_qkv_progress", False) for handler in logger.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("[data] %(message)s"))
     handler.addFilter(_RankZero())
     handler._qkv_progress = True  # type: ignore[attr-defined]

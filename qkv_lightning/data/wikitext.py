@@ -677,8 +677,16 @@ class WikiText(L.LightningDataModule):
                 f"{source.path} ({self.setting_of('train')}) and data.rebuild_cache is false; delete it, point "
                 "data.cache_dir elsewhere, or set data.rebuild_cache: true."
             )
-        log.info("building the word vocabulary of %s", source.path)
-        tokenizer = WordTokenizer.build(iter_lines(source.path, source.start, source.stop))
+        progress = Progress(f"building the word vocabulary of {source.path}", unit="lines")
+
+        def counted(lines: Iterator[str]) -> Iterator[str]:
+            for line in lines:
+                progress.update(1)
+                yield line
+
+        tokenizer = WordTokenizer.build(counted(iter_lines(source.path, source.start, source.stop)))
+        progress.done()
+        log.info("the word vocabulary has %d types", tokenizer.vocab_size)
         official = self.release.vocab_size
         official_train = source.whole_file and source.path.name == "wiki.train.tokens"
         if self.verify and official_train and tokenizer.vocab_size != official:
