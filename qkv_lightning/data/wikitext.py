@@ -317,6 +317,9 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
 class TokenWindows(Dataset):
     """Windows over a memory-mapped token array, as ``(input ids (T,), target ids (T,))`` pairs of int64.
 
+    Kept (with the ``.bin`` caches) instead of LitData for WikiText: a split of at most 0.1B tokens is one memory map,
+    read at any offset, which exact sliding evaluation windows need.
+
     The array starts with a boundary token that is never a target, so its ``n - 1`` later tokens are the targets.
 
     * training (``stride`` None): windows ``[i*T, i*T + T + 1)`` for ``i < (n - 1) // T``, all targets scored;
