@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
+from qkv_lightning.data.progress import show_data_progress
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
     check_output_folders,
@@ -369,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = args
+    show_data_progress()  # tokenizing, caching and downloading print their progress (rank 0 only)
     try:
         if args and args[0] in ("-h", "--help"):
             print("extra commands: " + ", ".join(sorted(EXTRA_COMMANDS)) + " (each with --help)\n")

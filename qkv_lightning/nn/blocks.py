@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
@@ -73,18 +74,12 @@ class TrunkConfig:
         return self.d_model // self.n_head
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``p`` during training."""
+class DropPath(StochasticDepth):
+    """Stochastic depth (torchvision's ``StochasticDepth``, mode ``row``): drop the whole residual branch per sample
+    with probability ``p`` during training and scale kept samples by 1 / (1 - p); the identity in evaluation."""
 
     def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, ...)
-        return x * keep / (1.0 - self.p)
+        super().__init__(p, mode="row")
 
 
 class MLP(nn.Module):

@@ -165,21 +165,25 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids (B, T)."""
         return self.logits(self.hidden(idx, caches)[0])
 
-    def loss(self, idx: Tensor, targets: Tensor, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+    def loss(self, idx: Tensor, targets: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
         """Cross-entropy of ``targets`` (B, T) given ``idx`` (B, T).
 
         Targets equal to :data:`IGNORE_INDEX` do not count (padding, or tokens a sliding evaluation window has
-        already scored). ``reduction='sum'`` gives the summed loss, for exact perplexity over many batches.
+        already scored). ``reduction='sum'`` gives the summed loss, for exact perplexity over many batches;
+        ``'none'`` the per-target losses (B, T), 0 where ignored.
         """
         hidden = self.hidden(idx)[0]  # (B, T, C)
         if isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss):
             flat = targets.flatten()  # (B*T,)
             keep = flat != IGNORE_INDEX
             nll = -self.head(hidden.flatten(0, 1)[keep], flat[keep]).output  # (N,)
+            if reduction == "none":
+                return nll.new_zeros(flat.shape).masked_scatter(keep, nll).view_as(targets)  # (B, T)
             return nll.sum() if reduction == "sum" else nll.mean()
         logits = self.head(hidden).flatten(0, 1)  # (B*T, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in float32
-        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        losses = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        return losses.view_as(targets) if reduction == "none" else losses  # (B, T) or a scalar
 
     def new_caches(
         self, batch_size: int, capacity: int | None = None, rope_keys: str = ROPE_KEYS_DEFAULT
