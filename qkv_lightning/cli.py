@@ -240,6 +240,11 @@ class QKVLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.preflight()
+        from qkv_lightning.callbacks.global_batch import GlobalBatch
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, GlobalBatch):  # a batch the devices do not divide: said before anything runs
+                callback.accumulation(self.trainer, self.datamodule)
 
     def before_validate(self) -> None:
         self.preflight()

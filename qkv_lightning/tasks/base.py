@@ -353,7 +353,14 @@ class TaskModule(L.LightningModule, abc.ABC):
         self.network = network
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill in tied parameters (e.g. a GPT head tied to the embedding) that sharded checkpoints store once."""
+        """Fill in tied parameters (e.g. a GPT head tied to the embedding) that sharded checkpoints store once; and
+        name the two parameter groups of a checkpoint saved before they had names (the optimiser takes its groups'
+        settings from the checkpoint, so the LR monitor would log ``pg1``/``pg2`` again)."""
+        for state in checkpoint.get("optimizer_states") or []:
+            groups = state.get("param_groups") if isinstance(state, dict) else None
+            if isinstance(groups, list) and len(groups) == 2 and all(isinstance(g, dict) for g in groups):
+                for group, name in zip(groups, ("decay", "no_decay"), strict=True):
+                    group.setdefault("name", name)
         state = checkpoint.get("state_dict")
         if state is None or self.network is None:
             return
@@ -378,20 +385,25 @@ class TaskModule(L.LightningModule, abc.ABC):
     times decoding for it)."""
 
     def cost(
-        self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2
+        self,
+        attention: AttentionConfig | None = None,
+        data_spec: dict | None = None,
+        kv_bytes: int = 2,
+        count_masked: bool = False,
     ) -> NetworkCost:
         """Closed-form parameters, FLOPs and KV-cache bytes of this task's network (:mod:`qkv_lightning.accounting`),
-        without building it; ``attention`` and ``data_spec`` default to the task's own."""
+        without building it; ``attention`` and ``data_spec`` default to the task's own. ``count_masked`` counts the
+        full T x T score matrix of causal attention (the paper's convention) instead of the pairs the mask allows."""
         spec = self.data_spec if data_spec is None else data_spec
         if spec is None:
             raise ConfigError(
                 f"{type(self).__name__}.cost() needs the data's spec (model.data_spec, or the datamodule's spec())."
             )
         attention = attention or self.attention_config
-        key = (repr(attention), repr(sorted(spec.items())), kv_bytes)
+        key = (repr(attention), repr(sorted(spec.items())), kv_bytes, count_masked)
         if key not in self._costs:
             config = self.resolved_network_config(spec)
-            self._costs[key] = network_cost(config, attention, spec.get("seq_len"), kv_bytes)
+            self._costs[key] = network_cost(config, attention, spec.get("seq_len"), kv_bytes, count_masked)
         return self._costs[key]
 
     def samples_in(self, batch: Any) -> int:
