@@ -206,6 +206,7 @@ def test_paper_vision_study_is_the_papers_grid(monkeypatch):
         assert network["dropout"] == 0.1 and network["drop_path"] == 0.0 and network["d_mlp"] is None  # MLP 4x
         assert (network["pool"], network["position"], network["init"]) == ("cls", "learned", "torch")
         assert network["pad_images"] is True and network["norm_eps"] == 1e-5 and network["score_grid"] is False
+        assert network["gelu"] == "exact"  # nn.GELU()
         assert (network["patch_size"], network["d_model"], network["n_layer"], network["n_head"]) == (4, 64, 2, 2)
         data = config["data"]
         assert data["class_path"].rsplit(".", 1)[1] == PAPER_DATA[name]
