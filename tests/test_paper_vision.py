@@ -79,8 +79,9 @@ def test_grid_p_entries_are_the_closed_form_of_row_and_column(grid_w, grid_h, pr
     rows = size // 2
     for r in range(grid_h):
         for c in range(grid_w):
-            term = sum(cols[k] * (sinusoid(r, k, rows) - sinusoid(0, k, rows)) for k in range(rows)) + sum(
-                cols[rows + k] * (sinusoid(c, k, size - rows) - sinusoid(0, k, size - rows)) for k in range(size - rows))
+            term = sum(cols[k] * (sinusoid(r, k, rows) - sinusoid(0, k, rows)) for k in range(rows))
+            term += sum(cols[rows + k] * (sinusoid(c, k, size - rows) - sinusoid(0, k, size - rows))
+                        for k in range(size - rows))
             assert key_term[r, c].item() == pytest.approx(float(term), abs=1e-10)
     sequence = encoding()(positions, positions)
     assert not torch.allclose(bias, sequence)  # grid indexing differs from sequence indexing

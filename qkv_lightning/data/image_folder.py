@@ -273,7 +273,9 @@ class ImageFolderDataModule(ImageDataModule):
             )
         if os.path.isfile(self.root):
             if not self.root.endswith(ARCHIVE_SUFFIXES):
-                raise DataError(f"data.root={self.root} is a file but not a .tar/.tar.gz/.zip archive of an image tree.")
+                raise DataError(
+                    f"data.root={self.root} is a file but not a .tar/.tar.gz/.zip archive of an image tree."
+                )
             folder = extract_once(self.root, self.extract_dir)
         else:
             folder = self.root

@@ -80,7 +80,8 @@ def pair_encoding(q_positions: Tensor, k_positions: Tensor, n_frequencies: int) 
     Returns:
         Tensor of shape (Tq, Tk, 6 * n_frequencies).
     """
-    omega = 1.0 / (100.0 ** (torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32) / n_frequencies))
+    steps = torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32)
+    omega = 1.0 / (100.0 ** (steps / n_frequencies))
     i = q_positions.float()[:, None, None]  # (Tq, 1, 1)
     j = k_positions.float()[None, :, None]  # (1, Tk, 1)
     wi, wj, wd = i * omega, j * omega, (i - j) * omega  # (Tq, 1, F), (1, Tk, F), (Tq, Tk, F)
@@ -154,7 +155,7 @@ def grid_channels(
     rows = torch.div(patch, grid_w, rounding_mode="floor")
     cols = patch - rows * grid_w
     half = dim // 2
-    feats = torch.cat([sinusoid_channels(rows, half, base, dtype), sinusoid_channels(cols, dim - half, base, dtype)], -1)
+    feats = torch.cat([sinusoid_channels(rows, half, base, dtype), sinusoid_channels(cols, dim - half, base, dtype)], 1)
     return feats * (positions >= prefix).to(dtype)[:, None]  # (T, dim)
 
 
@@ -222,7 +223,8 @@ class PaperScoreEncoding(nn.Module):
         self.grid = (grid_w, prefix)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}" + ("" if self.grid is None else f", grid_w={self.grid[0]}, prefix={self.grid[1]}")
+        grid = "" if self.grid is None else f", grid_w={self.grid[0]}, prefix={self.grid[1]}"
+        return f"channels={self.channels}{grid}"
 
     def forward(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         """The additive bias ``P . w + b`` of shape (Tq, Tk), from the row and column terms (never building P)."""
