@@ -56,6 +56,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "bench-attention": "qkv_lightning.bench.attention:main",
     "bench-decode": "qkv_lightning.bench.decode:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "convert": "qkv_lightning.uptrain.convert:main",
     "export": "qkv_lightning.export:main",
     "report": "qkv_lightning.bench.report:main",
     "study": "qkv_lightning.study:main",
@@ -224,6 +225,7 @@ class QKVLightningCLI(LightningCLI):
         info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if isinstance(self.model, TaskModule):
             check_fits(self.model, info)
+            self.model.init_from_skipped = True  # the checkpoint's weights take precedence over model.init_from
 
     def check_settings_fit_data(self) -> None:
         """The model's settings against what the data's settings decide (sequence length, image size), before any
