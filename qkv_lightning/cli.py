@@ -56,6 +56,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "bench-decode": "qkv_lightning.bench.decode:main",
     "consolidate": "qkv_lightning.checkpoints:main",
     "export": "qkv_lightning.export:main",
+    "import": "qkv_lightning.interop.command:main",
     "report": "qkv_lightning.bench.report:main",
     "study": "qkv_lightning.study:main",
 }
