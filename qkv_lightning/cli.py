@@ -55,6 +55,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "bench-attention": "qkv_lightning.bench.attention:main",
     "bench-decode": "qkv_lightning.bench.decode:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "evaluate": "qkv_lightning.evaluate:main",
     "export": "qkv_lightning.export:main",
     "import": "qkv_lightning.interop.command:main",
     "report": "qkv_lightning.bench.report:main",

@@ -76,6 +76,8 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
         ConfigError: naming the GPT-2 field our GPT cannot express.
     """
 
+    from qkv_lightning.nn.gpt import GPTConfig
+
     def refuse(field: str, why: str) -> None:
         raise ConfigError(f"{source}: {field}={config.get(field)!r} cannot be imported: {why}")
 
@@ -102,6 +104,9 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
         "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "output": "linear",
     }
+    embd_pdrop = float(config.get("embd_pdrop", 0.1))
+    if embd_pdrop != network["dropout"] and "embedding_dropout" in {f.name for f in fields(GPTConfig)}:
+        network["embedding_dropout"] = embd_pdrop
     activation = config.get("activation_function", "gelu_new")
     field = mlp_activation_field()
     if activation in TANH_GELU:
@@ -260,7 +265,7 @@ def export_settings(hparams: dict[str, Any], network_config: Any) -> dict[str, A
         "layer_norm_epsilon": n.norm_eps,
         "initializer_range": n.init_std,
         "resid_pdrop": n.dropout,
-        "embd_pdrop": float(getattr(n, "embedding_dropout", None) or n.dropout),
+        "embd_pdrop": float(n.dropout if getattr(n, "embedding_dropout", None) is None else n.embedding_dropout),
         "attn_pdrop": attention.dropout,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
