@@ -124,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise ConfigError("evaluate needs lm-eval-harness: pip install lm-eval (or pip install 'qkv-lightning[eval]').")
+        raise ConfigError(
+            "evaluate needs lm-eval-harness: pip install lm-eval (or pip install 'qkv-lightning[eval]')."
+        ) from None
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 

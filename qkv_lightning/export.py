@@ -134,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", required=True, help="a single-file checkpoint that fit saved (LanguageModel)")
     p.add_argument("--out", required=True, help="folder for the graphs and export.json (must not hold them yet)")
     p.add_argument("--format", choices=("torch_export", "onnx", "hf"), default="torch_export",
-                   help="hf: a Hugging Face GPT-2 folder (config.json + model.safetensors) of a QKV GPT instead of graphs")
+                   help="hf: a Hugging Face GPT-2 folder (config.json + model.safetensors) of a QKV GPT, not graphs")
     p.add_argument("--capacity", type=int, default=None, help="cache tokens; default network.max_seq_len")
     p.add_argument("--prompt_len", type=int, default=16, help="example prompt length (dynamic where possible)")
     p.add_argument("--batch_size", type=int, default=1, help="sequences per call (static in the graphs)")

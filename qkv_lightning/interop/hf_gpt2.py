@@ -48,7 +48,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     """``config.json`` of a GPT-2 folder, checked to be a GPT-2 config."""
     path = folder / CONFIG_FILE
     if not folder.is_dir():
-        raise ConfigError(f"{folder} is not a folder; give a Hugging Face GPT-2 folder ({CONFIG_FILE} + {WEIGHTS_FILE}).")
+        raise ConfigError(
+            f"{folder} is not a folder; give a Hugging Face GPT-2 folder ({CONFIG_FILE} + {WEIGHTS_FILE})."
+        )
     if not path.is_file():
         raise ConfigError(
             f"{folder} has no {CONFIG_FILE}: a Hugging Face GPT-2 folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
@@ -233,7 +235,7 @@ def export_settings(hparams: dict[str, Any], network_config: Any) -> dict[str, A
         refuse("attention.sharing", attention.sharing, "GPT-2 has three separate projections (QKV); a shared "
                "variant has fewer weights, which GPT-2 models cannot load.")
     if attention.n_kv_heads not in (None, n.n_head):
-        refuse("attention.n_kv_heads", attention.n_kv_heads, f"GPT-2 has as many K/V heads as query heads ({n.n_head}).")
+        refuse("attention.n_kv_heads", attention.n_kv_heads, f"GPT-2 has as many K/V heads as Q heads ({n.n_head}).")
     if attention.score_encoding != "none":
         refuse("attention.score_encoding", attention.score_encoding, "GPT-2 has no score encoding.")
     if attention.mask_self:
@@ -301,7 +303,7 @@ def from_our_state(state: dict[str, Tensor], config: dict[str, Any]) -> dict[str
             put(f"{h}{theirs}.bias", f"{ours}{mine}.bias")
         for theirs, mine in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"), ("mlp.c_fc", "mlp.fc"),
                              ("mlp.c_proj", "mlp.proj")):
-            put(f"{h}{theirs}.weight", f"{ours}{mine}.weight", transpose=True)  # nn.Linear (out, in) -> Conv1D (in, out)
+            put(f"{h}{theirs}.weight", f"{ours}{mine}.weight", transpose=True)  # Linear (out, in) -> Conv1D (in, out)
             put(f"{h}{theirs}.bias", f"{ours}{mine}.bias")
     put("transformer.ln_f.weight", "trunk.norm.weight")
     put("transformer.ln_f.bias", "trunk.norm.bias")
@@ -327,7 +329,9 @@ def export_hf(ckpt_path: str | Path, out: Path, weights_only: bool = True) -> di
 
     existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if (out / name).exists()]
     if existing:
-        raise ConfigError(f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is overwritten).")
+        raise ConfigError(
+            f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is overwritten)."
+        )
     model, hparams = load_gpt(ckpt_path, weights_only)
     config = export_settings(hparams, model.config)
     tensors = from_our_state({k: v.detach() for k, v in model.state_dict().items()}, config)

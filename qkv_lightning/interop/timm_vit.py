@@ -151,7 +151,9 @@ def check_timm_architecture(name: str, network: dict[str, Any], weights: dict[st
         ConfigError: naming the timm setting that differs.
     """
     timm = require("timm", "--timm_model")
-    kwargs = {"num_classes": network["num_classes"], "img_size": network["image_size"], "in_chans": network["in_channels"]}
+    kwargs = {
+        "num_classes": network["num_classes"], "img_size": network["image_size"], "in_chans": network["in_channels"]
+    }
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, **kwargs)
