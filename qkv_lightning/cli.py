@@ -138,6 +138,7 @@ class QKVLightningCLI(LightningCLI):
         empty, so a plain re-run would start from scratch instead of resuming (and an evaluation would report an
         untrained model).
         """
+        apply_optimizer_flag(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
@@ -241,6 +242,11 @@ class QKVLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.preflight()
+        from qkv_lightning.callbacks.global_batch import GlobalBatch
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, GlobalBatch):  # a batch the devices do not divide: said before anything runs
+                callback.accumulation(self.trainer, self.datamodule)
 
     def before_validate(self) -> None:
         self.preflight()
@@ -279,6 +285,11 @@ class QKVLightningCLI(LightningCLI):
         return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from torch.optim import Optimizer
+
+        # LightningCLI's --optimizer CLASS (any torch.optim class, with its arguments as --optimizer.X); the task builds
+        # it after FSDP wraps the network, over its named decay / no_decay groups (apply_optimizer_flag).
+        parser.add_optimizer_args((Optimizer,), nested_key="optimizer")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(PerfMonitor, "perf")
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
@@ -291,6 +302,61 @@ class QKVLightningCLI(LightningCLI):
                 "trainer.enable_autolog_hparams": False,
             }
         )
+
+
+def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
+    """Hand LightningCLI's ``--optimizer CLASS --optimizer.X V`` to the task's ``model.optimizer`` settings.
+
+    Lightning's own handling would build the optimiser from ``model.parameters()`` when the CLI starts: before the
+    network exists (it is built in ``configure_model``) and before FSDP wraps it, and without the named ``decay`` /
+    ``no_decay`` groups. So the class becomes ``model.optimizer.name``; ``lr``, ``weight_decay``, ``betas`` and
+    ``eps`` given there (values other than the class's defaults) replace ``model.optimizer``'s, and its other
+    arguments that differ from the class's defaults become ``model.optimizer.kwargs``. ``--optimizer`` is then cleared,
+    so the saved ``config.yaml`` and the checkpoint's hyper-parameters hold the optimiser once, in ``model.optimizer``.
+    """
+    import inspect
+
+    from qkv_lightning.tasks.base import OPTIMIZER_OWN_SETTINGS, optimizer_class
+
+    flag = config.get("optimizer")
+    model = config.get("model")
+    if not flag or model is None:
+        return
+    flag = flag.as_dict() if isinstance(flag, jsonargparse.Namespace) else dict(flag)
+    init_args = dict(flag.get("init_args") or {})
+    cls = optimizer_class(flag["class_path"])
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    target = model.get("init_args") if "class_path" in model else model
+    settings = target.get("optimizer")
+    if settings is None:
+        settings = jsonargparse.Namespace()
+        target["optimizer"] = settings
+    get = settings.get if hasattr(settings, "get") else settings.__getitem__
+    kwargs = dict(get("kwargs") or {})
+    saved_name = get("name") if "name" in settings else "AdamW"
+    if config.get("ckpt_path") and optimizer_class(saved_name or "AdamW") is not cls:
+        raise ConfigError(
+            f"--optimizer {flag['class_path']} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
+            f"checkpoint's optimiser ({saved_name}) and its state; to train with another optimiser, start a new run "
+            "from the weights instead."
+        )
+    for key, value in init_args.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if isinstance(value, list | tuple) and isinstance(default, list | tuple):
+            value, default = tuple(value), tuple(default)
+        if value == default:
+            continue
+        if key in OPTIMIZER_OWN_SETTINGS:
+            settings[key] = value
+        else:
+            kwargs[key] = value
+    settings["name"] = flag["class_path"]
+    settings["kwargs"] = kwargs
+    config["optimizer"] = None
 
 
 def _load(target: str) -> Callable[[list[str]], int | None]:

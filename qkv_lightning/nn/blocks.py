@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,13 @@ class TrunkConfig:
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
 
+    gelu: Literal["tanh", "exact"] = "tanh"
+    """The MLP's GELU: ``tanh``, the tanh approximation (GPT-2's, our default), or ``exact``, the erf form (PyTorch's
+    ``nn.GELU()`` default, as the paper's LM code uses). Not counted in FLOPs either way (element-wise)."""
+
     def __post_init__(self) -> None:
+        if self.gelu not in ("tanh", "exact"):
+            raise ConfigError(f"network.gelu={self.gelu!r} must be 'tanh' or 'exact'.")
         for name in ("n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"network.{name}={getattr(self, name)} must be at least 1.")
@@ -81,12 +88,14 @@ class DropPath(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward network with GELU."""
+    """Two-layer feed-forward network with GELU (``gelu``: ``tanh`` approximation or ``exact`` erf)."""
 
-    def __init__(self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, gelu: str = "tanh"
+    ) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, d_mlp, bias=bias)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.proj = nn.Linear(d_mlp, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -107,6 +116,7 @@ class Block(nn.Module):
         dropout: residual dropout (after the attention and MLP output projections).
         drop_path: stochastic-depth probability of this block.
         norm_eps: LayerNorm epsilon.
+        gelu: the MLP's GELU, ``tanh`` or ``exact`` (:attr:`TrunkConfig.gelu`).
     """
 
     def __init__(
@@ -120,13 +130,14 @@ class Block(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
+        gelu: str = "tanh",
     ) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
         self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout)
+        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout, gelu=gelu)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -183,6 +194,7 @@ class Trunk(nn.Module):
             dropout=config.dropout,
             drop_path=drop_path,
             norm_eps=config.norm_eps,
+            gelu=config.gelu,
         )
 
     def forward(
@@ -210,13 +222,15 @@ class Trunk(nn.Module):
         return [block.attn.new_cache(batch_size, capacity, **kwargs) for block in self.blocks]
 
 
-def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
-    """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and the residual output
-    projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer). The paper's score encoding keeps
-    its own initialisation."""
+def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02, residual_scaling: bool = True) -> None:
+    """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and (with ``residual_scaling``)
+    the residual output projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer); without
+    it every weight is N(0, std), as in the paper's LM code. The paper's score encoding keeps its own
+    initialisation."""
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            scale = (2 * n_layer) ** -0.5 if name.endswith((".attn.proj", ".mlp.proj")) else 1.0
+            residual = residual_scaling and name.endswith((".attn.proj", ".mlp.proj"))
+            scale = (2 * n_layer) ** -0.5 if residual else 1.0
             nn.init.normal_(sub.weight, mean=0.0, std=std * scale)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
