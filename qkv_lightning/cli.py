@@ -57,7 +57,9 @@ EXTRA_COMMANDS: dict[str, str] = {
     "bench-decode": "qkv_lightning.bench.decode:main",
     "consolidate": "qkv_lightning.checkpoints:main",
     "convert": "qkv_lightning.uptrain.convert:main",
+    "evaluate": "qkv_lightning.evaluate:main",
     "export": "qkv_lightning.export:main",
+    "import": "qkv_lightning.interop.command:main",
     "report": "qkv_lightning.bench.report:main",
     "study": "qkv_lightning.study:main",
 }
