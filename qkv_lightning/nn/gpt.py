@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, AttentionConfig, KVCache
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
-from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shape, trunk_flops, trunk_network_cost
+from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.sequence import SequenceConfig
 
 IGNORE_INDEX = -100
@@ -65,7 +65,7 @@ class GPTConfig(SequenceConfig):
         for the tokens whose target falls in it, which the data decides."""
         d, v, bias = self.d_model, self.vocab_size, self.bias
         t = seq_len or self.max_seq_len
-        shape = attention_shape(d, self.n_head, attention, bias)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
         embedding = v * d + (self.max_seq_len * d if self.position == "learned" else 0)
         notes = []
         if self.output == "adaptive":
@@ -133,6 +133,12 @@ class GPT(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         return self.trunk.blocks
+
+    def fuse(self) -> GPT:
+        """Fuse depth-factorised projections (``attention.depth``) into one matrix each, for inference (export,
+        bench-decode); the outputs do not change. Returns the model."""
+        self.trunk.fuse()
+        return self
 
     def rope(self, length: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """RoPE tables for positions 0 .. length-1, or None without rotary positions."""

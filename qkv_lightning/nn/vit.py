@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Trunk, TrunkConfig
-from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shape, trunk_flops, trunk_network_cost
+from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.positional import PaperScoreEncoding, sincos_2d
 
 
@@ -115,7 +115,7 @@ class ViTConfig(TrunkConfig):
         d, bias = self.d_model, self.bias
         patches = self.grid**2
         t = patches + (1 if self.pool == "cls" else 0)
-        shape = attention_shape(d, self.n_head, attention, bias)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
         patch_in = self.in_channels * self.patch_size**2
         embedding = patch_in * d + (d if bias else 0)
         embedding += d if self.pool == "cls" else 0
@@ -232,6 +232,8 @@ class ViT(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):  # per-role norms (attention.q_norm, k_norm, v_norm)
+                nn.init.ones_(module.weight)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         if self.cls_token is not None:

@@ -275,6 +275,9 @@ class TaskModule(L.LightningModule, abc.ABC):
         self.network_config = network
         self.attention_config = as_config(AttentionConfig, attention)
         self.attention_config.resolve_kv_heads(network.n_head)  # head counts checked once, before any work
+        if getattr(network, "n_layer", None):  # a per-layer schedule and cross-layer sharing, checked too
+            self.attention_config.layer_configs(network.n_layer, network.n_head)
+            self.attention_config.kv_source_list(network.n_layer, network.n_head)
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.data_spec = dict(data_spec) if data_spec else None
         self.compile_blocks = compile
