@@ -52,6 +52,7 @@ install_yaml_guard()  # a config that expands past a size limit through YAML ali
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 EXTRA_COMMANDS: dict[str, str] = {
+    "analyze": "qkv_lightning.analysis.analyze:main",
     "bench": "qkv_lightning.bench.models:main",
     "bench-attention": "qkv_lightning.bench.attention:main",
     "bench-decode": "qkv_lightning.bench.decode:main",

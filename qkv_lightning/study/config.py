@@ -250,10 +250,9 @@ class StudyConfig:
 
     def is_lower_better(self, metric: str) -> bool:
         """Whether a smaller value of ``metric`` is better."""
-        if metric in self.lower_is_better:
-            return True
-        name = metric.lower().rsplit("/", 1)[-1]
-        return any(word in name for word in ("loss", "ppl", "perplexity", "error", "bpc", "nll"))
+        from qkv_lightning.loggers import lower_is_better
+
+        return metric in self.lower_is_better or lower_is_better(metric)
 
 
 def task_label(path: str) -> str:
