@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
+from qkv_lightning.config_files import resolve_config_args
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
     check_output_folders,
@@ -54,6 +55,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "bench": "qkv_lightning.bench.models:main",
     "bench-attention": "qkv_lightning.bench.attention:main",
     "bench-decode": "qkv_lightning.bench.decode:main",
+    "configs": "qkv_lightning.config_files:main",
     "consolidate": "qkv_lightning.checkpoints:main",
     "export": "qkv_lightning.export:main",
     "report": "qkv_lightning.bench.report:main",
@@ -304,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = args
     try:
+        args = resolve_config_args(args)  # qkv:NAME and configs/NAME name the shipped configs (config_files.py)
+        if argv is None:
+            sys.argv[1:] = args
         if args and args[0] in ("-h", "--help"):
             print("extra commands: " + ", ".join(sorted(EXTRA_COMMANDS)) + " (each with --help)\n")
         if args and args[0] in EXTRA_COMMANDS:
