@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from qkv_lightning.guards import (
 )
 from qkv_lightning.hints import explain_config_error, register_parser
 from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten
+from qkv_lightning.quiet import install as install_quiet
 from qkv_lightning.resume import (
     CheckpointInfo,
     check_class,
@@ -47,9 +47,7 @@ from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
-# main() and the study runner hand LightningCLI its arguments explicitly; the warning about also seeing sys.argv
-# (pytest's, a study's) is noise there.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+install_quiet()  # Lightning's tips and the warnings known to be harmless here are not printed (quiet.py says why)
 
 EXTRA_COMMANDS: dict[str, str] = {
     "bench": "qkv_lightning.bench.models:main",
