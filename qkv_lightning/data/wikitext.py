@@ -660,7 +660,8 @@ class WikiText(L.LightningDataModule):
             if reason != "it does not exist yet" and not self.rebuild_cache:
                 raise DataError(
                     f"the token cache {prefix}.bin does not match {source.path} and data.tokenizer="
-                    f"{self.tokenizer_kind}: {reason}. Delete it, point data.cache_dir elsewhere, or set data.rebuild_cache: true."
+                    f"{self.tokenizer_kind}: {reason}. Delete it, point data.cache_dir elsewhere, or set "
+                    "data.rebuild_cache: true."
                 )
             log.info("tokenizing %s (%s) into %s.bin: %s", source.path, split, prefix, reason)
             meta = build_token_cache(source, info, tokenizer, prefix)

@@ -406,7 +406,7 @@ class Attention(nn.Module):
         fused = self.qkv(x)  # (B, T, sum of group widths)
         groups = [
             part.view(b, t, heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
-            for part, heads in zip(fused.split(self.group_widths, dim=-1), self.group_heads)
+            for part, heads in zip(fused.split(self.group_widths, dim=-1), self.group_heads, strict=True)
         ]
 
         def rotate_new(tensor: Tensor) -> Tensor:  # rotate the T new positions
@@ -570,7 +570,8 @@ class Attention(nn.Module):
         else:
             is_causal = self.causal and bias is None and t > 1
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_head
+                q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal,
+                enable_gqa=self.n_kv_heads != self.n_head,
             )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.proj(out), weights

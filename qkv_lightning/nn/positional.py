@@ -80,7 +80,8 @@ def pair_encoding(q_positions: Tensor, k_positions: Tensor, n_frequencies: int) 
     Returns:
         Tensor of shape (Tq, Tk, 6 * n_frequencies).
     """
-    omega = 1.0 / (100.0 ** (torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32) / n_frequencies))
+    steps = torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32)  # (F,)
+    omega = 1.0 / (100.0 ** (steps / n_frequencies))
     i = q_positions.float()[:, None, None]  # (Tq, 1, 1)
     j = k_positions.float()[None, :, None]  # (1, Tk, 1)
     wi, wj, wd = i * omega, j * omega, (i - j) * omega  # (Tq, 1, F), (1, Tk, F), (Tq, Tk, F)
