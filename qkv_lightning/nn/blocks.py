@@ -174,7 +174,9 @@ class Trunk(nn.Module):
             (``attention.layers``) and share K/V across layers (``attention.kv_share_every`` / ``kv_sources``).
     """
 
-    def __init__(self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs) -> None:
+    def __init__(
+        self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs
+    ) -> None:
         super().__init__()
         rates = [drop_path * i / (n_layer - 1) for i in range(n_layer)] if n_layer > 1 else [drop_path]  # meta-safe
         attention: AttentionConfig = block_kwargs.pop("attention")
@@ -195,7 +197,9 @@ class Trunk(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
 
     @classmethod
-    def from_config(cls, config: TrunkConfig, attention: AttentionConfig, causal: bool, drop_path: float = 0.0) -> Trunk:
+    def from_config(
+        cls, config: TrunkConfig, attention: AttentionConfig, causal: bool, drop_path: float = 0.0
+    ) -> Trunk:
         """The trunk a network config describes."""
         return cls(
             n_layer=config.n_layer,

@@ -80,7 +80,7 @@ def pair_encoding(q_positions: Tensor, k_positions: Tensor, n_frequencies: int) 
     Returns:
         Tensor of shape (Tq, Tk, 6 * n_frequencies).
     """
-    steps = torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32)
+    steps = torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32)  # (F,)
     omega = 1.0 / (100.0 ** (steps / n_frequencies))
     i = q_positions.float()[:, None, None]  # (Tq, 1, 1)
     j = k_positions.float()[None, :, None]  # (1, Tk, 1)
