@@ -33,7 +33,7 @@ from qkv_lightning.errors import CheckpointError, ConfigError
 
 PAIRS = (("Q", "K"), ("Q", "V"), ("K", "V"))
 PAPER_COSINES = {"Q-K": 0.42, "Q-V": 0.31, "K-V": 0.73}
-"""The paper's mean cosine similarities of the outputs of a trained standard (QKV) GPT-2 300M model."""
+"""The paper's mean cosine similarities of the Q, K and V outputs of a trained standard (QKV) model."""
 OUTPUT_FILES = ("analysis.md", "analysis.json", "heatmaps.png")
 HEATMAPS = (
     ("cos Q-K", "cosine", "Q-K"),
@@ -166,7 +166,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         "| mean over layers and heads | Q-K | Q-V | K-V |",
         "|---|---|---|---|",
         f"| output cosine | {_f(s['cosine']['Q-K'])} | {_f(s['cosine']['Q-V'])} | {_f(s['cosine']['K-V'])} |",
-        f"| paper (GPT-2 300M, QKV) | {PAPER_COSINES['Q-K']} | {PAPER_COSINES['Q-V']} | {PAPER_COSINES['K-V']} |",
+        f"| paper (trained standard QKV model) | {PAPER_COSINES['Q-K']} | {PAPER_COSINES['Q-V']} | {PAPER_COSINES['K-V']} |",
         f"| mean principal angle (deg) | {_f(s['angle_deg']['Q-K'], 1)} | {_f(s['angle_deg']['Q-V'], 1)} "
         f"| {_f(s['angle_deg']['K-V'], 1)} |",
         "",
