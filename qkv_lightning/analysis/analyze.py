@@ -166,7 +166,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         "| mean over layers and heads | Q-K | Q-V | K-V |",
         "|---|---|---|---|",
         f"| output cosine | {_f(s['cosine']['Q-K'])} | {_f(s['cosine']['Q-V'])} | {_f(s['cosine']['K-V'])} |",
-        f"| paper (trained standard QKV model) | {PAPER_COSINES['Q-K']} | {PAPER_COSINES['Q-V']} | {PAPER_COSINES['K-V']} |",
+        f"| paper (trained standard QKV model) | {PAPER_COSINES['Q-K']} | {PAPER_COSINES['Q-V']} "
+        f"| {PAPER_COSINES['K-V']} |",
         f"| mean principal angle (deg) | {_f(s['angle_deg']['Q-K'], 1)} | {_f(s['angle_deg']['Q-V'], 1)} "
         f"| {_f(s['angle_deg']['K-V'], 1)} |",
         "",
