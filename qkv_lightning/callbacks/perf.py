@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from typing import Any
@@ -42,6 +41,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     """The CUDA allocator's peak on a GPU; the process's peak resident set size (RSS) on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    import resource  # POSIX only: imported here, so that the module imports on Windows
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 

@@ -21,8 +21,17 @@ from pathlib import Path
 
 import yaml
 
+from qkv_lightning.callbacks.milestones import MetricsAtSteps
 from qkv_lightning.files import atomic_write_json
-from qkv_lightning.study.config import Cell, StudyConfig, fingerprint, task_label
+from qkv_lightning.study.config import (
+    CONVERT_PREFIX,
+    INIT_FROM_KEY,
+    TEACHER_KEY,
+    Cell,
+    StudyConfig,
+    fingerprint,
+    task_label,
+)
 from qkv_lightning.study.safety import PARENT_ENV, check_no_survivors, claim_cell, release_cell
 
 RESULT_FILE = "result.json"
@@ -59,8 +68,60 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
         "quiet": config.quiet,
         "keep_checkpoints": config.keep_checkpoints,
         "fingerprint": fingerprint(config, cell),
+        "validate_first": config.validate_first,
+        **resolve_starts(config, study_dir, cell, task),
         "logger": configured_logger(str(Path(task).resolve()), tuple(config.overrides)),
     }
+
+
+def conversion_path(study_dir: Path, variant_label: str, value: str) -> Path:
+    """Where the study keeps ``convert_from`` converted to a variant by the ``convert:METHOD[:ROLE]`` of ``value``."""
+    method = value.removeprefix(CONVERT_PREFIX).replace(":", "-")
+    return study_dir / "converted" / variant_label / f"{method}.ckpt"
+
+
+def resolve_starts(config: StudyConfig, study_dir: Path, cell: Cell, task: str) -> dict:
+    """The cell's axis values with ``convert:METHOD`` (``init_from``) and ``source`` (``distill.teacher``) replaced
+    by checkpoint paths, and the conversions they need (made once, before the cells run: :func:`make_conversions`)."""
+    axes, conversions = [], []
+    for key, value in cell.axes:
+        if key == INIT_FROM_KEY and isinstance(value, str) and value.startswith(CONVERT_PREFIX):
+            path = conversion_path(study_dir, cell.variant.label, value)
+            method, _, keep = value.removeprefix(CONVERT_PREFIX).partition(":")
+            conversions.append(
+                {
+                    "path": str(path.resolve()),
+                    "sharing": cell.variant.sharing,
+                    "n_kv_heads": cell.variant.n_kv_heads,
+                    "method": method,
+                    "keep": keep or None,
+                    "args": ["--config", str(Path(task).resolve()), *config.overrides],
+                }
+            )
+            value = str(path.resolve())
+        elif key == TEACHER_KEY and value == "source" and config.convert_from:
+            value = str(Path(config.convert_from).resolve())
+        axes.append([key, value])
+    return {"run_axes": axes, "conversions": conversions}
+
+
+def make_conversions(config: StudyConfig, specs: list[dict], echo: Callable[[str], None]) -> None:
+    """Write every converted checkpoint that the pending cells start from and that does not exist yet."""
+    from qkv_lightning.uptrain.convert import convert
+
+    done: set[str] = set()
+    for spec in specs:
+        for job in spec.get("conversions", []):
+            path = Path(job["path"])
+            if job["path"] in done or path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            echo(f"study: converting {config.convert_from} to {path.parent.name} by {job['method']} -> {path}")
+            convert(
+                config.convert_from, path, job["sharing"], job["n_kv_heads"], job["method"], job["keep"],
+                config.calibration_batches, calibration_args=job["args"],
+            )
+            done.add(job["path"])
 
 
 def set_key(tree: dict, key: str, value: object) -> None:
@@ -292,7 +353,7 @@ def cell_overrides(spec: dict) -> dict:
         "model": {"init_args": {"attention": dict(spec["attention"])}},
         "trainer": trainer,
     }
-    for key, value in spec.get("axes", []):  # the cell's axis values (they may touch the sections above)
+    for key, value in spec.get("run_axes", spec.get("axes", [])):  # the cell's axis values (checkpoints resolved)
         set_key(overrides, key, value)
     return overrides
 
@@ -410,12 +471,18 @@ def run_cell(spec: dict) -> dict:
                 parser_kwargs={"default_env": False, "exit_on_error": False},
             )
             trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+            before: dict[str, float] = {}
+            if spec.get("validate_first"):
+                before = {f"{k}@0": float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
             trainer.fit(model, datamodule=datamodule)
             if trainer.interrupted:
                 raise KeyboardInterrupt
             result["steps"] = trainer.global_step
             result.update(model_accounting(model))
-            metrics: dict[str, float] = {}
+            metrics: dict[str, float] = dict(before)
+            for callback in trainer.callbacks:  # metrics at chosen steps (MetricsAtSteps)
+                if isinstance(callback, MetricsAtSteps):
+                    metrics.update(callback.recorded)
             if spec["validate"]:
                 metrics.update(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
             if spec["test"]:
