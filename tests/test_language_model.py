@@ -73,7 +73,7 @@ def test_every_lm_config_runs_fast_dev_run(tmp_path, data, config):
                 "--trainer.default_root_dir", str(tmp_path), *extra]
         assert main(["fit", *args]) == 0
         return
-    if config.startswith("gpt2"):
+    if config.startswith(("gpt2", "paper")):
         if not GPT2_RANKS.is_file():
             pytest.skip("shared GPT-2 ranks file not present")
         extra += ["--data.bpe_file", str(GPT2_RANKS)]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
@@ -18,6 +19,7 @@ from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
 from qkv_lightning.resume import differing_settings, weight_problems
 from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
+from qkv_lightning.uptrain.distill import DistillConfig
 
 
 @dataclass
@@ -107,6 +109,9 @@ class LanguageModel(TaskModule):
         data_spec: what the data decides (vocab_size, seq_len, tokenizer); filled from the datamodule when None.
         compile: compile each block with ``torch.compile``.
         activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
+        init_from: a checkpoint (e.g. from ``convert``) whose weights ``fit`` starts from, with a fresh optimiser;
+            ``--ckpt_path`` takes precedence.
+        distill: distillation from a frozen teacher checkpoint (teacher, temperature, alpha).
     """
 
     network: GPT | None
@@ -120,6 +125,8 @@ class LanguageModel(TaskModule):
         data_spec: dict | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        distill: DistillConfig = DistillConfig(),
     ) -> None:
         super().__init__(
             as_config(GPTConfig, network),
@@ -128,6 +135,8 @@ class LanguageModel(TaskModule):
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
+            init_from=init_from,
+            distill=distill,
         )
         self.generation_config = as_config(GenerationConfig, generation)
         # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
@@ -222,9 +231,21 @@ class LanguageModel(TaskModule):
     def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
         return self.network.hidden(batch[0][:1], need_weights=True)[1]  # per block (1, H, T, T)
 
+    def distill_outputs(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The token loss, the student's logits (B*T, V) (log-probabilities with an adaptive softmax), the inputs
+        and the mask of the targets that count (not ``IGNORE_INDEX``)."""
+        inputs, targets = batch  # (B, T), (B, T)
+        logits = self.network(inputs).flatten(0, 1).float()  # (B*T, V)
+        flat = targets.flatten()  # (B*T,)
+        hard = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX)
+        return hard, logits, inputs, flat != IGNORE_INDEX
+
+    def teacher_logits(self, network: torch.nn.Module, inputs: Tensor) -> Tensor:
+        return network(inputs).flatten(0, 1)  # (B*T, V)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         targets = batch[1]  # (B, T)
-        loss = self.training_loss(batch)
+        loss = self.distilled_training_loss(batch)[0] if self.distilling else self.training_loss(batch)
         self.tokens_seen += targets.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
