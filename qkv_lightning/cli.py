@@ -23,8 +23,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
-from qkv_lightning.data.progress import show_data_progress
 from qkv_lightning.config_files import resolve_config_args
+from qkv_lightning.data.progress import show_data_progress
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
     check_output_folders,
