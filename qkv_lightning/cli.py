@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
+from qkv_lightning.data.progress import show_data_progress
+from qkv_lightning.config_files import resolve_config_args
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
     check_output_folders,
@@ -34,6 +35,7 @@ from qkv_lightning.guards import (
 )
 from qkv_lightning.hints import explain_config_error, register_parser
 from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten
+from qkv_lightning.quiet import install as install_quiet
 from qkv_lightning.resume import (
     CheckpointInfo,
     check_class,
@@ -46,15 +48,16 @@ from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
-# main() and the study runner hand LightningCLI its arguments explicitly; the warning about also seeing sys.argv
-# (pytest's, a study's) is noise there.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+install_quiet()  # Lightning's tips and the warnings known to be harmless here are not printed (quiet.py says why)
 
 EXTRA_COMMANDS: dict[str, str] = {
+    "analyze": "qkv_lightning.analysis.analyze:main",
     "bench": "qkv_lightning.bench.models:main",
     "bench-attention": "qkv_lightning.bench.attention:main",
     "bench-decode": "qkv_lightning.bench.decode:main",
+    "configs": "qkv_lightning.config_files:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "convert": "qkv_lightning.uptrain.convert:main",
     "evaluate": "qkv_lightning.evaluate:main",
     "export": "qkv_lightning.export:main",
     "import": "qkv_lightning.interop.command:main",
@@ -225,6 +228,7 @@ class QKVLightningCLI(LightningCLI):
         info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if isinstance(self.model, TaskModule):
             check_fits(self.model, info)
+            self.model.init_from_skipped = True  # the checkpoint's weights take precedence over model.init_from
 
     def check_settings_fit_data(self) -> None:
         """The model's settings against what the data's settings decide (sequence length, image size), before any
@@ -371,7 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = args
+    show_data_progress()  # tokenizing, caching and downloading print their progress (rank 0 only)
     try:
+        args = resolve_config_args(args)  # qkv:NAME and configs/NAME name the shipped configs (config_files.py)
+        if argv is None:
+            sys.argv[1:] = args
         if args and args[0] in ("-h", "--help"):
             print("extra commands: " + ", ".join(sorted(EXTRA_COMMANDS)) + " (each with --help)\n")
         if args and args[0] in EXTRA_COMMANDS:

@@ -150,3 +150,16 @@ def test_the_optimizer_on_the_task_and_its_errors(tmp_path):
                        ({"schedule": "step", "step_milestones": [0.75, 0.5]}, "step_milestones")]:
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(".", r"\.")):
             OptimizerConfig(**bad)
+
+
+def test_a_checkpoint_saved_before_the_groups_had_names_gets_them_back():
+    """The optimiser takes its groups' settings from the checkpoint, so groups saved without names would make the LR
+    monitor log pg1/pg2 again: loading names them ``decay`` / ``no_decay``, and keeps names that are there."""
+    task = tiny_task()
+    groups = [{"lr": 1.0, "params": [0]}, {"lr": 1.0, "params": [1]}]
+    old = {"optimizer_states": [{"state": {}, "param_groups": groups}]}
+    task.on_load_checkpoint(old)
+    assert [g["name"] for g in old["optimizer_states"][0]["param_groups"]] == ["decay", "no_decay"]
+    named = {"optimizer_states": [{"param_groups": [{"name": "a", "params": []}, {"name": "b", "params": []}]}]}
+    task.on_load_checkpoint(named)
+    assert [g["name"] for g in named["optimizer_states"][0]["param_groups"]] == ["a", "b"]

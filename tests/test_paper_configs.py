@@ -222,14 +222,15 @@ def test_global_batch_in_tokens_derives_the_accumulation_on_two_processes(tmp_pa
         env.pop(name, None)
     strategy = ["--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--trainer.accelerator", "cpu",
                 "--trainer.devices", "2"]
-    command = [sys.executable, str(ROOT / "cli.py"), "fit", *global_batch_args(tmp_path, 384), *strategy]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(ROOT / "cli.py"), "fit", *global_batch_args(tmp_path, 384), *strategy,
+               "--data.init_args.train_size", "128"]  # 8 micro-batches per rank and epoch: 2 steps within one epoch
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
         record = json.loads((tmp_path / "record" / f"rank{rank}.json").read_text())
         assert record == {"accumulate": 3, "steps": 2, "batches": 6, "validations": 2, "world_size": 2}
     command[command.index("384")] = "192"
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "2 device(s) x data.batch_size=8" in result.stderr
 
 

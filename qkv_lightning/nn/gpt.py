@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, AttentionConfig, KVCache
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
-from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shape, trunk_flops, trunk_network_cost
+from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.sequence import SequenceConfig
 
 IGNORE_INDEX = -100
@@ -65,7 +65,7 @@ class GPTConfig(SequenceConfig):
         for the tokens whose target falls in it, which the data decides."""
         d, v, bias = self.d_model, self.vocab_size, self.bias
         t = seq_len or self.max_seq_len
-        shape = attention_shape(d, self.n_head, attention, bias)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
         embedding = v * d + (self.max_seq_len * d if self.position == "learned" else 0)
         notes = []
         if self.output == "adaptive":
@@ -134,6 +134,12 @@ class GPT(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.trunk.blocks
 
+    def fuse(self) -> GPT:
+        """Fuse depth-factorised projections (``attention.depth``) into one matrix each, for inference (export,
+        bench-decode); the outputs do not change. Returns the model."""
+        self.trunk.fuse()
+        return self
+
     def rope(self, length: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """RoPE tables for positions 0 .. length-1, or None without rotary positions."""
         return self.config.rope(length, device, self.embed.weight.dtype)
@@ -165,21 +171,25 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids (B, T)."""
         return self.logits(self.hidden(idx, caches)[0])
 
-    def loss(self, idx: Tensor, targets: Tensor, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+    def loss(self, idx: Tensor, targets: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
         """Cross-entropy of ``targets`` (B, T) given ``idx`` (B, T).
 
         Targets equal to :data:`IGNORE_INDEX` do not count (padding, or tokens a sliding evaluation window has
-        already scored). ``reduction='sum'`` gives the summed loss, for exact perplexity over many batches.
+        already scored). ``reduction='sum'`` gives the summed loss, for exact perplexity over many batches;
+        ``'none'`` the per-target losses (B, T), 0 where ignored.
         """
         hidden = self.hidden(idx)[0]  # (B, T, C)
         if isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss):
             flat = targets.flatten()  # (B*T,)
             keep = flat != IGNORE_INDEX
             nll = -self.head(hidden.flatten(0, 1)[keep], flat[keep]).output  # (N,)
+            if reduction == "none":
+                return nll.new_zeros(flat.shape).masked_scatter(keep, nll).view_as(targets)  # (B, T)
             return nll.sum() if reduction == "sum" else nll.mean()
         logits = self.head(hidden).flatten(0, 1)  # (B*T, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in float32
-        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        losses = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        return losses.view_as(targets) if reduction == "none" else losses  # (B, T) or a scalar
 
     def new_caches(
         self, batch_size: int, capacity: int | None = None, rope_keys: str = ROPE_KEYS_DEFAULT

@@ -8,6 +8,7 @@ import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import lightning as L
@@ -19,6 +20,7 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
+from qkv_lightning.uptrain.distill import DistillConfig, distillation_loss, freeze
 
 T = TypeVar("T")
 
@@ -248,6 +250,9 @@ class TaskModule(L.LightningModule, abc.ABC):
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile`` (in place, so checkpoint keys do not change).
         activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
+        init_from: a checkpoint whose weights ``fit`` starts from, with a fresh optimiser and schedule (e.g. one
+            written by ``convert``); ``--ckpt_path`` takes precedence (a resumed run continues its own weights).
+        distill: distillation from a frozen teacher checkpoint (:class:`~qkv_lightning.uptrain.distill.DistillConfig`).
     """
 
     network: nn.Module | None
@@ -262,16 +267,25 @@ class TaskModule(L.LightningModule, abc.ABC):
         data_spec: dict | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        distill: DistillConfig = DistillConfig(),
     ) -> None:
         super().__init__()
         check_declares_cost(network)
         self.network_config = network
         self.attention_config = as_config(AttentionConfig, attention)
         self.attention_config.resolve_kv_heads(network.n_head)  # head counts checked once, before any work
+        if getattr(network, "n_layer", None):  # a per-layer schedule and cross-layer sharing, checked too
+            self.attention_config.layer_configs(network.n_layer, network.n_head)
+            self.attention_config.kv_source_list(network.n_layer, network.n_head)
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.data_spec = dict(data_spec) if data_spec else None
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
+        self.init_from = init_from
+        self.init_from_skipped = False  # set by the CLI when --ckpt_path gives the weights (it takes precedence)
+        self.distill_config = as_config(DistillConfig, distill)
+        object.__setattr__(self, "teacher", None)  # not a submodule: out of state_dict, checkpoints and optimiser
         self.network = None
         self._costs: dict[tuple, NetworkCost] = {}
         self._batch_samples: int | None = None
@@ -291,6 +305,8 @@ class TaskModule(L.LightningModule, abc.ABC):
                     "data_spec": self.data_spec,
                     "compile": self.compile_blocks,
                     "activation_checkpointing": self.activation_checkpointing,
+                    "init_from": self.init_from,
+                    "distill": self.distill_config,
                 }
             )
         )
@@ -336,8 +352,17 @@ class TaskModule(L.LightningModule, abc.ABC):
         task's data; tasks with such constraints override it (a language model's tokenizer and vocabulary)."""
 
     def configure_model(self) -> None:
-        if self.network is not None:
-            return
+        if self.network is None:
+            self.build_and_place_network()
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self.distill_config.teacher and fitting and self.teacher is None:
+            teacher = freeze(self.load_teacher(self.distill_config.teacher))
+            if self.device_mesh is not None:
+                shard_network(teacher, self.device_mesh)
+            object.__setattr__(self, "teacher", teacher)
+
+    def build_and_place_network(self) -> None:
+        """Build the network, start it from ``init_from`` (unless a checkpoint restores it), compile and shard it."""
         if self.data_spec is None:
             raise ConfigError(f"{type(self).__name__}.configure_model() needs data_spec (see setup()).")
         network = self.build_network(self.data_spec)
@@ -345,12 +370,102 @@ class TaskModule(L.LightningModule, abc.ABC):
         for module in network.modules():
             if isinstance(module, Trunk):
                 module.activation_checkpointing = self.activation_checkpointing
+        if self.init_from and not self.init_from_skipped:
+            self.load_initial_weights(network, self.init_from)  # before sharding: every rank reads the full file
         if self.compile_blocks:
             for block in blocks:
                 block.compile()  # in place: parameter names (checkpoint keys) stay the same
         if self.device_mesh is not None:  # FSDP2 / ModelParallelStrategy
             shard_network(network, self.device_mesh)
         self.network = network
+
+    # ------------------------------------------------------------------------------------- starting weights
+    def read_weights(self, path: str, setting: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The network weights (``network.`` keys stripped) and hyper-parameters of the checkpoint ``path`` (a file
+        or a sharded folder, read weights-only), checked to come from this task class and data."""
+        from qkv_lightning.checkpoints import is_sharded_checkpoint, load_checkpoint_file, load_sharded_checkpoint
+        from qkv_lightning.errors import CheckpointError
+        from qkv_lightning.resume import CheckpointInfo, check_class
+
+        try:
+            checkpoint = load_sharded_checkpoint(path) if is_sharded_checkpoint(path) else load_checkpoint_file(path)
+        except CheckpointError as error:
+            raise CheckpointError(f"{setting}={path}: {error}") from None
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        mine = f"{type(self).__module__}.{type(self).__qualname__}"
+        check_class(CheckpointInfo(Path(path), False, {}, hparams), mine)
+        self.check_checkpoint_data(hparams.get("data_spec") or {}, f"{setting}={path}")
+        state = checkpoint["state_dict"]
+        weights = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+        return weights, hparams
+
+    def load_initial_weights(self, network: nn.Module, path: str) -> None:
+        """Load ``init_from``'s network weights into ``network`` (strict names and shapes), before any sharding.
+
+        Raises:
+            CheckpointError: naming ``model.init_from`` and the settings that differ, if the weights do not fit.
+        """
+        from qkv_lightning.errors import CheckpointError
+        from qkv_lightning.resume import differing_settings, weight_problems
+
+        weights, hparams = self.read_weights(path, "model.init_from")
+        expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+        problems = weight_problems(expected, {k: tuple(v.shape) for k, v in weights.items()})
+        if problems:
+            differ = differing_settings(hparams, dict(self.hparams))
+            raise CheckpointError(
+                f"model.init_from={path} does not fit the configured model ({'; '.join(problems[:4])}"
+                f"{' ...' if len(problems) > 4 else ''}); configure the variant and sizes it was made with"
+                f"{': ' + '; '.join(differ) if differ else ''} (e.g. --config configs/variants/<variant>.yaml)."
+            )
+        if any(p.is_meta for p in network.parameters()):
+            network.to_empty(device="cpu")
+        network.load_state_dict(weights, strict=True)
+
+    def load_teacher(self, path: str) -> nn.Module:
+        """The teacher's network, built from its checkpoint's own settings (any attention variant), with its weights."""
+        from qkv_lightning.uptrain.convert import task_from_hparams
+
+        weights, hparams = self.read_weights(path, "model.distill.teacher")
+        hparams.pop("_instantiator", None)
+        hparams["distill"] = {}
+        teacher = task_from_hparams({**hparams, "data_spec": hparams.get("data_spec") or self.data_spec}).network
+        teacher.load_state_dict(weights, strict=True)
+        return teacher
+
+    @property
+    def distilling(self) -> bool:
+        """Whether training distils from a teacher (set up for ``fit`` only)."""
+        return self.teacher is not None
+
+    def on_fit_start(self) -> None:
+        teacher = self.teacher
+        if teacher is not None and self.device_mesh is None:
+            teacher.to(self.device)
+            self.trainer.precision_plugin.convert_module(teacher)  # "16-true" / "bf16-true" runs convert weights
+        super().on_fit_start()
+
+    def distill_outputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None]:
+        """For distillation: the hard-label loss, the student's logits (N, V), the input the teacher must see (after
+        any augmentation of the batch) and the (N,) mask of the rows that count (None: all); by each task."""
+        raise NotImplementedError(f"{type(self).__name__} does not support distillation.")
+
+    def teacher_logits(self, network: nn.Module, inputs: Any) -> torch.Tensor:
+        """The logits (N, V) that ``network`` (the teacher) gives for ``inputs``; by each task."""
+        raise NotImplementedError(f"{type(self).__name__} does not support distillation.")
+
+    def distilled_training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha * hard + (1 - alpha) * distillation`` (:class:`DistillConfig`) and the student's logits (N, V);
+        logs ``train/distill_loss`` and ``train/hard_loss``."""
+        config = self.distill_config
+        hard, student, inputs, mask = self.distill_outputs(batch)
+        with torch.no_grad():
+            teacher = self.teacher_logits(self.teacher, inputs)
+        soft = distillation_loss(student, teacher, config.temperature, mask)
+        size = self.samples_in(batch)
+        self.log("train/distill_loss", soft.detach(), batch_size=size)
+        self.log("train/hard_loss", hard.detach(), batch_size=size)
+        return config.alpha * hard + (1.0 - config.alpha) * soft, student
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fill in tied parameters (e.g. a GPT head tied to the embedding) that sharded checkpoints store once; and
