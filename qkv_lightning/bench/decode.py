@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,7 @@ class Contender:
 
     @property
     def kv_shared(self) -> bool:
-        return self.model.blocks[0].attn.kv_shared
+        return any(block.attn.kv_shared for block in self.model.blocks)
 
 
 def parse_bytes(text: str) -> int:
@@ -93,7 +92,7 @@ def contenders_of(variants: Sequence[Variant], models: dict[str, GPT], schemes: 
     out = []
     for variant in variants:
         model = models[variant.label]
-        rope = model.config.position == "rope" and model.blocks[0].attn.kv_shared
+        rope = model.config.position == "rope" and any(block.attn.kv_shared for block in model.blocks)
         for scheme in schemes if rope else [ROPE_KEYS_DEFAULT]:
             label = variant.label if scheme == ROPE_KEYS_DEFAULT else f"{variant.label} [{scheme}]"
             out.append(Contender(label, variant, model, scheme))
@@ -115,8 +114,8 @@ def stored_bytes_per_position(model: GPT, rope_keys: str, capacity: int) -> int:
     rope = model.config.position == "rope"
     for block in model.blocks:
         attn = block.attn
-        tensors = len(attn.sharing.cached_groups)
-        if attn.kv_shared and rope:
+        tensors = attn.cached_tensors  # 0 for a layer that reuses an earlier layer's K/V
+        if attn.kv_shared and rope and tensors:
             tensors += parse_rope_keys(rope_keys, capacity) / capacity
         total += tensors * attn.n_kv_heads * attn.head_dim * element
     return int(total)
@@ -204,7 +203,7 @@ def computed_largest_batch(model: GPT, capacity: int, rope_keys: str, budget: in
 
 def model_spec(model: GPT) -> dict[str, Any]:
     """The configs that rebuild ``model``'s shapes in a child process (plain data)."""
-    attention = model.blocks[0].attn.config
+    attention = model.trunk.attention  # the whole network's (a schedule, cross-layer sharing)
     return {"network": dataclasses.asdict(model.config), "attention": dataclasses.asdict(attention),
             "dtype": str(model.embed.weight.dtype).removeprefix("torch.")}
 
@@ -281,6 +280,8 @@ def fit_probe(payload: str) -> None:
     limit = held + job["budget"] - param_bytes(model)
     results = []
     if limit > held:
+        import resource  # POSIX only: imported here, so that the module imports on Windows
+
         resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
     for batch in job["batches"]:
         ok = limit > held
@@ -698,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = {}
     for v in variants:
         network = build(task, v.attention_config(task.attention_config), device, "32-true").network.eval()
+        network.fuse()  # depth-factorised projections as one matmul each, as they are served
         models[v.label] = network.to(dtype)
     contenders = contenders_of(variants, models, list(dict.fromkeys(args.rope_keys)))
     cells = [(c, b) for b in args.batch_sizes for c in args.contexts]

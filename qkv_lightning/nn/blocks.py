@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
@@ -42,7 +45,13 @@ class TrunkConfig:
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
 
+    gelu: Literal["tanh", "exact"] = "tanh"
+    """The MLP's GELU: ``tanh``, the tanh approximation (GPT-2's, our default), or ``exact``, the erf form (PyTorch's
+    ``nn.GELU()`` default, as the paper's LM code uses). Not counted in FLOPs either way (element-wise)."""
+
     def __post_init__(self) -> None:
+        if self.gelu not in ("tanh", "exact"):
+            raise ConfigError(f"network.gelu={self.gelu!r} must be 'tanh' or 'exact'.")
         for name in ("n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"network.{name}={getattr(self, name)} must be at least 1.")
@@ -66,27 +75,23 @@ class TrunkConfig:
         return self.d_model // self.n_head
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``p`` during training."""
+class DropPath(StochasticDepth):
+    """Stochastic depth (torchvision's ``StochasticDepth``, mode ``row``): drop the whole residual branch per sample
+    with probability ``p`` during training and scale kept samples by 1 / (1 - p); the identity in evaluation."""
 
     def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, ...)
-        return x * keep / (1.0 - self.p)
+        super().__init__(p, mode="row")
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward network with GELU."""
+    """Two-layer feed-forward network with GELU (``gelu``: ``tanh`` approximation or ``exact`` erf)."""
 
-    def __init__(self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, gelu: str = "tanh"
+    ) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, d_mlp, bias=bias)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.proj = nn.Linear(d_mlp, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -107,6 +112,8 @@ class Block(nn.Module):
         dropout: residual dropout (after the attention and MLP output projections).
         drop_path: stochastic-depth probability of this block.
         norm_eps: LayerNorm epsilon.
+        gelu: the MLP's GELU, ``tanh`` or ``exact`` (:attr:`TrunkConfig.gelu`).
+        reuses_kv: the attention reuses an earlier layer's K/V (cross-layer sharing, see :class:`Attention`).
     """
 
     def __init__(
@@ -120,13 +127,15 @@ class Block(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
+        gelu: str = "tanh",
+        reuses_kv: bool = False,
     ) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias)
+        self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias, reuses_kv=reuses_kv)
         self.attn_dropout = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout)
+        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout, gelu=gelu)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -135,19 +144,24 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        attended, weights = self.attn(self.norm_attn(x), rope, cache, need_weights)  # (B, T, C)
-        x = x + self.drop_path(self.attn_dropout(attended))
+        shared_kv: tuple[Tensor, Tensor] | None = None,
+        return_kv: bool = False,
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+        """``(output (B, T, C), attention maps or None)``, and the layer's ``(k, v)`` with ``return_kv``;
+        ``shared_kv``: the source layer's ``(k, v)`` when this one reuses them (see :class:`Attention`)."""
+        out = self.attn(self.norm_attn(x), rope, cache, need_weights, shared_kv, return_kv)  # (B, T, C), ...
+        x = x + self.drop_path(self.attn_dropout(out[0]))
         x = x + self.drop_path(self.mlp(self.norm_mlp(x)))
-        return x, weights
-
+        return (x, *out[1:])
 
     def static_step(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor] | None, buffers: list[Tensor],
-                    inplace: bool = True, workspace: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        """:meth:`forward` in eval mode for one token against a static cache (see :meth:`Attention.static_step`)."""
-        attended, stored = self.attn.static_step(self.norm_attn(x), pos, rope, buffers, inplace, workspace)
-        x = x + attended  # (B, 1, C)
-        return x + self.mlp(self.norm_mlp(x)), stored
+                    inplace: bool = True, workspace: Tensor | None = None,
+                    shared_kv: tuple[Tensor, Tensor] | None = None, return_kv: bool = False) -> tuple:
+        """:meth:`forward` in eval mode for one token against a static cache (see :meth:`Attention.static_step`):
+        ``(output (B, 1, C), cache tensors)`` and ``(k, v)`` with ``return_kv``."""
+        out = self.attn.static_step(self.norm_attn(x), pos, rope, buffers, inplace, workspace, shared_kv, return_kv)
+        x = x + out[0]  # (B, 1, C)
+        return (x + self.mlp(self.norm_mlp(x)), *out[1:])
 
 
 class Trunk(nn.Module):
@@ -156,21 +170,36 @@ class Trunk(nn.Module):
     Args:
         n_layer: number of blocks.
         drop_path: the largest stochastic-depth rate; block i gets ``drop_path * i / (n_layer - 1)``.
-        **block_kwargs: the arguments of :class:`Block`.
+        **block_kwargs: the arguments of :class:`Block`; ``attention`` may be a per-layer schedule
+            (``attention.layers``) and share K/V across layers (``attention.kv_share_every`` / ``kv_sources``).
     """
 
-    def __init__(self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs) -> None:
+    def __init__(
+        self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs
+    ) -> None:
         super().__init__()
         rates = [drop_path * i / (n_layer - 1) for i in range(n_layer)] if n_layer > 1 else [drop_path]  # meta-safe
+        attention: AttentionConfig = block_kwargs.pop("attention")
+        self.attention = attention
+        """The network's attention config (a schedule and cross-layer sharing included)."""
+        n_head = block_kwargs["n_head"]
+        configs = attention.layer_configs(n_layer, n_head)
+        self.kv_sources = attention.kv_source_list(n_layer, n_head)
+        """For each layer, the earlier layer whose K/V it reuses, or None."""
+        self.kv_providers = {source for source in self.kv_sources if source is not None}
         self.blocks = nn.ModuleList(
-            Block(d_model=d_model, drop_path=rate, norm_eps=norm_eps, **block_kwargs) for rate in rates
+            Block(d_model=d_model, drop_path=rate, norm_eps=norm_eps, attention=config, reuses_kv=source is not None,
+                  **block_kwargs)
+            for rate, config, source in zip(rates, configs, self.kv_sources, strict=True)
         )
         self.norm = nn.LayerNorm(d_model, eps=norm_eps, bias=block_kwargs.get("bias", True))
         self.activation_checkpointing = False
         """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
 
     @classmethod
-    def from_config(cls, config: TrunkConfig, attention: AttentionConfig, causal: bool, drop_path: float = 0.0) -> Trunk:
+    def from_config(
+        cls, config: TrunkConfig, attention: AttentionConfig, causal: bool, drop_path: float = 0.0
+    ) -> Trunk:
         """The trunk a network config describes."""
         return cls(
             n_layer=config.n_layer,
@@ -183,6 +212,7 @@ class Trunk(nn.Module):
             dropout=config.dropout,
             drop_path=drop_path,
             norm_eps=config.norm_eps,
+            gelu=config.gelu,
         )
 
     def forward(
@@ -194,15 +224,29 @@ class Trunk(nn.Module):
     ) -> tuple[Tensor, list[Tensor]]:
         """Run every block; returns the normalised output (B, T, C) and, if asked, each block's attention maps."""
         maps = []
+        provided: dict[int, tuple[Tensor, Tensor]] = {}  # cross-layer sharing: K/V of the source layers
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
+            source = self.kv_sources[i]
+            args = (x, rope, cache, need_weights, None if source is None else provided[source], i in self.kv_providers)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, weights = checkpoint(block, x, rope, cache, need_weights, use_reentrant=False)
+                out = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, weights = block(x, rope, cache, need_weights)
+                out = block(*args)
+            x, weights = out[0], out[1]
+            if i in self.kv_providers:
+                provided[i] = out[2]
             if weights is not None:
                 maps.append(weights)
         return self.norm(x), maps
+
+    def fuse(self) -> Trunk:
+        """Fuse every depth-factorised projection into one matrix (:meth:`Attention.fuse`); outputs are unchanged.
+        Returns the trunk."""
+        for block in self.blocks:
+            block.attn.fuse()
+        self.attention = dataclasses.replace(self.attention, depth=None)
+        return self
 
     def new_caches(self, batch_size: int, capacity: int, **kwargs) -> list[KVCache]:
         """One empty :class:`KVCache` per block, sharing one workspace (see :class:`KVCache`)."""
@@ -210,13 +254,15 @@ class Trunk(nn.Module):
         return [block.attn.new_cache(batch_size, capacity, **kwargs) for block in self.blocks]
 
 
-def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
-    """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and the residual output
-    projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer). The paper's score encoding keeps
-    its own initialisation."""
+def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02, residual_scaling: bool = True) -> None:
+    """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and (with ``residual_scaling``)
+    the residual output projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer); without
+    it every weight is N(0, std), as in the paper's LM code. The paper's score encoding keeps its own
+    initialisation."""
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            scale = (2 * n_layer) ** -0.5 if name.endswith((".attn.proj", ".mlp.proj")) else 1.0
+            residual = residual_scaling and name.endswith((".attn.proj", ".mlp.proj"))
+            scale = (2 * n_layer) ** -0.5 if residual else 1.0
             nn.init.normal_(sub.weight, mean=0.0, std=std * scale)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
@@ -226,5 +272,7 @@ def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
             nn.init.ones_(sub.weight)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.RMSNorm):  # per-role norms (attention.q_norm, k_norm, v_norm)
+            nn.init.ones_(sub.weight)
         elif isinstance(sub, PaperScoreEncoding):
             sub.reset_parameters()  # the paper's own initialisation, w ~ N(0, 0.02) and b = 0, whatever std is

@@ -10,6 +10,7 @@ patch embedding, the fixed pair encoding of the score encoding): then once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,12 @@ class AttentionShape:
     """Frequencies of the 'relative' score encoding, or None without it."""
     score_encoding_channels: int | None = None
     """Channels m of the paper's score encoding, or None without it."""
+    owns_kv: bool = True
+    """False for a layer that reuses an earlier layer's K/V (cross-layer sharing): it projects and caches only Q."""
+    depths: tuple[int, ...] = ()
+    """Factors of each group's projection (depth factorisation; empty: one matrix each)."""
+    role_norms: tuple[str, ...] = ()
+    """The per-role norms of the layer (``rms`` or ``layer``, one per role that has one)."""
 
     @property
     def head_dim(self) -> int:
@@ -39,17 +46,34 @@ class AttentionShape:
         return self.n_head if self.n_kv_heads is None else self.n_kv_heads
 
     @property
+    def group_widths(self) -> tuple[int, ...]:
+        """Output width of each group the layer projects (only Q's for a layer that reuses K/V)."""
+        heads = Sharing.parse(self.sharing).group_heads(self.n_head, self.kv_heads)
+        return tuple(h * self.head_dim for h in (heads[:1] if not self.owns_kv else heads))
+
+    @property
     def projection_width(self) -> int:
         """Output width of the fused projection (:meth:`Sharing.group_heads` heads of ``head_dim`` per group)."""
-        return sum(Sharing.parse(self.sharing).group_heads(self.n_head, self.kv_heads)) * self.head_dim
+        return sum(self.group_widths)
+
+    @property
+    def factor_widths(self) -> tuple[int, ...]:
+        """Width of each square factor after the first of the depth-factorised groups (training only)."""
+        depths = self.depths or (1,) * len(self.group_widths)
+        return tuple(w for w, n in zip(self.group_widths, depths, strict=True) for _ in range(n - 1))
 
     @property
     def cached_tensors(self) -> int:
-        """Distinct tensors a KV cache stores per layer (1 when K and V share a projection)."""
-        return len(Sharing.parse(self.sharing).cached_groups)
+        """Distinct tensors a KV cache stores per layer (1 when K and V share a projection, 0 when the layer reuses
+        another layer's)."""
+        return len(Sharing.parse(self.sharing).cached_groups) if self.owns_kv else 0
 
     @classmethod
-    def from_config(cls, d_model: int, n_head: int, attention: AttentionConfig, bias: bool = True) -> AttentionShape:
+    def from_config(
+        cls, d_model: int, n_head: int, attention: AttentionConfig, bias: bool = True, owns_kv: bool = True
+    ) -> AttentionShape:
+        depths = attention.group_depths()
+        norms = [attention.q_norm] + ([attention.k_norm, attention.v_norm] if owns_kv else [])
         return cls(
             d_model,
             n_head,
@@ -58,13 +82,21 @@ class AttentionShape:
             bias,
             attention.score_encoding_frequencies if attention.score_encoding == "relative" else None,
             attention.score_encoding_channels if attention.score_encoding == "paper" else None,
+            owns_kv,
+            (depths[:1] if not owns_kv else depths) if any(n > 1 for n in depths) else (),
+            tuple(kind for kind in norms if kind != "none"),
         )
 
 
-def attention_params(shape: AttentionShape) -> int:
-    """Parameters of one attention layer: fused projection, output projection and the optional score encoding."""
+def attention_params(shape: AttentionShape, fused: bool = False) -> int:
+    """Parameters of one attention layer: fused projection, output projection, the optional score encoding and
+    per-role norms, and (unless ``fused``: after :meth:`Attention.fuse`, at inference) the depth factors."""
     inner = shape.n_head * shape.head_dim
     params = shape.d_model * shape.projection_width + inner * shape.d_model
+    if not fused:
+        params += sum(w * w + (w if shape.bias else 0) for w in shape.factor_widths)
+    for kind in shape.role_norms:
+        params += shape.head_dim * (2 if kind == "layer" and shape.bias else 1)
     if shape.bias:
         params += shape.projection_width + shape.d_model
     if shape.score_encoding_frequencies:
@@ -95,6 +127,7 @@ def attention_forward_flops(
     """
     inner = shape.n_head * shape.head_dim
     projections = 2 * t_q * shape.d_model * (shape.projection_width + inner)
+    projections += sum(2 * t_q * w * w for w in shape.factor_widths)  # depth factors (training form)
     return projections + 2 * 2 * attended_pairs(t_q, t_k, causal, count_masked) * inner
 
 
@@ -144,15 +177,29 @@ class Flops:
         return cls(flops, flops * (3 if input_needs_grad else 2))
 
 
+def layer_shapes(shape: AttentionShape | Sequence[AttentionShape], n_layer: int) -> tuple[AttentionShape, ...]:
+    """One shape per layer: ``shape`` for every layer, or the per-layer shapes as given."""
+    if isinstance(shape, AttentionShape):
+        return (shape,) * n_layer
+    if len(shape) != n_layer:
+        raise ValueError(f"{len(shape)} attention shapes for {n_layer} layers")
+    return tuple(shape)
+
+
 def trunk_flops(
-    shape: AttentionShape, d_mlp: int, n_layer: int, seq_len: int, causal: bool, count_masked: bool
+    shape: AttentionShape | Sequence[AttentionShape], d_mlp: int, n_layer: int, seq_len: int, causal: bool,
+    count_masked: bool,
 ) -> tuple[Flops, Flops]:
-    """FLOPs of ``n_layer`` pre-norm blocks: per sequence of ``seq_len`` tokens, and per batch whatever its size
-    (the score encoding, computed once per layer for the whole batch)."""
-    attention = Flops.product(attention_forward_flops(shape, seq_len, seq_len, causal, count_masked))
-    mlp = Flops.product(2 * seq_len * 2 * shape.d_model * d_mlp)
-    encoding = Flops.product(score_encoding_flops(shape, seq_len, seq_len), input_needs_grad=False)
-    return (attention + mlp) * n_layer, encoding * n_layer
+    """FLOPs of ``n_layer`` pre-norm blocks (one attention shape for all, or one per layer): per sequence of
+    ``seq_len`` tokens, and per batch whatever its size (the score encoding, computed once per layer for the whole
+    batch)."""
+    total, fixed = Flops(), Flops()
+    for layer in layer_shapes(shape, n_layer):
+        attention = Flops.product(attention_forward_flops(layer, seq_len, seq_len, causal, count_masked))
+        mlp = Flops.product(2 * seq_len * 2 * layer.d_model * d_mlp)
+        total += attention + mlp
+        fixed += Flops.product(score_encoding_flops(layer, seq_len, seq_len), input_needs_grad=False)
+    return total, fixed
 
 
 @dataclass(frozen=True)
@@ -184,6 +231,9 @@ class NetworkCost:
     context_tokens: int
     kv_bytes_per_element: int
     score_encoding: str = "none"
+    params_inference: int | None = None
+    """Parameters at inference, after the depth factors are fused (:meth:`Attention.fuse`); equal to
+    ``params_total`` without depth factorisation."""
     notes: tuple[str, ...] = field(default=())
     label: str = ""
     """The variant's name (:attr:`qkv_lightning.variants.Variant.label`), filled in by
@@ -222,6 +272,26 @@ def attention_shape(d_model: int, n_head: int, attention: AttentionConfig, bias:
     return AttentionShape.from_config(d_model, n_head, attention, bias)
 
 
+def attention_shapes(
+    d_model: int, n_head: int, attention: AttentionConfig, bias: bool, n_layer: int
+) -> tuple[AttentionShape, ...]:
+    """The shape of each of ``n_layer`` layers: the per-layer schedule (``attention.layers``) and cross-layer K/V
+    sharing (a layer that reuses K/V projects and caches only Q) as the trunk builds them."""
+    configs = attention.layer_configs(n_layer, n_head)
+    sources = attention.kv_source_list(n_layer, n_head)
+    return tuple(
+        AttentionShape.from_config(d_model, n_head, config, bias, owns_kv=source is None)
+        for config, source in zip(configs, sources, strict=True)
+    )
+
+
+def schedule_name(attention: AttentionConfig) -> str:
+    """The sharing of a network's attention as one word for tables: the sharing, or a schedule's layers."""
+    if not attention.layers:
+        return attention.sharing
+    return ",".join(f"{label}@{key}" for key, label in attention.layers.items())
+
+
 def trunk_network_cost(
     network: str,
     config: Any,
@@ -238,19 +308,24 @@ def trunk_network_cost(
     kv_bytes: int,
     notes: tuple[str, ...] = (),
 ) -> NetworkCost:
-    """The parts every network shares: ``n_layer`` pre-norm blocks (attention, MLP, two norms) and a final norm
-    between its own embedding and head, whose parameters and FLOPs the caller computed."""
+    """The parts every network shares: ``n_layer`` pre-norm blocks (attention, MLP, two norms; one attention shape
+    for all, or one per layer) and a final norm between its own embedding and head, whose parameters and FLOPs the
+    caller computed."""
     d, bias = config.d_model, config.bias
-    block = attention_params(shape) + mlp_params(d, config.mlp_width, bias) + 2 * norm_params(d, bias)
+    shapes = layer_shapes(shape, config.n_layer)
+    rest = config.n_layer * (mlp_params(d, config.mlp_width, bias) + 2 * norm_params(d, bias))
+    rest += embedding + norm_params(d, bias) + head
+    attention_total = sum(attention_params(layer) for layer in shapes)
     return NetworkCost(
         network=network,
-        sharing=attention.sharing,
-        n_kv_heads=shape.kv_heads,
+        sharing=schedule_name(attention),
+        n_kv_heads=shapes[0].kv_heads,
         n_head=config.n_head,
         n_layer=config.n_layer,
         d_model=d,
-        params_total=embedding + config.n_layer * block + norm_params(d, bias) + head,
-        params_attention=config.n_layer * attention_params(shape),
+        params_total=rest + attention_total,
+        params_inference=rest + sum(attention_params(layer, fused=True) for layer in shapes),
+        params_attention=attention_total,
         params_embedding=embedding,
         params_head=head,
         tokens_per_sample=tokens_per_sample,
@@ -259,7 +334,7 @@ def trunk_network_cost(
         train_flops_per_sample=flops.train,
         forward_flops_per_batch_fixed=fixed.forward,
         train_flops_per_batch_fixed=fixed.train,
-        kv_cache_bytes_per_token=config.n_layer * kv_cache_bytes_per_token(shape, kv_bytes),
+        kv_cache_bytes_per_token=sum(kv_cache_bytes_per_token(layer, kv_bytes) for layer in shapes),
         context_tokens=context_tokens,
         kv_bytes_per_element=kv_bytes,
         score_encoding=attention.score_encoding,

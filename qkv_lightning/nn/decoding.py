@@ -70,10 +70,13 @@ class StaticDecoder(nn.Module):
         return None if self.cos is None else (self.cos, self.sin)
 
     def tensors_per_layer(self) -> list[int]:
-        """Cache tensors of each layer."""
+        """Cache tensors of each layer (0 for a layer that reuses an earlier layer's K/V)."""
         out = []
         for block in self.model.blocks:
-            out.append((2 if self.rope_keys == "copy" else 1) if block.attn.kv_shared else 2)
+            if block.attn.reuses_kv:
+                out.append(0)
+            else:
+                out.append((2 if self.rope_keys == "copy" else 1) if block.attn.kv_shared else 2)
         return out
 
     def new_cache(self, batch_size: int) -> list[Tensor]:
@@ -113,8 +116,16 @@ class StaticDecoder(nn.Module):
         workspace = self._workspace_for(cache[0]) if self.use_workspace else None
         out: list[Tensor] = []
         i = 0
-        for block, count in zip(model.blocks, self.tensors_per_layer(), strict=True):
-            x, stored = block.static_step(x, pos, self.tables, cache[i : i + count], self.inplace, workspace)
+        trunk = model.trunk
+        provided: dict[int, tuple[Tensor, Tensor]] = {}  # cross-layer sharing: K/V of the source layers
+        for layer, (block, count) in enumerate(zip(model.blocks, self.tensors_per_layer(), strict=True)):
+            source = trunk.kv_sources[layer]
+            shared = None if source is None else provided[source]
+            result = block.static_step(x, pos, self.tables, cache[i : i + count], self.inplace, workspace, shared,
+                                       layer in trunk.kv_providers)
+            x, stored = result[0], result[1]
+            if layer in trunk.kv_providers:
+                provided[layer] = result[2]
             out += stored
             i += count
         return model.logits(model.trunk.norm(x))[:, 0], out

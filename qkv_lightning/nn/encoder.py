@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
-from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shape, trunk_flops, trunk_network_cost
+from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.sequence import SequenceConfig
 
 
@@ -45,7 +45,7 @@ class EncoderConfig(SequenceConfig):
         sequences of ``seq_len`` tokens (default: ``max_seq_len``)."""
         d, bias = self.d_model, self.bias
         t = seq_len or self.max_seq_len
-        shape = attention_shape(d, self.n_head, attention, bias)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
         embedding = self.vocab_size * d + (self.max_seq_len * d if self.position == "learned" else 0)
         head = d * self.num_classes + (self.num_classes if bias else 0)
         flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, False, False)

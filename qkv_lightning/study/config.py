@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkv_lightning.config_files import resolve_config, resolve_config_args
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS
 from qkv_lightning.study.effects import check_margins, statsmodels_available
@@ -148,6 +149,9 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not self.task:
             raise ConfigError("study.task is not set: give the path of a fit config, e.g. configs/synthetic/sort.yaml.")
+        # qkv:NAME and a configs/NAME missing here name the shipped configs (qkv_lightning.config_files)
+        self.task = resolve_config(self.task) if isinstance(self.task, str) else [resolve_config(p) for p in self.task]
+        self.overrides = resolve_config_args([str(arg) for arg in self.overrides])
         if not isinstance(self.task, str):
             self.task = [str(path) for path in self.task]
             if len(set(self.task)) != len(self.task):
@@ -250,10 +254,9 @@ class StudyConfig:
 
     def is_lower_better(self, metric: str) -> bool:
         """Whether a smaller value of ``metric`` is better."""
-        if metric in self.lower_is_better:
-            return True
-        name = metric.lower().rsplit("/", 1)[-1]
-        return any(word in name for word in ("loss", "ppl", "perplexity", "error", "bpc", "nll"))
+        from qkv_lightning.loggers import lower_is_better
+
+        return metric in self.lower_is_better or lower_is_better(metric)
 
 
 def task_label(path: str) -> str:

@@ -93,7 +93,7 @@ class ImageClassifier(TaskModule):
         read."""
         config = self.network_config.with_data(spec)  # raises on a disagreement
         if config.image_size is not None:
-            check_patch_grid(config.image_size, config.patch_size)
+            check_patch_grid(config.image_size, config.patch_size, config.pad_images)
 
     def build_network(self, data_spec: dict) -> ViT:
         return ViT(self.resolved_network_config(data_spec), self.attention_config)

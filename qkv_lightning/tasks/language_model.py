@@ -96,7 +96,10 @@ class LanguageModel(TaskModule):
     Logs ``train/loss``, ``train/tokens`` (tokens seen, all processes together), and per evaluation split
     ``val/loss`` and ``val/ppl`` (exact: summed loss over every scored token divided by their count, across batches
     and processes), plus ``val/word_ppl`` (perplexity per word-level token of the original text) when the tokens are
-    not words. ``predict`` continues the datamodule's prompts with the KV cache.
+    not words. With padded documents (batches ``(inputs, targets, padding)``, ``data.document_mode: padded``) the
+    padding is scored only if the data's ``score_padding`` says so, and ``val/ppl_with_padding`` and
+    ``val/ppl_without_padding`` give both perplexities. ``predict`` continues the datamodule's prompts with the KV
+    cache.
 
     Args:
         network: the decoder's sizes and options; ``vocab_size`` None takes the data's vocabulary.
@@ -141,6 +144,11 @@ class LanguageModel(TaskModule):
         self.save_task_hyperparameters(network=self.network_config)
         self.val_loss_sum = SummedLoss()
         self.test_loss_sum = SummedLoss()
+        # padded documents (data.document_mode: padded): loss sums with and without the padding targets
+        self.padding_sums = torch.nn.ModuleDict(
+            {f"{s}_{k}": SummedLoss() for s in ("val", "test") for k in ("with_padding", "without_padding")}
+        )
+        self._padded_stages: set[str] = set()
         self.tokens_seen = 0
         self.generated: list[dict[str, Any]] = []
 
@@ -204,9 +212,21 @@ class LanguageModel(TaskModule):
         return inputs, torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
 
     # ------------------------------------------------------------------------------------------------- training
-    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        inputs, targets = batch  # (B, T), (B, T)
+    def training_loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        inputs, targets = batch[0], self.scored_targets(batch)  # (B, T), (B, T)
         return self.network.loss(inputs, targets)
+
+    @property
+    def score_padding(self) -> bool:
+        """Whether the loss scores padding targets (the data's ``score_padding``; batches without padding: moot)."""
+        return bool(getattr(getattr(self._trainer, "datamodule", None), "score_padding", False))
+
+    def scored_targets(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """The targets (B, T) the training loss scores: padding (a batch's third element, (B, T) bool, from
+        :mod:`qkv_lightning.data.documents`) becomes :data:`IGNORE_INDEX` unless the data scores padding."""
+        if len(batch) < 3 or self.score_padding:
+            return batch[1]
+        return batch[1].masked_fill(batch[2], IGNORE_INDEX)
 
     def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
         return self.network.hidden(batch[0][:1], need_weights=True)[1]  # per block (1, H, T, T)
@@ -264,16 +284,26 @@ class LanguageModel(TaskModule):
             )
 
     # ----------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: tuple[Tensor, Tensor], metric: SummedLoss) -> None:
-        inputs, targets = batch  # (B, T), (B, T)
-        loss_sum = self.network.loss(inputs, targets, reduction="sum")
-        metric.update(loss_sum, (targets != IGNORE_INDEX).sum())
+    def _evaluate(self, batch: tuple[Tensor, ...], metric: SummedLoss, stage: str = "val") -> None:
+        inputs, targets = batch[0], batch[1]  # (B, T), (B, T)
+        if len(batch) < 3:
+            loss_sum = self.network.loss(inputs, targets, reduction="sum")
+            metric.update(loss_sum, (targets != IGNORE_INDEX).sum())
+            return
+        losses = self.network.loss(inputs, targets, reduction="none")  # (B, T), 0 where ignored
+        scored = targets != IGNORE_INDEX  # (B, T)
+        documents = scored & ~batch[2]  # (B, T): padding left out
+        self.padding_sums[f"{stage}_with_padding"].update(losses[scored].sum(), scored.sum())
+        self.padding_sums[f"{stage}_without_padding"].update(losses[documents].sum(), documents.sum())
+        main = scored if self.score_padding else documents
+        metric.update(losses[main].sum(), main.sum())
+        self._padded_stages.add(stage)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss_sum)
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss_sum, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss_sum)
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss_sum, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val", self.val_loss_sum)
@@ -294,6 +324,14 @@ class LanguageModel(TaskModule):
         ratio = datamodule.tokens_per_word(stage) if hasattr(datamodule, "tokens_per_word") else None
         if ratio is not None and ratio != 1.0:  # total loss / words = mean loss * tokens / words
             self.log(f"{stage}/word_ppl", (loss * ratio).exp())
+        if stage in self._padded_stages:  # padded documents: the perplexity with and without the padding scored
+            self._padded_stages.discard(stage)
+            for kind in ("with_padding", "without_padding"):
+                total, count = self.padding_sums[f"{stage}_{kind}"].compute()
+                self.padding_sums[f"{stage}_{kind}"].reset()
+                if int(count):
+                    self.log(f"{stage}/ppl_{kind}", (total / count).float().exp())
+                    self.log(f"{stage}/tokens_{kind}", count.float())
 
     # ----------------------------------------------------------------------------------------------- generation
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:

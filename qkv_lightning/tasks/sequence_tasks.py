@@ -127,7 +127,10 @@ class SequenceTask(TaskModule):
         seq_acc.update(correct.all(dim=-1).float())
         on_step = stage == "train"
         batch_size = inputs.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, batch_size=batch_size)
+        self.log(  # epoch means over every process's batches (not rank 0's alone) under DDP / FSDP
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, batch_size=batch_size,
+            sync_dist=not on_step,
+        )
         self.log(f"{stage}/acc", token_acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
         self.log(f"{stage}/seq_acc", seq_acc, on_step=False, on_epoch=True)
         return loss
