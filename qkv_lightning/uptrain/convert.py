@@ -135,6 +135,8 @@ def convert_task(
     if method == "keep" and keep not in ("Q", "K", "V"):
         raise ConfigError(f"--method keep needs --keep Q, K or V (the role whose projection is kept), got {keep!r}.")
     attention = {**vars(source.attention_config), "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
+    if "layers" in attention:
+        attention["layers"] = None  # the target is one variant in every layer (a per-layer schedule is converted away)
     try:
         target = task_from_hparams(dict(source.hparams), attention=attention)
     except ConfigError as error:
