@@ -59,6 +59,29 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, file)
 
 
+def start_checkpoint(task: Any, **records: Any) -> dict[str, Any]:
+    """A checkpoint of the built ``task`` at step 0, in the layout ``fit`` saves: ``state_dict``, the
+    ``hyper_parameters`` that rebuild the task, Lightning's version and the task's own entries (a language model's
+    ``tokens_seen``), with no optimiser state. ``import`` and ``convert`` write these; start a fine-tune from one with
+    ``--model.init_args.init_from``, or evaluate it with ``validate``/``test --ckpt_path``. ``records`` are stored as
+    top-level entries that say where the weights came from (``qkv_import=...``, ``converted_from=...``)."""
+    import lightning
+
+    from qkv_lightning.tasks.base import plain
+
+    checkpoint: dict[str, Any] = {
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": lightning.__version__,
+        "state_dict": {k: v.detach().clone() for k, v in task.state_dict().items()},
+        "hparams_name": None,
+        "hyper_parameters": plain(dict(task.hparams)),
+        **records,
+    }
+    task.on_save_checkpoint(checkpoint)
+    return checkpoint
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files that :func:`atomic_save` processes of this host left behind when they were killed
     (their process no longer exists); returns them."""

@@ -25,18 +25,35 @@ def lower_is_better(metric: str) -> bool:
     return any(word in name for word in LOWER_IS_BETTER_WORDS)
 
 
-def log_hyperparams_and_metrics(logger: Any, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+def _takes_metrics(logger: Any) -> bool:
+    return "metrics" in inspect.signature(logger.log_hyperparams).parameters
+
+
+def record_hyperparams(logger: Any, params: dict[str, Any]) -> None:
+    """Record ``params`` early (TensorBoard's ``hparams.yaml``, MLflow's params, W&B's config), without metrics: a
+    logger whose ``log_hyperparams`` takes metrics gets ``metrics={}``, which writes no HParams summary and no
+    placeholder ``hp_metric = -1`` (:func:`log_hyperparams_and_metrics` writes the one summary at the end)."""
+    if _takes_metrics(logger):
+        logger.log_hyperparams(params, metrics={})
+    else:
+        logger.log_hyperparams(params)
+
+
+def log_hyperparams_and_metrics(
+    logger: Any, params: dict[str, Any], metrics: dict[str, float], step: int, recorded: bool = False
+) -> None:
     """Record ``params`` with ``metrics`` through the logger's API: a logger whose ``log_hyperparams`` takes metrics
     (TensorBoard: its HParams tab, whose columns are these metrics) gets them there; any other (MLflow, W&B, CSV)
-    gets ``log_hyperparams(params)`` and ``log_metrics(metrics, step)``. No placeholder ``hp_metric`` is written."""
-    accepted = inspect.signature(logger.log_hyperparams).parameters
-    if "metrics" in accepted:
+    gets ``log_hyperparams(params)`` (unless ``recorded`` already) and ``log_metrics(metrics, step)``. No placeholder
+    ``hp_metric`` is written."""
+    if _takes_metrics(logger):
         kwargs: dict[str, Any] = {"metrics": dict(metrics)}  # {} (not None) writes no hp_metric = -1
-        if "step" in accepted:
+        if "step" in inspect.signature(logger.log_hyperparams).parameters:
             kwargs["step"] = step
         logger.log_hyperparams(params, **kwargs)
         return
-    logger.log_hyperparams(params)
+    if not recorded:
+        logger.log_hyperparams(params)
     if metrics:
         logger.log_metrics(dict(metrics), step=step)
 
@@ -140,7 +157,8 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
     ``config.yaml`` is written when the stage starts running (first validation, training, test or predict batch
     loop), after data and model setup and checkpoint restoring succeeded, so a command that fails before (bad data, a
     checkpoint that does not fit) never overwrites the config of the run it was pointed at (``fit --ckpt_path
-    last``). The hyper-parameters are logged when the stage ends (or fails, with the metrics so far). The best value
+    last``); the hyper-parameters are recorded then too (``hparams.yaml``), and logged with the metrics when the
+    stage ends (or fails, with the metrics so far). The best value
     of the metric a ``ModelCheckpoint`` monitors also counts its ``best_model_score``, which survives a resume.
     """
 
@@ -169,8 +187,11 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
         self._save_now(trainer, pl_module)
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        """Keep the flattened config; it is logged with the metrics when the stage ends."""
+        """Record the flattened config now (no HParams summary yet); it is logged with the metrics when the stage
+        ends."""
         self._params = {k: v for k, v in flatten(self.config).items() if not k.startswith(("config", "__"))}
+        for logger in trainer.loggers:
+            record_hyperparams(logger, self._params)
 
     def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
         if trainer.sanity_checking:
@@ -208,7 +229,7 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
         self._logged = True
         metrics = self.run_metrics(trainer)
         for logger in trainer.loggers:
-            log_hyperparams_and_metrics(logger, self._params, metrics, trainer.global_step)
+            log_hyperparams_and_metrics(logger, self._params, metrics, trainer.global_step, recorded=True)
 
 
 class DeferredSummaryWriter:

@@ -181,3 +181,22 @@ def test_analyze_command_on_a_trained_checkpoint_writes_its_outputs_and_overwrit
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(["analyze", "--ckpt_path", str(ckpt), "--batches", "1"]) == 2  # refuses: outputs exist
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_cross_layer_sharing_reports_the_source_layers_k_and_v_and_depth_factors_are_multiplied_in():
+    torch.manual_seed(0)
+    task = SequenceTask(attention=AttentionConfig(kv_share_every=2, depth={"Q": 2}), data_spec=SPEC,
+                        network=EncoderConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=10, init_std=0.3))
+    task.configure_model()
+    before = analyze(task, batches())
+    source, reuser = before["layers"]
+    assert (source["kv_from_layer"], reuser["kv_from_layer"]) == (None, 0)
+    for a, b in zip(source["heads"], reuser["heads"], strict=True):  # the same K and V tensors
+        assert b["cosine"]["K-V"] == a["cosine"]["K-V"] and b["erank_weight"]["V"] == a["erank_weight"]["V"]
+    for module in attentions(task):
+        module.fuse()  # Q's factors multiplied into one matrix: the same effective weights and outputs
+    after = analyze(task, batches())
+    for old, new in zip(before["layers"], after["layers"], strict=True):
+        for a, b in zip(old["heads"], new["heads"], strict=True):
+            assert b["erank_weight"]["Q"] == pytest.approx(a["erank_weight"]["Q"], rel=1e-4)
+            assert b["cosine"]["Q-K"] == pytest.approx(a["cosine"]["Q-K"], abs=1e-5)

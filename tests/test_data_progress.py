@@ -35,9 +35,7 @@ def test_a_first_fit_prints_data_progress_once_and_the_final_validation_metrics(
     assert {"val/loss", "val/ppl", "val/tokens"} <= set(values)
     assert float(values["val/ppl"]) == pytest.approx(2.718281828 ** float(values["val/loss"]), rel=1e-3)
 
-    # the caches exist now: a second run tokenizes nothing; and no other rank than 0 prints
-    assert main(["fit", *lm_config_args(tmp_path, data, "wikitext2-offline", *SMALL)]) == 0
-    assert "tokenizing" not in capsys.readouterr().err
+    # no other rank than 0 prints (a fresh cache: the same run would print the lines above on rank 0)
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     assert main(["fit", *lm_config_args(tmp_path / "other", data, "wikitext2-offline", *SMALL)]) == 0
     out, err = capsys.readouterr()

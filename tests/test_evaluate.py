@@ -151,7 +151,7 @@ def test_evaluate_scores_like_a_direct_forward_pass_and_generates_like_greedy_de
     assert main(args) == 2  # the results file is not overwritten
 
 
-def test_evaluate_refuses_another_tokenizer_and_unknown_tasks(setup, plain_argv, capsys, tmp_path):
+def test_evaluate_refuses_another_tokenizer_and_a_missing_bpe_file(setup, plain_argv, capsys, tmp_path):
     folder, ranks, _, _ = setup
     tasks = write_tasks(folder / "tasks")
     other = tmp_path / "other.tiktoken"

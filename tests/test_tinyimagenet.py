@@ -1,19 +1,25 @@
-"""TinyImageNet in its official layout (a tiny tree of real JPEGs written here), and Fashion-MNIST's IDX files."""
+"""TinyImageNet in its official layout (a tiny tree of real JPEGs written here), Fashion-MNIST's IDX files, and the
+paper's ViT configs through the CLI."""
 
 from __future__ import annotations
 
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from qkv_lightning.cli import main
 from qkv_lightning.data.image_base import NO_AUGMENTATION
 from qkv_lightning.data.images import MEAN_STD, FashionMNISTDataModule, TinyImageNetDataModule
 from qkv_lightning.errors import DataError
 from tests.imagedata import class_images, write_mnist_gz
+from tests.run_fixtures import QUIET
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WNIDS = ["n09256479", "n01443537", "n02124075"]  # wnids.txt order is not sorted, as in the official file
 WORDS = {"n01443537": "goldfish, Carassius auratus", "n02124075": "Egyptian cat", "n09256479": "coral reef"}
@@ -142,3 +148,26 @@ def test_fashion_mnist_reads_the_official_idx_files_pixel_for_pixel(tmp_path):
         mean, std = MEAN_STD["fashion_mnist"]
         assert torch.equal(torch.round((got * std[0] + mean[0]) * 255)[:, 0], torch.tensor(images).float())
         assert [dataset[i][1] for i in range(len(dataset))] == labels.tolist()
+
+
+SHRINK = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+          "--trainer.max_steps", "2", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+          "--model.init_args.network.n_layer", "1", "--model.init_args.network.d_model", "32",
+          "--model.init_args.network.n_head", "2", *QUIET]
+
+
+@pytest.mark.usefixtures("one_thread", "plain_argv")
+@pytest.mark.parametrize("config", ["tinyimagenet-vit-b16.yaml"])  # mnist.yaml: the CPU study and the config walk
+def test_paper_configs_fit_save_last_and_test_through_the_cli(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if config == "mnist.yaml":
+        write_mnist_gz(str(tmp_path / "mnist"))
+        data = ["--data.init_args.root", str(tmp_path / "mnist"), "--data.init_args.download", "false",
+                "--model.init_args.network.patch_size", "7"]
+    else:  # ViT-B/16 at 224 px shrunk to a 2 x 2 grid of 16-px patches on 32-px images
+        tree, _ = write_tinyimagenet(str(tmp_path / "data"), per_class=2, n_val=4)
+        data = ["--data.init_args.root", tree, "--data.init_args.image_size", "32"]
+    args = ["--config", str(ROOT / "configs" / "vit" / "paper" / config), *SHRINK, *data]
+    assert main(["fit", *args]) == 0
+    (last,) = (tmp_path / "logs").rglob("last.ckpt")
+    assert main(["test", *args, "--ckpt_path", str(last)]) == 0

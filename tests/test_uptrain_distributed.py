@@ -19,15 +19,15 @@ def workdir(tmp_path_factory):
 
 
 def test_init_from_and_distillation_under_fsdp2_match_one_process(workdir):
-    fit(workdir, "teacher", 8, "--trainer.devices", "1")  # a QKV model: the source and the teacher
+    fit(workdir, "teacher", 8, "--trainer.devices", "1", timeout=900)  # a QKV model: the source and the teacher
     teacher = workdir / "teacher" / "checkpoints" / "last.ckpt"
     converted = workdir / "q-k=v.ckpt"
     assert main(["convert", str(teacher), str(converted), "--sharing", "Q-K=V", "--method", "mean"]) == 0
     start = ("--model.init_args.attention.sharing", "Q-K=V", "--model.init_args.init_from", str(converted),
              "--model.init_args.distill.teacher", str(teacher))
-    single = fit(workdir, "single", 8, "--trainer.devices", "1", *start)
-    sharded = fit(workdir, "fsdp2", 4, *FSDP2, *start)
+    single = fit(workdir, "single", 8, "--trainer.devices", "1", *start, timeout=900)
+    sharded = fit(workdir, "fsdp2", 4, *FSDP2, *start, timeout=900)
     assert sharded["strategy"] == "FSDP2Strategy" and sharded["world_size"] == 2
     assert_same_training(sharded, single)
-    scratch = fit(workdir, "scratch", 8, "--trainer.devices", "1", *start[:2])
+    scratch = fit(workdir, "scratch", 8, "--trainer.devices", "1", *start[:2], timeout=900)
     assert abs(scratch["losses"][0] - single["losses"][0]) > 1e-3  # init_from changed the starting point

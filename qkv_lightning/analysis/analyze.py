@@ -33,7 +33,7 @@ from qkv_lightning.errors import CheckpointError, ConfigError
 
 PAIRS = (("Q", "K"), ("Q", "V"), ("K", "V"))
 PAPER_COSINES = {"Q-K": 0.42, "Q-V": 0.31, "K-V": 0.73}
-"""The paper's mean cosine similarities of the outputs of a trained standard (QKV) GPT-2 300M model."""
+"""The paper's mean cosine similarities of the Q, K and V outputs of a trained standard (QKV) model."""
 OUTPUT_FILES = ("analysis.md", "analysis.json", "heatmaps.png")
 HEATMAPS = (
     ("cos Q-K", "cosine", "Q-K"),
@@ -47,13 +47,15 @@ HEATMAPS = (
 )
 
 
-def _tied(module: Any, a: str, b: str) -> bool:
-    return module.sharing.group_of(a) == module.sharing.group_of(b)
+def _tied(layer: LayerCapture, a: str, b: str) -> bool:
+    """Whether roles ``a`` and ``b`` of this layer come from one projection (of the layer that projects them)."""
+    owner = layer.owner(a)
+    return owner is layer.owner(b) and owner.module.sharing.group_of(a) == owner.module.sharing.group_of(b)
 
 
-def symmetric_by_construction(module: Any) -> bool:
+def symmetric_by_construction(layer: LayerCapture) -> bool:
     """Q and K share one projection and no score encoding is added: the logits are symmetric (also with RoPE)."""
-    return _tied(module, "Q", "K") and module.score_encoding is None
+    return _tied(layer, "Q", "K") and layer.module.score_encoding is None and layer.module.plain_qk
 
 
 def analyze_layers(layers: list[LayerCapture]) -> list[dict[str, Any]]:
@@ -65,11 +67,11 @@ def analyze_layers(layers: list[LayerCapture]) -> list[dict[str, Any]]:
         heads = []
         for h in range(module.n_head):
             row: dict[str, Any] = {"head": h, "cosine": {}, "cosine_distribution": {}, "angle_deg": {}}
-            vectors = {role: outputs[role][:, head_index(module, role, h)] for role in outputs}  # (N, D)
-            weights = {role: role_weights(module, role, h) for role in outputs}  # (D, C)
+            vectors = {role: outputs[role][:, head_index(layer.owner(role).module, role, h)] for role in outputs}
+            weights = {role: role_weights(layer.owner(role).module, role, h) for role in outputs}  # (D, C)
             for a, b in PAIRS:
                 pair = f"{a}-{b}"
-                if _tied(module, a, b):
+                if _tied(layer, a, b):
                     row["cosine"][pair] = row["angle_deg"][pair] = None
                     row["cosine_distribution"][pair] = None
                     continue
@@ -84,7 +86,7 @@ def analyze_layers(layers: list[LayerCapture]) -> list[dict[str, Any]]:
                               ("uniform_entropy", layer.max_entropy_sum)):
                 row[key] = None if sums is None else float(sums[h]) / rows
             samples = max(layer.samples, 1)
-            if symmetric_by_construction(module):
+            if symmetric_by_construction(layer):
                 row["asymmetry"] = row["asymmetry_rel"] = None
             else:
                 row["asymmetry"] = float(layer.asym_sum[h]) / samples
@@ -99,8 +101,9 @@ def analyze_layers(layers: list[LayerCapture]) -> list[dict[str, Any]]:
                 "head_dim": module.head_dim,
                 "d_model": module.qkv.in_features,
                 "tokens": layer.tokens,
-                "symmetric_logits_by_construction": symmetric_by_construction(module),
-                "tied_pairs": [f"{a}-{b}" for a, b in PAIRS if _tied(module, a, b)],
+                "symmetric_logits_by_construction": symmetric_by_construction(layer),
+                "tied_pairs": [f"{a}-{b}" for a, b in PAIRS if _tied(layer, a, b)],
+                "kv_from_layer": None if layer.source is None else layers.index(layer.source),
                 "heads": heads,
             }
         )
@@ -166,7 +169,8 @@ def format_markdown(result: dict[str, Any]) -> str:
         "| mean over layers and heads | Q-K | Q-V | K-V |",
         "|---|---|---|---|",
         f"| output cosine | {_f(s['cosine']['Q-K'])} | {_f(s['cosine']['Q-V'])} | {_f(s['cosine']['K-V'])} |",
-        f"| paper (GPT-2 300M, QKV) | {PAPER_COSINES['Q-K']} | {PAPER_COSINES['Q-V']} | {PAPER_COSINES['K-V']} |",
+        f"| paper (trained standard QKV model) | {PAPER_COSINES['Q-K']} | {PAPER_COSINES['Q-V']} "
+        f"| {PAPER_COSINES['K-V']} |",
         f"| mean principal angle (deg) | {_f(s['angle_deg']['Q-K'], 1)} | {_f(s['angle_deg']['Q-V'], 1)} "
         f"| {_f(s['angle_deg']['K-V'], 1)} |",
         "",

@@ -1,8 +1,9 @@
 """Q, K, V, logits and attention probabilities of every attention layer, captured with hooks while a task runs
 its own forward pass: nothing of the attention core's math is repeated here.
 
-* the raw projections: a forward hook on each layer's fused projection (``Attention.qkv``), split into its groups
-  (the views ``Attention.project`` takes, before any rotary rotation);
+* the raw projections: ``Attention.split_groups`` (the fused projection and any depth factors, per group, before the
+  per-role norms and any rotary rotation), in a forward pre-hook; a layer that reuses an earlier layer's K/V
+  (cross-layer sharing) is given that layer's K and V;
 * the logits before masks: ``Attention.logits`` (q k^T / sqrt(D) plus the score encoding) in a forward pre-hook;
 * the probabilities: the pre-hook sets ``need_weights=True``, so the core's explicit path returns them.
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from qkv_lightning.analysis.metrics import attention_entropy
 from qkv_lightning.nn.attention import Attention
+from qkv_lightning.nn.blocks import Trunk
 
 
 @dataclass
@@ -28,8 +30,11 @@ class LayerCapture:
     """What one attention layer produced over the analysed batches."""
 
     module: Attention
+    source: LayerCapture | None = None
+    """The layer whose K/V this one reuses (cross-layer sharing), or None."""
     groups: list[list[Tensor]] = field(default_factory=list)
-    """Per group of the fused projection, chunks of raw outputs (N, heads, D) of the kept tokens."""
+    """Per group this layer projects (``Attention.own_groups``), chunks of raw outputs (N, heads, D) of the kept
+    tokens."""
     tokens: int = 0
     entropy_sum: Tensor | None = None
     """(H,) summed entropy (nats) of the query rows that see more than one key."""
@@ -45,9 +50,17 @@ class LayerCapture:
     """(H,) summed per-sample mean |A|."""
     samples: int = 0
 
+    def owner(self, role: str) -> LayerCapture:
+        """The layer whose projection gives ``role`` here (the source layer for a reused K/V)."""
+        return self.source if self.source is not None and role != "Q" else self
+
     def role_outputs(self, role: str) -> Tensor:
         """Raw outputs (N, heads of the role's group, D) of ``role``'s projection over the kept tokens."""
-        return torch.cat(self.groups[self.module.sharing.group_of(role)], dim=0)
+        owner = self.owner(role)
+        group = owner.module.sharing.group_of(role)
+        chunks = owner.groups[owner.module.own_groups.index(group)]
+        n = min(self.tokens, owner.tokens)
+        return torch.cat(chunks, dim=0)[:n]
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:
@@ -64,16 +77,19 @@ class Capture:
 
     def __init__(self, network: torch.nn.Module, max_tokens: int = 8192) -> None:
         self.layers = [LayerCapture(m) for m in network.modules() if isinstance(m, Attention)]
+        sources = next((list(m.kv_sources) for m in network.modules() if isinstance(m, Trunk)), [])
+        for layer, source in zip(self.layers, sources, strict=False):
+            if source is not None and layer.module.reuses_kv:
+                layer.source = self.layers[source]
         self.max_tokens = max_tokens
         self._handles: list[Any] = []
 
     def __enter__(self) -> Capture:
         for layer in self.layers:
-            layer.groups = [[] for _ in layer.module.group_widths]
+            layer.groups = [[] for _ in layer.module.own_groups]
             module = layer.module
             self._handles += [
-                module.qkv.register_forward_hook(self._projection_hook(layer)),
-                module.register_forward_pre_hook(self._logits_hook(layer), with_kwargs=True),
+                module.register_forward_pre_hook(self._inputs_hook(layer), with_kwargs=True),
                 module.register_forward_hook(self._probs_hook(layer)),
             ]
         return self
@@ -83,25 +99,24 @@ class Capture:
             handle.remove()
         self._handles = []
 
-    def _projection_hook(self, layer: LayerCapture):
-        def hook(linear: torch.nn.Module, args: tuple, fused: Tensor) -> None:  # fused (B, T, sum of group widths)
-            room = self.max_tokens - layer.tokens
-            if room <= 0:
-                return
-            module = layer.module
-            flat = fused.detach().reshape(-1, fused.shape[-1])[:room].float().cpu()  # (N, W)
-            parts = flat.split(module.group_widths, -1)
-            for i, (part, heads) in enumerate(zip(parts, module.group_heads, strict=True)):
-                layer.groups[i].append(part.reshape(part.shape[0], heads, module.head_dim))  # (N, heads, D)
-            layer.tokens += flat.shape[0]
+    def _keep_projections(self, layer: LayerCapture, x: Tensor) -> None:
+        room = self.max_tokens - layer.tokens
+        if room <= 0:
+            return
+        module = layer.module
+        for i, part in enumerate(module.split_groups(x)):  # (B, heads, T, D) per own group
+            heads = part.shape[1]
+            flat = part.detach().transpose(1, 2).reshape(-1, heads, module.head_dim)[:room]  # (N, heads, D)
+            layer.groups[i].append(flat.float().cpu())
+        layer.tokens += min(room, x.shape[0] * x.shape[1])
 
-        return hook
-
-    def _logits_hook(self, layer: LayerCapture):
+    def _inputs_hook(self, layer: LayerCapture):
         def hook(module: Attention, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             x = args[0]  # (B, T, C)
             rope = args[1] if len(args) > 1 else kwargs.get("rope")
-            logits = module.logits(x, rope).detach()  # (B, H, T, T), before masks
+            shared_kv = args[4] if len(args) > 4 else kwargs.get("shared_kv")
+            self._keep_projections(layer, x)
+            logits = module.logits(x, rope, shared_kv).detach()  # (B, H, T, T), before masks
             a = logits.double()
             layer.asym_sum = _add(layer.asym_sum, (a - a.transpose(-2, -1)).abs().mean(dim=(-2, -1)).sum(0).cpu())
             layer.abs_sum = _add(layer.abs_sum, a.abs().mean(dim=(-2, -1)).sum(0).cpu())
@@ -143,13 +158,18 @@ def run_batches(task: Any, batches: Iterable[Any], max_tokens: int = 8192) -> li
     return capture.layers
 
 
+@torch.no_grad()
 def role_weights(module: Attention, role: str, head: int) -> Tensor:
-    """Rows (D, C) of the fused projection's weight that give query head ``head``'s ``role`` output (the K/V head
-    it reads under GQA)."""
-    start = sum(module.group_widths[: module.sharing.group_of(role)])
-    index = head_index(module, role, head)
-    rows = slice(start + index * module.head_dim, start + (index + 1) * module.head_dim)
-    return module.qkv.weight.detach()[rows].float().cpu()
+    """The linear map (D, C) that gives query head ``head``'s raw ``role`` output (the K/V head it reads under GQA),
+    bias left out: ``Attention.split_groups`` of the identity minus that of zero, so depth factors are multiplied in
+    by the core itself. ``module`` must project ``role`` (not reuse it)."""
+    weight = module.qkv.weight
+    c = module.qkv.in_features
+    eye = torch.eye(c, dtype=weight.dtype, device=weight.device)[None]  # (1, C, C): C "tokens"
+    zero = torch.zeros(1, 1, c, dtype=weight.dtype, device=weight.device)
+    index = module.own_groups.index(module.sharing.group_of(role))
+    mapped = module.split_groups(eye)[index] - module.split_groups(zero)[index]  # (1, heads, C, D)
+    return mapped[0, head_index(module, role, head)].T.float().cpu()  # (D, C)
 
 
 def head_index(module: Attention, role: str, head: int) -> int:

@@ -14,7 +14,8 @@ def format_metrics(metrics: dict, prefix: str = "val/") -> str:
     parts = []
     for name in sorted(k for k in metrics if k.startswith(prefix)):
         value = float(metrics[name])
-        text = f"{value:.0f}" if name.endswith("tokens") and math.isfinite(value) else f"{value:.4g}"
+        counted = name.rsplit("/", 1)[-1].startswith("tokens")
+        text = f"{value:.0f}" if counted and math.isfinite(value) else f"{value:.4g}"
         parts.append(f"{name} {text}")
     return "  ".join(parts)
 

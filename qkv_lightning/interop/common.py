@@ -55,24 +55,10 @@ def read_weights(path: Path) -> dict[str, Tensor]:
 
 
 def task_checkpoint(task: Any, source: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint of ``task`` (built, weights loaded) in the layout ``fit`` saves: ``state_dict``, the
-    ``hyper_parameters`` that rebuild the task, Lightning's version, step 0 and the task's own entries (a language
-    model's ``tokens_seen``). It holds no optimiser state: start a fine-tune from it with
-    ``--model.init_args.init_from``, or evaluate it with ``validate``/``test --ckpt_path``. ``source`` records where
-    the weights came from (under ``qkv_import``)."""
-    import lightning
+    """:func:`qkv_lightning.checkpoints.start_checkpoint` of ``task``, recording ``source`` under ``qkv_import``."""
+    from qkv_lightning.checkpoints import start_checkpoint
 
-    checkpoint: dict[str, Any] = {
-        "epoch": 0,
-        "global_step": 0,
-        "pytorch-lightning_version": lightning.__version__,
-        "state_dict": dict(task.state_dict()),  # tied weights stay one tensor, as in fit's checkpoints
-        "hparams_name": None,
-        "hyper_parameters": dict(task.hparams),
-        "qkv_import": source,
-    }
-    task.on_save_checkpoint(checkpoint)
-    return checkpoint
+    return start_checkpoint(task, qkv_import=source)
 
 
 def write_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:

@@ -135,6 +135,8 @@ def convert_task(
     if method == "keep" and keep not in ("Q", "K", "V"):
         raise ConfigError(f"--method keep needs --keep Q, K or V (the role whose projection is kept), got {keep!r}.")
     attention = {**vars(source.attention_config), "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
+    if "layers" in attention:
+        attention["layers"] = None  # the target is one variant in every layer (a per-layer schedule is converted away)
     try:
         target = task_from_hparams(dict(source.hparams), attention=attention)
     except ConfigError as error:
@@ -154,24 +156,6 @@ def convert_task(
     return target
 
 
-def converted_checkpoint(target: Any, source_checkpoint: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
-    """A Lightning checkpoint of ``target`` at step 0 (weights and hyper-parameters, no optimiser state)."""
-    import lightning
-
-    from qkv_lightning.tasks.base import plain
-
-    hparams = plain(dict(target.hparams))
-    return {
-        "epoch": 0,
-        "global_step": 0,
-        "pytorch-lightning_version": lightning.__version__,
-        "state_dict": {k: v.detach().clone() for k, v in target.state_dict().items()},
-        "hyper_parameters": hparams,
-        "converted_from": provenance,
-        **({"tokens_seen": 0} if "tokens_seen" in source_checkpoint else {}),
-    }
-
-
 def convert(
     source: str | Path,
     destination: str | Path,
@@ -186,7 +170,7 @@ def convert(
     """Convert the checkpoint ``source`` into ``destination`` (see :func:`main`); returns the written checkpoint.
     ``fit`` reads its calibration data from the fit config ``config`` (default: the run's saved config.yaml), or
     from the command-line arguments ``calibration_args`` (``--config FILE --data.x y``)."""
-    from qkv_lightning.checkpoints import atomic_save
+    from qkv_lightning.checkpoints import atomic_save, start_checkpoint
 
     source, destination = Path(source), Path(destination)
     if destination.exists():
@@ -220,7 +204,7 @@ def convert(
         "keep": keep,
         "calibration_batches": calibration_batches_count if method == "fit" else 0,
     }
-    result = converted_checkpoint(target, checkpoint, provenance)
+    result = start_checkpoint(target, converted_from=provenance)
     atomic_save(result, destination)
     return result
 

@@ -217,6 +217,13 @@ def convert_attention(
     Raises:
         ConfigError: for an unreachable target, a kept role outside a merged group, or ``fit`` without ``gram``.
     """
+    for layer in (source, target):
+        if getattr(layer, "reuses_kv", False) or len(getattr(layer, "factors", ())) > 0:
+            raise ConfigError(
+                "convert rewrites layers with their own fused projection: cross-layer K/V sharing (attention."
+                "kv_share_every / kv_sources) and depth-factorised roles (attention.depth) are not supported; convert "
+                "a model without them."
+            )
     src, tgt = Layout.of(source), Layout.of(target)
     check_reachable(src, tgt)
     biased = target.qkv.bias is not None
