@@ -163,3 +163,23 @@ def test_a_checkpoint_saved_before_the_groups_had_names_gets_them_back():
     named = {"optimizer_states": [{"param_groups": [{"name": "a", "params": []}, {"name": "b", "params": []}]}]}
     task.on_load_checkpoint(named)
     assert [g["name"] for g in named["optimizer_states"][0]["param_groups"]] == ["a", "b"]
+
+
+def test_an_optimizer_name_never_imports_a_module_of_its_own(tmp_path, monkeypatch):
+    """A dotted ``optimizer.name`` (which a checkpoint's hyper-parameters can carry) resolves only in torch.optim or
+    an already imported module: naming a module whose import has a side effect neither imports nor runs it."""
+    from qkv_lightning.errors import ConfigError
+    from qkv_lightning.tasks.base import optimizer_class
+
+    marker = tmp_path / "ran"
+    (tmp_path / "planted_optimizer_module.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport torch\nclass Opt(torch.optim.SGD):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="already imported"):
+        optimizer_class("planted_optimizer_module.Opt")
+    assert not marker.exists()
+    import planted_optimizer_module  # once the user imports it, the name resolves
+
+    assert optimizer_class("planted_optimizer_module.Opt") is planted_optimizer_module.Opt
+    assert optimizer_class("torch.optim.SGD") is torch.optim.SGD

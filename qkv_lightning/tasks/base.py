@@ -6,6 +6,7 @@ import abc
 import importlib
 import inspect
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -31,14 +32,18 @@ OPTIMIZER_OWN_SETTINGS = ("params", "lr", "weight_decay", "betas", "eps")
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """The optimiser class named ``name``: a class of ``torch.optim`` (``AdamW``, ``Adam``, ``SGD``, ...) or the dotted
-    path of any :class:`torch.optim.Optimizer` subclass (``torch.optim.SGD``, ``my_package.MyOptimizer``)."""
+    path of a :class:`torch.optim.Optimizer` subclass in ``torch.optim`` or in a module that is already imported
+    (``my_package.MyOptimizer`` once ``my_package`` is imported). A name read from a checkpoint's hyper-parameters
+    therefore never imports, and so never runs, a module of its own choosing."""
     module_name, _, class_name = name.rpartition(".")
     try:
         if not module_name:
             cls = getattr(torch.optim, class_name)
-        else:
+        elif module_name == "torch.optim" or module_name.startswith("torch.optim."):
             cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
+        else:
+            cls = getattr(sys.modules[module_name], class_name)
+    except (ImportError, AttributeError, ValueError, KeyError):
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         known = sorted(
@@ -48,7 +53,8 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         )
         raise ConfigError(
             f"optimizer.name={name!r} is not a torch.optim.Optimizer class: use one of torch.optim's "
-            f"({', '.join(known)}) or the dotted path of an Optimizer subclass (e.g. torch.optim.SGD)."
+            f"({', '.join(known)}) or the dotted path of an Optimizer subclass in torch.optim or in a module that is "
+            f"already imported (import your package first, e.g. from the model's class_path module)."
         )
     return cls
 
@@ -90,8 +96,9 @@ class OptimizerConfig:
     parameters form the same two named groups, so a checkpoint resumes under both settings."""
 
     name: str = "AdamW"
-    """The optimiser class: a class of ``torch.optim`` (AdamW, Adam, SGD, RMSprop, ...) or the dotted path of any
-    ``torch.optim.Optimizer`` subclass. ``--optimizer CLASS`` on the command line sets it too."""
+    """The optimiser class: a class of ``torch.optim`` (AdamW, Adam, SGD, RMSprop, ...) or the dotted path of a
+    ``torch.optim.Optimizer`` subclass in torch.optim or an already imported module (a name never imports a module
+    of its own). ``--optimizer CLASS`` on the command line sets it too."""
 
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Further init arguments of that class (e.g. ``{momentum: 0.9, nesterov: true}`` for SGD); ``lr``,
