@@ -1,5 +1,6 @@
 #!/bin/bash
 # N nodes x G GPUs with FSDP2 under torchrun (run this on every node; Lightning reads RANK / WORLD_SIZE / MASTER_*).
+# A restart with the same arguments resumes from the newest last.ckpt (--ckpt_path last; a first run starts afresh).
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 ./docker/torchrun-multinode.sh configs/lm/gpt2-300m.yaml   # on node0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 ./docker/torchrun-multinode.sh configs/lm/gpt2-300m.yaml   # on node1
 # On one machine, two "nodes" of one CPU process each (what tests/test_distributed.py runs):
@@ -21,4 +22,5 @@ exec torchrun \
     --config "$CONFIG" --config "$VARIANT" \
     --config configs/strategy/fsdp2.yaml --config configs/strategy/multinode.yaml \
     --trainer.num_nodes "$NNODES" --trainer.devices "$GPUS_PER_NODE" \
+    --ckpt_path last \
     ${EXTRA:-}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
+from qkv_lightning.data.progress import show_data_progress
+from qkv_lightning.config_files import resolve_config_args
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
     check_output_folders,
@@ -34,6 +35,7 @@ from qkv_lightning.guards import (
 )
 from qkv_lightning.hints import explain_config_error, register_parser
 from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten
+from qkv_lightning.quiet import install as install_quiet
 from qkv_lightning.resume import (
     CheckpointInfo,
     check_class,
@@ -46,16 +48,19 @@ from qkv_lightning.tasks.base import TaskModule
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
-# main() and the study runner hand LightningCLI its arguments explicitly; the warning about also seeing sys.argv
-# (pytest's, a study's) is noise there.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+install_quiet()  # Lightning's tips and the warnings known to be harmless here are not printed (quiet.py says why)
 
 EXTRA_COMMANDS: dict[str, str] = {
+    "analyze": "qkv_lightning.analysis.analyze:main",
     "bench": "qkv_lightning.bench.models:main",
     "bench-attention": "qkv_lightning.bench.attention:main",
     "bench-decode": "qkv_lightning.bench.decode:main",
+    "configs": "qkv_lightning.config_files:main",
     "consolidate": "qkv_lightning.checkpoints:main",
+    "convert": "qkv_lightning.uptrain.convert:main",
+    "evaluate": "qkv_lightning.evaluate:main",
     "export": "qkv_lightning.export:main",
+    "import": "qkv_lightning.interop.command:main",
     "report": "qkv_lightning.bench.report:main",
     "study": "qkv_lightning.study:main",
 }
@@ -136,6 +141,7 @@ class QKVLightningCLI(LightningCLI):
         empty, so a plain re-run would start from scratch instead of resuming (and an evaluation would report an
         untrained model).
         """
+        apply_optimizer_flag(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
@@ -222,6 +228,7 @@ class QKVLightningCLI(LightningCLI):
         info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if isinstance(self.model, TaskModule):
             check_fits(self.model, info)
+            self.model.init_from_skipped = True  # the checkpoint's weights take precedence over model.init_from
 
     def check_settings_fit_data(self) -> None:
         """The model's settings against what the data's settings decide (sequence length, image size), before any
@@ -239,6 +246,11 @@ class QKVLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.preflight()
+        from qkv_lightning.callbacks.global_batch import GlobalBatch
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, GlobalBatch):  # a batch the devices do not divide: said before anything runs
+                callback.accumulation(self.trainer, self.datamodule)
 
     def before_validate(self) -> None:
         self.preflight()
@@ -277,6 +289,11 @@ class QKVLightningCLI(LightningCLI):
         return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from torch.optim import Optimizer
+
+        # LightningCLI's --optimizer CLASS (any torch.optim class, with its arguments as --optimizer.X); the task builds
+        # it after FSDP wraps the network, over its named decay / no_decay groups (apply_optimizer_flag).
+        parser.add_optimizer_args((Optimizer,), nested_key="optimizer")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(PerfMonitor, "perf")
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
@@ -291,6 +308,61 @@ class QKVLightningCLI(LightningCLI):
         )
 
 
+def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
+    """Hand LightningCLI's ``--optimizer CLASS --optimizer.X V`` to the task's ``model.optimizer`` settings.
+
+    Lightning's own handling would build the optimiser from ``model.parameters()`` when the CLI starts: before the
+    network exists (it is built in ``configure_model``) and before FSDP wraps it, and without the named ``decay`` /
+    ``no_decay`` groups. So the class becomes ``model.optimizer.name``; ``lr``, ``weight_decay``, ``betas`` and
+    ``eps`` given there (values other than the class's defaults) replace ``model.optimizer``'s, and its other
+    arguments that differ from the class's defaults become ``model.optimizer.kwargs``. ``--optimizer`` is then cleared,
+    so the saved ``config.yaml`` and the checkpoint's hyper-parameters hold the optimiser once, in ``model.optimizer``.
+    """
+    import inspect
+
+    from qkv_lightning.tasks.base import OPTIMIZER_OWN_SETTINGS, optimizer_class
+
+    flag = config.get("optimizer")
+    model = config.get("model")
+    if not flag or model is None:
+        return
+    flag = flag.as_dict() if isinstance(flag, jsonargparse.Namespace) else dict(flag)
+    init_args = dict(flag.get("init_args") or {})
+    cls = optimizer_class(flag["class_path"])
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    target = model.get("init_args") if "class_path" in model else model
+    settings = target.get("optimizer")
+    if settings is None:
+        settings = jsonargparse.Namespace()
+        target["optimizer"] = settings
+    get = settings.get if hasattr(settings, "get") else settings.__getitem__
+    kwargs = dict(get("kwargs") or {})
+    saved_name = get("name") if "name" in settings else "AdamW"
+    if config.get("ckpt_path") and optimizer_class(saved_name or "AdamW") is not cls:
+        raise ConfigError(
+            f"--optimizer {flag['class_path']} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
+            f"checkpoint's optimiser ({saved_name}) and its state; to train with another optimiser, start a new run "
+            "from the weights instead."
+        )
+    for key, value in init_args.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if isinstance(value, list | tuple) and isinstance(default, list | tuple):
+            value, default = tuple(value), tuple(default)
+        if value == default:
+            continue
+        if key in OPTIMIZER_OWN_SETTINGS:
+            settings[key] = value
+        else:
+            kwargs[key] = value
+    settings["name"] = flag["class_path"]
+    settings["kwargs"] = kwargs
+    config["optimizer"] = None
+
+
 def _load(target: str) -> Callable[[list[str]], int | None]:
     module_name, function = target.split(":")
     return getattr(importlib.import_module(module_name), function)
@@ -303,7 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     if argv is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = args
+    show_data_progress()  # tokenizing, caching and downloading print their progress (rank 0 only)
     try:
+        args = resolve_config_args(args)  # qkv:NAME and configs/NAME name the shipped configs (config_files.py)
+        if argv is None:
+            sys.argv[1:] = args
         if args and args[0] in ("-h", "--help"):
             print("extra commands: " + ", ".join(sorted(EXTRA_COMMANDS)) + " (each with --help)\n")
         if args and args[0] in EXTRA_COMMANDS:

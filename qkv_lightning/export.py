@@ -13,6 +13,10 @@ The cache is one tensor per layer for the K=V variants (Q-K=V, Q=K=V) and two (K
 from a random prompt and are compared with eager decoding token by token (logits and tokens). Nothing existing is
 overwritten. ``--format onnx`` uses ``torch.onnx.export(dynamo=True)`` when the ``onnx`` and ``onnxscript``
 packages are installed (an optional extra, ``pip install onnx onnxscript``).
+
+``--format hf`` writes no graphs: it writes a QKV GPT as a Hugging Face GPT-2 folder (``config.json`` +
+``model.safetensors``) that ``transformers.GPT2LMHeadModel.from_pretrained`` loads, with the same logits (see
+:mod:`qkv_lightning.interop.hf_gpt2`; shared variants and other settings GPT-2 cannot express are errors).
 """
 
 from __future__ import annotations
@@ -129,7 +133,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cli.py export", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_path", required=True, help="a single-file checkpoint that fit saved (LanguageModel)")
     p.add_argument("--out", required=True, help="folder for the graphs and export.json (must not hold them yet)")
-    p.add_argument("--format", choices=("torch_export", "onnx"), default="torch_export")
+    p.add_argument("--format", choices=("torch_export", "onnx", "hf"), default="torch_export",
+                   help="hf: a Hugging Face GPT-2 folder (config.json + model.safetensors) of a QKV GPT, not graphs")
     p.add_argument("--capacity", type=int, default=None, help="cache tokens; default network.max_seq_len")
     p.add_argument("--prompt_len", type=int, default=16, help="example prompt length (dynamic where possible)")
     p.add_argument("--batch_size", type=int, default=1, help="sequences per call (static in the graphs)")
@@ -144,6 +149,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``export``: export, check against eager, write."""
     args = parser().parse_args(list(argv or []))
+    if args.format == "hf":
+        from qkv_lightning.interop.hf_gpt2 import main_export
+
+        return main_export(args.ckpt_path, Path(args.out), args.weights_only)
     model, hparams = load_gpt(args.ckpt_path, args.weights_only)
     capacity = args.capacity or model.config.max_seq_len
     if args.check_tokens < 1 or args.prompt_len + args.check_tokens > capacity:

@@ -1,13 +1,84 @@
-"""What the project adds to Lightning's loggers: the whole config as hyper-parameters, and TensorBoard event files
-opened only when something is written."""
+"""What the project adds to Lightning's loggers: the whole config as hyper-parameters, logged once with the run's
+final and best metrics; images through whichever logger is configured (TensorBoard, MLflow, W&B); and TensorBoard
+event files opened only when something is written."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 
 import jsonargparse
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
+
+LOWER_IS_BETTER_WORDS = ("loss", "ppl", "perplexity", "error", "bpc", "nll")
+"""Metric names (their last part) containing one of these are better when smaller; others when larger."""
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better, by its name (``val/loss``, ``test/ppl``: yes; ``val/acc``:
+    no)."""
+    name = metric.lower().rsplit("/", 1)[-1]
+    return any(word in name for word in LOWER_IS_BETTER_WORDS)
+
+
+def log_hyperparams_and_metrics(logger: Any, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+    """Record ``params`` with ``metrics`` through the logger's API: a logger whose ``log_hyperparams`` takes metrics
+    (TensorBoard: its HParams tab, whose columns are these metrics) gets them there; any other (MLflow, W&B, CSV)
+    gets ``log_hyperparams(params)`` and ``log_metrics(metrics, step)``. No placeholder ``hp_metric`` is written."""
+    accepted = inspect.signature(logger.log_hyperparams).parameters
+    if "metrics" in accepted:
+        kwargs: dict[str, Any] = {"metrics": dict(metrics)}  # {} (not None) writes no hp_metric = -1
+        if "step" in accepted:
+            kwargs["step"] = step
+        logger.log_hyperparams(params, **kwargs)
+        return
+    logger.log_hyperparams(params)
+    if metrics:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def image_pixels(image: Any) -> Any:
+    """An image (H, W) with values in [0, 1] (a tensor) as a uint8 numpy array."""
+    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def log_image(logger: Any, tag: str, image: Any, step: int) -> bool:
+    """Log a grey-scale image (H, W), values in [0, 1], through ``logger``'s own image API: W&B's
+    ``log_image``, TensorBoard's ``add_image``, MLflow's ``log_image`` (an artifact ``<tag>/step_<step>.png``).
+    Returns False for a logger that stores no images (e.g. CSV)."""
+    pixels = image_pixels(image)  # (H, W) uint8
+    if callable(getattr(logger, "log_image", None)):  # W&B (Lightning's WandbLogger.log_image)
+        logger.log_image(key=tag, images=[pixels], step=step)
+        return True
+    experiment = logger.experiment
+    if callable(getattr(experiment, "add_image", None)):  # TensorBoard's SummaryWriter
+        experiment.add_image(tag, pixels[None], step, dataformats="CHW")
+        return True
+    run_id = getattr(logger, "run_id", None)
+    if run_id is not None and callable(getattr(experiment, "log_image", None)):  # MLflow's client
+        experiment.log_image(run_id, pixels, f"{tag}/step_{step:06d}.png")
+        return True
+    return False
+
+
+class ImageLogging:
+    """Logs images to every logger of a trainer that can store them, and says once which cannot (not silently)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._warned: set[str] = set()
+
+    def __call__(self, trainer: Trainer, images: dict[str, Any], step: int) -> None:
+        for logger in trainer.loggers:
+            stored = all([log_image(logger, tag, image, step) for tag, image in images.items()])
+            name = type(logger).__name__
+            if not stored and name not in self._warned:
+                self._warned.add(name)
+                rank_zero_warn(f"{self.what}: {name} stores no images, so they are not logged there.")
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -31,19 +102,55 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: str(config)}
 
 
+def final_and_best(history: list[dict[str, float]], best_seen: dict[str, float] | None = None) -> dict[str, float]:
+    """``final/<name>`` (the last value) and ``best/<name>`` (the best value, in the direction of
+    :func:`lower_is_better`, also against ``best_seen``) of each metric in ``history`` (one mapping per evaluation)."""
+    out: dict[str, float] = {}
+    names = dict.fromkeys(name for record in history for name in record)
+    for name in names:
+        values = [record[name] for record in history if name in record and math.isfinite(record[name])]
+        if name in (best_seen or {}) and math.isfinite(best_seen[name]):
+            values.append(best_seen[name])
+        last = [record[name] for record in history if name in record]
+        if last:
+            out[f"final/{name}"] = last[-1]
+        if values:
+            out[f"best/{name}"] = min(values) if lower_is_better(name) else max(values)
+    return out
+
+
+def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The scalar metrics named ``<prefix>/...`` (not their token counts)."""
+    out = {}
+    for name, value in metrics.items():
+        if name.startswith(f"{prefix}/") and not name.endswith("/tokens"):
+            try:
+                out[name] = float(value)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
 class LoggedSaveConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` in the log directory (overwriting on re-runs) and records the whole config, optimiser
-    included, as hyper-parameters of every logger (TensorBoard's HParams tab).
+    included, as hyper-parameters of every logger, once, with the run's metrics: for ``fit`` the final and the best
+    value of every validation metric (``final/val/loss``, ``best/val/loss``: TensorBoard's HParams columns; MLflow
+    and W&B get them as metrics), for ``validate`` and ``test`` their final metrics.
 
-    Both are written when the stage starts running (first validation, training, test or predict batch loop), after
-    data and model setup and checkpoint restoring succeeded, so a command that fails before (bad data, a checkpoint
-    that does not fit) never overwrites the config of the run it was pointed at (``fit --ckpt_path last``).
+    ``config.yaml`` is written when the stage starts running (first validation, training, test or predict batch
+    loop), after data and model setup and checkpoint restoring succeeded, so a command that fails before (bad data, a
+    checkpoint that does not fit) never overwrites the config of the run it was pointed at (``fit --ckpt_path
+    last``). The hyper-parameters are logged when the stage ends (or fails, with the metrics so far). The best value
+    of the metric a ``ModelCheckpoint`` monitors also counts its ``best_model_score``, which survives a resume.
     """
 
     _stage: str = "fit"
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         self._stage = stage
+        self._params: dict[str, Any] | None = None
+        self._history: list[dict[str, float]] = []
+        self._logged = False
 
     def _save_now(self, trainer: Trainer, pl_module: Any) -> None:
         if not self.already_saved:
@@ -62,9 +169,46 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
         self._save_now(trainer, pl_module)
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        params = {k: v for k, v in flatten(self.config).items() if not k.startswith(("config", "__"))}
+        """Keep the flattened config; it is logged with the metrics when the stage ends."""
+        self._params = {k: v for k, v in flatten(self.config).items() if not k.startswith(("config", "__"))}
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        self._history.append(_scalars(trainer.callback_metrics, "val"))
+        if trainer.state.fn == "validate":
+            self.log_once(trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self._history.append(_scalars(trainer.callback_metrics, "test"))
+        self.log_once(trainer)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.log_once(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.log_once(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        self.log_once(trainer)
+
+    def run_metrics(self, trainer: Trainer) -> dict[str, float]:
+        """``final/...`` and ``best/...`` of the evaluations so far (see :func:`final_and_best`)."""
+        best_seen = {}
+        for callback in trainer.checkpoint_callbacks:
+            monitor, score = getattr(callback, "monitor", None), getattr(callback, "best_model_score", None)
+            if monitor and score is not None:
+                best_seen[monitor] = float(score)
+        return final_and_best(self._history, best_seen)
+
+    def log_once(self, trainer: Trainer) -> None:
+        """Log the hyper-parameters with :meth:`run_metrics` to every logger, once per stage."""
+        if self._logged or getattr(self, "_params", None) is None:
+            return
+        self._logged = True
+        metrics = self.run_metrics(trainer)
         for logger in trainer.loggers:
-            logger.log_hyperparams(params)
+            log_hyperparams_and_metrics(logger, self._params, metrics, trainer.global_step)
 
 
 class DeferredSummaryWriter:

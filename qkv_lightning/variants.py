@@ -236,6 +236,15 @@ class Variant:
         return "+".join(self.breakers) or NO_BREAKER
 
     @property
+    def paper_name(self) -> str:
+        """The paper's name of a K/V-head variant: ``GQA-4`` (QKV with 4 K/V heads), ``MQA``, ``Q-GQA-4`` (Q-K=V with
+        4), ``Q-MQA``; otherwise :attr:`label`."""
+        prefix = {"QKV": "", "Q-K=V": "Q-"}.get(self.sharing)
+        if self.n_kv_heads is None or prefix is None or self.breakers:
+            return self.label
+        return f"{prefix}MQA" if self.n_kv_heads == 1 else f"{prefix}GQA-{self.n_kv_heads}"
+
+    @property
     def label(self) -> str:
         """The one name of the variant in tables, directories, logs and plots: ``Q=K-V+score``, ``Q-K=V_kv1``."""
         if self.layers:  # a per-layer schedule: QKV@0-1,Q-K=V@2-

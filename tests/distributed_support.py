@@ -86,7 +86,9 @@ class RecordRun(Callback):
             "strategy": type(trainer.strategy).__name__,
             "global_step": trainer.global_step,
             "losses": self.losses,
-            "shard_numel": {name: [per_rank[i] for per_rank in self.shards_per_rank] for i, name in enumerate(self.shards)},
+            "shard_numel": {
+                name: [per_rank[i] for per_rank in self.shards_per_rank] for i, name in enumerate(self.shards)
+            },
             "full_numel": {name: value[1] for name, value in self.shards.items()},
             **self.wrappers,
             "precision": trainer.precision,

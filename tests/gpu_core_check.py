@@ -28,7 +28,8 @@ from qkv_lightning.nn.gpt import GPT, GPTConfig  # noqa: E402
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 device = torch.device(os.environ.get("DEVICE", "cuda"))  # DEVICE=cpu runs the same code on the CPU
-print("torch", torch.__version__, "device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu", flush=True)
+print("torch", torch.__version__, "device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+      flush=True)
 failures = []
 
 
@@ -57,10 +58,13 @@ def check_kernel(variant: str, kv: int | None, causal: bool, backend: SDPBackend
         error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
         grads = all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters())
         ok = error < 2e-2 and grads
-        line = f"{'ok' if ok else 'FAIL'}  max rel. error vs fp32 explicit {error:.2e}, finite grads on all params {grads}"
+        line = (
+            f"{'ok' if ok else 'FAIL'}  max rel. error vs fp32 explicit {error:.2e}, finite grads on all params {grads}"
+        )
     except RuntimeError as e:  # no kernel of this backend can run the call
         ok, line = False, f"FAIL  {str(e).splitlines()[0][:160]}"
-    name = f"{variant:6s} kv={kv!s:4s} {'causal' if causal else 'bidir '} {'score ' if score else ''}{backend.name if backend else 'SDPA default'}"
+    kind = "causal" if causal else "bidir "
+    name = f"{variant:6s} kv={kv!s:4s} {kind} {'score ' if score else ''}{backend.name if backend else 'SDPA default'}"
     print(f"{name:52s} {line}", flush=True)
     if not ok:
         failures.append(name)

@@ -28,8 +28,8 @@ write_wikitext(work / "data", {"wiki.train.tokens": 20, "wiki.valid.tokens": 2, 
 FSDP = ("--config", str(CONFIGS / "strategy" / "fsdp.yaml"), "--trainer.devices", "1")
 GPU = torch.cuda.is_available()
 if not GPU:  # a dry run of this script's plumbing on the CPU: FSDP2 in 2 processes stands in (its checks then fail)
-    FSDP = ("--config", str(CONFIGS / "strategy" / "fsdp2.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-            "--data.batch_size", "4")
+    FSDP = ("--config", str(CONFIGS / "strategy" / "fsdp2.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--data.batch_size", "4")
 DEVICE = "cuda" if GPU else "cpu"
 failures = []
 
@@ -51,13 +51,13 @@ report("one FSDP unit and one checkpoint wrapper per block (2 blocks)",
        fsdp["checkpoint_wrappers"] == 2 and fsdp["fsdp_units"] >= 2,
        f"FSDP units {fsdp['fsdp_units']}, checkpoint wrappers {fsdp['checkpoint_wrappers']}")
 report("it trains", fsdp["losses"][-1] < fsdp["losses"][0], f"loss {fsdp['losses'][0]:.4f} -> {fsdp['losses'][-1]:.4f}")
-gap = max(abs(a - b) for a, b in zip(fsdp["losses"], single["losses"]))
+gap = max(abs(a - b) for a, b in zip(fsdp["losses"], single["losses"], strict=False))
 report("FSDP losses close to the single-GPU run's", gap < 0.05, f"max |difference| {gap:.2e} (bf16 numerics differ)")
 
 checkpoint = work / "gpu-fsdp" / "checkpoints" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt"
 report("checkpoints are sharded folders", is_sharded_checkpoint(checkpoint), str(checkpoint.name))
 resumed = fit(work, "gpu-fsdp-resumed", 8, *FSDP, "--ckpt_path", str(checkpoint))
-gap = max(abs(a - b) for a, b in zip(resumed["losses"], fsdp["losses"][CHECKPOINT_EVERY:]))
+gap = max(abs(a - b) for a, b in zip(resumed["losses"], fsdp["losses"][CHECKPOINT_EVERY:], strict=False))
 weights = max((resumed["state"][k].float() - fsdp["state"][k].float()).abs().max().item() for k in fsdp["state"])
 report("resumed from the step-4 shards = uninterrupted steps 5-8",
        resumed["global_step"] == STEPS and gap < 1e-3 and weights < 1e-3,

@@ -205,8 +205,8 @@ def test_corrupt_mnist_file_is_a_clear_error(tmp_path) -> None:
         MNISTDataModule(root=source, extract_dir=str(tmp_path / "cache"), num_workers=0).setup()
     with gzip.open(path, "wb") as file:  # gzipped, but the IDX data stops short of what its header says
         file.write(idx_bytes(np.zeros((5, 28, 28), np.uint8))[:-100])
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte holds 3836 bytes, but its header \(5 x 28 x 28\) needs "
-                       r"3936: the file is truncated"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte holds 3836 bytes, but its header \(5 x 28 x 28\) "
+                       r"needs 3936: the file is truncated"):
         MNISTDataModule(root=source, extract_dir=str(tmp_path / "cache"), num_workers=0).setup()
 
 

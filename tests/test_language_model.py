@@ -21,6 +21,7 @@ from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.language_model import LanguageModel
 from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, word_count, write_wikitext
 from tests.run_fixtures import CONFIGS, lm_config_args
+from tests.streaming_support import streaming_data_args, write_corpus
 
 LM_CONFIGS = sorted(p.stem for p in (CONFIGS / "lm").glob("*.yaml"))
 SMALL = ["--model.network.n_layer", "2", "--model.network.n_head", "4", "--model.network.d_model", "32",
@@ -63,7 +64,16 @@ def test_every_lm_config_runs_fast_dev_run(tmp_path, data, config):
         assert main(["fit", *args]) == 0
         return
     extra += SMALL + ["--trainer.accumulate_grad_batches", "1"]
-    if config.startswith("gpt2"):
+    if config == "streaming":  # LitData on small JSONL files (tests/test_streaming.py tests it in depth)
+        pytest.importorskip("litdata")
+        write_corpus(tmp_path / "corpus", 8)
+        args = ["--config", str(CONFIGS / "lm" / "streaming.yaml"), *streaming_data_args(tmp_path / "corpus", 16),
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar",
+                "false", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                "--trainer.default_root_dir", str(tmp_path), *extra]
+        assert main(["fit", *args]) == 0
+        return
+    if config.startswith(("gpt2", "paper")):
         if not GPT2_RANKS.is_file():
             pytest.skip("shared GPT-2 ranks file not present")
         extra += ["--data.bpe_file", str(GPT2_RANKS)]

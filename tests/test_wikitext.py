@@ -3,8 +3,11 @@ the offline split arrangement, downloads and every kind of bad input."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import shutil
+import threading
 import zipfile
 from collections import Counter
 from dataclasses import replace
@@ -308,20 +311,36 @@ def test_bad_settings_are_config_errors(tmp_path, kwargs, match):
         module(tmp_path, **kwargs)
 
 
-def official_archive(tmp_path, monkeypatch, corrupt: bool = False) -> None:
+@pytest.fixture
+def served(tmp_path):
+    """A real HTTP server on localhost serving ``tmp_path/served``; yields its base URL."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def official_archive(tmp_path, monkeypatch, base_url: str, corrupt: bool = False) -> None:
     source = write_wikitext(tmp_path / "source")
-    archive = tmp_path / "wikitext-2-v1.zip"
+    archive = tmp_path / "served" / "wikitext-2-v1.zip"
     with zipfile.ZipFile(archive, "w") as z:
         for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
             z.write(source / name, f"wikitext-2/{name}")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    release = replace(OFFICIAL["wikitext-2"], urls=("http://127.0.0.1:9/unreachable.zip", archive.as_uri()),
+    release = replace(OFFICIAL["wikitext-2"], urls=("http://127.0.0.1:9/unreachable.zip", f"{base_url}/{archive.name}"),
                       md5="0" * 32 if corrupt else md5)
     monkeypatch.setitem(OFFICIAL, "wikitext-2", release)
 
 
-def test_download_tries_mirrors_checks_md5_and_extracts(tmp_path, monkeypatch):
-    official_archive(tmp_path, monkeypatch)
+def test_download_tries_mirrors_checks_md5_and_extracts(tmp_path, monkeypatch, served):
+    official_archive(tmp_path, monkeypatch, served)
     dm = module(tmp_path, download=True)
     dm.prepare_data()
     for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
@@ -330,8 +349,8 @@ def test_download_tries_mirrors_checks_md5_and_extracts(tmp_path, monkeypatch):
                                                                     "wiki.valid.tokens"]  # no archive or temp files
 
 
-def test_download_with_a_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
-    official_archive(tmp_path, monkeypatch, corrupt=True)
+def test_download_with_a_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypatch, served):
+    official_archive(tmp_path, monkeypatch, served, corrupt=True)
     with pytest.raises(DataError, match="MD5"):
         module(tmp_path, download=True).prepare_data()
     assert list((tmp_path / "data").iterdir()) == []

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -281,6 +280,8 @@ def fit_probe(payload: str) -> None:
     limit = held + job["budget"] - param_bytes(model)
     results = []
     if limit > held:
+        import resource  # POSIX only: imported here, so that the module imports on Windows
+
         resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
     for batch in job["batches"]:
         ok = limit > held

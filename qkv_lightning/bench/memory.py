@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ def current_rss() -> int:
 
 def peak_rss() -> int:
     """The peak resident set size of this process so far, in bytes."""
+    import resource  # POSIX only: imported here, so that the module imports on Windows
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

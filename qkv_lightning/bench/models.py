@@ -45,7 +45,7 @@ from qkv_lightning.bench.steps import (
     to_device,
     train_step,
 )
-from qkv_lightning.bench.timing import interleaved_medians, interleaved_samples
+from qkv_lightning.bench.timing import interleaved_medians, interleaved_samples, print_progress
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.tasks.base import TaskModule
 from qkv_lightning.variants import Variant
@@ -245,7 +245,7 @@ def time_training_steps(
         size = args.gemm_size or (8192 if device.type == "cuda" else 4096)
         gemm = {"size": size, "dtype": dtype_name}
         steps[GEMM] = gemm_step(device, getattr(torch, dtype_name), size)
-    samples_s = interleaved_samples(steps, args.steps, args.warmup, device)
+    samples_s = interleaved_samples(steps, args.steps, args.warmup, device, print_progress, "training step")
     step_s = {name: statistics.median(values) for name, values in samples_s.items()}
     if gemm:
         gemm["flops_per_sec"] = 2 * gemm["size"] ** 3 / step_s.pop(GEMM)
@@ -271,7 +271,7 @@ def time_decoding(
     for name, t in built.items():
         t.eval()
         decoders[name], cache_bytes[name] = decode_step(t, args.decode_batch, context, n_new, device, precision)
-    decode_s = interleaved_medians(decoders, args.decode_repeats, 1, device)
+    decode_s = interleaved_medians(decoders, args.decode_repeats, 1, device, print_progress, "decoding")
     return decode_s, cache_bytes, {"context": context, "tokens": n_new, "batch": args.decode_batch}
 
 

@@ -1,7 +1,12 @@
 """``report``: parameters, training FLOPs and KV-cache bytes of every variant of a task config, in closed form.
 
 Run: ``python cli.py report --config configs/lm/wikitext2.yaml [--variants QKV Q-K=V] [--n_kv_heads 2 1]
-[--format table|markdown|json]``. Nothing is built or trained; see :mod:`qkv_lightning.accounting`.
+[--count_masked] [--format table|markdown|json]``. Nothing is built or trained; see :mod:`qkv_lightning.accounting`.
+
+FLOP conventions: by default a causal decoder's score matrices count only the query-key pairs the mask allows
+(T (T + 1) / 2 per head, what a causal kernel computes); ``--count_masked`` counts the full T x T matrix, the paper's
+convention (``analysis_computation_profiler.py`` of the authors' code: seq_len x seq_len x d_model MACs for QK^T and
+for PV), under which the forward FLOPs of a sequence are twice the paper's MACs.
 """
 
 from __future__ import annotations
@@ -31,27 +36,46 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
-def report_data(loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16") -> dict[str, Any]:
-    """The report as a plain dict: the setting it was computed for, and one entry per variant (JSON form)."""
+def report_data(
+    loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16", count_masked: bool = False
+) -> dict[str, Any]:
+    """The report as a plain dict: the setting it was computed for, and one entry per variant (JSON form).
+    ``count_masked``: FLOPs count the full T x T score matrix of causal attention (the paper's convention)."""
     task, kv_bytes = loaded.task, KV_BYTES[kv_dtype]
     base_attention = task.attention_config
     n_head = task.network_config.n_head
-    reference = task.cost(baseline_of(base_attention, n_head).attention_config(base_attention), kv_bytes=kv_bytes)
-    costs: list[NetworkCost] = [task.cost(v.attention_config(base_attention), kv_bytes=kv_bytes) for v in variants]
+
+    def cost_of(attention: Any) -> NetworkCost:
+        return task.cost(attention, kv_bytes=kv_bytes, count_masked=count_masked)
+
+    reference = cost_of(baseline_of(base_attention, n_head).attention_config(base_attention))
+    costs: list[NetworkCost] = [cost_of(v.attention_config(base_attention)) for v in variants]
     entries = []
     for variant, cost in zip(variants, costs, strict=True):
         entry = cost.as_dict()
         entry["name"] = variant.label
+        entry["paper_name"] = variant.paper_name
         entry["mask_self"] = variant.attention_config(base_attention).mask_self
         entry["relative_to_QKV"] = {key: ratio(entry[key], getattr(reference, key)) for key in RATIO_KEYS}
+        kv_ratio = entry["relative_to_QKV"]["kv_cache_bytes_per_token"]
+        entry["kv_cache_cut"] = None if kv_ratio is None else 1.0 - kv_ratio
         entries.append(entry)
     first = costs[0] if costs else reference
     notes = list(dict.fromkeys(note for cost in [reference, *costs] for note in cost.notes))
     causal = task.autoregressive
+    if not causal:
+        convention = ""
+    elif count_masked:
+        convention = ", counting the full T x T score matrix as the paper does (--count_masked)"
+    else:
+        convention = (
+            ", counting only the query-key pairs the causal mask allows (--count_masked counts the full T x T "
+            "matrix, the paper's convention)"
+        )
     notes.insert(
         0,
         "FLOPs: matrix products (2 per multiply-add) of the forward and backward pass, attention scores included"
-        + (", counting only the query-key pairs the causal mask allows" if causal else "")
+        + convention
         + "; element-wise work (norms, softmax, activations, optimiser) is not counted",
     )
     return {
@@ -65,6 +89,7 @@ def report_data(loaded: LoadedTask, variants: list, kv_dtype: str = "bfloat16") 
         "kv_dtype": kv_dtype,
         "kv_bytes_per_element": kv_bytes,
         "context_tokens": first.context_tokens,
+        "count_masked": bool(count_masked and causal),
         "notes": notes,
         "variants": entries,
     }
@@ -122,30 +147,36 @@ def format_report(data: dict[str, Any], markdown: bool = False) -> str:
             "attention params",
             "x QKV",
             "embedding params",
+            f"fwd FLOPs/{unit}",
             f"train FLOPs/{unit}",
             f"train FLOPs/{per_token}",
             "x QKV",
             "KV bytes/token",
             "KV MiB/context",
             "x QKV",
+            "KV cut",
         ]
     ]
     for v in data["variants"]:
         rel = v["relative_to_QKV"]
+        name = v["name"] if v.get("paper_name", v["name"]) == v["name"] else f"{v['name']} ({v['paper_name']})"
+        cut = v.get("kv_cache_cut")
         rows.append(
             [
-                v["name"],
+                name,
                 _count(v["params_total"]),
                 _r(rel["params_total"]),
                 _count(v["params_attention"]),
                 _r(rel["params_attention"]),
                 _count(v["params_embedding"]),
+                _si(v["forward_flops_per_sample"]),
                 _si(v["train_flops_per_sample"]),
                 _si(v["flops_per_token"]),
                 _r(rel["flops_per_token"]),
                 _count(v["kv_cache_bytes_per_token"]),
                 f"{v['kv_cache_bytes_context'] / 2**20:.3f}",
                 _r(rel["kv_cache_bytes_per_token"]),
+                "-" if cut is None else f"{100 * cut:.1f}%",
             ]
         )
     separator = "\n\n" if markdown else "\n"
@@ -164,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     parser.add_argument("--kv_dtype", choices=tuple(KV_BYTES), default="bfloat16", help="KV-cache element type")
     parser.add_argument(
+        "--count_masked",
+        action="store_true",
+        help="count the full T x T score matrix of causal attention (the paper's FLOP convention); default: only the "
+        "query-key pairs the causal mask allows",
+    )
+    parser.add_argument(
         "--prepare_data",
         type=lambda s: s.lower() in ("1", "true", "yes"),
         default=True,
@@ -174,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = load_task(args.config, overrides, args.data_spec, args.prepare_data)
     task = loaded.task
     variants = variants_of(task.attention_config, task.network_config.n_head, args.variants, args.n_kv_heads)
-    data = report_data(loaded, variants, args.kv_dtype)
+    data = report_data(loaded, variants, args.kv_dtype, args.count_masked)
     data["config"] = list(args.config) + list(overrides)
     if args.format == "json":
         print(json.dumps(data, indent=2))

@@ -1,4 +1,5 @@
-"""Attention maps of a few heads as TensorBoard images at validation, e.g. to see the symmetric maps of Q=K."""
+"""Attention maps of a few heads as images at validation (TensorBoard, MLflow, W&B), e.g. to see the symmetric maps
+of Q=K."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.loggers import ImageLogging
 from qkv_lightning.nn.attention import Attention
 
 
@@ -37,8 +38,9 @@ class AttentionMaps(Callback):
     causal masks hide that symmetry in the probabilities).
 
     One eager forward pass (compiled blocks run uncompiled for it) of one (cropped) sample, on the first validation
-    batch of every ``every_n_validations``-th validation run, on rank 0, to a TensorBoard logger. Sharded models
-    (FSDP) are skipped.
+    batch of every ``every_n_validations``-th validation run, on rank 0, to every logger that stores images
+    (:func:`qkv_lightning.loggers.log_image`: TensorBoard images, MLflow artifacts ``<tag>/step_<step>.png``, W&B
+    images; a logger that cannot, such as CSV, is named in a warning once). Sharded models (FSDP) are skipped.
 
     Args:
         enabled: log the maps.
@@ -70,6 +72,7 @@ class AttentionMaps(Callback):
         self.logits = logits
         self.validations = 0
         self._warned = False
+        self._log_images = ImageLogging("attention_maps")
 
     def should_log(self, trainer: L.Trainer) -> bool:
         return (
@@ -77,7 +80,7 @@ class AttentionMaps(Callback):
             and not trainer.sanity_checking
             and trainer.is_global_zero
             and self.validations % self.every_n_validations == 0
-            and any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers)
+            and bool(trainer.loggers)
         )
 
     def on_validation_batch_end(
@@ -88,12 +91,7 @@ class AttentionMaps(Callback):
             return
         if self.sharded(trainer):
             return
-        maps = self.compute(pl_module, batch)
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for tag, image in maps.items():
-                    logger.experiment.add_image(tag, image[None], step, dataformats="CHW")
+        self._log_images(trainer, self.compute(pl_module, batch), trainer.global_step)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
+from lightning.pytorch.callbacks import Callback
 
 from qkv_lightning.errors import ConfigError
 
@@ -44,6 +41,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     """The CUDA allocator's peak on a GPU; the process's peak resident set size (RSS) on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    import resource  # POSIX only: imported here, so that the module imports on Windows
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
@@ -53,9 +52,23 @@ def _synchronize(trainer: L.Trainer) -> None:
         torch.cuda.synchronize(trainer.strategy.root_device)
 
 
-class PerfMonitor(ThroughputMonitor):
-    """Logs throughput and efficiency of training with Lightning's ``ThroughputMonitor`` and the task's closed-form
-    FLOPs (``TaskModule.flops_per_batch``), at ``trainer.log_every_n_steps``:
+def precision_dtype(precision: str | None) -> torch.dtype:
+    """The compute dtype of a Trainer's ``precision`` setting (``"bf16-mixed"``, ``"16-true"``, ``"32-true"``, ...),
+    from the setting's public name, for the peak-FLOP/s tables."""
+    text = str(precision or "32-true").lower()
+    if text.startswith("bf16") or text == "transformer-engine":
+        return torch.bfloat16
+    if text.startswith("16") or text.endswith("float16"):
+        return torch.float16
+    if text.startswith("64"):
+        return torch.float64
+    return torch.float32
+
+
+class PerfMonitor(Callback):
+    """Logs throughput and efficiency of training with Lightning's public
+    :class:`~lightning.fabric.utilities.throughput.Throughput` and the task's closed-form FLOPs
+    (``TaskModule.flops_per_batch``), at the logging steps (every ``trainer.log_every_n_steps`` optimiser steps):
 
     - ``perf/tokens_per_sec`` (token tasks) and ``perf/samples_per_sec`` (``perf/images_per_sec`` for images), all
       devices together;
@@ -63,11 +76,12 @@ class PerfMonitor(ThroughputMonitor):
     - ``perf/step_time``: seconds per optimiser step;
     - ``perf/peak_memory_gb``: the CUDA allocator's peak (GPU) or the process's peak RSS (CPU), in GB (1e9 bytes).
 
-    A time point is taken at each logging step only (every ``trainer.log_every_n_steps`` batches): on a GPU that is
-    the one device synchronisation the monitor makes in training (Lightning's monitor synchronises after every
-    batch, which keeps the CPU from queueing the next step's kernels). Rates are rolling averages over the last
-    ``window`` time points, i.e. the last ``window - 1`` logging intervals, so they appear from the ``window``-th
-    logging step on; time spent in validation (two synchronisations per validation run) is left out.
+    A time point is taken at each logging step only: on a GPU that is the one device synchronisation the monitor makes
+    in training (Lightning's ``ThroughputMonitor`` synchronises after every batch, which keeps the CPU from queueing
+    the next step's kernels). Rates are rolling averages over the last ``window`` time points, i.e. the last
+    ``window - 1`` logging intervals, so they appear from the ``window``-th logging step on; time spent in
+    validation (two synchronisations per validation run) is left out. The values go through
+    ``LightningModule.log`` (``on_step``), so every logger gets them at the step of ``train/loss``.
 
     Args:
         enabled: log the ``perf/...`` metrics.
@@ -83,89 +97,89 @@ class PerfMonitor(ThroughputMonitor):
             raise ConfigError(f"perf.window={window} must be at least 2 (rates need two time points).")
         if available_flops is not None and available_flops <= 0:
             raise ConfigError(f"perf.available_flops={available_flops} must be positive (FLOP/s), or null.")
-        super().__init__(batch_size_fn=self._samples_in, length_fn=self._tokens_in, window_size=window)
+        super().__init__()
         self.enabled = enabled
         self.peak_flops = available_flops
-        self._module: Any = None
-        self._flops_since_time_point = 0  # closed-form FLOPs of the batches since the last time point
+        self.window = window
+        self.available_flops: float | None = None
+        self.throughput: Throughput | None = None
+        self._counts_tokens = False
+        self._reset_counts()
+        self._t0 = 0.0
+        self._last_global_step = 0
         self._validation_started: float | None = None  # when the running validation started (after a device sync)
 
-    def _samples_in(self, batch: Any) -> int:
-        return self._module.samples_in(batch)
-
-    def _tokens_in(self, batch: Any) -> int:
-        return self._module.tokens_in(batch)
+    def _reset_counts(self) -> None:
+        self._batches = self._samples = self._tokens = 0
+        self._flops_since_time_point = 0  # closed-form FLOPs of the batches since the last time point
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.enabled:
+        if not self.enabled or stage != "fit":
             return
-        self._module = pl_module
-        if not getattr(pl_module, "counts_tokens", False):
-            self.length_fn = None
-        super().setup(trainer, pl_module, stage)
-        dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
-        peak = self.peak_flops or device_peak_flops(trainer.strategy.root_device, dtype)
-        self.available_flops = peak
-        for throughput in self._throughputs.values():
-            throughput.available_flops = peak
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        self._counts_tokens = bool(getattr(pl_module, "counts_tokens", False))
+        device = trainer.strategy.root_device
+        self.available_flops = self.peak_flops or device_peak_flops(device, precision_dtype(trainer.precision))
+        self.throughput = Throughput(
+            available_flops=self.available_flops, world_size=trainer.world_size, window_size=self.window
+        )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    def _start(self, trainer: L.Trainer) -> None:
-        if self.enabled and trainer.state.stage == RunningStage.TRAINING:
-            super()._start(trainer)
-            self._flops_since_time_point = 0
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.throughput is None:
+            return
+        self.throughput.reset()
+        self._reset_counts()
+        self._last_global_step = trainer.global_step
+        _synchronize(trainer)
+        self._t0 = time.perf_counter()
 
-    @torch.inference_mode()  # in case the batch's size or length functions touch tensors
-    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
-        """Count every training batch; take a time point (a device sync) only where the metrics are logged."""
-        stage = trainer.state.stage
-        if not self.enabled or stage != RunningStage.TRAINING:
-            return  # evaluation throughput is not logged: no per-batch synchronisation there
-        if self.length_fn is not None:
-            self._lengths[stage] += self.length_fn(batch)
-        self._samples[stage] += self.batch_size_fn(batch)
-        self._batches[stage] += 1
-        self._flops_since_time_point += pl_module.flops_per_batch  # the closed form for this batch
-        if not trainer._logger_connector.should_update_logs:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count every training batch; after an optimiser step that is a logging step, take a time point (a device
+        sync) and log the rates."""
+        if self.throughput is None:
+            return
+        self._samples += pl_module.samples_in(batch)
+        if self._counts_tokens:
+            self._tokens += pl_module.tokens_in(batch)
+        self._batches += 1
+        self._flops_since_time_point += pl_module.flops_per_batch or 0  # the closed form for this batch
+        stepped = trainer.global_step != self._last_global_step  # not inside a gradient accumulation
+        self._last_global_step = trainer.global_step
+        if not stepped or trainer.log_every_n_steps < 1 or trainer.global_step % trainer.log_every_n_steps:
             return
         _synchronize(trainer)  # the time of work still queued on the GPU belongs to these batches
-        self._throughputs[stage].update(
-            time=time.perf_counter() - self._t0s[stage],
-            batches=self._batches[stage],
-            samples=self._samples[stage],
-            lengths=None if self.length_fn is None else self._lengths[stage],
-            flops=self._flops_since_time_point,  # Lightning's Throughput takes FLOPs since its last update
+        self.throughput.update(
+            time=time.perf_counter() - self._t0,
+            batches=self._batches,
+            samples=self._samples,
+            lengths=self._tokens if self._counts_tokens else None,
+            flops=self._flops_since_time_point,  # Throughput takes the FLOPs since its last update
         )
         self._flops_since_time_point = 0
+        pl_module.log_dict(self.metrics(trainer, pl_module), on_step=True, on_epoch=False)
 
-    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.enabled and not trainer.sanity_checking and RunningStage.TRAINING in self._t0s:
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.throughput is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
             _synchronize(trainer)  # the training work queued so far counts as training time
             self._validation_started = time.perf_counter()
 
-    def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Leave the validation run's time out of the training rates."""
-        if self.enabled and not trainer.sanity_checking and self._validation_started is not None:
+        if self._validation_started is not None:
             _synchronize(trainer)
-            self._t0s[RunningStage.TRAINING] += time.perf_counter() - self._validation_started
+            self._t0 += time.perf_counter() - self._validation_started
             self._validation_started = None
 
-    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:
-        """Log the ``perf/...`` metrics of training (Lightning's own keys renamed; evaluation is not logged)."""
-        if not self.enabled or trainer.state.stage != RunningStage.TRAINING:
-            return
-        if not trainer._logger_connector.should_update_logs:
-            return
-        trainer._logger_connector.log_metrics(self.metrics(trainer))
-
-    def metrics(self, trainer: L.Trainer) -> dict[str, float]:
+    def metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """The ``perf/...`` values now, from the training throughput window and the memory peak."""
-        computed = self._throughputs[RunningStage.TRAINING].compute()
-        unit = getattr(self._module, "sample_unit", "samples")
+        computed = self.throughput.compute() if self.throughput is not None else {}
+        unit = getattr(pl_module, "sample_unit", "samples")
         out: dict[str, float] = {}
 
-        def total(key: str) -> float | None:  # all devices together (Lightning gives those only when world > 1)
+        def total(key: str) -> float | None:  # all devices together (Throughput gives those only when world > 1)
             return computed.get(key, computed.get(f"device/{key}"))
 
         if total("samples_per_sec") is not None:
@@ -173,7 +187,7 @@ class PerfMonitor(ThroughputMonitor):
         if total("items_per_sec") is not None:
             out["perf/tokens_per_sec"] = float(total("items_per_sec"))
         if "device/batches_per_sec" in computed:
-            out["perf/step_time"] = trainer.accumulate_grad_batches / computed["device/batches_per_sec"]
+            out["perf/step_time"] = trainer.accumulate_grad_batches / float(computed["device/batches_per_sec"])
         if "device/flops_per_sec" in computed:
             out["perf/flops_per_sec"] = float(computed["device/flops_per_sec"])
         if "device/mfu" in computed:

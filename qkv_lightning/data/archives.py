@@ -1,5 +1,7 @@
 """The one safe way data archives are unpacked: tar (plain or compressed), zip and single gzip files.
 
+Kept instead of torchvision's ``extract_archive``, which follows the archive's links, names and modes as given.
+
 Every member is checked before anything is written: only regular files and folders are extracted (no symbolic or
 hard links, devices or FIFOs), member names may not be absolute or climb out of the target (``..``), files are
 created fresh (never through an existing link), their total size is capped, and permissions follow the user's umask
@@ -19,8 +21,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from torchvision.datasets.utils import calculate_md5
+
 from qkv_lightning.errors import DataError
-from qkv_lightning.files import atomic_open, file_digest
+from qkv_lightning.files import atomic_open
 
 MAX_EXTRACTED_BYTES = 64 << 30
 """Default cap on the bytes one archive may unpack to (64 GiB: ImageNet's training tree is about 140 GB in several
@@ -41,7 +45,7 @@ def check_md5(path: str | os.PathLike, expected: str, what: str, setting: str) -
     Raises:
         DataError: naming the file, both checksums and the setting.
     """
-    found = file_digest(path, "md5")
+    found = calculate_md5(str(path))
     if found != expected:
         raise DataError(
             f"{path} has MD5 {found}, not the {expected} of {what}: it is damaged or modified, so it is not "

@@ -22,7 +22,7 @@ from qkv_lightning.data.image_base import Augmentation, ImageDataModule
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import follow_umask
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 EXTRACTED_MARKER = ".extracted-from"
 """Written into a folder that :func:`extract_once` made: only such folders are ever replaced."""
 MAX_CONSECUTIVE_UNREADABLE = 16
@@ -269,11 +269,13 @@ class ImageFolderDataModule(ImageDataModule):
         if not os.path.exists(self.root):
             raise DataError(
                 f"data.root={self.root} does not exist; point it at a folder holding train/<class>/<image> (plus val/ "
-                "or test/), or at a .tar/.tar.gz archive of one."
+                "or test/), or at a .tar/.tar.gz/.zip archive of one."
             )
         if os.path.isfile(self.root):
             if not self.root.endswith(ARCHIVE_SUFFIXES):
-                raise DataError(f"data.root={self.root} is a file but not a .tar/.tar.gz archive of an image tree.")
+                raise DataError(
+                    f"data.root={self.root} is a file but not a .tar/.tar.gz/.zip archive of an image tree."
+                )
             folder = extract_once(self.root, self.extract_dir)
         else:
             folder = self.root

@@ -1,4 +1,5 @@
-"""Image-classification datamodules: CIFAR-10/100, ImageNet-1k, any ImageFolder tree, MNIST and Fashion-MNIST.
+"""Image-classification datamodules: CIFAR-10/100, ImageNet-1k, TinyImageNet, any ImageFolder tree, MNIST and
+Fashion-MNIST.
 
 Validation splits: ImageNet and image folders with a ``val/`` folder use it; CIFAR-10/100, MNIST, Fashion-MNIST
 and image folders without ``val/`` carve it from the training images by ``val_fraction`` (seeded by
@@ -10,6 +11,7 @@ from qkv_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from qkv_lightning.data.image_base import MEAN_STD, Augmentation, ImageDataModule
 from qkv_lightning.data.image_folder import ImageFolderDataModule, ImageNetDataModule
 from qkv_lightning.data.mnist import FashionMNISTDataModule, MNISTDataModule
+from qkv_lightning.data.tinyimagenet import TinyImageNetDataModule
 
 __all__ = [
     "MEAN_STD",
@@ -21,4 +23,5 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageNetDataModule",
     "MNISTDataModule",
+    "TinyImageNetDataModule",
 ]

@@ -24,6 +24,8 @@ from qkv_lightning.errors import DataError
 class ResumableSampler(DistributedSampler):
     """Seeded, rank-sharded order of a map-style data set, able to skip samples already consumed this epoch.
 
+    Kept because torch's ``DataLoader`` saves no position (torchdata's ``StatefulDataLoader`` is one more dependency).
+
     It subclasses ``DistributedSampler`` so that Lightning keeps it instead of injecting its own sampler. Without
     torch.distributed it behaves as a single replica.
 

@@ -13,6 +13,7 @@ import struct
 
 import numpy as np
 from torchvision.datasets import MNIST, FashionMNIST
+from torchvision.datasets.utils import check_integrity, extract_archive
 
 from qkv_lightning.data.archives import gunzip_file
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule, TensorSource
@@ -81,8 +82,13 @@ def find_files(folder: str) -> dict[str, str] | None:
     return found
 
 
-def unpack_once(files: dict[str, str], raw_dir: str) -> None:
-    """Un-gzip (or copy) the four files into ``raw_dir`` unless these very files were unpacked there already."""
+def unpack_once(files: dict[str, str], raw_dir: str, official_md5: dict[str, str] | None = None) -> None:
+    """Un-gzip (or copy) the four files into ``raw_dir`` unless these very files were unpacked there already.
+
+    A ``.gz`` file whose MD5 is the official one (``official_md5``: torchvision's ``resources``) takes torchvision's
+    MD5-checked path (``check_integrity``, then ``extract_archive``). Any other file (re-compressed, or the small
+    files tests write) is un-gzipped by the safe ``gunzip_file`` with a size cap and is checked by its IDX header.
+    """
     stamp = "\n".join(f"{os.path.abspath(p)} {os.stat(p).st_size} {int(os.stat(p).st_mtime)}" for p in files.values())
     marker = os.path.join(raw_dir, ".unpacked-from")
     if os.path.isfile(marker):
@@ -94,7 +100,14 @@ def unpack_once(files: dict[str, str], raw_dir: str) -> None:
     except OSError as error:
         raise DataError(f"cannot create {raw_dir} ({error}); set data.extract_dir to a writable folder.") from None
     for name, source in files.items():
-        gunzip_file(source, os.path.join(raw_dir, name), max_bytes=MAX_MNIST_BYTES)
+        md5 = (official_md5 or {}).get(os.path.basename(source))
+        if md5 is not None and check_integrity(source, md5):
+            target = os.path.join(raw_dir, name)
+            if os.path.lexists(target):
+                os.remove(target)  # an earlier unpack of other files (the marker above did not match)
+            extract_archive(source, raw_dir)
+        else:
+            gunzip_file(source, os.path.join(raw_dir, name), max_bytes=MAX_MNIST_BYTES)
     with open(marker, "w") as file:
         file.write(stamp)
 
@@ -139,7 +152,7 @@ class MNISTDataModule(ImageDataModule):
             if files is not None:
                 digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10]
                 target = os.path.join(self.extract_dir, f"{self.name}-{digest}")
-                unpack_once(files, os.path.join(target, self.name, "raw"))
+                unpack_once(files, os.path.join(target, self.name, "raw"), dict(self.dataset_class.resources))
                 return target
         return None
 

@@ -127,7 +127,7 @@ class WordTokenizer(Tokenizer):
             words = line.split()
             ids = [index.get(word, unk) for word in words]
             if unk in ids:
-                self.unknown += sum(1 for word, i in zip(words, ids) if i == unk and word != UNK)
+                self.unknown += sum(1 for word, i in zip(words, ids, strict=False) if i == unk and word != UNK)
             ids.append(eos)
             encoded.append(ids)
         return encoded

@@ -25,9 +25,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qkv_lightning.data.archives import extract_zip_members
+from qkv_lightning.data.documents import DocumentMode, check_document_mode, padded_row, row_sample
 from qkv_lightning.data.loading import train_loader
+from qkv_lightning.data.progress import Progress
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_open, atomic_write_json, file_digest, temporary_prefix
@@ -162,7 +162,10 @@ def read_json(path: Path) -> dict | None:
 
 
 def download_release(release: OfficialRelease, data_dir: Path) -> None:
-    """Fetch the release's archive (trying each URL), check its MD5 and extract its three files into ``data_dir``."""
+    """Fetch the release's archive (trying each URL; torchvision's ``download_url``, with a progress bar), check its
+    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor."""
+    from torchvision.datasets.utils import calculate_md5, download_url
+
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -173,18 +176,17 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
         for url in release.urls:
             log.info("downloading %s from %s", release.title, url)
             try:
-                request = urllib.request.Request(url, headers={"User-Agent": "qkv-lightning"})
-                with urllib.request.urlopen(request, timeout=60) as response, open(archive, "wb") as out:
-                    shutil.copyfileobj(response, out, 1 << 22)
+                download_url(url, str(data_dir), filename=archive.name)
                 break
-            except OSError as error:
+            except (OSError, RuntimeError, ValueError) as error:  # URLError, HTTPError, too many redirects
+                archive.unlink(missing_ok=True)
                 failures.append(f"{url}: {error}")
         else:
             raise DataError(
                 f"could not download {release.title} ({'; '.join(failures)}). Without internet, put the official files "
                 f"{', '.join(release.lines)} into data.data_dir={data_dir} and set data.download: false."
             )
-        digest = file_digest(archive, "md5")
+        digest = calculate_md5(str(archive))
         if digest != release.md5:
             raise DataError(
                 f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
@@ -215,16 +217,21 @@ def cache_dtype(vocab_size: int) -> np.dtype:
 
 
 def build_token_cache(
-    source: SplitSource, info: FileInfo, tokenizer: Tokenizer, prefix: Path, chunk_lines: int = 4096
+    source: SplitSource, info: FileInfo, tokenizer: Tokenizer, prefix: Path, chunk_lines: int = 4096,
+    what: str | None = None,
 ) -> dict:
     """Tokenize ``source`` line by line into ``<prefix>.bin`` (boundary id, then the text's ids) and ``.json``.
 
-    Memory stays bounded by one chunk of lines. Returns the metadata that was written.
+    Memory stays bounded by one chunk of lines; progress lines (tokens, tokens/s) name the job ``what``. Returns the
+    metadata that was written.
     """
+    progress = Progress(what or f"tokenizing {source.path}", unit="tokens")
     dtype = cache_dtype(tokenizer.vocab_size)
     bin_path, meta_path = prefix.with_suffix(".bin"), prefix.with_suffix(".json")
     digest = hashlib.sha256()
     n_tokens = n_words = n_lines = 0
+    document_starts = [1]  # array offsets where a document (article) starts; text before the first heading joins it
+    headings = 0
     unknown_before = getattr(tokenizer, "unknown", 0)
     meta_path.unlink(missing_ok=True)  # the old metadata never describes a new array
     with atomic_open(bin_path) as out:
@@ -234,6 +241,13 @@ def build_token_cache(
         lines = iter_lines(source.path, source.start, source.stop)
         while chunk := list(itertools.islice(lines, chunk_lines)):
             ids = tokenizer.encode_lines(chunk)
+            offset = 1 + n_tokens
+            for line, line_ids in zip(chunk, ids, strict=True):
+                if ARTICLE_HEADING.match(line.rstrip("\n")):
+                    if headings and offset > document_starts[-1]:
+                        document_starts.append(offset)
+                    headings += 1
+                offset += len(line_ids)
             array = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
             data = array.tobytes()
             out.write(data)
@@ -241,6 +255,8 @@ def build_token_cache(
             n_tokens += array.size
             n_words += sum(words_in_line(line) for line in chunk)
             n_lines += len(chunk)
+            progress.update(array.size)
+    progress.done()
     meta = {
         "format": CACHE_FORMAT,
         "source": str(source.path),
@@ -255,6 +271,7 @@ def build_token_cache(
         "n_unknown": getattr(tokenizer, "unknown", 0) - unknown_before,
         "array_bytes": (n_tokens + 1) * dtype.itemsize,
         "array_sha256": digest.hexdigest(),
+        "document_starts": document_starts,
     }
     atomic_write_json(meta_path, meta, sort_keys=True)
     return meta
@@ -299,6 +316,9 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
 # ---------------------------------------------------------------------------------------------------------- datasets
 class TokenWindows(Dataset):
     """Windows over a memory-mapped token array, as ``(input ids (T,), target ids (T,))`` pairs of int64.
+
+    Kept (with the ``.bin`` caches) instead of LitData for WikiText: a split of at most 0.1B tokens is one memory map,
+    read at any offset, which exact sliding evaluation windows need.
 
     The array starts with a boundary token that is never a target, so its ``n - 1`` later tokens are the targets.
 
@@ -376,6 +396,63 @@ class TokenWindows(Dataset):
         return inputs, targets
 
 
+class DocumentRows(Dataset):
+    """One row per document (article) of a memory-mapped token array, cut or padded to ``seq_len`` (padded mode).
+
+    Items are ``(inputs (T,), targets (T,), padding (T,) bool)`` from :func:`~qkv_lightning.data.documents.padded_row`.
+    ``pad_to`` appends rows that score nothing (targets :data:`IGNORE_INDEX`) until the count is a multiple of it.
+
+    Args:
+        path: the ``.bin`` file.
+        length: number of ids in it.
+        dtype: their dtype.
+        starts: array offsets where documents start (the first one 1: offset 0 is the stream's boundary token).
+        seq_len: T.
+        boundary_id: the end-of-document and padding id.
+        pad_to: make the number of rows a multiple of this.
+    """
+
+    def __init__(
+        self, path: Path, length: int, dtype: np.dtype, starts: list[int], seq_len: int, boundary_id: int,
+        pad_to: int = 1,
+    ) -> None:
+        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        bounds = [*starts, length]
+        self.spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        if not self.spans:
+            raise DataError(f"{self.path} holds no document; use a longer split or data.document_mode: packed.")
+        self.seq_len, self.boundary_id = seq_len, boundary_id
+        self.padded = -(-len(self.spans) // pad_to) * pad_to
+        self._data: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.padded
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}  # workers open their own memory map
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
+        return self._data
+
+    def n_cut(self) -> int:
+        """Document tokens (their end included) that do not fit into their row and are never seen."""
+        return sum(max(0, b - a + (self.data[b - 1] != self.boundary_id) - self.seq_len) for a, b in self.spans)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = self.spans[min(i, len(self.spans) - 1)]
+        row, n_document = padded_row(self.data[a : min(b, a + self.seq_len)], self.seq_len, self.boundary_id)
+        inputs, targets, padding = row_sample(row, n_document)
+        if i >= len(self.spans):
+            targets.fill_(IGNORE_INDEX)
+            padding.zero_()
+        return inputs, targets, padding
+
+
 class Prompts(Dataset):
     """Prompts for generation: ``{"ids": (T,) int64 starting with the boundary id, "prompt": text}``."""
 
@@ -420,6 +497,13 @@ class WikiText(L.LightningDataModule):
         rebuild_cache: rebuild caches that no longer match their source file or tokenizer; False raises an error
             instead (for shared caches that must not change).
         prompts: texts that ``predict`` continues; None gives two WikiText-style prompts.
+        document_mode: ``packed`` (default, exact): the split is one token stream cut into windows; ``padded`` (the
+            paper's protocol): each document is one sample, cut or padded to ``seq_len`` with the boundary token
+            (see :mod:`qkv_lightning.data.documents`). A WikiText document is an article: from its top-level heading
+            line `` = Title = `` to the line before the next one (text before the first heading joins the first
+            article). Evaluation then scores each document's first ``seq_len`` tokens and logs both perplexities.
+        score_padding: in ``padded`` mode, the training loss (and ``val/loss``, ``val/ppl``) also scores the padding
+            targets, as the paper did; ``val/ppl_with_padding`` and ``val/ppl_without_padding`` are logged either way.
     """
 
     def __init__(
@@ -443,8 +527,11 @@ class WikiText(L.LightningDataModule):
         verify: bool = True,
         rebuild_cache: bool = True,
         prompts: list[str] | None = None,
+        document_mode: DocumentMode = "packed",
+        score_padding: bool = False,
     ) -> None:
         super().__init__()
+        check_document_mode(document_mode)
         if dataset not in OFFICIAL:
             raise ConfigError(f"data.dataset={dataset!r} is not one of {sorted(OFFICIAL)}.")
         if tokenizer not in ("word", "gpt2"):
@@ -484,8 +571,10 @@ class WikiText(L.LightningDataModule):
         self.verify = verify
         self.rebuild_cache = rebuild_cache
         self.prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+        self.document_mode = document_mode
+        self.score_padding = score_padding
         self.tokenizer: Tokenizer | None = None
-        self.datasets: dict[str, TokenWindows] = {}
+        self.datasets: dict[str, TokenWindows | DocumentRows] = {}
         self.meta: dict[str, dict] = {}
         self._infos: dict[Path, FileInfo] = {}
 
@@ -591,8 +680,16 @@ class WikiText(L.LightningDataModule):
                 f"{source.path} ({self.setting_of('train')}) and data.rebuild_cache is false; delete it, point "
                 "data.cache_dir elsewhere, or set data.rebuild_cache: true."
             )
-        log.info("building the word vocabulary of %s", source.path)
-        tokenizer = WordTokenizer.build(iter_lines(source.path, source.start, source.stop))
+        progress = Progress(f"building the word vocabulary of {source.path}", unit="lines")
+
+        def counted(lines: Iterator[str]) -> Iterator[str]:
+            for line in lines:
+                progress.update(1)
+                yield line
+
+        tokenizer = WordTokenizer.build(counted(iter_lines(source.path, source.start, source.stop)))
+        progress.done()
+        log.info("the word vocabulary has %d types", tokenizer.vocab_size)
         official = self.release.vocab_size
         official_train = source.whole_file and source.path.name == "wiki.train.tokens"
         if self.verify and official_train and tokenizer.vocab_size != official:
@@ -654,17 +751,25 @@ class WikiText(L.LightningDataModule):
             info = self.info(source.path, split)
             prefix = self.token_dir / split
             expected = self.expected_meta(source, tokenizer, info)
-            reason = cache_mismatch(prefix, expected, check_array=True)
+            reason = cache_mismatch(prefix, expected, check_array=True) or self.documents_missing(prefix)
             if reason is None:
                 continue
             if reason != "it does not exist yet" and not self.rebuild_cache:
                 raise DataError(
                     f"the token cache {prefix}.bin does not match {source.path} and data.tokenizer="
-                    f"{self.tokenizer_kind}: {reason}. Delete it, point data.cache_dir elsewhere, or set data.rebuild_cache: true."
+                    f"{self.tokenizer_kind}: {reason}. Delete it, point data.cache_dir elsewhere, or set "
+                    "data.rebuild_cache: true."
                 )
-            log.info("tokenizing %s (%s) into %s.bin: %s", source.path, split, prefix, reason)
-            meta = build_token_cache(source, info, tokenizer, prefix)
+            log.info("building the token cache %s.bin of %s (%s split): %s", prefix, source.path, split, reason)
+            what = f"tokenizing the {split} split ({source.path.name}, {self.tokenizer_kind})"
+            meta = build_token_cache(source, info, tokenizer, prefix, what=what)
             self.check_counts(split, source, meta, prefix)
+
+    def documents_missing(self, prefix: Path) -> str | None:
+        """Why a cache cannot serve ``padded`` mode (it records no document starts: an older cache), or None."""
+        if self.document_mode != "padded" or "document_starts" in (read_json(prefix.with_suffix(".json")) or {}):
+            return None
+        return "it records no document boundaries (made by an older version), which data.document_mode: padded needs"
 
     def expected_meta(self, source: SplitSource, tokenizer: Tokenizer | None, info: FileInfo | None) -> dict:
         """Metadata a valid cache of ``source`` must record (the checksum only when ``info`` has been computed)."""
@@ -705,6 +810,7 @@ class WikiText(L.LightningDataModule):
             source = sources[split] if sources else SplitSource(self.path_of(split))
             prefix = self.token_dir / split
             reason = cache_mismatch(prefix, self.expected_meta(source, tokenizer, None), check_array=False)
+            reason = reason or self.documents_missing(prefix)
             if reason is not None:
                 raise DataError(
                     f"the token cache {prefix}.bin cannot be used for {source.path} with data.tokenizer="
@@ -713,6 +819,17 @@ class WikiText(L.LightningDataModule):
                 )
             meta = read_json(prefix.with_suffix(".json"))
             self.meta[split] = meta
+            if self.document_mode == "padded":
+                self.datasets[split] = DocumentRows(
+                    prefix.with_suffix(".bin"), meta["n_tokens"] + 1, np.dtype(meta["dtype"]),
+                    meta["document_starts"], self.seq_len, tokenizer.boundary_id,
+                    pad_to=1 if split == "train" else self.world_size,
+                )
+                log.info(
+                    "%s: %d documents, padded or cut to %d tokens (%d of %d tokens cut off)", split,
+                    len(self.datasets[split].spans), self.seq_len, self.datasets[split].n_cut(), meta["n_tokens"],
+                )
+                continue
             stride = None if split == "train" else self.eval_stride
             self.datasets[split] = TokenWindows(
                 prefix.with_suffix(".bin"), meta["n_tokens"] + 1, np.dtype(meta["dtype"]), self.seq_len, stride,
@@ -735,7 +852,7 @@ class WikiText(L.LightningDataModule):
     def tokens_per_word(self, split: str) -> float | None:
         """Tokens per word-level token of a loaded split: turns per-token into per-word loss (None if not loaded)."""
         meta = self.meta.get(split)
-        if not meta or not meta["n_words"]:
+        if not meta or not meta["n_words"] or self.document_mode == "padded":  # padded: not the whole text is scored
             return None
         return meta["n_tokens"] / meta["n_words"]
 

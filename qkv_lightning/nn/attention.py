@@ -935,7 +935,8 @@ class Attention(nn.Module):
         else:
             is_causal = self.causal and bias is None and t > 1
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_head
+                q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal,
+                enable_gqa=self.n_kv_heads != self.n_head,
             )  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # (B, T, H*D)
         return (self.proj(out), weights, (k, v)) if return_kv else (self.proj(out), weights)

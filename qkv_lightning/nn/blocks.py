@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
@@ -43,7 +45,13 @@ class TrunkConfig:
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
 
+    gelu: Literal["tanh", "exact"] = "tanh"
+    """The MLP's GELU: ``tanh``, the tanh approximation (GPT-2's, our default), or ``exact``, the erf form (PyTorch's
+    ``nn.GELU()`` default, as the paper's LM code uses). Not counted in FLOPs either way (element-wise)."""
+
     def __post_init__(self) -> None:
+        if self.gelu not in ("tanh", "exact"):
+            raise ConfigError(f"network.gelu={self.gelu!r} must be 'tanh' or 'exact'.")
         for name in ("n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"network.{name}={getattr(self, name)} must be at least 1.")
@@ -67,27 +75,23 @@ class TrunkConfig:
         return self.d_model // self.n_head
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``p`` during training."""
+class DropPath(StochasticDepth):
+    """Stochastic depth (torchvision's ``StochasticDepth``, mode ``row``): drop the whole residual branch per sample
+    with probability ``p`` during training and scale kept samples by 1 / (1 - p); the identity in evaluation."""
 
     def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)  # (B, 1, ...)
-        return x * keep / (1.0 - self.p)
+        super().__init__(p, mode="row")
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward network with GELU."""
+    """Two-layer feed-forward network with GELU (``gelu``: ``tanh`` approximation or ``exact`` erf)."""
 
-    def __init__(self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, gelu: str = "tanh"
+    ) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, d_mlp, bias=bias)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
         self.proj = nn.Linear(d_mlp, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -108,6 +112,7 @@ class Block(nn.Module):
         dropout: residual dropout (after the attention and MLP output projections).
         drop_path: stochastic-depth probability of this block.
         norm_eps: LayerNorm epsilon.
+        gelu: the MLP's GELU, ``tanh`` or ``exact`` (:attr:`TrunkConfig.gelu`).
         reuses_kv: the attention reuses an earlier layer's K/V (cross-layer sharing, see :class:`Attention`).
     """
 
@@ -122,6 +127,7 @@ class Block(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
+        gelu: str = "tanh",
         reuses_kv: bool = False,
     ) -> None:
         super().__init__()
@@ -129,7 +135,7 @@ class Block(nn.Module):
         self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias, reuses_kv=reuses_kv)
         self.attn_dropout = nn.Dropout(dropout)
         self.norm_mlp = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout)
+        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout, gelu=gelu)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -168,7 +174,9 @@ class Trunk(nn.Module):
             (``attention.layers``) and share K/V across layers (``attention.kv_share_every`` / ``kv_sources``).
     """
 
-    def __init__(self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs) -> None:
+    def __init__(
+        self, n_layer: int, d_model: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **block_kwargs
+    ) -> None:
         super().__init__()
         rates = [drop_path * i / (n_layer - 1) for i in range(n_layer)] if n_layer > 1 else [drop_path]  # meta-safe
         attention: AttentionConfig = block_kwargs.pop("attention")
@@ -189,7 +197,9 @@ class Trunk(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
 
     @classmethod
-    def from_config(cls, config: TrunkConfig, attention: AttentionConfig, causal: bool, drop_path: float = 0.0) -> Trunk:
+    def from_config(
+        cls, config: TrunkConfig, attention: AttentionConfig, causal: bool, drop_path: float = 0.0
+    ) -> Trunk:
         """The trunk a network config describes."""
         return cls(
             n_layer=config.n_layer,
@@ -202,6 +212,7 @@ class Trunk(nn.Module):
             dropout=config.dropout,
             drop_path=drop_path,
             norm_eps=config.norm_eps,
+            gelu=config.gelu,
         )
 
     def forward(
@@ -243,13 +254,15 @@ class Trunk(nn.Module):
         return [block.attn.new_cache(batch_size, capacity, **kwargs) for block in self.blocks]
 
 
-def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
-    """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and the residual output
-    projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer). The paper's score encoding keeps
-    its own initialisation."""
+def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02, residual_scaling: bool = True) -> None:
+    """GPT-2 initialisation: N(0, std) for linear and embedding weights, zero biases, and (with ``residual_scaling``)
+    the residual output projections (attention ``proj`` and MLP ``proj``) scaled by 1/sqrt(2 * n_layer); without
+    it every weight is N(0, std), as in the paper's LM code. The paper's score encoding keeps its own
+    initialisation."""
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            scale = (2 * n_layer) ** -0.5 if name.endswith((".attn.proj", ".mlp.proj")) else 1.0
+            residual = residual_scaling and name.endswith((".attn.proj", ".mlp.proj"))
+            scale = (2 * n_layer) ** -0.5 if residual else 1.0
             nn.init.normal_(sub.weight, mean=0.0, std=std * scale)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)

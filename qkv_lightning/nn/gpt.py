@@ -35,8 +35,19 @@ class GPTConfig(SequenceConfig):
     adaptive_div_value: float = 4.0
     """Each adaptive-softmax tail cluster's width is divided by this factor."""
 
+    embedding_dropout: float | None = None
+    """Dropout on the token (+ position) embeddings, apart from ``dropout``, the residual dropout after each block's
+    attention and MLP projections; None: the same as ``dropout`` (our default). The paper: 0 here with dropout 0.1
+    (its ``embd_pdrop`` and ``resid_pdrop``; attention-probability dropout is ``attention.dropout``)."""
+
+    residual_scaling: bool = True
+    """Initialise the residual output projections (attention and MLP ``proj``) with std ``init_std / sqrt(2 *
+    n_layer)``, as GPT-2 does (our default); false: every weight N(0, init_std), as the paper's LM code does."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.embedding_dropout is not None and not 0.0 <= self.embedding_dropout < 1.0:
+            raise ConfigError(f"network.embedding_dropout={self.embedding_dropout} must lie in [0, 1) (or be null).")
         if self.output == "adaptive" and self.tie_embeddings:
             self.tie_embeddings = False  # the adaptive softmax has its own cluster weights
         self.adaptive_cutoffs = list(self.adaptive_cutoffs)
@@ -96,7 +107,8 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.position = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
-        self.dropout = nn.Dropout(config.dropout)
+        embedding_dropout = config.dropout if config.embedding_dropout is None else config.embedding_dropout
+        self.dropout = nn.Dropout(embedding_dropout)  # on the embeddings; the blocks' residual dropout is their own
         self.trunk = Trunk.from_config(config, attention, causal=True)
         if config.output == "adaptive":
             cutoffs = [c for c in config.adaptive_cutoffs if c < config.vocab_size]
@@ -116,7 +128,7 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation (also used after materialising a meta-device model)."""
-        init_gpt2_(self, self.config.n_layer, self.config.init_std)
+        init_gpt2_(self, self.config.n_layer, self.config.init_std, self.config.residual_scaling)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -159,21 +171,25 @@ class GPT(nn.Module):
         """Logits (B, T, V) for token ids (B, T)."""
         return self.logits(self.hidden(idx, caches)[0])
 
-    def loss(self, idx: Tensor, targets: Tensor, reduction: Literal["mean", "sum"] = "mean") -> Tensor:
+    def loss(self, idx: Tensor, targets: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
         """Cross-entropy of ``targets`` (B, T) given ``idx`` (B, T).
 
         Targets equal to :data:`IGNORE_INDEX` do not count (padding, or tokens a sliding evaluation window has
-        already scored). ``reduction='sum'`` gives the summed loss, for exact perplexity over many batches.
+        already scored). ``reduction='sum'`` gives the summed loss, for exact perplexity over many batches;
+        ``'none'`` the per-target losses (B, T), 0 where ignored.
         """
         hidden = self.hidden(idx)[0]  # (B, T, C)
         if isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss):
             flat = targets.flatten()  # (B*T,)
             keep = flat != IGNORE_INDEX
             nll = -self.head(hidden.flatten(0, 1)[keep], flat[keep]).output  # (N,)
+            if reduction == "none":
+                return nll.new_zeros(flat.shape).masked_scatter(keep, nll).view_as(targets)  # (B, T)
             return nll.sum() if reduction == "sum" else nll.mean()
         logits = self.head(hidden).flatten(0, 1)  # (B*T, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in float32
-        return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        losses = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        return losses.view_as(targets) if reduction == "none" else losses  # (B, T) or a scalar
 
     def new_caches(
         self, batch_size: int, capacity: int | None = None, rope_keys: str = ROPE_KEYS_DEFAULT

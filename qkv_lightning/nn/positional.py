@@ -80,7 +80,8 @@ def pair_encoding(q_positions: Tensor, k_positions: Tensor, n_frequencies: int) 
     Returns:
         Tensor of shape (Tq, Tk, 6 * n_frequencies).
     """
-    omega = 1.0 / (100.0 ** (torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32) / n_frequencies))
+    steps = torch.arange(n_frequencies, device=q_positions.device, dtype=torch.float32)  # (F,)
+    omega = 1.0 / (100.0 ** (steps / n_frequencies))
     i = q_positions.float()[:, None, None]  # (Tq, 1, 1)
     j = k_positions.float()[None, :, None]  # (1, Tk, 1)
     wi, wj, wd = i * omega, j * omega, (i - j) * omega  # (Tq, 1, F), (1, Tk, F), (Tq, Tk, F)
@@ -137,6 +138,39 @@ def paper_pair_tensor(q_positions: Tensor, k_positions: Tensor, channels: int, b
     return torch.cat([rows[:, None, :].expand(tq, tk, half), cols[None, :, :].expand(tq, tk, channels - half)], -1)
 
 
+def grid_channels(
+    positions: Tensor, dim: int, grid_w: int, prefix: int, base: float = 10000.0, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Sinusoidal features of sequence ``positions`` (T,) of a ViT's tokens by their place on the patch grid: token
+    ``prefix + r * grid_w + c`` is the patch at row r, column c; its first ``dim // 2`` channels are
+    :func:`sinusoid_channels` of r, the other ``dim - dim // 2`` those of c. The ``prefix`` tokens before the patches
+    (the class token) sit on no patch and get all-zero features.
+
+    Returns:
+        Tensor of shape (T, dim) in ``dtype`` (default: float64 for float64 positions, else float32).
+    """
+    dtype = dtype or (torch.float64 if positions.dtype == torch.float64 else torch.float32)
+    positions = positions.long()
+    patch = (positions - prefix).clamp(min=0)  # (T,): the patch index (0 for prefix tokens, zeroed below)
+    rows = torch.div(patch, grid_w, rounding_mode="floor")
+    cols = patch - rows * grid_w
+    half = dim // 2
+    feats = torch.cat([sinusoid_channels(rows, half, base, dtype), sinusoid_channels(cols, dim - half, base, dtype)], 1)
+    return feats * (positions >= prefix).to(dtype)[:, None]  # (T, dim)
+
+
+def paper_grid_pair_tensor(
+    q_positions: Tensor, k_positions: Tensor, channels: int, grid_w: int, prefix: int, base: float = 10000.0
+) -> Tensor:
+    """P (Tq, Tk, m) of the paper's encoding indexed by the patch grid: the first m//2 channels encode the query's
+    (row, column) (:func:`grid_channels`), the other m - m//2 the key's. Written out for reference and tests."""
+    half = channels // 2
+    rows = grid_channels(q_positions, half, grid_w, prefix, base)  # (Tq, m/2)
+    cols = grid_channels(k_positions, channels - half, grid_w, prefix, base)  # (Tk, m - m/2)
+    tq, tk = q_positions.numel(), k_positions.numel()
+    return torch.cat([rows[:, None, :].expand(tq, tk, half), cols[None, :, :].expand(tq, tk, channels - half)], -1)
+
+
 class PaperScoreEncoding(nn.Module):
     """The paper's "+" score encoding: a 1x1 convolution (m channels -> 1) over (score map broadcast + P).
 
@@ -150,6 +184,11 @@ class PaperScoreEncoding(nn.Module):
     learned temperature and a bias c(j) that depends on the key position only. It makes a symmetric score map
     asymmetric (c(j) != c(i) in general) but cannot depend on i - j.
 
+    On a ViT's patch grid (:meth:`index_by_grid`, set by the ViT's ``score_grid``) P is indexed by each patch's
+    (row, column) instead of its place in the sequence, as the authors' ImageNet follow-up describes
+    (:func:`paper_grid_pair_tensor`): each half of P splits again into row and column channels, and the class token
+    gets none.
+
     Args:
         channels: m, the channels of P (10 for the paper's synthetic tasks, 50 for its ViT).
         base: frequency base of the sinusoids.
@@ -159,6 +198,8 @@ class PaperScoreEncoding(nn.Module):
         super().__init__()
         self.channels = channels
         self.base = base
+        self.grid: tuple[int, int] | None = None
+        """(patches per row, tokens before the patches) when P is indexed by the patch grid; None: by position."""
         self.weight = nn.Parameter(torch.empty(channels))  # w: one weight per channel of P
         self.bias = nn.Parameter(torch.empty(1))  # b
         self.reset_parameters()
@@ -174,10 +215,26 @@ class PaperScoreEncoding(nn.Module):
         """sum(w), the factor of the score map (a 0-d tensor)."""
         return self.weight.sum()
 
+    def index_by_grid(self, grid_w: int, prefix: int) -> None:
+        """Index P by the patch grid of a ViT with ``grid_w`` patches per row and ``prefix`` tokens (the class token)
+        before the raster-ordered patches (no parameters change, so checkpoints load either way)."""
+        if grid_w < 1 or prefix < 0:
+            raise ValueError(f"a patch grid needs grid_w >= 1 and prefix >= 0, got {grid_w} and {prefix}")
+        self.grid = (grid_w, prefix)
+
+    def extra_repr(self) -> str:
+        grid = "" if self.grid is None else f", grid_w={self.grid[0]}, prefix={self.grid[1]}"
+        return f"channels={self.channels}{grid}"
+
     def forward(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         """The additive bias ``P . w + b`` of shape (Tq, Tk), from the row and column terms (never building P)."""
         half = self.channels // 2
         dtype = self.weight.dtype
+        if self.grid is not None:
+            grid_w, prefix = self.grid
+            rows = grid_channels(q_positions, half, grid_w, prefix, self.base, dtype) @ self.weight[:half, None]
+            cols = grid_channels(k_positions, self.channels - half, grid_w, prefix, self.base, dtype)
+            return rows + (cols @ self.weight[half:, None]).T + self.bias  # (Tq, 1) + (1, Tk) + (1,) -> (Tq, Tk)
         rows = sinusoid_channels(q_positions, half, self.base, dtype) @ self.weight[:half, None]  # (Tq, 1)
         cols = sinusoid_channels(k_positions, self.channels - half, self.base, dtype) @ self.weight[half:, None]
         return rows + cols.T + self.bias  # (Tq, 1) + (1, Tk) + (1,) -> (Tq, Tk)

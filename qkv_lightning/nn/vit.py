@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Trunk, TrunkConfig
 from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
-from qkv_lightning.nn.positional import sincos_2d
+from qkv_lightning.nn.positional import PaperScoreEncoding, sincos_2d
 
 
 @dataclass
@@ -52,6 +54,21 @@ class ViTConfig(TrunkConfig):
     num_classes: int | None = None
     """Output classes; None takes the data's."""
 
+    pad_images: bool = False
+    """Zero-pad each image at the right and bottom up to a multiple of patch_size, as the paper's ViT does (32-px
+    CIFAR with 7-px patches becomes a 5 x 5 grid over 35 px); false requires patch_size to divide the image size."""
+
+    score_grid: bool = False
+    """Index the paper's "+" score encoding (attention.score_encoding: paper) by each patch's (row, column) on the
+    grid instead of its place in the token sequence, as the authors' ImageNet follow-up describes: each half of P
+    (query, key) splits into row and column sinusoids, and the class token gets no position features. No effect on
+    the other encodings; false keeps the paper's sequence indexing (the class token at position 0)."""
+
+    init: Literal["vit", "torch"] = "vit"
+    """Weight initialisation. vit: truncated N(0, init_std) weights, zero biases and head, a near-zero class token.
+    torch: PyTorch's default of every layer (Kaiming-uniform linear and patch layers), a zero class token and
+    N(0, 0.02) learned positions, as the paper's ViT code. The paper's score encoding keeps its own either way."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.patch_size < 1:
@@ -64,14 +81,14 @@ class ViTConfig(TrunkConfig):
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"network.drop_path={self.drop_path} must lie in [0, 1).")
         if self.image_size is not None:
-            check_patch_grid(self.image_size, self.patch_size)
+            check_patch_grid(self.image_size, self.patch_size, self.pad_images)
 
     @property
     def grid(self) -> int:
-        """Patches per side of the image."""
+        """Patches per side of the image (of the padded image with ``pad_images``)."""
         if self.image_size is None:
             raise ConfigError("network.image_size is not set: take it from the data or set it in the config.")
-        return self.image_size // self.patch_size
+        return math.ceil(self.image_size / self.patch_size) if self.pad_images else self.image_size // self.patch_size
 
     def with_data(self, data_spec: dict) -> ViTConfig:
         """A copy with ``image_size``, ``in_channels`` and ``num_classes`` filled from the data where unset.
@@ -114,15 +131,18 @@ class ViTConfig(TrunkConfig):
         )
 
 
-def check_patch_grid(image_size: int, patch_size: int) -> None:
-    """Raise a :class:`ConfigError` naming the settings to change if patches do not tile the image."""
+def check_patch_grid(image_size: int, patch_size: int, pad: bool = False) -> None:
+    """Raise a :class:`ConfigError` naming the settings to change if patches do not tile the image (with ``pad``,
+    the image padded up to a multiple of the patch size)."""
+    if pad:
+        return
     if image_size < patch_size or image_size % patch_size:
         below = image_size // patch_size * patch_size
         options = sorted({s for s in (below, below + patch_size) if s >= patch_size})
         raise ConfigError(
             f"image size {image_size} is not divisible by network.patch_size={patch_size}: set data.image_size to a "
             f"multiple of {patch_size} (e.g. {' or '.join(map(str, options))}) or choose a network.patch_size that "
-            f"divides {image_size}."
+            f"divides {image_size} (or set network.pad_images: true to zero-pad the images, as the paper's ViT does)."
         )
 
 
@@ -169,7 +189,7 @@ class ViT(nn.Module):
         for name in ("image_size", "in_channels", "num_classes"):
             if getattr(config, name) is None:
                 raise ConfigError(f"network.{name} is not set: take it from the data or set it in the config.")
-        check_patch_grid(config.image_size, config.patch_size)
+        check_patch_grid(config.image_size, config.patch_size, config.pad_images)
         self.config = config
         self.n_patches = config.grid**2
         self.n_prefix = 1 if config.pool == "cls" else 0
@@ -183,11 +203,25 @@ class ViT(nn.Module):
         self.pos_dropout = nn.Dropout(config.dropout)
         self.trunk = Trunk.from_config(config, attention, causal=False, drop_path=config.drop_path)
         self.head = nn.Linear(config.d_model, config.num_classes)
+        if config.score_grid:
+            for module in self.trunk.modules():
+                if isinstance(module, PaperScoreEncoding):
+                    module.index_by_grid(config.grid, self.n_prefix)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Truncated-normal weights, zero biases, unit norms, a near-zero class token and a zero head (so that the
-        initial prediction is uniform over the classes). Also used after materialising a meta-device model."""
+        """``network.init``: vit: truncated-normal weights, zero biases, unit norms, a near-zero class token and a zero
+        head (so that the initial prediction is uniform over the classes); torch: see :class:`ViTConfig`. Also used
+        after materialising a meta-device model."""
+        if self.config.init == "torch":
+            for module in self.modules():
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()  # each layer's PyTorch default (and the paper encoding's own)
+            if self.cls_token is not None:
+                nn.init.zeros_(self.cls_token)
+            if self.pos_embed is not None:
+                nn.init.normal_(self.pos_embed, std=0.02)
+            return
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Conv2d):
@@ -229,6 +263,9 @@ class ViT(nn.Module):
                 f"the ViT expects images of shape (B, {channels}, {size}, {size}), got {tuple(images.shape)}; "
                 "make data.image_size and network.image_size agree."
             )
+        if self.config.pad_images:
+            padded = self.config.grid * self.config.patch_size
+            images = F.pad(images, (0, padded - size, 0, padded - size))  # (B, C_in, G*p, G*p), zeros right/bottom
         x = self.patch_embed(images)  # (B, N, C)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, C)

@@ -34,6 +34,7 @@ from qkv_lightning.study.runner import (
     check_cells,
     check_stored_results,
     is_finished,
+    make_conversions,
     read_result,
     run_cells,
 )
@@ -123,6 +124,7 @@ def _run_locked(
             echo(f"{head} FAILED: {failure} | {clock}")
 
     if pending:
+        make_conversions(config, pending, echo)
         how = run_cells(config, pending, study_dir, on_result)
         echo(f"study: ran {len(pending)} runs ({how}) in {time.perf_counter() - start:.1f} s")
 

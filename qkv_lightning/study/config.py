@@ -10,10 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qkv_lightning.config_files import resolve_config, resolve_config_args
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS
 from qkv_lightning.study.effects import check_margins, statsmodels_available
 from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers, parse_label
+
+INIT_FROM_KEY = "model.init_args.init_from"
+"""The config key of the checkpoint a cell starts from (``TaskModule.init_from``)."""
+
+TEACHER_KEY = "model.init_args.distill.teacher"
+"""The config key of a cell's distillation teacher."""
+
+CONVERT_PREFIX = "convert:"
+"""An ``init_from`` axis value ``convert:METHOD[:ROLE]``: the study's ``convert_from`` made into the cell's variant."""
 
 PREFERRED_METRICS = (
     "test/acc",
@@ -121,9 +131,27 @@ class StudyConfig:
     retry_failed: bool = True
     """On re-runs, run failed cells again (finished ones are always skipped)."""
 
+    convert_from: str | None = None
+    """A trained checkpoint of the task (e.g. a QKV model) that cells start from when their
+    ``model.init_args.init_from`` is ``convert:METHOD`` (an axis value: ``convert:mean``, ``convert:keep:V``,
+    ``convert:fit``): it is converted into each cell's variant once per method (``python cli.py convert``, written to
+    ``<study>/converted/<variant>/<method>.ckpt``) and reused by every seed and setting. ``source`` as
+    ``model.init_args.distill.teacher`` names this checkpoint too. E.g. axes {model.init_args.init_from: [null,
+    convert:mean, convert:fit]} gives "from scratch vs uptrained at the same fine-tune budget" in one table."""
+
+    calibration_batches: int = 8
+    """Training batches of the task's data that ``convert:fit`` solves its least squares on."""
+
+    validate_first: bool = False
+    """Also validate before training (the starting weights, e.g. right after conversion), recorded as
+    ``<metric>@0`` (``val/ppl@0``); metrics at other steps come from a MetricsAtSteps callback of the task config."""
+
     def __post_init__(self) -> None:
         if not self.task:
             raise ConfigError("study.task is not set: give the path of a fit config, e.g. configs/synthetic/sort.yaml.")
+        # qkv:NAME and a configs/NAME missing here name the shipped configs (qkv_lightning.config_files)
+        self.task = resolve_config(self.task) if isinstance(self.task, str) else [resolve_config(p) for p in self.task]
+        self.overrides = resolve_config_args([str(arg) for arg in self.overrides])
         if not isinstance(self.task, str):
             self.task = [str(path) for path in self.task]
             if len(set(self.task)) != len(self.task):
@@ -181,6 +209,17 @@ class StudyConfig:
             self.breakers = ["+".join(parse_breakers(name)) or NO_BREAKER for name in self.breakers]
         except ConfigError as error:
             raise ConfigError(f"study.breakers={self.breakers}: {error}") from None
+        if self.calibration_batches < 1:
+            raise ConfigError(f"study.calibration_batches={self.calibration_batches} must be >= 1.")
+        converting = any(
+            isinstance(value, str) and value.startswith(CONVERT_PREFIX)
+            for value in self.axes.get(INIT_FROM_KEY, [])
+        )
+        if converting and not (self.convert_from and Path(self.convert_from).is_file()):
+            raise ConfigError(
+                f"study.axes.{INIT_FROM_KEY} has convert:METHOD values, so study.convert_from must name the trained "
+                f"checkpoint to convert (got {self.convert_from!r}, which is not a file)."
+            )
         for path in self.task_paths:
             if not Path(path).is_file():
                 raise ConfigError(
@@ -215,10 +254,9 @@ class StudyConfig:
 
     def is_lower_better(self, metric: str) -> bool:
         """Whether a smaller value of ``metric`` is better."""
-        if metric in self.lower_is_better:
-            return True
-        name = metric.lower().rsplit("/", 1)[-1]
-        return any(word in name for word in ("loss", "ppl", "perplexity", "error", "bpc", "nll"))
+        from qkv_lightning.loggers import lower_is_better
+
+        return metric in self.lower_is_better or lower_is_better(metric)
 
 
 def task_label(path: str) -> str:
@@ -300,6 +338,13 @@ def fingerprint(config: StudyConfig, cell: Cell) -> str:
         "validate": config.validate,
         "test": config.test,
     }
+    if config.validate_first:
+        settings["validate_first"] = True
+    starts = [value for _, value in cell.axes if str(value).startswith(CONVERT_PREFIX) or value == "source"]
+    if config.convert_from and starts:
+        source = Path(config.convert_from)
+        stat = source.stat()
+        settings["convert_from"] = [str(source.resolve()), stat.st_size, stat.st_mtime_ns, config.calibration_batches]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -6,6 +6,7 @@ subprocesses (one per visible GPU, or several single-threaded ones on CPU); fini
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -20,8 +21,17 @@ from pathlib import Path
 
 import yaml
 
+from qkv_lightning.callbacks.milestones import MetricsAtSteps
 from qkv_lightning.files import atomic_write_json
-from qkv_lightning.study.config import Cell, StudyConfig, fingerprint, task_label
+from qkv_lightning.study.config import (
+    CONVERT_PREFIX,
+    INIT_FROM_KEY,
+    TEACHER_KEY,
+    Cell,
+    StudyConfig,
+    fingerprint,
+    task_label,
+)
 from qkv_lightning.study.safety import PARENT_ENV, check_no_survivors, claim_cell, release_cell
 
 RESULT_FILE = "result.json"
@@ -58,7 +68,60 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
         "quiet": config.quiet,
         "keep_checkpoints": config.keep_checkpoints,
         "fingerprint": fingerprint(config, cell),
+        "validate_first": config.validate_first,
+        **resolve_starts(config, study_dir, cell, task),
+        "logger": configured_logger(str(Path(task).resolve()), tuple(config.overrides)),
     }
+
+
+def conversion_path(study_dir: Path, variant_label: str, value: str) -> Path:
+    """Where the study keeps ``convert_from`` converted to a variant by the ``convert:METHOD[:ROLE]`` of ``value``."""
+    method = value.removeprefix(CONVERT_PREFIX).replace(":", "-")
+    return study_dir / "converted" / variant_label / f"{method}.ckpt"
+
+
+def resolve_starts(config: StudyConfig, study_dir: Path, cell: Cell, task: str) -> dict:
+    """The cell's axis values with ``convert:METHOD`` (``init_from``) and ``source`` (``distill.teacher``) replaced
+    by checkpoint paths, and the conversions they need (made once, before the cells run: :func:`make_conversions`)."""
+    axes, conversions = [], []
+    for key, value in cell.axes:
+        if key == INIT_FROM_KEY and isinstance(value, str) and value.startswith(CONVERT_PREFIX):
+            path = conversion_path(study_dir, cell.variant.label, value)
+            method, _, keep = value.removeprefix(CONVERT_PREFIX).partition(":")
+            conversions.append(
+                {
+                    "path": str(path.resolve()),
+                    "sharing": cell.variant.sharing,
+                    "n_kv_heads": cell.variant.n_kv_heads,
+                    "method": method,
+                    "keep": keep or None,
+                    "args": ["--config", str(Path(task).resolve()), *config.overrides],
+                }
+            )
+            value = str(path.resolve())
+        elif key == TEACHER_KEY and value == "source" and config.convert_from:
+            value = str(Path(config.convert_from).resolve())
+        axes.append([key, value])
+    return {"run_axes": axes, "conversions": conversions}
+
+
+def make_conversions(config: StudyConfig, specs: list[dict], echo: Callable[[str], None]) -> None:
+    """Write every converted checkpoint that the pending cells start from and that does not exist yet."""
+    from qkv_lightning.uptrain.convert import convert
+
+    done: set[str] = set()
+    for spec in specs:
+        for job in spec.get("conversions", []):
+            path = Path(job["path"])
+            if job["path"] in done or path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            echo(f"study: converting {config.convert_from} to {path.parent.name} by {job['method']} -> {path}")
+            convert(
+                config.convert_from, path, job["sharing"], job["n_kv_heads"], job["method"], job["keep"],
+                config.calibration_batches, calibration_args=job["args"],
+            )
+            done.add(job["path"])
 
 
 def set_key(tree: dict, key: str, value: object) -> None:
@@ -240,20 +303,48 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+@functools.cache
+def configured_logger(task: str, overrides: tuple[str, ...]) -> str | None:
+    """The ``class_path`` of the one ``trainer.logger`` that the task config (with the study's overrides) sets; None
+    for none, Lightning's default or several (the cells then log to TensorBoard)."""
+    from qkv_lightning.cli import QKVLightningCLI
+
+    logger = QKVLightningCLI.parse_only(["--config", task, *overrides]).as_dict()["trainer"].get("logger")
+    if isinstance(logger, list) and len(logger) == 1:
+        logger = logger[0]
+    return logger.get("class_path") if isinstance(logger, dict) else None
+
+
+def logger_placement(class_path: str, directory: Path) -> dict:
+    """``init_args`` that put a cell's logging where the study reads it: TensorBoard and CSV log into the cell
+    directory (``<study>/runs/<variant>/seed<k>``); MLflow gets an experiment named after the study and a run named
+    after the cell (its tracking URI stays as configured); W&B a run named after the cell, grouped by the study, with
+    its files in the cell directory; any other logger keeps its settings."""
+    parts = directory.parts
+    runs = len(parts) - 1 - parts[::-1].index("runs") if "runs" in parts else len(parts) - 3
+    study, run = parts[runs - 1], "/".join(parts[runs + 1 :])
+    name = class_path.rsplit(".", 1)[-1]
+    if name in ("TensorBoardLogger", "CSVLogger"):
+        placement = {"save_dir": str(directory.parent.parent), "name": directory.parent.name, "version": directory.name}
+        return {**placement, "default_hp_metric": False} if name == "TensorBoardLogger" else placement
+    if name == "MLFlowLogger":
+        return {"experiment_name": study, "run_name": run}
+    if name == "WandbLogger":
+        return {"name": run, "group": study, "save_dir": str(directory)}
+    return {}
+
+
 def cell_overrides(spec: dict) -> dict:
-    """The config layered last for a cell: the variant, the seed, and a TensorBoard logger in the cell directory."""
+    """The config layered last for a cell: the variant, the seed, and the configured logger (TensorBoard if none)
+    placed in the cell (:func:`logger_placement`)."""
     directory = Path(spec["dir"])
+    class_path = spec.get("logger") or TENSORBOARD
     trainer: dict = {
         "default_root_dir": str(directory),
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {
-                "save_dir": str(directory.parent.parent),
-                "name": directory.parent.name,
-                "version": directory.name,
-                "default_hp_metric": False,
-            },
-        },
+        "logger": {"class_path": class_path, "init_args": logger_placement(class_path, directory)},
     }
     if spec["quiet"]:
         trainer.update(enable_progress_bar=False, enable_model_summary=False)
@@ -262,7 +353,7 @@ def cell_overrides(spec: dict) -> dict:
         "model": {"init_args": {"attention": dict(spec["attention"])}},
         "trainer": trainer,
     }
-    for key, value in spec.get("axes", []):  # the cell's axis values (they may touch the sections above)
+    for key, value in spec.get("run_axes", spec.get("axes", [])):  # the cell's axis values (checkpoints resolved)
         set_key(overrides, key, value)
     return overrides
 
@@ -306,19 +397,12 @@ def model_accounting(model: object) -> dict:
     }
 
 
-def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
-    """Record the cell in TensorBoard's HParams view: variant, seed and accounting as hyper-parameters, the final
-    metrics as its metrics (TensorBoard shows each metric's last logged value in the run).
+def log_cell_record(trainer: object, spec: dict, result: dict) -> None:
+    """Record the cell through every logger's API (:func:`qkv_lightning.loggers.log_hyperparams_and_metrics`):
+    variant, seed, status and accounting as hyper-parameters, the final metrics as metrics (TensorBoard: its HParams
+    view; MLflow and W&B: params and metrics of the run). A failed cell records its hyper-parameters only."""
+    from qkv_lightning.loggers import log_hyperparams_and_metrics
 
-    A failed cell records its hyper-parameters only (no experiment summary), so that the HParams view takes the
-    metric columns from a finished cell.
-    """
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.tensorboard.summary import hparams
-
-    logger = getattr(trainer, "logger", None)
-    if not isinstance(logger, TensorBoardLogger):
-        return
     params = {  # the variant's columns as text: null K/V heads are "all", booleans "true" / "false"
         **{key: "all" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
            for key, value in spec["row"].items()},
@@ -329,12 +413,11 @@ def log_tensorboard_hparams(trainer: object, spec: dict, result: dict) -> None:
         "kv_cache_bytes_per_token": result.get("kv_cache_bytes_per_token") or 0,
     }
     names = spec["metrics"] or sorted(result["metrics"])
-    experiment, start, end = hparams(params, {metric: 0.0 for metric in names})
-    writer = logger.experiment._get_file_writer()
-    written = (experiment, start, end) if result["status"] == "ok" else (start,)
-    for summary in written:
-        writer.add_summary(summary, result.get("steps") or 0)
-    logger.experiment.flush()
+    metrics = {name: result["metrics"][name] for name in names if name in result["metrics"]}
+    ok = result["status"] == "ok"
+    for logger in getattr(trainer, "loggers", None) or []:
+        log_hyperparams_and_metrics(logger, params, metrics if ok else {}, result.get("steps") or 0)
+        logger.finalize("success" if ok else "failed")
 
 
 def blank_result(spec: dict) -> dict:
@@ -388,12 +471,18 @@ def run_cell(spec: dict) -> dict:
                 parser_kwargs={"default_env": False, "exit_on_error": False},
             )
             trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+            before: dict[str, float] = {}
+            if spec.get("validate_first"):
+                before = {f"{k}@0": float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
             trainer.fit(model, datamodule=datamodule)
             if trainer.interrupted:
                 raise KeyboardInterrupt
             result["steps"] = trainer.global_step
             result.update(model_accounting(model))
-            metrics: dict[str, float] = {}
+            metrics: dict[str, float] = dict(before)
+            for callback in trainer.callbacks:  # metrics at chosen steps (MetricsAtSteps)
+                if isinstance(callback, MetricsAtSteps):
+                    metrics.update(callback.recorded)
             if spec["validate"]:
                 metrics.update(trainer.validate(model, datamodule=datamodule, verbose=False)[0])
             if spec["test"]:
@@ -419,7 +508,7 @@ def run_cell(spec: dict) -> dict:
             with contextlib.suppress(Exception):
                 result.update(model_accounting(trainer.lightning_module))
         with contextlib.suppress(Exception):
-            log_tensorboard_hparams(trainer, spec, result)
+            log_cell_record(trainer, spec, result)
     if not spec["keep_checkpoints"]:
         for checkpoint in directory.rglob("*.ckpt"):
             checkpoint.unlink()

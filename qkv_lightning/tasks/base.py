@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import abc
+import importlib
+import inspect
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import lightning as L
@@ -16,25 +20,82 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
+from qkv_lightning.uptrain.distill import DistillConfig, distillation_loss, freeze
 
 T = TypeVar("T")
 
 
+OPTIMIZER_OWN_SETTINGS = ("params", "lr", "weight_decay", "betas", "eps")
+"""Optimiser arguments set by :class:`OptimizerConfig`'s own fields (never through ``optimizer.kwargs``)."""
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimiser class named ``name``: a class of ``torch.optim`` (``AdamW``, ``Adam``, ``SGD``, ...) or the dotted
+    path of any :class:`torch.optim.Optimizer` subclass (``torch.optim.SGD``, ``my_package.MyOptimizer``)."""
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        if not module_name:
+            cls = getattr(torch.optim, class_name)
+        else:
+            cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        known = sorted(
+            n
+            for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+        )
+        raise ConfigError(
+            f"optimizer.name={name!r} is not a torch.optim.Optimizer class: use one of torch.optim's "
+            f"({', '.join(known)}) or the dotted path of an Optimizer subclass (e.g. torch.optim.SGD)."
+        )
+    return cls
+
+
+def optimizer_arguments(cls: type) -> set[str]:
+    """The keyword arguments ``cls.__init__`` accepts (an ``Optimizer`` taking ``**kwargs`` accepts any)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return {"*"}
+    return set(parameters) - {"self"}
+
+
 @dataclass
 class OptimizerConfig:
-    """AdamW with weight decay on matrices only, and a learning-rate schedule with linear warm-up."""
+    """The optimiser (AdamW by default, or any ``torch.optim`` class), its two named parameter groups (``decay``: the
+    matrices, ``no_decay``: biases, norms and other 1-D parameters; the LR monitor logs ``lr-AdamW/decay`` and
+    ``lr-AdamW/no_decay``) and a per-step learning-rate schedule with linear warm-up.
+
+    The optimiser is built in ``configure_optimizers``, after FSDP has wrapped the network. Choose another class as a
+    Lightning user would with ``--optimizer`` (``fit ... --optimizer SGD --optimizer.momentum 0.9``), or on the task:
+    ``model.init_args.optimizer: {name: SGD, kwargs: {momentum: 0.9}}``.
+    """
 
     lr: float = 3e-4
     """Peak learning rate."""
 
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    """Adam-style betas, passed to optimiser classes that take ``betas`` (AdamW, Adam, NAdam, RAdam, Adamax, ...)."""
 
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """Epsilon, passed to optimiser classes that take ``eps``."""
 
     weight_decay: float = 0.1
-    """Decoupled weight decay, applied to parameters with 2 or more dimensions only (not biases or norms)."""
+    """Weight decay (decoupled for AdamW), applied to the parameters ``decay_on`` names."""
+
+    decay_on: Literal["matrices", "all"] = "matrices"
+    """Which parameters weight decay applies to: ``matrices`` (parameters with 2 or more dimensions; not biases or
+    norms, as nanoGPT does; our recipe) or ``all`` (every parameter, as the paper's LM training does). Either way the
+    parameters form the same two named groups, so a checkpoint resumes under both settings."""
+
+    name: str = "AdamW"
+    """The optimiser class: a class of ``torch.optim`` (AdamW, Adam, SGD, RMSprop, ...) or the dotted path of any
+    ``torch.optim.Optimizer`` subclass. ``--optimizer CLASS`` on the command line sets it too."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further init arguments of that class (e.g. ``{momentum: 0.9, nesterov: true}`` for SGD); ``lr``,
+    ``weight_decay``, ``betas`` and ``eps`` are the settings above, not kwargs."""
 
     warmup_steps: int = 100
     """Steps of linear warm-up from 0 to ``lr`` (ignored when warmup_fraction is set)."""
@@ -43,11 +104,21 @@ class OptimizerConfig:
     """Warm-up over this fraction of the run's optimiser steps instead of warmup_steps: max(1, int(fraction *
     total steps)) steps, e.g. 0.05 as in the paper's synthetic tasks; None uses warmup_steps."""
 
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """After warm-up: cosine decay to ``min_lr_ratio * lr`` at the last step, or constant."""
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    """After warm-up: ``cosine`` decay to ``min_lr_ratio * lr`` at the last step, ``constant``, or ``step``: the
+    learning rate is multiplied by ``step_gamma`` at each of ``step_milestones`` (as the paper's vision recipe, Adam
+    with MultiStepLR at 50% and 75% of training, gamma 0.1)."""
 
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+
+    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    """The ``step`` schedule's milestones as fractions of the run's optimiser steps: the rate drops at step
+    ``int(fraction * total steps)``. The paper steps per epoch at ``int(0.5 * E)`` and ``int(0.75 * E)`` epochs, so
+    for E = 50 epochs its second drop is at epoch 37, i.e. 0.74."""
+
+    step_gamma: float = 0.1
+    """Factor by which the ``step`` schedule multiplies the learning rate at each milestone (0.1 in the paper)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:  # also NaN
@@ -60,13 +131,54 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1).")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"optimizer.weight_decay={self.weight_decay} must be a finite number >= 0.")
+        if self.decay_on not in ("matrices", "all"):
+            raise ConfigError(f"optimizer.decay_on={self.decay_on!r} must be 'matrices' or 'all'.")
         if self.warmup_steps < 0:
             raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
         if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:  # also NaN
             raise ConfigError(f"optimizer.warmup_fraction={self.warmup_fraction} must lie in [0, 1) (or be null).")
         if not 0.0 <= self.min_lr_ratio <= 1.0:  # also NaN
             raise ConfigError(f"optimizer.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1].")
+        self.step_milestones = [float(m) for m in self.step_milestones]
+        if not all(0.0 < m < 1.0 for m in self.step_milestones) or self.step_milestones != sorted(self.step_milestones):
+            raise ConfigError(
+                f"optimizer.step_milestones={self.step_milestones} must be increasing fractions of the run in (0, 1)."
+            )
+        if not 0.0 < self.step_gamma <= 1.0:  # also NaN
+            raise ConfigError(f"optimizer.step_gamma={self.step_gamma} must lie in (0, 1].")
         self.betas = tuple(self.betas)
+        self.kwargs = dict(self.kwargs or {})
+        cls = optimizer_class(self.name)
+        own = sorted(set(self.kwargs) & set(OPTIMIZER_OWN_SETTINGS))
+        if own:
+            raise ConfigError(
+                f"optimizer.kwargs sets {own}: set them as optimizer.{own[0]} (the schedule and the decay groups use "
+                "these settings), not as kwargs."
+            )
+        accepted = optimizer_arguments(cls)
+        unknown = sorted(set(self.kwargs) - accepted) if "*" not in accepted else []
+        if unknown:
+            raise ConfigError(
+                f"optimizer.kwargs {unknown} are not arguments of {cls.__module__}.{cls.__name__}; it accepts "
+                f"{sorted(accepted - set(OPTIMIZER_OWN_SETTINGS))}."
+            )
+        if self.weight_decay and "weight_decay" not in accepted and "*" not in accepted:
+            raise ConfigError(
+                f"optimizer.name={self.name!r} takes no weight_decay: set optimizer.weight_decay to 0."
+            )
+
+    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """The optimiser over ``groups`` (parameter groups holding their own ``weight_decay``)."""
+        cls = optimizer_class(self.name)
+        accepted = optimizer_arguments(cls)
+        settings: dict[str, Any] = {"lr": self.lr}
+        if "betas" in accepted:
+            settings["betas"] = self.betas
+        if "eps" in accepted:
+            settings["eps"] = self.eps
+        if "weight_decay" not in accepted and "*" not in accepted:
+            groups = [{k: v for k, v in group.items() if k != "weight_decay"} for group in groups]
+        return cls(groups, **settings, **self.kwargs)
 
 
 def as_config(cls: type[T], value: T | dict | None) -> T:
@@ -97,8 +209,25 @@ def plain(value: Any) -> Any:
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up, then cosine decay to ``min_ratio`` (or constant)."""
+    return lr_multiplier(step, warmup_steps, total_steps, schedule, min_ratio=min_ratio)
+
+
+def lr_multiplier(
+    step: int,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    min_ratio: float = 0.1,
+    milestones: Sequence[float] = (),
+    gamma: float = 0.1,
+) -> float:
+    """Learning-rate multiplier at optimiser ``step`` (0-based): linear warm-up over ``warmup_steps``, then ``cosine``
+    decay to ``min_ratio`` at ``total_steps``, ``constant``, or ``step``: times ``gamma`` for each milestone
+    ``int(fraction * total_steps)`` that ``step`` has reached."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "step":
+        return gamma ** sum(step >= int(fraction * total_steps) for fraction in milestones)
     if schedule == "constant" or total_steps <= warmup_steps:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -121,6 +250,9 @@ class TaskModule(L.LightningModule, abc.ABC):
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile`` (in place, so checkpoint keys do not change).
         activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
+        init_from: a checkpoint whose weights ``fit`` starts from, with a fresh optimiser and schedule (e.g. one
+            written by ``convert``); ``--ckpt_path`` takes precedence (a resumed run continues its own weights).
+        distill: distillation from a frozen teacher checkpoint (:class:`~qkv_lightning.uptrain.distill.DistillConfig`).
     """
 
     network: nn.Module | None
@@ -135,6 +267,8 @@ class TaskModule(L.LightningModule, abc.ABC):
         data_spec: dict | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        distill: DistillConfig = DistillConfig(),
     ) -> None:
         super().__init__()
         check_declares_cost(network)
@@ -148,6 +282,10 @@ class TaskModule(L.LightningModule, abc.ABC):
         self.data_spec = dict(data_spec) if data_spec else None
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
+        self.init_from = init_from
+        self.init_from_skipped = False  # set by the CLI when --ckpt_path gives the weights (it takes precedence)
+        self.distill_config = as_config(DistillConfig, distill)
+        object.__setattr__(self, "teacher", None)  # not a submodule: out of state_dict, checkpoints and optimiser
         self.network = None
         self._costs: dict[tuple, NetworkCost] = {}
         self._batch_samples: int | None = None
@@ -167,6 +305,8 @@ class TaskModule(L.LightningModule, abc.ABC):
                     "data_spec": self.data_spec,
                     "compile": self.compile_blocks,
                     "activation_checkpointing": self.activation_checkpointing,
+                    "init_from": self.init_from,
+                    "distill": self.distill_config,
                 }
             )
         )
@@ -212,8 +352,17 @@ class TaskModule(L.LightningModule, abc.ABC):
         task's data; tasks with such constraints override it (a language model's tokenizer and vocabulary)."""
 
     def configure_model(self) -> None:
-        if self.network is not None:
-            return
+        if self.network is None:
+            self.build_and_place_network()
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self.distill_config.teacher and fitting and self.teacher is None:
+            teacher = freeze(self.load_teacher(self.distill_config.teacher))
+            if self.device_mesh is not None:
+                shard_network(teacher, self.device_mesh)
+            object.__setattr__(self, "teacher", teacher)
+
+    def build_and_place_network(self) -> None:
+        """Build the network, start it from ``init_from`` (unless a checkpoint restores it), compile and shard it."""
         if self.data_spec is None:
             raise ConfigError(f"{type(self).__name__}.configure_model() needs data_spec (see setup()).")
         network = self.build_network(self.data_spec)
@@ -221,6 +370,8 @@ class TaskModule(L.LightningModule, abc.ABC):
         for module in network.modules():
             if isinstance(module, Trunk):
                 module.activation_checkpointing = self.activation_checkpointing
+        if self.init_from and not self.init_from_skipped:
+            self.load_initial_weights(network, self.init_from)  # before sharding: every rank reads the full file
         if self.compile_blocks:
             for block in blocks:
                 block.compile()  # in place: parameter names (checkpoint keys) stay the same
@@ -228,8 +379,103 @@ class TaskModule(L.LightningModule, abc.ABC):
             shard_network(network, self.device_mesh)
         self.network = network
 
+    # ------------------------------------------------------------------------------------- starting weights
+    def read_weights(self, path: str, setting: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The network weights (``network.`` keys stripped) and hyper-parameters of the checkpoint ``path`` (a file
+        or a sharded folder, read weights-only), checked to come from this task class and data."""
+        from qkv_lightning.checkpoints import is_sharded_checkpoint, load_checkpoint_file, load_sharded_checkpoint
+        from qkv_lightning.errors import CheckpointError
+        from qkv_lightning.resume import CheckpointInfo, check_class
+
+        try:
+            checkpoint = load_sharded_checkpoint(path) if is_sharded_checkpoint(path) else load_checkpoint_file(path)
+        except CheckpointError as error:
+            raise CheckpointError(f"{setting}={path}: {error}") from None
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        mine = f"{type(self).__module__}.{type(self).__qualname__}"
+        check_class(CheckpointInfo(Path(path), False, {}, hparams), mine)
+        self.check_checkpoint_data(hparams.get("data_spec") or {}, f"{setting}={path}")
+        state = checkpoint["state_dict"]
+        weights = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
+        return weights, hparams
+
+    def load_initial_weights(self, network: nn.Module, path: str) -> None:
+        """Load ``init_from``'s network weights into ``network`` (strict names and shapes), before any sharding.
+
+        Raises:
+            CheckpointError: naming ``model.init_from`` and the settings that differ, if the weights do not fit.
+        """
+        from qkv_lightning.errors import CheckpointError
+        from qkv_lightning.resume import differing_settings, weight_problems
+
+        weights, hparams = self.read_weights(path, "model.init_from")
+        expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+        problems = weight_problems(expected, {k: tuple(v.shape) for k, v in weights.items()})
+        if problems:
+            differ = differing_settings(hparams, dict(self.hparams))
+            raise CheckpointError(
+                f"model.init_from={path} does not fit the configured model ({'; '.join(problems[:4])}"
+                f"{' ...' if len(problems) > 4 else ''}); configure the variant and sizes it was made with"
+                f"{': ' + '; '.join(differ) if differ else ''} (e.g. --config configs/variants/<variant>.yaml)."
+            )
+        if any(p.is_meta for p in network.parameters()):
+            network.to_empty(device="cpu")
+        network.load_state_dict(weights, strict=True)
+
+    def load_teacher(self, path: str) -> nn.Module:
+        """The teacher's network, built from its checkpoint's own settings (any attention variant), with its weights."""
+        from qkv_lightning.uptrain.convert import task_from_hparams
+
+        weights, hparams = self.read_weights(path, "model.distill.teacher")
+        hparams.pop("_instantiator", None)
+        hparams["distill"] = {}
+        teacher = task_from_hparams({**hparams, "data_spec": hparams.get("data_spec") or self.data_spec}).network
+        teacher.load_state_dict(weights, strict=True)
+        return teacher
+
+    @property
+    def distilling(self) -> bool:
+        """Whether training distils from a teacher (set up for ``fit`` only)."""
+        return self.teacher is not None
+
+    def on_fit_start(self) -> None:
+        teacher = self.teacher
+        if teacher is not None and self.device_mesh is None:
+            teacher.to(self.device)
+            self.trainer.precision_plugin.convert_module(teacher)  # "16-true" / "bf16-true" runs convert weights
+        super().on_fit_start()
+
+    def distill_outputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor | None]:
+        """For distillation: the hard-label loss, the student's logits (N, V), the input the teacher must see (after
+        any augmentation of the batch) and the (N,) mask of the rows that count (None: all); by each task."""
+        raise NotImplementedError(f"{type(self).__name__} does not support distillation.")
+
+    def teacher_logits(self, network: nn.Module, inputs: Any) -> torch.Tensor:
+        """The logits (N, V) that ``network`` (the teacher) gives for ``inputs``; by each task."""
+        raise NotImplementedError(f"{type(self).__name__} does not support distillation.")
+
+    def distilled_training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha * hard + (1 - alpha) * distillation`` (:class:`DistillConfig`) and the student's logits (N, V);
+        logs ``train/distill_loss`` and ``train/hard_loss``."""
+        config = self.distill_config
+        hard, student, inputs, mask = self.distill_outputs(batch)
+        with torch.no_grad():
+            teacher = self.teacher_logits(self.teacher, inputs)
+        soft = distillation_loss(student, teacher, config.temperature, mask)
+        size = self.samples_in(batch)
+        self.log("train/distill_loss", soft.detach(), batch_size=size)
+        self.log("train/hard_loss", hard.detach(), batch_size=size)
+        return config.alpha * hard + (1.0 - config.alpha) * soft, student
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fill in tied parameters (e.g. a GPT head tied to the embedding) that sharded checkpoints store once."""
+        """Fill in tied parameters (e.g. a GPT head tied to the embedding) that sharded checkpoints store once; and
+        name the two parameter groups of a checkpoint saved before they had names (the optimiser takes its groups'
+        settings from the checkpoint, so the LR monitor would log ``pg1``/``pg2`` again)."""
+        for state in checkpoint.get("optimizer_states") or []:
+            groups = state.get("param_groups") if isinstance(state, dict) else None
+            if isinstance(groups, list) and len(groups) == 2 and all(isinstance(g, dict) for g in groups):
+                for group, name in zip(groups, ("decay", "no_decay"), strict=True):
+                    group.setdefault("name", name)
         state = checkpoint.get("state_dict")
         if state is None or self.network is None:
             return
@@ -254,20 +500,25 @@ class TaskModule(L.LightningModule, abc.ABC):
     times decoding for it)."""
 
     def cost(
-        self, attention: AttentionConfig | None = None, data_spec: dict | None = None, kv_bytes: int = 2
+        self,
+        attention: AttentionConfig | None = None,
+        data_spec: dict | None = None,
+        kv_bytes: int = 2,
+        count_masked: bool = False,
     ) -> NetworkCost:
         """Closed-form parameters, FLOPs and KV-cache bytes of this task's network (:mod:`qkv_lightning.accounting`),
-        without building it; ``attention`` and ``data_spec`` default to the task's own."""
+        without building it; ``attention`` and ``data_spec`` default to the task's own. ``count_masked`` counts the
+        full T x T score matrix of causal attention (the paper's convention) instead of the pairs the mask allows."""
         spec = self.data_spec if data_spec is None else data_spec
         if spec is None:
             raise ConfigError(
                 f"{type(self).__name__}.cost() needs the data's spec (model.data_spec, or the datamodule's spec())."
             )
         attention = attention or self.attention_config
-        key = (repr(attention), repr(sorted(spec.items())), kv_bytes)
+        key = (repr(attention), repr(sorted(spec.items())), kv_bytes, count_masked)
         if key not in self._costs:
             config = self.resolved_network_config(spec)
-            self._costs[key] = network_cost(config, attention, spec.get("seq_len"), kv_bytes)
+            self._costs[key] = network_cost(config, attention, spec.get("seq_len"), kv_bytes, count_masked)
         return self._costs[key]
 
     def samples_in(self, batch: Any) -> int:
@@ -339,21 +590,35 @@ class TaskModule(L.LightningModule, abc.ABC):
     def build_optimizer(
         self, total_steps: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """AdamW (decay on matrices only) and its warm-up + cosine schedule over ``total_steps`` steps."""
+        """The optimiser (``optimizer.name``) over two named parameter groups, ``decay`` (matrices) and ``no_decay``
+        (biases, norms), with weight decay as ``optimizer.decay_on`` says, and its per-step schedule over
+        ``total_steps`` steps (warm-up, then cosine, constant or step decay)."""
         config = self.optimizer_config
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
         groups = [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": config.weight_decay, "name": "decay"},
+            {
+                "params": no_decay,
+                "weight_decay": config.weight_decay if config.decay_on == "all" else 0.0,
+                "name": "no_decay",
+            },
         ]
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        optimizer = config.build(groups)
         warmup = config.warmup_steps
         if config.warmup_fraction is not None:
             warmup = max(1, int(config.warmup_fraction * total_steps)) if config.warmup_fraction > 0 else 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: warmup_cosine(step, warmup, total_steps, config.min_lr_ratio, config.schedule),
+            lambda step: lr_multiplier(
+                step,
+                warmup,
+                total_steps,
+                config.schedule,
+                min_ratio=config.min_lr_ratio,
+                milestones=config.step_milestones,
+                gamma=config.step_gamma,
+            ),
         )
         return optimizer, scheduler
 

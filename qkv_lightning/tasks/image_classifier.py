@@ -13,6 +13,7 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.vit import ViT, ViTConfig, check_patch_grid
 from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
+from qkv_lightning.uptrain.distill import DistillConfig
 
 
 class ImageClassifier(TaskModule):
@@ -32,6 +33,9 @@ class ImageClassifier(TaskModule):
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile``.
         activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
+        init_from: a checkpoint (e.g. from ``convert``) whose weights ``fit`` starts from, with a fresh optimiser;
+            ``--ckpt_path`` takes precedence.
+        distill: distillation from a frozen teacher checkpoint (teacher, temperature, alpha).
     """
 
     def __init__(
@@ -45,6 +49,8 @@ class ImageClassifier(TaskModule):
         data_spec: dict | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        distill: DistillConfig = DistillConfig(),
     ) -> None:
         super().__init__(
             as_config(ViTConfig, network),
@@ -53,6 +59,8 @@ class ImageClassifier(TaskModule):
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
+            init_from=init_from,
+            distill=distill,
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing={label_smoothing} must lie in [0, 1).")
@@ -85,7 +93,7 @@ class ImageClassifier(TaskModule):
         read."""
         config = self.network_config.with_data(spec)  # raises on a disagreement
         if config.image_size is not None:
-            check_patch_grid(config.image_size, config.patch_size)
+            check_patch_grid(config.image_size, config.patch_size, config.pad_images)
 
     def build_network(self, data_spec: dict) -> ViT:
         return ViT(self.resolved_network_config(data_spec), self.attention_config)
@@ -141,9 +149,22 @@ class ImageClassifier(TaskModule):
     def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
         return self.network.attention_maps(batch[0][:1])  # per block (1, H, T, T)
 
+    def distill_outputs(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, None]:
+        """The training loss (label smoothing, mixup/cutmix), the student's logits (B, classes), the (mixed) images
+        the teacher must see, and no mask."""
+        images, labels = batch  # (B, C, H, W), (B,)
+        targets: Tensor = labels
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        logits = self.network(images).float()  # (B, classes)
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing), logits, images, None
+
+    def teacher_logits(self, network: nn.Module, inputs: Tensor) -> Tensor:
+        return network(inputs)  # (B, classes)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         labels = batch[1]  # (B,)
-        loss, logits = self._training_forward(batch)
+        loss, logits = self.distilled_training_loss(batch) if self.distilling else self._training_forward(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(labels))
         if self.mix is None:  # accuracy on mixed images is not meaningful
             self.train_metrics.update(logits, labels)

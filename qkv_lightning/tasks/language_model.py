@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
@@ -18,6 +19,7 @@ from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
 from qkv_lightning.resume import differing_settings, weight_problems
 from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
+from qkv_lightning.uptrain.distill import DistillConfig
 
 
 @dataclass
@@ -94,7 +96,10 @@ class LanguageModel(TaskModule):
     Logs ``train/loss``, ``train/tokens`` (tokens seen, all processes together), and per evaluation split
     ``val/loss`` and ``val/ppl`` (exact: summed loss over every scored token divided by their count, across batches
     and processes), plus ``val/word_ppl`` (perplexity per word-level token of the original text) when the tokens are
-    not words. ``predict`` continues the datamodule's prompts with the KV cache.
+    not words. With padded documents (batches ``(inputs, targets, padding)``, ``data.document_mode: padded``) the
+    padding is scored only if the data's ``score_padding`` says so, and ``val/ppl_with_padding`` and
+    ``val/ppl_without_padding`` give both perplexities. ``predict`` continues the datamodule's prompts with the KV
+    cache.
 
     Args:
         network: the decoder's sizes and options; ``vocab_size`` None takes the data's vocabulary.
@@ -104,6 +109,9 @@ class LanguageModel(TaskModule):
         data_spec: what the data decides (vocab_size, seq_len, tokenizer); filled from the datamodule when None.
         compile: compile each block with ``torch.compile``.
         activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
+        init_from: a checkpoint (e.g. from ``convert``) whose weights ``fit`` starts from, with a fresh optimiser;
+            ``--ckpt_path`` takes precedence.
+        distill: distillation from a frozen teacher checkpoint (teacher, temperature, alpha).
     """
 
     network: GPT | None
@@ -117,6 +125,8 @@ class LanguageModel(TaskModule):
         data_spec: dict | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        distill: DistillConfig = DistillConfig(),
     ) -> None:
         super().__init__(
             as_config(GPTConfig, network),
@@ -125,6 +135,8 @@ class LanguageModel(TaskModule):
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
+            init_from=init_from,
+            distill=distill,
         )
         self.generation_config = as_config(GenerationConfig, generation)
         # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
@@ -132,6 +144,11 @@ class LanguageModel(TaskModule):
         self.save_task_hyperparameters(network=self.network_config)
         self.val_loss_sum = SummedLoss()
         self.test_loss_sum = SummedLoss()
+        # padded documents (data.document_mode: padded): loss sums with and without the padding targets
+        self.padding_sums = torch.nn.ModuleDict(
+            {f"{s}_{k}": SummedLoss() for s in ("val", "test") for k in ("with_padding", "without_padding")}
+        )
+        self._padded_stages: set[str] = set()
         self.tokens_seen = 0
         self.generated: list[dict[str, Any]] = []
 
@@ -195,16 +212,40 @@ class LanguageModel(TaskModule):
         return inputs, torch.randint(0, vocab, (batch_size, t), generator=generator)  # (B, T)
 
     # ------------------------------------------------------------------------------------------------- training
-    def training_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        inputs, targets = batch  # (B, T), (B, T)
+    def training_loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        inputs, targets = batch[0], self.scored_targets(batch)  # (B, T), (B, T)
         return self.network.loss(inputs, targets)
+
+    @property
+    def score_padding(self) -> bool:
+        """Whether the loss scores padding targets (the data's ``score_padding``; batches without padding: moot)."""
+        return bool(getattr(getattr(self._trainer, "datamodule", None), "score_padding", False))
+
+    def scored_targets(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """The targets (B, T) the training loss scores: padding (a batch's third element, (B, T) bool, from
+        :mod:`qkv_lightning.data.documents`) becomes :data:`IGNORE_INDEX` unless the data scores padding."""
+        if len(batch) < 3 or self.score_padding:
+            return batch[1]
+        return batch[1].masked_fill(batch[2], IGNORE_INDEX)
 
     def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
         return self.network.hidden(batch[0][:1], need_weights=True)[1]  # per block (1, H, T, T)
 
+    def distill_outputs(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The token loss, the student's logits (B*T, V) (log-probabilities with an adaptive softmax), the inputs
+        and the mask of the targets that count (not ``IGNORE_INDEX``)."""
+        inputs, targets = batch  # (B, T), (B, T)
+        logits = self.network(inputs).flatten(0, 1).float()  # (B*T, V)
+        flat = targets.flatten()  # (B*T,)
+        hard = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX)
+        return hard, logits, inputs, flat != IGNORE_INDEX
+
+    def teacher_logits(self, network: torch.nn.Module, inputs: Tensor) -> Tensor:
+        return network(inputs).flatten(0, 1)  # (B*T, V)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         targets = batch[1]  # (B, T)
-        loss = self.training_loss(batch)
+        loss = self.distilled_training_loss(batch)[0] if self.distilling else self.training_loss(batch)
         self.tokens_seen += targets.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens", float(self.tokens_seen))
@@ -243,16 +284,26 @@ class LanguageModel(TaskModule):
             )
 
     # ----------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, batch: tuple[Tensor, Tensor], metric: SummedLoss) -> None:
-        inputs, targets = batch  # (B, T), (B, T)
-        loss_sum = self.network.loss(inputs, targets, reduction="sum")
-        metric.update(loss_sum, (targets != IGNORE_INDEX).sum())
+    def _evaluate(self, batch: tuple[Tensor, ...], metric: SummedLoss, stage: str = "val") -> None:
+        inputs, targets = batch[0], batch[1]  # (B, T), (B, T)
+        if len(batch) < 3:
+            loss_sum = self.network.loss(inputs, targets, reduction="sum")
+            metric.update(loss_sum, (targets != IGNORE_INDEX).sum())
+            return
+        losses = self.network.loss(inputs, targets, reduction="none")  # (B, T), 0 where ignored
+        scored = targets != IGNORE_INDEX  # (B, T)
+        documents = scored & ~batch[2]  # (B, T): padding left out
+        self.padding_sums[f"{stage}_with_padding"].update(losses[scored].sum(), scored.sum())
+        self.padding_sums[f"{stage}_without_padding"].update(losses[documents].sum(), documents.sum())
+        main = scored if self.score_padding else documents
+        metric.update(losses[main].sum(), main.sum())
+        self._padded_stages.add(stage)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_loss_sum)
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss_sum, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_loss_sum)
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss_sum, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val", self.val_loss_sum)
@@ -273,6 +324,14 @@ class LanguageModel(TaskModule):
         ratio = datamodule.tokens_per_word(stage) if hasattr(datamodule, "tokens_per_word") else None
         if ratio is not None and ratio != 1.0:  # total loss / words = mean loss * tokens / words
             self.log(f"{stage}/word_ppl", (loss * ratio).exp())
+        if stage in self._padded_stages:  # padded documents: the perplexity with and without the padding scored
+            self._padded_stages.discard(stage)
+            for kind in ("with_padding", "without_padding"):
+                total, count = self.padding_sums[f"{stage}_{kind}"].compute()
+                self.padding_sums[f"{stage}_{kind}"].reset()
+                if int(count):
+                    self.log(f"{stage}/ppl_{kind}", (total / count).float().exp())
+                    self.log(f"{stage}/tokens_{kind}", count.float())
 
     # ----------------------------------------------------------------------------------------------- generation
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:

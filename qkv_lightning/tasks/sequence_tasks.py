@@ -13,6 +13,7 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
 from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
+from qkv_lightning.uptrain.distill import DistillConfig
 
 STAGES = ("train", "val", "test")
 
@@ -29,6 +30,9 @@ class SequenceTask(TaskModule):
         data_spec: what the data decides; filled from the datamodule when None.
         compile: compile each block with ``torch.compile``.
         activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
+        init_from: a checkpoint (e.g. from ``convert``) whose weights ``fit`` starts from, with a fresh optimiser;
+            ``--ckpt_path`` takes precedence.
+        distill: distillation from a frozen teacher checkpoint (teacher, temperature, alpha).
     """
 
     def __init__(
@@ -39,6 +43,8 @@ class SequenceTask(TaskModule):
         data_spec: dict | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        distill: DistillConfig = DistillConfig(),
     ) -> None:
         super().__init__(
             as_config(EncoderConfig, network),
@@ -47,6 +53,8 @@ class SequenceTask(TaskModule):
             data_spec=data_spec,
             compile=compile,
             activation_checkpointing=activation_checkpointing,
+            init_from=init_from,
+            distill=distill,
         )
         self.save_task_hyperparameters(network=self.network_config)
         # one metric object per stage and quantity (token accuracy, whole-sequence accuracy)
@@ -98,16 +106,31 @@ class SequenceTask(TaskModule):
     def attention_maps(self, batch: tuple[Tensor, Tensor]) -> list[Tensor]:
         return self.network(batch[0][:1], need_weights=True)[1]  # per block (1, H, T, T)
 
+    def distill_outputs(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor, None]:
+        """The loss, the student's logits (B*T, classes), the inputs and no mask (every position counts)."""
+        loss, logits = self._loss(batch)
+        return loss, logits.flatten(0, 1).float(), batch[0], None
+
+    def teacher_logits(self, network: nn.Module, inputs: Tensor) -> Tensor:
+        return network(inputs)[0].flatten(0, 1)  # (B*T, classes)
+
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         inputs, targets = batch  # (B, T), (B, T)
-        loss, logits = self._loss(batch)
+        if stage == "train" and self.distilling:
+            loss, flat = self.distilled_training_loss(batch)
+            logits = flat.view(*targets.shape, -1)  # (B, T, classes)
+        else:
+            loss, logits = self._loss(batch)
         correct = logits.argmax(dim=-1) == targets  # (B, T)
         token_acc, seq_acc = self.token_acc[f"{stage}_"], self.seq_acc[f"{stage}_"]
         token_acc.update(correct.float())
         seq_acc.update(correct.all(dim=-1).float())
         on_step = stage == "train"
         batch_size = inputs.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, batch_size=batch_size)
+        self.log(  # epoch means over every process's batches (not rank 0's alone) under DDP / FSDP
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, batch_size=batch_size,
+            sync_dist=not on_step,
+        )
         self.log(f"{stage}/acc", token_acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
         self.log(f"{stage}/seq_acc", seq_acc, on_step=False, on_epoch=True)
         return loss

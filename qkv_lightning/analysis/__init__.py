@@ -1,0 +1,1 @@
+"""``analyze``: similarities, ranks, subspace angles and attention entropies of a trained model's Q, K and V."""

@@ -1,0 +1,93 @@
+"""The shipped configs, reachable from a checkout and from an installed wheel alike.
+
+The top-level ``configs/`` folder of the repository is packaged into the wheel as ``qkv_lightning/configs``
+(``setup.py`` maps it; git holds one copy). ``--config qkv:lm/wikitext2.yaml`` names a shipped config wherever the
+package is installed; a relative ``configs/...`` path that does not exist in the working directory falls back to the
+shipped file of that name, so the README's commands also work outside a checkout (a file of the working directory
+always wins).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from qkv_lightning.errors import ConfigError
+
+SCHEME = "qkv:"
+"""Prefix of a shipped config's name: ``qkv:lm/wikitext2.yaml`` is ``configs/lm/wikitext2.yaml`` of the package."""
+
+
+def config_root() -> Path:
+    """The folder of the shipped configs: ``qkv_lightning/configs`` in an installed wheel, else the checkout's
+    ``configs/`` (a source tree or an editable install)."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Every shipped config, as ``lm/wikitext2.yaml``-style names relative to :func:`config_root`."""
+    root = config_root()
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.yaml"))
+
+
+def resolve_config(path: str) -> str:
+    """The file that a config argument names: ``qkv:NAME`` is the shipped config NAME; a relative ``configs/NAME``
+    missing from the working directory is the shipped NAME when there is one; anything else is returned unchanged.
+
+    Raises:
+        ConfigError: for a ``qkv:`` name that is not shipped (with the closest shipped names).
+    """
+    text = str(path)
+    if text.startswith(SCHEME):
+        name = text[len(SCHEME) :].lstrip("/")
+        candidate = config_root() / name
+        if not candidate.is_file():
+            names = shipped_configs()
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(SCHEME + c for c in close)}?" if close else f"shipped: {len(names)} files"
+            raise ConfigError(
+                f"--config {text}: no shipped config {name!r} in {config_root()} ({hint}); list them with "
+                "`python -m qkv_lightning configs`."
+            )
+        return str(candidate)
+    posix = text.replace(os.sep, "/")
+    if posix.startswith("configs/") and not Path(text).exists():
+        candidate = config_root() / posix[len("configs/") :]
+        if candidate.is_file():
+            return str(candidate)
+    return text
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """``args`` with the value of every ``--config X`` / ``--config=X`` passed through :func:`resolve_config`."""
+    out: list[str] = []
+    follows_flag = False
+    for arg in args:
+        if follows_flag:
+            out.append(resolve_config(arg))
+            follows_flag = False
+        elif arg == "--config":
+            out.append(arg)
+            follows_flag = True
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: Sequence[str]) -> int:
+    """``configs``: print the shipped configs, one ``qkv:NAME`` per line (``--path``: the folder they are in)."""
+    if "--path" in argv:
+        print(config_root())
+        return 0
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: configs [--path]\n\nPrint the shipped configs as qkv:NAME (for --config), or their folder.")
+        return 0
+    for name in shipped_configs():
+        print(SCHEME + name)
+    return 0

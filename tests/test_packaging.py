@@ -1,0 +1,117 @@
+"""Packaging: the shipped configs (``qkv:NAME``), declared dependencies, import safety, ``python -m``, ``__version__``.
+
+The wheel itself is built, installed in a clean virtual environment and run outside the checkout by ``.ci/run``
+(``.ci/wheel-check.sh``).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qkv_lightning.config_files import config_root, resolve_config, resolve_config_args, shipped_configs
+from qkv_lightning.errors import ConfigError
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "qkv_lightning"
+
+
+def _name(requirement: str) -> str:
+    """The normalised distribution name of a requirement string (``jsonargparse[signatures]>=4`` -> jsonargparse)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)).lower()
+
+
+def test_shipped_config_names_are_the_top_level_configs_files(tmp_path, monkeypatch):
+    names = shipped_configs()
+    on_disk = sorted(p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+    assert names == on_disk and "lm/wikitext2.yaml" in names
+    shipped = Path(resolve_config("qkv:lm/wikitext2.yaml"))
+    assert shipped.read_bytes() == (ROOT / "configs/lm/wikitext2.yaml").read_bytes()
+    # outside the checkout, a configs/NAME missing from the working directory is the shipped file; a local one wins
+    monkeypatch.chdir(tmp_path)
+    assert Path(resolve_config("configs/lm/wikitext2.yaml")) == config_root() / "lm/wikitext2.yaml"
+    (tmp_path / "configs/lm").mkdir(parents=True)
+    (tmp_path / "configs/lm/wikitext2.yaml").write_text("mine: 1\n")
+    assert resolve_config("configs/lm/wikitext2.yaml") == "configs/lm/wikitext2.yaml"
+    assert resolve_config("configs/lm/none.yaml") == "configs/lm/none.yaml"  # left for the parser's own error
+    assert resolve_config_args(["fit", "--config", "qkv:lm/wikitext2.yaml", "--config=qkv:variants/mqa.yaml", "x"]) == [
+        "fit", "--config", str(config_root() / "lm/wikitext2.yaml"), f"--config={config_root() / 'variants/mqa.yaml'}",
+        "x",
+    ]
+    with pytest.raises(ConfigError, match=r"qkv:lm/wikitext2\.yaml"):  # a typo is answered with the close names
+        resolve_config("qkv:lm/wikitext-2.yaml")
+
+
+def _third_party_imports() -> dict[str, dict[str, list[str]]]:
+    """Top-level names of the non-stdlib modules that qkv_lightning imports -> {"module": [files], "local": [files]}:
+    module level (every user needs them), or inside a function / a try block (a command or an option needs them)."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top_level = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in ("qkv_lightning", "__future__"):
+                    continue
+                where = "module" if id(node) in top_level else "local"
+                found.setdefault(top, {"module": [], "local": []})[where].append(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_imported_package_is_a_declared_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_name(r) for r in project["dependencies"]}
+    extras = {_name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    distributions = importlib.metadata.packages_distributions()
+    problems = []
+    for top, where in sorted(_third_party_imports().items()):
+        names = {_name(d) for d in distributions.get(top, [top])}
+        if where["module"] and not names & core:
+            problems.append(f"{top} ({sorted(names)}) is imported at module level by {where['module']} but is not core")
+        elif not names & (core | extras):
+            problems.append(f"{top} ({sorted(names)}) is imported by {where['local']} but declared nowhere")
+    assert not problems, problems
+    for name in ("numpy", "pyyaml", "pillow", "scipy"):  # the ones that once were missing
+        assert name in core
+
+
+def test_every_module_imports_without_posix_only_modules():
+    """With ``resource`` unavailable (as on Windows), every module of the package still imports."""
+    code = (
+        "import sys, pkgutil, importlib; sys.modules['resource'] = None; import qkv_lightning; "
+        "names = [m.name for m in pkgutil.walk_packages(qkv_lightning.__path__, 'qkv_lightning.')]; "
+        "[importlib.import_module(n) for n in names]; print(len(names))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 50  # every module was imported, not only the package
+
+
+def test_python_dash_m_and_version():
+    import qkv_lightning
+
+    assert qkv_lightning.__version__ == importlib.metadata.version("qkv-lightning")
+    assert qkv_lightning.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "qkv_lightning", "configs"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [f"qkv:{name}" for name in shipped_configs()]
