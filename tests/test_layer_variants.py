@@ -247,6 +247,10 @@ def test_qvv3_has_exactly_qkvs_parameters_and_q_k_vs_cache_and_fuses_to_one_matm
         assert cost.params_total == n_params(model) == network_cost(model.config, qkv).params_total
         assert cost.params_inference == network_cost(model.config, AttentionConfig(sharing="Q-K=V")).params_total
         assert cost.kv_cache_bytes_per_token * 2 == network_cost(model.config, qkv).kv_cache_bytes_per_token
+        with torch.no_grad():  # biases away from their zero initialisation, so that fusing must carry them
+            for name, param in model.named_parameters():
+                if ".attn." in name and name.endswith("bias"):
+                    param.uniform_(-0.5, 0.5)
         idx = idx_batch()
         before = model(idx)
         model.fuse()
@@ -258,6 +262,10 @@ def test_qvv3_has_exactly_qkvs_parameters_and_q_k_vs_cache_and_fuses_to_one_matm
 def test_a_fused_model_equals_the_factorised_one_for_every_role_and_decodes_exactly():
     attention = AttentionConfig(depth={"Q": 3, "K": 2}, kv_share_every=2)
     model = gpt(attention, "rope")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".attn." in name and name.endswith("bias"):
+                param.uniform_(-0.5, 0.5)
     idx = idx_batch()
     factorised = model(idx)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -291,7 +299,10 @@ def distributed_runs(tmp_path_factory) -> dict:
     variant = ("--model.init_args.attention.sharing", "Q-K=V", "--model.init_args.attention.kv_share_every", "2",
                "--model.init_args.attention.depth", "{Q: 2}", "--model.init_args.attention.q_norm", "rms",
                "--model.init_args.attention.k_norm", "rms", "--model.init_args.network.n_layer", "4")
-    return {"ddp": fit(workdir, "ddp", 4, *DDP, *variant), "fsdp2": fit(workdir, "fsdp2", 4, *FSDP2, *variant)}
+    runs = {}
+    for name, strategy in (("ddp", DDP), ("fsdp2", FSDP2)):
+        runs[name] = fit(workdir, name, 4, *strategy, *variant, timeout=1500)
+    return runs
 
 
 @pytest.mark.slow

@@ -120,8 +120,9 @@ class AttentionMaps(Callback):
         logits: dict[int, Tensor] = {}
 
         def capture(layer: int):
-            def hook(module: Attention, args: tuple) -> None:  # args: (x (1, T, C), rope, cache, need_weights)
-                logits[layer] = module.logits(args[0], args[1] if len(args) > 1 else None)[0]  # (H, T, T)
+            def hook(module: Attention, args: tuple) -> None:  # args: (x (1, T, C), rope, cache, need_weights, ...)
+                shared_kv = args[4] if len(args) > 4 else None  # the source's K/V for a layer that reuses them
+                logits[layer] = module.logits(args[0], args[1] if len(args) > 1 else None, shared_kv)[0]  # (H, T, T)
 
             return hook
 
