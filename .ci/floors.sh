@@ -43,7 +43,8 @@ for pin in sys.argv[1].split():
     if have.split("+")[0] != version and not have.startswith(version + "."):
         wrong.append(f"{name}: {have} installed, floor {version}")
 assert not wrong, wrong
-print("floors: installed " + ", ".join(f"{p.split('==')[0]} {md.version(re.sub(r'[\[].*', '', p.split('==')[0]))}" for p in sys.argv[1].split()))
+names = [re.sub(r"\[.*\]", "", pin).split("==")[0] for pin in sys.argv[1].split()]
+print("floors: installed " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
 echo "floors: environment ready in $((SECONDS - start)) s"
 # What the floors must carry: torch's SDPA attention and public fully_shard (FSDP2 gradients), Lightning's CLI and
