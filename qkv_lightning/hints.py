@@ -134,10 +134,10 @@ def explain_config_error(message: str, vocabulary: set[str] | None = None) -> st
         if line and not line.startswith(_NOISE) and line not in parts:
             parts.append(line)
     text = " ".join(parts) or message.strip()
-    unknown = re.findall(r"does not accept option '([^']+)'", message)
+    unknown = re.findall(r"does not accept (?:option|nested key) '([^']+)'", message)  # nested key: jsonargparse<4.4x
     unknown += re.findall(r"Key '([^']+)' is not expected", message)
     unknown += re.findall(r"Option '([^']+)' is not accepted", message)
-    for arguments in re.findall(r"unrecognized arguments: (.*)", message)[:1]:
+    for arguments in re.findall(r"[Uu]nrecognized arguments: (.*)", message)[:1]:  # capital U: jsonargparse<4.4x
         unknown += [a.split("=")[0] for a in arguments.split() if a.startswith("--")]
     hints: list[str] = []
     if unknown:

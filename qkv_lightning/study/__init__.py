@@ -177,9 +177,11 @@ def build_parser() -> jsonargparse.ArgumentParser:
 
 def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
     """The study config from the command line (``--config`` file plus overrides) and the config file's path."""
+    from qkv_lightning.config_files import resolve_config_args
+
     parser = build_parser()
     try:
-        namespace = parser.parse_args(list(argv))
+        namespace = parser.parse_args(resolve_config_args(argv))
     except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
         from qkv_lightning.hints import explain_config_error
 

@@ -14,6 +14,7 @@ from qkv_lightning.config_files import resolve_config, resolve_config_args
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS
 from qkv_lightning.study.effects import check_margins, statsmodels_available
+from qkv_lightning.study.launchers import LAUNCHERS
 from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers, parse_label
 
 INIT_FROM_KEY = "model.init_args.init_from"
@@ -146,12 +147,32 @@ class StudyConfig:
     """Also validate before training (the starting weights, e.g. right after conversion), recorded as
     ``<metric>@0`` (``val/ppl@0``); metrics at other steps come from a MetricsAtSteps callback of the task config."""
 
+    launcher: str = "local"
+    """Where cells run: ``local`` (this machine's worker pool, see workers), ``slurm`` (one SLURM job array through
+    submitit, each cell a job running the normal fit; pip install 'qkv-lightning[slurm]'), or ``submitit_local``
+    (the same job array on this machine, each cell a separate process)."""
+
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """submitit executor settings of every cell's job, e.g. {timeout_min: 600, nodes: 1, tasks_per_node: 8,
+    gpus_per_node: 8, cpus_per_task: 12, slurm_partition: gpu}; a multi-GPU cell also needs study.strategy."""
+
+    strategy: str | None = None
+    """A strategy config layered on every cell after the task config (e.g. configs/strategy/ddp.yaml), so that a
+    cell can itself be multi-GPU or multi-node."""
+
     def __post_init__(self) -> None:
         if not self.task:
             raise ConfigError("study.task is not set: give the path of a fit config, e.g. configs/synthetic/sort.yaml.")
         # qkv:NAME and a configs/NAME missing here name the shipped configs (qkv_lightning.config_files)
         self.task = resolve_config(self.task) if isinstance(self.task, str) else [resolve_config(p) for p in self.task]
         self.overrides = resolve_config_args([str(arg) for arg in self.overrides])
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"study.launcher={self.launcher!r} is not one of {', '.join(LAUNCHERS)}.")
+        if self.strategy is not None:
+            strategy = resolve_config(self.strategy)
+            if not Path(strategy).is_file():
+                raise ConfigError(f"study.strategy={self.strategy!r}: no such config (e.g. configs/strategy/ddp.yaml).")
+            self.strategy = strategy
         if not isinstance(self.task, str):
             self.task = [str(path) for path in self.task]
             if len(set(self.task)) != len(self.task):
@@ -332,6 +353,7 @@ def fingerprint(config: StudyConfig, cell: Cell) -> str:
         "task": Path(cell.task or config.task_paths[0]).read_text(),
         "override_files": [Path(path).read_text() for path in override_config_files(config.overrides)],
         "overrides": list(config.overrides),
+        **({"strategy": Path(config.strategy).read_text()} if config.strategy else {}),
         "variant": cell.variant.attention_settings(),
         "seed": cell.seed,
         **({"axes": [[key, value] for key, value in cell.axes]} if cell.axes else {}),

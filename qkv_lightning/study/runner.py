@@ -60,7 +60,7 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
         "group": cell.group,
         "sweep": {"task": task_label(task), **{names[key]: value for key, value in cell.axes}} if cell.group else {},
         "axes": [[key, value] for key, value in cell.axes],
-        "overrides": list(config.overrides),
+        "overrides": [*(["--config", config.strategy] if config.strategy else []), *config.overrides],
         "dir": str(cell_dir(study_dir, cell).resolve()),
         "metrics": list(config.metrics) if config.metrics else None,
         "validate": config.validate,
@@ -442,23 +442,36 @@ def blank_result(spec: dict) -> dict:
     }
 
 
-def run_cell(spec: dict) -> dict:
+def prepare_cell(spec: dict) -> None:
+    """A fresh cell folder with its ``cell.yaml`` (a half-finished or outdated run of this study starts afresh)."""
+    directory = Path(spec["dir"])
+    check_no_survivors([directory])
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    (directory / "cell.yaml").write_text(yaml.safe_dump(cell_overrides(spec), sort_keys=False))
+
+
+def run_cell(spec: dict, prepared: bool = False, writer: bool = True) -> dict:
     """Train, validate and test one cell in this process; write and return its result.
 
     Any exception is recorded as a failed result (error message in the result, traceback in ``error.txt``).
     A keyboard interrupt (which Lightning turns into ``SystemExit``) leaves no result, so the cell is redone later.
+
+    Args:
+        spec: the cell (:func:`cell_spec`).
+        prepared: its folder was made by :func:`prepare_cell` already (a SLURM job's tasks share it).
+        writer: this process writes the result and cleans up (False on the other ranks of a multi-task job).
     """
     from lightning.pytorch.cli import SaveConfigCallback
 
     from qkv_lightning.cli import QKVLightningCLI
 
     directory = Path(spec["dir"])
-    check_no_survivors([directory])
-    if directory.exists():
-        shutil.rmtree(directory)  # a half-finished or outdated run of this study starts afresh
-    directory.mkdir(parents=True)
-    claim_cell(directory)
-    (directory / "cell.yaml").write_text(yaml.safe_dump(cell_overrides(spec), sort_keys=False))
+    if not prepared:
+        prepare_cell(spec)
+    if writer:
+        claim_cell(directory)
     result = blank_result(spec)
     trainer = None
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -509,6 +522,8 @@ def run_cell(spec: dict) -> dict:
                 result.update(model_accounting(trainer.lightning_module))
         with contextlib.suppress(Exception):
             log_cell_record(trainer, spec, result)
+    if not writer:
+        return result
     if not spec["keep_checkpoints"]:
         for checkpoint in directory.rglob("*.ckpt"):
             checkpoint.unlink()
@@ -659,6 +674,10 @@ def run_in_workers(
 
 def run_cells(config: StudyConfig, specs: list[dict], study_dir: Path, on_result: Callable[[dict], None]) -> str:
     """Run the pending cells, calling ``on_result`` after each; returns a line describing how they ran."""
+    if config.launcher != "local":  # SLURM (or submitit's local executor): qkv_lightning.study.launchers
+        from qkv_lightning.study.launchers import run_with_submitit
+
+        return run_with_submitit(config, specs, study_dir, on_result)
     workers, threads, gpus = plan_workers(config, len(specs))
     if workers == 0:
         if threads:
