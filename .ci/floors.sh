@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The floors environment: every core dependency of pyproject.toml at the lowest release it allows (`>=X` installed
-# as `==X`), then the fast tests that exercise those libraries (FLOORS_TESTS below). A floor that does not work
-# fails CI. The venv is kept between CI runs on one machine under ~/.cache/qkv-lightning (rebuilt whenever the pins
-# change), and the wheels it needs are kept in a wheelhouse beside it, since pip's HTTP cache is not used here and
-# torch's CUDA build is about 3 GB of downloads.
+# The floors environment: core dependencies of pyproject.toml at the lowest release they allow (`>=X` installed as
+# `==X`), then the fast tests that exercise those libraries (FLOORS_TESTS below). A floor that does not work fails CI.
+#
+# In CI (the default) the Python-level libraries whose floors have broken us before are pinned: lightning,
+# lightning-utilities, torchmetrics and jsonargparse. torch, torchvision and the rest come from the main test
+# environment (a .pth line naming its site-packages, after the venv's own, so the pins win): torch's CUDA build is
+# about 3 GB of downloads and its first install took 31 min here, past CI's budget. `QKV_FLOORS_ALL=1 bash
+# .ci/floors.sh` pins every core dependency, torch 2.6 / torchvision 0.21 included (what the README's floors
+# section reports). The venv is kept under ~/.cache/qkv-lightning and rebuilt whenever the pins change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${QKV_FLOORS_CACHE:-$HOME/.cache/qkv-lightning}
@@ -11,28 +15,40 @@ venv=$cache/floors-venv
 wheels=$cache/floors-wheels
 mkdir -p "$cache" "$wheels"
 pins=$(python3 - <<'PY'
-import re, tomllib
+import os, re, tomllib
+PINNED_IN_CI = {"lightning", "lightning-utilities", "torchmetrics", "jsonargparse"}
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 for dep in deps:
     m = re.fullmatch(r"([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)\s*>=\s*([^,;\s]+)", dep)
     assert m, f"pyproject dependency {dep!r} has no plain `>=` floor"
-    print(f"{m.group(1)}=={m.group(2)}")
+    name = m.group(1).split("[")[0].lower()
+    if os.environ.get("QKV_FLOORS_ALL") == "1" or name in PINNED_IN_CI:
+        print(f"{m.group(1)}=={m.group(2)}")
 PY
 )
 # the libraries the tests themselves need, not pinned (the floors constrain what pip may choose for them)
 extras="pytest"
 echo "floors: $(echo $pins | tr '\n' ' ')"
 start=$SECONDS
-if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.pins" 2>/dev/null)" = "$pins" ]; then
+mode=${QKV_FLOORS_ALL:-0}
+main_python=${1:-.venv/bin/python}
+if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.pins" 2>/dev/null)" = "$mode $pins" ]; then
   echo "floors: reusing $venv (same pins)"
 else
   rm -rf "$venv"
   python3 -m venv "$venv"
   printf '%s\n' $pins > "$cache/floors-requirements.txt"
-  "$venv/bin/pip" download -q -d "$wheels" -r "$cache/floors-requirements.txt" $extras 2>&1 | grep -v "is ignored" || true
-  "$venv/bin/pip" install -q --no-index --find-links "$wheels" -r "$cache/floors-requirements.txt" $extras \
-    2>&1 | grep -v "is ignored" || true
-  echo "$pins" > "$venv/.pins"
+  if [ "$mode" = 1 ]; then
+    "$venv/bin/pip" download -q -d "$wheels" -r "$cache/floors-requirements.txt" $extras 2>&1 | grep -v "is ignored" || true
+    "$venv/bin/pip" install -q --no-index --find-links "$wheels" -r "$cache/floors-requirements.txt" $extras \
+      2>&1 | grep -v "is ignored" || true
+  else  # the pins alone; everything else (torch, pytest, ...) from the main test environment, after them on sys.path
+    "$venv/bin/pip" install -q --no-deps -r "$cache/floors-requirements.txt" 2>&1 | grep -v "is ignored" || true
+    site=$("$main_python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    own=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "$site" > "$own/zz_main_environment.pth"
+  fi
+  echo "$mode $pins" > "$venv/.pins"
 fi
 "$venv/bin/python" - "$pins" <<'PY'
 import importlib.metadata as md, re, sys
