@@ -163,6 +163,8 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
     """
 
     _stage: str = "fit"
+    _params: dict[str, Any] | None = None  # class defaults: on_exception can come before setup (bad data)
+    _logged: bool = False
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         self._stage = stage
@@ -224,7 +226,7 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
 
     def log_once(self, trainer: Trainer) -> None:
         """Log the hyper-parameters with :meth:`run_metrics` to every logger, once per stage."""
-        if self._logged or getattr(self, "_params", None) is None:
+        if self._logged or self._params is None:
             return
         self._logged = True
         metrics = self.run_metrics(trainer)
