@@ -231,7 +231,8 @@ def test_predict_from_a_checkpoint_writes_text_and_cache_equals_no_cache(tmp_pat
     events = EventAccumulator(str(log_dir))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/tokens", "val/loss", "val/ppl", "lr-AdamW/decay", "lr-AdamW/no_decay"} <= scalars, scalars
+    expected = {"train/loss", "train/tokens", "val/loss", "val/ppl", "lr-AdamW/decay", "lr-AdamW/no_decay"}
+    assert expected <= scalars, scalars
     hparams = (log_dir / "hparams.yaml").read_text()
     for key in ("model.init_args.attention.sharing: QKV", "model.init_args.optimizer.lr: 0.002",
                 "data.init_args.seq_len: 16", "trainer.gradient_clip_val: 1.0"):
