@@ -1,5 +1,8 @@
 """Fixtures shared by several test modules."""
 
+import os
+import socket
+
 import pytest
 import torch
 
@@ -17,3 +20,35 @@ def one_thread():
 def plain_argv(monkeypatch):
     """LightningCLI warns when both sys.argv (here: pytest's) and args are given."""
     monkeypatch.setattr("sys.argv", ["cli.py"])
+
+
+_PORTS_PER_WORKER = 1000
+_next_port: dict[str, int] = {}
+
+
+def rendezvous_port() -> int:
+    """A free TCP port for a distributed run, from a block of ports that belongs to this pytest-xdist worker alone.
+
+    Lightning picks its rendezvous port by binding port 0 and closing it again; two xdist workers that each start a
+    2-process run can be handed the same port in between (EADDRINUSE: one CI run failed so). The blocks lie below
+    Linux's ephemeral range (32768-60999), where the kernel never hands out ports on its own.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    start = 12000 + (index % 20) * _PORTS_PER_WORKER
+    while True:
+        port = _next_port.get(worker, start)
+        _next_port[worker] = start + (port + 1 - start) % _PORTS_PER_WORKER
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture(autouse=True)
+def own_rendezvous_port(monkeypatch):
+    """Every test's distributed runs (subprocesses inherit the variable) rendezvous on a port of its own:
+    Lightning's ``find_free_network_port`` returns ``STANDALONE_PORT`` when it is set."""
+    monkeypatch.setenv("STANDALONE_PORT", str(rendezvous_port()))

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from qkv_lightning.checkpoints import METADATA_FILE, is_sharded_checkpoint, load_checkpoint_file
 from qkv_lightning.cli import main
 from qkv_lightning.tasks.language_model import LanguageModel
+from tests.conftest import rendezvous_port
 from tests.distributed_support import probe_batch
 from tests.lm_fixtures import write_wikitext
 from tests.run_fixtures import CONFIGS, run_settings, wikitext_data, write_yaml
@@ -262,15 +262,9 @@ def test_kill_9_mid_epoch_then_fit_ckpt_path_last_continues_exactly(workdir, str
     assert not list(folder.glob(".checkpoint-*.tmp")) and not list(folder.glob("*.partial"))  # cleaned up
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_with_torchrun_train_together_through_the_cli(workdir, ddp):
     """Two "nodes" of one process each, rendezvous on localhost: the same training as 2-process DDP."""
-    port = str(free_port())
+    port = str(rendezvous_port())
     extra = ("--config", str(CONFIGS / "strategy" / "ddp.yaml"),
              "--config", str(CONFIGS / "strategy" / "multinode.yaml"),
              "--trainer.accelerator", "cpu", "--trainer.num_nodes", "2", "--trainer.devices", "1")
