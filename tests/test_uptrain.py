@@ -8,13 +8,24 @@ import math
 import pytest
 import torch
 
+from qkv_lightning.checkpoints import atomic_save, start_checkpoint
 from qkv_lightning.cli import main
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.gpt import IGNORE_INDEX, GPTConfig
+from qkv_lightning.nn.vit import ViTConfig
 from qkv_lightning.resume import check_fits, read_checkpoint_info
+from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
-from qkv_lightning.uptrain.convert import attention_layers, calibration_grams, convert_task, task_from_hparams
+from qkv_lightning.tasks.sequence_tasks import SequenceTask
+from qkv_lightning.uptrain.convert import (
+    attention_layers,
+    calibration_grams,
+    convert_task,
+    load_task,
+    task_from_hparams,
+)
 from qkv_lightning.uptrain.distill import distillation_loss
 from qkv_lightning.uptrain.surgery import fit_outputs, output_error, role_projections
 from qkv_lightning.variants import Variant
@@ -38,28 +49,108 @@ def tokens(n: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, SPEC["vocab_size"], (n, SPEC["seq_len"]), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method,keep", [("mean", None), ("keep", "K"), ("fit", None)])
-def test_identity_conversion_keeps_logits_bit_identical(method, keep):
-    source = tiny_lm("Q-K=V", position="rope")
-    idx = tokens()
-    grams = calibration_grams(source, [(idx, idx)]) if method == "fit" else None
-    target = convert_task(source, Variant("Q-K=V"), method, keep, grams)
+# The three kinds of task that convert reads, each tiny (width 32, 4 heads: fused rows Q 0:32, K 32:64, V 64:96),
+# without dropout, with weights large enough (init_std 0.3; a ViT's default init zeroes its head) that any change to
+# the attention shows in the logits.
+TASKS = ("gpt", "vit", "sequence")
+VIT_SPEC = {"num_classes": 5, "image_size": 8, "in_channels": 3}
+SEQ_SPEC = {"vocab_size": 12, "num_classes": 12, "seq_len": 10}
+
+
+def tiny_task(kind: str, sharing: str = "QKV", seed: int = 0, rope: bool = False) -> object:
+    """A built task of ``kind`` in eval mode; ``rope`` gives the sequence models rotary positions (a ViT has none).
+    Every parameter is jittered, so that none keeps a constant initial value (zero biases, unit norms) that a
+    conversion forgetting to copy it would rebuild by chance."""
+    if kind == "gpt":
+        task = tiny_lm(sharing, seed=seed, init_std=0.3, **({"position": "rope"} if rope else {}))
+    else:
+        torch.manual_seed(seed)
+        attention = AttentionConfig(sharing=sharing)
+        if kind == "vit":
+            network = ViTConfig(patch_size=4, n_layer=2, n_head=4, d_model=32, d_mlp=64, drop_path=0.0, init="torch")
+            task = ImageClassifier(network=network, attention=attention, data_spec=VIT_SPEC)
+        else:
+            network = EncoderConfig(n_layer=2, n_head=4, d_model=32, d_mlp=64, max_seq_len=10, init_std=0.3,
+                                    position="rope" if rope else "learned")
+            task = SequenceTask(attention=attention, network=network, data_spec=SEQ_SPEC)
+        task.configure_model()
     with torch.no_grad():
-        assert torch.equal(target.network(idx), source.network(idx))
-    assert target.state_dict().keys() == source.state_dict().keys()
+        for parameter in task.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return task.eval()
 
 
-def test_mean_of_a_model_whose_k_and_v_weights_are_equal_gives_the_same_outputs():
-    source = tiny_lm("QKV")
-    for attn in attention_layers(source).values():  # rows: Q (32), K (32), V (32)
+def task_batch(kind: str, n: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch of ``kind``'s data: (inputs, targets)."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "gpt":
+        return tokens(n, seed), tokens(n, seed + 100)
+    if kind == "vit":
+        images = torch.randn(n, 3, 8, 8, generator=generator)  # (B, C, S, S)
+        return images, torch.randint(0, 5, (n,), generator=generator)  # (B,)
+    inputs = torch.randint(0, 12, (n, 10), generator=generator)  # (B, T)
+    return inputs, inputs.flip(-1)
+
+
+def task_outputs(task: object, inputs: torch.Tensor) -> torch.Tensor:
+    """The task network's logits for ``inputs``."""
+    with torch.no_grad():
+        out = task.network(inputs)
+    return out[0] if isinstance(out, tuple) else out  # the sequence encoder also returns its attention maps
+
+
+def tie_k_to_v(task: object) -> None:
+    """Make every layer's K weights and biases equal to its V's (fused rows: Q 0:32, K 32:64, V 64:96)."""
+    for attn in attention_layers(task).values():
         with torch.no_grad():
             attn.qkv.weight[32:64] = attn.qkv.weight[64:96]
             attn.qkv.bias[32:64] = attn.qkv.bias[64:96]
+
+
+@pytest.mark.parametrize("kind", TASKS)
+@pytest.mark.parametrize("method,keep", [("mean", None), ("keep", "K"), ("fit", None)])
+def test_identity_conversion_keeps_logits_bit_identical(kind, method, keep):
+    source = tiny_task(kind, "Q-K=V", rope=True)
+    batch = task_batch(kind)
+    grams = calibration_grams(source, [batch]) if method == "fit" else None
+    target = convert_task(source, Variant("Q-K=V"), method, keep, grams)
+    assert torch.equal(task_outputs(target, batch[0]), task_outputs(source, batch[0]))
+    assert target.state_dict().keys() == source.state_dict().keys()
+
+
+@pytest.mark.parametrize("kind", TASKS)
+def test_mean_of_a_model_whose_k_and_v_weights_are_equal_gives_the_same_outputs(kind):
+    source = tiny_task(kind, "QKV")
+    tie_k_to_v(source)
     target = convert_task(source, Variant("Q-K=V"), "mean")
-    assert target.network.blocks[0].attn.qkv.weight.shape == (64, 32)  # one K=V projection
-    idx = tokens()
-    with torch.no_grad():
-        torch.testing.assert_close(target.network(idx), source.network(idx), rtol=0, atol=1e-6)
+    for attn in attention_layers(target).values():
+        assert attn.qkv.weight.shape == (64, 32)  # one K=V projection
+    inputs = task_batch(kind)[0]
+    torch.testing.assert_close(task_outputs(target, inputs), task_outputs(source, inputs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", TASKS)
+def test_convert_cli_on_a_checkpoint_of_each_task_keeps_its_outputs(kind, tmp_path, capsys):
+    """``cli.py convert`` on a checkpoint file of each task: QKV -> QKV is bit-identical, and QKV -> Q-K=V by mean of
+    a model whose K and V are equal keeps the outputs; the destination loads as the task of the new variant."""
+    source = tiny_task(kind, "QKV", seed=2)
+    inputs = task_batch(kind, seed=5)[0]
+    identity = tmp_path / "qkv.ckpt"
+    atomic_save(start_checkpoint(source), tmp_path / "source.ckpt")
+    assert main(["convert", str(tmp_path / "source.ckpt"), str(identity), "--sharing", "QKV"]) == 0
+    loaded, _ = load_task(identity)
+    assert type(loaded) is type(source) and loaded.attention_config.sharing == "QKV"
+    assert torch.equal(task_outputs(loaded.eval(), inputs), task_outputs(source, inputs))
+    tie_k_to_v(source)
+    atomic_save(start_checkpoint(source), tmp_path / "tied.ckpt")
+    shared = tmp_path / "q-k=v.ckpt"
+    assert main(["convert", str(tmp_path / "tied.ckpt"), str(shared), "--sharing", "Q-K=V", "--method", "mean"]) == 0
+    assert "QKV -> Q-K=V by mean" in capsys.readouterr().out
+    loaded, checkpoint = load_task(shared)
+    assert loaded.attention_config.sharing == "Q-K=V" and checkpoint["converted_from"]["method"] == "mean"
+    expected = task_outputs(source, inputs)
+    assert (task_outputs(tiny_task(kind, "QKV", seed=2), inputs) - expected).abs().max() > 1e-2  # tying changed it
+    torch.testing.assert_close(task_outputs(loaded.eval(), inputs), expected, rtol=0, atol=1e-6)
 
 
 def test_gqa_head_pooling_equals_a_hand_computed_pooling():
