@@ -4,6 +4,7 @@ table (recomputed here from results.csv) and matched-cell pairing."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.study import StudyConfig, parse_study_args, run_study
 from qkv_lightning.study.config import cells, expand_grid
 from qkv_lightning.study.runner import cell_overrides, cell_spec
-from qkv_lightning.study.sweep import matched_pairs, summarize_sweep
+from qkv_lightning.study.sweep import matched_pairs, summarize_sweep, sweep_markdown
 from qkv_lightning.variants import parse_label
 from tests.test_study import _task_config
 
@@ -156,3 +157,45 @@ def test_paper_sweep_configs_parse_to_the_papers_grid(monkeypatch: pytest.Monkey
     assert [v.label for v in expand_grid(cpu)[0]] == labels
     assert [Path(t).stem for t in cpu.task_paths] == ["reverse", "swap"] and cpu.seeds == [0, 1, 2]
     assert len(cpu.axes["model.init_args.network.d_model"]) >= 2 and len(cpu.axes["data.init_args.seq_len"]) >= 2
+
+
+def test_sweep_rows_keep_from_scratch_and_converted_cells_apart(tmp_path: Path) -> None:
+    """An init_from (or distill.teacher) axis is never averaged over: one row per variant and starting point, each
+    the mean of its own cells and compared with the baseline at the same starting point; other axes still average."""
+    source = tmp_path / "teacher.ckpt"
+    source.write_bytes(b"")  # only its existence is checked here
+    config = StudyConfig(task=_tasks(tmp_path)[0], variants=["Q-K=V", "Q=K-V"], baseline="Q-K=V", seeds=[0, 1, 2],
+                         metrics=["val/ppl"],
+                         axes={"model.init_args.init_from": [None, "convert:mean"], "data.init_args.seq_len": [4, 6]},
+                         convert_from=str(source))
+    variants = expand_grid(config)[0]
+    values = {}
+    for start, length, seed, label in itertools.product((None, "convert:mean"), (4, 6), (0, 1, 2), ("Q-K=V", "Q=K-V")):
+        scratch = start is None
+        values[label, start, length, seed] = (8000.0 if scratch else 380.0) + 7 * seed + length + (
+            (50.0 if scratch else 3.0) * (label == "Q=K-V")) + 0.5 * seed * (label == "Q=K-V")
+    results = [
+        {"variant": label, "group": f"sub/init_from={start},seq_len={length}", "seed": seed, "status": "ok",
+         "sweep": {"task": "sub", "init_from": start, "seq_len": length}, "metrics": {"val/ppl": value},
+         "wall_s": 1.0, "error": ""}
+        for (label, start, length, seed), value in values.items()
+    ]
+    summary = summarize_sweep(config, variants, results, groups=[])
+    table = summary["sweep_table"]["val/ppl"]
+    assert summary["kept_apart"] == ["init_from"]
+    assert list(table) == ["Q-K=V (init_from=null)", "Q=K-V (init_from=null)", "Q-K=V (init_from=convert:mean)",
+                           "Q=K-V (init_from=convert:mean)"]
+    for (label, start), name in {("Q-K=V", None): "Q-K=V (init_from=null)",
+                                 ("Q=K-V", "convert:mean"): "Q=K-V (init_from=convert:mean)"}.items():
+        own = [v for (lab, st, _, _), v in values.items() if lab == label and st == start]
+        assert len(own) == 6 and table[name]["average"] == pytest.approx(sum(own) / 6)  # the seq_len axis averages
+        by_seed = [sum(values[label, start, n, seed] for n in (4, 6)) / 2 for seed in (0, 1, 2)]
+        assert table[name]["seed_averages"] == pytest.approx(by_seed)
+    for start, gap in ((None, 50.0), ("convert:mean", 3.0)):
+        entry = table[f"Q=K-V (init_from={'null' if start is None else start})"]
+        assert entry["pairs"] == 6 and entry["diff"] == pytest.approx(gap + 0.5)  # paired at the same start only
+    assert table["Q-K=V (init_from=convert:mean)"]["verdict"] == "baseline"
+    rows = [row["row"] for row in summary["variants"]]
+    assert rows == list(table)
+    markdown = sweep_markdown(summary, "t", [])
+    assert "| Q=K-V (init_from=convert:mean) |" in markdown and "kept apart by `init_from`" in markdown

@@ -10,22 +10,53 @@ the tasks, as the paper's Table 1 reports. Its statistics stay paired:
 * the **95% CI** of a variant's average is a t interval over seeds: for each seed, the average over tasks of the
   mean over that task's cells with that seed.
 
+An axis that says where a cell *starts* (``model.init_args.init_from``: from scratch or from a converted checkpoint;
+``model.init_args.distill.teacher``: trained alone or distilled) is a treatment, not a nuisance to average over: a
+mean over from-scratch and uptrained cells means nothing. Such axes (:data:`KEPT_APART`) are never averaged: the table
+gets one row per variant and value of those axes (``Q-K=V (init_from=convert:mean)``), each compared with the
+baseline variant at the same values; its columns and average run over the tasks and the other axes only.
+
 The per-cell table (one :func:`~qkv_lightning.study.report.summarize` per task and axis values, paired over seeds)
 stays available in ``summary.json`` (``groups``) and ``cells.md``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from qkv_lightning.study import stats
-from qkv_lightning.study.config import StudyConfig
+from qkv_lightning.study.config import INIT_FROM_KEY, TEACHER_KEY, StudyConfig
 from qkv_lightning.study.report import _num, _p, _signed
 from qkv_lightning.variants import Variant
+
+KEPT_APART = (INIT_FROM_KEY, TEACHER_KEY)
+"""Axes whose values the sweep table keeps in separate rows instead of averaging over them (where a cell starts)."""
 
 
 def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
+
+
+def kept_apart(config: StudyConfig) -> dict[str, list]:
+    """The study's axes of :data:`KEPT_APART`, by short name (as in a result's ``sweep``), with their values."""
+    names = config.axis_names()
+    return {names[key]: list(values) for key, values in config.axes.items() if key in KEPT_APART}
+
+
+def split_of(result: dict, names: list[str]) -> tuple:
+    """The values of the kept-apart axes ``names`` of a cell's result."""
+    sweep = result.get("sweep", {})
+    return tuple(sweep.get(name) for name in names)
+
+
+def row_label(label: str, names: list[str], values: tuple) -> str:
+    """A sweep-table row: the variant, with the kept-apart axis values if there are any (``Q-K=V
+    (init_from=convert:mean)``; null for None)."""
+    if not names:
+        return label
+    shown = ", ".join(f"{name}={'null' if value is None else value}" for name, value in zip(names, values, strict=True))
+    return f"{label} ({shown})"
 
 
 def ok_value(result: dict, metric: str) -> float | None:
@@ -90,41 +121,48 @@ def variant_sweep(results: list[dict], label: str, tasks: list[str], metric: str
 
 def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[dict], groups: list[dict]) -> dict:
     """The summary of a sweep, in the shape of :func:`~qkv_lightning.study.report.summarize` (one row per variant,
-    so that its table and the CLI read it alike) plus ``tasks``, ``sweep_table`` (the paper-layout table of every
-    metric)
-    and ``groups`` (the per-cell summaries, given)."""
+    and per value of the kept-apart axes, so that its table and the CLI read it alike) plus ``tasks``,
+    ``kept_apart`` (the short names of the axes kept in separate rows), ``sweep_table`` (the paper-layout table of
+    every metric, keyed by row label) and ``groups`` (the per-cell summaries, given)."""
     base = config.baseline
     tasks = []
     for result in results:
         if task_of(result) not in tasks:
             tasks.append(task_of(result))
     metrics = config.resolve_metrics(results)
+    apart = kept_apart(config)
+    names = list(apart)
+    splits = list(itertools.product(*apart.values()))  # [()] without kept-apart axes
     rows = []
-    for variant in variants:
-        runs = [r for r in results if r["variant"] == variant.label]
-        rows.append(
-            {
-                **variant.as_row(),
-                "runs": len(runs),
-                "runs_ok": sum(r["status"] == "ok" for r in runs),
-                "params": None,  # differs between the cells of a sweep: see results.csv
-                "attn_params": None,
-                "kv_cache_bytes_per_token": None,
-                "params_change": None,
-                "wall_s_mean": _finite(stats.mean([r["wall_s"] for r in runs if r["status"] == "ok"])),
-                "metrics": {},
-            }
-        )
+    for split in splits:
+        for variant in variants:
+            runs = [r for r in results if r["variant"] == variant.label and split_of(r, names) == split]
+            rows.append(
+                {
+                    **variant.as_row(),
+                    "row": row_label(variant.label, names, split),
+                    "kept_apart": dict(zip(names, split, strict=True)),
+                    "runs": len(runs),
+                    "runs_ok": sum(r["status"] == "ok" for r in runs),
+                    "params": None,  # differs between the cells of a sweep: see results.csv
+                    "attn_params": None,
+                    "kv_cache_bytes_per_token": None,
+                    "params_change": None,
+                    "wall_s_mean": _finite(stats.mean([r["wall_s"] for r in runs if r["status"] == "ok"])),
+                    "metrics": {},
+                }
+            )
     sweep: dict[str, dict] = {}
     for metric in metrics:
         table, tests = {}, {}
         for row in rows:
             label = row["variant"]
-            entry = variant_sweep(results, label, tasks, metric)
+            part = [r for r in results if split_of(r, names) == tuple(row["kept_apart"].values())]
+            entry = variant_sweep(part, label, tasks, metric)
+            entry["variant"], entry["kept_apart"] = label, row["kept_apart"]
             if label != base:
-                keys, mine, theirs = matched_pairs(results, label, base, metric)
+                keys, mine, theirs = matched_pairs(part, label, base, metric)
                 test = stats.paired_test(mine, theirs)
-                tests[label] = test
                 entry.update(
                     pairs=len(keys),
                     diff=_finite(test.diff),
@@ -134,7 +172,8 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
                     df=_finite(test.df),
                     p=_finite(test.p),
                 )
-            table[label] = entry
+                tests[row["row"]] = test
+            table[row["row"]] = entry
         adjusted = stats.holm([tests[label].p for label in tests])
         lower_better = config.is_lower_better(metric)
         for label, p_holm in zip(tests, adjusted, strict=True):
@@ -146,10 +185,12 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
                 entry["verdict"] = "worse" if (entry["diff"] > 0) == lower_better else "better"
             else:
                 entry["verdict"] = "n.s."
-        table[base]["verdict"] = "baseline"
+        for row in rows:
+            if row["variant"] == base:
+                table[row["row"]]["verdict"] = "baseline"
         sweep[metric] = table
         for row in rows:  # the standard row view: the average, its seed CI and the matched-cell test
-            entry = table[row["variant"]]
+            entry = table[row["row"]]
             seeds = entry["seed_averages"]
             row["metrics"][metric] = {
                 "n": entry["cells_ok"],
@@ -163,6 +204,7 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
         "task": config.task_paths,
         "tasks": tasks,
         "axes": dict(config.axes),
+        "kept_apart": names,
         "overrides": list(config.overrides),
         "seeds": list(config.seeds),
         "baseline": base,
@@ -182,8 +224,9 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
 
 
 def sweep_table(summary: dict, metric: str | None = None) -> str:
-    """The paper-layout markdown table of one metric: a row per variant, a column per task, the average over the
-    tasks with its seed-level 95% CI, and the matched-cell difference from the baseline with its CI and Holm p."""
+    """The paper-layout markdown table of one metric: a row per variant (and value of the kept-apart axes), a column
+    per task, the average over the tasks with its seed-level 95% CI, and the matched-cell difference from the baseline
+    with its CI and Holm p."""
     metric = metric or summary["primary"]
     if metric is None:
         return "(no run has finished: no metrics to summarise; see the failed runs)"
@@ -196,7 +239,7 @@ def sweep_table(summary: dict, metric: str | None = None) -> str:
     for label, entry in summary["sweep_table"][metric].items():
         cells = " | ".join(_num(entry["per_task"].get(task)) for task in tasks)
         ci = f"[{_num(entry['ci95'][0])}, {_num(entry['ci95'][1])}]"
-        if label == base:
+        if entry.get("variant", label) == base:
             diff = pairs = p_holm = ""
         else:
             diff = f"{_signed(entry['diff'])} [{_signed(entry['diff_ci95'][0])}, {_signed(entry['diff_ci95'][1])}]"
@@ -227,6 +270,13 @@ def sweep_markdown(summary: dict, title: str, notes: list[str]) -> str:
         f"finished), with a paired t interval; `p Holm`: Holm-corrected over the variants (`worse *` / `better *` "
         f"when below {summary['alpha']}). Per-cell tables: `cells.md`; every run: `results.csv`.",
     ]
+    if summary.get("kept_apart"):
+        kept = ", ".join(f"`{name}`" for name in summary["kept_apart"])
+        parts[-1] += (
+            f" Rows are kept apart by {kept} (where a cell starts: averaging from-scratch and uptrained or distilled "
+            f"cells would mean nothing): each row's columns and average run over that row's cells only, and its "
+            f"difference is from {summary['baseline']} with the same {kept}."
+        )
     for metric in summary["metrics"][1:]:
         parts += ["", f"{metric}:", "", sweep_table(summary, metric)]
     if notes:
