@@ -262,6 +262,30 @@ def test_study_verdicts_say_better_and_worse_in_the_direction_of_each_metric(
     assert table["Q=K-V"].endswith("| n.s. |")
 
 
+def test_mean_confidence_intervals_are_clipped_to_the_values_each_metric_can_take(tmp_path: Path) -> None:
+    """Three seeds' t interval of an accuracy near 1 reaches past 1, of a small loss below 0, of a perplexity near 1
+    below 1: the tables (per-variant and sweep) show them clipped there; the other end is scipy's t interval."""
+    from qkv_lightning.study.sweep import summarize_sweep
+
+    values = {"test/acc": [0.99, 1.0, 0.95], "test/loss": [0.01, 0.2, 0.02], "val/ppl": [1.01, 1.5, 1.02],
+              "test/score": [-0.5, 0.5, 0.1]}  # an unknown metric: unbounded, never clipped
+    clipped = {"test/acc": (None, 1.0), "test/loss": (0.0, None), "val/ppl": (1.0, None), "test/score": (None, None)}
+    for axes in ({}, {"data.init_args.seq_len": [4]}):
+        config = StudyConfig(task=str(_task_config(tmp_path)), sharing=["QKV"], seeds=[0, 1, 2], metrics=list(values),
+                             axes=axes)
+        variants, _ = expand_grid(config)
+        results = [{"variant": "QKV", "seed": seed, "status": "ok", "params": 100, "attn_params": 10,
+                    "kv_cache_bytes_per_token": 4, "wall_s": 1.0, "group": "t/seq_len=4",
+                    "sweep": {"task": "t", "seq_len": 4}, "metrics": {m: v[seed] for m, v in values.items()}}
+                   for seed in range(3)]
+        summary = summarize_sweep(config, variants, results, []) if axes else summarize(config, variants, results)
+        for metric, series in values.items():
+            raw = scipy_stats.t.interval(0.95, 2, loc=sum(series) / 3, scale=scipy_stats.sem(series))
+            expected = [raw[i] if clipped[metric][i] is None else clipped[metric][i] for i in (0, 1)]
+            assert raw[0] < expected[0] or raw[1] > expected[1] or metric == "test/score"
+            assert summary["variants"][0]["metrics"][metric]["ci95"] == pytest.approx(expected, rel=1e-9), metric
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
     with open(path, newline="") as handle:

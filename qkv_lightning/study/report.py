@@ -131,7 +131,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         for row in rows:
             values = ok_values(row["variant"], metric)
             series = [values[s] for s in sorted(values)]
-            low, high = stats.mean_ci(series)
+            low, high = clip_interval(stats.mean_ci(series), metric)
             entry = {
                 "n": len(series),
                 "mean": _finite(stats.mean(series)),
@@ -383,8 +383,9 @@ def verdict_legend(summary: dict) -> str:
     """One paragraph explaining the verdict column."""
     base, alpha = summary["baseline"], summary["alpha"]
     common = (
-        "`test`: `paired` t-test over matching seeds, or `welch` when the seeds that finished differ. KV cache: bytes "
-        "per token over all layers at 2 bytes per element."
+        "`95% CI`: t interval of the mean over the seeds, clipped to the values the metric can take (accuracies in "
+        "[0, 1], perplexities >= 1, losses >= 0). `test`: `paired` t-test over matching seeds, or `welch` when the "
+        "seeds that finished differ. KV cache: bytes per token over all layers at 2 bytes per element."
     )
     if summary.get("equivalence_margins", {}).get(summary["primary"]):
         return (
@@ -464,6 +465,15 @@ def metric_range(metric: str) -> tuple[float, float]:
     if any(word in name for word in ("loss", "nll", "bpc", "error")):
         return 0.0, math.inf
     return -math.inf, math.inf
+
+
+def clip_interval(interval: tuple[float, float], metric: str) -> tuple[float, float]:
+    """A confidence interval of a mean of ``metric`` clipped to the values the metric can take
+    (:func:`metric_range`): a t interval over three seeds of accuracies near 1 can reach past 1, one of small losses
+    below 0, and a mean can lie in neither. NaN ends (fewer than two values) stay NaN."""
+    low, high = interval
+    lowest, highest = metric_range(metric)
+    return (low if math.isnan(low) else max(low, lowest)), (high if math.isnan(high) else min(high, highest))
 
 
 def _clipped_error(center: float, low: float | None, high: float | None, bounds: tuple[float, float]) -> list:

@@ -8,7 +8,7 @@ the tasks, as the paper's Table 1 reports. Its statistics stay paired:
   with the same task, axis values and seed that both finished, with a paired t confidence interval over those
   pairs and a Holm-corrected p-value over the variants compared with the baseline;
 * the **95% CI** of a variant's average is a t interval over seeds: for each seed, the average over tasks of the
-  mean over that task's cells with that seed.
+  mean over that task's cells with that seed, clipped to the values the metric can take.
 
 An axis that says where a cell *starts* (``model.init_args.init_from``: from scratch or from a converted checkpoint;
 ``model.init_args.distill.teacher``: trained alone or distilled) is a treatment, not a nuisance to average over: a
@@ -27,7 +27,7 @@ import math
 
 from qkv_lightning.study import stats
 from qkv_lightning.study.config import INIT_FROM_KEY, TEACHER_KEY, StudyConfig
-from qkv_lightning.study.report import _num, _p, _signed
+from qkv_lightning.study.report import _num, _p, _signed, clip_interval
 from qkv_lightning.variants import Variant
 
 KEPT_APART = (INIT_FROM_KEY, TEACHER_KEY)
@@ -109,7 +109,7 @@ def variant_sweep(results: list[dict], label: str, tasks: list[str], metric: str
         ]
         if len(means) == len(tasks):
             by_seed.append(stats.mean(means))
-    low, high = stats.mean_ci(by_seed)
+    low, high = clip_interval(stats.mean_ci(by_seed), metric)
     return {
         "per_task": per_task,
         "average": average,
@@ -265,7 +265,8 @@ def sweep_markdown(summary: dict, title: str, notes: list[str]) -> str:
         sweep_table(summary),
         "",
         f"Each task column is the mean of {primary} over that task's cells (every axis value and seed); `average` is "
-        "their mean over the tasks; `95% CI (seeds)` is a t interval over the seeds of that average. The difference "
+        "their mean over the tasks; `95% CI (seeds)` is a t interval over the seeds of that average (clipped to the "
+        "values the metric can take). The difference "
         f"from {summary['baseline']} is the mean over matched cells (same task, axis values and seed, both "
         f"finished), with a paired t interval; `p Holm`: Holm-corrected over the variants (`worse *` / `better *` "
         f"when below {summary['alpha']}). Per-cell tables: `cells.md`; every run: `results.csv`.",
