@@ -30,6 +30,7 @@ from qkv_lightning.data.wikitext import (
     scan_file,
 )
 from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import temporary_prefix
 from qkv_lightning.nn.gpt import IGNORE_INDEX
 from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, word_count, write_wikitext
 
@@ -354,6 +355,37 @@ def test_download_with_a_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypa
     with pytest.raises(DataError, match="MD5"):
         module(tmp_path, download=True).prepare_data()
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_a_download_never_deletes_or_replaces_a_file_the_user_had(tmp_path, monkeypatch, served):
+    """The user's files in data_dir (an archive under the official name, a file under the name this process once
+    downloaded into, their own training text) stay byte for byte through a failed download (a file:// URL to a
+    missing file, then an unreachable server) and a successful one, which extracts only the missing splits and leaves
+    no scratch folder behind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    release = OFFICIAL["wikitext-2"]
+    mine = {
+        "wikitext-2-v1.zip": b"the user's own archive",
+        f"{temporary_prefix(data / release.folder)}v1.zip": b"a file under the old scratch name",
+        "wiki.train.tokens": b" = My own text = \n",
+    }
+    for name, content in mine.items():
+        (data / name).write_bytes(content)
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in data.iterdir()}  # a folder left behind fails read_bytes
+
+    nowhere = (tmp_path / "nowhere" / "wikitext-2-v1.zip").as_uri()
+    monkeypatch.setitem(OFFICIAL, "wikitext-2", replace(release, urls=(nowhere, "http://127.0.0.1:9/unreachable.zip")))
+    with pytest.raises(DataError, match="could not download WikiText-2 .*nowhere"):
+        module(tmp_path, download=True).prepare_data()
+    assert files() == mine
+    official_archive(tmp_path, monkeypatch, served)
+    module(tmp_path, download=True).prepare_data()
+    source = tmp_path / "source"
+    assert files() == {**mine, **{name: (source / name).read_bytes() for name in ("wiki.valid.tokens",
+                                                                                "wiki.test.tokens")}}
 
 
 def test_file_info_detects_a_missing_final_newline(tmp_path):

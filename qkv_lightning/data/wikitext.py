@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qkv_lightning.data.archives import extract_zip_members
+from qkv_lightning.data.archives import extract_zip_members, remove_tree
 from qkv_lightning.data.documents import DocumentMode, check_document_mode, padded_row, row_sample
 from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.progress import Progress
@@ -163,23 +163,29 @@ def read_json(path: Path) -> dict | None:
 
 def download_release(release: OfficialRelease, data_dir: Path) -> None:
     """Fetch the release's archive (trying each URL; torchvision's ``download_url``, with a progress bar), check its
-    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor."""
+    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor.
+
+    Nothing the user has is deleted or replaced: the archive is downloaded into a new scratch folder in ``data_dir``
+    (``tempfile.mkdtemp``, a name no file had), which alone is removed afterwards, and a split file that already
+    exists in ``data_dir`` is kept as it is (only the missing ones are extracted).
+    """
     from torchvision.datasets.utils import calculate_md5, download_url
 
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=temporary_prefix(data_dir / release.folder), dir=data_dir))
     except OSError as error:
         raise DataError(f"cannot create data.data_dir={data_dir} for the download ({error}).") from error
-    archive = data_dir / f"{temporary_prefix(data_dir / release.folder)}v1.zip"  # scratch, removed below
+    archive = scratch / f"{release.folder}-v1.zip"
     failures = []
     try:
         for url in release.urls:
             log.info("downloading %s from %s", release.title, url)
             try:
-                download_url(url, str(data_dir), filename=archive.name)
+                download_url(url, str(scratch), filename=archive.name)
                 break
             except (OSError, RuntimeError, ValueError) as error:  # URLError, HTTPError, too many redirects
-                archive.unlink(missing_ok=True)
+                archive.unlink(missing_ok=True)  # a partial download, in the scratch folder
                 failures.append(f"{url}: {error}")
         else:
             raise DataError(
@@ -193,9 +199,13 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
                 "download is damaged or the mirror serves another file. Try again, or put the official files into "
                 f"{data_dir}."
             )
-        extract_zip_members(archive, {f"{release.folder}/{name}": data_dir / name for name in release.lines})
+        kept = [name for name in release.lines if os.path.lexists(data_dir / name)]
+        if kept:
+            log.info("keeping the existing %s in %s (not replaced by the archive's)", ", ".join(kept), data_dir)
+        members = {f"{release.folder}/{name}": data_dir / name for name in release.lines if name not in kept}
+        extract_zip_members(archive, members)
     finally:
-        archive.unlink(missing_ok=True)
+        remove_tree(scratch)  # the folder this call made, with the archive
 
 
 # ------------------------------------------------------------------------------------------------------------ caches
