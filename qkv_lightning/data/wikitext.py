@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -40,6 +39,7 @@ from qkv_lightning.data.archives import extract_zip_members, remove_tree
 from qkv_lightning.data.documents import DocumentMode, check_document_mode, padded_row, row_sample
 from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.progress import Progress
+from qkv_lightning.data.text import TextData
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_open, atomic_write_json, file_digest, temporary_prefix
@@ -463,22 +463,8 @@ class DocumentRows(Dataset):
         return inputs, targets, padding
 
 
-class Prompts(Dataset):
-    """Prompts for generation: ``{"ids": (T,) int64 starting with the boundary id, "prompt": text}``."""
-
-    def __init__(self, prompts: list[str], tokenizer: Tokenizer) -> None:
-        self.prompts = prompts
-        self.ids = [[tokenizer.boundary_id, *tokenizer.encode_prompt(p)] for p in prompts]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"ids": torch.tensor(self.ids[i], dtype=torch.long), "prompt": self.prompts[i]}
-
-
 # -------------------------------------------------------------------------------------------------------- datamodule
-class WikiText(L.LightningDataModule):
+class WikiText(TextData):
     """WikiText-103 or WikiText-2, word level or GPT-2 BPE, as windows of ``seq_len + 1`` tokens.
 
     Args:
@@ -846,28 +832,12 @@ class WikiText(L.LightningDataModule):
                 pad_to=1 if split == "train" else self.world_size,
             )
 
-    @property
-    def world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
-
-    def settings_spec(self) -> dict[str, Any]:
-        """What the settings alone decide for the model (no file is read): the sequence length."""
-        return {"seq_len": self.seq_len}
-
-    def spec(self) -> dict[str, Any]:
-        """What the data decides for the model: vocabulary size, sequence length and the tokenizer's identity."""
-        tokenizer = self.load_tokenizer()
-        return {"vocab_size": tokenizer.vocab_size, "seq_len": self.seq_len, "tokenizer": tokenizer.identity}
-
     def tokens_per_word(self, split: str) -> float | None:
         """Tokens per word-level token of a loaded split: turns per-token into per-word loss (None if not loaded)."""
         meta = self.meta.get(split)
         if not meta or not meta["n_words"] or self.document_mode == "padded":  # padded: not the whole text is scored
             return None
         return meta["n_tokens"] / meta["n_words"]
-
-    def decode(self, ids) -> str:
-        return self.load_tokenizer().decode([int(i) for i in ids])
 
     # --------------------------------------------------------------------------------------------- dataloaders
     def _eval_loader(self, split: str) -> DataLoader:
@@ -899,6 +869,3 @@ class WikiText(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(Prompts(self.prompts, self.load_tokenizer()), batch_size=1, shuffle=False)
