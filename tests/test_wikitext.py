@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import pickle
 import shutil
 import threading
 import zipfile
@@ -22,6 +23,7 @@ from qkv_lightning.data.tokenizers import EOS, UNK, BPETokenizer, WordTokenizer
 from qkv_lightning.data.wikitext import (
     ARTICLE_HEADING,
     OFFICIAL,
+    DocumentRows,
     FileInfo,
     SplitSource,
     TokenWindows,
@@ -142,6 +144,23 @@ def test_training_windows_are_contiguous_seq_len_plus_one_tokens(tmp_path):
         assert targets.tolist() == list(range(10 * i + 1, 10 * i + 11))
     with pytest.raises(DataError, match="data.seq_len"):
         TokenWindows(path, n, np.uint16, 200)
+
+
+@pytest.mark.parametrize("kind", ["windows", "documents"])
+def test_a_pickled_dataset_leaves_its_memory_map_behind_and_maps_the_file_again(tmp_path, kind):
+    """What a spawned data-loading worker gets: the dataset without the tokens it has mapped (40 kB here), which
+    gives the same items from its own map."""
+    path, n = arange_file(tmp_path, 20_000)
+    if kind == "windows":
+        dataset = TokenWindows(path, n, np.uint16, 16)
+    else:
+        dataset = DocumentRows(path, n, np.uint16, [1, 7_000, 12_000], 16, boundary_id=0)
+    items = [dataset[i] for i in (0, 2)]  # maps the file
+    pickled = pickle.dumps(dataset)
+    assert len(pickled) < 4_000, len(pickled)
+    copy = pickle.loads(pickled)
+    for i, item in zip((0, 2), items, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(copy[i], item, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------- caches

@@ -324,7 +324,26 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets
-class TokenWindows(Dataset):
+class MemmapTokens(Dataset):
+    """A dataset over the ``length`` ids (``dtype``) of a memory-mapped ``.bin`` token file at ``path``, mapped on first
+    use: a data-loading worker gets the dataset without the map (it is not pickled) and opens its own."""
+
+    def __init__(self, path: Path, length: int, dtype: np.dtype) -> None:
+        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        self._data: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}  # workers open their own memory map
+
+    @property
+    def data(self) -> np.ndarray:
+        """The token array (length,), read-only."""
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
+        return self._data
+
+
+class TokenWindows(MemmapTokens):
     """Windows over a memory-mapped token array, as ``(input ids (T,), target ids (T,))`` pairs of int64.
 
     Kept (with the ``.bin`` caches) instead of LitData for WikiText: a split of at most 0.1B tokens is one memory map,
@@ -350,7 +369,7 @@ class TokenWindows(Dataset):
     def __init__(
         self, path: Path, length: int, dtype: np.dtype, seq_len: int, stride: int | None = None, pad_to: int = 1
     ) -> None:
-        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        super().__init__(path, length, dtype)
         self.train = stride is None
         self.seq_len = seq_len if self.train else min(seq_len, length - 1)
         if self.seq_len < 1 or (self.train and (length - 1) // seq_len < 1):
@@ -366,19 +385,9 @@ class TokenWindows(Dataset):
             self.stride = stride
             self.n_windows = -(-span // stride) + 1 if span > 0 else 1
         self.padded = -(-self.n_windows // pad_to) * pad_to
-        self._data: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.n_windows if self.train else self.padded
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_data": None}  # workers open their own memory map
-
-    @property
-    def data(self) -> np.ndarray:
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
-        return self._data
 
     def start(self, i: int) -> int:
         if self.train:
@@ -406,7 +415,7 @@ class TokenWindows(Dataset):
         return inputs, targets
 
 
-class DocumentRows(Dataset):
+class DocumentRows(MemmapTokens):
     """One row per document (article) of a memory-mapped token array, cut or padded to ``seq_len`` (padded mode).
 
     Items are ``(inputs (T,), targets (T,), padding (T,) bool)`` from :func:`~qkv_lightning.data.documents.padded_row`.
@@ -426,26 +435,16 @@ class DocumentRows(Dataset):
         self, path: Path, length: int, dtype: np.dtype, starts: list[int], seq_len: int, boundary_id: int,
         pad_to: int = 1,
     ) -> None:
-        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        super().__init__(path, length, dtype)
         bounds = [*starts, length]
         self.spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
         if not self.spans:
             raise DataError(f"{self.path} holds no document; use a longer split or data.document_mode: packed.")
         self.seq_len, self.boundary_id = seq_len, boundary_id
         self.padded = -(-len(self.spans) // pad_to) * pad_to
-        self._data: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.padded
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_data": None}  # workers open their own memory map
-
-    @property
-    def data(self) -> np.ndarray:
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
-        return self._data
 
     def n_cut(self) -> int:
         """Document tokens (their end included) that do not fit into their row and are never seen."""
