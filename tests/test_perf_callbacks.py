@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from qkv_lightning.callbacks.attention_maps import AttentionMaps, head_strip
 from qkv_lightning.callbacks.perf import PerfMonitor, peak_memory_bytes
 from qkv_lightning.cli import main
-from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.attention import Attention, AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.vit import ViTConfig
 from qkv_lightning.tasks.base import OptimizerConfig
@@ -156,6 +156,32 @@ def test_logit_maps_are_symmetric_when_q_and_k_share_a_projection():
         probs = task.network(tokens[:1], need_weights=True)[1][1][0]  # (H, T, T) of the last block
         expected = head_strip(probs, 2, 64)
         assert torch.allclose(images["attention/layer1/probs"], expected)
+
+
+def test_logit_maps_of_a_layer_that_reuses_k_v_are_its_scores_before_the_softmax():
+    """Cross-layer K/V sharing (``attention.kv_share_every: 2``, RoPE): block 1 projects Q only and attends with
+    block 0's K/V. Each logit map is an image of the scores the network's own attention maps come from: the encoder
+    has no mask, so within a row it equals log(probs) up to a constant, and the image scales it by 1 / (max - min)."""
+    spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
+    torch.manual_seed(0)
+    task = SequenceTask(attention=AttentionConfig(sharing="QKV", kv_share_every=2), data_spec=spec,
+                        network=EncoderConfig(n_layer=2, n_head=2, d_model=16, max_seq_len=8, init_std=0.5,
+                                              position="rope"))
+    task.configure_model()
+    task.eval()
+    attentions = [m for m in task.network.modules() if isinstance(m, Attention)]
+    assert [m.reuses_kv for m in attentions] == [False, True]
+    tokens = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(0))
+    images = AttentionMaps(heads=2).compute(task, (tokens, tokens))
+    probs = task.network(tokens[:1], need_weights=True)[1]  # per block (1, H, T, T)
+    for layer in (0, 1):
+        for head in range(2):
+            image = images[f"attention/layer{layer}/logits"][:, head * 9 : head * 9 + 8].double()  # (T, T)
+            log_probs = probs[layer][0, head].double().log()  # (T, T)
+            image, log_probs = image - image.mean(-1, keepdim=True), log_probs - log_probs.mean(-1, keepdim=True)
+            scale = (image * log_probs).sum() / (image * image).sum()  # the map's max - min
+            assert scale > 0.1, (layer, head)
+            torch.testing.assert_close(image * scale, log_probs, rtol=0, atol=1e-4, msg=f"layer {layer} head {head}")
 
 
 def test_head_strip_scales_each_map_to_its_range():
