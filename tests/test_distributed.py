@@ -132,10 +132,11 @@ def test_ddp_matches_one_process_with_the_same_global_batch(single, ddp):
 
 
 def logged(workdir: Path, name: str, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of a scalar a run logged to TensorBoard (rank 0 writes the events)."""
+    """(step, value) of a scalar a run logged to TensorBoard (rank 0 writes the events) in its one version folder
+    (``version_0`` for fit, ``validate`` for validate)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (version,) = (workdir / "logs" / name).glob("version_*")
+    (version,) = [folder for folder in (workdir / "logs" / name).iterdir() if folder.is_dir()]
     events = EventAccumulator(str(version))
     events.Reload()
     return [(event.step, event.value) for event in events.Scalars(tag)]
@@ -151,6 +152,27 @@ def test_ddp_train_tokens_equal_the_single_process_count_for_the_same_global_bat
     for name in ("single", "ddp"):
         saved = torch.load(workdir / name / "checkpoints" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt", weights_only=True)
         assert saved["tokens_seen"] == CHECKPOINT_EVERY * tokens_per_step, name
+
+
+def test_ddp_validation_logs_the_one_process_values_and_no_sync_dist_warning(workdir, single):
+    """``val/loss``, ``val/ppl`` and ``val/tokens`` come from sums over every process (``SummedLoss``), reduced once:
+    a 2-process DDP ``validate`` of a checkpoint logs what one process logs, and Lightning does not ask for
+    ``sync_dist`` (it warns about epoch-level values it was not told are synced)."""
+    checkpoint = workdir / "single" / "checkpoints" / "last.ckpt"
+    printed = {}
+    for name, extra in (("validate-single", ("--trainer.devices", "1")), ("validate-ddp", DDP)):
+        args = cli_command(workdir, name, 2, *extra, "--trainer.limit_val_batches", "1.0", "--ckpt_path",
+                           str(checkpoint))
+        args[0] = "validate"
+        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=environment(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        printed[name] = result.stdout + result.stderr
+    assert "sync_dist" not in printed["validate-ddp"], printed["validate-ddp"][-3000:]
+    for tag in ("val/loss", "val/ppl", "val/tokens"):
+        ((_, one),), ((_, two),) = logged(workdir, "validate-single", tag), logged(workdir, "validate-ddp", tag)
+        assert two == pytest.approx(one, rel=1e-6), tag
+    assert logged(workdir, "validate-ddp", "val/tokens")[0][1] > 2 * 16  # several windows: both processes scored
 
 
 def test_fsdp2_matches_one_process_with_the_same_global_batch(single, fsdp2):
