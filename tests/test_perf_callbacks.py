@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -217,18 +218,28 @@ class SlowValidation(L.Callback):
         time.sleep(0.3)
 
 
-def test_validation_time_is_left_out_of_the_training_rates(tmp_path):
+def fit_sequence_task(
+    tmp_path, batch_size: int, validate: bool, **trainer: Any
+) -> tuple[SequenceTask, EventAccumulator]:
+    """Fit a one-block sequence task on 64 random sequences of 8 tokens, in batches of ``batch_size`` (validating on
+    the same batches with ``validate``), with a quiet CPU trainer (``trainer``: its other arguments) logging to
+    TensorBoard; returns the task and the run's events."""
     spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
     task = SequenceTask(network=EncoderConfig(n_layer=1, n_head=2, d_model=16, max_seq_len=8), data_spec=spec,
                         optimizer=OptimizerConfig(warmup_steps=0))
     tokens = torch.randint(0, 10, (64, 8))
-    data = DataLoader(TensorDataset(tokens, tokens), batch_size=8)
+    data = DataLoader(TensorDataset(tokens, tokens), batch_size=batch_size)
     logger = TensorBoardLogger(str(tmp_path), name="seq", version=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=8, log_every_n_steps=2, val_check_interval=3, limit_val_batches=2,
-                        num_sanity_val_steps=0, logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[PerfMonitor(window=2), SlowValidation()])
-    trainer.fit(task, data, data)
-    step_time = scalars(events(tmp_path / "seq" / "version_0"), "perf/step_time")
+    L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, **trainer).fit(task, data, data if validate else None)
+    return task, events(tmp_path / "seq" / "version_0")
+
+
+def test_validation_time_is_left_out_of_the_training_rates(tmp_path):
+    _, acc = fit_sequence_task(tmp_path, 8, True, max_steps=8, log_every_n_steps=2, val_check_interval=3,
+                               limit_val_batches=2, num_sanity_val_steps=0,
+                               callbacks=[PerfMonitor(window=2), SlowValidation()])
+    step_time = scalars(acc, "perf/step_time")
     # time points at batches 2, 4, 6, 8; validations (0.6 s each) after batches 3 and 6 fall inside intervals 2-4, 6-8
     assert sorted(step_time) == [3, 5, 7]
     assert max(step_time.values()) < 0.15, step_time  # 0.3 s or more per step if the validations were counted
@@ -245,20 +256,11 @@ def test_time_points_only_after_optimizer_steps_that_are_logging_steps(tmp_path,
         real_update(self, time=time, batches=batches, samples=samples, **kwargs)
 
     monkeypatch.setattr(Throughput, "update", recording_update)
-    spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
-    task = SequenceTask(network=EncoderConfig(n_layer=1, n_head=2, d_model=16, max_seq_len=8), data_spec=spec,
-                        optimizer=OptimizerConfig(warmup_steps=0))
-    tokens = torch.randint(0, 10, (64, 8))
-    data = DataLoader(TensorDataset(tokens, tokens), batch_size=4)
-    logger = TensorBoardLogger(str(tmp_path), name="seq", version=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, log_every_n_steps=2,
-                        limit_val_batches=0, logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[PerfMonitor(window=2, available_flops=PEAK)])
-    trainer.fit(task, data)
+    task, acc = fit_sequence_task(tmp_path, 4, False, max_steps=6, accumulate_grad_batches=2, log_every_n_steps=2,
+                                  limit_val_batches=0, callbacks=[PerfMonitor(window=2, available_flops=PEAK)])
     per_batch = task.cost().train_flops(4)
     # optimiser steps 2, 4, 6 end after batches 4, 8, 12; each time point carries the FLOPs of 4 batches
     assert time_points == [(4, 16, 128, 4 * per_batch), (8, 32, 256, 4 * per_batch), (12, 48, 384, 4 * per_batch)]
-    acc = events(tmp_path / "seq" / "version_0")
     samples, step = scalars(acc, "perf/samples_per_sec"), scalars(acc, "perf/step_time")
     assert sorted(samples) == sorted(scalars(acc, "train/loss"))[1:]  # train/loss's logging steps, once 2 points exist
     assert all(step[k] == pytest.approx(2 * 4 / samples[k], rel=1e-5) for k in samples)  # 2 batches of 4 per step
