@@ -25,7 +25,7 @@ from qkv_lightning.tasks.language_model import LanguageModel
 from tests.conftest import rendezvous_port
 from tests.distributed_support import probe_batch
 from tests.lm_fixtures import write_wikitext
-from tests.run_fixtures import CONFIGS, run_settings, wikitext_data, write_yaml
+from tests.run_fixtures import CONFIGS, run_settings, subprocess_env, wikitext_data, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -69,20 +69,10 @@ def cli_command(workdir: Path, name: str, batch_size: int, *extra: str) -> list[
     ]
 
 
-def environment() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # a distributed run earlier in this pytest process leaves its rendezvous settings (and a bound port) behind
-    for name in ("PL_GLOBAL_SEED", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
-                 "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(name, None)
-    return env
-
-
 def fit(workdir: Path, name: str, batch_size: int, *extra: str, timeout: int = 300) -> dict:
     """Run ``python cli.py fit`` in a subprocess; returns the recorded run."""
     command = [sys.executable, str(ROOT / "cli.py"), *cli_command(workdir, name, batch_size, *extra)]
-    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return load(workdir, name)
 
@@ -164,7 +154,7 @@ def test_ddp_validation_logs_the_one_process_values_and_no_sync_dist_warning(wor
         args = cli_command(workdir, name, 2, *extra, "--trainer.limit_val_batches", "1.0", "--ckpt_path",
                            str(checkpoint))
         args[0] = "validate"
-        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=environment(),
+        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=subprocess_env(),
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         printed[name] = result.stdout + result.stderr
@@ -232,7 +222,7 @@ def fit_until_killed(workdir: Path, name: str, batch_size: int, *extra: str, tim
     command = [sys.executable, str(ROOT / "cli.py"), *cli_command(workdir, name, batch_size, *extra)]
     log = workdir / f"{name}-killed.txt"
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
             code = process.wait(timeout=timeout)
@@ -297,7 +287,7 @@ def test_two_nodes_with_torchrun_train_together_through_the_cli(workdir, ddp):
             "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port,
             str(ROOT / "cli.py"), *cli_command(workdir, "torchrun", 4, *extra),
         ]
-        processes.append(subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
@@ -333,7 +323,7 @@ def refused(workdir: Path, name: str, command: str, *extra: str) -> str:
     """Run ``python cli.py <command>`` under FSDP2 on 2 processes; it must fail with one paragraph (exit 2)."""
     args = cli_command(workdir, name, 4, *FSDP2, *extra)
     args[0] = command
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=environment(),
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-5000:]
