@@ -149,16 +149,18 @@ def test_ddp_validation_logs_the_one_process_values_and_no_sync_dist_warning(wor
     a 2-process DDP ``validate`` of a checkpoint logs what one process logs, and Lightning does not ask for
     ``sync_dist`` (it warns about epoch-level values it was not told are synced)."""
     checkpoint = workdir / "single" / "checkpoints" / "last.ckpt"
-    printed = {}
-    for name, extra in (("validate-single", ("--trainer.devices", "1")), ("validate-ddp", DDP)):
+
+    def validate(name: str, *extra: str) -> list[str]:
         args = cli_command(workdir, name, 2, *extra, "--trainer.limit_val_batches", "1.0", "--ckpt_path",
                            str(checkpoint))
-        args[0] = "validate"
-        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=subprocess_env(),
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        printed[name] = result.stdout + result.stderr
-    assert "sync_dist" not in printed["validate-ddp"], printed["validate-ddp"][-3000:]
+        return ["validate", *args[1:]]
+
+    assert main(validate("validate-single", "--trainer.devices", "1")) == 0  # one process: this one
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *validate("validate-ddp", *DDP)], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-6000:]
+    assert "sync_dist" not in printed, printed[-3000:]
     for tag in ("val/loss", "val/ppl", "val/tokens"):
         ((_, one),), ((_, two),) = logged(workdir, "validate-single", tag), logged(workdir, "validate-ddp", tag)
         assert two == pytest.approx(one, rel=1e-6), tag
