@@ -18,11 +18,6 @@ KNOWN_WARNINGS: list[tuple[str, str]] = [
         "Lightning's own pytree helper on torch >= 2.10; nothing of ours uses LeafSpec",
     ),
     (
-        r"FSDP2-wrapped module \(FSDP(GPT|ViT|SequenceEncoder)\) returned a view tensor",
-        "a Linear on (B, T, C) returns a view of its 2-D product; the tasks use the output out of place only (loss, "
-        "argmax), so the pre-backward hook stays; tests/test_quiet.py checks FSDP2 gradients against one process",
-    ),
-    (
         r"LightningCLI's args parameter is intended to run from within Python",
         "main() and the study runner hand LightningCLI its arguments explicitly; sys.argv is pytest's or a study's",
     ),

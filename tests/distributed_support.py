@@ -75,7 +75,8 @@ class RecordRun(Callback):
         with torch.no_grad():
             probe = probe_batch(pl_module.data_spec["vocab_size"]).to(pl_module.device)
             with trainer.precision_plugin.forward_context():  # as in training (FSDP1 keeps bf16 weights under it)
-                logits = network(probe).float()  # (B, T, V), collective under FSDP2
+                output = network(probe)  # collective under FSDP2; the sequence encoder's is (logits, maps)
+                logits = (output[0] if isinstance(output, tuple) else output).float()  # (B, T, V)
         network.train(was_training)
         if trainer.global_rank != 0:
             return
