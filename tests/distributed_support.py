@@ -155,3 +155,24 @@ class PoisonAt(Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.what == "gradient" and trainer.global_step == self.step:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(math.nan)
+
+
+class WaitForFile(Callback):
+    """Hold the run at the start of training until ``path`` exists (at most ``timeout_s``): a test decides when a
+    run that it started may go on.
+
+    Args:
+        path: the file to wait for.
+        timeout_s: give up waiting after this many seconds (the run then goes on).
+    """
+
+    def __init__(self, path: str, timeout_s: float = 120.0) -> None:
+        super().__init__()
+        self.path, self.timeout_s = Path(path), timeout_s
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        deadline = time.monotonic() + self.timeout_s
+        while not self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -95,7 +95,8 @@ def test_no_network_returns_a_view_tensor_under_fsdp2(tmp_path):
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     out = call(batch)
-                assert not [w for w in caught if VIEW_WARNING in str(w.message)], (type(task.network).__name__, call.__name__)
+                where = (type(task.network).__name__, call.__name__)
+                assert not [w for w in caught if VIEW_WARNING in str(w.message)], where
                 checked += 1
             if isinstance(task, LanguageModel):  # the per-token losses are the same numbers as before sharding
                 reference = plain.loss(batch[0], batch[1], reduction="none")  # (B, T)
