@@ -6,7 +6,7 @@
 # lightning-utilities, torchmetrics and jsonargparse. torch, torchvision and the rest come from the main test
 # environment (a .pth line naming its site-packages, after the venv's own, so the pins win): torch's CUDA build is
 # about 3 GB of downloads and its first install took 31 min here, past CI's budget. `QKV_FLOORS_ALL=1 bash
-# .ci/floors.sh` pins every core dependency, torch 2.6 / torchvision 0.21 included (what the README's floors
+# .ci/floors.sh` pins every core dependency, torch 2.7 / torchvision 0.22 included (what the README's floors
 # section reports). The venv is kept under ~/.cache/qkv-lightning and rebuilt whenever the pins change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,16 +63,18 @@ names = [re.sub(r"\[.*\]", "", pin).split("==")[0] for pin in sys.argv[1].split(
 print("floors: installed " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
 echo "floors: environment ready in $((SECONDS - start)) s"
-# FSDP2 on CPUs (gloo) fails on torch 2.6 ('Stream' object has no attribute 'record_event' in fully_shard's
-# all-gather), so the CPU FSDP2 tests are left out here; torch 2.6 is the floor for FSDP2 on GPUs.
-# What the floors must carry: torch's SDPA attention, Lightning's CLI and
-# Trainer with jsonargparse (fit, checkpoint, resume through configs), torchmetrics (every task's metrics),
-# torchvision (image data), scipy (the study's statistics), numpy/matplotlib/PyYAML (the study's outputs).
+# What the floors must carry: FSDP2 on CPUs (torch 2.6 fails in fully_shard with "'Stream' object has no attribute
+# 'record_event'": test_quiet's FSDP2 test), jsonargparse's messages and `convert --config` (tests/test_floors.py),
+# torch's SDPA attention, Lightning's CLI and Trainer with jsonargparse (fit, checkpoint, resume through configs),
+# torchmetrics (every task's metrics), torchvision (image data), scipy (the study's statistics), numpy/matplotlib/
+# PyYAML (the study's outputs).
 FLOORS_TESTS=(
   tests/test_attention.py
   tests/test_tasks.py
   tests/test_configs_resume.py
   tests/test_packaging.py::test_shipped_config_names_are_the_top_level_configs_files
+  tests/test_floors.py
+  tests/test_quiet.py::test_no_network_returns_a_view_tensor_under_fsdp2
 )
 start=$SECONDS
 QKV_SHARED_DATA=${QKV_SHARED_DATA:-../shared/data} "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
