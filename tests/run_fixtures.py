@@ -22,6 +22,22 @@ CPU_TRAINER = {"accelerator": "cpu", "devices": 1, "precision": "32-true"}
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+LEFT_BEHIND = ("PL_GLOBAL_SEED", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
+               "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+"""Settings a Lightning run in this pytest process leaves in ``os.environ`` (its seed, and the rendezvous of a
+distributed run, with a port that may still be bound)."""
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a ``python cli.py`` subprocess: this checkout first on PYTHONPATH, one thread per process,
+    unbuffered output, and none of :data:`LEFT_BEHIND` (``STANDALONE_PORT`` stays: each test's own rendezvous port)."""
+    path = os.pathsep.join(p for p in (str(CONFIGS.parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for name in LEFT_BEHIND:
+        env.pop(name, None)
+    return env
+
+
 def options(section: str, settings: dict[str, Any]) -> list[str]:
     """``settings`` as command-line options of ``section`` (``--data.seq_len 16``), values written as in YAML."""
     out = []

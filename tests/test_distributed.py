@@ -25,7 +25,7 @@ from qkv_lightning.tasks.language_model import LanguageModel
 from tests.conftest import rendezvous_port
 from tests.distributed_support import probe_batch
 from tests.lm_fixtures import write_wikitext
-from tests.run_fixtures import CONFIGS, run_settings, wikitext_data, write_yaml
+from tests.run_fixtures import CONFIGS, run_settings, subprocess_env, wikitext_data, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -69,20 +69,10 @@ def cli_command(workdir: Path, name: str, batch_size: int, *extra: str) -> list[
     ]
 
 
-def environment() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # a distributed run earlier in this pytest process leaves its rendezvous settings (and a bound port) behind
-    for name in ("PL_GLOBAL_SEED", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
-                 "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(name, None)
-    return env
-
-
 def fit(workdir: Path, name: str, batch_size: int, *extra: str, timeout: int = 300) -> dict:
     """Run ``python cli.py fit`` in a subprocess; returns the recorded run."""
     command = [sys.executable, str(ROOT / "cli.py"), *cli_command(workdir, name, batch_size, *extra)]
-    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return load(workdir, name)
 
@@ -132,10 +122,11 @@ def test_ddp_matches_one_process_with_the_same_global_batch(single, ddp):
 
 
 def logged(workdir: Path, name: str, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of a scalar a run logged to TensorBoard (rank 0 writes the events)."""
+    """(step, value) of a scalar a run logged to TensorBoard (rank 0 writes the events) in its one version folder
+    (``version_0`` for fit, ``validate`` for validate)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (version,) = (workdir / "logs" / name).glob("version_*")
+    (version,) = [folder for folder in (workdir / "logs" / name).iterdir() if folder.is_dir()]
     events = EventAccumulator(str(version))
     events.Reload()
     return [(event.step, event.value) for event in events.Scalars(tag)]
@@ -151,6 +142,29 @@ def test_ddp_train_tokens_equal_the_single_process_count_for_the_same_global_bat
     for name in ("single", "ddp"):
         saved = torch.load(workdir / name / "checkpoints" / f"epoch=0-step={CHECKPOINT_EVERY}.ckpt", weights_only=True)
         assert saved["tokens_seen"] == CHECKPOINT_EVERY * tokens_per_step, name
+
+
+def test_ddp_validation_logs_the_one_process_values_and_no_sync_dist_warning(workdir, single):
+    """``val/loss``, ``val/ppl`` and ``val/tokens`` come from sums over every process (``SummedLoss``), reduced once:
+    a 2-process DDP ``validate`` of a checkpoint logs what one process logs, and Lightning does not ask for
+    ``sync_dist`` (it warns about epoch-level values it was not told are synced)."""
+    checkpoint = workdir / "single" / "checkpoints" / "last.ckpt"
+
+    def validate(name: str, *extra: str) -> list[str]:
+        args = cli_command(workdir, name, 2, *extra, "--trainer.limit_val_batches", "1.0", "--ckpt_path",
+                           str(checkpoint))
+        return ["validate", *args[1:]]
+
+    assert main(validate("validate-single", "--trainer.devices", "1")) == 0  # one process: this one
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *validate("validate-ddp", *DDP)], cwd=ROOT,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-6000:]
+    assert "sync_dist" not in printed, printed[-3000:]
+    for tag in ("val/loss", "val/ppl", "val/tokens"):
+        ((_, one),), ((_, two),) = logged(workdir, "validate-single", tag), logged(workdir, "validate-ddp", tag)
+        assert two == pytest.approx(one, rel=1e-6), tag
+    assert logged(workdir, "validate-ddp", "val/tokens")[0][1] > 2 * 16  # several windows: both processes scored
 
 
 def test_fsdp2_matches_one_process_with_the_same_global_batch(single, fsdp2):
@@ -210,7 +224,7 @@ def fit_until_killed(workdir: Path, name: str, batch_size: int, *extra: str, tim
     command = [sys.executable, str(ROOT / "cli.py"), *cli_command(workdir, name, batch_size, *extra)]
     log = workdir / f"{name}-killed.txt"
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
             code = process.wait(timeout=timeout)
@@ -275,7 +289,7 @@ def test_two_nodes_with_torchrun_train_together_through_the_cli(workdir, ddp):
             "--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", port,
             str(ROOT / "cli.py"), *cli_command(workdir, "torchrun", 4, *extra),
         ]
-        processes.append(subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
@@ -311,7 +325,7 @@ def refused(workdir: Path, name: str, command: str, *extra: str) -> str:
     """Run ``python cli.py <command>`` under FSDP2 on 2 processes; it must fail with one paragraph (exit 2)."""
     args = cli_command(workdir, name, 4, *FSDP2, *extra)
     args[0] = command
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=environment(),
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-5000:]

@@ -8,7 +8,6 @@ file it comes from.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, GPTConfig
 from qkv_lightning.variants import Variant
-from tests.run_fixtures import CONFIGS, synthetic_args
+from tests.run_fixtures import CONFIGS, subprocess_env, synthetic_args
 
 ROOT = Path(__file__).resolve().parent.parent
 GPUS = 8  # the paper trains both models on 8 GPUs (transformer_KQV_1_2B.py: "8x A100"; the issue's 300M batch)
@@ -227,15 +226,11 @@ def test_global_batch_counts_every_process_of_a_ddp_trainer():
 def test_global_batch_in_tokens_derives_the_accumulation_on_two_processes(tmp_path):
     """Under DDP with 2 CPU processes, 384 tokens = 2 processes x 8 lists x 8 tokens x 3: each rank accumulates 3
     micro-batches per step (6 for 2 steps) and validates after each step."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "PL_GLOBAL_SEED"):
-        env.pop(name, None)
     strategy = ["--config", str(CONFIGS / "strategy" / "ddp.yaml"), "--trainer.accelerator", "cpu",
                 "--trainer.devices", "2"]
     command = [sys.executable, str(ROOT / "cli.py"), "fit", *global_batch_args(tmp_path, 384), *strategy,
                "--data.init_args.train_size", "128"]  # 8 micro-batches per rank and epoch: 2 steps within one epoch
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
         record = json.loads((tmp_path / "record" / f"rank{rank}.json").read_text())

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -18,18 +20,27 @@ from tests.test_attention import D_MODEL, HEAD_DIM, N_HEAD, build
 M = 10
 
 
-def explicit_p(t: int, m: int) -> torch.Tensor:
-    """P (T, T, m) element by element: channels [0, m/2) encode the query position i, [m/2, m) the key position j;
-    within each half of size h, channel c is sin (c even) or cos (c odd) of pos / 10000^(2 * (c // 2) / h)."""
+def sinusoid(pos: int, local: int, size: int) -> float:
+    """Channel ``local`` of a ``size``-channel sinusoid of ``pos``: sin (even) or cos (odd) of
+    pos / 10000^(2 * (local // 2) / size)."""
+    angle = pos / 10000.0 ** (2 * (local // 2) / size)
+    return math.sin(angle) if local % 2 == 0 else math.cos(angle)
+
+
+def explicit_pair(t: int, m: int, feature: Callable[[int, int, int], float]) -> torch.Tensor:
+    """P (T, T, m) element by element: channels [0, m/2) describe the query token i, [m/2, m) the key token j;
+    channel ``local`` of a half of size h is ``feature(token, local, h)``."""
     half = m // 2
     p = torch.zeros(t, t, m, dtype=torch.float64)
-    for i in range(t):
-        for j in range(t):
-            for c in range(m):
-                pos, size, local = (i, half, c) if c < half else (j, m - half, c - half)
-                angle = pos / 10000.0 ** (2 * (local // 2) / size)
-                p[i, j, c] = math.sin(angle) if local % 2 == 0 else math.cos(angle)
+    for i, j, c in itertools.product(range(t), range(t), range(m)):
+        token, size, local = (i, half, c) if c < half else (j, m - half, c - half)
+        p[i, j, c] = feature(token, local, size)
     return p
+
+
+def explicit_p(t: int, m: int) -> torch.Tensor:
+    """P (T, T, m) of the sequence: each half is the :func:`sinusoid` of the token's position."""
+    return explicit_pair(t, m, sinusoid)
 
 
 def paper(variant: str = "Q=K-V", n_kv: int = N_HEAD, causal: bool = False, **config) -> tuple[Attention, dict]:

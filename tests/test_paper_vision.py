@@ -22,34 +22,25 @@ from qkv_lightning.nn.positional import (
 from qkv_lightning.nn.vit import ViT, ViTConfig
 from qkv_lightning.study import parse_study_args
 from qkv_lightning.study.config import cells, expand_grid
+from tests.test_paper_score_encoding import explicit_pair, sinusoid
 
 ROOT = Path(__file__).resolve().parents[1]
 M = 50  # the paper's ViT channels
 
 
-def sinusoid(pos: int, local: int, size: int) -> float:
-    """Channel ``local`` of a ``size``-channel sinusoid of ``pos``: sin (even) or cos (odd) of
-    pos / 10000^(2 * (local // 2) / size)."""
-    angle = pos / 10000.0 ** (2 * (local // 2) / size)
-    return math.sin(angle) if local % 2 == 0 else math.cos(angle)
-
-
 def explicit_grid_p(t: int, m: int, grid_w: int, prefix: int) -> torch.Tensor:
-    """P (T, T, m) element by element for tokens ``prefix + r * grid_w + c`` on a patch grid: channels [0, m/2) encode
-    the query's (row, column), [m/2, m) the key's; within a half of size h the first h // 2 channels are the row's
-    sinusoid and the other h - h // 2 the column's; the prefix (class) tokens have no features (zero)."""
-    half = m // 2
-    p = torch.zeros(t, t, m, dtype=torch.float64)
-    for i in range(t):
-        for j in range(t):
-            for c in range(m):
-                token, size, local = (i, half, c) if c < half else (j, m - half, c - half)
-                if token < prefix:
-                    continue
-                row, col = divmod(token - prefix, grid_w)
-                rows = size // 2
-                p[i, j, c] = sinusoid(row, local, rows) if local < rows else sinusoid(col, local - rows, size - rows)
-    return p
+    """P (T, T, m) for tokens ``prefix + r * grid_w + c`` on a patch grid (:func:`explicit_pair`): within a half of
+    size h the first h // 2 channels are the sinusoid of the token's row and the other h - h // 2 that of its column;
+    the prefix (class) tokens have no features (zero)."""
+
+    def feature(token: int, local: int, size: int) -> float:
+        if token < prefix:
+            return 0.0
+        row, col = divmod(token - prefix, grid_w)
+        rows = size // 2
+        return sinusoid(row, local, rows) if local < rows else sinusoid(col, local - rows, size - rows)
+
+    return explicit_pair(t, m, feature)
 
 
 def encoding(grid: tuple[int, int] | None = None) -> PaperScoreEncoding:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from qkv_lightning.callbacks.attention_maps import AttentionMaps, head_strip
 from qkv_lightning.callbacks.perf import PerfMonitor, peak_memory_bytes
 from qkv_lightning.cli import main
-from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.attention import Attention, AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.vit import ViTConfig
 from qkv_lightning.tasks.base import OptimizerConfig
@@ -158,6 +159,32 @@ def test_logit_maps_are_symmetric_when_q_and_k_share_a_projection():
         assert torch.allclose(images["attention/layer1/probs"], expected)
 
 
+def test_logit_maps_of_a_layer_that_reuses_k_v_are_its_scores_before_the_softmax():
+    """Cross-layer K/V sharing (``attention.kv_share_every: 2``, RoPE): block 1 projects Q only and attends with
+    block 0's K/V. Each logit map is an image of the scores the network's own attention maps come from: the encoder
+    has no mask, so within a row it equals log(probs) up to a constant, and the image scales it by 1 / (max - min)."""
+    spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
+    torch.manual_seed(0)
+    task = SequenceTask(attention=AttentionConfig(sharing="QKV", kv_share_every=2), data_spec=spec,
+                        network=EncoderConfig(n_layer=2, n_head=2, d_model=16, max_seq_len=8, init_std=0.5,
+                                              position="rope"))
+    task.configure_model()
+    task.eval()
+    attentions = [m for m in task.network.modules() if isinstance(m, Attention)]
+    assert [m.reuses_kv for m in attentions] == [False, True]
+    tokens = torch.randint(0, 10, (3, 8), generator=torch.Generator().manual_seed(0))
+    images = AttentionMaps(heads=2).compute(task, (tokens, tokens))
+    probs = task.network(tokens[:1], need_weights=True)[1]  # per block (1, H, T, T)
+    for layer in (0, 1):
+        for head in range(2):
+            image = images[f"attention/layer{layer}/logits"][:, head * 9 : head * 9 + 8].double()  # (T, T)
+            log_probs = probs[layer][0, head].double().log()  # (T, T)
+            image, log_probs = image - image.mean(-1, keepdim=True), log_probs - log_probs.mean(-1, keepdim=True)
+            scale = (image * log_probs).sum() / (image * image).sum()  # the map's max - min
+            assert scale > 0.1, (layer, head)
+            torch.testing.assert_close(image * scale, log_probs, rtol=0, atol=1e-4, msg=f"layer {layer} head {head}")
+
+
 def test_head_strip_scales_each_map_to_its_range():
     maps = torch.stack([torch.arange(4.0).view(2, 2), 10 + 2 * torch.arange(4.0).view(2, 2)])  # (2, 2, 2)
     strip = head_strip(maps, heads=2, max_tokens=8)
@@ -191,18 +218,28 @@ class SlowValidation(L.Callback):
         time.sleep(0.3)
 
 
-def test_validation_time_is_left_out_of_the_training_rates(tmp_path):
+def fit_sequence_task(
+    tmp_path, batch_size: int, validate: bool, **trainer: Any
+) -> tuple[SequenceTask, EventAccumulator]:
+    """Fit a one-block sequence task on 64 random sequences of 8 tokens, in batches of ``batch_size`` (validating on
+    the same batches with ``validate``), with a quiet CPU trainer (``trainer``: its other arguments) logging to
+    TensorBoard; returns the task and the run's events."""
     spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
     task = SequenceTask(network=EncoderConfig(n_layer=1, n_head=2, d_model=16, max_seq_len=8), data_spec=spec,
                         optimizer=OptimizerConfig(warmup_steps=0))
     tokens = torch.randint(0, 10, (64, 8))
-    data = DataLoader(TensorDataset(tokens, tokens), batch_size=8)
+    data = DataLoader(TensorDataset(tokens, tokens), batch_size=batch_size)
     logger = TensorBoardLogger(str(tmp_path), name="seq", version=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=8, log_every_n_steps=2, val_check_interval=3, limit_val_batches=2,
-                        num_sanity_val_steps=0, logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[PerfMonitor(window=2), SlowValidation()])
-    trainer.fit(task, data, data)
-    step_time = scalars(events(tmp_path / "seq" / "version_0"), "perf/step_time")
+    L.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, **trainer).fit(task, data, data if validate else None)
+    return task, events(tmp_path / "seq" / "version_0")
+
+
+def test_validation_time_is_left_out_of_the_training_rates(tmp_path):
+    _, acc = fit_sequence_task(tmp_path, 8, True, max_steps=8, log_every_n_steps=2, val_check_interval=3,
+                               limit_val_batches=2, num_sanity_val_steps=0,
+                               callbacks=[PerfMonitor(window=2), SlowValidation()])
+    step_time = scalars(acc, "perf/step_time")
     # time points at batches 2, 4, 6, 8; validations (0.6 s each) after batches 3 and 6 fall inside intervals 2-4, 6-8
     assert sorted(step_time) == [3, 5, 7]
     assert max(step_time.values()) < 0.15, step_time  # 0.3 s or more per step if the validations were counted
@@ -219,20 +256,11 @@ def test_time_points_only_after_optimizer_steps_that_are_logging_steps(tmp_path,
         real_update(self, time=time, batches=batches, samples=samples, **kwargs)
 
     monkeypatch.setattr(Throughput, "update", recording_update)
-    spec = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
-    task = SequenceTask(network=EncoderConfig(n_layer=1, n_head=2, d_model=16, max_seq_len=8), data_spec=spec,
-                        optimizer=OptimizerConfig(warmup_steps=0))
-    tokens = torch.randint(0, 10, (64, 8))
-    data = DataLoader(TensorDataset(tokens, tokens), batch_size=4)
-    logger = TensorBoardLogger(str(tmp_path), name="seq", version=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, log_every_n_steps=2,
-                        limit_val_batches=0, logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[PerfMonitor(window=2, available_flops=PEAK)])
-    trainer.fit(task, data)
+    task, acc = fit_sequence_task(tmp_path, 4, False, max_steps=6, accumulate_grad_batches=2, log_every_n_steps=2,
+                                  limit_val_batches=0, callbacks=[PerfMonitor(window=2, available_flops=PEAK)])
     per_batch = task.cost().train_flops(4)
     # optimiser steps 2, 4, 6 end after batches 4, 8, 12; each time point carries the FLOPs of 4 batches
     assert time_points == [(4, 16, 128, 4 * per_batch), (8, 32, 256, 4 * per_batch), (12, 48, 384, 4 * per_batch)]
-    acc = events(tmp_path / "seq" / "version_0")
     samples, step = scalars(acc, "perf/samples_per_sec"), scalars(acc, "perf/step_time")
     assert sorted(samples) == sorted(scalars(acc, "train/loss"))[1:]  # train/loss's logging steps, once 2 points exist
     assert all(step[k] == pytest.approx(2 * 4 / samples[k], rel=1e-5) for k in samples)  # 2 batches of 4 per step

@@ -22,7 +22,7 @@ pytest.importorskip("litdata")
 from qkv_lightning.cli import main  # noqa: E402
 from qkv_lightning.data.streaming import StreamingText, to_sample  # noqa: E402
 from qkv_lightning.errors import DataError  # noqa: E402
-from tests.run_fixtures import CONFIGS, run_settings, write_yaml  # noqa: E402
+from tests.run_fixtures import CONFIGS, run_settings, subprocess_env, write_yaml  # noqa: E402
 from tests.streaming_support import (  # noqa: E402
     documents,
     read_batches,
@@ -132,15 +132,6 @@ def streaming_args(folder: Path, data: Path, name: str, steps: int, *extra: str)
     ]
 
 
-def environment() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for name in ("PL_GLOBAL_SEED", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
-                 "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(name, None)
-    return env
-
-
 @pytest.mark.slow
 def test_resume_after_kill_9_of_a_real_fit_reproduces_the_uninterrupted_batches(tmp_path):
     data = tmp_path / "data"
@@ -154,7 +145,7 @@ def test_resume_after_kill_9_of_a_real_fit_reproduces_the_uninterrupted_batches(
     kill = ("--trainer.callbacks+=tests.distributed_support.KillAt", "--trainer.callbacks.step=5")
     command = [sys.executable, str(ROOT / "cli.py"), "fit", *streaming_args(tmp_path, data, "killed", steps, *kill)]
     with open(tmp_path / "killed.txt", "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
             code = process.wait(timeout=600)
@@ -190,7 +181,7 @@ def test_two_process_ddp_sees_every_training_row_exactly_once(tmp_path):
     args = streaming_args(tmp_path, data, "ddp", -1, *extra)
     args[args.index("--trainer.val_check_interval") + 1] = "4"  # the end of the epoch: 4 steps per process
     command = [sys.executable, str(ROOT / "cli.py"), "fit", *args]
-    result = subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     seen = [row for rank in (0, 1) for rows in read_batches(tmp_path / "ddp", rank).values() for row in rows]
     dm = StreamingText(train_files=[str(data / "train-*.jsonl")], val_files=[str(data / "val.jsonl")],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import pickle
 import shutil
 import threading
 import zipfile
@@ -22,6 +23,7 @@ from qkv_lightning.data.tokenizers import EOS, UNK, BPETokenizer, WordTokenizer
 from qkv_lightning.data.wikitext import (
     ARTICLE_HEADING,
     OFFICIAL,
+    DocumentRows,
     FileInfo,
     SplitSource,
     TokenWindows,
@@ -30,6 +32,7 @@ from qkv_lightning.data.wikitext import (
     scan_file,
 )
 from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import temporary_prefix
 from qkv_lightning.nn.gpt import IGNORE_INDEX
 from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, word_count, write_wikitext
 
@@ -141,6 +144,23 @@ def test_training_windows_are_contiguous_seq_len_plus_one_tokens(tmp_path):
         assert targets.tolist() == list(range(10 * i + 1, 10 * i + 11))
     with pytest.raises(DataError, match="data.seq_len"):
         TokenWindows(path, n, np.uint16, 200)
+
+
+@pytest.mark.parametrize("kind", ["windows", "documents"])
+def test_a_pickled_dataset_leaves_its_memory_map_behind_and_maps_the_file_again(tmp_path, kind):
+    """What a spawned data-loading worker gets: the dataset without the tokens it has mapped (40 kB here), which
+    gives the same items from its own map."""
+    path, n = arange_file(tmp_path, 20_000)
+    if kind == "windows":
+        dataset = TokenWindows(path, n, np.uint16, 16)
+    else:
+        dataset = DocumentRows(path, n, np.uint16, [1, 7_000, 12_000], 16, boundary_id=0)
+    items = [dataset[i] for i in (0, 2)]  # maps the file
+    pickled = pickle.dumps(dataset)
+    assert len(pickled) < 4_000, len(pickled)
+    copy = pickle.loads(pickled)
+    for i, item in zip((0, 2), items, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(copy[i], item, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------- caches
@@ -354,6 +374,37 @@ def test_download_with_a_wrong_checksum_leaves_nothing_behind(tmp_path, monkeypa
     with pytest.raises(DataError, match="MD5"):
         module(tmp_path, download=True).prepare_data()
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_a_download_never_deletes_or_replaces_a_file_the_user_had(tmp_path, monkeypatch, served):
+    """The user's files in data_dir (an archive under the official name, a file under the name this process once
+    downloaded into, their own training text) stay byte for byte through a failed download (a file:// URL to a
+    missing file, then an unreachable server) and a successful one, which extracts only the missing splits and leaves
+    no scratch folder behind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    release = OFFICIAL["wikitext-2"]
+    mine = {
+        "wikitext-2-v1.zip": b"the user's own archive",
+        f"{temporary_prefix(data / release.folder)}v1.zip": b"a file under the old scratch name",
+        "wiki.train.tokens": b" = My own text = \n",
+    }
+    for name, content in mine.items():
+        (data / name).write_bytes(content)
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in data.iterdir()}  # a folder left behind fails read_bytes
+
+    nowhere = (tmp_path / "nowhere" / "wikitext-2-v1.zip").as_uri()
+    monkeypatch.setitem(OFFICIAL, "wikitext-2", replace(release, urls=(nowhere, "http://127.0.0.1:9/unreachable.zip")))
+    with pytest.raises(DataError, match="could not download WikiText-2 .*nowhere"):
+        module(tmp_path, download=True).prepare_data()
+    assert files() == mine
+    official_archive(tmp_path, monkeypatch, served)
+    module(tmp_path, download=True).prepare_data()
+    source = tmp_path / "source"
+    assert files() == {**mine, **{name: (source / name).read_bytes() for name in ("wiki.valid.tokens",
+                                                                                "wiki.test.tokens")}}
 
 
 def test_file_info_detects_a_missing_final_newline(tmp_path):

@@ -37,15 +37,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qkv_lightning.data.documents import DocumentMode, check_document_mode, packed_rows, padded_row, row_sample
 from qkv_lightning.data.progress import Progress
+from qkv_lightning.data.text import TextData
 from qkv_lightning.data.tokenizers import BPETokenizer
-from qkv_lightning.data.wikitext import Prompts, read_json
+from qkv_lightning.data.wikitext import read_json
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_write_json
 from qkv_lightning.nn.gpt import IGNORE_INDEX
@@ -234,7 +234,7 @@ class ValidationRows(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------------ datamodule
-class StreamingText(L.LightningDataModule):
+class StreamingText(TextData):
     """Pre-tokenized rows of large local corpora through LitData (see the module docstring).
 
     Args:
@@ -425,23 +425,6 @@ class StreamingText(L.LightningDataModule):
                 self._dataset(folder / "val", shuffle=False), count_rows(folder / "val"), padded, self.world_size
             )
 
-    @property
-    def world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
-
-    def settings_spec(self) -> dict[str, Any]:
-        return {"seq_len": self.seq_len}
-
-    def spec(self) -> dict[str, Any]:
-        tokenizer = self.load_tokenizer()
-        return {"vocab_size": tokenizer.vocab_size, "seq_len": self.seq_len, "tokenizer": tokenizer.identity}
-
-    def tokens_per_word(self, split: str) -> float | None:
-        return None
-
-    def decode(self, ids) -> str:
-        return self.load_tokenizer().decode([int(i) for i in ids])
-
     def train_dataloader(self) -> Any:
         """LitData's ``StreamingDataLoader``: sharded over processes, its position saved in checkpoints."""
         if "train" not in self.datasets:
@@ -457,6 +440,3 @@ class StreamingText(L.LightningDataModule):
             self.setup("validate")
         return DataLoader(self.datasets["val"], batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available())
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(Prompts(self.prompts, self.load_tokenizer()), batch_size=1, shuffle=False)

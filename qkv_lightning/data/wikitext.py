@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qkv_lightning.data.archives import extract_zip_members
+from qkv_lightning.data.archives import extract_zip_members, remove_tree
 from qkv_lightning.data.documents import DocumentMode, check_document_mode, padded_row, row_sample
 from qkv_lightning.data.loading import train_loader
 from qkv_lightning.data.progress import Progress
+from qkv_lightning.data.text import TextData
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_open, atomic_write_json, file_digest, temporary_prefix
@@ -163,23 +163,29 @@ def read_json(path: Path) -> dict | None:
 
 def download_release(release: OfficialRelease, data_dir: Path) -> None:
     """Fetch the release's archive (trying each URL; torchvision's ``download_url``, with a progress bar), check its
-    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor."""
+    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor.
+
+    Nothing the user has is deleted or replaced: the archive is downloaded into a new scratch folder in ``data_dir``
+    (``tempfile.mkdtemp``, a name no file had), which alone is removed afterwards, and a split file that already
+    exists in ``data_dir`` is kept as it is (only the missing ones are extracted).
+    """
     from torchvision.datasets.utils import calculate_md5, download_url
 
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=temporary_prefix(data_dir / release.folder), dir=data_dir))
     except OSError as error:
         raise DataError(f"cannot create data.data_dir={data_dir} for the download ({error}).") from error
-    archive = data_dir / f"{temporary_prefix(data_dir / release.folder)}v1.zip"  # scratch, removed below
+    archive = scratch / f"{release.folder}-v1.zip"
     failures = []
     try:
         for url in release.urls:
             log.info("downloading %s from %s", release.title, url)
             try:
-                download_url(url, str(data_dir), filename=archive.name)
+                download_url(url, str(scratch), filename=archive.name)
                 break
             except (OSError, RuntimeError, ValueError) as error:  # URLError, HTTPError, too many redirects
-                archive.unlink(missing_ok=True)
+                archive.unlink(missing_ok=True)  # a partial download, in the scratch folder
                 failures.append(f"{url}: {error}")
         else:
             raise DataError(
@@ -193,9 +199,13 @@ def download_release(release: OfficialRelease, data_dir: Path) -> None:
                 "download is damaged or the mirror serves another file. Try again, or put the official files into "
                 f"{data_dir}."
             )
-        extract_zip_members(archive, {f"{release.folder}/{name}": data_dir / name for name in release.lines})
+        kept = [name for name in release.lines if os.path.lexists(data_dir / name)]
+        if kept:
+            log.info("keeping the existing %s in %s (not replaced by the archive's)", ", ".join(kept), data_dir)
+        members = {f"{release.folder}/{name}": data_dir / name for name in release.lines if name not in kept}
+        extract_zip_members(archive, members)
     finally:
-        archive.unlink(missing_ok=True)
+        remove_tree(scratch)  # the folder this call made, with the archive
 
 
 # ------------------------------------------------------------------------------------------------------------ caches
@@ -314,7 +324,26 @@ def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | Non
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets
-class TokenWindows(Dataset):
+class MemmapTokens(Dataset):
+    """A dataset over the ``length`` ids (``dtype``) of a memory-mapped ``.bin`` token file at ``path``, mapped on first
+    use: a data-loading worker gets the dataset without the map (it is not pickled) and opens its own."""
+
+    def __init__(self, path: Path, length: int, dtype: np.dtype) -> None:
+        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        self._data: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}  # workers open their own memory map
+
+    @property
+    def data(self) -> np.ndarray:
+        """The token array (length,), read-only."""
+        if self._data is None:
+            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
+        return self._data
+
+
+class TokenWindows(MemmapTokens):
     """Windows over a memory-mapped token array, as ``(input ids (T,), target ids (T,))`` pairs of int64.
 
     Kept (with the ``.bin`` caches) instead of LitData for WikiText: a split of at most 0.1B tokens is one memory map,
@@ -340,7 +369,7 @@ class TokenWindows(Dataset):
     def __init__(
         self, path: Path, length: int, dtype: np.dtype, seq_len: int, stride: int | None = None, pad_to: int = 1
     ) -> None:
-        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        super().__init__(path, length, dtype)
         self.train = stride is None
         self.seq_len = seq_len if self.train else min(seq_len, length - 1)
         if self.seq_len < 1 or (self.train and (length - 1) // seq_len < 1):
@@ -356,19 +385,9 @@ class TokenWindows(Dataset):
             self.stride = stride
             self.n_windows = -(-span // stride) + 1 if span > 0 else 1
         self.padded = -(-self.n_windows // pad_to) * pad_to
-        self._data: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.n_windows if self.train else self.padded
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_data": None}  # workers open their own memory map
-
-    @property
-    def data(self) -> np.ndarray:
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
-        return self._data
 
     def start(self, i: int) -> int:
         if self.train:
@@ -396,7 +415,7 @@ class TokenWindows(Dataset):
         return inputs, targets
 
 
-class DocumentRows(Dataset):
+class DocumentRows(MemmapTokens):
     """One row per document (article) of a memory-mapped token array, cut or padded to ``seq_len`` (padded mode).
 
     Items are ``(inputs (T,), targets (T,), padding (T,) bool)`` from :func:`~qkv_lightning.data.documents.padded_row`.
@@ -416,26 +435,16 @@ class DocumentRows(Dataset):
         self, path: Path, length: int, dtype: np.dtype, starts: list[int], seq_len: int, boundary_id: int,
         pad_to: int = 1,
     ) -> None:
-        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
+        super().__init__(path, length, dtype)
         bounds = [*starts, length]
         self.spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
         if not self.spans:
             raise DataError(f"{self.path} holds no document; use a longer split or data.document_mode: packed.")
         self.seq_len, self.boundary_id = seq_len, boundary_id
         self.padded = -(-len(self.spans) // pad_to) * pad_to
-        self._data: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.padded
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_data": None}  # workers open their own memory map
-
-    @property
-    def data(self) -> np.ndarray:
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
-        return self._data
 
     def n_cut(self) -> int:
         """Document tokens (their end included) that do not fit into their row and are never seen."""
@@ -453,22 +462,8 @@ class DocumentRows(Dataset):
         return inputs, targets, padding
 
 
-class Prompts(Dataset):
-    """Prompts for generation: ``{"ids": (T,) int64 starting with the boundary id, "prompt": text}``."""
-
-    def __init__(self, prompts: list[str], tokenizer: Tokenizer) -> None:
-        self.prompts = prompts
-        self.ids = [[tokenizer.boundary_id, *tokenizer.encode_prompt(p)] for p in prompts]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"ids": torch.tensor(self.ids[i], dtype=torch.long), "prompt": self.prompts[i]}
-
-
 # -------------------------------------------------------------------------------------------------------- datamodule
-class WikiText(L.LightningDataModule):
+class WikiText(TextData):
     """WikiText-103 or WikiText-2, word level or GPT-2 BPE, as windows of ``seq_len + 1`` tokens.
 
     Args:
@@ -836,28 +831,12 @@ class WikiText(L.LightningDataModule):
                 pad_to=1 if split == "train" else self.world_size,
             )
 
-    @property
-    def world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
-
-    def settings_spec(self) -> dict[str, Any]:
-        """What the settings alone decide for the model (no file is read): the sequence length."""
-        return {"seq_len": self.seq_len}
-
-    def spec(self) -> dict[str, Any]:
-        """What the data decides for the model: vocabulary size, sequence length and the tokenizer's identity."""
-        tokenizer = self.load_tokenizer()
-        return {"vocab_size": tokenizer.vocab_size, "seq_len": self.seq_len, "tokenizer": tokenizer.identity}
-
     def tokens_per_word(self, split: str) -> float | None:
         """Tokens per word-level token of a loaded split: turns per-token into per-word loss (None if not loaded)."""
         meta = self.meta.get(split)
         if not meta or not meta["n_words"] or self.document_mode == "padded":  # padded: not the whole text is scored
             return None
         return meta["n_tokens"] / meta["n_words"]
-
-    def decode(self, ids) -> str:
-        return self.load_tokenizer().decode([int(i) for i in ids])
 
     # --------------------------------------------------------------------------------------------- dataloaders
     def _eval_loader(self, split: str) -> DataLoader:
@@ -889,6 +868,3 @@ class WikiText(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return DataLoader(Prompts(self.prompts, self.load_tokenizer()), batch_size=1, shuffle=False)

@@ -317,21 +317,28 @@ class LanguageModel(TaskModule):
         if int(count) == 0:
             return
         loss = (total / count).float()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val")
-        self.log(f"{stage}/ppl", loss.exp())
-        self.log(f"{stage}/tokens", count.float())
+        self._log_reduced(f"{stage}/loss", loss, prog_bar=stage == "val")
+        self._log_reduced(f"{stage}/ppl", loss.exp())
+        self._log_reduced(f"{stage}/tokens", count.float())
         datamodule = getattr(self.trainer, "datamodule", None)
         ratio = datamodule.tokens_per_word(stage) if hasattr(datamodule, "tokens_per_word") else None
         if ratio is not None and ratio != 1.0:  # total loss / words = mean loss * tokens / words
-            self.log(f"{stage}/word_ppl", (loss * ratio).exp())
+            self._log_reduced(f"{stage}/word_ppl", (loss * ratio).exp())
         if stage in self._padded_stages:  # padded documents: the perplexity with and without the padding scored
             self._padded_stages.discard(stage)
             for kind in ("with_padding", "without_padding"):
                 total, count = self.padding_sums[f"{stage}_{kind}"].compute()
                 self.padding_sums[f"{stage}_{kind}"].reset()
                 if int(count):
-                    self.log(f"{stage}/ppl_{kind}", (total / count).float().exp())
-                    self.log(f"{stage}/tokens_{kind}", count.float())
+                    self._log_reduced(f"{stage}/ppl_{kind}", (total / count).float().exp())
+                    self._log_reduced(f"{stage}/tokens_{kind}", count.float())
+
+    def _log_reduced(self, name: str, value: Tensor, **kwargs: Any) -> None:
+        """Log an epoch value that every process already holds in full (made from :class:`SummedLoss` sums, which
+        are summed across processes). ``sync_dist`` with ``max``, which gives equal values back unchanged, tells
+        Lightning that it is synced under DDP / FSDP (no "use sync_dist=True" warning) without reducing it again
+        (a mean of the equal values would round on 3 processes; a sum would multiply them)."""
+        self.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)
 
     # ----------------------------------------------------------------------------------------------- generation
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
