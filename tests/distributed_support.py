@@ -176,3 +176,20 @@ class WaitForFile(Callback):
         deadline = time.monotonic() + self.timeout_s
         while not self.path.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _cpu_fsdp2_skip() -> object:
+    import pytest
+    from torch.torch_version import TorchVersion
+
+    from qkv_lightning.parallel import CPU_FSDP2_TORCH
+
+    return pytest.mark.skipif(
+        TorchVersion(torch.__version__) < CPU_FSDP2_TORCH,
+        reason=f"FSDP2 on CPUs needs torch >= {CPU_FSDP2_TORCH} (older: fails or sums gradients; FSDP2Strategy "
+        "refuses it)",
+    )
+
+
+needs_cpu_fsdp2 = _cpu_fsdp2_skip()
+"""Skip marker of the tests that run FSDP2 on CPUs: torch below ``CPU_FSDP2_TORCH`` is refused there."""
