@@ -63,16 +63,18 @@ names = [re.sub(r"\[.*\]", "", pin).split("==")[0] for pin in sys.argv[1].split(
 print("floors: installed " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
 echo "floors: environment ready in $((SECONDS - start)) s"
-# FSDP2 on CPUs (gloo) fails on torch 2.6 ('Stream' object has no attribute 'record_event' in fully_shard's
-# all-gather), so the CPU FSDP2 tests are left out here; torch 2.6 is the floor for FSDP2 on GPUs.
-# What the floors must carry: torch's SDPA attention, Lightning's CLI and
-# Trainer with jsonargparse (fit, checkpoint, resume through configs), torchmetrics (every task's metrics),
-# torchvision (image data), scipy (the study's statistics), numpy/matplotlib/PyYAML (the study's outputs).
+# What the floors must carry: FSDP2 on CPUs is refused below torch 2.9 (qkv_lightning.parallel.CPU_FSDP2_TORCH; its
+# tests skip there, tests/test_floors.py checks the refusal), jsonargparse's messages and `convert --config` (tests/test_floors.py),
+# torch's SDPA attention, Lightning's CLI and Trainer with jsonargparse (fit, checkpoint, resume through configs),
+# torchmetrics (every task's metrics), torchvision (image data), scipy (the study's statistics), numpy/matplotlib/
+# PyYAML (the study's outputs).
 FLOORS_TESTS=(
   tests/test_attention.py
   tests/test_tasks.py
   tests/test_configs_resume.py
   tests/test_packaging.py::test_shipped_config_names_are_the_top_level_configs_files
+  tests/test_floors.py
+  tests/test_quiet.py::test_no_network_returns_a_view_tensor_under_fsdp2
 )
 start=$SECONDS
 QKV_SHARED_DATA=${QKV_SHARED_DATA:-../shared/data} "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \

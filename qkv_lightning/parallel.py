@@ -10,6 +10,7 @@ from typing import Any
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.blocks import Block
 
 
@@ -103,9 +104,35 @@ class FSDP2Strategy(ModelParallelStrategy):
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def setup_environment(self) -> None:
+        check_cpu_fsdp2_torch(self.root_device.type)
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes // self._tensor_parallel_size
         super().setup_environment()
+
+
+CPU_FSDP2_TORCH = "2.9"
+"""The lowest torch whose FSDP2 trains on CPUs (gloo) as one process does: 2.6 fails in ``fully_shard`` ('Stream'
+object has no attribute 'record_event'); 2.7 and 2.8 sum the gradients over the processes instead of averaging them
+(AdamW hides the factor, SGD and gradient clipping do not). tests/test_floors.py checks it."""
+
+
+def check_cpu_fsdp2_torch(device_type: str, version: str | None = None) -> None:
+    """Refuse FSDP2 on CPUs with a torch older than :data:`CPU_FSDP2_TORCH` (one paragraph, naming the setting).
+
+    Raises:
+        ConfigError: on a CPU device with an older torch.
+    """
+    import torch
+    from torch.torch_version import TorchVersion
+
+    version = TorchVersion(version or torch.__version__)
+    if device_type == "cpu" and version < CPU_FSDP2_TORCH:
+        raise ConfigError(
+            f"trainer.strategy=FSDP2Strategy on CPUs needs torch >= {CPU_FSDP2_TORCH}; this is torch {version}, whose "
+            "FSDP2 over gloo fails (2.6) or sums the processes' gradients instead of averaging them (2.7, 2.8). "
+            f"Upgrade torch (pip install 'torch>={CPU_FSDP2_TORCH}'), run FSDP2 on GPUs, or use "
+            "--config configs/strategy/ddp.yaml on CPUs."
+        )
 
 
 def shard_network(network: nn.Module, mesh: Any) -> nn.Module:

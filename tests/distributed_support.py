@@ -75,7 +75,8 @@ class RecordRun(Callback):
         with torch.no_grad():
             probe = probe_batch(pl_module.data_spec["vocab_size"]).to(pl_module.device)
             with trainer.precision_plugin.forward_context():  # as in training (FSDP1 keeps bf16 weights under it)
-                logits = network(probe).float()  # (B, T, V), collective under FSDP2
+                output = network(probe)  # collective under FSDP2; the sequence encoder's is (logits, maps)
+                logits = (output[0] if isinstance(output, tuple) else output).float()  # (B, T, V)
         network.train(was_training)
         if trainer.global_rank != 0:
             return
@@ -154,3 +155,41 @@ class PoisonAt(Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.what == "gradient" and trainer.global_step == self.step:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(math.nan)
+
+
+class WaitForFile(Callback):
+    """Hold the run at the start of training until ``path`` exists (at most ``timeout_s``): a test decides when a
+    run that it started may go on.
+
+    Args:
+        path: the file to wait for.
+        timeout_s: give up waiting after this many seconds (the run then goes on).
+    """
+
+    def __init__(self, path: str, timeout_s: float = 120.0) -> None:
+        super().__init__()
+        self.path, self.timeout_s = Path(path), timeout_s
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        deadline = time.monotonic() + self.timeout_s
+        while not self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _cpu_fsdp2_skip() -> object:
+    import pytest
+    from torch.torch_version import TorchVersion
+
+    from qkv_lightning.parallel import CPU_FSDP2_TORCH
+
+    return pytest.mark.skipif(
+        TorchVersion(torch.__version__) < CPU_FSDP2_TORCH,
+        reason=f"FSDP2 on CPUs needs torch >= {CPU_FSDP2_TORCH} (older: fails or sums gradients; FSDP2Strategy "
+        "refuses it)",
+    )
+
+
+needs_cpu_fsdp2 = _cpu_fsdp2_skip()
+"""Skip marker of the tests that run FSDP2 on CPUs: torch below ``CPU_FSDP2_TORCH`` is refused there."""

@@ -17,6 +17,7 @@ from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
+from tests.distributed_support import needs_cpu_fsdp2
 
 CASES = [(v, None) for v in CANONICAL_VARIANTS] + [("Q-K=V", 1)]
 SPEC = {"vocab_size": 10, "num_classes": 10, "seq_len": 8}
@@ -101,6 +102,7 @@ def test_checkpoint_saved_compiled_loads_uncompiled(tmp_path):
 
 
 @pytest.mark.slow
+@needs_cpu_fsdp2
 def test_compile_with_fsdp2_saves_plain_keys_that_load_uncompiled(tmp_path, monkeypatch):
     """FSDP2 shards the compiled blocks (one CPU process, gloo); the gathered checkpoint has the eager keys and loads
     into an uncompiled, unsharded model that computes the same outputs."""

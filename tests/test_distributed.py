@@ -23,7 +23,7 @@ from qkv_lightning.checkpoints import METADATA_FILE, is_sharded_checkpoint, load
 from qkv_lightning.cli import main
 from qkv_lightning.tasks.language_model import LanguageModel
 from tests.conftest import rendezvous_port
-from tests.distributed_support import probe_batch
+from tests.distributed_support import needs_cpu_fsdp2, probe_batch
 from tests.lm_fixtures import write_wikitext
 from tests.run_fixtures import CONFIGS, run_settings, subprocess_env, wikitext_data, write_yaml
 
@@ -101,6 +101,8 @@ def ddp(workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def fsdp2(workdir) -> dict:
+    if needs_cpu_fsdp2.args[0]:
+        pytest.skip(needs_cpu_fsdp2.kwargs["reason"])
     return fit(workdir, "fsdp2", 4, *FSDP2)
 
 

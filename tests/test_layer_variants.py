@@ -15,6 +15,7 @@ from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
 from qkv_lightning.nn.vit import ViT, ViTConfig
 from qkv_lightning.variants import Variant, expand, parse_label
+from tests.distributed_support import needs_cpu_fsdp2
 from tests.test_accounting import counted, n_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -306,6 +307,7 @@ def distributed_runs(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
+@needs_cpu_fsdp2
 def test_cross_layer_sharing_trains_under_ddp_without_unused_parameters_and_fsdp2_shards_it(distributed_runs):
     from tests.test_distributed import STEPS, assert_same_training
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qkv_lightning.cli import main
+from tests.distributed_support import needs_cpu_fsdp2
 from tests.lm_fixtures import write_wikitext
 from tests.test_distributed import FSDP2, assert_same_training, fit
 
@@ -18,6 +19,7 @@ def workdir(tmp_path_factory):
     return folder
 
 
+@needs_cpu_fsdp2
 def test_init_from_and_distillation_under_fsdp2_match_one_process(workdir):
     fit(workdir, "teacher", 8, "--trainer.devices", "1", timeout=900)  # a QKV model: the source and the teacher
     teacher = workdir / "teacher" / "checkpoints" / "last.ckpt"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
@@ -101,4 +102,8 @@ class SequenceEncoder(nn.Module):
             x = x + self.position(positions)  # (T, C) broadcast over the batch
         rope = self.config.rope(t, idx.device, self.embed.weight.dtype)  # (T, D) each, or None
         hidden, maps = self.trunk(self.dropout(x), rope, None, need_weights)  # (B, T, C)
-        return self.head(hidden), maps  # (B, T, classes)
+        # Not self.head(hidden): a biased Linear on (B, T, C) returns a view of its 2-D product, which FSDP2's
+        # pre-backward hook cannot follow through an in-place op (torch warns). matmul + bias is a fresh tensor, the
+        # same numbers.
+        logits = F.linear(hidden, self.head.weight)  # (B, T, classes)
+        return (logits if self.head.bias is None else logits + self.head.bias), maps  # (B, T, classes)

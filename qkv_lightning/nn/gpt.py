@@ -180,16 +180,16 @@ class GPT(nn.Module):
         """
         hidden = self.hidden(idx)[0]  # (B, T, C)
         if isinstance(self.head, nn.AdaptiveLogSoftmaxWithLoss):
-            flat = targets.flatten()  # (B*T,)
-            keep = flat != IGNORE_INDEX
-            nll = -self.head(hidden.flatten(0, 1)[keep], flat[keep]).output  # (N,)
+            keep = targets != IGNORE_INDEX  # (B, T)
+            nll = -self.head(hidden[keep], targets[keep]).output  # (N,)
             if reduction == "none":
-                return nll.new_zeros(flat.shape).masked_scatter(keep, nll).view_as(targets)  # (B, T)
+                return nll.new_zeros(targets.shape).masked_scatter(keep, nll)  # (B, T)
             return nll.sum() if reduction == "sum" else nll.mean()
         logits = self.head(hidden).flatten(0, 1)  # (B*T, V)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision: softmax in float32
         losses = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
-        return losses.view_as(targets) if reduction == "none" else losses  # (B, T) or a scalar
+        # "none": a copy, not a view of the (B*T,) losses: FSDP2 cannot follow an in-place op on a view it returns
+        return losses.view_as(targets).clone() if reduction == "none" else losses  # (B, T) or a scalar
 
     def new_caches(
         self, batch_size: int, capacity: int | None = None, rope_keys: str = ROPE_KEYS_DEFAULT

@@ -71,7 +71,12 @@ def run_study(
     study_dir.mkdir(parents=True, exist_ok=True)
     write_marker(study_dir, config.task)
     with study_lock(study_dir):
-        check_no_survivors([Path(s["dir"]) for s in specs])
+        attached = set()
+        if config.launcher != "local" and config.run:  # a cell whose job still runs is waited on (launchers.py)
+            from qkv_lightning.study.launchers import live_jobs
+
+            attached = set(live_jobs(config, specs))
+        check_no_survivors([Path(s["dir"]) for s in specs if s["dir"] not in attached])
         return _run_locked(config, study_dir, variants, grid, specs, notes, skipped, echo, title)
 
 
