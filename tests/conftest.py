@@ -50,5 +50,14 @@ def rendezvous_port() -> int:
 @pytest.fixture(autouse=True)
 def own_rendezvous_port(monkeypatch):
     """Every test's distributed runs (subprocesses inherit the variable) rendezvous on a port of its own:
-    Lightning's ``find_free_network_port`` returns ``STANDALONE_PORT`` when it is set."""
+    Lightning's ``find_free_network_port`` returns ``STANDALONE_PORT`` when it is set.
+
+    An in-process distributed run of an earlier test leaves ``MASTER_PORT`` (which Lightning prefers to
+    ``STANDALONE_PORT``) in ``os.environ``, with its store still listening there; a subprocess that inherits it fails
+    with EADDRINUSE. So every test starts without the settings such a run leaves behind.
+    """
+    from tests.run_fixtures import LEFT_BEHIND
+
+    for name in LEFT_BEHIND:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("STANDALONE_PORT", str(rendezvous_port()))
