@@ -1,56 +1,59 @@
 #!/usr/bin/env bash
-# The floors environment: core dependencies of pyproject.toml at the lowest release they allow (`>=X` installed as
-# `==X`), then the fast tests that exercise those libraries (FLOORS_TESTS below). A floor that does not work fails CI.
+# The floors environment: every core dependency of pyproject.toml at the lowest release it allows (`>=X` installed as
+# `==X`: torch 2.6 and torchvision 0.21 too), then the fast tests that exercise those libraries (FLOORS_TESTS below)
+# on 2 workers. A floor that does not work fails CI.
 #
-# In CI (the default) the Python-level libraries whose floors have broken us before are pinned: lightning,
-# lightning-utilities, torchmetrics and jsonargparse. torch, torchvision and the rest come from the main test
-# environment (a .pth line naming its site-packages, after the venv's own, so the pins win): torch's CUDA build is
-# about 3 GB of downloads and its first install took 31 min here, past CI's budget. `QKV_FLOORS_ALL=1 bash
-# .ci/floors.sh` pins every core dependency, torch 2.6 / torchvision 0.21 included (what the README's floors
-# section reports). The venv is kept under ~/.cache/qkv-lightning and rebuilt whenever the pins change.
+#   bash .ci/floors.sh build   build the venv: ~/.cache/qkv-lightning/floors-venv ($QKV_FLOORS_CACHE), reused while
+#                              the pins are unchanged, the downloaded wheels kept beside it
+#   bash .ci/floors.sh test    run the tests in it
+#   bash .ci/floors.sh         both
+#
+# .ci/run starts `build` in the background before the README's test command: PyPI's Linux torch wheel is the CUDA
+# build, and torch 2.6 with its nvidia-* wheels is about 3 GB to download and unpack (~2.5 min download, ~3 min
+# install here), time the main tests hide.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+action=${1:-all}
+case $action in build|test|all) ;; *) echo "usage: .ci/floors.sh [build|test]" >&2; exit 2 ;; esac
 cache=${QKV_FLOORS_CACHE:-$HOME/.cache/qkv-lightning}
 venv=$cache/floors-venv
 wheels=$cache/floors-wheels
 mkdir -p "$cache" "$wheels"
 pins=$(python3 - <<'PY'
-import os, re, tomllib
-PINNED_IN_CI = {"lightning", "lightning-utilities", "torchmetrics", "jsonargparse"}
+import re, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 for dep in deps:
     m = re.fullmatch(r"([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?)\s*>=\s*([^,;\s]+)", dep)
     assert m, f"pyproject dependency {dep!r} has no plain `>=` floor"
-    name = m.group(1).split("[")[0].lower()
-    if os.environ.get("QKV_FLOORS_ALL") == "1" or name in PINNED_IN_CI:
-        print(f"{m.group(1)}=={m.group(2)}")
+    print(f"{m.group(1)}=={m.group(2)}")
 PY
 )
-# the libraries the tests themselves need, not pinned (the floors constrain what pip may choose for them)
-extras="pytest"
-echo "floors: $(echo $pins | tr '\n' ' ')"
-start=$SECONDS
-mode=${QKV_FLOORS_ALL:-0}
-main_python=${1:-.venv/bin/python}
-if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.pins" 2>/dev/null)" = "$mode $pins" ]; then
-  echo "floors: reusing $venv (same pins)"
-else
+# what the tests themselves need, not pinned (the floors constrain what pip may choose for them)
+tools="pytest pytest-xdist"
+
+quiet_pip() {  # pip, without the warnings about this machine's local index folders; pip's own exit status
+  local log rc=0
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 || rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+  rm -f "$log"
+  return $rc
+}
+
+build() {
+  local start=$SECONDS
+  echo "floors: $(echo $pins | tr '\n' ' ')"
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.pins" 2>/dev/null)" = "$pins $tools" ]; then
+    echo "floors: reusing $venv (same pins)"
+    return
+  fi
   rm -rf "$venv"
   python3 -m venv "$venv"
   printf '%s\n' $pins > "$cache/floors-requirements.txt"
-  if [ "$mode" = 1 ]; then
-    "$venv/bin/pip" download -q -d "$wheels" -r "$cache/floors-requirements.txt" $extras 2>&1 | grep -v "is ignored" || true
-    "$venv/bin/pip" install -q --no-index --find-links "$wheels" -r "$cache/floors-requirements.txt" $extras \
-      2>&1 | grep -v "is ignored" || true
-  else  # the pins alone; everything else (torch, pytest, ...) from the main test environment, after them on sys.path
-    "$venv/bin/pip" install -q --no-deps -r "$cache/floors-requirements.txt" 2>&1 | grep -v "is ignored" || true
-    site=$("$main_python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    own=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    echo "$site" > "$own/zz_main_environment.pth"
-  fi
-  echo "$mode $pins" > "$venv/.pins"
-fi
-"$venv/bin/python" - "$pins" <<'PY'
+  quiet_pip "$venv/bin/pip" download -q -d "$wheels" -r "$cache/floors-requirements.txt" $tools
+  echo "floors: downloaded in $((SECONDS - start)) s ($(du -sh "$wheels" | cut -f1) of wheels)"
+  quiet_pip "$venv/bin/pip" install -q --no-index --find-links "$wheels" -r "$cache/floors-requirements.txt" $tools
+  "$venv/bin/python" - "$pins" <<'PY'
 import importlib.metadata as md, re, sys
 wrong = []
 for pin in sys.argv[1].split():
@@ -62,12 +65,15 @@ assert not wrong, wrong
 names = [re.sub(r"\[.*\]", "", pin).split("==")[0] for pin in sys.argv[1].split()]
 print("floors: installed " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
-echo "floors: environment ready in $((SECONDS - start)) s"
+  echo "$pins $tools" > "$venv/.pins"
+  echo "floors: environment ready in $((SECONDS - start)) s"
+}
+
 # What the floors must carry: FSDP2 on CPUs is refused below torch 2.9 (qkv_lightning.parallel.CPU_FSDP2_TORCH; its
-# tests skip there, tests/test_floors.py checks the refusal), jsonargparse's messages and `convert --config` (tests/test_floors.py),
-# torch's SDPA attention, Lightning's CLI and Trainer with jsonargparse (fit, checkpoint, resume through configs),
-# torchmetrics (every task's metrics), torchvision (image data), scipy (the study's statistics), numpy/matplotlib/
-# PyYAML (the study's outputs).
+# tests skip there, tests/test_floors.py checks the refusal), jsonargparse's messages and `convert --config`
+# (tests/test_floors.py), torch's SDPA attention, Lightning's CLI and Trainer with jsonargparse (fit, checkpoint,
+# resume through configs), torchmetrics (every task's metrics), torchvision (image data), scipy (the study's
+# statistics), numpy/matplotlib/PyYAML (the study's outputs).
 FLOORS_TESTS=(
   tests/test_attention.py
   tests/test_tasks.py
@@ -76,7 +82,17 @@ FLOORS_TESTS=(
   tests/test_floors.py
   tests/test_quiet.py::test_no_network_returns_a_view_tensor_under_fsdp2
 )
-start=$SECONDS
-QKV_SHARED_DATA=${QKV_SHARED_DATA:-../shared/data} "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
-  "${FLOORS_TESTS[@]}"
-echo "floors: tests in $((SECONDS - start)) s"
+run_tests() {
+  local start=$SECONDS
+  [ "$(cat "$venv/.pins" 2>/dev/null)" = "$pins $tools" ] || {
+    echo "floors: no environment with these pins at $venv; run: bash .ci/floors.sh build" >&2; exit 1; }
+  QKV_SHARED_DATA=${QKV_SHARED_DATA:-../shared/data} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+    -n 2 --dist loadfile -m "not slow" "${FLOORS_TESTS[@]}"
+  echo "floors: tests in $((SECONDS - start)) s"
+}
+
+case $action in
+  build) build ;;
+  test) run_tests ;;
+  all) build; run_tests ;;
+esac

@@ -2,9 +2,23 @@
 
 import os
 import socket
+from collections import Counter
 
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with more slow (multi-process) tests run first, the others after them in their usual order.
+
+    ``pytest -n 2 --dist loadfile`` (the README's test command) hands out whole files in collection order. In
+    alphabetical order the long multi-process files of ``test_study_*`` and ``test_uptrain_*`` came last, and one
+    worker ran them alone while the other had nothing left; started first, they overlap the many short files.
+    Tests within a file keep their order (a stable sort on a per-file key).
+    """
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    first_seen = {path: index for index, path in enumerate(dict.fromkeys(item.path for item in items))}
+    items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))
 
 
 @pytest.fixture

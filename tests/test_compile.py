@@ -103,13 +103,11 @@ def test_checkpoint_saved_compiled_loads_uncompiled(tmp_path):
 
 @pytest.mark.slow
 @needs_cpu_fsdp2
-def test_compile_with_fsdp2_saves_plain_keys_that_load_uncompiled(tmp_path, monkeypatch):
+def test_compile_with_fsdp2_saves_plain_keys_that_load_uncompiled(tmp_path):
     """FSDP2 shards the compiled blocks (one CPU process, gloo); the gathered checkpoint has the eager keys and loads
     into an uncompiled, unsharded model that computes the same outputs."""
     from qkv_lightning.parallel import FSDP2Strategy
 
-    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
-        monkeypatch.delenv(name, raising=False)  # Lightning sets these; monkeypatch removes them afterwards
     data = SyntheticSequenceData(task="reverse", seq_len=8, train_size=64, val_size=16, test_size=16, batch_size=8)
     task = sequence_task("Q=K=V", compile=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(save_distributed_checkpoint=False),

@@ -5,7 +5,6 @@ would print, as nothing filters it), and a 2-process FSDP2 fit trains exactly as
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 import warnings
@@ -21,7 +20,7 @@ from qkv_lightning.tasks.language_model import LanguageModel
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
 from tests.conftest import rendezvous_port
 from tests.distributed_support import needs_cpu_fsdp2
-from tests.run_fixtures import CONFIGS, synthetic_args
+from tests.run_fixtures import CONFIGS, subprocess_env, synthetic_args
 from tests.test_distributed import assert_same_training, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +40,7 @@ def fit(folder: Path, name: str, *extra: str) -> tuple[str, dict]:
         "--trainer.callbacks.out", str(folder / name / "record"), "--optimizer", "SGD", "--optimizer.lr", "0.05",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "STANDALONE_PORT": str(rendezvous_port())}
-    for variable in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED"):
-        env.pop(variable, None)
+    env = {**subprocess_env(), "STANDALONE_PORT": str(rendezvous_port())}  # a fresh port for each of the runs
     out = subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), "fit", *args], capture_output=True, text=True, env=env, cwd=folder,
         timeout=600,
