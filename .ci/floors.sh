@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The floors environment: every core dependency of pyproject.toml at the lowest release it allows (`>=X` installed as
 # `==X`: torch 2.6 and torchvision 0.21 too), then the fast tests that exercise those libraries (FLOORS_TESTS below)
-# on 2 workers. A floor that does not work fails CI.
+# on 2 workers (test by test: no file is long enough to keep one worker busy alone). A floor that does not work
+# fails CI.
 #
 #   bash .ci/floors.sh build   build the venv: ~/.cache/qkv-lightning/floors-venv ($QKV_FLOORS_CACHE), reused while
 #                              the pins are unchanged, the downloaded wheels kept beside it
@@ -9,8 +10,8 @@
 #   bash .ci/floors.sh         both
 #
 # .ci/run starts `build` in the background before the README's test command: PyPI's Linux torch wheel is the CUDA
-# build, and torch 2.6 with its nvidia-* wheels is about 3 GB to download and unpack (~2.5 min download, ~3 min
-# install here), time the main tests hide.
+# build, and torch 2.6 with its nvidia-* wheels is about 3 GB to download and unpack (in a fresh-clone CI run here:
+# `downloaded in 102 s`, `environment ready in 218 s`, all of it while the main tests ran).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 action=${1:-all}
@@ -69,11 +70,15 @@ PY
   echo "floors: environment ready in $((SECONDS - start)) s"
 }
 
-# What the floors must carry: FSDP2 on CPUs is refused below torch 2.9 (qkv_lightning.parallel.CPU_FSDP2_TORCH; its
-# tests skip there, tests/test_floors.py checks the refusal), jsonargparse's messages and `convert --config`
-# (tests/test_floors.py), torch's SDPA attention, Lightning's CLI and Trainer with jsonargparse (fit, checkpoint,
-# resume through configs), torchmetrics (every task's metrics), torchvision (image data), scipy (the study's
-# statistics), numpy/matplotlib/PyYAML (the study's outputs).
+# What the floors must carry, and the tests that exercise it: FSDP2 on CPUs is refused below torch 2.9
+# (qkv_lightning.parallel.CPU_FSDP2_TORCH; its tests skip there, test_floors.py checks the refusal); jsonargparse's
+# messages and `convert --config` (test_floors.py); torch's SDPA attention (test_attention.py); Lightning's CLI and
+# Trainer with jsonargparse, fit/checkpoint/resume through the shipped configs, with TensorBoard (test_configs_resume.py,
+# test_loggers.py); LightningCLI's --optimizer (test_optimizers.py); Lightning's public Throughput (test_perf_callbacks.py);
+# torchmetrics (test_tasks.py, test_configs_resume.py); torchvision and Pillow (test_images_data.py); tiktoken's GPT-2
+# BPE (test_wikitext.py); tqdm and the progress lines (test_data_progress.py, test_progress_lines.py); scipy, numpy,
+# matplotlib and PyYAML in a study's statistics, tables and plots (test_study.py, test_study_effects.py; matplotlib 3.8's
+# axvspan returns a Polygon, not a Rectangle, which a test once assumed).
 FLOORS_TESTS=(
   tests/test_attention.py
   tests/test_tasks.py
@@ -81,13 +86,22 @@ FLOORS_TESTS=(
   tests/test_packaging.py::test_shipped_config_names_are_the_top_level_configs_files
   tests/test_floors.py
   tests/test_quiet.py::test_no_network_returns_a_view_tensor_under_fsdp2
+  tests/test_loggers.py
+  tests/test_optimizers.py
+  tests/test_perf_callbacks.py
+  tests/test_images_data.py
+  tests/test_wikitext.py
+  tests/test_data_progress.py
+  tests/test_progress_lines.py
+  tests/test_study.py
+  tests/test_study_effects.py
 )
 run_tests() {
   local start=$SECONDS
   [ "$(cat "$venv/.pins" 2>/dev/null)" = "$pins $tools" ] || {
     echo "floors: no environment with these pins at $venv; run: bash .ci/floors.sh build" >&2; exit 1; }
   QKV_SHARED_DATA=${QKV_SHARED_DATA:-../shared/data} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-    -n 2 --dist loadfile -m "not slow" "${FLOORS_TESTS[@]}"
+    -n 2 --dist load -m "not slow" "${FLOORS_TESTS[@]}"
   echo "floors: tests in $((SECONDS - start)) s"
 }
 
