@@ -337,3 +337,21 @@ def test_summary_gets_the_sweep_section_once_the_study_has_axes(tmp_path: Path) 
     assert depends == {"d_model": True, "seq_len": False}
     markdown = summary_markdown(summary, "sweep")
     assert "blocking factor" in markdown and "| Q=K=V | d_model | 256: " in markdown
+
+
+def test_a_difference_without_spread_is_marked_in_the_table_and_explained(tmp_path: Path) -> None:
+    """Every seed of Q-K=V is exactly 0.125 below its QKV seed (as a deterministic conversion scored on fixed batches
+    is): p = 0, and the table says that it comes from no spread at all; Q=K-V, with spread, is not marked."""
+    values = {"QKV": [1.0, 0.75, 0.5], "Q-K=V": [0.875, 0.625, 0.375], "Q=K-V": [1.0, 0.5, 0.75]}
+    config = StudyConfig(task=_task(tmp_path), sharing=list(values), seeds=[0, 1, 2])
+    summary = summarize(config, [Variant(label) for label in values], _results(values))
+    rows = {row["variant"]: row["metrics"]["test/acc"] for row in summary["variants"]}
+    assert rows["Q-K=V"]["p"] == 0.0 and rows["Q-K=V"]["no_spread"] is True and rows["Q=K-V"]["no_spread"] is False
+    markdown = summary_markdown(summary, "t")
+    marked = [line for line in markdown.splitlines() if "paired (no spread)" in line]
+    assert len(marked) == 1 and marked[0].startswith("| Q-K=V |")
+    assert "`(no spread)`: every seed gave the same difference" in markdown
+    spread = {"QKV": [1.0, 0.75, 0.5], "Q-K=V": [0.875, 0.5, 0.375]}
+    config = StudyConfig(task=_task(tmp_path), sharing=list(spread), seeds=[0, 1, 2])
+    plain = summary_markdown(summarize(config, [Variant(label) for label in spread], _results(spread)), "t")
+    assert "no spread" not in plain

@@ -167,6 +167,7 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
                     t=_finite(test.t) if not math.isinf(test.t) else test.t,
                     df=_finite(test.df),
                     p=_finite(test.p),
+                    no_spread=test.se == 0.0,  # every seed's difference the same: p is exactly 0 or 1
                     diff_points=points,
                     min_detectable=None if power is None else power.min_detectable,
                     seeds_needed=None if power is None else power.seeds_needed,
@@ -274,6 +275,7 @@ def summary_table(summary: dict, metric: str | None = None) -> str:
         else:
             diff = f"{_signed(entry['diff'])} [{_signed(entry['diff_ci95'][0])}, {_signed(entry['diff_ci95'][1])}]"
             test, p, p_holm = entry["test"], _p(entry["p"]), _p(entry["p_holm"])
+            test += " (no spread)" if entry.get("no_spread") else ""
         lines.append(
             f"| {row['variant']} | {row['runs_ok']}/{row['runs']} | {_count(row['params'])} | {change} "
             f"| {_count(row['kv_cache_bytes_per_token'])} | {mean_std} | {ci} | {diff} | {test} | {p} | {p_holm} "
@@ -387,6 +389,12 @@ def verdict_legend(summary: dict) -> str:
         "[0, 1], perplexities >= 1, losses >= 0). `test`: `paired` t-test over matching seeds, or `welch` when the "
         "seeds that finished differ. KV cache: bytes per token over all layers at 2 bytes per element."
     )
+    if any(row["metrics"].get(summary["primary"], {}).get("no_spread") for row in summary["variants"]):
+        common += (
+            " `(no spread)`: every seed gave the same difference (both at a metric's ceiling, say, or a deterministic "
+            "conversion scored on fixed batches), so its interval has zero width and p is exactly 1 (no difference) "
+            "or 0: an exact statement about these runs, not an estimate of the spread that other seeds could show."
+        )
     if summary.get("equivalence_margins", {}).get(summary["primary"]):
         return (
             f"`verdict`: `equivalent *` when the difference from {base} lies within the equivalence margin "
