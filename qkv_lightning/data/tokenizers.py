@@ -14,6 +14,7 @@ caches record it, so a cache made by another tokenizer is never read as if it we
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -182,9 +183,12 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_ranks_file(cls, path: str | os.PathLike) -> BPETokenizer:
-        """GPT-2 BPE from a local ``.tiktoken`` ranks file (e.g. ``gpt2.tiktoken``; works offline)."""
+        """GPT-2 BPE from a local ``.tiktoken`` ranks file (e.g. ``gpt2.tiktoken``; works offline).
+
+        The file is parsed here (one ``base64-token rank`` pair per line, tiktoken's format) rather than with
+        ``tiktoken.load.load_tiktoken_bpe``, which at our tiktoken floor (0.7-0.9) reads local files only through
+        the optional ``blobfile`` package."""
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
         path = Path(path)
         if not path.is_file():
@@ -193,7 +197,10 @@ class BPETokenizer(Tokenizer):
                 "or set data.bpe_file: null to use tiktoken.get_encoding('gpt2') (needs internet or tiktoken's cache)."
             )
         try:
-            ranks = load_tiktoken_bpe(str(path))
+            ranks = {
+                base64.b64decode(token, validate=True): int(rank)
+                for token, rank in (line.split() for line in path.read_bytes().splitlines() if line)
+            }
         except Exception as error:  # a file in another format
             raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file ({error}).") from error
         n_vocab = len(ranks) + 1
