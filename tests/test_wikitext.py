@@ -3,6 +3,7 @@ the offline split arrangement, downloads and every kind of bad input."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import http.server
@@ -410,3 +411,20 @@ def test_a_download_never_deletes_or_replaces_a_file_the_user_had(tmp_path, monk
 def test_file_info_detects_a_missing_final_newline(tmp_path):
     (tmp_path / "f").write_bytes(b"a\nb")
     assert scan_file(tmp_path / "f") == FileInfo(hashlib.sha256(b"a\nb").hexdigest(), 3, 1, False)
+
+
+
+@pytest.mark.parametrize(
+    "text", ["hello world\n", "aGk= notarank\n", '{"hi": 0}\n', "aGk= 0 extra\n"],
+    ids=["not base64", "rank", "json", "3 fields"],
+)
+def test_a_ranks_file_in_another_format_is_a_data_error_naming_bpe_file(tmp_path, text):
+    """The ranks file is parsed by qkv_lightning (tiktoken's loader needs blobfile at the floor): a file of another
+    format is a one-paragraph DataError that names data.bpe_file, and a well-formed one (the 256 bytes) loads."""
+    path = tmp_path / "ranks.tiktoken"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"data\.bpe_file=.*is not a \.tiktoken ranks file"):
+        BPETokenizer.from_ranks_file(path)
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    tokenizer = BPETokenizer.from_ranks_file(path)
+    assert tokenizer.decode(tokenizer.encode_prompt("héllo")) == "héllo"
