@@ -102,8 +102,7 @@ run_tests() {
   [ "$(cat "$venv/.pins" 2>/dev/null)" = "$pins $tools" ] || {
     echo "floors: no environment with these pins at $venv; run: bash .ci/floors.sh build" >&2; exit 1; }
   # an empty tiktoken cache: a ranks file tiktoken cached earlier must not hide a loader that fails at the floor
-  local tiktoken_cache
-  tiktoken_cache=$(mktemp -d)
+  tiktoken_cache=$(mktemp -d)  # global: the EXIT trap runs after this function has returned
   trap 'rm -rf "$tiktoken_cache"' EXIT  # the folder mktemp just made, nothing else
   TIKTOKEN_CACHE_DIR=$tiktoken_cache QKV_SHARED_DATA=${QKV_SHARED_DATA:-../shared/data} "$venv/bin/python" -m pytest \
     -q -p no:cacheprovider -n 2 --dist load -m "not slow" "${FLOORS_TESTS[@]}"
