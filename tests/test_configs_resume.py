@@ -14,7 +14,8 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.cli import main
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from tests.imagedata import write_cifar10
 from tests.lm_fixtures import write_wikitext
 from tests.run_fixtures import CONFIGS, QUIET, image_args, lm_args, synthetic_args

@@ -25,7 +25,8 @@ from qkv_lightning.checkpoints import (
     read_sharded_metadata,
     recover_interrupted_swap,
 )
-from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.cli import main
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.loggers import DeferredSummaryWriter
 from tests.run_fixtures import synthetic_args
 

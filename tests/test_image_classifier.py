@@ -12,7 +12,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.cli import main
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.image_base import NO_AUGMENTATION
 from qkv_lightning.data.images import CIFAR10DataModule
 from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig

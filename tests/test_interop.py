@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.cli import main
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.export import load_gpt
 from qkv_lightning.resume import check_fits, read_checkpoint_info
 from tests.lm_fixtures import GPT2_RANKS, write_wikitext

@@ -12,7 +12,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.cli import main
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.wikitext import WikiText
 from qkv_lightning.errors import CheckpointError
 from qkv_lightning.nn.attention import AttentionConfig

@@ -13,7 +13,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
-from qkv_lightning.cli import QKVLightningCLI, main
+from qkv_lightning.cli import main
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.synthetic import SyntheticSequenceData
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.tasks.base import OptimizerConfig, lr_multiplier

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from qkv_lightning.cli import QKVLightningCLI
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.synthetic import TASKS, SyntheticSequenceData, make_targets, rows_in
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig

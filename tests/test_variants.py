@@ -3,7 +3,6 @@ and the import layering."""
 
 from __future__ import annotations
 
-import ast
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from qkv_lightning.tasks.sequence_tasks import SequenceTask
 from qkv_lightning.variants import Variant, expand
 from tests.run_fixtures import synthetic_args
 
-PACKAGE = Path(__file__).resolve().parents[1] / "qkv_lightning"
 
 
 def test_one_label_format_for_every_variant() -> None:
@@ -150,47 +148,6 @@ def _metric(output: str, name: str) -> float:
         if len(cells) >= 2 and cells[0] == name:
             return float(cells[1])
     raise AssertionError(f"{name} not printed in:\n{output}")
-
-
-LAYERS = ["nn", "variants", "resume", "accounting", "data", "callbacks", "tasks", "study", "bench", "cli"]
-"""The house, ground first: a module may import its own layer and those listed before it (besides errors,
-parallel and other leaf helpers, which import nothing of the project above nn)."""
-
-
-def _layer(module: str) -> str | None:
-    parts = module.split(".")
-    if parts[0] != "qkv_lightning" or len(parts) < 2:
-        return None
-    name = parts[1]
-    return name if name in LAYERS else None
-
-
-def test_imports_point_down_and_form_no_cycle() -> None:
-    graph: dict[str, set[str]] = {}
-    for path in PACKAGE.rglob("*.py"):
-        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
-        imported = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                imported.add(node.module)
-            elif isinstance(node, ast.Import):
-                imported.update(alias.name for alias in node.names)
-        graph[module] = {name for name in imported if name.startswith("qkv_lightning")}
-    upward = []
-    for module, imports in graph.items():
-        mine = _layer(module)
-        for target in imports:
-            theirs = _layer(target)
-            if mine and theirs and LAYERS.index(theirs) > LAYERS.index(mine):
-                upward.append(f"{module} -> {target}")
-    nn_up = [f"{m} -> {t}" for m, ts in graph.items() if m.startswith("qkv_lightning.nn") for t in ts
-             if not t.startswith(("qkv_lightning.nn", "qkv_lightning.errors"))]
-    assert not nn_up, nn_up
-    allowed_up = {  # commands that run the CLI machinery itself, imported inside functions
-        "qkv_lightning.study.runner -> qkv_lightning.cli",
-        "qkv_lightning.bench.common -> qkv_lightning.cli",
-    }
-    assert set(upward) <= allowed_up, sorted(set(upward) - allowed_up)
 
 
 def test_a_label_parses_back_to_its_variant_and_settings_toggle_breakers() -> None:

@@ -65,7 +65,7 @@ def load_task(
     ``spec()``, the network config's own values (e.g. ``network.vocab_size``), and the datamodule's ``spec()`` after
     ``prepare_data()`` (which may download or tokenize, so only with ``prepare``).
     """
-    from qkv_lightning.cli import QKVLightningCLI
+    from qkv_lightning.lightning_cli import QKVLightningCLI
 
     args = [arg for path in configs for arg in ("--config", path)] + list(overrides)
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")

@@ -160,7 +160,7 @@ def check_cells(config: StudyConfig, variants: list, grid: list[Cell]) -> tuple[
     import importlib
     from argparse import ArgumentError
 
-    from qkv_lightning.cli import QKVLightningCLI
+    from qkv_lightning.lightning_cli import QKVLightningCLI
     from qkv_lightning.errors import ConfigError, QKVError
     from qkv_lightning.hints import explain_config_error
 
@@ -310,7 +310,7 @@ TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 def configured_logger(task: str, overrides: tuple[str, ...]) -> str | None:
     """The ``class_path`` of the one ``trainer.logger`` that the task config (with the study's overrides) sets; None
     for none, Lightning's default or several (the cells then log to TensorBoard)."""
-    from qkv_lightning.cli import QKVLightningCLI
+    from qkv_lightning.lightning_cli import QKVLightningCLI
 
     logger = QKVLightningCLI.parse_only(["--config", task, *overrides]).as_dict()["trainer"].get("logger")
     if isinstance(logger, list) and len(logger) == 1:
@@ -465,7 +465,7 @@ def run_cell(spec: dict, prepared: bool = False, writer: bool = True) -> dict:
     """
     from lightning.pytorch.cli import SaveConfigCallback
 
-    from qkv_lightning.cli import QKVLightningCLI
+    from qkv_lightning.lightning_cli import QKVLightningCLI
 
     directory = Path(spec["dir"])
     if not prepared:

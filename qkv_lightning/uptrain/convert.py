@@ -99,7 +99,7 @@ def calibration_grams(task: Any, batches: list[Any]) -> dict[str, torch.Tensor]:
 def calibration_batches(args: list[str], count: int) -> list[Any]:
     """The first ``count`` training batches of the data that the fit config of ``args`` (``--config FILE ...``)
     describes."""
-    from qkv_lightning.cli import QKVLightningCLI
+    from qkv_lightning.lightning_cli import QKVLightningCLI
 
     _, datamodule, _ = QKVLightningCLI.instantiate_without_trainer(list(args))
     datamodule.prepare_data()

@@ -1,0 +1,344 @@
+"""The LightningCLI of this project: the strict parser, the task and data chosen by the config, the pre-flight checks
+that run before Lightning reads or writes anything, and the ``--optimizer`` flag handed to the task's settings.
+
+:mod:`qkv_lightning.cli` (the command table and the error boundary) runs it for ``fit`` / ``validate`` / ``test`` /
+``predict``; the commands that read configs the way ``fit`` does (``study``, ``bench``, ``convert``) use
+:meth:`QKVLightningCLI.parse_only` and :meth:`QKVLightningCLI.instantiate_without_trainer`.
+"""
+
+from __future__ import annotations
+
+from argparse import ArgumentError
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonargparse
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
+
+from qkv_lightning.callbacks.attention_maps import AttentionMaps
+from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
+from qkv_lightning.callbacks.perf import PerfMonitor
+from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
+from qkv_lightning.guards import (
+    check_output_folders,
+    check_seed,
+    check_trainer_settings,
+    install_yaml_guard,
+    place_evaluation_logs,
+)
+from qkv_lightning.hints import register_parser
+from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten
+from qkv_lightning.quiet import install as install_quiet
+from qkv_lightning.resume import (
+    CheckpointInfo,
+    check_class,
+    check_fits,
+    is_local_file_or_folder,
+    read_checkpoint_info,
+    resolve_last,
+)
+from qkv_lightning.tasks.base import TaskModule
+
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
+install_quiet()  # Lightning's tips and the warnings known to be harmless here are not printed (quiet.py says why)
+
+
+class StrictArgumentParser(LightningArgumentParser):
+    """Lightning's parser without argparse's abbreviations, also in the nested parsers of ``class_path`` settings:
+    a mistyped option (``--model.init_args.attention.sharin``) is an error with a suggestion, not silently taken
+    for the option it abbreviates."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class QKVLightningCLI(LightningCLI):
+    """LightningCLI whose task and data are chosen by the config (``model.class_path``, ``data.class_path``)."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False, "exit_on_error": False})
+        kwargs.setdefault("parser_class", StrictArgumentParser)
+        super().__init__(
+            model_class=TaskModule,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            **kwargs,
+        )
+
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after checking the seed (it runs before :meth:`before_instantiate_classes`)."""
+        if self.subcommand is not None:
+            check_seed(self.config[self.subcommand])
+        super()._set_seed()
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        register_parser(self.parser)  # its sections (model, trainer, perf, ...) are suggested for typos
+
+    @classmethod
+    def parse_only(cls, args: Sequence[str]) -> jsonargparse.Namespace:
+        """The config of ``args`` (``--config FILE`` and options, no subcommand) parsed and checked by this CLI's
+        parser, as ``fit`` would read it; nothing is instantiated or run (the study checks its cells with this)."""
+
+        class ParseOnly(cls):
+            def instantiate_classes(self) -> None:
+                pass
+
+        return ParseOnly(args=list(args), run=False).config
+
+    @classmethod
+    def instantiate_without_trainer(cls, args: Sequence[str]) -> tuple[TaskModule, Any, jsonargparse.Namespace]:
+        """The task and the datamodule of the config of ``args`` (as :meth:`parse_only`), instantiated, and the parsed
+        config; no Trainer is built and nothing runs (``report`` and ``bench`` load their configs with this)."""
+
+        class Loader(cls):
+            def instantiate_classes(self) -> None:
+                self.config_init = self.parser.instantiate_classes(self.config)
+                self.datamodule = self._get(self.config_init, "data")
+                self.model = self._get(self.config_init, "model")
+                self.trainer = None
+
+        cli = Loader(args=list(args), run=False)
+        return cli.model, cli.datamodule, cli.config
+
+    def before_instantiate_classes(self) -> None:
+        """Checkpoints load with ``weights_only=True`` unless ``--weights_only false`` is given; and ``--ckpt_path
+        last`` is resolved for every subcommand (:func:`qkv_lightning.resume.resolve_last`): ``fit`` resumes the newest
+        run that has a ``last.ckpt`` and keeps logging into its folder, the others fail without one.
+
+        Lightning looks for ``last`` only in the new run's checkpoint folder, which a fresh logger version leaves
+        empty, so a plain re-run would start from scratch instead of resuming (and an evaluation would report an
+        untrained model).
+        """
+        apply_optimizer_flag(self.config[self.subcommand] if self.subcommand else self.config)
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        if "weights_only" in config and config.get("weights_only") is None:
+            config["weights_only"] = True
+        check_trainer_settings(config)
+        check_output_folders(config)
+        resolve_last(config, self.subcommand)
+        if self.subcommand != "fit":
+            place_evaluation_logs(config, self.subcommand)  # after `last` is resolved: into the evaluated run
+
+    def checkpoint_info(self, ckpt_path: str | Path, weights_only: bool) -> CheckpointInfo:
+        """The checkpoint's shapes and hyper-parameters, read once per command (:mod:`qkv_lightning.resume`)."""
+        key = (str(ckpt_path), weights_only)
+        cache = self.__dict__.setdefault("_checkpoint_infos", {})
+        if key not in cache:
+            cache[key] = read_checkpoint_info(ckpt_path, weights_only)
+        return cache[key]
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's re-parsing of a checkpoint's hyper-parameters into the model config (``--ckpt_path FILE``),
+        reading the file safely: with ``weights_only`` (unless ``--weights_only false``), and a damaged, unsafe or
+        foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not is_local_file_or_folder(ckpt_path):
+            return
+        info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
+        if info.sharded:
+            return  # a sharded folder: checked before the run starts (check_checkpoint_fits_model)
+        hparams = dict(info.hparams)
+        if not hparams:
+            return
+        saved_class = hparams.pop("_class_path", None)
+        check_class(info, (config.get("model") or {}).get("class_path"))
+        path = info.path
+        model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
+        configured_settings = flatten(config.get("model") or {})
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        except (ArgumentError, SystemExit) as error:
+            raise CheckpointError(
+                f"the hyper-parameters saved in {path} do not fit the configured model ({error}); use a config of "
+                "the task that saved it."
+            ) from None
+        replaced = [
+            f"model.{key}: {value!r} -> {flatten(self.config[subcommand]['model']).get(key)!r}"
+            for key, value in configured_settings.items()
+            if key.startswith("init_args.") and flatten(self.config[subcommand]["model"]).get(key, value) != value
+        ]
+        if replaced:
+            rank_zero_warn(
+                f"ckpt_path={path}: the model settings saved in the checkpoint replace the config's (Lightning's "
+                f"rule for --ckpt_path FILE): {'; '.join(replaced)}. To train with other settings, start from the "
+                "weights instead (e.g. TaskModule.load_from_checkpoint in your own script)."
+            )
+
+    def check_checkpoint_fits_strategy(self) -> None:
+        """A sharded checkpoint folder can only be resumed by a sharding strategy: say so instead of a traceback."""
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        from qkv_lightning.checkpoints import is_sharded_checkpoint
+
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path or not is_sharded_checkpoint(ckpt_path):
+            return
+        if not isinstance(self.trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path} is a sharded (FSDP/FSDP2) checkpoint folder, but trainer.strategy is "
+                f"{type(self.trainer.strategy).__name__}: resume it with the strategy that saved it (e.g. --config "
+                f"configs/strategy/fsdp2.yaml), or turn it into one file with `python cli.py consolidate {ckpt_path} "
+                f"consolidated.ckpt` and pass --ckpt_path consolidated.ckpt."
+            )
+
+    def check_checkpoint_fits_model(self) -> None:
+        """Read ``ckpt_path`` safely and check that it fits the configured model, before anything runs."""
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not is_local_file_or_folder(ckpt_path):
+            return
+        info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
+        if isinstance(self.model, TaskModule):
+            check_fits(self.model, info)
+            self.model.init_from_skipped = True  # the checkpoint's weights take precedence over model.init_from
+
+    def check_settings_fit_data(self) -> None:
+        """The model's settings against what the data's settings decide (sequence length, image size), before any
+        data is read."""
+        settings_spec = getattr(self.datamodule, "settings_spec", None)
+        if isinstance(self.model, TaskModule) and settings_spec is not None:
+            self.model.check_data_spec(dict(settings_spec()), stage=str(self.subcommand))
+
+    def preflight(self) -> None:
+        """Every check that needs no data: settings against the data's settings, then the checkpoint (strategy,
+        safe loading, fit to the model). Runs before Lightning writes or reads anything."""
+        self.check_settings_fit_data()
+        self.check_checkpoint_fits_strategy()
+        self.check_checkpoint_fits_model()
+
+    def before_fit(self) -> None:
+        self.preflight()
+        from qkv_lightning.callbacks.global_batch import GlobalBatch
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, GlobalBatch):  # a batch the devices do not divide: said before anything runs
+                callback.accumulation(self.trainer, self.datamodule)
+
+    def before_validate(self) -> None:
+        self.preflight()
+
+    def before_test(self) -> None:
+        self.preflight()
+
+    def before_predict(self) -> None:
+        self.preflight()
+        check_output = getattr(self.model, "check_output_file", None)
+        if check_output is not None:
+            check_output(self.config[self.subcommand].get("ckpt_path"), self.trainer.world_size)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with an atomic checkpoint writer and TensorBoard event files opened only when first written."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from qkv_lightning.checkpoints import AtomicCheckpointIO
+
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, ImportError, MisconfigurationException) as error:  # a trainer setting
+            if isinstance(error, QKVError):
+                raise
+            text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+            raise ConfigError(
+                f"invalid configuration: Lightning rejects the trainer settings ({type(error).__name__}: {text}); "
+                "check trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision."
+            ) from error
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
+                logger._experiment = DeferredSummaryWriter(logger)
+        return trainer
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        from torch.optim import Optimizer
+
+        # LightningCLI's --optimizer CLASS (any torch.optim class, with its arguments as --optimizer.X); the task builds
+        # it after FSDP wraps the network, over its named decay / no_decay groups (apply_optimizer_flag).
+        parser.add_optimizer_args((Optimizer,), nested_key="optimizer")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(PerfMonitor, "perf")
+        parser.add_lightning_class_args(AttentionMaps, "attention_maps")
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "logs", "name": "default"},
+                },
+                "trainer.enable_autolog_hparams": False,
+            }
+        )
+
+
+def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
+    """Hand LightningCLI's ``--optimizer CLASS --optimizer.X V`` to the task's ``model.optimizer`` settings.
+
+    Lightning's own handling would build the optimiser from ``model.parameters()`` when the CLI starts: before the
+    network exists (it is built in ``configure_model``) and before FSDP wraps it, and without the named ``decay`` /
+    ``no_decay`` groups. So the class becomes ``model.optimizer.name``; ``lr``, ``weight_decay``, ``betas`` and
+    ``eps`` given there (values other than the class's defaults) replace ``model.optimizer``'s, and its other
+    arguments that differ from the class's defaults become ``model.optimizer.kwargs``. ``--optimizer`` is then cleared,
+    so the saved ``config.yaml`` and the checkpoint's hyper-parameters hold the optimiser once, in ``model.optimizer``.
+    """
+    import inspect
+
+    from qkv_lightning.tasks.base import OPTIMIZER_OWN_SETTINGS, optimizer_class
+
+    flag = config.get("optimizer")
+    model = config.get("model")
+    if not flag or model is None:
+        return
+    flag = flag.as_dict() if isinstance(flag, jsonargparse.Namespace) else dict(flag)
+    init_args = dict(flag.get("init_args") or {})
+    cls = optimizer_class(flag["class_path"])
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    target = model.get("init_args") if "class_path" in model else model
+    settings = target.get("optimizer")
+    if settings is None:
+        settings = jsonargparse.Namespace()
+        target["optimizer"] = settings
+    get = settings.get if hasattr(settings, "get") else settings.__getitem__
+    kwargs = dict(get("kwargs") or {})
+    saved_name = get("name") if "name" in settings else "AdamW"
+    if config.get("ckpt_path") and optimizer_class(saved_name or "AdamW") is not cls:
+        raise ConfigError(
+            f"--optimizer {flag['class_path']} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
+            f"checkpoint's optimiser ({saved_name}) and its state; to train with another optimiser, start a new run "
+            "from the weights instead."
+        )
+    for key, value in init_args.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if isinstance(value, list | tuple) and isinstance(default, list | tuple):
+            value, default = tuple(value), tuple(default)
+        if value == default:
+            continue
+        if key in OPTIMIZER_OWN_SETTINGS:
+            settings[key] = value
+        else:
+            kwargs[key] = value
+    settings["name"] = flag["class_path"]
+    settings["kwargs"] = kwargs
+    config["optimizer"] = None
