@@ -10,8 +10,10 @@ import ast
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,46 @@ def test_python_dash_m_and_version():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == [f"qkv:{name}" for name in shipped_configs()]
+
+
+@pytest.mark.slow
+def test_the_wheel_builds_without_setuptools_warnings_and_ships_every_config(tmp_path):
+    """``pip wheel`` prints no "Package would be ignored" (each configs/ folder is a package of its own, setup.py) and
+    the wheel holds every shipped config, as qkv_lightning/configs/...; built from a copy, so the checkout gets no
+    build/ or egg-info folder."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("configs", "qkv_lightning"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+         str(source)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "would be ignored" not in log and "SetuptoolsDeprecationWarning" not in log, log[-5000:]
+    (wheel,) = (tmp_path / "dist").glob("qkv_lightning-*.whl")
+    shipped = sorted(
+        name.removeprefix("qkv_lightning/configs/") for name in zipfile.ZipFile(wheel).namelist()
+        if name.startswith("qkv_lightning/configs/")
+    )
+    assert shipped == sorted(p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["logs/default/version_0/checkpoints/last.ckpt", "mlruns/0/meta.yaml", "wandb/latest-run", "generated.jsonl",
+     "studies/synthetic/summary.md", ".cache/wikitext-2-offline/x", "data/cifar-10-python.tar.gz",
+     "lightning_logs/version_0", "q-k=v.ckpt", "gpt2-tiny.ckpt.lm_eval.json"],
+)
+def test_what_the_commands_write_is_ignored_by_git(path):
+    """The outputs of the README's commands at their defaults (loggers' folders, study folders, caches, downloads,
+    generated text) never show up as untracked files."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT, timeout=60)
+    assert out.returncode == 0, f"{path} is not ignored by .gitignore"
+
