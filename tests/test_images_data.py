@@ -325,3 +325,63 @@ def test_imagenet_prepared_tree_and_torchvision_layout(tmp_path) -> None:
     tv.setup()
     assert tv.class_names == ["tench", "goldfish"]
     assert read_back(tv.datasets["val"])[1].tolist() == [0, 0, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------- archives
+def _tar_of(path, members: list[tuple[str, bytes | None, int]]) -> str:
+    """A tar file of (name, data or None for a folder, mode) members."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data, mode in members:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_tar_extraction_takes_modes_from_the_umask_and_prints_its_progress(tmp_path, caplog) -> None:
+    """tarfile's data filter keeps the archive's (safe) modes; ours are the user's umask's (0o777 or set-uid bits in
+    the archive give 0o600 files and 0o700 folders under umask 077), and the check of the members and the extraction
+    log their start and their end (a line every few seconds between)."""
+    import logging
+
+    from qkv_lightning.data.archives import extract_archive
+
+    archive = _tar_of(tmp_path / "a.tar", [("d", None, 0o777), ("d/run.sh", b"#!/bin/sh\n", 0o4777),
+                                           ("d/x.bin", bytes(3000), 0o644)])
+    old = os.umask(0o077)
+    try:
+        with caplog.at_level(logging.INFO, logger="qkv_lightning.data"):
+            names = extract_archive(archive, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert sorted(names) == ["d/run.sh", "d/x.bin"]
+    assert (tmp_path / "out/d/x.bin").read_bytes() == bytes(3000)
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in (tmp_path / "out").rglob("*")}
+    assert modes == {"d": 0o700, "run.sh": 0o600, "x.bin": 0o600}
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == f"checking the members of {archive} ..." and "done, 3 members" in lines[1]
+    assert lines[2] == f"extracting {archive} ..." and "done, 3.01k bytes" in lines[-1]
+
+
+def test_tar_refusals_repeated_member_and_a_python_without_the_data_filter(tmp_path, monkeypatch) -> None:
+    import tarfile
+
+    from qkv_lightning.data.archives import extract_archive
+
+    twice = _tar_of(tmp_path / "twice.tar", [("a.txt", b"first", 0o644), ("./a.txt", b"second", 0o644)])
+    with pytest.raises(DataError, match="appears twice"):
+        extract_archive(twice, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())  # checked before anything was written
+    ok = _tar_of(tmp_path / "ok.tar", [("a.txt", b"first", 0o644)])
+    monkeypatch.delattr(tarfile, "data_filter")  # as on Python < 3.10.12 / 3.11.4
+    with pytest.raises(DataError, match=r"no tarfile 'data' filter .*3\.10\.12, 3\.11\.4"):
+        extract_archive(ok, tmp_path / "out2")
+    assert not (tmp_path / "out2" / "a.txt").exists()

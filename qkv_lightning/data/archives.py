@@ -2,17 +2,23 @@
 
 Kept instead of torchvision's ``extract_archive``, which follows the archive's links, names and modes as given.
 
-Every member is checked before anything is written: only regular files and folders are extracted (no symbolic or
-hard links, devices or FIFOs), member names may not be absolute or climb out of the target (``..``), files are
-created fresh (never through an existing link), their total size is capped, and permissions follow the user's umask
-(no set-uid bits, no modes taken from the archive). An official archive's MD5 is checked before it is opened
-(:func:`check_md5`).
+Tar archives are extracted by ``tarfile`` with its ``"data"`` filter (PEP 706: nothing outside the target, no devices
+or FIFOs, no set-uid bits), and on top of it: no absolute names, only regular files and folders (no links at all, so
+no later member can land through one), no member name twice, modes from the user's umask (none from the archive),
+the total size capped (from the headers, before anything is written). Zip archives (``zipfile`` has no such filter)
+get the same checks here. Every member is checked before the first is written, extraction prints its progress
+(``[data] extracting ...``, :mod:`qkv_lightning.data.progress`), and an official archive's MD5 is checked before it
+is opened (:func:`check_md5`).
+
+tarfile's filters exist from Python 3.10.12 / 3.11.4 (and in distributions' backports); an older Python is told
+which version extracts the archive (:func:`require_tar_filter`), never given a tar extraction without the filter.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import platform
 import posixpath
 import shutil
 import tarfile
@@ -23,6 +29,7 @@ from typing import IO
 
 from torchvision.datasets.utils import calculate_md5
 
+from qkv_lightning.data.progress import Progress
 from qkv_lightning.errors import DataError
 from qkv_lightning.files import atomic_open
 
@@ -31,6 +38,9 @@ MAX_EXTRACTED_BYTES = 64 << 30
 archives of at most 64 GB each); more is refused as a likely archive bomb."""
 
 CHUNK = 1 << 20
+
+PROGRESS_EVERY = 5.0
+"""Seconds between two progress lines of one extraction."""
 
 
 def check_md5(path: str | os.PathLike, expected: str, what: str, setting: str) -> None:
@@ -107,77 +117,138 @@ def _inside(folder: Path, relative: str) -> Path:
     return target
 
 
+def require_tar_filter(archive: str | os.PathLike) -> None:
+    """Refuse to extract a tar archive on a Python whose ``tarfile`` lacks the ``"data"`` filter.
+
+    Raises:
+        DataError: naming the Python versions that have it.
+    """
+    if not hasattr(tarfile, "data_filter"):
+        raise DataError(
+            f"cannot extract {archive} safely: this Python ({platform.python_version()}) has no tarfile 'data' "
+            "filter (PEP 706), which came with Python 3.10.12, 3.11.4 and 3.12. Use one of those (or newer), or "
+            "extract the archive yourself and point data.root at the folder."
+        )
+
+
+def _member_filter(archive: str) -> object:
+    """``tarfile``'s ``"data"`` filter, then: only files and folders, modes and owners left to the user's umask."""
+
+    def only_files_and_folders(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
+        if member.name.startswith(("/", os.sep)):  # the filter would strip the "/": refused, as tar does by default
+            raise DataError(f"refusing to extract {archive}: its member {member.name!r} has an absolute path.")
+        try:
+            member = tarfile.data_filter(member, destination)
+        except tarfile.FilterError as error:
+            why = "points outside the target folder" if isinstance(
+                error, tarfile.OutsideDestinationError | tarfile.LinkOutsideDestinationError) else (
+                "has an absolute path" if isinstance(error, tarfile.AbsolutePathError | tarfile.AbsoluteLinkError)
+                else "is a special file")
+            raise DataError(
+                f"refusing to extract {archive}: its member {error.tarinfo.name!r} {why} ({error}); a data archive "
+                "holds only files and folders inside it."
+            ) from None
+        if not (member.isfile() or member.isdir()):
+            kind = "link" if member.issym() or member.islnk() else "special file"
+            raise DataError(
+                f"refusing to extract {archive}: its member {member.name!r} is a {kind}; a data archive holds only "
+                "files and folders (a link could make later members land outside the target)."
+            )
+        return member.replace(mode=None, uid=None, gid=None, uname=None, gname=None, deep=False)
+
+    return only_files_and_folders
+
+
+def _extract_tar(archive: str, folder: Path, max_bytes: int) -> list[str]:
+    """Extract a tar archive with :func:`_member_filter` after checking every member (see the module docstring)."""
+    require_tar_filter(archive)
+    keep = _member_filter(archive)
+    with tarfile.open(archive) as tar:
+        listing = Progress(f"checking the members of {archive}", unit="members", every=PROGRESS_EVERY)
+        members: list[tarfile.TarInfo] = []
+        seen: set[str] = set()
+        total = 0
+        for member in tar:  # all of them before the first is written (a compressed archive is read through once)
+            keep(member, str(folder))
+            total += member.size if member.isfile() else 0
+            _check_total(total, max_bytes, archive)
+            name = posixpath.normpath(member.name)
+            if name in seen and not member.isdir():
+                raise DataError(
+                    f"refusing to extract {archive}: its member {member.name!r} appears twice (the second would "
+                    "replace the first); nothing is overwritten."
+                )
+            seen.add(name)
+            members.append(member)
+            listing.update(1)
+        listing.done()
+        progress = Progress(f"extracting {archive}", unit="bytes", total=total, every=PROGRESS_EVERY)
+
+        def counted(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
+            progress.update(member.size if member.isfile() else 0)
+            return keep(member, destination)
+
+        tar.extractall(folder, members=members, filter=counted)
+        progress.done()
+        return [posixpath.normpath(m.name) for m in members if m.isfile()]
+
+
+def _extract_zip(archive: str, folder: Path, max_bytes: int) -> list[str]:
+    """Extract a zip archive: names, types and size checked first, files written fresh (``zipfile`` has no filter)."""
+    written = [0]
+    names: list[str] = []
+    with zipfile.ZipFile(archive) as zipped:
+        members = zipped.infolist()
+        total = sum(m.file_size for m in members)
+        _check_total(total, max_bytes, archive)
+        plan = []
+        for member in members:
+            name = _safe_name(member.filename, archive)
+            mode = (member.external_attr >> 16) & 0o170000
+            if mode and mode not in (0o100000, 0o040000):  # a symlink or a special file
+                raise DataError(
+                    f"refusing to extract {archive}: its member {member.filename!r} is a link or a special "
+                    "file; a data archive holds only files and folders."
+                )
+            if name is not None:
+                plan.append((member, name))
+        progress = Progress(f"extracting {archive}", unit="bytes", total=total, every=PROGRESS_EVERY)
+        for member, name in plan:
+            target = _inside(folder, name)
+            if member.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            with zipped.open(member) as src:
+                _write_member(_chunks(src), target, written, max_bytes, archive)
+            progress.update(member.file_size)
+            names.append(name)
+        progress.done()
+    return names
+
+
 def extract_archive(
     archive: str | os.PathLike, destination: str | os.PathLike, max_bytes: int = MAX_EXTRACTED_BYTES
 ) -> list[str]:
     """Extract a ``.tar``/``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz`` or ``.zip`` archive into ``destination``.
 
-    Every member is checked first (names, types, total size); then regular files are written fresh and folders
-    created, all with the user's umask. Files that exist already are an error, never overwritten.
+    Every member is checked first (names, types, total size); then regular files are written and folders created,
+    all with the user's umask, with a progress line every few seconds.
 
     Returns:
-        The extracted member names (normalised, relative to ``destination``).
+        The extracted files' names (normalised, relative to ``destination``).
 
     Raises:
         DataError: for an unreadable archive, a member with an absolute name or one leaving ``destination``, a link,
-            device or other special member, more than ``max_bytes`` of content, or a file that already exists.
+            device or other special member, a member name given twice, more than ``max_bytes`` of content, a file
+            that already exists (zip), or a Python without tarfile's ``"data"`` filter (tar).
     """
     archive = str(archive)
     folder = Path(destination)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [0]
-    names: list[str] = []
     try:
         if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zipped:
-                members = zipped.infolist()
-                _check_total(sum(m.file_size for m in members), max_bytes, archive)
-                plan = []
-                for member in members:
-                    name = _safe_name(member.filename, archive)
-                    mode = (member.external_attr >> 16) & 0o170000
-                    if mode and mode not in (0o100000, 0o040000):  # a symlink or a special file
-                        raise DataError(
-                            f"refusing to extract {archive}: its member {member.filename!r} is a link or a special "
-                            "file; a data archive holds only files and folders."
-                        )
-                    if name is not None:
-                        plan.append((member, name))
-                for member, name in plan:
-                    target = _inside(folder, name)
-                    if member.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    with zipped.open(member) as src:
-                        _write_member(_chunks(src), target, written, max_bytes, archive)
-                    names.append(name)
-            return names
-        with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            _check_total(sum(m.size for m in members if m.isfile()), max_bytes, archive)
-            plan = []
-            for member in members:
-                name = _safe_name(member.name, archive)
-                if not (member.isfile() or member.isdir()):
-                    kind = "link" if member.issym() or member.islnk() else "special file"
-                    raise DataError(
-                        f"refusing to extract {archive}: its member {member.name!r} is a {kind}; a data archive holds "
-                        "only files and folders (a link could make later members land outside the target)."
-                    )
-                if name is not None:
-                    plan.append((member, name))
-            for member, name in plan:
-                target = _inside(folder, name)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                src = tar.extractfile(member)
-                if src is None:
-                    raise DataError(f"cannot read the member {member.name!r} of {archive}.")
-                with src:
-                    _write_member(_chunks(src), target, written, max_bytes, archive)
-                names.append(name)
-        return names
+            return _extract_zip(archive, folder, max_bytes)
+        return _extract_tar(archive, folder, max_bytes)
     except FileExistsError as error:
         raise DataError(
             f"refusing to extract {archive}: {error.filename} exists already (a member is repeated, or the target "
