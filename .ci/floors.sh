@@ -78,8 +78,8 @@ PY
 # torchmetrics (test_tasks.py, test_configs_resume.py); torchvision and Pillow (test_images_data.py); tiktoken's GPT-2
 # BPE (test_wikitext.py); tqdm and the progress lines (test_data_progress.py, test_progress_lines.py); scipy, numpy,
 # matplotlib and PyYAML in a study's statistics, tables and plots (test_study.py, test_study_effects.py; matplotlib 3.8's
-# axvspan returns a Polygon, not a Rectangle, which a test once assumed; tiktoken 0.7 reads a local ranks file only
-# through the optional blobfile, so qkv_lightning parses gpt2.tiktoken itself).
+# axvspan returns a Polygon, not a Rectangle, which a test once assumed; tiktoken's loader reads a local ranks file
+# from 0.12 on, through the optional blobfile before, which the floors environment lacks).
 FLOORS_TESTS=(
   tests/test_attention.py
   tests/test_tasks.py

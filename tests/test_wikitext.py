@@ -419,7 +419,7 @@ def test_file_info_detects_a_missing_final_newline(tmp_path):
     ids=["not base64", "rank", "json", "3 fields"],
 )
 def test_a_ranks_file_in_another_format_is_a_data_error_naming_bpe_file(tmp_path, text):
-    """The ranks file is parsed by qkv_lightning (tiktoken's loader needs blobfile at the floor): a file of another
+    """The ranks file is read by tiktoken's loader (local files from tiktoken 0.12, the floor): a file of another
     format is a one-paragraph DataError that names data.bpe_file, and a well-formed one (the 256 bytes) loads."""
     path = tmp_path / "ranks.tiktoken"
     path.write_text(text)
@@ -428,3 +428,26 @@ def test_a_ranks_file_in_another_format_is_a_data_error_naming_bpe_file(tmp_path
     path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     tokenizer = BPETokenizer.from_ranks_file(path)
     assert tokenizer.decode(tokenizer.encode_prompt("héllo")) == "héllo"
+
+
+def byte_ranks(order: list[int]) -> str:
+    """A ranks file of the 256 single bytes, ranked in ``order``."""
+    return "".join(f"{base64.b64encode(bytes([b])).decode()} {rank}\n" for rank, b in enumerate(order))
+
+
+def test_a_ranks_file_changed_in_place_gives_new_ids_and_a_new_identity(tmp_path, monkeypatch):
+    """tiktoken caches a local ranks file by its path; the identity is the file's bytes' hash and tiktoken is given
+    that hash, so a file replaced at the same path is read again: other ids, another identity (a token cache of the
+    old file is never taken for the new one's), and the same bytes again give the first identity."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    path = tmp_path / "ranks.tiktoken"
+    path.write_text(byte_ranks(list(range(256))))
+    first = BPETokenizer.from_ranks_file(path)
+    assert first.encode_prompt("AB") == [65, 66]
+    assert len(list((tmp_path / "tiktoken-cache").iterdir())) == 1  # tiktoken kept its copy
+    path.write_text(byte_ranks(list(range(255, -1, -1))))  # the same tokens, ranked the other way round
+    second = BPETokenizer.from_ranks_file(path)
+    assert second.encode_prompt("AB") == [255 - 65, 255 - 66]
+    assert second.identity != first.identity
+    path.write_text(byte_ranks(list(range(256))))
+    assert BPETokenizer.from_ranks_file(path).identity == first.identity

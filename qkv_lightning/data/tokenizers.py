@@ -5,8 +5,9 @@ Both work line by line on text as stored in the WikiText ``*.tokens`` files (eac
 * :class:`WordTokenizer` splits on whitespace and appends ``<eos>`` at each line end; its vocabulary is built from
   the training split, most frequent first (so an adaptive softmax's head cluster holds the frequent words), with
   ``<unk>`` kept as an ordinary word and used for words the vocabulary lacks.
-* :class:`BPETokenizer` is GPT-2's BPE through tiktoken, from a local ``.tiktoken`` ranks file (offline) or from
-  ``tiktoken.get_encoding("gpt2")``. The line's newline is encoded as text.
+* :class:`BPETokenizer` is GPT-2's BPE through tiktoken, from a local ``.tiktoken`` ranks file (offline, read by
+  tiktoken's own loader, which reads local files from tiktoken 0.12) or from ``tiktoken.get_encoding("gpt2")``. The
+  line's newline is encoded as text.
 
 Each tokenizer has an :attr:`~Tokenizer.identity` that changes whenever the ids of some text would change; token
 caches record it, so a cache made by another tokenizer is never read as if it were this one's.
@@ -18,13 +19,13 @@ import base64
 import hashlib
 import json
 import os
-import socket
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from qkv_lightning.errors import DataError
+from qkv_lightning.files import atomic_write_text
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -149,10 +150,7 @@ class WordTokenizer(Tokenizer):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary, one word per line in id order (atomically: temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        tmp.write_text("".join(f"{word}\n" for word in self.words), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, "".join(f"{word}\n" for word in self.words))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WordTokenizer:
@@ -161,34 +159,54 @@ class WordTokenizer(Tokenizer):
             return cls([line.rstrip("\n") for line in f])
 
 
+def ranks_file_bytes(ranks: Iterable[tuple[bytes, int]]) -> bytes:
+    """``(token, rank)`` pairs in tiktoken's ranks-file format (``base64-token rank`` lines, by rank), the bytes
+    ``tiktoken.load.dump_tiktoken_bpe`` writes: GPT-2's ``gpt2.tiktoken`` is exactly these bytes of its ranks."""
+    return b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n" for token, rank in sorted(
+        ranks, key=lambda item: item[1]))
+
+
+def _public_ranks(encoding) -> Iterator[tuple[bytes, int]]:
+    """An encoding's ``(token bytes, rank)`` pairs through tiktoken's public API (special tokens left out)."""
+    special = {encoding.encode_single_token(token) for token in encoding.special_tokens_set}
+    for rank in range(encoding.n_vocab):
+        if rank not in special:
+            try:
+                yield encoding.decode_single_token_bytes(rank), rank
+            except KeyError:  # a rank the encoding leaves unused
+                continue
+
+
 class BPETokenizer(Tokenizer):
     """GPT-2's byte-pair encoding through tiktoken.
 
     Args:
         encoding: a ``tiktoken.Encoding`` with GPT-2's ranks and ``<|endoftext|>``.
+        ranks_sha256: SHA-256 of its ranks file's bytes (computed from the encoding's public API when not given).
     """
 
     name = "gpt2"
 
-    def __init__(self, encoding) -> None:
+    def __init__(self, encoding, ranks_sha256: str | None = None) -> None:
         self.encoding = encoding
         self.eot_id = encoding.eot_token
-        # identity: the ranks, the special tokens and the ids of a probe text (equivalent regexes give equal ids)
-        digest = hashlib.sha256()
-        for token, rank in sorted(encoding._mergeable_ranks.items(), key=lambda item: item[1]):
-            digest.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
-        digest.update(json.dumps(sorted(encoding._special_tokens.items())).encode("utf-8"))
+        if ranks_sha256 is None:  # the ranks file this encoding would have been read from (tiktoken's format)
+            ranks_sha256 = hashlib.sha256(ranks_file_bytes(_public_ranks(encoding))).hexdigest()
+        # identity: the ranks file, the special tokens and the ids of a probe text (equivalent regexes give equal ids)
+        specials = sorted((token, encoding.encode_single_token(token)) for token in encoding.special_tokens_set)
+        digest = hashlib.sha256(ranks_sha256.encode())
+        digest.update(json.dumps(specials).encode("utf-8"))
         digest.update(json.dumps(encoding.encode_ordinary(PROBE_TEXT)).encode("utf-8"))
         self._identity = "bpe:" + digest.hexdigest()[:16]
 
     @classmethod
     def from_ranks_file(cls, path: str | os.PathLike) -> BPETokenizer:
-        """GPT-2 BPE from a local ``.tiktoken`` ranks file (e.g. ``gpt2.tiktoken``; works offline).
-
-        The file is parsed here (one ``base64-token rank`` pair per line, tiktoken's format) rather than with
-        ``tiktoken.load.load_tiktoken_bpe``, which at our tiktoken floor (0.7-0.9) reads local files only through
-        the optional ``blobfile`` package."""
+        """GPT-2 BPE from a local ``.tiktoken`` ranks file (e.g. ``gpt2.tiktoken``; works offline), read by
+        ``tiktoken.load.load_tiktoken_bpe`` with the SHA-256 of the bytes read here as its expected hash: tiktoken
+        keeps a copy in its cache folder (``$TIKTOKEN_CACHE_DIR``), keyed by the path, and the hash makes it re-read
+        a file that changed since, so the ranks are always those of the bytes the identity hashes."""
         import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
 
         path = Path(path)
         if not path.is_file():
@@ -196,22 +214,28 @@ class BPETokenizer(Tokenizer):
                 f"GPT-2 BPE ranks file {path} not found (data.bpe_file): point it at a gpt2.tiktoken file (r50k_base), "
                 "or set data.bpe_file: null to use tiktoken.get_encoding('gpt2') (needs internet or tiktoken's cache)."
             )
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         try:
-            ranks = {
-                base64.b64decode(token, validate=True): int(rank)
-                for token, rank in (line.split() for line in path.read_bytes().splitlines() if line)
-            }
-        except Exception as error:  # a file in another format
-            raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file ({error}).") from error
-        n_vocab = len(ranks) + 1
+            ranks = load_tiktoken_bpe(str(path), expected_hash=sha256)
+        except ValueError as error:  # a file in another format (or one that changed while it was read)
+            cause = f" ({error.__cause__})" if error.__cause__ else ""
+            raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file: {error}{cause}.") from error
+        except OSError as error:  # tiktoken's cache folder cannot be written
+            raise DataError(
+                f"reading data.bpe_file={path} failed ({type(error).__name__}: {error}); tiktoken keeps a copy in "
+                "$TIKTOKEN_CACHE_DIR (else <tmp>/data-gym-cache): make it writable, or set TIKTOKEN_CACHE_DIR='' to "
+                "turn that copy off."
+            ) from error
+        if not ranks:
+            raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file: it holds no ranks.")
         encoding = tiktoken.Encoding(
             name="gpt2-local",
             pat_str=GPT2_PATTERN,
             mergeable_ranks=ranks,
             special_tokens={ENDOFTEXT: len(ranks)},
-            explicit_n_vocab=n_vocab,
+            explicit_n_vocab=len(ranks) + 1,
         )
-        return cls(encoding)
+        return cls(encoding, ranks_sha256=sha256)
 
     @classmethod
     def from_tiktoken(cls, name: str = "gpt2") -> BPETokenizer:
