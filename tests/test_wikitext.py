@@ -91,6 +91,9 @@ def test_local_gpt2_ranks_equal_tiktoken_gpt2(tmp_path, monkeypatch):
     text = [" = Valkyria Chronicles III = \n", " Senjō no Valkyria 3 : it 's 1 @,@ 000 km \n", " \n"]
     assert local.encode_lines(text) == official.encode_lines(text)
     assert local.identity == official.identity
+    # the identity of the tokenizer as it was computed from tiktoken's private attributes before tiktoken 0.12: token
+    # caches and checkpoints recorded it, so it must not change; the public-API path (no ranks at hand) agrees
+    assert local.identity == "bpe:1d8e618fb88da04f" == BPETokenizer(local.encoding).identity
     assert local.decode(local.encode_lines(text)[1]) == text[1]
 
 
@@ -436,9 +439,9 @@ def byte_ranks(order: list[int]) -> str:
 
 
 def test_a_ranks_file_changed_in_place_gives_new_ids_and_a_new_identity(tmp_path, monkeypatch):
-    """tiktoken caches a local ranks file by its path; the identity is the file's bytes' hash and tiktoken is given
-    that hash, so a file replaced at the same path is read again: other ids, another identity (a token cache of the
-    old file is never taken for the new one's), and the same bytes again give the first identity."""
+    """tiktoken caches a local ranks file by its path; it is given the file's SHA-256 as the expected hash, so a file
+    replaced at the same path is read again: other ids, another identity (a token cache of the old file is never
+    taken for the new one's), and the same bytes again give the first identity."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
     path = tmp_path / "ranks.tiktoken"
     path.write_text(byte_ranks(list(range(256))))

@@ -15,7 +15,6 @@ caches record it, so a cache made by another tokenizer is never read as if it we
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from qkv_lightning.errors import DataError
-from qkv_lightning.files import atomic_write_text
+from qkv_lightning.files import atomic_write_text, file_digest
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -159,13 +158,6 @@ class WordTokenizer(Tokenizer):
             return cls([line.rstrip("\n") for line in f])
 
 
-def ranks_file_bytes(ranks: Iterable[tuple[bytes, int]]) -> bytes:
-    """``(token, rank)`` pairs in tiktoken's ranks-file format (``base64-token rank`` lines, by rank), the bytes
-    ``tiktoken.load.dump_tiktoken_bpe`` writes: GPT-2's ``gpt2.tiktoken`` is exactly these bytes of its ranks."""
-    return b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n" for token, rank in sorted(
-        ranks, key=lambda item: item[1]))
-
-
 def _public_ranks(encoding) -> Iterator[tuple[bytes, int]]:
     """An encoding's ``(token bytes, rank)`` pairs through tiktoken's public API (special tokens left out)."""
     special = {encoding.encode_single_token(token) for token in encoding.special_tokens_set}
@@ -182,19 +174,22 @@ class BPETokenizer(Tokenizer):
 
     Args:
         encoding: a ``tiktoken.Encoding`` with GPT-2's ranks and ``<|endoftext|>``.
-        ranks_sha256: SHA-256 of its ranks file's bytes (computed from the encoding's public API when not given).
+        ranks: its mergeable ranks (token bytes -> rank), when at hand; else read through tiktoken's public API.
     """
 
     name = "gpt2"
 
-    def __init__(self, encoding, ranks_sha256: str | None = None) -> None:
+    def __init__(self, encoding, ranks: dict[bytes, int] | None = None) -> None:
         self.encoding = encoding
         self.eot_id = encoding.eot_token
-        if ranks_sha256 is None:  # the ranks file this encoding would have been read from (tiktoken's format)
-            ranks_sha256 = hashlib.sha256(ranks_file_bytes(_public_ranks(encoding))).hexdigest()
-        # identity: the ranks file, the special tokens and the ids of a probe text (equivalent regexes give equal ids)
+        # identity: the ranks, the special tokens and the ids of a probe text (equivalent regexes give equal ids),
+        # all through tiktoken's public API; the same value as before tiktoken 0.12, so earlier caches and
+        # checkpoints keep theirs
+        digest = hashlib.sha256()
+        pairs = ranks.items() if ranks is not None else _public_ranks(encoding)
+        for token, rank in sorted(pairs, key=lambda item: item[1]):
+            digest.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
         specials = sorted((token, encoding.encode_single_token(token)) for token in encoding.special_tokens_set)
-        digest = hashlib.sha256(ranks_sha256.encode())
         digest.update(json.dumps(specials).encode("utf-8"))
         digest.update(json.dumps(encoding.encode_ordinary(PROBE_TEXT)).encode("utf-8"))
         self._identity = "bpe:" + digest.hexdigest()[:16]
@@ -202,9 +197,9 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def from_ranks_file(cls, path: str | os.PathLike) -> BPETokenizer:
         """GPT-2 BPE from a local ``.tiktoken`` ranks file (e.g. ``gpt2.tiktoken``; works offline), read by
-        ``tiktoken.load.load_tiktoken_bpe`` with the SHA-256 of the bytes read here as its expected hash: tiktoken
-        keeps a copy in its cache folder (``$TIKTOKEN_CACHE_DIR``), keyed by the path, and the hash makes it re-read
-        a file that changed since, so the ranks are always those of the bytes the identity hashes."""
+        ``tiktoken.load.load_tiktoken_bpe`` with the SHA-256 of the file's bytes as its expected hash: tiktoken keeps
+        a copy in its cache folder (``$TIKTOKEN_CACHE_DIR``), keyed by the path, and the hash makes it read a file
+        that changed since again, so the ranks (and the identity) are always those of the file as it is now."""
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
@@ -214,9 +209,8 @@ class BPETokenizer(Tokenizer):
                 f"GPT-2 BPE ranks file {path} not found (data.bpe_file): point it at a gpt2.tiktoken file (r50k_base), "
                 "or set data.bpe_file: null to use tiktoken.get_encoding('gpt2') (needs internet or tiktoken's cache)."
             )
-        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         try:
-            ranks = load_tiktoken_bpe(str(path), expected_hash=sha256)
+            ranks = load_tiktoken_bpe(str(path), expected_hash=file_digest(path))
         except ValueError as error:  # a file in another format (or one that changed while it was read)
             cause = f" ({error.__cause__})" if error.__cause__ else ""
             raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file: {error}{cause}.") from error
@@ -235,7 +229,7 @@ class BPETokenizer(Tokenizer):
             special_tokens={ENDOFTEXT: len(ranks)},
             explicit_n_vocab=len(ranks) + 1,
         )
-        return cls(encoding, ranks_sha256=sha256)
+        return cls(encoding, ranks)
 
     @classmethod
     def from_tiktoken(cls, name: str = "gpt2") -> BPETokenizer:
