@@ -79,7 +79,8 @@ PY
 # BPE (test_wikitext.py); tqdm and the progress lines (test_data_progress.py, test_progress_lines.py); scipy, numpy,
 # matplotlib and PyYAML in a study's statistics, tables and plots (test_study.py, test_study_effects.py; matplotlib 3.8's
 # axvspan returns a Polygon, not a Rectangle, which a test once assumed; tiktoken's loader reads a local ranks file
-# from 0.12 on, through the optional blobfile before, which the floors environment lacks).
+# from 0.12 on, through the optional blobfile before, which the floors environment lacks); filelock's kernel lock
+# for the study folder (the two lock tests of test_study_safety.py).
 FLOORS_TESTS=(
   tests/test_attention.py
   tests/test_tasks.py
@@ -96,6 +97,8 @@ FLOORS_TESTS=(
   tests/test_progress_lines.py
   tests/test_study.py
   tests/test_study_effects.py
+  tests/test_study_safety.py::test_a_held_lock_is_refused_a_free_one_is_taken_and_a_survivors_cell_is_left_alone
+  tests/test_study_safety.py::test_a_lock_held_on_another_host_is_refused_and_left_in_place
 )
 run_tests() {
   local start=$SECONDS

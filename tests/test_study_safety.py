@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from qkv_lightning.cli import main
-from qkv_lightning.study.safety import LOCK, MARKER, OWNER, identity, process_start_time
+from qkv_lightning.study.safety import LOCK, LOCK_OWNER, MARKER, OWNER, STALE_S, identity, process_start_time
 from tests.run_fixtures import snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ def test_a_study_of_another_task_is_refused_and_the_same_study_resumes(tmp_path,
     out = tmp_path / "study"
     assert main(study_args(task, out)) == 0
     assert json.loads((out / MARKER).read_text())["task"] == str(task.resolve())
-    assert not (out / LOCK).exists() and not (out / "runs" / "QKV" / "seed0" / OWNER).exists()
+    assert not (out / LOCK_OWNER).exists() and not (out / "runs" / "QKV" / "seed0" / OWNER).exists()
     before = snapshot(out)
     capsys.readouterr()
     assert main(study_args(other, out)) == 2
@@ -84,21 +85,37 @@ def sleeper() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
 
-def test_a_live_lock_is_refused_a_stale_lock_is_taken_over_and_a_survivors_cell_is_left_alone(tmp_path, capsys):
+def lock_holder(lock: Path, owner: dict | None) -> subprocess.Popen:
+    """Another process that holds the study lock ``lock`` (and writes ``owner`` as its record), as a study would."""
+    code = (
+        "import json, sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(timeout=0); "
+        "owner = json.loads(sys.argv[2]); owner and open(sys.argv[1] + '.json', 'w').write(json.dumps(owner)); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), json.dumps(owner)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_held_lock_is_refused_a_free_one_is_taken_and_a_survivors_cell_is_left_alone(tmp_path, capsys):
     task = task_config(tmp_path)
     out = tmp_path / "study"
     out.mkdir()
     (out / MARKER).write_text(json.dumps({"task": str(task.resolve())}))
     live = sleeper()
+    holder = lock_holder(out / LOCK, {**identity(), "pid": 4242, "start": None})
     try:
-        owner = {**identity(), "pid": live.pid, "start": process_start_time(live.pid)}
-        (out / LOCK).write_text(json.dumps(owner))
+        before = snapshot(out)
         assert main(study_args(task, out)) == 2
-        assert f"is in use by another study process (pid {live.pid})" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"is in use by another study process (pid 4242 on host {identity()['host']} (this host))" in err
+        assert snapshot(out) == before  # the holder's lock and record untouched
+        holder.kill()  # as by kill -9: the kernel releases its lock, its record stays behind
+        holder.wait()
+        assert (out / LOCK_OWNER).exists()
 
-        dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait()
-        (out / LOCK).write_text(json.dumps({**identity(), "pid": dead.pid, "start": None}))  # left by kill -9
+        owner = {**identity(), "pid": live.pid, "start": process_start_time(live.pid)}
         cell = out / "runs" / "QKV" / "seed0"
         cell.mkdir(parents=True)
         (cell / OWNER).write_text(json.dumps(owner))  # a worker of the killed study, still running this cell
@@ -107,13 +124,44 @@ def test_a_live_lock_is_refused_a_stale_lock_is_taken_over_and_a_survivors_cell_
         assert main(study_args(task, out)) == 2
         assert f"is still being run by process {live.pid}" in capsys.readouterr().err
         after = snapshot(out)
-        assert {k: v for k, v in after.items() if k != LOCK} == {k: v for k, v in before.items() if k != LOCK}
-        assert not (out / LOCK).exists()  # the stale lock was taken over, then released
+        assert {k: v for k, v in before.items() if k != LOCK_OWNER} == after  # the dead holder's record replaced
     finally:
         live.kill()
         live.wait()
+        holder.kill()
+        holder.wait()
     assert main(study_args(task, out)) == 0  # the survivor is gone: the cell is redone in a folder of its own
     assert json.loads((out / "runs" / "QKV" / "seed0" / "result.json").read_text())["status"] == "ok"
+    assert not (out / LOCK_OWNER).exists()
+
+
+def test_a_lock_held_on_another_host_is_refused_and_left_in_place(tmp_path, capsys):
+    """A study folder on a shared file system: a study on host node-b holds the lock (the file system passes the
+    kernel lock on, simulated here by a process of this host that writes node-b's record), or, on a file system that
+    shares no locks, its record is still being refreshed; both are refused, naming node-b and its pid, and nothing of
+    its lock is changed. A record of node-b not refreshed for STALE_S seconds is a study that is gone: replaced."""
+    task = task_config(tmp_path)
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({"task": str(task.resolve())}))
+    remote = {"pid": 777, "host": "node-b", "start": "123"}
+    holder = lock_holder(out / LOCK, remote)
+    try:
+        before = snapshot(out)
+        assert main(study_args(task, out)) == 2
+        assert "in use by another study process (pid 777 on host node-b)" in capsys.readouterr().err
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(study_args(task, out)) == 2  # the lock is free, but node-b refreshed its record just now
+    err = capsys.readouterr().err
+    assert re.search(r"\(pid 777 on host node-b\), refreshed \d+ s ago although its lock is free", err), err
+    assert snapshot(out) == before
+    stale = time.time() - STALE_S - 1
+    os.utime(out / LOCK_OWNER, (stale, stale))
+    assert main(study_args(task, out)) == 0
+    assert not (out / LOCK_OWNER).exists() and (out / "runs" / "QKV" / "seed0" / "result.json").exists()
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -137,7 +185,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_two_studies_on_one_folder_and_kill_9_of_the_study_process(tmp_path):
     """A second study is refused while the first runs; after ``kill -9`` of the first, its worker dies too, and the
-    next run takes the stale lock over and runs the cell again."""
+    next run takes the lock the kernel released and runs the cell again."""
     slow_task = task_config(tmp_path, steps=100000)
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -153,7 +201,7 @@ def test_two_studies_on_one_folder_and_kill_9_of_the_study_process(tmp_path):
         assert worker != first.pid and alive(worker)
         second = subprocess.run([*cli, *study_args(slow_task, out)], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=120)
-        assert second.returncode == 2 and f"in use by another study process (pid {first.pid})" in second.stderr
+        assert second.returncode == 2 and f"in use by another study process (pid {first.pid} on host" in second.stderr
         assert "Traceback" not in second.stderr
         first.send_signal(signal.SIGKILL)
         first.wait()

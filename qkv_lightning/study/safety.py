@@ -2,8 +2,12 @@
 
 * A marker file (:data:`MARKER`), written when the study folder is created, names the task; a non-empty folder without
   it (or of another task), or a regular file, is refused before anything is written.
-* A lock file (:data:`LOCK`) holds the pid, host and start time of the study process; a second study on the same
-  folder is refused while that process lives, and a lock left by a killed process (``kill -9``) is taken over.
+* A kernel lock on :data:`LOCK` (``filelock``: ``flock``) is held by the study process while it runs, and
+  :data:`LOCK_OWNER` names it (pid, host, start time); a second study on the same folder is refused, naming that
+  process, and the kernel releases the lock when the process ends, ``kill -9`` included, so the next study runs.
+  On a shared file system the lock keeps hosts apart where it shares locks (NFS, Lustre and most cluster file
+  systems do); where it does not, another host's record that is still refreshed is refused too (:func:`study_lock`).
+  Nothing of another process's lock is ever deleted.
 * Every cell folder gets an owner file (:data:`OWNER`) while a process runs it; a study refuses to start while an
   earlier process still runs one of its cells (a survivor), so two processes never share a cell folder.
 * Worker processes die with the study process (:func:`die_with_parent`).
@@ -29,7 +33,19 @@ MARKER = ".qkv-study.json"
 """Written into a study folder when it is created: its task. Only a folder with it is ever written into."""
 
 LOCK = ".qkv-study.lock"
-"""Held (created exclusively) by the study process running in the folder."""
+"""The study folder's lock file: a kernel lock (``filelock``) on it is held by the study process running there. The
+file stays in place (deleting a lock file races with a process that opened it); it is free once that process ends."""
+
+LOCK_OWNER = ".qkv-study.lock.json"
+"""Who holds :data:`LOCK`: pid, host and start time, written when the lock is taken, refreshed (its modification time)
+every :data:`HEARTBEAT_S` seconds, removed when the lock is given back."""
+
+HEARTBEAT_S = 30.0
+"""Seconds between two refreshes of :data:`LOCK_OWNER` while a study runs."""
+
+STALE_S = 300.0
+"""A :data:`LOCK_OWNER` of another host not refreshed for this long belongs to a study that is gone (clocks of two
+hosts may differ by a minute or two; refreshes come every :data:`HEARTBEAT_S` seconds)."""
 
 OWNER = ".owner.json"
 """Written into a cell folder by the process running the cell; removed when the cell is done."""
@@ -158,44 +174,69 @@ def write_marker(study_dir: Path, task: str | list[str]) -> None:
         path.write_text(json.dumps({"task": task_identity(task), "created_by": identity()}, indent=1))
 
 
+def _in_use(study_dir: Path, owner: dict | None, why: str = "") -> ConfigError:
+    """The refusal of a second study on ``study_dir``, naming the process that holds its lock."""
+    if owner:
+        who = f"pid {owner.get('pid')} on host {owner.get('host')}"
+        who += "" if owner.get("host") != socket.gethostname() else " (this host)"
+    else:
+        who = f"a process that has not written {LOCK_OWNER} yet"
+    return ConfigError(
+        f"study.output={study_dir} is in use by another study process ({who}){why}; two studies on one folder "
+        "would train every cell twice. Wait for it to finish or stop it, or name another study.output. Its lock is "
+        "released when that process ends, however it ends; nothing of it was changed."
+    )
+
+
+def _refresh(path: Path, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
 @contextlib.contextmanager
 def study_lock(study_dir: Path) -> Iterator[None]:
-    """Hold the study folder's lock file while the study runs; a lock of a process that is gone is taken over.
+    """Hold the study folder's lock (:data:`LOCK`, a kernel lock through ``filelock``) while the study runs.
+
+    The lock is taken without waiting. Held by another process (on this host, or on another one through a shared
+    file system that shares locks), the study is refused, naming the holder from :data:`LOCK_OWNER`. A free lock
+    whose :data:`LOCK_OWNER` names a process of another host that refreshed it within :data:`STALE_S` seconds is
+    refused too: that study runs, on a file system that does not share locks between hosts. A record of a process
+    that is gone (this host's, or a stale one) is replaced.
 
     Raises:
-        ConfigError: another live study process holds the lock (or one on another host may).
+        ConfigError: the lock is held, naming the process and host; nothing is deleted or changed.
     """
-    path = study_dir / LOCK
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            owner = _read_json(path)
-            if owner is None:  # being written this instant, or damaged: look again
-                time.sleep(0.2)
-                owner = _read_json(path)
-            alive = is_alive(owner) if owner else False
-            if alive is False:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # left by a killed study process
-                continue
-            where = "" if alive else f" on host {owner.get('host')} (its liveness cannot be checked from here)"
-            raise ConfigError(
-                f"study.output={study_dir} is in use by another study process (pid {owner.get('pid')}{where}); two "
-                "studies on one folder would train every cell twice. Wait for it to finish or stop it, or name another "
-                f"study.output. If you are sure that process is gone, delete {path}."
-            ) from None
-        with os.fdopen(fd, "w") as file:
-            json.dump(identity(), file)
-        break
-    else:
-        raise ConfigError(f"could not take the lock {path} of study.output={study_dir}; try again.")
+    from filelock import FileLock, Timeout
+
+    from qkv_lightning.files import atomic_write_json
+
+    owner_path = study_dir / LOCK_OWNER
+    lock = FileLock(str(study_dir / LOCK))
     try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise _in_use(study_dir, _read_json(owner_path)) from None
+    stop = threading.Event()
+    try:
+        owner = _read_json(owner_path)
+        if owner and owner.get("host") != socket.gethostname():
+            with contextlib.suppress(OSError):
+                age = time.time() - owner_path.stat().st_mtime
+                if age < STALE_S:
+                    raise _in_use(
+                        study_dir, owner, f", refreshed {age:.0f} s ago although its lock is free: the file system "
+                        f"does not share locks between hosts. If that study is gone, wait {STALE_S:.0f} s"
+                    )
+        atomic_write_json(owner_path, identity())
+        threading.Thread(target=_refresh, args=(owner_path, stop), daemon=True, name="study-lock-refresh").start()
         yield
     finally:
-        owner = _read_json(path)
-        if owner is not None and owner.get("pid") == os.getpid():
-            path.unlink(missing_ok=True)
+        stop.set()
+        owner = _read_json(owner_path)
+        if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            owner_path.unlink(missing_ok=True)
+        lock.release()
 
 
 def check_no_survivors(cell_dirs: list[Path]) -> None:
