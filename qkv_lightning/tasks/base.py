@@ -19,6 +19,7 @@ from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
 from qkv_lightning.tasks.distill import DistillConfig, distillation_loss, freeze
 from qkv_lightning.tasks.optim import OptimizerConfig, lr_multiplier
+from qkv_lightning.tasks.persist import build_task, load_weights, state_dict_of, stored_settings
 
 
 class TaskModule(L.LightningModule, abc.ABC):
@@ -178,11 +179,12 @@ class TaskModule(L.LightningModule, abc.ABC):
             checkpoint = load_sharded_checkpoint(path) if is_sharded_checkpoint(path) else load_checkpoint_file(path)
         except CheckpointError as error:
             raise CheckpointError(f"{setting}={path}: {error}") from None
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        source = f"{setting}={path}"
+        saved_class, hparams = stored_settings(checkpoint.get("hyper_parameters"), source)
         mine = f"{type(self).__module__}.{type(self).__qualname__}"
-        check_class(CheckpointInfo(Path(path), False, {}, hparams), mine)
-        self.check_checkpoint_data(hparams.get("data_spec") or {}, f"{setting}={path}")
-        state = checkpoint["state_dict"]
+        check_class(CheckpointInfo(Path(path), False, {}, {"_class_path": saved_class}), mine)
+        self.check_checkpoint_data(hparams.get("data_spec") or {}, source)
+        state = state_dict_of(checkpoint, source)
         weights = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
         return weights, hparams
 
@@ -211,13 +213,11 @@ class TaskModule(L.LightningModule, abc.ABC):
 
     def load_teacher(self, path: str) -> nn.Module:
         """The teacher's network, built from its checkpoint's own settings (any attention variant), with its weights."""
-        from qkv_lightning.uptrain.convert import task_from_hparams
-
         weights, hparams = self.read_weights(path, "model.distill.teacher")
-        hparams.pop("_instantiator", None)
-        hparams["distill"] = {}
-        teacher = task_from_hparams({**hparams, "data_spec": hparams.get("data_spec") or self.data_spec}).network
-        teacher.load_state_dict(weights, strict=True)
+        source = f"model.distill.teacher={path}"
+        replace = {"distill": {}, "data_spec": hparams.get("data_spec") or self.data_spec}
+        teacher = build_task(hparams, source, expected=type(self), replace=replace, drop=("init_from",)).network
+        load_weights(teacher, weights, source)
         return teacher
 
     @property
