@@ -301,7 +301,7 @@ def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
     """
     import inspect
 
-    from qkv_lightning.tasks.base import OPTIMIZER_OWN_SETTINGS, optimizer_class
+    from qkv_lightning.tasks.optim import OPTIMIZER_OWN_SETTINGS, optimizer_class
 
     flag = config.get("optimizer")
     model = config.get("model")

@@ -16,6 +16,7 @@ from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.gpt import IGNORE_INDEX, GPTConfig
 from qkv_lightning.nn.vit import ViTConfig
 from qkv_lightning.resume import check_fits, read_checkpoint_info
+from qkv_lightning.tasks.distill import distillation_loss
 from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
@@ -26,7 +27,6 @@ from qkv_lightning.uptrain.convert import (
     load_task,
     task_from_hparams,
 )
-from qkv_lightning.uptrain.distill import distillation_loss
 from qkv_lightning.uptrain.surgery import fit_outputs, output_error, role_projections
 from qkv_lightning.variants import Variant
 from tests.lm_fixtures import write_wikitext

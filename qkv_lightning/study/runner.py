@@ -160,9 +160,9 @@ def check_cells(config: StudyConfig, variants: list, grid: list[Cell]) -> tuple[
     import importlib
     from argparse import ArgumentError
 
-    from qkv_lightning.lightning_cli import QKVLightningCLI
     from qkv_lightning.errors import ConfigError, QKVError
     from qkv_lightning.hints import explain_config_error
+    from qkv_lightning.lightning_cli import QKVLightningCLI
 
     def build(section: dict) -> object:
         module_name, _, class_name = section["class_path"].rpartition(".")

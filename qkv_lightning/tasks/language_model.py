@@ -15,11 +15,13 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
 from qkv_lightning.resume import differing_settings, weight_problems
-from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
-from qkv_lightning.uptrain.distill import DistillConfig
+from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.distill import DistillConfig
+from qkv_lightning.tasks.optim import OptimizerConfig
 
 
 @dataclass
