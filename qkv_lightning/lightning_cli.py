@@ -49,6 +49,22 @@ install_yaml_guard()  # a config that expands past a size limit through YAML ali
 install_quiet()  # Lightning's tips and the warnings known to be harmless here are not printed (quiet.py says why)
 
 
+DATA_MODULES = ("qkv_lightning.data.wikitext", "qkv_lightning.data.streaming", "qkv_lightning.data.images",
+                "qkv_lightning.data.synthetic")
+"""The modules of the project's datamodules (its tasks: :data:`qkv_lightning.tasks.persist.TASK_CLASSES`)."""
+
+
+def import_short_names() -> None:
+    """Import the project's task and datamodule classes, so that jsonargparse knows them by their short names
+    (``--model.help LanguageModel``, ``--data WikiText``) also without a ``--config`` that imports them."""
+    import importlib
+
+    from qkv_lightning.tasks.persist import TASK_CLASSES
+
+    for module in (*(f"qkv_lightning.tasks.{path.rpartition('.')[0]}" for path in TASK_CLASSES), *DATA_MODULES):
+        importlib.import_module(module)
+
+
 class StrictArgumentParser(LightningArgumentParser):
     """Lightning's parser without argparse's abbreviations, also in the nested parsers of ``class_path`` settings:
     a mistyped option (``--model.init_args.attention.sharin``) is an error with a suggestion, not silently taken
@@ -85,6 +101,7 @@ class QKVLightningCLI(LightningCLI):
         super()._set_seed()
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        import_short_names()
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         register_parser(self.parser)  # its sections (model, trainer, perf, ...) are suggested for typos
 
@@ -124,6 +141,7 @@ class QKVLightningCLI(LightningCLI):
         untrained model).
         """
         apply_optimizer_flag(self.config[self.subcommand] if self.subcommand else self.config)
+        apply_lr_scheduler_flag(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand is None:
             return
         config = self.config[self.subcommand]
@@ -281,6 +299,8 @@ class QKVLightningCLI(LightningCLI):
         # LightningCLI's --optimizer CLASS (any torch.optim class, with its arguments as --optimizer.X); the task builds
         # it after FSDP wraps the network, over its named decay / no_decay groups (apply_optimizer_flag).
         parser.add_optimizer_args((Optimizer,), nested_key="optimizer")
+        # and --lr_scheduler CLASS (any torch.optim.lr_scheduler class), which replaces the task's warm-up + cosine
+        parser.add_lr_scheduler_args(nested_key="lr_scheduler")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(PerfMonitor, "perf")
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
@@ -295,56 +315,102 @@ class QKVLightningCLI(LightningCLI):
         )
 
 
-def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
-    """Hand LightningCLI's ``--optimizer CLASS --optimizer.X V`` to the task's ``model.optimizer`` settings.
+def _flag(config: jsonargparse.Namespace, key: str) -> tuple[str, dict[str, Any], Any] | None:
+    """A LightningCLI class flag (``--optimizer`` / ``--lr_scheduler``): its class path, its init arguments (every one,
+    the class's defaults filled in by jsonargparse) and the task's ``optimizer`` settings it goes to; None when the
+    flag is not given."""
+    flag, model = config.get(key), config.get("model")
+    if not flag or model is None:
+        return None
+    flag = flag.as_dict() if isinstance(flag, jsonargparse.Namespace) else dict(flag)
+    target = model.get("init_args") if "class_path" in model else model
+    if target.get("optimizer") is None:
+        target["optimizer"] = jsonargparse.Namespace()
+    return flag["class_path"], dict(flag.get("init_args") or {}), target["optimizer"]
 
-    Lightning's own handling would build the optimiser from ``model.parameters()`` when the CLI starts: before the
-    network exists (it is built in ``configure_model``) and before FSDP wraps it, and without the named ``decay`` /
-    ``no_decay`` groups. So the class becomes ``model.optimizer.name``; ``lr``, ``weight_decay``, ``betas`` and
-    ``eps`` given there (values other than the class's defaults) replace ``model.optimizer``'s, and its other
-    arguments that differ from the class's defaults become ``model.optimizer.kwargs``. ``--optimizer`` is then cleared,
-    so the saved ``config.yaml`` and the checkpoint's hyper-parameters hold the optimiser once, in ``model.optimizer``.
-    """
+
+def _not_defaults(cls: type, values: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``values`` that differ from ``cls.__init__``'s defaults (those are the class's anyway), ``skip`` left out."""
     import inspect
 
-    from qkv_lightning.tasks.optim import OPTIMIZER_OWN_SETTINGS, optimizer_class
-
-    flag = config.get("optimizer")
-    model = config.get("model")
-    if not flag or model is None:
-        return
-    flag = flag.as_dict() if isinstance(flag, jsonargparse.Namespace) else dict(flag)
-    init_args = dict(flag.get("init_args") or {})
-    cls = optimizer_class(flag["class_path"])
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    target = model.get("init_args") if "class_path" in model else model
-    settings = target.get("optimizer")
-    if settings is None:
-        settings = jsonargparse.Namespace()
-        target["optimizer"] = settings
-    get = settings.get if hasattr(settings, "get") else settings.__getitem__
-    kwargs = dict(get("kwargs") or {})
-    saved_name = get("name") if "name" in settings else "AdamW"
-    if config.get("ckpt_path") and optimizer_class(saved_name or "AdamW") is not cls:
-        raise ConfigError(
-            f"--optimizer {flag['class_path']} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
-            f"checkpoint's optimiser ({saved_name}) and its state; to train with another optimiser, start a new run "
-            "from the weights instead."
-        )
-    for key, value in init_args.items():
+    defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()}
+    out = {}
+    for key, value in values.items():
         default = defaults.get(key, inspect.Parameter.empty)
         if isinstance(value, list | tuple) and isinstance(default, list | tuple):
             value, default = tuple(value), tuple(default)
-        if value == default:
-            continue
-        if key in OPTIMIZER_OWN_SETTINGS:
-            settings[key] = value
-        else:
-            kwargs[key] = value
-    settings["name"] = flag["class_path"]
-    settings["kwargs"] = kwargs
+        if key not in skip and value != default:
+            out[key] = value
+    return out
+
+
+def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
+    """Hand LightningCLI's ``--optimizer CLASS --optimizer.X V`` to the task's ``model.optimizer`` settings, with
+    LightningCLI's meaning: that class with its own defaults and the arguments given, nothing of the optimiser the
+    config had (its ``lr``, ``weight_decay``, ``betas``, ``eps``, ``kwargs``).
+
+    Lightning's own handling would build the optimiser from ``model.parameters()`` when the CLI starts: before the
+    network exists (it is built in ``configure_model``) and before FSDP wraps it, and without the named ``decay`` /
+    ``no_decay`` groups. So the class becomes ``model.optimizer.name``, its ``lr``, ``weight_decay``, ``betas`` and
+    ``eps`` (as given, or the class's defaults) the settings of those names, its other arguments that differ from the
+    class's defaults ``model.optimizer.kwargs``. The schedule is the task's (``--lr_scheduler`` replaces it), and so is
+    ``decay_on`` (which parameters the weight decay applies to). ``--optimizer`` is then cleared, so the saved
+    ``config.yaml`` and the checkpoint's hyper-parameters hold the optimiser once, in ``model.optimizer``.
+
+    Raises:
+        ConfigError: another class than the checkpoint's when resuming (``ckpt_path``): its state would not fit.
+    """
+    from qkv_lightning.tasks.optim import OPTIMIZER_OWN_SETTINGS, OptimizerConfig, optimizer_class
+
+    found = _flag(config, "optimizer")
+    if found is None:
+        return
+    class_path, init_args, settings = found
+    cls = optimizer_class(class_path)
+    saved_name = settings.get("name") or "AdamW"
+    if config.get("ckpt_path") and optimizer_class(saved_name) is not cls:
+        raise ConfigError(
+            f"--optimizer {class_path} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
+            f"checkpoint's optimiser ({saved_name}) and its state; to train with another optimiser, start a new run "
+            "from the weights instead."
+        )
+    own = OptimizerConfig.__dataclass_fields__
+    for key in ("lr", "weight_decay", "betas", "eps"):
+        value = init_args.get(key, 0.0 if key == "weight_decay" else own[key].default)  # none: the class has none
+        settings[key] = tuple(value) if isinstance(value, list) else value
+    settings["name"] = class_path
+    settings["kwargs"] = _not_defaults(cls, init_args, skip=OPTIMIZER_OWN_SETTINGS)
     config["optimizer"] = None
+
+
+def apply_lr_scheduler_flag(config: jsonargparse.Namespace) -> None:
+    """Hand LightningCLI's ``--lr_scheduler CLASS --lr_scheduler.X V`` (any ``torch.optim.lr_scheduler`` class) to the
+    task's settings: ``model.optimizer.schedule`` becomes the class, ``schedule_kwargs`` its arguments that differ
+    from its defaults, and the project's schedule is removed (no warm-up; its other settings back at their defaults,
+    unused). Cleared afterwards, as ``--optimizer``.
+
+    Raises:
+        ConfigError: another scheduler class than the checkpoint's when resuming (``ckpt_path``).
+    """
+    from qkv_lightning.tasks.optim import BUILTIN_SCHEDULES, OptimizerConfig, scheduler_class
+
+    found = _flag(config, "lr_scheduler")
+    if found is None:
+        return
+    class_path, init_args, settings = found
+    cls = scheduler_class(class_path)
+    saved = settings.get("schedule") or "cosine"
+    if config.get("ckpt_path") and (saved in BUILTIN_SCHEDULES or scheduler_class(saved) is not cls):
+        raise ConfigError(
+            f"--lr_scheduler {class_path} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
+            f"checkpoint's schedule ({saved}) and its state; to train with another schedule, start a new run from the "
+            "weights instead."
+        )
+    own = OptimizerConfig.__dataclass_fields__
+    for key in ("warmup_fraction", "min_lr_ratio", "step_gamma"):
+        settings[key] = own[key].default
+    settings["step_milestones"] = own["step_milestones"].default_factory()
+    settings["warmup_steps"] = 0
+    settings["schedule"] = class_path
+    settings["schedule_kwargs"] = _not_defaults(cls, init_args, skip=("optimizer",))
+    config["lr_scheduler"] = None

@@ -184,3 +184,80 @@ def test_an_optimizer_name_never_imports_a_module_of_its_own(tmp_path, monkeypat
 
     assert optimizer_class("planted_optimizer_module.Opt") is planted_optimizer_module.Opt
     assert optimizer_class("torch.optim.SGD") is torch.optim.SGD
+
+
+def test_optimizer_and_lr_scheduler_flags_mean_what_they_mean_in_lightningcli(tmp_path):
+    """On configs/synthetic/sort.yaml (AdamW, lr 0.003, weight_decay 0.01, warm-up + cosine): ``--optimizer SGD
+    --optimizer.momentum 0.9`` trains SGD with SGD's own defaults (lr 1e-3, weight_decay 0), none of the config's
+    AdamW settings, under the config's schedule; adding ``--lr_scheduler StepLR --lr_scheduler.step_size 2
+    --lr_scheduler.gamma 0.5`` removes the warm-up + cosine: the rates are torch's StepLR's, stepped once per
+    optimiser step, and the saved config.yaml holds the optimiser and the schedule once, in model.optimizer."""
+    import yaml
+
+    sgd = ["--optimizer", "SGD", "--optimizer.momentum", "0.9"]
+    plain = torch.load(fit(tmp_path / "sgd", *sgd), weights_only=True)
+    settings = plain["hyper_parameters"]["optimizer"]
+    assert (settings["name"], settings["lr"], settings["weight_decay"], settings["kwargs"]) == (
+        "torch.optim.SGD", 1e-3, 0.0, {"momentum": 0.9})
+    assert (settings["schedule"], settings["warmup_steps"], settings["schedule_kwargs"]) == ("cosine", 2, {})
+    (state,) = plain["optimizer_states"]
+    assert [(g["lr"], g["weight_decay"], g["momentum"]) for g in state["param_groups"]] == [
+        (pytest.approx(1e-3 * lr_multiplier(4, 2, 4, "cosine", min_ratio=0.1)), 0.0, 0.9)] * 2
+
+    step = ["--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "2", "--lr_scheduler.gamma", "0.5"]
+    csv = ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "steplr" / "logs")]
+    last = fit(tmp_path / "steplr", *sgd, *step, *csv, "--trainer.callbacks+=LearningRateMonitor",
+               "--trainer.callbacks.logging_interval=step")
+    checkpoint = torch.load(last, weights_only=True)
+    settings = checkpoint["hyper_parameters"]["optimizer"]
+    assert settings["schedule"] == "torch.optim.lr_scheduler.StepLR" and settings["warmup_steps"] == 0
+    assert settings["schedule_kwargs"] == {"step_size": 2, "gamma": 0.5}
+    (scheduler,) = checkpoint["lr_schedulers"]
+    assert (scheduler["step_size"], scheduler["gamma"], scheduler["last_epoch"]) == (2, 0.5, 4)
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3, momentum=0.9)
+    steplr = torch.optim.lr_scheduler.StepLR(reference, step_size=2, gamma=0.5)
+    expected = []
+    for _ in range(4):
+        expected.append(steplr.get_last_lr()[0])
+        reference.step()
+        steplr.step()
+    logged = next((tmp_path / "steplr").rglob("metrics.csv")).read_text().splitlines()
+    header = logged[0].split(",")
+    rates = [float(row.split(",")[header.index("lr-SGD/decay")]) for row in logged[1:]
+             if row.split(",")[header.index("lr-SGD/decay")]]
+    assert rates == pytest.approx(expected, rel=1e-9) and expected == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    saved = yaml.safe_load(next((tmp_path / "steplr").rglob("config.yaml")).read_text())
+    assert saved["optimizer"] is None and saved["lr_scheduler"] is None
+    assert saved["model"]["init_args"]["optimizer"]["schedule"] == "torch.optim.lr_scheduler.StepLR"
+
+
+def test_lr_scheduler_errors_and_resume(tmp_path, capsys):
+    """A scheduler's unknown argument and a class that is not a scheduler name the setting; resuming a run with
+    another schedule than its checkpoint's is refused (its state would not fit); ReduceLROnPlateau is stepped per
+    epoch on val/loss."""
+    with pytest.raises(ConfigError, match=r"schedule_kwargs \['step_siz'\] are not arguments of .*StepLR"):
+        OptimizerConfig(schedule="StepLR", schedule_kwargs={"step_siz": 2})
+    with pytest.raises(ConfigError, match="optimizer.schedule='cosin' is neither one of cosine, constant, step"):
+        OptimizerConfig(schedule="cosin")
+    with pytest.raises(ConfigError, match="are arguments of a torch.optim.lr_scheduler class"):
+        OptimizerConfig(schedule="cosine", schedule_kwargs={"T_max": 3})
+    plateau = OptimizerConfig(schedule="ReduceLROnPlateau", schedule_kwargs={"patience": 1})
+    optimizer = plateau.build([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "weight_decay": 0.0}])
+    entry = plateau.scheduler_entry(plateau.build_scheduler(optimizer, 10))
+    assert (entry["interval"], entry["monitor"], entry["scheduler"].patience) == ("epoch", "val/loss", 1)
+
+    last = fit(tmp_path / "run", steps=2)
+    (tmp_path / "again").mkdir()
+    args = [*synthetic_args(tmp_path / "again", name="opt", steps=4), "--ckpt_path", str(last)]
+    assert main(["fit", *args, "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "2"]) == 2
+    assert "the run resumes with the checkpoint's schedule (cosine)" in capsys.readouterr().err
+
+
+def test_model_help_takes_a_short_class_name(capsys):
+    """``fit --model.help LanguageModel`` (no --config) prints the task's settings, as LightningCLI does for a class it
+    knows by its short name."""
+    with pytest.raises(SystemExit) as exit_code:
+        main(["fit", "--model.help", "LanguageModel"])
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model.network.n_layer" in out and "--model.generation.max_new_tokens" in out

@@ -185,3 +185,12 @@ def test_what_the_commands_write_is_ignored_by_git(path):
     out = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT, timeout=60)
     assert out.returncode == 0, f"{path} is not ignored by .gitignore"
 
+
+
+def test_checkpoints_kept_as_test_fixtures_are_not_ignored():
+    """``*.ckpt`` is ignored, except the checkpoints tests/fixtures keeps (the legacy-format files the tests read)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    out = subprocess.run(["git", "check-ignore", "--no-index", "-q", "tests/fixtures/legacy/sequence-step3.ckpt"],
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 1, "tests/fixtures/legacy/sequence-step3.ckpt is ignored by .gitignore"

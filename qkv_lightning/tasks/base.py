@@ -18,7 +18,7 @@ from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
 from qkv_lightning.tasks.distill import DistillConfig, distillation_loss, freeze
-from qkv_lightning.tasks.optim import OptimizerConfig, lr_multiplier
+from qkv_lightning.tasks.optim import OptimizerConfig
 from qkv_lightning.tasks.persist import build_task, load_weights, state_dict_of, stored_settings
 
 
@@ -372,14 +372,14 @@ class TaskModule(L.LightningModule, abc.ABC):
 
     def configure_optimizers(self) -> dict:
         optimizer, scheduler = self.build_optimizer(self.total_steps())
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.optimizer_config.scheduler_entry(scheduler)}
 
     def build_optimizer(
         self, total_steps: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimiser (``optimizer.name``) over two named parameter groups, ``decay`` (matrices) and ``no_decay``
-        (biases, norms), with weight decay as ``optimizer.decay_on`` says, and its per-step schedule over
-        ``total_steps`` steps (warm-up, then cosine, constant or step decay)."""
+        (biases, norms), with weight decay as ``optimizer.decay_on`` says, and its schedule over ``total_steps`` steps
+        (warm-up, then cosine, constant or step decay; or a torch.optim.lr_scheduler class)."""
         config = self.optimizer_config
         decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
@@ -392,21 +392,7 @@ class TaskModule(L.LightningModule, abc.ABC):
             },
         ]
         optimizer = config.build(groups)
-        warmup = config.warmup_steps
-        if config.warmup_fraction is not None:
-            warmup = max(1, int(config.warmup_fraction * total_steps)) if config.warmup_fraction > 0 else 0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_multiplier(
-                step,
-                warmup,
-                total_steps,
-                config.schedule,
-                min_ratio=config.min_lr_ratio,
-                milestones=config.step_milestones,
-                gamma=config.step_gamma,
-            ),
-        )
+        scheduler = config.build_scheduler(optimizer, total_steps)
         return optimizer, scheduler
 
     def total_steps(self) -> int:

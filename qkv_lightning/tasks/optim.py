@@ -1,5 +1,6 @@
 """The optimiser and learning-rate schedule every task shares: :class:`OptimizerConfig` (any ``torch.optim`` class,
-named decay / no-decay groups) and the warm-up + cosine / constant / step multiplier."""
+named decay / no-decay groups) and its schedule: the project's warm-up + cosine / constant / step multiplier, or any
+``torch.optim.lr_scheduler`` class (``--lr_scheduler``)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,38 @@ def optimizer_arguments(cls: type) -> set[str]:
     return set(parameters) - {"self"}
 
 
+BUILTIN_SCHEDULES = ("cosine", "constant", "step")
+"""The project's own schedules (after the linear warm-up), computed by :func:`lr_multiplier`."""
+
+
+def _known(base: type, module: Any) -> list[str]:
+    return sorted(n for n, c in vars(module).items() if isinstance(c, type) and issubclass(c, base) and c is not base)
+
+
+def scheduler_class(name: str) -> type:
+    """The learning-rate scheduler class named ``name``: a class of ``torch.optim.lr_scheduler`` (``StepLR``,
+    ``CosineAnnealingLR``, ...) or the dotted path of a scheduler class in a module that is already imported (as
+    :func:`optimizer_class`: a name never imports a module of its own)."""
+    from torch.optim import lr_scheduler
+
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        if not module_name or module_name == "torch.optim.lr_scheduler":
+            cls = getattr(lr_scheduler, class_name)
+        else:
+            cls = getattr(sys.modules[module_name], class_name)
+    except (AttributeError, KeyError):
+        cls = None
+    bases = (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau)
+    if not (isinstance(cls, type) and issubclass(cls, bases)) or cls in bases[:1]:
+        raise ConfigError(
+            f"optimizer.schedule={name!r} is neither one of {', '.join(BUILTIN_SCHEDULES)} nor a learning-rate "
+            f"scheduler class: use one of torch.optim.lr_scheduler's ({', '.join(_known(bases[0], lr_scheduler))}) "
+            "or the dotted path of a scheduler class in a module that is already imported."
+        )
+    return cls
+
+
 @dataclass
 class OptimizerConfig:
     """The optimiser (AdamW by default, or any ``torch.optim`` class), its two named parameter groups (``decay``: the
@@ -100,10 +133,18 @@ class OptimizerConfig:
     """Warm-up over this fraction of the run's optimiser steps instead of warmup_steps: max(1, int(fraction *
     total steps)) steps, e.g. 0.05 as in the paper's synthetic tasks; None uses warmup_steps."""
 
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    schedule: str = "cosine"
     """After warm-up: ``cosine`` decay to ``min_lr_ratio * lr`` at the last step, ``constant``, or ``step``: the
     learning rate is multiplied by ``step_gamma`` at each of ``step_milestones`` (as the paper's vision recipe, Adam
-    with MultiStepLR at 50% and 75% of training, gamma 0.1)."""
+    with MultiStepLR at 50% and 75% of training, gamma 0.1). Or a ``torch.optim.lr_scheduler`` class (``StepLR``,
+    ``CosineAnnealingLR``, ``OneCycleLR``, ... or a dotted path) that replaces the warm-up and the settings below,
+    with ``schedule_kwargs`` as its arguments; ``--lr_scheduler CLASS --lr_scheduler.X V`` sets it. It is stepped
+    after every optimiser step, as the project's schedules are (so ``T_max``, ``step_size``, ``total_steps`` count
+    optimiser steps; Lightning steps a LightningCLI ``--lr_scheduler`` once per epoch), except ``ReduceLROnPlateau``:
+    once per epoch on ``val/loss`` (or the ``monitor`` of Lightning's ``lightning.pytorch.cli.ReduceLROnPlateau``)."""
+
+    schedule_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The init arguments of a ``torch.optim.lr_scheduler`` class named by ``schedule`` (not its ``optimizer``)."""
 
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
@@ -142,6 +183,23 @@ class OptimizerConfig:
             )
         if not 0.0 < self.step_gamma <= 1.0:  # also NaN
             raise ConfigError(f"optimizer.step_gamma={self.step_gamma} must lie in (0, 1].")
+        self.schedule_kwargs = dict(self.schedule_kwargs or {})
+        if self.schedule in BUILTIN_SCHEDULES:
+            if self.schedule_kwargs:
+                raise ConfigError(
+                    f"optimizer.schedule_kwargs={self.schedule_kwargs} are arguments of a torch.optim.lr_scheduler "
+                    f"class, but optimizer.schedule={self.schedule!r} is the project's own (set its settings "
+                    "warmup_steps, min_lr_ratio, step_milestones, step_gamma instead)."
+                )
+        else:
+            scheduler = scheduler_class(self.schedule)
+            accepted = optimizer_arguments(scheduler) - {"optimizer"}
+            unknown = sorted(set(self.schedule_kwargs) - accepted) if "*" not in accepted else []
+            if unknown:
+                raise ConfigError(
+                    f"optimizer.schedule_kwargs {unknown} are not arguments of {scheduler.__module__}."
+                    f"{scheduler.__name__}; it accepts {sorted(accepted)}."
+                )
         self.betas = tuple(self.betas)
         self.kwargs = dict(self.kwargs or {})
         cls = optimizer_class(self.name)
@@ -175,6 +233,36 @@ class OptimizerConfig:
         if "weight_decay" not in accepted and "*" not in accepted:
             groups = [{k: v for k, v in group.items() if k != "weight_decay"} for group in groups]
         return cls(groups, **settings, **self.kwargs)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+        """The schedule of ``optimizer`` over a run of ``total_steps`` optimiser steps: the project's warm-up +
+        ``cosine`` / ``constant`` / ``step`` multiplier (a ``LambdaLR``), or the ``torch.optim.lr_scheduler`` class
+        ``schedule`` names, built with ``schedule_kwargs``."""
+        if self.schedule not in BUILTIN_SCHEDULES:
+            return scheduler_class(self.schedule)(optimizer, **self.schedule_kwargs)
+        warmup = self.warmup_steps
+        if self.warmup_fraction is not None:
+            warmup = max(1, int(self.warmup_fraction * total_steps)) if self.warmup_fraction > 0 else 0
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step,
+                warmup,
+                total_steps,
+                self.schedule,
+                min_ratio=self.min_lr_ratio,
+                milestones=self.step_milestones,
+                gamma=self.step_gamma,
+            ),
+        )
+
+    @staticmethod
+    def scheduler_entry(scheduler: Any) -> dict[str, Any]:
+        """Lightning's ``lr_scheduler`` entry for ``scheduler``: stepped after every optimiser step, except
+        ``ReduceLROnPlateau``: once per epoch, on its ``monitor`` (Lightning's subclass) or ``val/loss``."""
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return {"scheduler": scheduler, "interval": "epoch", "monitor": getattr(scheduler, "monitor", "val/loss")}
+        return {"scheduler": scheduler, "interval": "step"}
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
