@@ -145,6 +145,40 @@ def check_output_folders(config: Any) -> None:
             check_writable_folder(save_dir, f"{name}.init_args.save_dir")
 
 
+# ---------------------------------------------------------------------------------------------- where logs go
+SAVE_DIR_NOT_GIVEN = "<trainer.default_root_dir>"
+"""The CLI's default ``save_dir`` of a logger (the shipped configs give none): :func:`place_logs` replaces it, so that
+``trainer.default_root_dir`` (default ``logs``) decides where a run's logs and checkpoints go, as in Lightning, unless
+the logger's ``save_dir`` says otherwise."""
+
+
+def _own_save_dir_default(class_path: str) -> Any:
+    """The default ``save_dir`` of a logger class already imported (MLflow's ``./mlruns``, W&B's ``.``), or None."""
+    import inspect
+    import sys
+
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(sys.modules.get(module), name, None)
+    try:
+        default = inspect.signature(cls).parameters["save_dir"].default if cls is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if default is inspect.Parameter.empty else default
+
+
+def place_logs(config: Any) -> None:
+    """Every logger whose ``save_dir`` was not given (:data:`SAVE_DIR_NOT_GIVEN`) writes under
+    ``trainer.default_root_dir``, or, for a logger that has a default of its own (MLflow's ``./mlruns`` store, W&B's
+    ``.``), where that default says, as Lightning would build it."""
+    trainer = config.get("trainer") or {}
+    root = trainer.get("default_root_dir") or "."
+    for logger in _loggers(trainer):
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is not None and init_args.get("save_dir") == SAVE_DIR_NOT_GIVEN:
+            own = _own_save_dir_default(str(logger.get("class_path", "")))
+            init_args["save_dir"] = str(own if own is not None else root)
+
+
 # ------------------------------------------------------------------------------------------- evaluation logs
 EVALUATION_COMMANDS = ("validate", "test", "predict")
 

@@ -17,21 +17,24 @@ import jsonargparse
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
+    SAVE_DIR_NOT_GIVEN,
     check_output_folders,
     check_seed,
     check_trainer_settings,
     install_yaml_guard,
     place_evaluation_logs,
+    place_logs,
 )
 from qkv_lightning.hints import register_parser
-from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten
+from qkv_lightning.loggers import DeferredSummaryWriter, LoggedSaveConfigCallback, flatten, logger_error
+from qkv_lightning.quiet import command_filters
 from qkv_lightning.quiet import install as install_quiet
 from qkv_lightning.resume import (
     CheckpointInfo,
@@ -95,10 +98,23 @@ class QKVLightningCLI(LightningCLI):
         )
 
     def _set_seed(self) -> None:
-        """Lightning's seeding, after checking the seed (it runs before :meth:`before_instantiate_classes`)."""
+        """Lightning's seeding (``seed_everything: true`` gives Lightning's seed, 0), after checking the seed (it runs
+        before :meth:`before_instantiate_classes`), without its ``Seed set to N`` line: the seed is in the saved
+        ``config.yaml`` and the checkpoint (quiet.py lists what else a run does not print)."""
+        from lightning.fabric.utilities.seed import seed_everything
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand is not None:
-            check_seed(self.config[self.subcommand])
-        super()._set_seed()
+            check_seed(config)
+        seed = config.get("seed_everything")
+        if seed is not False:
+            config["seed_everything"] = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, with the warnings that do not hold for this command dropped (:func:`quiet.command_filters`)."""
+        resuming = bool(self.config[subcommand].get("ckpt_path"))
+        with command_filters(subcommand, resuming):
+            super()._run_subcommand(subcommand)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
         import_short_names()
@@ -140,6 +156,7 @@ class QKVLightningCLI(LightningCLI):
         empty, so a plain re-run would start from scratch instead of resuming (and an evaluation would report an
         untrained model).
         """
+        place_logs(self.config[self.subcommand] if self.subcommand else self.config)  # default_root_dir decides
         apply_optimizer_flag(self.config[self.subcommand] if self.subcommand else self.config)
         apply_lr_scheduler_flag(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand is None:
@@ -152,6 +169,18 @@ class QKVLightningCLI(LightningCLI):
         resolve_last(config, self.subcommand)
         if self.subcommand != "fit":
             place_evaluation_logs(config, self.subcommand)  # after `last` is resolved: into the evaluated run
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, with a logger that cannot be created (a missing package, MLflow refusing its file store) said
+        in one paragraph naming the extra to install (:func:`qkv_lightning.loggers.logger_error`)."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            explained = logger_error((config.get("trainer") or {}).get("logger"), error)
+            if explained is None:
+                raise
+            raise explained from error
 
     def checkpoint_info(self, ckpt_path: str | Path, weights_only: bool) -> CheckpointInfo:
         """The checkpoint's shapes and hyper-parameters, read once per command (:mod:`qkv_lightning.resume`)."""
@@ -271,9 +300,11 @@ class QKVLightningCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with an atomic checkpoint writer and TensorBoard event files opened only when first written."""
+        from lightning.pytorch.callbacks import LearningRateMonitor
         from lightning.pytorch.loggers import TensorBoardLogger
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+        from qkv_lightning.callbacks.summary import with_cost_flops
         from qkv_lightning.checkpoints import AtomicCheckpointIO
 
         try:
@@ -291,6 +322,12 @@ class QKVLightningCLI(LightningCLI):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
                 logger._experiment = DeferredSummaryWriter(logger)
+        trainer.callbacks = [with_cost_flops(c) for c in trainer.callbacks]  # the summary's FLOPs: ours, not 0
+        monitors = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+        if monitors and not trainer.loggers:  # Lightning raises for it when fit starts; the shipped configs have one
+            trainer.callbacks = [c for c in trainer.callbacks if c not in monitors]
+            rank_zero_info("trainer.logger is false: the LearningRateMonitor of the config has no logger to write to "
+                           "and is left out.")
         return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -306,9 +343,10 @@ class QKVLightningCLI(LightningCLI):
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
         parser.set_defaults(
             {
-                "trainer.logger": {
+                "trainer.default_root_dir": "logs",
+                "trainer.logger": {  # save_dir: trainer.default_root_dir unless given (guards.place_logs)
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "logs", "name": "default"},
+                    "init_args": {"save_dir": SAVE_DIR_NOT_GIVEN, "name": "default"},
                 },
                 "trainer.enable_autolog_hparams": False,
             }

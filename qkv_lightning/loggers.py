@@ -264,3 +264,41 @@ class DeferredSummaryWriter:
         if name.startswith("__") or name in ("_logger", "_writer"):  # copying and pickling look these up
             raise AttributeError(name)
         return getattr(self._open(), name)
+
+
+# ----------------------------------------------------------------------------------- loggers that cannot start
+LOGGER_EXTRAS: dict[str, tuple[str, str]] = {"MLFlowLogger": ("mlflow", "mlflow"), "WandbLogger": ("wandb", "wandb")}
+"""Logger class -> (the module it needs, the extra of this package that installs it)."""
+
+
+def logger_error(logger_settings: Any, error: BaseException) -> Exception | None:
+    """One paragraph for a logger that could not be created (``trainer.logger``), from the exception jsonargparse
+    raised while instantiating it (a union error whose cause is the logger's own): a missing package names the extra
+    that installs it (``pip install -e ".[mlflow]"``), anything else the logger's own message. None when ``error`` did
+    not come from creating a logger."""
+    from qkv_lightning.errors import ConfigError
+
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    settings = logger_settings if isinstance(logger_settings, list) else [logger_settings]
+    kinds = [str(s.get("class_path", "")).rpartition(".")[2] for s in settings if hasattr(s, "get")]
+    if cause is error or not kinds or "loggers.logger.Logger" not in str(error):
+        return None
+    kind = next((k for k in kinds if k in str(cause) or k in LOGGER_EXTRAS), kinds[0])
+    if isinstance(cause, ImportError) and kind in LOGGER_EXTRAS:
+        module, extra = LOGGER_EXTRAS[kind]
+        return ConfigError(
+            f"trainer.logger={kind} needs the {module} package, which is not installed: pip install -e \".[{extra}]\" "
+            f"in the checkout (pip install \"qkv-lightning[{extra}]\" otherwise), or choose another logger (e.g. "
+            "--trainer.logger CSVLogger)."
+        )
+    text = " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+    if "MLFLOW_ALLOW_FILE_STORE" in text:  # MLflow >= 3.? refuses the file store Lightning's MLFlowLogger uses
+        return ConfigError(
+            f"trainer.logger={kind} could not be created: MLflow keeps its file store (Lightning's default, save_dir "
+            "./mlruns) behind MLFLOW_ALLOW_FILE_STORE=true (\"The filesystem tracking backend is in maintenance "
+            "mode\"): set that variable, or give a database store, e.g. --trainer.logger.tracking_uri "
+            "sqlite:///mlflow.db."
+        )
+    return ConfigError(f"trainer.logger={kind} could not be created ({type(cause).__name__}: {text}).")

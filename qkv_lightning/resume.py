@@ -137,53 +137,141 @@ def check_fits(task: Any, info: CheckpointInfo) -> None:
     )
 
 
-def find_last_checkpoint(config: Any) -> tuple[Path, str | int | None] | None:
-    """The newest ``last.ckpt`` of the configured logger's runs (``save_dir/name/version_*/checkpoints``) and the
-    version it belongs to, or None. A ModelCheckpoint with an explicit ``dirpath`` is searched first."""
+LOGGER_DEFAULT_NAMES = {"TensorBoardLogger": "lightning_logs", "CSVLogger": "lightning_logs"}
+"""The ``name`` of Lightning's loggers when none is given (their run folders are ``<save_dir>/<name>/version_N``)."""
+
+
+@dataclass
+class RunFolders:
+    """Where a configured checkpoint callback writes ``last.ckpt``: the candidates found, each with the logger
+    settings that continue its run, and the places searched (glob patterns, for messages)."""
+
+    found: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)
+
+    def add(self, pattern: Path, runs: list[tuple[Path, dict[str, Any]]], where: str | None = None) -> None:
+        self.searched.append(where or str(pattern))
+        self.found += runs
+
+
+def _first_logger(trainer: Any) -> Any:
+    logger = trainer.get("logger")
+    if isinstance(logger, list):
+        return logger[0] if logger else None
+    return logger
+
+
+def _mlflow_store(init_args: Any) -> Path | None:
+    """The local folder of an MLFlowLogger's file store (``save_dir``, or a ``file:`` tracking URI); None for a
+    remote one (then Lightning puts checkpoints under ``trainer.default_root_dir``)."""
+    uri = init_args.get("tracking_uri")
+    if uri:
+        return Path(str(uri).removeprefix("file:").removeprefix("//")) if str(uri).startswith("file:") else None
+    return Path(init_args.get("save_dir") or "./mlruns")
+
+
+def _mlflow_experiments(store: Path, name: str | None) -> list[Path]:
+    """The experiment folders of an MLflow file store whose ``meta.yaml`` names ``name`` (all when None)."""
+    import yaml
+
+    folders = []
+    for folder in sorted(store.iterdir()) if store.is_dir() else []:
+        try:
+            meta = yaml.safe_load((folder / "meta.yaml").read_text()) if (folder / "meta.yaml").is_file() else None
+        except (OSError, yaml.YAMLError):
+            meta = None
+        if isinstance(meta, dict) and (name is None or meta.get("name") == name):
+            folders.append(folder)
+    return folders
+
+
+def _runs(parent: Path, continues: str) -> list[tuple[Path, dict[str, Any]]]:
+    """``<parent>/<run>/checkpoints/last.ckpt`` of each run folder, with the logger setting ``continues`` that
+    continues it (``version``: an int for ``version_N`` folders, the folder's name otherwise)."""
+    from qkv_lightning.checkpoints import recover_interrupted_swap
+
+    runs = []
+    for run in sorted(parent.iterdir()) if parent.is_dir() else []:
+        last = run / "checkpoints" / "last.ckpt"
+        if not run.is_dir():
+            continue
+        recover_interrupted_swap(last)  # an FSDP2 save that a crash interrupted between its renames
+        if continues == "version" and not run.name.startswith("version_"):
+            continue
+        version = run.name.removeprefix("version_") if continues == "version" else run.name
+        runs.append((last, {continues: int(version) if version.isdigit() else run.name}))
+    return runs
+
+
+def run_folders(config: Any) -> RunFolders:
+    """Every ``last.ckpt`` the configured checkpoint callback can have written, as Lightning places it: a
+    ModelCheckpoint's ``dirpath``; else the first logger's ``<save_dir>/<name>/<version>/checkpoints``
+    (TensorBoard and CSV: ``<name>/version_N``; MLflow: ``<experiment id>/<run id>`` of the experiment named
+    ``experiment_name``; W&B: ``<project>/<run id>``; another logger: any ``*/*``); without a logger
+    ``<trainer.default_root_dir>/checkpoints``."""
     from qkv_lightning.checkpoints import recover_interrupted_swap
 
     trainer = config.get("trainer", {})
-    candidates: list[tuple[Path, str | int | None]] = []
+    root = Path(trainer.get("default_root_dir") or ".")
+    folders = RunFolders()
     for callback in trainer.get("callbacks") or []:
         init_args = callback.get("init_args", {}) if isinstance(callback, jsonargparse.Namespace) else {}
         if "ModelCheckpoint" in str(callback.get("class_path", "")) and init_args.get("dirpath"):
-            candidates.append((Path(init_args["dirpath"]) / "last.ckpt", None))
-            recover_interrupted_swap(candidates[-1][0])
-    run_dir = logger_run_dir(config)
-    if run_dir is not None and run_dir.is_dir():
-        for version_dir in run_dir.iterdir():
-            last = version_dir / "checkpoints" / "last.ckpt"
-            if version_dir.name.startswith("version_") and version_dir.is_dir():
-                recover_interrupted_swap(last)  # an FSDP2 save that a crash interrupted between its renames
-            if version_dir.name.startswith("version_") and last.exists():
-                version = version_dir.name.removeprefix("version_")
-                candidates.append((last, int(version) if version.isdigit() else version_dir.name))
-    existing = [(path, version) for path, version in candidates if path.exists()]
+            last = Path(init_args["dirpath"]) / "last.ckpt"
+            recover_interrupted_swap(last)
+            folders.add(last, [(last, {})])
+    if folders.found:
+        return folders  # the dirpath is where this run's callback writes, whatever the logger
+    logger = _first_logger(trainer)
+    if logger is True:  # Lightning's own default logger
+        logger = jsonargparse.Namespace(class_path="TensorBoardLogger", init_args=jsonargparse.Namespace(save_dir=root))
+    if not isinstance(logger, jsonargparse.Namespace) or "class_path" not in logger:
+        last = root / "checkpoints" / "last.ckpt"
+        folders.add(last, [(last, {})])
+        return folders
+    kind = str(logger.class_path).rpartition(".")[2]
+    init_args = logger.get("init_args") or jsonargparse.Namespace()
+    if kind in LOGGER_DEFAULT_NAMES:
+        save_dir = Path(init_args.get("save_dir") or root)
+        name = init_args.get("name", LOGGER_DEFAULT_NAMES[kind])
+        parent = save_dir / name if name else save_dir
+        folders.add(parent / "version_*" / "checkpoints" / "last.ckpt", _runs(parent, "version"))
+    elif kind == "MLFlowLogger":
+        store = _mlflow_store(init_args)
+        name = init_args.get("experiment_name") or "lightning_logs"
+        base = store if store is not None else root
+        experiments = _mlflow_experiments(base, name if store is not None else None)
+        runs = [run for experiment in experiments for run in _runs(experiment, "run_id")]
+        folders.add(base, runs, f"{base}/<id of experiment {name!r}>/<run id>/checkpoints/last.ckpt")
+    elif kind == "WandbLogger":
+        save_dir = Path(init_args.get("save_dir") or init_args.get("dir") or ".")
+        project = init_args.get("project") or "lightning_logs"
+        folders.add(save_dir / project / "<run id>" / "checkpoints" / "last.ckpt", _runs(save_dir / project, "id"))
+    else:
+        save_dir = Path(init_args.get("save_dir") or root)
+        runs = [(last, {}) for parent in sorted(save_dir.glob("*")) if parent.is_dir() for last, _ in _runs(parent, "")]
+        folders.add(save_dir / "*" / "*" / "checkpoints" / "last.ckpt", runs)  # a run not continued: settings unknown
+    return folders
+
+
+def find_last_checkpoint(config: Any) -> tuple[Path, dict[str, Any]] | None:
+    """The newest ``last.ckpt`` of :func:`run_folders` and the logger settings that continue its run, or None."""
+    existing = [(path, settings) for path, settings in run_folders(config).found if path.is_file()]
     if not existing:
         return None
     return max(existing, key=lambda item: item[0].stat().st_mtime)
 
 
-def logger_run_dir(config: Any) -> Path | None:
-    """The configured logger's folder of runs (``save_dir/name``), or None without a logger that has one."""
-    trainer = config.get("trainer", {})
-    logger = trainer.get("logger")
-    if not (isinstance(logger, jsonargparse.Namespace) and "init_args" in logger):
-        return None
-    save_dir = Path(logger.init_args.get("save_dir") or trainer.get("default_root_dir") or ".")
-    name = logger.init_args.get("name")
-    return save_dir / name if name else save_dir
-
-
 def resolve_last(config: Any, subcommand: str) -> None:
     """Turn ``ckpt_path: last`` into the newest run's ``last.ckpt`` for every subcommand, in place.
 
-    ``fit`` then keeps logging into that run's folder (its logger version), and starts from scratch when there is no
-    run yet. ``validate``, ``test`` and ``predict`` need a checkpoint: without one, evaluating would report an
-    untrained model's numbers, so that is an error.
+    ``fit`` then keeps logging into that run (its logger's version, MLflow run id or W&B id), and starts from scratch
+    when there is no run yet. ``validate``, ``test`` and ``predict`` need a checkpoint: without one, evaluating would
+    report an untrained model's numbers, so that is an error.
 
     Raises:
-        CheckpointError: for ``validate`` / ``test`` / ``predict`` when no run has a ``last.ckpt``.
+        CheckpointError: for ``validate`` / ``test`` / ``predict`` when no run has a ``last.ckpt``, naming where it
+            looked.
     """
     if config.get("ckpt_path") != "last":
         return
@@ -191,17 +279,16 @@ def resolve_last(config: Any, subcommand: str) -> None:
     if found is None:
         if subcommand == "fit":
             return
-        where = logger_run_dir(config)
+        where = " or ".join(run_folders(config).searched)
         raise CheckpointError(
-            f"{subcommand} --ckpt_path last: no last.ckpt was found"
-            f"{f' under {where}/version_*/checkpoints' if where is not None else ''}, so there is no trained model to "
-            f"{'generate with' if subcommand == 'predict' else 'evaluate'}. Train it first (fit, with a "
-            "ModelCheckpoint(save_last=True) callback), point trainer.logger.init_args.save_dir / name at its run, or "
-            "give --ckpt_path FILE."
+            f"{subcommand} --ckpt_path last: no last.ckpt was found (looked for {where}), so there is no trained "
+            f"model to {'generate with' if subcommand == 'predict' else 'evaluate'}. Train it first (fit, with a "
+            "ModelCheckpoint(save_last=True) callback), point trainer.default_root_dir or the logger's settings "
+            "(save_dir, name, experiment_name, project) at its run, or give --ckpt_path FILE."
         )
-    path, version = found
+    path, settings = found
     config["ckpt_path"] = str(path)
-    logger = config.get("trainer", {}).get("logger")
-    if subcommand == "fit" and version is not None and isinstance(logger, jsonargparse.Namespace):
-        if "init_args" in logger:
-            logger.init_args["version"] = version
+    logger = _first_logger(config.get("trainer", {}))
+    if subcommand == "fit" and settings and isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
+        for key, value in settings.items():
+            logger.init_args[key] = value
