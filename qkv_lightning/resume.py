@@ -241,12 +241,13 @@ def run_folders(config: Any) -> RunFolders:
         name = init_args.get("experiment_name") or "lightning_logs"
         base = store if store is not None else root
         experiments = _mlflow_experiments(base, name if store is not None else None)
-        runs = [run for experiment in experiments for run in _runs(experiment, "run_id")]
+        runs = [(last, {}) for experiment in experiments for last, _ in _runs(experiment, "run_id")]  # a new run
         folders.add(base, runs, f"{base}/<id of experiment {name!r}>/<run id>/checkpoints/last.ckpt")
     elif kind == "WandbLogger":
         save_dir = Path(init_args.get("save_dir") or init_args.get("dir") or ".")
         project = init_args.get("project") or "lightning_logs"
-        folders.add(save_dir / project / "<run id>" / "checkpoints" / "last.ckpt", _runs(save_dir / project, "id"))
+        runs = [(last, {}) for last, _ in _runs(save_dir / project, "id")]  # continued in a new run, as MLflow's
+        folders.add(save_dir / project / "<run id>" / "checkpoints" / "last.ckpt", runs)
     else:
         save_dir = Path(init_args.get("save_dir") or root)
         runs = [(last, {}) for parent in sorted(save_dir.glob("*")) if parent.is_dir() for last, _ in _runs(parent, "")]
@@ -265,8 +266,9 @@ def find_last_checkpoint(config: Any) -> tuple[Path, dict[str, Any]] | None:
 def resolve_last(config: Any, subcommand: str) -> None:
     """Turn ``ckpt_path: last`` into the newest run's ``last.ckpt`` for every subcommand, in place.
 
-    ``fit`` then keeps logging into that run (its logger's version, MLflow run id or W&B id), and starts from scratch
-    when there is no run yet. ``validate``, ``test`` and ``predict`` need a checkpoint: without one, evaluating would
+    ``fit`` then keeps logging into that run's folder (TensorBoard and CSV: its version; MLflow and W&B start a new run,
+    as they refuse or warn about changed parameters in a finished one), and starts from scratch when there is no run
+    yet. ``validate``, ``test`` and ``predict`` need a checkpoint: without one, evaluating would
     report an untrained model's numbers, so that is an error.
 
     Raises:

@@ -99,3 +99,52 @@ def test_a_config_resumes_from_last_ckpt_through_the_cli(name, tmp_path, monkeyp
     assert main(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
     assert json.loads(record.read_text())["start"] == 2  # resumed at the saved step, not from scratch
     assert list((tmp_path / "logs").rglob("last.ckpt")) == [last]  # into the same run
+
+
+def shipped(config: str, *extra: str) -> list[str]:
+    """A shipped config as it is (its logger too), shrunk to a few CPU steps."""
+    return ["--config", str(CONFIGS / config), *QUIET, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--data.train_size", "32", "--data.val_size", "16", "--data.test_size", "16", "--data.batch_size", "8",
+            *extra]
+
+
+def test_default_root_dir_decides_where_logs_and_checkpoints_go(tmp_path, monkeypatch):
+    """``fit --trainer.default_root_dir runs/a`` on a shipped config writes its logs, config.yaml and checkpoints into
+    runs/a/<name>/version_0 and nothing into logs/ (the default: configs/ give the logger no save_dir), and
+    ``validate --ckpt_path last`` with the same root evaluates that run; a logger's own save_dir still wins."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *shipped("synthetic/sort.yaml", "--trainer.default_root_dir", "runs/a")]) == 0
+    run = tmp_path / "runs" / "a" / "default" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*")) and not (tmp_path / "logs").exists()
+    saved = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert saved["default_root_dir"] == "runs/a" and saved["logger"]["init_args"]["save_dir"] == "runs/a"
+    assert main(["validate", *shipped("synthetic/sort.yaml", "--trainer.default_root_dir", "runs/a"),
+                 "--ckpt_path", "last"]) == 0
+    assert list((run / "validate").glob("events.out.tfevents.*"))  # logged inside the run it evaluated
+
+    assert main(["fit", *shipped("synthetic/sort.yaml")]) == 0  # the default: logs/
+    assert (tmp_path / "logs" / "default" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert main(["fit", *shipped("synthetic/sort.yaml", "--trainer.default_root_dir", "runs/b",
+                                 "--trainer.logger.init_args.save_dir", "mine")]) == 0
+    assert (tmp_path / "mine" / "default" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs" / "b").exists()
+
+
+def test_logger_false_works_with_the_shipped_configs(tmp_path, monkeypatch):
+    """The shipped configs hold a LearningRateMonitor, which Lightning refuses without a logger: with
+    ``--trainer.logger false`` it is left out (said in one line), the fit runs, its checkpoints go to
+    <default_root_dir>/checkpoints, and ``validate --ckpt_path last`` finds them there."""
+    monkeypatch.chdir(tmp_path)
+    with_monitor = [p for p in FIT_CONFIGS if "LearningRateMonitor" in p.read_text()]
+    assert len(with_monitor) >= 10
+    for config in with_monitor:
+        cli = ParseOnly(args=["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                              "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.logger",
+                              "false"], run=False)
+        assert not cli.trainer.loggers and not any(type(c).__name__ == "LearningRateMonitor"
+                                                   for c in cli.trainer.callbacks), config
+    assert main(["fit", *shipped("synthetic/sort.yaml", "--trainer.logger", "false")]) == 0
+    assert (tmp_path / "logs" / "checkpoints" / "last.ckpt").is_file()
+    assert main(["validate", *shipped("synthetic/sort.yaml", "--trainer.logger", "false"), "--ckpt_path", "last"]) == 0
