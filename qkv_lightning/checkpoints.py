@@ -463,7 +463,7 @@ def consolidate(source: str | Path, destination: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """``consolidate SOURCE DESTINATION``: one plain file from a sharded checkpoint folder."""
-    import jsonargparse
+    from qkv_lightning.command_line import run_function
 
     def run(source: str, destination: str) -> None:
         """Turn a sharded (FSDP / FSDP2) checkpoint folder into one plain Lightning checkpoint file.
@@ -480,5 +480,5 @@ def main(argv: list[str]) -> int:
             f"global step {checkpoint.get('global_step')}"
         )
 
-    jsonargparse.auto_cli(run, args=argv)
+    run_function("consolidate", run, argv)
     return 0

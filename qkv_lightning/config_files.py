@@ -81,13 +81,16 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``configs``: print the shipped configs, one ``qkv:NAME`` per line (``--path``: the folder they are in)."""
-    if "--path" in argv:
-        print(config_root())
-        return 0
-    if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: configs [--path]\n\nPrint the shipped configs as qkv:NAME (for --config), or their folder.")
-        return 0
-    for name in shipped_configs():
-        print(SCHEME + name)
+    """``configs``: print the shipped configs, one ``qkv:NAME`` per line (``--path true``: the folder they are in)."""
+    from qkv_lightning.command_line import run_function
+
+    def run(path: bool = False) -> None:
+        """Print the shipped configs, one qkv:NAME per line (give one to --config), or the folder they are in.
+
+        Args:
+            path: print the folder of the shipped configs instead.
+        """
+        print(config_root() if path else "\n".join(SCHEME + name for name in shipped_configs()))
+
+    run_function("configs", run, argv, positional=False)
     return 0

@@ -11,12 +11,12 @@ and the logits of a variant with Q=K and no score encoding as symmetric by const
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -29,6 +29,7 @@ from qkv_lightning.analysis.metrics import (
     random_subspace_angle,
     token_cosines,
 )
+from qkv_lightning.command_line import command_parser, parse_with_overrides, torch_device
 from qkv_lightning.errors import CheckpointError, ConfigError
 
 PAIRS = (("Q", "K"), ("Q", "V"), ("K", "V"))
@@ -346,21 +347,31 @@ def analyze(task: Any, batches: list[Any], max_tokens: int = 8192) -> dict[str, 
     }
 
 
+@dataclass
+class AnalyzeOptions:
+    """The options of ``analyze``."""
+
+    ckpt_path: str
+    """a single-file checkpoint of a fit run"""
+    batches: int = 4
+    """batches of the split to run"""
+    split: Literal["val", "test"] = "val"
+    """data split"""
+    max_tokens: int = 8192
+    """token vectors kept per layer"""
+    out: str | None = None
+    """output folder; default: <run folder>/analysis"""
+    overwrite: bool = False
+    """replace the outputs of an earlier analyze"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda if available)"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``analyze``; other ``--model...``/``--data...`` options go to the run's config."""
-    parser = argparse.ArgumentParser(prog="analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="a single-file checkpoint of a fit run")
-    parser.add_argument(
-        "--config", action="append", default=None,
-        help="the run's task config (repeat to layer); default: config.yaml of the checkpoint's run folder",
-    )
-    parser.add_argument("--batches", type=int, default=4, help="batches of the split to run (default 4)")
-    parser.add_argument("--split", choices=("val", "test"), default="val", help="data split (default val)")
-    parser.add_argument("--max_tokens", type=int, default=8192, help="token vectors kept per layer (default 8192)")
-    parser.add_argument("--out", default=None, help="output folder; default: <run folder>/analysis")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analyze")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available)")
-    args, overrides = parser.parse_known_args(list(argv or []))
+    """Entry point of ``analyze``; ``--config`` (default: the run's config.yaml) and its ``--model...``/``--data...``
+    options give the run's task config."""
+    parser = command_parser("analyze", AnalyzeOptions, description=__doc__.split("\n\n")[0], task_config="optional")
+    args, overrides = parse_with_overrides(parser, argv or [])
     if args.batches < 1 or args.max_tokens < 1:
         raise ConfigError("--batches and --max_tokens must be at least 1.")
     ckpt = Path(args.ckpt_path)
@@ -369,10 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing and not args.overwrite:
         raise ConfigError(
             f"{out} already holds the outputs of an analyze ({', '.join(existing)}); pass another --out, or "
-            "--overwrite to replace them."
+            "--overwrite true to replace them."
         )
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch_device(args.device)
     task, datamodule = load_trained(args.ckpt_path, args.config, overrides)
     task.to(device)
     batches = data_batches(datamodule, args.split, args.batches, device)

@@ -211,7 +211,7 @@ def convert(
 
 def main(argv: list[str]) -> int:
     """``convert SRC DST --sharing ...``: see :func:`run`."""
-    import jsonargparse
+    from qkv_lightning.command_line import run_function
 
     def run(
         source: str,
@@ -257,5 +257,5 @@ def main(argv: list[str]) -> int:
             f"{destination}, evaluate with validate --ckpt_path {destination}"
         )
 
-    jsonargparse.auto_cli(run, args=argv)
+    run_function("convert", run, argv)
     return 0
