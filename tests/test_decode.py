@@ -236,10 +236,10 @@ TINY = ["--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model
 @pytest.mark.usefixtures("plain_argv")
 def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "results"
-    args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--n_kv_heads", "2", "--labels", "QKV", "Q-K=V",
-            "QKV_kv2", "--rope_keys", "on_read", "copy", "--contexts", "8", "24", "--batch_sizes", "1", "2",
-            "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "--serve_requests", "3",
-            "--serve_prompt_lens", "4", "12", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--n_kv_heads", "[2]", "--labels",
+            "[QKV, Q-K=V, QKV_kv2]", "--rope_keys", "[on_read, copy]", "--contexts", "[8, 24]", "--batch_sizes",
+            "[1, 2]", "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "true", "--serve_requests", "3",
+            "--serve_prompt_lens", "[4, 12]", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
             "--format", "json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -266,7 +266,7 @@ def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tm
     assert "| QKV |" in (out / "table.md").read_text()
     assert main(args) == 2  # the outputs exist: nothing is overwritten
     assert "nothing is overwritten" in capsys.readouterr().err
-    bad = ["bench-decode", *TINY, "--contexts", "64", "--new_tokens", "4"]
+    bad = ["bench-decode", *TINY, "--contexts", "[64]", "--new_tokens", "4"]
     assert main(bad) == 2 and "max_seq_len=64" in capsys.readouterr().err
-    assert main(["bench-decode", *TINY, "--contexts", "8", "--cache", "static", "--rope_keys", "window:4"]) == 2
+    assert main(["bench-decode", *TINY, "--contexts", "[8]", "--cache", "static", "--rope_keys", "[window:4]"]) == 2
     assert "static cache takes on_read or copy" in capsys.readouterr().err
