@@ -89,8 +89,8 @@ def run(args: list[str], from_sys_argv: bool) -> int:
     if not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
         close = suggest(args[0], commands)
         raise ConfigError(
-            f"unknown command '{args[0]}'{f': did you mean {close!r}?' if close else ''} The commands: "
-            f"{', '.join(commands)} (`cli.py --help` lists them with one line each)."
+            f"invalid choice: '{args[0]}' is not a command{f'; did you mean {close!r}?' if close else '.'} The "
+            f"commands: {', '.join(commands)} (`cli.py --help` lists them with one line each)."
         )
     if from_sys_argv:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = args

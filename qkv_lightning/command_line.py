@@ -160,7 +160,7 @@ def _unwrap(typehint: Any) -> list[Any]:
 
 
 def _kind(action: argparse.Action) -> str | None:
-    """``"list"`` for an option that takes a list, ``"bool"`` for a boolean one, else None."""
+    """``"list"`` for an option that takes only a list (or null), ``"bool"`` for a boolean one, else None."""
     kinds = set()
     for member in _unwrap(getattr(action, "_typehint", None)):
         origin = typing.get_origin(member) or member
@@ -168,7 +168,9 @@ def _kind(action: argparse.Action) -> str | None:
             kinds.add("list")
         elif member is bool:
             kinds.add("bool")
-    return kinds.pop() if len(kinds) == 1 else None
+        elif member is not type(None):
+            kinds.add("other")  # a single value is read as it is (``--task a.yaml`` where a list is allowed too)
+    return kinds.pop() if len(kinds) == 1 and "other" not in kinds else None
 
 
 def _is_value(token: str) -> bool:

@@ -117,8 +117,9 @@ def run_json(capsys, *args: str) -> dict:
 
 
 def test_bench_command_runs_every_variant_with_attention_core_gemm_and_overhead(capsys):
-    result = run_json(capsys, *SYNTHETIC, *FAST, "--variants", "[QKV, Q=K=V]", "--n_kv_heads", "[2]",
-                      "--gemm", "true", "--gemm_size", "64", "--lightning_overhead", "true", "--overhead_steps", "4", "--overhead_rounds", "1")
+    result = run_json(capsys, *SYNTHETIC, *FAST, "--variants", "[QKV, Q=K=V]", "--n_kv_heads", "[2]", "--gemm", "true",
+                      "--gemm_size", "64", "--lightning_overhead", "true", "--overhead_steps", "4", "--overhead_rounds",
+                      "1")
     names = [row["name"] for row in result["variants"]]
     assert names == ["QKV", "Q=K=V", "QKV_kv2"]
     qkv = result["variants"][0]

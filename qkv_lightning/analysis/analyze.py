@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 
 from qkv_lightning.analysis.capture import LayerCapture, head_index, role_weights, run_batches
 from qkv_lightning.analysis.metrics import (
@@ -265,17 +264,6 @@ def _run_config(ckpt: Path) -> Path:
     return candidate
 
 
-def config_text(path: Path) -> str:
-    """A config file as YAML text without the keys of a command (``ckpt_path``, ``weights_only``) that a saved run
-    config holds, so that it loads as a task config."""
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} is not a mapping of settings.")
-    for key in ("ckpt_path", "weights_only"):
-        data.pop(key, None)
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def load_trained(ckpt_path: str, configs: Sequence[str] | None, overrides: Sequence[str]) -> tuple[Any, Any]:
     """The task of the checkpoint (built from its run's config, the weights loaded) and its datamodule.
 
@@ -284,6 +272,7 @@ def load_trained(ckpt_path: str, configs: Sequence[str] | None, overrides: Seque
     """
     from qkv_lightning.bench.common import load_task
     from qkv_lightning.checkpoints import load_checkpoint_file
+    from qkv_lightning.config_files import run_config_text
     from qkv_lightning.resume import CheckpointInfo, check_fits
 
     path = Path(ckpt_path)
@@ -296,7 +285,7 @@ def load_trained(ckpt_path: str, configs: Sequence[str] | None, overrides: Seque
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     paths = [Path(c) for c in configs] if configs else [_run_config(path)]
-    args = [text for p in paths for text in ("--config", config_text(p))]
+    args = [text for p in paths for text in ("--config", run_config_text(p))]
     loaded = load_task(args[1::2], overrides, data_spec=hparams.get("data_spec"), prepare=True)
     task = loaded.task
     shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import Attention
@@ -171,6 +170,7 @@ def convert(
     ``fit`` reads its calibration data from the fit config ``config`` (default: the run's saved config.yaml), or
     from the command-line arguments ``calibration_args`` (``--config FILE --data.x y``)."""
     from qkv_lightning.checkpoints import atomic_save, start_checkpoint
+    from qkv_lightning.config_files import run_config_text
 
     source, destination = Path(source), Path(destination)
     if destination.exists():
@@ -190,10 +190,7 @@ def convert(
                     f"--method fit reads calibration batches of the run's training data, but no config.yaml was found "
                     f"beside {source}; pass the run's fit config with --config FILE."
                 )
-            settings = yaml.safe_load(Path(config).read_text()) or {}
-            for key in ("ckpt_path", "weights_only"):  # a saved run config's subcommand settings
-                settings.pop(key, None)
-            calibration_args = ["--config", yaml.safe_dump(settings)]
+            calibration_args = ["--config", run_config_text(config)]
         grams = calibration_grams(task, calibration_batches(calibration_args, calibration_batches_count))
     target = convert_task(task, variant, method, keep, grams)
     provenance = {
