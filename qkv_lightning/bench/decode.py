@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -599,8 +599,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def parser() -> Any:
     """The parser of ``bench-decode`` (:mod:`qkv_lightning.command_line`; built on call, so that the memory probe's
     child process starts without the task machinery)."""
-    from typing import Literal
-
     from qkv_lightning.bench.common import VariantOptions
     from qkv_lightning.command_line import command_parser
 
