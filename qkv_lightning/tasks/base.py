@@ -173,8 +173,9 @@ class OptimizerConfig:
             raise ConfigError(
                 f"optimizer.name={self.name!r} takes no weight_decay: set optimizer.weight_decay to 0."
             )
-        try:  # the class's own checks of its values (SGD's momentum >= 0, ...), on one stand-in parameter
-            self.build([{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": self.weight_decay}])
+        try:  # torch.optim's own checks of the values (SGD's momentum >= 0, ...), on one stand-in parameter
+            if cls.__module__.startswith("torch.optim"):
+                self.build([{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": self.weight_decay}])
         except (ValueError, TypeError) as error:
             raise ConfigError(
                 f"optimizer.name={self.name!r} with optimizer.kwargs={self.kwargs} (--optimizer.X on the command "
