@@ -210,7 +210,20 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         sweep = _json_safe(effects.sweep_effects(table, primary, labels, base, axes, config.mixed_model, config.alpha))
 
     return {
+        **summary_header(config, metrics, base, results),
         "task": config.task if isinstance(config.task, str) else list(config.task),
+        "power": config.power,
+        "equivalence_margins": margins,
+        "variants": rows,
+        "sweep": sweep,
+        "notes": notes,
+    }
+
+
+def summary_header(config: StudyConfig, metrics: list[str], base: str, results: list[dict]) -> dict:
+    """What every ``summary.json`` starts with, a plain study's and a sweep's alike: the settings that decide how
+    the tables read, and the failed runs (each with its folder, where its ``log.txt`` is)."""
+    return {
         "overrides": list(config.overrides),
         "seeds": list(config.seeds),
         "baseline": base,
@@ -218,13 +231,9 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         "metrics": metrics,
         "lower_is_better": {metric: config.is_lower_better(metric) for metric in metrics},
         "alpha": config.alpha,
-        "power": config.power,
-        "equivalence_margins": margins,
-        "variants": rows,
-        "sweep": sweep,
-        "notes": notes,
         "failed": [
-            {"variant": r["variant"], "seed": r["seed"], "error": r["error"], "dir": r.get("log_dir")}
+            {"variant": r["variant"], "group": r.get("group", ""), "seed": r["seed"], "error": r["error"],
+             "dir": r.get("log_dir")}
             for r in results
             if r["status"] != "ok"
         ],
