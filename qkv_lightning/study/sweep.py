@@ -27,7 +27,8 @@ import math
 
 from qkv_lightning.study import stats
 from qkv_lightning.study.config import INIT_FROM_KEY, TEACHER_KEY, StudyConfig
-from qkv_lightning.study.report import _num, _p, _signed, clip_interval, summary_header
+from qkv_lightning.study.report import _num, _p, _signed, summary_header
+from qkv_lightning.study.results import clip_interval
 from qkv_lightning.variants import Variant
 
 KEPT_APART = (INIT_FROM_KEY, TEACHER_KEY)
