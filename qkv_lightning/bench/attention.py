@@ -2,8 +2,8 @@
 ``torch.nn.MultiheadAttention``, forward plus backward, interleaved, medians after warm-up.
 
 Run: ``python cli.py bench-attention [--d_model 384 --n_head 6 --seq_len 197 --batch_size 8 --causal false]``.
-``--score_encodings '[none, paper, relative]'`` also times each variant with each score encoding and prints the step-time
-ratio of each encoding to the same variant without one (and, on CUDA, the SDPA kernels each may use).
+``--score_encodings '[none, paper, relative]'`` also times each variant with each score encoding and prints the
+step-time ratio of each encoding to the same variant without one (and, on CUDA, the SDPA kernels each may use).
 """
 
 from __future__ import annotations
