@@ -4,6 +4,7 @@ memory-budget batch under a limit the test enforces, and the bench-decode comman
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -160,6 +161,33 @@ def test_exported_graphs_equal_eager_decoding_token_by_token(variant, n_kv, posi
     # the decode-step graph takes the cache as inputs and returns it: its outputs are logits plus one per input
     signature = exported["step"].graph_signature
     assert len(signature.user_outputs) == 1 + 2 * per_layer and len(signature.user_inputs) == 2 + 2 * per_layer
+
+
+def test_static_decoder_and_export_refuse_a_rope_keys_window(tmp_path, capsys):
+    """A static cache (and so ``export``) has no window layout: ``rope_keys=window:W`` with W below the capacity is a
+    one-paragraph error naming rope_keys, not an export of another layout (a window as wide as the cache is exactly
+    the copy layout). Through the real export command: exit 2, nothing written, the checkpoint unchanged."""
+    model = model_for("Q-K=V", None, "rope", max_seq_len=32).float()
+    copy = StaticDecoder(model, 32, rope_keys="copy").tensors_per_layer()
+    assert copy == [2, 2] and StaticDecoder(model, 32).tensors_per_layer() == [1, 1]
+    for window in (1, 8, 31):
+        with pytest.raises(ConfigError, match=rf"rope_keys='window:{window}': a static cache takes on_read or copy"):
+            StaticDecoder(model, 32, rope_keys=f"window:{window}")
+    assert StaticDecoder(model, 32, rope_keys="window:32").tensors_per_layer() == copy
+    from qkv_lightning.tasks.language_model import LanguageModel
+
+    network = GPTConfig(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=32, vocab_size=50, position="rope")
+    task = LanguageModel(network=network, attention=AttentionConfig(sharing="Q-K=V"), data_spec={"vocab_size": 50})
+    task.configure_model()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    assert main(["export", "--ckpt_path", str(path), "--out", str(out), "--rope_keys", "window:8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rope_keys='window:8'" in err and "\n\n" not in err and "Traceback" not in err
+    assert not out.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
 @pytest.mark.slow
