@@ -249,6 +249,35 @@ def test_the_largest_batch_for_a_budget_fits_and_one_more_does_not(variant):
     assert not under_the_budget(batch + 1)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory probe reads Linux's /proc")
+@pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_memory_budget_counts_the_weights_once_and_fits_sequences_in_the_rest(capsys):
+    """With weights worth 16 sequences, ``bench-decode --memory_budget`` finds the largest batch that fits the budget
+    minus the weights: computed exactly as the closed form written out here, checked by allocation close to it, and
+    far from the batch the whole budget would give."""
+    vocab, d, heads, mlp, layers, capacity = 8192, 64, 4, 128, 2, 58  # QKV, RoPE, tied embeddings, fp32
+    per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * mlp + mlp + mlp * d + d)  # 2 LNs, qkv, proj, MLP
+    weights = 4 * (vocab * d + layers * per_layer + 2 * d)  # + the final LN
+    cache = 4 * layers * 2 * d * capacity  # K and V of every layer at every position
+    step = 4 * (d * capacity + 2 * vocab + 4 * (mlp + 3 * d) + 3 * heads * capacity)  # keys, logits, hidden, scores
+    per_sequence = cache + step
+    budget = weights + 6 * per_sequence + per_sequence // 2
+    assert weights > 15 * per_sequence and budget // per_sequence == 22  # the whole budget: 22 sequences
+    args = ["bench-decode", "--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model.network.n_layer",
+            str(layers), "--model.network.d_model", str(d), "--model.network.n_head", str(heads),
+            "--model.network.d_mlp", str(mlp), "--model.network.vocab_size", str(vocab), "--model.network.max_seq_len",
+            "64", "--data_spec", json.dumps({"vocab_size": vocab, "seq_len": 64}), "--threads", "1", "--progress",
+            "false", "--variants", "QKV", "--contexts", str(capacity - 2), "--new_tokens", "2", "--rounds", "1",
+            "--warmup", "0", "--memory_budget", str(budget), "--format", "json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["setup"]["weights_bytes"] == weights
+    (row,) = result["memory_budget"]["rows"]
+    assert row["capacity"] == capacity and row["computed"] == 6  # (budget - weights) // per_sequence
+    assert abs(row["checked"] - 6) <= 3  # allocated for real under the budget less the weights
+
+
 def test_memory_amounts_parse_and_bad_ones_are_one_clear_error():
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1e9") == 10**9
     with pytest.raises(ConfigError, match="--memory_budget='lots'"):
