@@ -133,6 +133,21 @@ def _task(tmp_path: Path) -> str:
     return str(path)
 
 
+def test_study_verdict_reads_holm_corrected_p(tmp_path: Path) -> None:
+    """The study summary's verdict (one task): raw paired p 0.039 and 0.032 over two comparisons are 0.064 after
+    Holm, so neither is significant at 0.05 (the sweep's verdict: tests/test_study_sweep.py)."""
+    from tests.test_study_sweep import BASE, lower_with_p
+
+    values = {"QKV": BASE, "Q-K=V": lower_with_p(0.039), "Q=K=V": lower_with_p(0.032)}
+    config = StudyConfig(task=_task(tmp_path), sharing=list(values), seeds=list(range(len(BASE))))
+    summary = summarize(config, [Variant(label) for label in values], _results(values))
+    entries = {row["variant"]: row["metrics"]["test/acc"] for row in summary["variants"]}
+    assert [entries[label]["p"] for label in ("Q-K=V", "Q=K=V")] == pytest.approx([0.039, 0.032], rel=1e-9)
+    assert [entries[label]["p_holm"] for label in ("Q-K=V", "Q=K=V")] == pytest.approx([0.064, 0.064], rel=1e-9)
+    assert {label: entry["verdict"] for label, entry in entries.items()} == {
+        "QKV": "baseline", "Q-K=V": "n.s.", "Q=K=V": "n.s."}
+
+
 def test_verdicts_on_constructed_data(tmp_path: Path) -> None:
     rng = random.Random(0)
     base = [0.90 + rng.gauss(0, 0.03) for _ in range(8)]  # seeds differ a lot, the variants follow them
