@@ -291,6 +291,18 @@ TINY = ["--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model
 
 
 @pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_memory_budget_refuses_a_rope_keys_window_before_measuring(capsys):
+    """--memory_budget sizes a static cache, which has no window layout: a window:W contender is a one-paragraph
+    error before anything is measured (it was a bare traceback from the memory probe after the timings)."""
+    args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--rope_keys", "on_read", "window:4", "--contexts",
+            "8", "--new_tokens", "2", "--rounds", "1", "--warmup", "0", "--memory_budget", "20MB"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "--rope_keys window:4: the static cache takes on_read or copy" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.usefixtures("plain_argv")
 def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "results"
     args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--n_kv_heads", "2", "--labels", "QKV", "Q-K=V",

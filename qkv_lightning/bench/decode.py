@@ -651,8 +651,9 @@ def _check(args: argparse.Namespace, max_len: int) -> None:
                           f"network.max_seq_len={max_len}; raise --model.network.max_seq_len.")
     for scheme in args.rope_keys:
         kept = parse_rope_keys(scheme, 1 << 30)
-        if args.cache == "static" and kept not in (0, 1 << 30):
-            raise ConfigError(f"--rope_keys {scheme}: the static cache takes on_read or copy.")
+        if (args.cache == "static" or args.memory_budget) and kept not in (0, 1 << 30):
+            raise ConfigError(f"--rope_keys {scheme}: the static cache takes on_read or copy (--cache static, and "
+                              "--memory_budget, which sizes a static cache).")
     lo, hi = args.serve_prompt_lens
     if args.serve and not 1 <= lo <= hi or (args.serve and hi + args.serve_new_tokens > max_len):
         raise ConfigError(f"--serve_prompt_lens {lo} {hi} must be increasing, at least 1, and with "
