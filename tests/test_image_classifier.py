@@ -19,8 +19,8 @@ from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.nn.vit import ViT, ViTConfig
-from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.image_classifier import ImageClassifier
+from qkv_lightning.tasks.optim import OptimizerConfig
 from tests import run_fixtures
 from tests.imagedata import write_cifar10, write_image_tree
 from tests.run_fixtures import image_data_args

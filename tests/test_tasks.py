@@ -8,9 +8,10 @@ import lightning as L
 import pytest
 import torch
 
-from qkv_lightning.tasks.base import TaskModule, warmup_cosine
+from qkv_lightning.tasks.base import TaskModule
 from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.optim import warmup_cosine
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
 
 TASKS = [LanguageModel, ImageClassifier, SequenceTask]

@@ -8,8 +8,10 @@ import json
 import math
 from pathlib import Path
 
+from qkv_lightning.files import atomic_write_text
 from qkv_lightning.study import effects, stats
 from qkv_lightning.study.config import StudyConfig
+from qkv_lightning.study.results import metric_range
 from qkv_lightning.variants import Variant, row_columns
 
 
@@ -222,7 +224,9 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
         "sweep": sweep,
         "notes": notes,
         "failed": [
-            {"variant": r["variant"], "seed": r["seed"], "error": r["error"]} for r in results if r["status"] != "ok"
+            {"variant": r["variant"], "seed": r["seed"], "error": r["error"], "dir": r.get("log_dir")}
+            for r in results
+            if r["status"] != "ok"
         ],
     }
 
@@ -457,22 +461,10 @@ def summary_markdown(summary: dict, title: str) -> str:
 
 def write_summary(summary: dict, study_dir: Path, title: str) -> str:
     """Write ``summary.json`` and ``summary.md``; returns the markdown."""
-    (study_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=1))
     markdown = summary_markdown(summary, title)
-    (study_dir / "summary.md").write_text(markdown)
+    atomic_write_text(study_dir / "summary.md", markdown)
     return markdown
-
-
-def metric_range(metric: str) -> tuple[float, float]:
-    """The values a metric can take: [0, 1] for accuracies, [1, inf) for perplexities, [0, inf) for losses."""
-    name = metric.lower().rsplit("/", 1)[-1]
-    if "acc" in name:
-        return 0.0, 1.0
-    if "ppl" in name or "perplexity" in name:
-        return 1.0, math.inf
-    if any(word in name for word in ("loss", "nll", "bpc", "error")):
-        return 0.0, math.inf
-    return -math.inf, math.inf
 
 
 def clip_interval(interval: tuple[float, float], metric: str) -> tuple[float, float]:

@@ -216,7 +216,8 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
         "sweep_table": sweep,
         "groups": groups,
         "failed": [
-            {"variant": r["variant"], "group": r.get("group", ""), "seed": r["seed"], "error": r["error"]}
+            {"variant": r["variant"], "group": r.get("group", ""), "seed": r["seed"], "error": r["error"],
+             "dir": r.get("log_dir")}
             for r in results
             if r["status"] != "ok"
         ],

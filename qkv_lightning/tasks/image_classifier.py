@@ -10,10 +10,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.vit import ViT, ViTConfig, check_patch_grid
-from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
-from qkv_lightning.uptrain.distill import DistillConfig
+from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.distill import DistillConfig
+from qkv_lightning.tasks.optim import OptimizerConfig
 
 
 class ImageClassifier(TaskModule):

@@ -15,11 +15,13 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
 from qkv_lightning.resume import differing_settings, weight_problems
-from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
-from qkv_lightning.uptrain.distill import DistillConfig
+from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.distill import DistillConfig
+from qkv_lightning.tasks.optim import OptimizerConfig
 
 
 @dataclass
@@ -420,3 +422,22 @@ class LanguageModel(TaskModule):
                 f.write(json.dumps(result) + "\n")
         rank_zero_info(f"wrote {len(self.generated)} generations to {path}")
 
+
+
+def load_gpt(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str, Any]]:
+    """The GPT of a ``LanguageModel`` checkpoint (eval mode, on CPU, depth-factorised projections fused) and the
+    checkpoint's hyper-parameters, built by the one task builder (:func:`qkv_lightning.tasks.persist.load_task`).
+
+    Raises:
+        CheckpointError: the file is unreadable, not a language model's (with its data spec), or its weights do not fit.
+    """
+    from qkv_lightning.tasks.persist import load_task, stored_settings
+
+    task, checkpoint = load_task(path, expected=LanguageModel, weights_only=weights_only, drop=("compile",))
+    _, hparams = stored_settings(checkpoint.get("hyper_parameters"), str(path))
+    if not hparams.get("data_spec"):
+        raise CheckpointError(
+            f"{path} is a language model's checkpoint without its data_spec; export and evaluate take checkpoints "
+            "that `fit` saved for qkv_lightning.tasks.language_model.LanguageModel."
+        )
+    return task.network.eval().fuse(), hparams

@@ -10,10 +10,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
-from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
-from qkv_lightning.uptrain.distill import DistillConfig
+from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.distill import DistillConfig
+from qkv_lightning.tasks.optim import OptimizerConfig
 
 STAGES = ("train", "val", "test")
 
