@@ -50,6 +50,15 @@ def metric_range(metric: str) -> tuple[float, float]:
     return -math.inf, math.inf
 
 
+def clip_interval(interval: tuple[float, float], metric: str) -> tuple[float, float]:
+    """A confidence interval of a mean of ``metric`` clipped to the values the metric can take
+    (:func:`metric_range`): a t interval over three seeds of accuracies near 1 can reach past 1, one of small losses
+    below 0, and a mean can lie in neither. NaN ends (fewer than two values) stay NaN."""
+    low, high = interval
+    lowest, highest = metric_range(metric)
+    return (low if math.isnan(low) else max(low, lowest)), (high if math.isnan(high) else min(high, highest))
+
+
 def result_problem(result: object, spec: dict) -> str | None:
     """What is wrong with a stored result of the cell ``spec`` (as this code never writes it), or None."""
     if not isinstance(result, dict):
