@@ -166,7 +166,7 @@ def test_convert_keep_writes_the_kept_roles_rows(sharing, keep, tmp_path, capsys
     dst = tmp_path / "kept.ckpt"
     assert main(["convert", str(src), str(dst), "--sharing", sharing, "--method", "keep", "--keep", keep]) == 0
     assert f"QKV -> {sharing} by keep (keep {keep})" in capsys.readouterr().out
-    loaded, checkpoint = load_task(dst)
+    loaded, checkpoint = load_task(dst, expected=TaskModule)
     assert checkpoint["converted_from"]["method"] == "keep" and checkpoint["converted_from"]["keep"] == keep
     rows = {"Q": slice(0, 32), "K": slice(32, 64), "V": slice(64, 96)}  # the source's fused QKV rows
     layers, converted = attention_layers(source), attention_layers(loaded)
