@@ -38,7 +38,7 @@ from qkv_lightning.bench.decode_tables import format_tables, plot
 from qkv_lightning.bench.decode_timing import bench_cell, contenders_of
 from qkv_lightning.bench.serving import serve
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, parse_rope_keys
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, parse_rope_keys
 
 
 # ----------------------------------------------------------------------------------------------------- main

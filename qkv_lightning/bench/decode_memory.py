@@ -18,10 +18,11 @@ import torch
 from qkv_lightning.bench.memory import PeakMemory, proc_status  # no Lightning import: the probe's child starts fast
 from qkv_lightning.bench.timing import synchronize
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import AttentionConfig, parse_rope_keys
+from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.cost import attention_shapes, kv_cache_bytes_per_token
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
+from qkv_lightning.nn.kv_cache import parse_rope_keys
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FIT_MARK = "BENCH_DECODE_FIT "
@@ -56,18 +57,18 @@ def param_bytes(model: GPT) -> int:
 
 
 def stored_bytes_per_position(model: GPT, rope_keys: str, capacity: int) -> int:
-    """Cache bytes one sequence stores per position, every layer: each layer's distinct K/V tensors
-    (:func:`~qkv_lightning.nn.cost.kv_cache_bytes_per_token`; none for a layer that reuses an earlier layer's K/V),
-    and for a K=V cache with RoPE the rotated copy that ``rope_keys`` keeps of its one tensor."""
+    """Cache bytes one sequence stores per position, every layer: the one KV-bytes formula
+    (:func:`~qkv_lightning.nn.cost.kv_cache_bytes_per_token`) of each layer's shape, the rotated copy of a K=V cache
+    included."""
     c = model.config
     element = model.embed.weight.element_size()
     shapes = attention_shapes(c.d_model, c.n_head, model.trunk.attention, c.bias, c.n_layer)
     total = 0
     for block, shape in zip(model.blocks, shapes, strict=True):
-        stored = kv_cache_bytes_per_token(shape, element)
-        if block.attn.kv_shared and c.position == "rope" and stored:  # one tensor, and its rotated copy's share
-            stored *= 1 + parse_rope_keys(rope_keys, capacity) / capacity
-        total += stored
+        tensors = shape.cached_tensors  # 0 for a layer that reuses an earlier layer's K/V
+        if block.attn.kv_shared and c.position == "rope" and tensors:
+            tensors += parse_rope_keys(rope_keys, capacity) / capacity  # the rotated copy's share of the positions
+        total += kv_cache_bytes_per_token(shape, element, tensors)
     return int(total)
 
 

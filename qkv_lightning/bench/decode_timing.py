@@ -16,9 +16,9 @@ import torch
 from qkv_lightning.bench.decode_memory import bytes_per_decoded_token
 from qkv_lightning.bench.memory import PeakMemory
 from qkv_lightning.bench.timing import percentile, synchronize
-from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT
 
 if TYPE_CHECKING:
     from qkv_lightning.variants import Variant

@@ -12,8 +12,8 @@ import torch
 
 from qkv_lightning.bench.decode_timing import Contender
 from qkv_lightning.bench.timing import percentile, synchronize
-from qkv_lightning.nn.attention import parse_rope_keys
 from qkv_lightning.nn.decoding import StaticDecoder
+from qkv_lightning.nn.kv_cache import parse_rope_keys
 
 
 def serve(contender: Contender, prompt_lens: list[int], new_tokens: int, slots: int, device: torch.device,
