@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qkv_lightning.accounting import AttentionShape, kv_cache_bytes_per_token
-from qkv_lightning.bench.decode import (
+from qkv_lightning.bench.decode_memory import (
     computed_largest_batch,
     largest_batch,
     model_spec,
@@ -214,12 +214,13 @@ def test_export_command_writes_checked_graphs_and_never_overwrites(tmp_path, cap
 
 CHILD = """
 import json, resource, sys, torch
-from qkv_lightning.bench.decode import _status, fit_step, param_bytes, rebuild
+from qkv_lightning.bench.decode_memory import fit_step, param_bytes, rebuild
+from qkv_lightning.bench.memory import proc_status
 torch.set_num_threads(1)
 job = json.loads(sys.argv[1])
 model = rebuild(job["spec"], torch.device("cpu"))
 fit_step(model, 1, job["capacity"], "on_read")
-held = _status("VmData")
+held = proc_status("VmData")
 resource.setrlimit(resource.RLIMIT_DATA, (held + job["budget"] - param_bytes(model), resource.RLIM_INFINITY))
 try:
     fit_step(model, job["batch"], job["capacity"], "on_read")
