@@ -32,9 +32,9 @@ import torch
 
 from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT
 from qkv_lightning.nn.decoding import PrefillGraph, StaticDecoder, StepGraph
 from qkv_lightning.nn.gpt import GPT
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT
 from qkv_lightning.tasks.language_model import load_gpt
 
 

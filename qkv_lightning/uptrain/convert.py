@@ -13,6 +13,7 @@ optimiser state to continue). An existing destination is never overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import Attention
 from qkv_lightning.tasks.base import TaskModule
 from qkv_lightning.tasks.persist import build_task, load_task
-from qkv_lightning.uptrain.surgery import METHODS, Layout, check_reachable, convert_attention
+from qkv_lightning.uptrain.surgery import METHODS, check_reachable, convert_attention
 from qkv_lightning.variants import Variant
 
 
@@ -100,7 +101,8 @@ def convert_task(
         raise ConfigError(f"--method {method!r} is not a conversion method; use one of {', '.join(METHODS)}.")
     if method == "keep" and keep not in ("Q", "K", "V"):
         raise ConfigError(f"--method keep needs --keep Q, K or V (the role whose projection is kept), got {keep!r}.")
-    attention = {**vars(source.attention_config), "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
+    settings = dataclasses.asdict(source.attention_config)  # the fields (not what the config parsed from them)
+    attention = {**settings, "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
     if "layers" in attention:
         attention["layers"] = None  # the target is one variant in every layer (a per-layer schedule is converted away)
     try:
@@ -112,7 +114,7 @@ def convert_task(
         raise ConfigError(f"--sharing {variant.sharing} --n_kv_heads {variant.n_kv_heads}: {error}") from None
     src_layers, tgt_layers = attention_layers(source), attention_layers(target)
     for name in src_layers:
-        check_reachable(Layout.of(src_layers[name]), Layout.of(tgt_layers[name]))
+        check_reachable(src_layers[name].layout, tgt_layers[name].layout)
     fused = {f"network.{name}.qkv.{part}" for name in tgt_layers for part in ("weight", "bias")}
     state = {k: v for k, v in source.state_dict().items() if k not in fused}
     missing, unexpected = target.load_state_dict(state, strict=False)
