@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from qkv_lightning.errors import DataError
-from qkv_lightning.files import atomic_write_text, file_digest
+from qkv_lightning.files import atomic_write_text
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -210,7 +210,8 @@ class BPETokenizer(Tokenizer):
                 "or set data.bpe_file: null to use tiktoken.get_encoding('gpt2') (needs internet or tiktoken's cache)."
             )
         try:
-            ranks = load_tiktoken_bpe(str(path), expected_hash=file_digest(path))
+            data = path.read_bytes()
+            ranks = load_tiktoken_bpe(str(path), expected_hash=hashlib.sha256(data).hexdigest())
         except ValueError as error:  # a file in another format (or one that changed while it was read)
             cause = f" ({error.__cause__})" if error.__cause__ else ""
             raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file: {error}{cause}.") from error
@@ -222,6 +223,15 @@ class BPETokenizer(Tokenizer):
             ) from error
         if not ranks:
             raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file: it holds no ranks.")
+        lines = sum(1 for line in data.splitlines() if line)
+        numbers = sorted(ranks.values())
+        if len(ranks) != lines or numbers != list(range(lines)):
+            gap = next((n for n, rank in enumerate(numbers) if rank != n), None)
+            raise DataError(
+                f"data.bpe_file={path} is not a complete .tiktoken ranks file: its {lines} lines must give "
+                f"{'distinct tokens and ' if len(ranks) != lines else ''}the ranks 0 to {lines - 1}, each "
+                f"once{f', but rank {gap} is missing or repeated' if gap is not None else ''}."
+            )
         encoding = tiktoken.Encoding(
             name="gpt2-local",
             pat_str=GPT2_PATTERN,

@@ -12,7 +12,7 @@ from typing import Any
 
 from qkv_lightning.config_files import resolve_config, resolve_config_args
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.study.effects import check_margins, statsmodels_available
 from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers, parse_label
 

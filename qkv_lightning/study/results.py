@@ -3,22 +3,19 @@ its schema, and the checks that a stored result is whole and belongs to its cell
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from qkv_lightning.files import atomic_write_json
+from qkv_lightning.files import atomic_write_json, read_json
 
 RESULT_FILE = "result.json"
 """Written into a cell's directory when the cell has finished (ok or failed); its absence marks a half-finished run."""
 
 
 def read_result(directory: Path) -> dict | None:
-    """The stored result of a cell, or None when it has not finished (or its file is unreadable)."""
-    try:
-        return json.loads((directory / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    """The stored result of a cell (any JSON value: :func:`result_problem` checks it), or None when it has not finished
+    or its file is damaged (the cell is then run again)."""
+    return read_json(directory / RESULT_FILE, "the study result", expected=object, damaged_ok=True)
 
 
 RESULT_FIELDS: dict[str, tuple[type, ...]] = {
@@ -48,6 +45,15 @@ def metric_range(metric: str) -> tuple[float, float]:
     if any(word in name for word in ("loss", "nll", "bpc", "error")):
         return 0.0, math.inf
     return -math.inf, math.inf
+
+
+def clip_interval(interval: tuple[float, float], metric: str) -> tuple[float, float]:
+    """A confidence interval of a mean of ``metric`` clipped to the values the metric can take
+    (:func:`metric_range`): a t interval over three seeds of accuracies near 1 can reach past 1, one of small losses
+    below 0, and a mean can lie in neither. NaN ends (fewer than two values) stay NaN."""
+    low, high = interval
+    lowest, highest = metric_range(metric)
+    return (low if math.isnan(low) else max(low, lowest)), (high if math.isnan(high) else min(high, highest))
 
 
 def result_problem(result: object, spec: dict) -> str | None:

@@ -15,8 +15,8 @@ from qkv_lightning.files import atomic_write_text
 from qkv_lightning.study.cell import cell_spec, check_cells, make_conversions
 from qkv_lightning.study.config import StudyConfig, cells, expand_grid
 from qkv_lightning.study.launchers import run_cells
+from qkv_lightning.study.plots import plot_summary
 from qkv_lightning.study.report import (
-    plot_summary,
     summarize,
     summary_table,
     write_results_csv,

@@ -211,8 +211,14 @@ def study_lock(study_dir: Path) -> Iterator[None]:
 
     from qkv_lightning.files import atomic_write_json
 
-    owner_path = study_dir / LOCK_OWNER
-    lock = FileLock(str(study_dir / LOCK))
+    owner_path, path = study_dir / LOCK_OWNER, study_dir / LOCK
+    for what in (path, owner_path):
+        if what.is_dir() or (what.exists() and not what.is_file()):  # not a file this tool wrote: never touched
+            raise ConfigError(
+                f"{what}, the lock of study.output={study_dir}, is a {'folder' if what.is_dir() else 'special file'}, "
+                "not a file this tool wrote; nothing was run. Move it away, or name another study.output."
+            )
+    lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0)
     except Timeout:

@@ -19,7 +19,7 @@ from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
 from qkv_lightning.tasks.distill import DistillConfig, distillation_loss, freeze
 from qkv_lightning.tasks.optim import OptimizerConfig
-from qkv_lightning.tasks.persist import build_task, load_weights, state_dict_of, stored_settings
+from qkv_lightning.tasks.persist import BOOKKEEPING, build_task, load_weights, state_dict_of, stored_settings
 
 
 class TaskModule(L.LightningModule, abc.ABC):
@@ -41,6 +41,8 @@ class TaskModule(L.LightningModule, abc.ABC):
         init_from: a checkpoint whose weights ``fit`` starts from, with a fresh optimiser and schedule (e.g. one
             written by ``convert``); ``--ckpt_path`` takes precedence (a resumed run continues its own weights).
         distill: distillation from a frozen teacher checkpoint (:class:`~qkv_lightning.tasks.distill.DistillConfig`).
+        **stored: only the bookkeeping keys a checkpoint's hyper-parameters carry beside the settings (``_class_path``),
+            which Lightning's ``load_from_checkpoint`` hands back; they are ignored.
     """
 
     network: nn.Module | None
@@ -57,7 +59,11 @@ class TaskModule(L.LightningModule, abc.ABC):
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         distill: DistillConfig = DistillConfig(),
+        **stored: Any,
     ) -> None:
+        unknown = sorted(set(stored) - set(BOOKKEEPING))
+        if unknown:
+            raise ConfigError(f"unknown model settings {unknown}; see --model.help <task class> for the settings.")
         super().__init__()
         check_declares_cost(network)
         self.network_config = network

@@ -13,17 +13,17 @@ optimiser state to continue). An existing destination is never overwritten.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import Attention
 from qkv_lightning.tasks.base import TaskModule
 from qkv_lightning.tasks.persist import build_task, load_task
-from qkv_lightning.uptrain.surgery import METHODS, Layout, check_reachable, convert_attention
+from qkv_lightning.uptrain.surgery import METHODS, check_reachable, convert_attention
 from qkv_lightning.variants import Variant
 
 
@@ -101,7 +101,8 @@ def convert_task(
         raise ConfigError(f"--method {method!r} is not a conversion method; use one of {', '.join(METHODS)}.")
     if method == "keep" and keep not in ("Q", "K", "V"):
         raise ConfigError(f"--method keep needs --keep Q, K or V (the role whose projection is kept), got {keep!r}.")
-    attention = {**vars(source.attention_config), "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
+    settings = dataclasses.asdict(source.attention_config)  # the fields (not what the config parsed from them)
+    attention = {**settings, "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
     if "layers" in attention:
         attention["layers"] = None  # the target is one variant in every layer (a per-layer schedule is converted away)
     try:
@@ -113,7 +114,7 @@ def convert_task(
         raise ConfigError(f"--sharing {variant.sharing} --n_kv_heads {variant.n_kv_heads}: {error}") from None
     src_layers, tgt_layers = attention_layers(source), attention_layers(target)
     for name in src_layers:
-        check_reachable(Layout.of(src_layers[name]), Layout.of(tgt_layers[name]))
+        check_reachable(src_layers[name].layout, tgt_layers[name].layout)
     fused = {f"network.{name}.qkv.{part}" for name in tgt_layers for part in ("weight", "bias")}
     state = {k: v for k, v in source.state_dict().items() if k not in fused}
     missing, unexpected = target.load_state_dict(state, strict=False)
@@ -141,6 +142,7 @@ def convert(
     ``fit`` reads its calibration data from the fit config ``config`` (default: the run's saved config.yaml), or
     from the command-line arguments ``calibration_args`` (``--config FILE --data.x y``)."""
     from qkv_lightning.checkpoints import atomic_save, start_checkpoint
+    from qkv_lightning.config_files import run_config_text
 
     source, destination = Path(source), Path(destination)
     if destination.exists():
@@ -160,10 +162,7 @@ def convert(
                     f"--method fit reads calibration batches of the run's training data, but no config.yaml was found "
                     f"beside {source}; pass the run's fit config with --config FILE."
                 )
-            settings = yaml.safe_load(Path(config).read_text()) or {}
-            for key in ("ckpt_path", "weights_only"):  # a saved run config's subcommand settings
-                settings.pop(key, None)
-            calibration_args = ["--config", yaml.safe_dump(settings)]
+            calibration_args = ["--config", run_config_text(config)]
         grams = calibration_grams(task, calibration_batches(calibration_args, calibration_batches_count))
     target = convert_task(task, variant, method, keep, grams)
     provenance = {
@@ -181,7 +180,7 @@ def convert(
 
 def main(argv: list[str]) -> int:
     """``convert SRC DST --sharing ...``: see :func:`run`."""
-    import jsonargparse
+    from qkv_lightning.command_line import run_function
 
     def run(
         source: str,
@@ -227,5 +226,5 @@ def main(argv: list[str]) -> int:
             f"{destination}, evaluate with validate --ckpt_path {destination}"
         )
 
-    jsonargparse.auto_cli(run, args=argv)
+    run_function("convert", run, argv)
     return 0
