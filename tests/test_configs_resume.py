@@ -148,3 +148,13 @@ def test_logger_false_works_with_the_shipped_configs(tmp_path, monkeypatch):
     assert main(["fit", *shipped("synthetic/sort.yaml", "--trainer.logger", "false")]) == 0
     assert (tmp_path / "logs" / "checkpoints" / "last.ckpt").is_file()
     assert main(["validate", *shipped("synthetic/sort.yaml", "--trainer.logger", "false"), "--ckpt_path", "last"]) == 0
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=[str(p.relative_to(CONFIGS)) for p in FIT_CONFIGS])
+def test_every_fit_config_shows_progress(config, tmp_path, monkeypatch):
+    """No shipped fit config trains in silence: Lightning's progress bar is on (the offline LM config turned it off,
+    so a fit printed nothing until it ended)."""
+    monkeypatch.chdir(tmp_path)
+    cli = ParseOnly(args=["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                          "--trainer.strategy", "auto", "--trainer.precision", "32-true"], run=False)
+    assert cli.trainer.progress_bar_callback is not None, f"{config}: trainer.enable_progress_bar is off"

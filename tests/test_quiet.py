@@ -110,3 +110,31 @@ def test_no_network_returns_a_view_tensor_under_fsdp2(tmp_path):
         assert checked == 10
     finally:
         dist.destroy_process_group()
+
+
+NOISE_LINES = ("Seed set to", "No seed found", "GPU available:", "TPU available:", "Total FLOPs: 0", "Tip:",
+               "The dirpath has changed", "exists and is not empty")
+"""Lines a run printed that were not about the run (issue 28); each is filtered at its source (quiet.py)."""
+
+
+@pytest.mark.slow
+def test_fit_validate_and_resume_print_none_of_the_known_noise(tmp_path):
+    """``python cli.py fit``, ``validate --ckpt_path last`` and ``fit --ckpt_path last`` (a resume into the same run),
+    as the README runs them, on a shipped config: none of :data:`NOISE_LINES` is printed, the model summary shows the
+    closed-form FLOPs, and Lightning's own lines still come (its end-of-fit line, the validation table)."""
+    shrink = ["--config", str(CONFIGS / "synthetic" / "sort.yaml"), "--trainer.accelerator", "cpu",
+              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--data.train_size", "32",
+              "--data.val_size", "16", "--data.test_size", "16", "--data.batch_size", "8"]
+    printed = []
+    for command in (["fit", "--trainer.max_steps", "2"], ["validate", "--ckpt_path", "last"],
+                    ["fit", "--trainer.max_steps", "4", "--ckpt_path", "last"]):
+        out = subprocess.run([sys.executable, str(ROOT / "cli.py"), command[0], *shrink, *command[1:]],
+                             capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        printed.append(out.stdout + out.stderr)
+    for text in printed:
+        assert not [line for line in text.splitlines() if any(noise in line for noise in NOISE_LINES)], text
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in printed[0] and "Total FLOPs: " in printed[0]
+    assert "val/loss" in printed[1] and "`max_steps=4` reached." in printed[2]
+    assert (tmp_path / "logs" / "default" / "version_0" / "validate").is_dir()  # validate logged inside the run
+    assert not (tmp_path / "logs" / "default" / "version_1").exists()  # the resume went on in version_0

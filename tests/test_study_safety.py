@@ -4,6 +4,7 @@ killed, and refuses results it did not write (issue 13, items 4, 6 and part of 1
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -239,3 +240,46 @@ def test_an_edited_result_is_a_clear_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"its metric {name}={value!r} lies outside the values" in err and "Traceback" not in err
         assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- issue 28: no silent stretch, an honest ETA
+def test_the_eta_comes_from_measured_run_times_and_waits_for_the_first():
+    """Two runs at once, 5 runs: before any finishes there is no ETA; after one run of 30 s (whatever time the
+    workers took to start), the 4 left take ceil(4 / 2) x 30 s = 1m00s; between results the estimate counts down."""
+    from qkv_lightning.study.progress import StudyProgress
+
+    lines = []
+    progress = StudyProgress(5, 2, lines.append)
+    assert progress.eta() == "ETA once a run has finished"
+    progress.finished(30.0)
+    assert progress.eta() == "ETA 1m00s"
+    progress.finished(50.0)  # mean 40 s, 3 left: 2 rounds
+    assert progress.eta() == "ETA 1m20s" and progress.status().startswith("study: 2/5 runs done, 2 running")
+    progress.since_result -= 15  # 15 s later, with no run finished: the estimate counts down
+    assert progress.eta() == "ETA 1m05s"
+
+
+@pytest.mark.slow
+def test_a_study_prints_a_line_at_least_every_10_seconds(tmp_path):
+    """``python cli.py study`` in a real process, one worker: its first line comes early (a generous 60 s bound on
+    a loaded machine; seen at 13 s for the README's main command with 8 other jobs on 2 cores), and while its runs go
+    on no two lines are more than 10 s (plus 5 s of slack for a loaded machine) apart: the workers' start and the
+    first run are covered by status lines, whose ETA waits for a measured run time."""
+    task = task_config(tmp_path, steps=3000)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [*study_args(task, tmp_path / "study")[:-2], "--workers", "1", "--threads", "1", "--seeds", "[0, 1]"]
+    start = time.monotonic()
+    process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = [(time.monotonic() - start, line.rstrip()) for line in process.stdout]
+    assert process.wait(timeout=600) == 0, lines[-20:]
+    assert lines and lines[0][0] < 60, lines[:3]
+    first = next(i for i, (_, text) in enumerate(lines) if text.startswith("study: checking the 2 runs"))
+    end = next(i for i, (_, text) in enumerate(lines) if text.startswith("study: ran 2 runs"))
+    gaps = [(later - earlier, text) for (earlier, _), (later, text) in itertools.pairwise(lines[first : end + 1])]
+    assert max(gap for gap, _ in gaps) <= 15, gaps
+    texts = [text for _, text in lines]
+    waiting = [t for t in texts if t.startswith("study: 0/2 runs done")]
+    assert waiting and all(t.endswith("ETA once a run has finished") for t in waiting), texts
+    assert any(t.startswith("[1/2] QKV seed") and "ETA " in t for t in texts), texts

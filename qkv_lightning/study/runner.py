@@ -14,8 +14,9 @@ import yaml
 from qkv_lightning.files import atomic_write_text
 from qkv_lightning.study.cell import cell_spec, check_cells, make_conversions
 from qkv_lightning.study.config import StudyConfig, cells, expand_grid
-from qkv_lightning.study.launchers import run_cells
+from qkv_lightning.study.launchers import plan_workers, run_cells
 from qkv_lightning.study.plots import plot_summary
+from qkv_lightning.study.progress import HEARTBEAT_S, StudyProgress
 from qkv_lightning.study.report import (
     summarize,
     summary_table,
@@ -44,7 +45,10 @@ def run_study(
     """
     check_output(study_dir, config.task)  # a file, an unwritable or a foreign folder: before anything is written
     variants, notes = expand_grid(config)
-    grid, skipped = check_cells(config, variants, cells(config))  # impossible cells are known before anything runs
+    grid = cells(config)
+    echo(f"study: checking the {len(grid)} runs of {', '.join(config.task_paths)} (each variant's task built as fit "
+         "would, nothing trained) ...")
+    grid, skipped = check_cells(config, variants, grid)  # impossible cells are known before anything runs
     notes = notes + skipped
     for note in notes:
         echo(f"study: {note}")
@@ -91,28 +95,30 @@ def _run_locked(
     if not config.run:
         echo(f"study: run=false: {unfinished} cells not finished are left out of the tables")
     primary = config.metrics[0] if config.metrics else None
-    done = [0]
     start = time.perf_counter()
+    slots = plan_workers(config, len(pending))[0] if config.launcher == "local" else None
+    progress = StudyProgress(len(pending), max(1, slots) if slots is not None else None, echo)
 
     def on_result(result: dict) -> None:
-        done[0] += 1
-        elapsed = time.perf_counter() - start
-        remaining = elapsed / done[0] * (len(pending) - done[0])
+        progress.finished(result.get("wall_s"))
         where = f"{result['group']}/" if result.get("group") else ""
-        head = f"[{done[0]}/{len(pending)}] {where}{result['variant']} seed {result['seed']}:"
-        clock = f"elapsed {_duration(elapsed)}, ETA {_duration(remaining)}"
+        head = f"[{progress.done}/{len(pending)}] {where}{result['variant']} seed {result['seed']}:"
         if result["status"] == "ok":
             name = primary or config.resolve_metrics([result])[0]
             value = result["metrics"].get(name)
             shown = "-" if value is None else f"{value:.4f}"
-            echo(f"{head} {name}={shown} ({result['wall_s']:.1f} s) | {clock}")
+            progress.line(f"{head} {name}={shown} ({result['wall_s']:.1f} s) | {progress.clock()}")
         else:
             failure = result["error"].splitlines()[0][:200] if result["error"] else "no message"
-            echo(f"{head} FAILED: {failure} | {clock}")
+            progress.line(f"{head} FAILED: {failure} | {progress.clock()}")
 
     if pending:
         make_conversions(config, pending, echo)
-        how = run_cells(config, pending, study_dir, on_result)
+        if slots:
+            progress.line(f"study: starting {slots} worker process(es) for {len(pending)} runs (each run's output: "
+                          f"{study_dir}/runs/<variant>/seed<k>/log.txt); a status line every {HEARTBEAT_S:.0f} s")
+        with progress.ticking():
+            how = run_cells(config, pending, study_dir, on_result)
         echo(f"study: ran {len(pending)} runs ({how}) in {time.perf_counter() - start:.1f} s")
 
     results = [r for r in (read_result(Path(s["dir"])) for s in specs) if r is not None]
@@ -140,13 +146,4 @@ def _run_locked(
     summary["ran"], summary["skipped"] = len(pending), len(grid) - unfinished
     summary["impossible"] = skipped
     return summary
-
-
-def _duration(seconds: float) -> str:
-    """``1h02m``, ``3m07s`` or ``12s``."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
 
