@@ -41,6 +41,7 @@ import torch
 from qkv_lightning.bench.timing import synchronize  # no Lightning import: the memory probe's child starts fast
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, AttentionConfig, parse_rope_keys
+from qkv_lightning.nn.cost import attention_shapes, kv_cache_bytes_per_token
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
 
@@ -109,16 +110,11 @@ def param_bytes(model: GPT) -> int:
 
 def stored_bytes_per_position(model: GPT, rope_keys: str, capacity: int) -> int:
     """Cache bytes one sequence stores per position, every layer (the rotated copy of a K=V cache included)."""
-    total = 0
+    c = model.config
     element = model.embed.weight.element_size()
-    rope = model.config.position == "rope"
-    for block in model.blocks:
-        attn = block.attn
-        tensors = attn.cached_tensors  # 0 for a layer that reuses an earlier layer's K/V
-        if attn.kv_shared and rope and tensors:
-            tensors += parse_rope_keys(rope_keys, capacity) / capacity
-        total += tensors * attn.n_kv_heads * attn.head_dim * element
-    return int(total)
+    copied = parse_rope_keys(rope_keys, capacity) / capacity if c.position == "rope" else 0.0
+    shapes = attention_shapes(c.d_model, c.n_head, model.trunk.attention, c.bias, c.n_layer)
+    return int(sum(kv_cache_bytes_per_token(shape, element, copied=copied) for shape in shapes))
 
 
 def bytes_per_decoded_token(model: GPT, rope_keys: str, context: int, capacity: int, batch: int) -> int:
