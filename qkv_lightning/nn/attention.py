@@ -209,6 +209,17 @@ class Attention(nn.Module):
             return q_rope, k_rope
         return apply_rope(q_rope, *rope), apply_rope(k_rope, *rope)
 
+    @staticmethod
+    def partial_split(q: Tensor, rotated: Tensor, keys: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Queries and keys of a partial-rotary K=V decoding step as :meth:`split_attention` takes them: the rotated
+        dimensions (q (B, H, T, r), the rotated keys (B, H_kv, L, r)) and the others, as q with its first r dimensions
+        zeroed against the whole un-rotated keys (B, H_kv, L, D): a product over the contiguous cache, faster than
+        over its last D - r dimensions, and the same sum."""
+        r = rotated.shape[-1]
+        rest = q.clone()
+        rest[..., :r] = 0.0  # (B, H, T, D)
+        return (q[..., :r], rest), (rotated, keys)
+
     def joined(self, q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Split queries and keys (see :meth:`split_attention`) joined into one q (B, H, T, E) and k (B, H_kv, S, E):
         the form SDPA takes (a one-head second key part repeated for each K/V head)."""
@@ -265,8 +276,7 @@ class Attention(nn.Module):
             elif r < self.head_dim:  # partial rotary: only the first r dimensions are rotated on read
                 rotated = cache.rotated_keys(keys[..., :r], rope, offset)  # (B, H_kv, L+T, r)
                 if split:
-                    q = rotate_new(self.q_norm(groups[self.q_group]))  # (B, H, T, D)
-                    return (q[..., :r], q[..., r:]), (rotated, keys[..., r:]), v
+                    return (*self.partial_split(rotate_new(self.q_norm(groups[self.q_group])), rotated, keys), v)
                 k = torch.cat([rotated, keys[..., r:]], dim=-1)  # (B, H_kv, L+T, D)
             else:
                 k = cache.rotated_keys(keys, rope, offset)
@@ -386,8 +396,7 @@ class Attention(nn.Module):
                 rotated = rotate_into(keys[..., :r], *rope, workspace)
             else:
                 rotated = apply_rope(keys[..., :r], *rope)
-            q = rotate(self.q_norm(groups[self.q_group]))  # (B, H, 1, D)
-            q, k = (q[..., :r], q[..., r:]), (rotated, keys[..., r:])
+            q, k = self.partial_split(rotate(self.q_norm(groups[self.q_group])), rotated, keys)
         elif self.kv_shared:
             kv_new = groups[self.k_group]
             stored = [write(buffers[0], kv_new)]
@@ -495,10 +504,13 @@ class Attention(nn.Module):
             out, weights = self.explicit_attention(q, k, v, bias, dropout)
         else:
             is_causal = self.causal and bias is None and t > 1
+            d = v.shape[-1]
+            if q.shape[-1] != d:  # decoupled rotary key: values padded to q's width keep SDPA's fused kernels
+                v = F.pad(v, (0, q.shape[-1] - d))  # (B, H_kv, S, D + R)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal,
                 enable_gqa=self.n_kv_heads != self.n_head,
-            )  # (B, H, T, D)
+            )[..., :d]  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # (B, T, H*D)
         return (self.proj(out), weights, (k, v)) if return_kv else (self.proj(out), weights)
 
@@ -512,8 +524,8 @@ class Attention(nn.Module):
     def split_attention(
         self, q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor], v: Tensor, bias: Tensor | None
     ) -> Tensor:
-        """softmax((q_a k_a^T + q_b k_b^T) / sqrt(E_a + E_b) + bias) v without joining the parts into one tensor
-        (no copy of the cache; for decoding steps, no dropout).
+        """softmax((q_a k_a^T + q_b k_b^T) / sqrt(D + rope_key_dim) + bias) v without joining the parts into one
+        tensor (no copy of the cache; for decoding steps, no dropout).
 
         Args:
             q: (q_a (B, H, T, E_a), q_b (B, H, T, E_b)).
@@ -527,7 +539,7 @@ class Attention(nn.Module):
             The output (B, H, T, D).
         """
         (qa, qb), (ka, kb) = q, k
-        scale = 1.0 / math.sqrt(qa.shape[-1] + qb.shape[-1])
+        scale = 1.0 / math.sqrt(self.head_dim + self.rope_key_dim)
         scores = (grouped_matmul(qa, ka.transpose(-2, -1)) + grouped_matmul(qb, kb.transpose(-2, -1))) * scale
         if bias is not None:
             scores = scores + bias  # (B, H, T, S)
