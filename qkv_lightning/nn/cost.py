@@ -175,17 +175,18 @@ def score_encoding_flops(shape: AttentionShape, t_q: int, t_k: int) -> int:
 
 def kv_cache_bytes_per_token(
     shape: AttentionShape, bytes_per_element: int = 2, tensors: float | None = None, copied: float = 0.0
-) -> int:
+) -> int | float:
     """KV-cache bytes one token adds to one layer: ``shape.cached_tensors`` tensors (or ``tensors``) of
     ``kv_heads * head_dim`` elements, the decoupled rotary key's ``rope_key_dim`` elements, and for a K=V layer with
     rotary keys the rotated copy (``kv_heads * rotary_dims`` elements) of the fraction ``copied`` of the positions
-    (``rope_keys``: 1 for copy, W/capacity for window:W; a fraction gives a fraction of a byte). The one KV-bytes
+    (``rope_keys``: 1 for copy, W/capacity for window:W; a fraction gives a fraction of a byte, otherwise the count is a
+    whole number of bytes, an int). The one KV-bytes
     formula: accounting, the static decoder and the benchmarks use it."""
     count = shape.cached_tensors if tensors is None else tensors
     elements = count * shape.kv_heads * shape.head_dim
     if shape.owns_kv:
         elements += shape.rope_key_dim
-        if shape.layout.cached_tensors == 1:  # K=V: the rotated copy of the rotated dimensions
+        if copied and shape.layout.cached_tensors == 1:  # K=V: the rotated copy of the rotated dimensions
             elements += copied * shape.kv_heads * shape.rotary_dims
     return elements * bytes_per_element
 
