@@ -71,6 +71,9 @@ GPT_OPTIONS = {
     "score-rope": {"position": "rope", "score_encoding": True},
     "no-positions-default-mlp": {"position": "none", "d_mlp": None, "score_encoding": True},
     "paper-rope": {"position": "rope", "score_encoding": "paper"},
+    "llama": {"norm": "rms", "mlp": "swiglu", "bias": False, "tie_embeddings": False, "position": "rope"},
+    "qwen2-qkv-bias": {"norm": "rms", "mlp": "swiglu", "bias": False, "qkv_bias": True, "position": "rope"},
+    "swiglu-bias-no-qkv-bias": {"mlp": "swiglu", "qkv_bias": False},
 }
 
 
@@ -135,6 +138,7 @@ VIT_OPTIONS = {
     "mean-sincos-no-bias": {"pool": "mean", "position": "sincos", "bias": False},
     "score": {"score_encoding": True, "position": "none"},
     "paper": {"score_encoding": "paper", "position": "none"},
+    "rms-swiglu-qkv-bias": {"norm": "rms", "mlp": "swiglu", "bias": False, "qkv_bias": True},
 }
 
 
