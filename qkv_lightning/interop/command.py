@@ -6,6 +6,9 @@ Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit]``
   ``--bpe_file gpt2.tiktoken`` records the GPT-2 BPE's identity in the checkpoint, so that ``validate``/``test``
   check that their data uses the same tokenizer; ``--seq_len`` sets the recorded sequence length (default
   ``n_positions``).
+- ``hf-llama``: SRC is a Hugging Face Llama, Mistral or Qwen2 folder (``config.json`` + safetensors, sharded ones
+  included); ``gguf``: SRC is a ``.gguf`` file, read through transformers' GGUF loader (needs ``gguf``). Both give
+  QKV/GQA checkpoints with the Llama-style trunk (:mod:`qkv_lightning.interop.hf_llama`).
 - ``timm-vit``: SRC is a ``.safetensors`` file or a weights-only ``.pth`` of a timm ``vit_*`` model; ``--n_head``
   (default width / 64) or ``--timm_model NAME`` (with timm installed: the architecture is checked against timm's).
 
@@ -23,14 +26,16 @@ from pathlib import Path
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.interop.common import check_destination, task_checkpoint, write_checkpoint
 
-FORMATS = ("auto", "hf-gpt2", "timm-vit")
+FORMATS = ("auto", "hf-gpt2", "timm-vit", "hf-llama", "gguf")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cli.py import", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="a Hugging Face GPT-2 folder, or a timm ViT .safetensors / .pth file")
     p.add_argument("dst", help="the checkpoint to write (must not exist)")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="auto: a folder is hf-gpt2, a file timm-vit")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="auto: a .gguf file is gguf, a Llama/Mistral/Qwen2 folder hf-llama, another folder hf-gpt2, "
+                   "another file timm-vit")
     p.add_argument("--bpe_file", default=None, help="hf-gpt2: GPT-2 .tiktoken ranks recorded as the tokenizer")
     p.add_argument("--seq_len", type=int, default=None, help="hf-gpt2: recorded data seq_len (default n_positions)")
     p.add_argument("--n_head", type=int, default=None, help="timm-vit: attention heads (default width / 64)")
@@ -46,7 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not src.exists():
         raise ConfigError(f"{src} does not exist; give a Hugging Face GPT-2 folder or a timm ViT weights file.")
     fmt = args.format if args.format != "auto" else ("hf-gpt2" if src.is_dir() else "timm-vit")
-    if fmt == "hf-gpt2":
+    if args.format == "auto" and (src.suffix == ".gguf" or src.is_dir()):
+        from qkv_lightning.interop.hf_llama import is_llama_folder
+
+        fmt = "gguf" if src.suffix == ".gguf" else ("hf-llama" if is_llama_folder(src) else fmt)
+    if fmt in ("hf-llama", "gguf"):  # Llama, Mistral, Qwen2 folders and GGUF files (interop/hf_llama.py)
+        from qkv_lightning.interop.hf_llama import check_with_transformers, import_llama
+
+        task, source = import_llama(src, fmt, args.seq_len)
+        difference = check_with_transformers(src, fmt, task.network)
+        library = f"transformers' {source['model_type']} model" + (" (its GGUF loader)" if fmt == "gguf" else "")
+    elif fmt == "hf-gpt2":
         from qkv_lightning.interop.hf_gpt2 import check_with_transformers, import_gpt2
 
         task, source = import_gpt2(src, Path(args.bpe_file) if args.bpe_file else None, args.seq_len)

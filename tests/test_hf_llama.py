@@ -1,0 +1,100 @@
+"""``import`` of Hugging Face Llama, Mistral and Qwen2 folders (sharded ones included): tiny random models written
+with ``save_pretrained`` give our GPT transformers' logits; what our GPT cannot express is one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkv_lightning.cli import main
+from qkv_lightning.tasks.language_model import load_gpt
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZES = dict(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=48, rms_norm_eps=1e-5)
+
+
+def rope(theta: float) -> dict:
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+
+
+def hf_model(folder: Path, kind: str, shard: bool = False, **config) -> torch.nn.Module:
+    """A tiny random ``kind`` (Llama, Mistral, Qwen2) causal LM, every parameter N(0, 0.3) (norm scales and biases
+    included), saved with ``save_pretrained``."""
+    cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                      "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(0)
+    model = model_cls(cls(**{**SIZES, **config}))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.save_pretrained(str(folder), **({"max_shard_size": "20KB"} if shard else {}))
+    return model.eval()
+
+
+CASES = {
+    "llama-gqa-untied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=False, **rope(500.0))),
+    "llama-mha-tied-sharded": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "mistral-mqa-untied": ("mistral", dict(num_key_value_heads=1, tie_word_embeddings=False, **rope(1e6))),
+    "qwen2-gqa-tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, **rope(300.0))),
+    "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_llama_family_import_has_the_logits_of_transformers(tmp_path, plain_argv, capsys, case):
+    kind, config = CASES[case]
+    reference = hf_model(tmp_path / "hf", kind, shard="sharded" in case, **config)
+    if "sharded" in case:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+        assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "m.ckpt")]) == 0
+    assert "largest |logit difference|" in capsys.readouterr().out
+    model, hparams = load_gpt(tmp_path / "m.ckpt")
+    n_kv = config["num_key_value_heads"]
+    assert hparams["attention"]["n_kv_heads"] == (None if n_kv == 4 else n_kv)
+    assert model.blocks[0].attn.n_kv_heads == n_kv and isinstance(model.trunk.norm, torch.nn.RMSNorm)
+    assert (model.blocks[0].attn.qkv.bias is not None) == (kind == "qwen2") and model.blocks[0].attn.proj.bias is None
+    assert (model.head.weight is model.embed.weight) == config["tie_word_embeddings"]
+    ids = torch.randint(0, 61, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs, ours = reference(ids).logits, model(ids)
+    assert theirs.abs().max() > 1.0  # not a degenerate model
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    with torch.no_grad():  # cached decoding of the imported model is its full forward pass
+        caches = model.new_caches(3, 40)
+        steps = [model(ids[:, :30], caches)] + [model(ids[:, t : t + 1], caches) for t in range(30, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), theirs, rtol=0, atol=1e-5)
+
+
+def test_what_our_gpt_cannot_express_is_one_error_naming_the_field(tmp_path, plain_argv, capsys):
+    def error_of(folder: Path, name: str) -> str:
+        capsys.readouterr()
+        assert main(["import", str(folder), str(tmp_path / f"{name}.ckpt")]) == 2
+        assert not (tmp_path / f"{name}.ckpt").exists()
+        return capsys.readouterr().err
+
+    hf_model(tmp_path / "good", "mistral", num_key_value_heads=2)
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    weights = (tmp_path / "good" / "model.safetensors").read_bytes()
+    for field, value in (("sliding_window", 16), ("rope_parameters", {"rope_type": "linear", "factor": 2.0,
+                                                                      "rope_theta": 1e4}),
+                         ("attention_bias", True), ("hidden_act", "gelu"), ("head_dim", 16),
+                         ("model_type", "mixtral"), ("num_key_value_heads", 3)):
+        folder = tmp_path / field
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**config, field: value}))
+        (folder / "model.safetensors").write_bytes(weights)
+        error = error_of(folder, field)
+        assert f"{field}=" in error and "Traceback" not in error, error
+    (tmp_path / "good" / "model.safetensors").rename(tmp_path / "good" / "other.safetensors")
+    assert "model.safetensors.index.json" in error_of(tmp_path / "good", "none")
