@@ -98,3 +98,76 @@ def test_what_our_gpt_cannot_express_is_one_error_naming_the_field(tmp_path, pla
         assert f"{field}=" in error and "Traceback" not in error, error
     (tmp_path / "good" / "model.safetensors").rename(tmp_path / "good" / "other.safetensors")
     assert "model.safetensors.index.json" in error_of(tmp_path / "good", "none")
+
+
+# --------------------------------------------------------------------------------------------------------- GGUF
+def llama_cpp_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (its convert_hf_to_gguf.py ``permute``): each head's rotate-half pairs interleaved."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, -1).transpose(1, 2).reshape(weights.shape)
+
+
+def write_gguf(path: Path, model: torch.nn.Module, quantise: bool) -> None:
+    """``model`` (a LlamaForCausalLM) as a llama GGUF file written with the ``gguf`` package: F32 tensors, or the
+    matrices in Q8_0 (norms stay F32), named and ordered as llama.cpp's converter writes them."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, tensor in model.state_dict().items():
+        stem = key.removesuffix(".weight")
+        if key == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if stem.startswith("model.layers."):
+            i, part = stem.removeprefix("model.layers.").split(".", 1)
+            name = f"blk.{i}.{layer[part]}.weight"
+        else:
+            name = f"{names[stem]}.weight"
+        if ".attn_q." in name or ".attn_k." in name:
+            tensor = llama_cpp_permute(tensor, c.num_attention_heads if "attn_q" in name else c.num_key_value_heads)
+        array = tensor.float().numpy()
+        if quantise and array.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(("quantise", "tied"), [(False, False), (True, True)])
+def test_gguf_import_has_the_logits_of_transformers_gguf_loader(tmp_path, plain_argv, capsys, quantise, tied):
+    pytest.importorskip("gguf")
+    original = hf_model(tmp_path / "hf", "llama", num_key_value_heads=2, tie_word_embeddings=tied, intermediate_size=64,
+                        **rope(500.0))
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, original, quantise)
+    assert main(["import", str(path), str(tmp_path / "g.ckpt")]) == 0
+    assert "GGUF loader" in capsys.readouterr().out
+    model, hparams = load_gpt(tmp_path / "g.ckpt")
+    assert hparams["attention"]["n_kv_heads"] == 2 and model.config.rope_base == 500.0
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs, ours, source = reference(ids).logits, model(ids), original(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    if quantise:  # Q8_0: near the original model, not equal to it
+        assert 1e-4 < (ours - source).abs().max() < 0.5
+    else:  # F32: the original model itself, so llama.cpp's q/k order was undone
+        torch.testing.assert_close(ours, source, rtol=0, atol=1e-5)

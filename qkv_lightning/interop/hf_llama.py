@@ -228,6 +228,7 @@ def load_gguf_reference(path: Path) -> Any:
     """``transformers``' model read from a ``.gguf`` file by its own GGUF loader (dequantised, float32, eval)."""
     require("transformers", f"reading {path}")
     require("gguf", f"reading the GGUF file {path}", extra="gguf")
+    require("accelerate", f"reading the GGUF file {path} (transformers needs it for GGUF)", extra="gguf")
     from transformers import AutoModelForCausalLM
 
     try:
