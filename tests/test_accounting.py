@@ -74,17 +74,23 @@ GPT_OPTIONS = {
     "llama": {"norm": "rms", "mlp": "swiglu", "bias": False, "tie_embeddings": False, "position": "rope"},
     "qwen2-qkv-bias": {"norm": "rms", "mlp": "swiglu", "bias": False, "qkv_bias": True, "position": "rope"},
     "swiglu-bias-no-qkv-bias": {"mlp": "swiglu", "qkv_bias": False},
+    "partial-rope": {"position": "rope", "rope_fraction": 0.5},
+    "rope-key": {"position": "rope", "rope_key_dim": 4},
+    "rope-key-no-bias": {"position": "rope", "rope_key_dim": 6, "bias": False},
+    "rope-key-qkv-bias": {"position": "rope", "rope_key_dim": 4, "bias": False, "qkv_bias": True, "norm": "rms"},
 }
+ATTENTION_OPTIONS = ("score_encoding", "rope_fraction", "rope_key_dim")
+"""Options of GPT_OPTIONS that are attention settings."""
 
 
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
 @pytest.mark.parametrize("option", list(GPT_OPTIONS))
 def test_gpt_closed_form_matches_the_built_model(variant, n_kv, option):
     options = dict(GPT_OPTIONS[option])
-    score = options.pop("score_encoding", False)
+    settings = {key: options.pop(key) for key in ATTENTION_OPTIONS if key in options}
     config = GPTConfig(**{"n_layer": 2, "n_head": 4, "d_model": 32, "d_mlp": 48, "max_seq_len": 24, "vocab_size": 50,
                           **options})
-    attention = explicit(variant, n_kv, score_encoding=score)
+    attention = explicit(variant, n_kv, **settings)
     torch.manual_seed(0)
     model = GPT(config, attention)
     batch, seq_len = 3, 12
@@ -261,7 +267,7 @@ def built_params(task, attention: AttentionConfig) -> int:
 )
 def test_report_json_matches_built_models_of_each_task(capsys, configs, monkeypatch):
     monkeypatch.chdir(ROOT)
-    data = report_json(capsys, *[arg for path in configs for arg in ("--config", path)], "--n_kv_heads", "1")
+    data = report_json(capsys, *[arg for path in configs for arg in ("--config", path)], "--n_kv_heads", "[1]")
     from qkv_lightning.bench.common import load_task
 
     task = load_task(configs).task
@@ -298,9 +304,9 @@ def test_report_says_where_the_data_values_came_from(capsys, monkeypatch):
 
 def test_report_keeps_the_configs_symmetry_breakers_and_overrides(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    plain = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--variants", "Q=K=V")
+    plain = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--variants", "[Q=K=V]")
     scored = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--config",
-                         "configs/variants/q=k=v+score.yaml", "--variants", "Q=K=V", "--model.network.n_layer", "3")
+                         "configs/variants/q=k=v+score.yaml", "--variants", "[Q=K=V]", "--model.network.n_layer", "3")
     assert [v["name"] for v in scored["variants"]] == ["Q=K=V+score"]
     per_layer = 10 + 1  # the paper's encoding: w (m = 10 channels) and b, one per layer, shared by the heads
     assert scored["variants"][0]["params_attention"] * 2 == plain["variants"][0]["params_attention"] * 3 + \
@@ -319,9 +325,9 @@ def test_report_text_and_markdown_show_ratios(capsys, monkeypatch):
 
 def test_report_bad_input_is_one_clear_error(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--n_kv_heads", "3"]) == 2
+    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--n_kv_heads", "[3]"]) == 2
     assert "n_kv_heads=3 must divide n_head=4" in capsys.readouterr().err
-    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--variants", "QQV"]) == 2
+    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--variants", "[QQV]"]) == 2
     assert "is not a projection-sharing variant" in capsys.readouterr().err
     assert main(["report", "--config", "configs/lm/wikitext2.yaml", "--data.init_args.train_file", "mine.txt",
                  "--prepare_data", "false"]) == 2
