@@ -71,9 +71,13 @@ GPT_OPTIONS = {
     "score-rope": {"position": "rope", "score_encoding": True},
     "no-positions-default-mlp": {"position": "none", "d_mlp": None, "score_encoding": True},
     "paper-rope": {"position": "rope", "score_encoding": "paper"},
+    "llama": {"norm": "rms", "mlp": "swiglu", "bias": False, "tie_embeddings": False, "position": "rope"},
+    "qwen2-qkv-bias": {"norm": "rms", "mlp": "swiglu", "bias": False, "qkv_bias": True, "position": "rope"},
+    "swiglu-bias-no-qkv-bias": {"mlp": "swiglu", "qkv_bias": False},
     "partial-rope": {"position": "rope", "rope_fraction": 0.5},
     "rope-key": {"position": "rope", "rope_key_dim": 4},
     "rope-key-no-bias": {"position": "rope", "rope_key_dim": 6, "bias": False},
+    "rope-key-qkv-bias": {"position": "rope", "rope_key_dim": 4, "bias": False, "qkv_bias": True, "norm": "rms"},
 }
 ATTENTION_OPTIONS = ("score_encoding", "rope_fraction", "rope_key_dim")
 """Options of GPT_OPTIONS that are attention settings."""
@@ -140,6 +144,7 @@ VIT_OPTIONS = {
     "mean-sincos-no-bias": {"pool": "mean", "position": "sincos", "bias": False},
     "score": {"score_encoding": True, "position": "none"},
     "paper": {"score_encoding": "paper", "position": "none"},
+    "rms-swiglu-qkv-bias": {"norm": "rms", "mlp": "swiglu", "bias": False, "qkv_bias": True},
 }
 
 

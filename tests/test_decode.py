@@ -88,6 +88,34 @@ def test_long_context_cached_decoding_equals_the_full_forward_pass(variant, n_kv
     assert caches[0].length == 90
 
 
+LLAMA_TRUNKS = {
+    "llama": dict(norm="rms", mlp="swiglu", bias=False, tie_embeddings=False, rope_base=500.0),
+    "qwen2": dict(norm="rms", mlp="swiglu", bias=False, qkv_bias=True, rope_base=1e6),
+}
+
+
+@pytest.mark.parametrize("trunk", list(LLAMA_TRUNKS))
+@pytest.mark.parametrize(("variant", "n_kv"), [("QKV", 2), ("QKV", None), ("Q-K=V", 2)])
+def test_llama_style_trunks_decode_with_every_cache_as_their_full_forward_pass(trunk, variant, n_kv):
+    """RMSNorm, SwiGLU, q/k/v-only biases, their own RoPE base, untied head: the dynamic cache (each K=V RoPE scheme)
+    and the static cache give the full forward pass's logits."""
+    model = model_for(variant, n_kv, "rope", **LLAMA_TRUNKS[trunk])
+    assert isinstance(model.blocks[0].norm_mlp, torch.nn.RMSNorm) and model.blocks[0].mlp.gate.bias is None
+    assert (model.blocks[0].attn.qkv.bias is not None) == (trunk == "qwen2") and model.blocks[0].attn.proj.bias is None
+    tokens = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)  # (B, T, V)
+    with torch.inference_mode():
+        for scheme in SCHEMES if model.blocks[0].attn.kv_shared else ("on_read",):
+            caches = model.new_caches(2, 40, rope_keys=scheme)
+            steps = [model(tokens[:, :25], caches)] + [model(tokens[:, t : t + 1], caches) for t in range(25, 40)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10, msg=scheme)
+        decoder = StaticDecoder(model, 40)
+        logits, cache = decoder.prefill(tokens[:, :25])
+        for t in range(25, 40):
+            torch.testing.assert_close(logits, full[:, t - 1], rtol=1e-10, atol=1e-10)
+            logits, cache = decoder.step(tokens[:, t : t + 1], torch.tensor([t]), cache)
+
+
 def test_rope_schemes_keep_k_equal_v_caches_at_half_the_bytes_unless_a_copy_is_asked_for():
     qkv = model_for("QKV", None, "rope").new_caches(1, 64)
     kv = model_for("Q-K=V", None, "rope")

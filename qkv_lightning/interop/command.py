@@ -6,6 +6,9 @@ Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit]``
   ``--bpe_file gpt2.tiktoken`` records the GPT-2 BPE's identity in the checkpoint, so that ``validate``/``test``
   check that their data uses the same tokenizer; ``--seq_len`` sets the recorded sequence length (default
   ``n_positions``).
+- ``hf-llama``: SRC is a Hugging Face Llama, Mistral or Qwen2 folder (``config.json`` + safetensors, sharded ones
+  included); ``gguf``: SRC is a ``.gguf`` file, read through transformers' GGUF loader (needs ``gguf``). Both give
+  QKV/GQA checkpoints with the Llama-style trunk (:mod:`qkv_lightning.interop.hf_llama`).
 - ``timm-vit``: SRC is a ``.safetensors`` file or a weights-only ``.pth`` of a timm ``vit_*`` model; ``--n_head``
   (default width / 64) or ``--timm_model NAME`` (with timm installed: the architecture is checked against timm's).
 
@@ -33,15 +36,16 @@ class ImportOptions:
     """The arguments of ``import``."""
 
     src: str
-    """a Hugging Face GPT-2 folder, or a timm ViT .safetensors / .pth file"""
+    """a Hugging Face GPT-2, Llama, Mistral or Qwen2 folder, a .gguf file, or a timm ViT .safetensors / .pth file"""
     dst: str
     """the checkpoint to write (must not exist)"""
-    format: Literal["auto", "hf-gpt2", "timm-vit"] = "auto"
-    """auto: a folder is hf-gpt2, a file timm-vit"""
+    format: Literal["auto", "hf-gpt2", "timm-vit", "hf-llama", "gguf"] = "auto"
+    """auto: a .gguf file is gguf, a folder whose config.json names another model_type than gpt2 hf-llama, another
+    folder hf-gpt2, another file timm-vit"""
     bpe_file: str | None = None
     """hf-gpt2: GPT-2 .tiktoken ranks recorded as the tokenizer"""
     seq_len: int | None = None
-    """hf-gpt2: recorded data seq_len (default n_positions)"""
+    """hf-gpt2, hf-llama, gguf: recorded data seq_len (default n_positions; max_position_embeddings, at most 2048)"""
     n_head: int | None = None
     """timm-vit: attention heads (default width / 64)"""
     timm_model: str | None = None
@@ -61,7 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not src.exists():
         raise ConfigError(f"{src} does not exist; give a Hugging Face GPT-2 folder or a timm ViT weights file.")
     fmt = args.format if args.format != "auto" else ("hf-gpt2" if src.is_dir() else "timm-vit")
-    if fmt == "hf-gpt2":
+    if args.format == "auto" and (src.suffix == ".gguf" or src.is_dir()):
+        from qkv_lightning.interop.hf_llama import is_llama_folder
+
+        fmt = "gguf" if src.suffix == ".gguf" else ("hf-llama" if is_llama_folder(src) else fmt)
+    if fmt in ("hf-llama", "gguf"):  # Llama, Mistral, Qwen2 folders and GGUF files (interop/hf_llama.py)
+        from qkv_lightning.interop.hf_llama import check_with_transformers, import_llama
+
+        task, source = import_llama(src, fmt, args.seq_len)
+        difference = check_with_transformers(src, fmt, task.network)
+        library = f"transformers' {source['model_type']} model" + (" (its GGUF loader)" if fmt == "gguf" else "")
+    elif fmt == "hf-gpt2":
         from qkv_lightning.interop.hf_gpt2 import check_with_transformers, import_gpt2
 
         task, source = import_gpt2(src, Path(args.bpe_file) if args.bpe_file else None, args.seq_len)

@@ -54,13 +54,16 @@ class Attention(nn.Module):
         bias: biases in the fused projection and the output projection.
         reuses_kv: cross-layer sharing: this layer projects only Q and attends with the K/V of an earlier layer
             (passed to :meth:`forward` as ``shared_kv``); it has no K/V projection and no cache of its own.
+        qkv_bias: biases on the fused projection (and its depth factors) apart from ``bias``, which then covers the
+            output projection and the per-role norms (Qwen2: q/k/v biases only); None: as ``bias``.
     """
 
     def __init__(
         self, d_model: int, n_head: int, config: AttentionConfig, causal: bool, bias: bool = True,
-        reuses_kv: bool = False,
+        reuses_kv: bool = False, qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
+        projection_bias = bias if qkv_bias is None else qkv_bias
         if d_model % n_head:
             raise ConfigError(f"d_model={d_model} must be divisible by n_head={n_head}.")
         self.config = config
@@ -86,11 +89,11 @@ class Attention(nn.Module):
         depths = config.group_depths()
 
         # one fused matmul for every group this layer projects
-        self.qkv = nn.Linear(d_model, self.layout.width, bias=bias)
+        self.qkv = nn.Linear(d_model, self.layout.width, bias=projection_bias)
         self.rope_key_dim = config.rope_key_dim
         """Dimensions of the decoupled rotary key (0: none)."""
         if self.rope_key_dim:  # each query head's rotary part (H*R rows), then the one shared rotary key (R rows)
-            self.rope_proj = nn.Linear(d_model, (n_head + 1) * self.rope_key_dim, bias=bias)
+            self.rope_proj = nn.Linear(d_model, (n_head + 1) * self.rope_key_dim, bias=projection_bias)
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
         mode = config.score_encoding  # canonical (AttentionConfig)
         self.score_encoding: PairScoreEncoding | PaperScoreEncoding | None = None
@@ -107,7 +110,7 @@ class Attention(nn.Module):
         """Q and K of one group are the same tensor (no per-role norm tells them apart)."""
         self.factors = nn.ModuleDict(
             {
-                str(g): nn.Sequential(*(nn.Linear(self.group_widths[g], self.group_widths[g], bias=bias)
+                str(g): nn.Sequential(*(nn.Linear(self.group_widths[g], self.group_widths[g], bias=projection_bias)
                                         for _ in range(depths[g] - 1)))
                 for g in self.own_groups
                 if depths[g] > 1

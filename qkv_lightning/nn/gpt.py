@@ -66,7 +66,7 @@ class GPTConfig(SequenceConfig):
         for the tokens whose target falls in it, which the data decides."""
         d, v, bias = self.d_model, self.vocab_size, self.bias
         t = seq_len or self.max_seq_len
-        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer, self.qkv_bias)
         embedding = v * d + (self.max_seq_len * d if self.position == "learned" else 0)
         notes = []
         if self.output == "adaptive":
@@ -81,7 +81,7 @@ class GPTConfig(SequenceConfig):
         else:
             head = 0 if self.tie_embeddings else v * d
             head_flops = Flops.product(2 * t * d * v)
-        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, True, count_masked)
+        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, True, count_masked, self.mlp)
         flops += head_flops
         return trunk_network_cost(
             "GPT", self, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
