@@ -23,6 +23,7 @@ from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
+from qkv_lightning.files import without_output_settings
 from qkv_lightning.guards import (
     check_output_folders,
     check_seed,
@@ -145,7 +146,9 @@ class QKVLightningCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's re-parsing of a checkpoint's hyper-parameters into the model config (``--ckpt_path FILE``),
         reading the file safely: with ``weights_only`` (unless ``--weights_only false``), and a damaged, unsafe or
-        foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs."""
+        foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs. Settings that choose
+        where output goes or whether it may replace a file (:data:`qkv_lightning.files.OUTPUT_SETTING_NAMES`) are
+        dropped from the checkpoint's hyper-parameters: only the config and command line set them."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -156,7 +159,12 @@ class QKVLightningCLI(LightningCLI):
         info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if info.sharded:
             return  # a sharded folder: checked before the run starts (check_checkpoint_fits_model)
-        hparams = dict(info.hparams)
+        hparams, dropped = without_output_settings(dict(info.hparams))  # never the checkpoint's to choose
+        if dropped:
+            rank_zero_warn(
+                f"ckpt_path={info.path}: its stored {', '.join(dropped)} are ignored; where output goes and whether "
+                "it may replace a file are set only by your config and command line."
+            )
         if not hparams:
             return
         saved_class = hparams.pop("_class_path", None)

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from qkv_lightning.callbacks.milestones import MetricsAtSteps
-from qkv_lightning.files import atomic_write_json
+from qkv_lightning.files import atomic_write_json, make_owned_dir, remove_owned
 from qkv_lightning.study.config import (
     CONVERT_PREFIX,
     INIT_FROM_KEY,
@@ -446,9 +445,8 @@ def prepare_cell(spec: dict) -> None:
     """A fresh cell folder with its ``cell.yaml`` (a half-finished or outdated run of this study starts afresh)."""
     directory = Path(spec["dir"])
     check_no_survivors([directory])
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    remove_owned(directory, advice="remove the link in study.output that leads there", role="the study cell")
+    make_owned_dir(directory)
     (directory / "cell.yaml").write_text(yaml.safe_dump(cell_overrides(spec), sort_keys=False))
 
 
