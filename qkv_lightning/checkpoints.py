@@ -67,7 +67,7 @@ def start_checkpoint(task: Any, **records: Any) -> dict[str, Any]:
     top-level entries that say where the weights came from (``qkv_import=...``, ``converted_from=...``)."""
     import lightning
 
-    from qkv_lightning.tasks.base import plain
+    from qkv_lightning.hparams import plain
 
     checkpoint: dict[str, Any] = {
         "epoch": 0,

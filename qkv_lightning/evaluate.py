@@ -131,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lm_eval.utils import handle_non_serializable
 
     from qkv_lightning.checkpoints import load_checkpoint_file
-    from qkv_lightning.export import load_gpt
     from qkv_lightning.harness import HarnessGPT
+    from qkv_lightning.tasks.language_model import load_gpt
 
     model, hparams = load_gpt(ckpt, args.weights_only)
     datamodule = load_checkpoint_file(ckpt, args.weights_only).get("datamodule_hyper_parameters") or {}

@@ -24,7 +24,6 @@ overwritten: the three files are written into a scratch folder and put in place 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,44 +31,12 @@ from typing import Any
 
 import torch
 
-from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.errors import ConfigError
 from qkv_lightning.files import atomic_write_json, staged_folder
-from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT
 from qkv_lightning.nn.decoding import PrefillGraph, StaticDecoder, StepGraph
 from qkv_lightning.nn.gpt import GPT
-
-LANGUAGE_MODEL = "qkv_lightning.tasks.language_model.LanguageModel"
-
-
-def load_gpt(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str, Any]]:
-    """The GPT of a ``LanguageModel`` checkpoint (eval mode, on CPU) and the checkpoint's hyper-parameters.
-
-    Only the language-model task is built (its class is named here, not taken from the file).
-
-    Raises:
-        CheckpointError: the file is unreadable, not a language model's, or its weights do not fit.
-    """
-    from qkv_lightning.checkpoints import load_checkpoint_file
-    from qkv_lightning.tasks.language_model import LanguageModel
-
-    checkpoint = load_checkpoint_file(path, weights_only=weights_only)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    saved = hparams.pop("_class_path", LANGUAGE_MODEL)
-    if saved != LANGUAGE_MODEL or not hparams.get("data_spec"):
-        raise CheckpointError(
-            f"{path} is not a language model's checkpoint with its data_spec (saved by {saved}); export takes "
-            "checkpoints that `fit` saved for qkv_lightning.tasks.language_model.LanguageModel."
-        )
-    accepted = inspect.signature(LanguageModel.__init__).parameters
-    task = LanguageModel(**{k: v for k, v in hparams.items() if k in accepted and k != "compile"})
-    task.configure_model()
-    state = checkpoint["state_dict"]
-    task.on_load_checkpoint(checkpoint)
-    try:
-        task.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"the weights in {path} do not fit its own hyper-parameters: {error}") from None
-    return task.network.eval().fuse(), hparams  # depth-factorised projections fused: one matmul each
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT
+from qkv_lightning.tasks.language_model import load_gpt
 
 
 def export_graphs(model: GPT, capacity: int, prompt_len: int, batch_size: int, rope_keys: str = ROPE_KEYS_DEFAULT,

@@ -26,9 +26,8 @@ A link is never followed out of a folder: :func:`remove_owned` refuses a link, a
 through a link below it, and anything not proven by the rule; it raises :class:`NotOwnedError`, a one-paragraph
 :class:`~qkv_lightning.errors.ConfigError` that names the path and says what to remove or move by hand.
 
-Settings that choose where output goes or whether it may replace a file (:data:`OUTPUT_SETTING_NAMES`) come only from
-the user's config and command line, never from a file the tool reads: :func:`drop_output_settings` takes them out of a
-checkpoint's hyper-parameters before those are merged into the config.
+Where output goes and whether it may replace a file come only from the user's config and command line: a checkpoint's
+stored output settings are dropped by :func:`qkv_lightning.tasks.persist.stored_settings`.
 """
 
 from __future__ import annotations
@@ -59,11 +58,6 @@ SEAL = "# qkv-lightning sha256 "
 
 MAX_SEALED_BYTES = 1 << 26
 """Larger files are never taken for sealed ones (a seal is for configs and notes, not data)."""
-
-OUTPUT_SETTING_NAMES = ("output_file", "overwrite")
-"""Settings, at any depth of a task's hyper-parameters, that choose where output goes or whether it may replace a
-file (``generation.output_file``, ``generation.overwrite``). Only the user's config and command line set them: a
-checkpoint's stored values are dropped (:func:`without_output_settings`). A new setting of that kind is named here."""
 
 
 class NotOwnedError(ConfigError):
@@ -373,9 +367,9 @@ def remove_owned(path: str | os.PathLike, root: str | os.PathLike | None = None,
     reason = not_owned_reason(path, root)
     if reason is not None:
         raise NotOwnedError(
-            f"{role + ' ' if role else ''}{path} {reason}, so qkv-lightning does not delete it (it deletes only what it can prove it made). If it "
-            f"is not needed, remove it yourself; else move it away{', or ' + advice if advice else ''}. Then run "
-            "again. Nothing was deleted."
+            f"{role + ' ' if role else ''}{path} {reason}, so qkv-lightning does not delete it (it deletes only what "
+            f"it can prove it made). If it is not needed, remove it yourself; else move it away"
+            f"{', or ' + advice if advice else ''}. Then run again. Nothing was deleted."
         )
     path = Path(path)
     if path.is_dir():
@@ -503,22 +497,3 @@ def staged_folder(target: str | os.PathLike, last: Sequence[str] = ()) -> Iterat
         if os.path.lexists(scratch):
             shutil.rmtree(scratch, ignore_errors=True)
 
-
-# --------------------------------------------------------------------------------------------------- settings
-def without_output_settings(settings: Any, prefix: str = "") -> tuple[Any, list[str]]:
-    """``settings`` (plain dicts and lists, e.g. a checkpoint's hyper-parameters) without the keys named in
-    :data:`OUTPUT_SETTING_NAMES`, at any depth, and the dotted names of those dropped; ``settings`` is not changed."""
-    if isinstance(settings, dict):
-        kept, dropped = {}, []
-        for key, value in settings.items():
-            name = f"{prefix}{key}"
-            if key in OUTPUT_SETTING_NAMES:
-                dropped.append(name)
-                continue
-            kept[key], inner = without_output_settings(value, f"{name}.")
-            dropped += inner
-        return kept, dropped
-    if isinstance(settings, list):
-        pairs = [without_output_settings(value, f"{prefix}{i}.") for i, value in enumerate(settings)]
-        return [value for value, _ in pairs], [name for _, names in pairs for name in names]
-    return settings, []

@@ -23,7 +23,6 @@ from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
-from qkv_lightning.files import without_output_settings
 from qkv_lightning.guards import (
     check_output_folders,
     check_seed,
@@ -43,6 +42,7 @@ from qkv_lightning.resume import (
     resolve_last,
 )
 from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.persist import resolve_class, stored_settings
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
@@ -146,9 +146,7 @@ class QKVLightningCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning's re-parsing of a checkpoint's hyper-parameters into the model config (``--ckpt_path FILE``),
         reading the file safely: with ``weights_only`` (unless ``--weights_only false``), and a damaged, unsafe or
-        foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs. Settings that choose
-        where output goes or whether it may replace a file (:data:`qkv_lightning.files.OUTPUT_SETTING_NAMES`) are
-        dropped from the checkpoint's hyper-parameters: only the config and command line set them."""
+        foreign checkpoint is a :class:`CheckpointError` naming the file, before anything runs."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -159,17 +157,17 @@ class QKVLightningCLI(LightningCLI):
         info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if info.sharded:
             return  # a sharded folder: checked before the run starts (check_checkpoint_fits_model)
-        hparams, dropped = without_output_settings(dict(info.hparams))  # never the checkpoint's to choose
-        if dropped:
-            rank_zero_warn(
-                f"ckpt_path={info.path}: its stored {', '.join(dropped)} are ignored; where output goes and whether "
-                "it may replace a file are set only by your config and command line."
-            )
-        if not hparams:
-            return
-        saved_class = hparams.pop("_class_path", None)
-        check_class(info, (config.get("model") or {}).get("class_path"))
         path = info.path
+        saved_class, hparams = stored_settings(info.hparams, str(path))  # output settings never come from a file
+        if not hparams and not saved_class:
+            return
+        configured_class = (config.get("model") or {}).get("class_path")
+        check_class(info, configured_class)
+        if saved_class:  # vetted before jsonargparse imports it
+            try:
+                resolve_class(saved_class, TaskModule, f"_class_path in {path}", trusted=[configured_class])
+            except ConfigError as error:
+                raise CheckpointError(str(error)) from None
         model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
         configured_settings = flatten(config.get("model") or {})
         try:
@@ -309,7 +307,7 @@ def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
     """
     import inspect
 
-    from qkv_lightning.tasks.base import OPTIMIZER_OWN_SETTINGS, optimizer_class
+    from qkv_lightning.tasks.optim import OPTIMIZER_OWN_SETTINGS, optimizer_class
 
     flag = config.get("optimizer")
     model = config.get("model")

@@ -15,9 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from qkv_lightning.accounting import AttentionShape, attended_pairs, network_cost
 from qkv_lightning.bench.common import task_variant
 from qkv_lightning.cli import main
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, Attention, AttentionConfig
+from qkv_lightning.nn.attention import Attention, AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.nn.vit import ViT, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

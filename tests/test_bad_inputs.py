@@ -5,7 +5,7 @@ finished runs it points at.
 Three small runs (synthetic task, language model, ViT) finish first, each with checkpoints in its log folder. Most bad
 commands point at one of them with ``fit --ckpt_path last``, which would resume into, and log into, that very folder;
 the whole ``logs`` tree (file names and SHA-256 of their content) must be the same after every bad command. The
-README's "Errors and recovery" table lists every case with its message.
+errors reference (``qkv_lightning/ERRORS.md``, "Bad inputs and their messages") lists every case with its message.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.imagedata import write_cifar10, write_image_tree, write_mnist_gz
 from tests.lm_fixtures import write_wikitext
 from tests.run_fixtures import CONFIGS, image_args, lm_args, snapshot, synthetic_args
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ERRORS = Path(__file__).resolve().parent.parent / "qkv_lightning" / "ERRORS.md"
 
 
 class RunsCode:
@@ -198,7 +198,7 @@ def study(*extra: str) -> Callable[[Runs, Path], list[str]]:
 
 @dataclass
 class Case:
-    """One bad input: how to make the command, and the part of its message the README documents."""
+    """One bad input: how to make the command, and the part of its message the errors reference documents."""
 
     id: str
     build: Callable[[Runs, Path], list[str]]
@@ -444,9 +444,9 @@ def test_bad_inputs_are_many_and_distinct():
     assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)
 
 
-def test_readme_documents_every_error():
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Errors and recovery") :]
+def test_the_errors_reference_documents_every_error():
+    text = ERRORS.read_text(encoding="utf-8")
+    section = text[text.index("## Bad inputs and their messages") :]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     for case in CASES:
         assert any(case.id in row and case.message.replace("|", "\\|") in row for row in rows), case.id

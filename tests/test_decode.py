@@ -23,9 +23,11 @@ from qkv_lightning.bench.decode import (
 )
 from qkv_lightning.cli import main
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig, parse_rope_keys
+from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
+from qkv_lightning.nn.kv_cache import parse_rope_keys
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(v, None) for v in CANONICAL_VARIANTS] + [("QKV", 2), ("Q-K=V", 1)]

@@ -29,7 +29,6 @@ from qkv_lightning.files import (
     sealed,
     staged_folder,
     swap_in,
-    without_output_settings,
     write_sealed_text,
 )
 
@@ -271,11 +270,3 @@ def test_stale_temporaries_of_dead_processes_of_this_host_are_removed_and_nothin
     assert sorted(p.name for p in removed) == sorted(n.rstrip("/") for n, v in names.items() if v == "removed")
     assert sorted(os.listdir(tmp_path)) == sorted(n for n, v in names.items() if v == "kept")
 
-
-def test_output_settings_are_dropped_at_any_depth_and_the_source_is_unchanged() -> None:
-    hparams = {"generation": {"output_file": "/home/u/x", "overwrite": True, "top_k": 3},
-               "network": {"d_model": 8}, "stages": [{"overwrite": True, "lr": 1}]}
-    kept, dropped = without_output_settings(hparams)
-    assert kept == {"generation": {"top_k": 3}, "network": {"d_model": 8}, "stages": [{"lr": 1}]}
-    assert dropped == ["generation.output_file", "generation.overwrite", "stages.0.overwrite"]
-    assert hparams["generation"]["output_file"] == "/home/u/x"

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import Attention, AttentionConfig, canonical_score_encoding
+from qkv_lightning.nn.attention import Attention, AttentionConfig
+from qkv_lightning.nn.attention_config import canonical_score_encoding
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
 from qkv_lightning.nn.positional import PairScoreEncoding, PaperScoreEncoding, paper_pair_tensor, rope_tables
 from tests.test_attention import D_MODEL, HEAD_DIM, N_HEAD, build

@@ -14,7 +14,8 @@ from qkv_lightning.study import StudyConfig, parse_study_args
 from qkv_lightning.study import effects as E
 from qkv_lightning.study import stats as S
 from qkv_lightning.study.config import Variant
-from qkv_lightning.study.report import equivalence_table, summarize, summary_figure, summary_markdown
+from qkv_lightning.study.plots import summary_figure
+from qkv_lightning.study.report import equivalence_table, summarize, summary_markdown
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

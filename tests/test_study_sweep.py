@@ -13,8 +13,8 @@ import yaml
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study import StudyConfig, parse_study_args, run_study
+from qkv_lightning.study.cell import cell_overrides, cell_spec
 from qkv_lightning.study.config import cells, expand_grid
-from qkv_lightning.study.runner import cell_overrides, cell_spec
 from qkv_lightning.study.sweep import matched_pairs, summarize_sweep, sweep_markdown
 from qkv_lightning.variants import parse_label
 from tests.test_study import _task_config

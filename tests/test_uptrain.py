@@ -16,17 +16,13 @@ from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.gpt import IGNORE_INDEX, GPTConfig
 from qkv_lightning.nn.vit import ViTConfig
 from qkv_lightning.resume import check_fits, read_checkpoint_info
+from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.distill import distillation_loss
 from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.persist import build_task, load_task
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
-from qkv_lightning.uptrain.convert import (
-    attention_layers,
-    calibration_grams,
-    convert_task,
-    load_task,
-    task_from_hparams,
-)
-from qkv_lightning.uptrain.distill import distillation_loss
+from qkv_lightning.uptrain.convert import attention_layers, calibration_grams, convert_task
 from qkv_lightning.uptrain.surgery import fit_outputs, output_error, role_projections
 from qkv_lightning.variants import Variant
 from tests.lm_fixtures import write_wikitext
@@ -138,7 +134,7 @@ def test_convert_cli_on_a_checkpoint_of_each_task_keeps_its_outputs(kind, tmp_pa
     identity = tmp_path / "qkv.ckpt"
     atomic_save(start_checkpoint(source), tmp_path / "source.ckpt")
     assert main(["convert", str(tmp_path / "source.ckpt"), str(identity), "--sharing", "QKV"]) == 0
-    loaded, _ = load_task(identity)
+    loaded, _ = load_task(identity, expected=TaskModule)
     assert type(loaded) is type(source) and loaded.attention_config.sharing == "QKV"
     assert torch.equal(task_outputs(loaded.eval(), inputs), task_outputs(source, inputs))
     tie_k_to_v(source)
@@ -146,7 +142,7 @@ def test_convert_cli_on_a_checkpoint_of_each_task_keeps_its_outputs(kind, tmp_pa
     shared = tmp_path / "q-k=v.ckpt"
     assert main(["convert", str(tmp_path / "tied.ckpt"), str(shared), "--sharing", "Q-K=V", "--method", "mean"]) == 0
     assert "QKV -> Q-K=V by mean" in capsys.readouterr().out
-    loaded, checkpoint = load_task(shared)
+    loaded, checkpoint = load_task(shared, expected=TaskModule)
     assert loaded.attention_config.sharing == "Q-K=V" and checkpoint["converted_from"]["method"] == "mean"
     expected = task_outputs(source, inputs)
     assert (task_outputs(tiny_task(kind, "QKV", seed=2), inputs) - expected).abs().max() > 1e-2  # tying changed it
@@ -274,7 +270,7 @@ def test_converted_checkpoints_load_validate_fine_tune_distil_and_resume_through
     assert digest(converted) == before
     info = read_checkpoint_info(converted)  # weights-only, like every checkpoint
     assert info.hparams["attention"]["sharing"] == "Q-K=V"
-    check_fits(task_from_hparams(info.hparams), info)
+    check_fits(build_task(info.hparams, str(converted), expected=TaskModule), info)
     # validate --ckpt_path and validate from init_from give the converted model's numbers
     losses = {}
     for name, extra in {

@@ -324,8 +324,8 @@ def export_hf(ckpt_path: str | Path, out: Path, weights_only: bool = True) -> di
     require("safetensors", "export --format hf")
     from safetensors.torch import save
 
-    from qkv_lightning.export import load_gpt
     from qkv_lightning.files import atomic_open
+    from qkv_lightning.tasks.language_model import load_gpt
 
     existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if (out / name).exists()]
     if existing:
