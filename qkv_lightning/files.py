@@ -285,8 +285,11 @@ def make_owned_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _inside(path: Path, root: Path) -> str | None:
-    """Why ``path`` does not lie in ``root`` without a link on the way (None: it does)."""
+def escapes(path: str | os.PathLike, root: str | os.PathLike) -> str | None:
+    """Why ``path`` does not lie inside ``root`` without a link on the way (None: it does): ``..`` is resolved as
+    written, every folder between ``root`` and ``path`` must be a real folder, and the real paths must agree. A path
+    from a file the tool reads (a checkpoint's callback state) is checked with this before anything is deleted."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     if root not in path.parents:
         return f"lies outside {root}"
     for folder in path.parents:
@@ -307,7 +310,7 @@ def not_owned_reason(path: str | os.PathLike, root: str | os.PathLike | None = N
         return "is a link (the tool never follows a link out of its own folders)"
     if root is not None:
         root = Path(os.path.abspath(root))
-        outside = _inside(path, root)
+        outside = escapes(path, root)
         if outside is not None:
             return outside
         if is_owned_dir(root):

@@ -20,6 +20,7 @@ from qkv_lightning.files import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
+    escapes,
     file_digest,
     is_sealed,
     make_owned_dir,
@@ -127,7 +128,8 @@ def tree(root: Path) -> dict[str, str]:
 def test_remove_owned_deletes_only_what_it_can_prove_it_made(tmp_path: Path) -> None:
     """Seven refused inputs (a link to a user folder, a link to an owned folder, a user folder, a user file, an
     owned folder reached through a link below root, a path outside root, a user folder inside root with an unowned
-    root) and four deleted ones (an owned folder, a sealed file, a user file inside an owned root, a missing path)."""
+    root) and four deleted ones (an owned folder, a sealed file, a user file inside an owned root, a missing path);
+    escapes() on three paths a checkpoint's callback state could carry ('..' out of the root, a link, a plain one)."""
     user = tmp_path / "user"
     before = user_tree(user)
     work = tmp_path / "work"
@@ -168,6 +170,11 @@ def test_remove_owned_deletes_only_what_it_can_prove_it_made(tmp_path: Path) -> 
     assert remove_owned(owned_root / "deep", owned_root) and not (owned_root / "deep").exists()
     assert not remove_owned(work / "missing")
     assert tree(user) == before
+    # a path as a checkpoint's callback state could name it: '..' and links below the root are caught
+    cells = work / "cells"
+    assert escapes(cells / ".." / ".." / "user" / "thesis.tex", cells) == f"lies outside {cells}"
+    assert "through the link" in escapes(link_to_user / "thesis.tex", work / "cells")
+    assert escapes(work / "root" / "f", work) is None
 
 
 def test_swap_in_replaces_a_folder_and_a_crash_between_its_renames_is_recovered(tmp_path: Path) -> None:
