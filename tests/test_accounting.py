@@ -257,7 +257,7 @@ def built_params(task, attention: AttentionConfig) -> int:
 )
 def test_report_json_matches_built_models_of_each_task(capsys, configs, monkeypatch):
     monkeypatch.chdir(ROOT)
-    data = report_json(capsys, *[arg for path in configs for arg in ("--config", path)], "--n_kv_heads", "1")
+    data = report_json(capsys, *[arg for path in configs for arg in ("--config", path)], "--n_kv_heads", "[1]")
     from qkv_lightning.bench.common import load_task
 
     task = load_task(configs).task
@@ -294,9 +294,9 @@ def test_report_says_where_the_data_values_came_from(capsys, monkeypatch):
 
 def test_report_keeps_the_configs_symmetry_breakers_and_overrides(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    plain = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--variants", "Q=K=V")
+    plain = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--variants", "[Q=K=V]")
     scored = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--config",
-                         "configs/variants/q=k=v+score.yaml", "--variants", "Q=K=V", "--model.network.n_layer", "3")
+                         "configs/variants/q=k=v+score.yaml", "--variants", "[Q=K=V]", "--model.network.n_layer", "3")
     assert [v["name"] for v in scored["variants"]] == ["Q=K=V+score"]
     per_layer = 10 + 1  # the paper's encoding: w (m = 10 channels) and b, one per layer, shared by the heads
     assert scored["variants"][0]["params_attention"] * 2 == plain["variants"][0]["params_attention"] * 3 + \
@@ -315,9 +315,9 @@ def test_report_text_and_markdown_show_ratios(capsys, monkeypatch):
 
 def test_report_bad_input_is_one_clear_error(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--n_kv_heads", "3"]) == 2
+    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--n_kv_heads", "[3]"]) == 2
     assert "n_kv_heads=3 must divide n_head=4" in capsys.readouterr().err
-    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--variants", "QQV"]) == 2
+    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--variants", "[QQV]"]) == 2
     assert "is not a projection-sharing variant" in capsys.readouterr().err
     assert main(["report", "--config", "configs/lm/wikitext2.yaml", "--data.init_args.train_file", "mine.txt",
                  "--prepare_data", "false"]) == 2

@@ -271,7 +271,7 @@ def test_bench_decode_memory_budget_counts_the_weights_once_and_fits_sequences_i
             str(layers), "--model.network.d_model", str(d), "--model.network.n_head", str(heads),
             "--model.network.d_mlp", str(mlp), "--model.network.vocab_size", str(vocab), "--model.network.max_seq_len",
             "64", "--data_spec", json.dumps({"vocab_size": vocab, "seq_len": 64}), "--threads", "1", "--progress",
-            "false", "--variants", "QKV", "--contexts", str(capacity - 2), "--new_tokens", "2", "--rounds", "1",
+            "false", "--variants", "[QKV]", "--contexts", f"[{capacity - 2}]", "--new_tokens", "2", "--rounds", "1",
             "--warmup", "0", "--memory_budget", str(budget), "--format", "json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -297,8 +297,8 @@ TINY = ["--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model
 def test_bench_decode_memory_budget_refuses_a_rope_keys_window_before_measuring(capsys):
     """--memory_budget sizes a static cache, which has no window layout: a window:W contender is a one-paragraph
     error before anything is measured (it was a bare traceback from the memory probe after the timings)."""
-    args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--rope_keys", "on_read", "window:4", "--contexts",
-            "8", "--new_tokens", "2", "--rounds", "1", "--warmup", "0", "--memory_budget", "20MB"]
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--rope_keys", "[on_read, window:4]", "--contexts",
+            "[8]", "--new_tokens", "2", "--rounds", "1", "--warmup", "0", "--memory_budget", "20MB"]
     assert main(args) == 2
     captured = capsys.readouterr()
     assert "--rope_keys window:4: the static cache takes on_read or copy" in captured.err
@@ -308,10 +308,10 @@ def test_bench_decode_memory_budget_refuses_a_rope_keys_window_before_measuring(
 @pytest.mark.usefixtures("plain_argv")
 def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "results"
-    args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--n_kv_heads", "2", "--labels", "QKV", "Q-K=V",
-            "QKV_kv2", "--rope_keys", "on_read", "copy", "--contexts", "8", "24", "--batch_sizes", "1", "2",
-            "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "--serve_requests", "3",
-            "--serve_prompt_lens", "4", "12", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--n_kv_heads", "[2]", "--labels",
+            "[QKV, Q-K=V, QKV_kv2]", "--rope_keys", "[on_read, copy]", "--contexts", "[8, 24]", "--batch_sizes",
+            "[1, 2]", "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "true", "--serve_requests", "3",
+            "--serve_prompt_lens", "[4, 12]", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
             "--format", "json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -338,7 +338,7 @@ def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tm
     assert "| QKV |" in (out / "table.md").read_text()
     assert main(args) == 2  # the outputs exist: nothing is overwritten
     assert "nothing is overwritten" in capsys.readouterr().err
-    bad = ["bench-decode", *TINY, "--contexts", "64", "--new_tokens", "4"]
+    bad = ["bench-decode", *TINY, "--contexts", "[64]", "--new_tokens", "4"]
     assert main(bad) == 2 and "max_seq_len=64" in capsys.readouterr().err
-    assert main(["bench-decode", *TINY, "--contexts", "8", "--cache", "static", "--rope_keys", "window:4"]) == 2
+    assert main(["bench-decode", *TINY, "--contexts", "[8]", "--cache", "static", "--rope_keys", "[window:4]"]) == 2
     assert "static cache takes on_read or copy" in capsys.readouterr().err

@@ -199,8 +199,8 @@ def test_bad_study_settings_are_one_paragraph_errors(tmp_path: Path, capsys: pyt
     bad.write_text(yaml.safe_dump({"task": str(_task_config(tmp_path)), "sharing": ["Q=Q-V"]}))
     assert cli_main(["study", "--config", str(bad)]) == 2
     assert "attention.sharing='Q=Q-V'" in capsys.readouterr().err
-    assert cli_main(["study", "--config", str(bad), "--seeds", "seven"]) == 2
-    assert "study settings" in capsys.readouterr().err
+    assert cli_main(["study", "--config", str(bad), "--seeds", "[seven]"]) == 2
+    assert "cli.py study: invalid configuration" in capsys.readouterr().err
 
 
 def test_study_configs_parse_and_differ_only_in_the_task(monkeypatch: pytest.MonkeyPatch) -> None:

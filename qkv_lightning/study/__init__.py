@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jsonargparse
 
-from qkv_lightning.errors import ConfigError
+from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.study.config import Cell, StudyConfig
 from qkv_lightning.study.report import equivalence_table, summary_table
 from qkv_lightning.study.runner import run_study, study_dir_of
@@ -28,30 +28,24 @@ __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_st
 
 
 def build_parser() -> jsonargparse.ArgumentParser:
-    parser = jsonargparse.ArgumentParser(
-        prog="cli.py study",
+    """The parser of ``study`` (:mod:`qkv_lightning.command_line`): a study config file and its settings."""
+    return command_parser(
+        "study",
+        StudyConfig,
         description="Train attention variants x seeds on one task config under one budget and compare them.",
-        default_env=False,
-        exit_on_error=False,
+        config_file=True,
     )
-    parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a study config (configs/study/)")
-    parser.add_class_arguments(StudyConfig, instantiate=False, sub_configs=False)
-    return parser
 
 
 def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
-    """The study config from the command line (``--config`` file plus overrides) and the config file's path."""
+    """The study config from the command line (``--config`` file plus overrides) and the config file's path.
+
+    Raises:
+        ConfigError: for a setting the study does not have (with "did you mean") or a value of the wrong type.
+    """
     from qkv_lightning.config_files import resolve_config_args
 
-    parser = build_parser()
-    try:
-        namespace = parser.parse_args(resolve_config_args(argv))
-    except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
-        from qkv_lightning.hints import explain_config_error
-
-        vocabulary = {f.name for f in fields(StudyConfig)} | {"config"}
-        raise ConfigError(f"study settings: {explain_config_error(str(error), vocabulary)}") from None
-    values = namespace.as_dict()
+    values = parse(build_parser(), resolve_config_args(argv)).as_dict()
     config_paths = values.pop("config", None) or []
     config_path = str(config_paths[-1]) if config_paths else None
     names = {f.name for f in fields(StudyConfig)}
@@ -60,10 +54,6 @@ def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
 
 def main(argv: Sequence[str]) -> int:
     """``cli.py study``: run the study and print its summary table."""
-    argv = list(argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        build_parser().print_help()
-        return 0
     config, config_path = parse_study_args(argv)
     study_dir = study_dir_of(config, config_path)
     title = f"Study {Path(config_path).stem if config_path else study_dir.name}"
