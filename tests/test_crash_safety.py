@@ -9,10 +9,12 @@ tests/test_distributed.py, next to the uninterrupted runs they are compared with
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,61 @@ def test_a_skipped_step_leaves_weights_and_optimizer_unchanged_and_is_logged(tmp
     logged = [(e.step, e.value) for e in events.Scalars("train/skipped_steps")]  # the count so far, from step 2
     assert logged[0] == (2, 1.0) and {value for _, value in logged} == {1.0}
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
+
+
+# ------------------------------------------------------------------------------------------- kill -9 during export
+def lm_checkpoint(path: Path) -> Path:
+    """A tiny language model's checkpoint, as fit saves its weights and hyper-parameters."""
+    from qkv_lightning.nn.attention import AttentionConfig
+    from qkv_lightning.nn.gpt import GPTConfig
+    from qkv_lightning.tasks.language_model import LanguageModel
+
+    network = GPTConfig(n_layer=1, n_head=2, d_model=16, d_mlp=32, max_seq_len=16, vocab_size=40, position="rope")
+    task = LanguageModel(network=network, attention=AttentionConfig(sharing="Q-K=V"), data_spec={"vocab_size": 40})
+    task.configure_model()
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    return path
+
+
+def entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_exists", [False, True], ids=["new-folder", "existing-folder"])
+def test_kill_9_during_export_leaves_no_partial_file_and_the_rerun_finishes(tmp_path, out_exists):
+    """Two inputs (--out missing, --out an empty folder of the user's): export is killed with SIGKILL as soon as
+    the first file of its output appears (a temporary, or on main the first .pt2 being written). No file lies under a
+    final name unless it is complete, and the re-run finishes: exactly the three outputs, no temporaries left."""
+    from tests.run_fixtures import subprocess_env
+
+    ckpt = lm_checkpoint(tmp_path / "model.ckpt")
+    out = tmp_path / "exported"
+    if out_exists:
+        out.mkdir()
+    args = ["export", "--ckpt_path", str(ckpt), "--out", str(out), "--prompt_len", "4", "--check_tokens", "3"]
+    start = files_under(tmp_path)
+    child = subprocess.Popen([sys.executable, "cli.py", *args], cwd=Path(__file__).resolve().parent.parent,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while child.poll() is None and files_under(tmp_path) == start:
+            time.sleep(0.001)  # the kill must land while the first output is being written
+        child.kill()
+    finally:
+        child.wait()
+    assert child.returncode == -9, "the export finished before anything of its output appeared"
+    finals = ("prefill.pt2", "decode_step.pt2", "export.json")
+    for name in finals:
+        if (out / name).exists():  # only a complete file may lie under a final name
+            if name.endswith(".pt2"):
+                torch.export.load(out / name)
+            else:
+                json.loads((out / name).read_text())
+    assert main(args) == 0
+    assert entries(out) == set(finals)
+    assert json.loads((out / "export.json").read_text())["check"]["tokens_equal"]
+    assert entries(tmp_path) == {"model.ckpt", "exported"}  # no scratch folder left beside it

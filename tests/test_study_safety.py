@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from qkv_lightning.cli import main
+from qkv_lightning.files import make_owned_dir
 from qkv_lightning.study.safety import LOCK, MARKER, OWNER, identity, process_start_time
 from tests.run_fixtures import snapshot
 
@@ -99,8 +100,7 @@ def test_a_live_lock_is_refused_a_stale_lock_is_taken_over_and_a_survivors_cell_
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
         (out / LOCK).write_text(json.dumps({**identity(), "pid": dead.pid, "start": None}))  # left by kill -9
-        cell = out / "runs" / "QKV" / "seed0"
-        cell.mkdir(parents=True)
+        cell = make_owned_dir(out / "runs" / "QKV" / "seed0")  # the killed study made it (and marked it)
         (cell / OWNER).write_text(json.dumps(owner))  # a worker of the killed study, still running this cell
         (cell / "events.out.tfevents.1").write_text("the survivor's events")
         before = snapshot(out)

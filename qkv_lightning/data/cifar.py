@@ -24,7 +24,7 @@ from torchvision.datasets.utils import check_integrity, download_url
 from qkv_lightning.data.archives import check_md5, extract_archive, remove_tree
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule, TensorSource
 from qkv_lightning.errors import ConfigError, DataError
-from qkv_lightning.files import follow_umask
+from qkv_lightning.files import follow_umask, swap_in
 
 MAX_CIFAR_BYTES = 1 << 30
 """Cap on what a CIFAR archive may unpack to (the official ones hold about 180 MB)."""
@@ -218,7 +218,7 @@ class CIFAR10DataModule(ImageDataModule):
                 raise DataError(
                     f"{archive} holds no {self.layout.folder}/ folder; it is not the {self.layout.name} python version."
                 )
-            os.replace(inner, target)
+            swap_in(inner, target, replace=False)  # the complete folder, renamed into place
         finally:
             remove_tree(scratch)
 

@@ -8,7 +8,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -18,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from qkv_lightning.callbacks.milestones import MetricsAtSteps
-from qkv_lightning.files import atomic_write_text
+from qkv_lightning.files import atomic_write_text, make_owned_dir, remove_owned
 from qkv_lightning.study.config import (
     CONVERT_PREFIX,
     INIT_FROM_KEY,
@@ -358,9 +357,8 @@ def prepare_cell(spec: dict) -> None:
     """A fresh cell folder with its ``cell.yaml`` (a half-finished or outdated run of this study starts afresh)."""
     directory = Path(spec["dir"])
     check_no_survivors([directory])
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    remove_owned(directory, advice="remove the link in study.output that leads there", role="the study cell")
+    make_owned_dir(directory)
     atomic_write_text(directory / "cell.yaml", yaml.safe_dump(cell_overrides(spec), sort_keys=False))
 
 
