@@ -4,7 +4,6 @@ state dict."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -15,6 +14,7 @@ import torch
 
 from qkv_lightning.checkpoints.read import ForbiddenCheckpointContent, _first_line, load_checkpoint_file
 from qkv_lightning.errors import CheckpointError
+from qkv_lightning.files import recover_swap
 
 METADATA_FILE = "meta.pt"
 """Lightning's file with the non-tensor state inside a sharded checkpoint folder."""
@@ -245,16 +245,8 @@ def recover_interrupted_swap(path: str | Path) -> bool:
     is put back in its place. Returns whether anything was moved.
     """
     path = Path(path)
-    if path.exists():
-        return False
-    for candidate in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")):
-        if is_sharded_checkpoint(candidate):
-            try:
-                os.replace(candidate, path)
-            except FileNotFoundError:  # another process (node) repaired it first
-                return False
-            return True
-    return False
+    candidates = (path.with_name(path.name + ".partial"), path.with_name(path.name + ".old"))
+    return recover_swap(path, candidates, is_sharded_checkpoint)
 
 
 def remove_path(path: Path) -> None:
