@@ -1,6 +1,6 @@
 """``import``: a Hugging Face GPT-2 folder or timm ViT weights as a checkpoint of our tasks (QKV), exactly.
 
-Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit]``
+Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit|authors-lm|authors-synthetic|authors-vit]``
 
 - ``hf-gpt2``: SRC is a folder with ``config.json`` + ``model.safetensors`` (``GPT2LMHeadModel.save_pretrained``);
   ``--bpe_file gpt2.tiktoken`` records the GPT-2 BPE's identity in the checkpoint, so that ``validate``/``test``
@@ -9,7 +9,11 @@ Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit]``
 - ``timm-vit``: SRC is a ``.safetensors`` file or a weights-only ``.pth`` of a timm ``vit_*`` model; ``--n_head``
   (default width / 64) or ``--timm_model NAME`` (with timm installed: the architecture is checked against timm's).
 
-``auto`` takes a folder for GPT-2 and a file for timm. Loading is offline, from local files only; nothing read runs
+- ``authors-lm`` / ``authors-synthetic`` / ``authors-vit``: SRC is a ``.pt`` file the paper's authors' code saved
+  (their language models, synthetic-task encoders, ViTs; see :mod:`qkv_lightning.interop.authors`).
+
+``auto`` takes a folder for GPT-2, a torch file holding the authors' ``model_state_dict`` for theirs (by its
+contents), and any other file for timm. Loading is offline, from local files only; nothing read runs
 code. When ``transformers`` (GPT-2) or timm with ``--timm_model`` (ViT) is installed, the written model's logits are
 compared with the source library's on random inputs and the largest difference is printed.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.interop.common import check_destination, task_checkpoint, write_checkpoint
 
-FORMATS = ("auto", "hf-gpt2", "timm-vit")
+FORMATS = ("auto", "hf-gpt2", "timm-vit", "authors-lm", "authors-synthetic", "authors-vit")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,8 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_destination(dst)
     if not src.exists():
         raise ConfigError(f"{src} does not exist; give a Hugging Face GPT-2 folder or a timm ViT weights file.")
-    fmt = args.format if args.format != "auto" else ("hf-gpt2" if src.is_dir() else "timm-vit")
-    if fmt == "hf-gpt2":
+    from qkv_lightning.interop import authors
+
+    fmt = args.format if args.format != "auto" else ("hf-gpt2" if src.is_dir() else authors.detect(src) or "timm-vit")
+    if fmt in authors.FORMATS:  # the paper authors' own checkpoints
+        task, source = authors.import_authors(src, fmt, Path(args.bpe_file) if args.bpe_file else None, args.seq_len)
+        difference, library = None, ""
+    elif fmt == "hf-gpt2":
         from qkv_lightning.interop.hf_gpt2 import check_with_transformers, import_gpt2
 
         task, source = import_gpt2(src, Path(args.bpe_file) if args.bpe_file else None, args.seq_len)
@@ -61,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = {**source, "path": str(src.resolve()), "max_abs_logit_diff": difference}
     write_checkpoint(task_checkpoint(task, source), dst)
     n = task.network_config
-    print(f"imported {src} ({fmt}) as {dst}: {type(task).__name__}, QKV, {n.n_layer} layers, width {n.d_model}, "
+    label = task.attention_config.sharing if hasattr(task, "attention_config") else "QKV"
+    print(f"imported {src} ({fmt}) as {dst}: {type(task).__name__}, {label}, {n.n_layer} layers, width {n.d_model}, "
           f"{n.n_head} heads, {sum(p.numel() for p in task.network.parameters()):,} parameters")
     if difference is not None:
         print(f"largest |logit difference| against {library} on random inputs: {difference:.3g}")
