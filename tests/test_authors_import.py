@@ -289,6 +289,7 @@ def test_authors_vit_imports_with_the_reference_logits(tmp_path, plain_argv, var
     assert main(["import", str(tmp_path / "vision.pt"), str(tmp_path / "ours.ckpt")]) == 0
     task, checkpoint = task_from(tmp_path / "ours.ckpt")
     assert checkpoint["qkv_import"]["variant"] == variant
+    assert (task.network_config.dropout, task.network_config.dropout_at) == (0.1, "mlp")  # their placement
     images = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(5))
     padded = F.pad(images, (0, 2, 0, 2))  # (2, 3, 12, 12): zeros right and bottom up to the 3 x 3 grid
     patches = F.conv2d(padded, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)  # (2, D, 3, 3)

@@ -41,6 +41,11 @@ class TrunkConfig:
     dropout: float = 0.0
     """Residual and embedding dropout."""
 
+    dropout_at: Literal["residual", "mlp"] = "residual"
+    """Where each block puts ``dropout``: ``residual`` (our default), after the attention's output projection and
+    after the MLP's output; ``mlp``, after the MLP's GELU and after the MLP's output, none on the attention branch (the
+    placement of the paper's ViT code, vision_tasks.py). The embeddings' dropout is the same either way."""
+
     norm_eps: float = 1e-5
     """LayerNorm epsilon."""
 
@@ -52,6 +57,8 @@ class TrunkConfig:
     ``nn.GELU()`` default, as the paper's LM code uses). Not counted in FLOPs either way (element-wise)."""
 
     def __post_init__(self) -> None:
+        if self.dropout_at not in ("residual", "mlp"):
+            raise ConfigError(f"network.dropout_at={self.dropout_at!r} must be 'residual' or 'mlp'.")
         if self.gelu not in ("tanh", "exact"):
             raise ConfigError(f"network.gelu={self.gelu!r} must be 'tanh' or 'exact'.")
         for name in ("n_layer", "n_head", "d_model"):
@@ -86,19 +93,22 @@ class DropPath(StochasticDepth):
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward network with GELU (``gelu``: ``tanh`` approximation or ``exact`` erf)."""
+    """Two-layer feed-forward network with GELU (``gelu``: ``tanh`` approximation or ``exact`` erf), dropout
+    ``dropout`` on its output and ``hidden_dropout`` after the GELU."""
 
     def __init__(
-        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, gelu: str = "tanh"
+        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, gelu: str = "tanh",
+        hidden_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, d_mlp, bias=bias)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.hidden_dropout = nn.Dropout(hidden_dropout) if hidden_dropout > 0 else nn.Identity()
         self.proj = nn.Linear(d_mlp, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
+        return self.dropout(self.proj(self.hidden_dropout(self.act(self.fc(x)))))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -111,11 +121,13 @@ class Block(nn.Module):
         attention: the attention variant.
         causal: decoder or encoder attention.
         bias: biases in linear layers.
-        dropout: residual dropout (after the attention and MLP output projections).
+        dropout: the blocks' dropout, placed by ``dropout_at``.
         drop_path: stochastic-depth probability of this block.
         norm_eps: LayerNorm epsilon.
         gelu: the MLP's GELU, ``tanh`` or ``exact`` (:attr:`TrunkConfig.gelu`).
         reuses_kv: the attention reuses an earlier layer's K/V (cross-layer sharing, see :class:`Attention`).
+        dropout_at: ``residual`` (after the attention and MLP output projections) or ``mlp`` (after the MLP's GELU and
+            output, none on attention) (:attr:`TrunkConfig.dropout_at`).
     """
 
     def __init__(
@@ -131,13 +143,15 @@ class Block(nn.Module):
         norm_eps: float = 1e-5,
         gelu: str = "tanh",
         reuses_kv: bool = False,
+        dropout_at: str = "residual",
     ) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
         self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias, reuses_kv=reuses_kv)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = nn.Dropout(dropout if dropout_at == "residual" else 0.0)
         self.norm_mlp = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout, gelu=gelu)
+        hidden = dropout if dropout_at == "mlp" else 0.0
+        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout, gelu=gelu, hidden_dropout=hidden)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -215,6 +229,7 @@ class Trunk(nn.Module):
             drop_path=drop_path,
             norm_eps=config.norm_eps,
             gelu=config.gelu,
+            dropout_at=config.dropout_at,
         )
 
     def forward(
