@@ -330,3 +330,25 @@ def test_authors_files_with_a_missing_or_misshapen_key_are_errors_naming_it(tmp_
     assert "blocks.1.attn.pos2d" in error_of({**syn, "model_state_dict": table}, "table.pt")
     for text in capsys.readouterr().err.splitlines():
         assert "Traceback" not in text
+
+
+def test_imported_synthetic_encoder_is_tested_through_the_cli_with_the_reference_accuracy(tmp_path, plain_argv):
+    """``test --ckpt_path`` on the imported file: the CLI's checks accept it, and test/acc is the reference forward's
+    token accuracy on the same test lists."""
+    from qkv_lightning.lightning_cli import QKVLightningCLI
+    from tests.run_fixtures import synthetic_args
+
+    sd = synthetic_file(tmp_path / "synthetic_reverse.pt", "(Q=K=V)+")
+    assert main(["import", str(tmp_path / "synthetic_reverse.pt"), str(tmp_path / "ours.ckpt")]) == 0
+    args = [*synthetic_args(tmp_path), "--data.init_args.task", "reverse", "--data.init_args.seq_len", "9",
+            "--ckpt_path", str(tmp_path / "ours.ckpt")]
+    with pytest.warns(UserWarning, match="replace the config's"):
+        cli = QKVLightningCLI(args=["test", *args])
+    right = total = 0
+    for idx, targets in cli.datamodule.test_dataloader():
+        x = F.one_hot(idx, 10).float() @ sd["embed.weight"].T + sd["embed.bias"] + sd["pos_emb.weight"][:9]
+        predicted = linear(encoder_blocks(sd, "(Q=K=V)+", x, 2, 10), sd, "head").argmax(-1)  # (B, T)
+        right += int((predicted == targets).sum())
+        total += targets.numel()
+    assert total == 16 * 9
+    assert cli.trainer.callback_metrics["test/acc"].item() == pytest.approx(right / total, abs=1e-6)
