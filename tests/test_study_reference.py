@@ -56,9 +56,9 @@ def test_reference_pairs_only_matched_cells(tmp_path):
     comparison = compare([str(reference)], our_results(), "test/acc", {"n_layer": 2, "n_head": 2})
     assert comparison["matched_runs"] == 9 and comparison["runs"] == 18  # length 32 is not in their sweep
     rows = {row["variant"]: row for row in comparison["rows"]}
-    assert sorted(rows) == ["q=k-v", "q=k=v+score", "qkv"]
+    assert sorted(rows) == ["Q=K-V", "Q=K=V+score", "QKV"]
     for ours_label, theirs_label in (("QKV", "QKV"), ("Q=K-V", "Q=K!=V"), ("Q=K=V+score", "(Q=K=V)+")):
-        row = rows[ours_label.lower()]
+        row = rows[ours_label]
         assert (row["task"], row["n_embd"], row["n_layer"], row["seq_len"], row["n"]) == ("reverse", "32", "2", "16", 3)
         theirs = [their_value(theirs_label, 32, 2, 16, seed) for seed in (0, 1, 2)]
         ours = [0.5 + 0.01 * seed + 0.1 * len(ours_label) for seed in (0, 1, 2)]

@@ -111,8 +111,9 @@ def match(results: list[dict], cells: list[dict[str, str]], values: list[float],
                 f"{where}, which differ in {', '.join(differ)}; say our value of those in study.reference_cell (e.g. "
                 f"{{{differ[0]}: ...}})."
             )
-        if found:
-            pairs.append(({k: cell[k] for k in shared}, values[found[0]], float(ours)))
+        if found:  # shown with our variant label (matched case-insensitively)
+            shown = {**{k: cell[k] for k in shared}, "variant": result["variant"]}
+            pairs.append((shown, values[found[0]], float(ours)))
     return pairs
 
 
