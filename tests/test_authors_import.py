@@ -320,6 +320,8 @@ def test_authors_files_with_a_missing_or_misshapen_key_are_errors_naming_it(tmp_
     no_head = {**good, "model_config": {k: v for k, v in good["model_config"].items() if k != "n_head"}}
     assert "n_head" in error_of(no_head, "nohead.pt")
     assert "use_bias" in error_of({**good, "model_config": {**good["model_config"], "use_bias": False}}, "bias.pt")
+    plain = {k.removeprefix("module."): v for k, v in state.items()}  # a bare state dict, not their dict
+    assert "model_state_dict" in error_of(plain, "plain.pt", "--format", "authors-lm")
     no_config = {k: v for k, v in good.items() if k != "model_config"}
     assert "model_config" in error_of(no_config, "noconfig.pt", "--format", "authors-lm")
     synthetic_file(tmp_path / "syn.pt", "(Q=K=V)+")

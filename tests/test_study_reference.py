@@ -90,3 +90,19 @@ def test_reference_without_a_match_or_with_two_matches_is_refused(tmp_path):
         StudyConfig(task="configs/synthetic/reverse.yaml", reference=str(tmp_path / "missing.csv"))
     config = StudyConfig(task="configs/synthetic/reverse.yaml", reference=[str(near), str(far)])
     assert config.reference_files == [str(near), str(far)]
+
+
+def test_their_vision_layout_matches_by_dataset_patch_lr_and_run(tmp_path):
+    """Their vision files: ``dataset`` is our task config's name (fmnist: fashion-mnist), ``run`` the seed."""
+    path = tmp_path / "vision_results_shard0.csv"
+    path.write_text("variant,dataset,patch,lr,n_embd,n_layer,n_head,run,accuracy\n"
+                    "Q!=K=V,fmnist,4,0.001,64,2,2,0,0.8800\nQ!=K=V,fmnist,4,0.001,64,2,2,1,0.8900\n"
+                    "Q!=K=V,fmnist,7,0.001,64,2,2,0,0.5000\nQ!=K=V,mnist,4,0.001,64,2,2,0,0.9800\n")
+    results = [{"variant": "Q-K=V", "seed": seed, "status": "ok", "metrics": {"test/acc": 0.87},
+                "axes": {"task": "fashion-mnist", "model.init_args.network.patch_size": 4,
+                         "model.init_args.optimizer.lr": 0.001}} for seed in (0, 1)]
+    comparison = compare([str(path)], results, "test/acc", {"n_embd": 64, "n_layer": 2, "n_head": 2})
+    assert comparison["matched_runs"] == 2
+    (row,) = comparison["rows"]
+    assert (row["task"], row["patch"], row["n"]) == ("fashion-mnist", "4", 2)
+    assert row["reference"] == pytest.approx(0.885) and row["difference"] == pytest.approx(-0.015)

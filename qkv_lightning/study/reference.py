@@ -1,8 +1,8 @@
 """A study's results against a reference results file (``study.reference``), over matched cells only.
 
 The reference is a CSV with one row per run: the paper authors' per-cell files (``variant, task, n_embd, n_layer,
-n_head, seq_len, seed, accuracy``, their variant names ``Q=K!=V``, ``(Q=K!=V)+``, ``Q!=K=V``, ...) or one of our own
-``results.csv``. Each of our finished runs is a cell named by its variant, seed, task and axis values (a dotted axis
+n_head, seq_len, seed, accuracy``, their variant names ``Q=K!=V``, ``(Q=K!=V)+``, ``Q!=K=V``, ...; their vision
+files' ``dataset, patch, lr, ..., run``) or one of our own ``results.csv``. Each of our finished runs is a cell named by its variant, seed, task and axis values (a dotted axis
 key by its last part, ``d_model`` as ``n_embd``) plus ``study.reference_cell``, the values our cells hold fixed
 (e.g. ``{n_layer: 2, n_head: 2}``). A run matches a reference row when they agree on every key both have; the
 report then lists, per cell group (every key but the seed), the reference mean, ours, and the paired difference
@@ -25,8 +25,12 @@ AUTHORS_VARIANTS = {"QKV": "QKV", "Q=K!=V": "Q=K-V", "(Q=K!=V)+": "Q=K-V+score",
                     "Q=K=V": "Q=K=V", "(Q=K=V)+": "Q=K=V+score"}
 """The authors' variant names in our labels."""
 
-KEY_NAMES = {"d_model": "n_embd"}
-"""Our setting names that the authors' files call otherwise."""
+KEY_NAMES = {"d_model": "n_embd", "patch_size": "patch", "run": "seed", "dataset": "task"}
+"""Key names as compared: our settings in the authors' spelling (``d_model``: ``n_embd``, ``patch_size``: ``patch``),
+and their vision files' ``run`` (their runs' torch seed) and ``dataset`` (our task config's name)."""
+
+VALUE_NAMES = {"fmnist": "fashion-mnist"}
+"""The authors' data set names that our task configs (configs/vit/paper/) call otherwise."""
 
 NOT_KEYS = {"status", "params", "attn_params", "kv_cache_bytes_per_token", "steps", "wall_s", "cpu_s", "error",
             "log_dir", "sharing", "n_kv_heads", "accuracy"}
@@ -45,7 +49,8 @@ def key_value(value: Any) -> str:
         number = float(value)
     except (TypeError, ValueError):
         text = str(value).strip()
-        return AUTHORS_VARIANTS.get(text, text).lower()
+        text = AUTHORS_VARIANTS.get(text, text).lower()
+        return VALUE_NAMES.get(text, text)
     return repr(int(number)) if number.is_integer() else repr(number)
 
 
