@@ -357,14 +357,19 @@ def encoder_blocks(tensors: Tensors, network: dict[str, Any], sharing: str, plus
     return state
 
 
-def encoder_network(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """The trunk settings both encoders share."""
+def encoder_network(raw: dict[str, Any], source: str, kind: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Their encoder's saved ``config``, where it is (for messages), and the trunk settings both encoders share."""
+    config = raw.get("config")
+    where = f"{source}: config"
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source} has no config (the dict of {kind} that rebuilds the model).")
     d, n_head = setting(config, "n_embd", where), setting(config, "n_head", where)
     if d % n_head:
         raise ConfigError(f"{where}: n_head={n_head} must divide n_embd={d}.")
-    return {"n_layer": setting(config, "n_layer", where), "n_head": n_head, "d_model": d,
-            "d_mlp": setting(config, "n_inner_mult", where, default=4) * d, "bias": True, "norm_eps": 1e-5,
-            "gelu": "exact", "init": "torch"}
+    network = {"n_layer": setting(config, "n_layer", where), "n_head": n_head, "d_model": d,
+               "d_mlp": setting(config, "n_inner_mult", where, default=4) * d, "bias": True, "norm_eps": 1e-5,
+               "gelu": "exact", "init": "torch"}
+    return config, where, network
 
 
 def import_synthetic(raw: dict[str, Any], source: str) -> tuple[Any, str]:
@@ -372,11 +377,7 @@ def import_synthetic(raw: dict[str, Any], source: str) -> tuple[Any, str]:
     from qkv_lightning.data.synthetic import NUM_DIGITS, TASKS
     from qkv_lightning.tasks.sequence_tasks import SequenceTask
 
-    config = raw.get("config")
-    where = f"{source}: config"
-    if not isinstance(config, dict):
-        raise ConfigError(f"{source} has no config (the dict of ModelCfg that rebuilds the encoder).")
-    network = encoder_network(config, where)
+    config, where, network = encoder_network(raw, source, "ModelCfg")
     length, seq_len = setting(config, "max_len", where, default=128), setting(config, "seq_len", where)
     channels = setting(config, "pos_dim", where, default=10)
     network.update(max_seq_len=length, position="learned", dropout=0.0)
@@ -404,11 +405,7 @@ def import_vit(raw: dict[str, Any], source: str) -> tuple[Any, str]:
 
     from qkv_lightning.tasks.image_classifier import ImageClassifier
 
-    config = raw.get("config")
-    where = f"{source}: config"
-    if not isinstance(config, dict):
-        raise ConfigError(f"{source} has no config (the dict of ViTConfig that rebuilds the ViT).")
-    network = encoder_network(config, where)
+    config, where, network = encoder_network(raw, source, "ViTConfig")
     size, patch = setting(config, "image_size", where), setting(config, "patch", where)
     channels_in, classes = setting(config, "channels", where), setting(config, "n_classes", where)
     channels = setting(config, "pos_dim", where, default=50)
