@@ -4,6 +4,7 @@ memory-budget batch under a limit the test enforces, and the bench-decode comman
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from qkv_lightning.bench.decode_memory import (
 from qkv_lightning.cli import main
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.cost import attention_shapes
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
 from qkv_lightning.nn.kv_cache import parse_rope_keys
@@ -32,34 +34,52 @@ from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(v, None) for v in CANONICAL_VARIANTS] + [("QKV", 2), ("Q-K=V", 1)]
 SCHEMES = ("on_read", "copy", "window:20")
+POSITIONS = ["rope", "rope_rf0.5", "rope_rk4", "learned", "none"]
+"""Positions of the decoding tests: full RoPE, partial rotary (half of each head), a decoupled rotary key of 4
+dimensions, learned absolute positions and none (NoPE)."""
+ROPE_OPTIONS = {"rf": "rope_fraction", "rk": "rope_key_dim"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def layer_shapes(model: GPT) -> tuple[AttentionShape, ...]:
+    c = model.config
+    return attention_shapes(c.d_model, c.n_head, model.trunk.attention, c.bias, c.n_layer)
+
+
 def model_for(variant: str, n_kv: int | None, position: str, max_seq_len: int = 96, **network) -> GPT:
+    """A small double-precision GPT; ``position`` is a network position, ``rope_rf0.5`` (rope_fraction 0.5) or
+    ``rope_rk4`` (rope_key_dim 4)."""
     torch.manual_seed(0)
+    position, _, option = position.partition("_")
+    rope = {ROPE_OPTIONS[option[:2]]: float(option[2:]) if option[:2] == "rf" else int(option[2:])} if option else {}
     attention = AttentionConfig(sharing=variant, n_kv_heads=n_kv, score_encoding=variant == "Q=K-V",
-                                mask_self=variant == "Q=K=V")
+                                mask_self=variant == "Q=K=V", **rope)
     config = GPTConfig(**{**dict(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=max_seq_len, vocab_size=50,
                                  init_std=0.3, position=position), **network})
     return GPT(config, attention).double().eval()
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
 def test_long_context_cached_decoding_equals_the_full_forward_pass(variant, n_kv, position):
     model = model_for(variant, n_kv, position)
     tokens = torch.randint(0, 50, (2, 90), generator=torch.Generator().manual_seed(1))
     full = model(tokens)  # (B, T, V)
-    schemes = SCHEMES if model.blocks[0].attn.kv_shared and position == "rope" else ("on_read",)
+    rotates = model.blocks[0].attn.kv_shared and position in ("rope", "rope_rf0.5")  # K=V keys rotated on read
+    schemes = SCHEMES if rotates else ("on_read",)
     with torch.inference_mode():  # the decoding path: keys rotated on read into the shared workspace
         for scheme in schemes:
             caches = model.new_caches(2, 90, rope_keys=scheme)
             steps = [model(tokens[:, :60], caches)] + [model(tokens[:, t : t + 1], caches) for t in range(60, 90)]
             torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10, msg=scheme)
+            copied = {"on_read": 0.0, "copy": 1.0, "window:20": 20 / 90}[scheme] if rotates else 0.0
+            per_token = sum(kv_cache_bytes_per_token(shape, 8, copied=copied) for shape in layer_shapes(model))
+            assert sum(c.nbytes for c in caches) == pytest.approx(2 * 90 * per_token, rel=1e-12)  # closed form
             kept = caches[0].rotated
-            if scheme == "copy":
-                assert kept.shape[2] == 90 and sum(c.nbytes for c in caches) == 2 * sum(
+            if scheme == "copy":  # a rotated copy of the rotated dimensions (half of them with rope_fraction 0.5)
+                copy = 2 if position == "rope" else 1.5
+                assert kept.shape[2] == 90 and sum(c.nbytes for c in caches) == copy * sum(
                     b.numel() * 8 for c in caches for b in c.buffers)
             elif scheme == "window:20":
                 assert kept.shape[2] == 20
@@ -81,13 +101,14 @@ def test_rope_schemes_keep_k_equal_v_caches_at_half_the_bytes_unless_a_copy_is_a
         parse_rope_keys("twice", 64)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
 def test_static_cache_steps_equal_the_dynamic_cache(variant, n_kv, position):
     model = model_for(variant, n_kv, position)
     prompt = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
     reference = model.generate(prompt, 20, use_cache=False)
-    schemes = ("on_read", "copy") if model.blocks[0].attn.kv_shared and position == "rope" else ("on_read",)
+    rotates = model.blocks[0].attn.kv_shared and position in ("rope", "rope_rf0.5")
+    schemes = ("on_read", "copy") if rotates else ("on_read",)
     with torch.inference_mode():
         for scheme in schemes:
             for workspace in (False, True):
@@ -97,6 +118,9 @@ def test_static_cache_steps_equal_the_dynamic_cache(variant, n_kv, position):
                 eager = model(reference[:, :7], caches)[:, -1]
                 logits, cache = decoder.prefill(reference[:, :7])
                 assert len(cache) == sum(decoder.tensors_per_layer())
+                shapes = [shape for layer in decoder.cache_shapes(2) for shape in layer]
+                assert [tuple(t.shape) for t in cache] == shapes == [tuple(t.shape) for t in decoder.new_cache(2)]
+                assert sum(t.numel() * 8 for t in cache) == decoder.cache_bytes(2)  # closed form = measured
                 for t in range(7, 26):
                     torch.testing.assert_close(logits, eager, rtol=1e-10, atol=1e-10)
                     eager = model(reference[:, t : t + 1], caches)[:, -1]
@@ -149,19 +173,51 @@ def test_compiled_static_step_equals_eager():
 
 
 @pytest.mark.parametrize(("variant", "n_kv", "position", "per_layer"), [("Q-K=V", None, "rope", 1),
-                                                                        ("QKV", 2, "learned", 2)])
+                                                                        ("QKV", 2, "learned", 2),
+                                                                        ("Q-K=V", None, "rope_rf0.5", 1),
+                                                                        ("Q-K=V", 2, "rope_rk4", 2),
+                                                                        ("QKV", None, "rope_rk4", 3)])
 def test_exported_graphs_equal_eager_decoding_token_by_token(variant, n_kv, position, per_layer):
     from qkv_lightning.export import check_exported, export_graphs
 
     model = model_for(variant, n_kv, position).float()
     exported = export_graphs(model, 24, 6, 2)
     assert exported["layout"]["tensors_per_layer"] == [per_layer, per_layer]
-    assert all(shape == [2, n_kv or 4, 24, 8] for shape in exported["layout"]["cache_shapes"])
+    rope_key = [[2, 1, 24, 4]] if position == "rope_rk4" else []  # the decoupled rotary key's cache
+    layer = [[2, n_kv or 4, 24, 8]] * (per_layer - len(rope_key)) + rope_key
+    assert exported["layout"]["cache_shapes"] == layer * 2
     check = check_exported(model, exported["prefill"], exported["step"], exported["prompt"], 12)
     assert check["tokens_equal"] and check["max_abs_logit_diff"] < 1e-4 * max(1.0, check["max_abs_logit"])
     # the decode-step graph takes the cache as inputs and returns it: its outputs are logits plus one per input
     signature = exported["step"].graph_signature
     assert len(signature.user_outputs) == 1 + 2 * per_layer and len(signature.user_inputs) == 2 + 2 * per_layer
+
+
+def test_static_decoder_and_export_refuse_a_rope_keys_window(tmp_path, capsys):
+    """A static cache (and so ``export``) has no window layout: ``rope_keys=window:W`` with W below the capacity is a
+    one-paragraph error naming rope_keys, not an export of another layout (a window as wide as the cache is exactly
+    the copy layout). Through the real export command: exit 2, nothing written, the checkpoint unchanged."""
+    model = model_for("Q-K=V", None, "rope", max_seq_len=32).float()
+    copy = StaticDecoder(model, 32, rope_keys="copy").tensors_per_layer()
+    assert copy == [2, 2] and StaticDecoder(model, 32).tensors_per_layer() == [1, 1]
+    for window in (1, 8, 31):
+        with pytest.raises(ConfigError, match=rf"rope_keys='window:{window}': a static cache takes on_read or copy"):
+            StaticDecoder(model, 32, rope_keys=f"window:{window}")
+    assert StaticDecoder(model, 32, rope_keys="window:32").tensors_per_layer() == copy
+    from qkv_lightning.tasks.language_model import LanguageModel
+
+    network = GPTConfig(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=32, vocab_size=50, position="rope")
+    task = LanguageModel(network=network, attention=AttentionConfig(sharing="Q-K=V"), data_spec={"vocab_size": 50})
+    task.configure_model()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    assert main(["export", "--ckpt_path", str(path), "--out", str(out), "--rope_keys", "window:8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rope_keys='window:8'" in err and "\n\n" not in err and "Traceback" not in err
+    assert not out.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
 @pytest.mark.slow
@@ -224,6 +280,35 @@ def test_the_largest_batch_for_a_budget_fits_and_one_more_does_not(variant):
     assert not under_the_budget(batch + 1)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory probe reads Linux's /proc")
+@pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_memory_budget_counts_the_weights_once_and_fits_sequences_in_the_rest(capsys):
+    """With weights worth 16 sequences, ``bench-decode --memory_budget`` finds the largest batch that fits the budget
+    minus the weights: computed exactly as the closed form written out here, checked by allocation close to it, and
+    far from the batch the whole budget would give."""
+    vocab, d, heads, mlp, layers, capacity = 8192, 64, 4, 128, 2, 58  # QKV, RoPE, tied embeddings, fp32
+    per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * mlp + mlp + mlp * d + d)  # 2 LNs, qkv, proj, MLP
+    weights = 4 * (vocab * d + layers * per_layer + 2 * d)  # + the final LN
+    cache = 4 * layers * 2 * d * capacity  # K and V of every layer at every position
+    step = 4 * (d * capacity + 2 * vocab + 4 * (mlp + 3 * d) + 3 * heads * capacity)  # keys, logits, hidden, scores
+    per_sequence = cache + step
+    budget = weights + 6 * per_sequence + per_sequence // 2
+    assert weights > 15 * per_sequence and budget // per_sequence == 22  # the whole budget: 22 sequences
+    args = ["bench-decode", "--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model.network.n_layer",
+            str(layers), "--model.network.d_model", str(d), "--model.network.n_head", str(heads),
+            "--model.network.d_mlp", str(mlp), "--model.network.vocab_size", str(vocab), "--model.network.max_seq_len",
+            "64", "--data_spec", json.dumps({"vocab_size": vocab, "seq_len": 64}), "--threads", "1", "--progress",
+            "false", "--variants", "[QKV]", "--contexts", f"[{capacity - 2}]", "--new_tokens", "2", "--rounds", "1",
+            "--warmup", "0", "--memory_budget", str(budget), "--format", "json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["setup"]["weights_bytes"] == weights
+    (row,) = result["memory_budget"]["rows"]
+    assert row["capacity"] == capacity and row["computed"] == 6  # (budget - weights) // per_sequence
+    assert abs(row["checked"] - 6) <= 3  # allocated for real under the budget less the weights
+
+
 def test_memory_amounts_parse_and_bad_ones_are_one_clear_error():
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1e9") == 10**9
     with pytest.raises(ConfigError, match="--memory_budget='lots'"):
@@ -237,12 +322,24 @@ TINY = ["--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model
 
 
 @pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_memory_budget_refuses_a_rope_keys_window_before_measuring(capsys):
+    """--memory_budget sizes a static cache, which has no window layout: a window:W contender is a one-paragraph
+    error before anything is measured (it was a bare traceback from the memory probe after the timings)."""
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--rope_keys", "[on_read, window:4]", "--contexts",
+            "[8]", "--new_tokens", "2", "--rounds", "1", "--warmup", "0", "--memory_budget", "20MB"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "--rope_keys window:4: the static cache takes on_read or copy" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.usefixtures("plain_argv")
 def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "results"
-    args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--n_kv_heads", "2", "--labels", "QKV", "Q-K=V",
-            "QKV_kv2", "--rope_keys", "on_read", "copy", "--contexts", "8", "24", "--batch_sizes", "1", "2",
-            "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "--serve_requests", "3",
-            "--serve_prompt_lens", "4", "12", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--n_kv_heads", "[2]", "--labels",
+            "[QKV, Q-K=V, QKV_kv2]", "--rope_keys", "[on_read, copy]", "--contexts", "[8, 24]", "--batch_sizes",
+            "[1, 2]", "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "true", "--serve_requests", "3",
+            "--serve_prompt_lens", "[4, 12]", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
             "--format", "json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -269,7 +366,7 @@ def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tm
     assert "| QKV |" in (out / "table.md").read_text()
     assert main(args) == 2  # the outputs exist: nothing is overwritten
     assert "nothing is overwritten" in capsys.readouterr().err
-    bad = ["bench-decode", *TINY, "--contexts", "64", "--new_tokens", "4"]
+    bad = ["bench-decode", *TINY, "--contexts", "[64]", "--new_tokens", "4"]
     assert main(bad) == 2 and "max_seq_len=64" in capsys.readouterr().err
-    assert main(["bench-decode", *TINY, "--contexts", "8", "--cache", "static", "--rope_keys", "window:4"]) == 2
+    assert main(["bench-decode", *TINY, "--contexts", "[8]", "--cache", "static", "--rope_keys", "[window:4]"]) == 2
     assert "static cache takes on_read or copy" in capsys.readouterr().err

@@ -199,8 +199,8 @@ def test_bad_study_settings_are_one_paragraph_errors(tmp_path: Path, capsys: pyt
     bad.write_text(yaml.safe_dump({"task": str(_task_config(tmp_path)), "sharing": ["Q=Q-V"]}))
     assert cli_main(["study", "--config", str(bad)]) == 2
     assert "attention.sharing='Q=Q-V'" in capsys.readouterr().err
-    assert cli_main(["study", "--config", str(bad), "--seeds", "seven"]) == 2
-    assert "study settings" in capsys.readouterr().err
+    assert cli_main(["study", "--config", str(bad), "--seeds", "[seven]"]) == 2
+    assert "cli.py study: invalid configuration" in capsys.readouterr().err
 
 
 def test_study_configs_parse_and_differ_only_in_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -391,7 +391,10 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
     content = run.PluginTagToContent("hparams")
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["variant"].string_value == "Q=K=V" and start.hparams["seed"].number_value == 1
-    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    study_run = EventAccumulator(str(out / "summary"))  # the one experiment of the study is in its own run
+    study_run.Reload()
+    study_content = study_run.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(study_content[metadata.EXPERIMENT_TAG])
     assert {m.name.tag for m in experiment.metric_infos} >= {"test/acc", "val/acc"}
     assert run.Scalars("test/acc")[-1].value == pytest.approx(float(ok["Q=K=V", "1"]["test/acc"]))
     assert not list((out / "runs").rglob("*.ckpt"))

@@ -149,6 +149,39 @@ def test_convert_cli_on_a_checkpoint_of_each_task_keeps_its_outputs(kind, tmp_pa
     torch.testing.assert_close(task_outputs(loaded.eval(), inputs), expected, rtol=0, atol=1e-6)
 
 
+# the target's groups in the order of its fused projection, written out (not read from the parser)
+GROUPS = {"Q-K=V": [("Q",), ("K", "V")], "Q=V-K": [("Q", "V"), ("K",)], "Q=K-V": [("Q", "K"), ("V",)]}
+
+
+@pytest.mark.parametrize(("sharing", "keep"), [("Q-K=V", "K"), ("Q-K=V", "V"), ("Q=V-K", "V"), ("Q=V-K", "Q"),
+                                               ("Q=K-V", "K")])
+def test_convert_keep_writes_the_kept_roles_rows(sharing, keep, tmp_path, capsys):
+    """``cli.py convert --method keep --keep R``: each merged group of the converted fused projection is the
+    source's R rows (weights and biases), a group of one role is that role's rows, and every other weight is the
+    source's; the source file is unchanged."""
+    source = tiny_task("gpt", "QKV", seed=2)
+    src = tmp_path / "source.ckpt"
+    atomic_save(start_checkpoint(source), src)
+    before = digest(src)
+    dst = tmp_path / "kept.ckpt"
+    assert main(["convert", str(src), str(dst), "--sharing", sharing, "--method", "keep", "--keep", keep]) == 0
+    assert f"QKV -> {sharing} by keep (keep {keep})" in capsys.readouterr().out
+    loaded, checkpoint = load_task(dst, expected=TaskModule)
+    assert checkpoint["converted_from"]["method"] == "keep" and checkpoint["converted_from"]["keep"] == keep
+    rows = {"Q": slice(0, 32), "K": slice(32, 64), "V": slice(64, 96)}  # the source's fused QKV rows
+    layers, converted = attention_layers(source), attention_layers(loaded)
+    assert len(layers) == 2 and converted.keys() == layers.keys()
+    for name, attn in layers.items():
+        picks = [rows[keep if len(group) > 1 else group[0]] for group in GROUPS[sharing]]
+        assert torch.equal(converted[name].qkv.weight, torch.cat([attn.qkv.weight[r] for r in picks]))
+        assert torch.equal(converted[name].qkv.bias, torch.cat([attn.qkv.bias[r] for r in picks]))
+    theirs = loaded.state_dict()
+    for key, value in source.state_dict().items():
+        if ".qkv." not in key:
+            assert torch.equal(theirs[key], value), key
+    assert digest(src) == before
+
+
 def test_gqa_head_pooling_equals_a_hand_computed_pooling():
     source = tiny_lm("QKV")
     d = 8  # head size: 4 heads of width 32

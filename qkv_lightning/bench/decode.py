@@ -1,8 +1,8 @@
 """``bench-decode``: prefill and KV-cached decoding of every variant over a grid of context lengths and batch sizes.
 
-Run: ``python cli.py bench-decode --config configs/bench/decode-gpt2-small.yaml [--contexts 256 1024 4096]
-[--batch_sizes 1 8] [--variants QKV Q-K=V] [--n_kv_heads 4 1] [--rope_keys on_read copy window:1024]
-[--cache dynamic|static] [--compile] [--memory_budget 80GB] [--serve] [--out results/]``.
+Run: ``python cli.py bench-decode --config configs/bench/decode-gpt2-small.yaml [--contexts '[256, 1024, 4096]']
+[--batch_sizes '[1, 8]'] [--variants '[QKV, Q-K=V]'] [--n_kv_heads '[4, 1]'] [--rope_keys '[on_read, copy,
+window:1024]'] [--cache dynamic|static] [--compile true] [--memory_budget 80GB] [--serve true] [--out results/]``.
 
 Every cell (context, batch) builds one prompt of ``context`` random tokens per sequence and, for each contender
 (a variant, and for K=V variants with RoPE each ``--rope_keys`` scheme), times the prefill and ``--new_tokens``
@@ -24,12 +24,14 @@ batching), with throughput and latency.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -42,46 +44,71 @@ from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, parse_rope_keys
 
 
 # ----------------------------------------------------------------------------------------------------- main
-def parser() -> argparse.ArgumentParser:
-    from qkv_lightning.bench.common import add_config_arguments
+def parser() -> Any:
+    """The parser of ``bench-decode`` (:mod:`qkv_lightning.command_line`; built on call, so that the memory probe's
+    child process starts without the task machinery)."""
+    from qkv_lightning.bench.common import VariantOptions
+    from qkv_lightning.command_line import command_parser
 
-    p = argparse.ArgumentParser(
-        prog="cli.py bench-decode", allow_abbrev=False,
+    @dataclasses.dataclass
+    class DecodeOptions(VariantOptions):
+        """The options of ``bench-decode``."""
+
+        labels: list[str] | None = None
+        """keep only these of the variants' labels, e.g. '[QKV, QKV_kv4, Q-K=V, Q-K=V_kv1]'"""
+        contexts: list[int] = dataclasses.field(default_factory=lambda: [256, 1024])
+        """prompt tokens in the cache, e.g. '[256, 1024]'"""
+        batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [1])
+        """sequences decoded together, e.g. '[1, 8]'"""
+        new_tokens: int = 16
+        """tokens generated per sequence (the first by prefill)"""
+        rounds: int = 3
+        """interleaved timed rounds per cell"""
+        warmup: int = 1
+        """untimed rounds per cell first"""
+        prefill_rounds: int = 1
+        """first rounds that also prefill, timed (the others rewind the cache to the prompt and decode)"""
+        rope_keys: list[str] = dataclasses.field(default_factory=lambda: [ROPE_KEYS_DEFAULT])
+        """K=V variants with RoPE: on_read (half the cache), copy (rotated copy: QKV's size), window:W; one
+        contender each, e.g. '[on_read, copy]'"""
+        cache: Literal["dynamic", "static"] = "dynamic"
+        """the growing KVCache, or a static preallocated cache (fixed shapes; masked attention)"""
+        compile: bool = False
+        """torch.compile the static-cache decoding step (CUDA graphs on GPUs); implies --cache static"""
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+        """weights, activations and cache"""
+        device: str | None = None
+        """torch device; default cuda if available, else cpu"""
+        threads: int | None = None
+        """torch CPU threads (default: torch's choice)"""
+        memory_budget: str | None = None
+        """e.g. 80GB: the largest batch per contender and context, computed and checked"""
+        serve: bool = False
+        """also run the serving-style loop per variant"""
+        serve_requests: int = 16
+        """requests of the serving loop"""
+        serve_prompt_lens: list[int] = dataclasses.field(default_factory=lambda: [64, 512])
+        """the shortest and longest prompt of the serving loop, '[MIN, MAX]'"""
+        serve_new_tokens: int = 32
+        """tokens generated per request of the serving loop"""
+        serve_slots: int = 4
+        """sequences decoding together in the serving loop"""
+        serve_rounds: int = 1
+        """rounds of the serving loop (the median is reported)"""
+        out: str | None = None
+        """folder for result.json, table.md and decode.png (must not hold them)"""
+        progress: bool = True
+        """a progress bar on stderr"""
+        format: Literal["table", "markdown", "json"] = "table"
+        """how the tables are printed"""
+
+    return command_parser(
+        "bench-decode",
+        DecodeOptions,
         description="Prefill and KV-cached decoding of every variant of a language-model config over context lengths "
-        "and batch sizes, interleaved, with ratios to QKV. Other --model... options change the config.")
-    add_config_arguments(p)
-    p.add_argument("--labels", nargs="+", default=None,
-                   help="keep only these of the variants' labels, e.g. QKV QKV_kv4 Q-K=V Q-K=V_kv1")
-    p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024], help="prompt tokens in the cache")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1], help="sequences decoded together")
-    p.add_argument("--new_tokens", type=int, default=16, help="tokens generated per sequence (the first by prefill)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds per cell")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per cell first")
-    p.add_argument("--prefill_rounds", type=int, default=1,
-                   help="first rounds that also prefill, timed (the others rewind the cache to the prompt and decode)")
-    p.add_argument("--rope_keys", nargs="+", default=[ROPE_KEYS_DEFAULT],
-                   help="K=V variants with RoPE: on_read (half the cache), copy (rotated copy: QKV's size), "
-                   "window:W; one contender each")
-    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
-                   help="the growing KVCache, or a static preallocated cache (fixed shapes; masked attention)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the static-cache decoding step (CUDA graphs on GPUs); implies --cache static")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights, activations and cache")
-    p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--memory_budget", default=None,
-                   help="e.g. 80GB: the largest batch per contender and context, computed and checked")
-    p.add_argument("--serve", action="store_true", help="also run the serving-style loop per variant")
-    p.add_argument("--serve_requests", type=int, default=16)
-    p.add_argument("--serve_prompt_lens", type=int, nargs=2, default=[64, 512], metavar=("MIN", "MAX"))
-    p.add_argument("--serve_new_tokens", type=int, default=32)
-    p.add_argument("--serve_slots", type=int, default=4, help="sequences decoding together")
-    p.add_argument("--serve_rounds", type=int, default=1)
-    p.add_argument("--out", default=None, help="folder for result.json, table.md and decode.png (must not hold them)")
-    p.add_argument("--progress", type=lambda s: s.lower() not in ("0", "false", "no"), default=True,
-                   help="a progress bar on stderr (default true)")
-    p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
-    return p
+        "and batch sizes, interleaved, with ratios to QKV. Other --model... options change the config.",
+        task_config="required",
+    )
 
 
 def _check(args: argparse.Namespace, max_len: int) -> None:
@@ -98,11 +125,14 @@ def _check(args: argparse.Namespace, max_len: int) -> None:
                           f"network.max_seq_len={max_len}; raise --model.network.max_seq_len.")
     for scheme in args.rope_keys:
         kept = parse_rope_keys(scheme, 1 << 30)
-        if args.cache == "static" and kept not in (0, 1 << 30):
-            raise ConfigError(f"--rope_keys {scheme}: the static cache takes on_read or copy.")
+        if (args.cache == "static" or args.memory_budget) and kept not in (0, 1 << 30):
+            raise ConfigError(f"--rope_keys {scheme}: the static cache takes on_read or copy (--cache static, and "
+                              "--memory_budget, which sizes a static cache).")
+    if len(args.serve_prompt_lens) != 2:
+        raise ConfigError(f"--serve_prompt_lens {args.serve_prompt_lens}: give two lengths, '[MIN, MAX]'.")
     lo, hi = args.serve_prompt_lens
     if args.serve and not 1 <= lo <= hi or (args.serve and hi + args.serve_new_tokens > max_len):
-        raise ConfigError(f"--serve_prompt_lens {lo} {hi} must be increasing, at least 1, and with "
+        raise ConfigError(f"--serve_prompt_lens '[{lo}, {hi}]' must be increasing, at least 1, and with "
                           f"--serve_new_tokens fit network.max_seq_len={max_len}.")
 
 
@@ -112,12 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--fit_probe"]:
         fit_probe(argv[1])
         return 0
-    args, overrides = parser().parse_known_args(argv)
+    from qkv_lightning.command_line import parse_with_overrides, torch_device
+
+    args, overrides = parse_with_overrides(parser(), argv)
     if args.compile:
         args.cache = "static"
+    device = torch_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out) if args.out else None
     names = ("result.json", "table.md", "decode.png")
     if out is not None and any((out / n).exists() for n in names):
@@ -187,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result = {
         "setup": {
-            "command": "python cli.py bench-decode " + " ".join(argv), "network": "GPT", "n_layer": config.n_layer,
+            "command": "python cli.py bench-decode " + shlex.join(argv), "network": "GPT", "n_layer": config.n_layer,
             "d_model": config.d_model, "n_head": config.n_head, "position": config.position,
             "vocab_size": config.vocab_size, "dtype": args.dtype, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),

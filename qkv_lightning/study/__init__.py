@@ -5,7 +5,8 @@ Every cell (variant, seed) is a real Lightning fit of the same task config, with
 schedule; only the attention variant and the run seed differ. The study directory gets one TensorBoard run per cell
 (``runs/<variant>/seed<k>``, comparable in the HParams view), ``results.csv`` (one row per run), ``summary.md`` and
 ``summary.json`` (one row per variant, differences from the baseline with confidence intervals and Holm-corrected
-p-values) and ``summary.png``. Re-running skips finished cells; a failed cell is recorded and the study goes on.
+p-values), ``summary.png`` and the study's own TensorBoard run ``summary/`` (tables, plots, progress: see
+``dashboard.py``). Re-running skips finished cells; a failed cell is recorded and the study goes on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import jsonargparse
 
-from qkv_lightning.errors import ConfigError
+from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.study.config import Cell, StudyConfig
 from qkv_lightning.study.reference import markdown as reference_markdown
 from qkv_lightning.study.report import equivalence_table, summary_table
@@ -29,30 +30,24 @@ __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_st
 
 
 def build_parser() -> jsonargparse.ArgumentParser:
-    parser = jsonargparse.ArgumentParser(
-        prog="cli.py study",
+    """The parser of ``study`` (:mod:`qkv_lightning.command_line`): a study config file and its settings."""
+    return command_parser(
+        "study",
+        StudyConfig,
         description="Train attention variants x seeds on one task config under one budget and compare them.",
-        default_env=False,
-        exit_on_error=False,
+        config_file=True,
     )
-    parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help="a study config (configs/study/)")
-    parser.add_class_arguments(StudyConfig, instantiate=False, sub_configs=False)
-    return parser
 
 
 def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
-    """The study config from the command line (``--config`` file plus overrides) and the config file's path."""
+    """The study config from the command line (``--config`` file plus overrides) and the config file's path.
+
+    Raises:
+        ConfigError: for a setting the study does not have (with "did you mean") or a value of the wrong type.
+    """
     from qkv_lightning.config_files import resolve_config_args
 
-    parser = build_parser()
-    try:
-        namespace = parser.parse_args(resolve_config_args(argv))
-    except Exception as error:  # jsonargparse reports bad keys and types as ArgumentError
-        from qkv_lightning.hints import explain_config_error
-
-        vocabulary = {f.name for f in fields(StudyConfig)} | {"config"}
-        raise ConfigError(f"study settings: {explain_config_error(str(error), vocabulary)}") from None
-    values = namespace.as_dict()
+    values = parse(build_parser(), resolve_config_args(argv)).as_dict()
     config_paths = values.pop("config", None) or []
     config_path = str(config_paths[-1]) if config_paths else None
     names = {f.name for f in fields(StudyConfig)}
@@ -61,10 +56,6 @@ def parse_study_args(argv: Sequence[str]) -> tuple[StudyConfig, str | None]:
 
 def main(argv: Sequence[str]) -> int:
     """``cli.py study``: run the study and print its summary table."""
-    argv = list(argv)
-    if any(arg in ("-h", "--help") for arg in argv):
-        build_parser().print_help()
-        return 0
     config, config_path = parse_study_args(argv)
     study_dir = study_dir_of(config, config_path)
     title = f"Study {Path(config_path).stem if config_path else study_dir.name}"
@@ -92,9 +83,9 @@ def main(argv: Sequence[str]) -> int:
     if summary.get("reference"):  # study.reference: the matched cells against the reference file
         print(reference_markdown(summary["reference"]))
     print(
-        f"Written: {study_dir}/summary.md, summary.json, results.csv, "
-        f"{'cells.md' if 'sweep_table' in summary else 'summary.png'}; "
-        f"TensorBoard: tensorboard --logdir {study_dir}"
+        f"Written: {study_dir}/summary.md, summary.json, results.csv, summary.png"
+        f"{', cells.md' if 'sweep_table' in summary else ''}; TensorBoard (every cell, and the study's own run "
+        f"summary/ with these tables, plots and progress): tensorboard --logdir {study_dir}"
     )
     return failed_runs(summary, study_dir)
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.files import atomic_write_json
+from qkv_lightning.files import atomic_write_json, read_json
 from qkv_lightning.study.cell import prepare_cell, run_cell
 from qkv_lightning.study.config import (
     StudyConfig,
@@ -83,11 +83,8 @@ def record_job(config: object, spec: dict, job: object, folder: Path) -> None:
 def live_job(config: object, spec: dict) -> object | None:
     """The cell's recorded job if it is still pending or running (re-attached through submitit), else None."""
     path = Path(spec["dir"]) / JOB_FILE
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("launcher") != config.launcher or "job_id" not in record:
+    record = read_json(path, "the cell's job record", damaged_ok=True)
+    if record is None or record.get("launcher") != config.launcher or "job_id" not in record:
         return None
     import submitit
 

@@ -3,22 +3,19 @@ its schema, and the checks that a stored result is whole and belongs to its cell
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from qkv_lightning.files import atomic_write_json
+from qkv_lightning.files import atomic_write_json, read_json
 
 RESULT_FILE = "result.json"
 """Written into a cell's directory when the cell has finished (ok or failed); its absence marks a half-finished run."""
 
 
 def read_result(directory: Path) -> dict | None:
-    """The stored result of a cell, or None when it has not finished (or its file is unreadable)."""
-    try:
-        return json.loads((directory / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    """The stored result of a cell (any JSON value: :func:`result_problem` checks it), or None when it has not finished
+    or its file is damaged (the cell is then run again)."""
+    return read_json(directory / RESULT_FILE, "the study result", expected=object, damaged_ok=True)
 
 
 RESULT_FIELDS: dict[str, tuple[type, ...]] = {

@@ -162,6 +162,14 @@ class OptimizerConfig:
             raise ConfigError(
                 f"optimizer.name={self.name!r} takes no weight_decay: set optimizer.weight_decay to 0."
             )
+        try:  # torch.optim's own checks of the values (SGD's momentum >= 0, ...), on one stand-in parameter
+            if cls.__module__.startswith("torch.optim"):
+                self.build([{"params": [torch.zeros(1, requires_grad=True)], "weight_decay": self.weight_decay}])
+        except (ValueError, TypeError) as error:
+            raise ConfigError(
+                f"optimizer.name={self.name!r} with optimizer.kwargs={self.kwargs} (--optimizer.X on the command "
+                f"line): {cls.__name__} refuses these settings ({error}); change the value it names."
+            ) from None
 
     def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         """The optimiser over ``groups`` (parameter groups holding their own ``weight_decay``)."""

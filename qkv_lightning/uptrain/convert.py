@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import Attention
@@ -143,6 +142,7 @@ def convert(
     ``fit`` reads its calibration data from the fit config ``config`` (default: the run's saved config.yaml), or
     from the command-line arguments ``calibration_args`` (``--config FILE --data.x y``)."""
     from qkv_lightning.checkpoints import atomic_save, start_checkpoint
+    from qkv_lightning.config_files import run_config_text
 
     source, destination = Path(source), Path(destination)
     if destination.exists():
@@ -162,10 +162,7 @@ def convert(
                     f"--method fit reads calibration batches of the run's training data, but no config.yaml was found "
                     f"beside {source}; pass the run's fit config with --config FILE."
                 )
-            settings = yaml.safe_load(Path(config).read_text()) or {}
-            for key in ("ckpt_path", "weights_only"):  # a saved run config's subcommand settings
-                settings.pop(key, None)
-            calibration_args = ["--config", yaml.safe_dump(settings)]
+            calibration_args = ["--config", run_config_text(config)]
         grams = calibration_grams(task, calibration_batches(calibration_args, calibration_batches_count))
     target = convert_task(task, variant, method, keep, grams)
     provenance = {
@@ -183,7 +180,7 @@ def convert(
 
 def main(argv: list[str]) -> int:
     """``convert SRC DST --sharing ...``: see :func:`run`."""
-    import jsonargparse
+    from qkv_lightning.command_line import run_function
 
     def run(
         source: str,
@@ -229,5 +226,5 @@ def main(argv: list[str]) -> int:
             f"{destination}, evaluate with validate --ckpt_path {destination}"
         )
 
-    jsonargparse.auto_cli(run, args=argv)
+    run_function("convert", run, argv)
     return 0
