@@ -2,13 +2,13 @@
 
 The reference is a CSV with one row per run: the paper authors' per-cell files (``variant, task, n_embd, n_layer,
 n_head, seq_len, seed, accuracy``, their variant names ``Q=K!=V``, ``(Q=K!=V)+``, ``Q!=K=V``, ...; their vision
-files' ``dataset, patch, lr, ..., run``) or one of our own ``results.csv``. Each of our finished runs is a cell named by its variant, seed, task and axis values (a dotted axis
-key by its last part, ``d_model`` as ``n_embd``) plus ``study.reference_cell``, the values our cells hold fixed
-(e.g. ``{n_layer: 2, n_head: 2}``). A run matches a reference row when they agree on every key both have; the
-report then lists, per cell group (every key but the seed), the reference mean, ours, and the paired difference
-(ours - reference, paired by seed) with its confidence interval, and how many runs matched. A reference that matches
-no run is a :class:`ConfigError`, not an empty table; so is a run that matches two rows (a key our cells do not say:
-add it to ``study.reference_cell``).
+files' ``dataset, patch, lr, ..., run``) or one of our own ``results.csv``. Each of our finished runs is a cell
+named by its variant, seed, task and axis values (a dotted axis key by its last part, ``d_model`` as ``n_embd``)
+plus ``study.reference_cell``, the values our cells hold fixed (e.g. ``{n_layer: 2, n_head: 2}``). A run matches a
+reference row when they agree on every key both have; the report then lists, per cell group (every key but the
+seed), the reference mean, ours, and the paired difference (ours - reference, paired by seed) with its confidence
+interval, and how many runs matched. A reference that matches no run is a :class:`ConfigError`, not an empty table;
+so is a run that matches two rows (a key our cells do not say: add it to ``study.reference_cell``).
 """
 
 from __future__ import annotations
