@@ -321,9 +321,9 @@ def test_authors_files_with_a_missing_or_misshapen_key_are_errors_naming_it(tmp_
     assert "n_head" in error_of(no_head, "nohead.pt")
     assert "use_bias" in error_of({**good, "model_config": {**good["model_config"], "use_bias": False}}, "bias.pt")
     plain = {k.removeprefix("module."): v for k, v in state.items()}  # a bare state dict, not their dict
-    assert "model_state_dict" in error_of(plain, "plain.pt", "--format", "authors-lm")
+    assert "model_state_dict" in error_of(plain, "plain.pt", "--format", "authors")
     no_config = {k: v for k, v in good.items() if k != "model_config"}
-    assert "model_config" in error_of(no_config, "noconfig.pt", "--format", "authors-lm")
+    assert "model_config" in error_of(no_config, "noconfig.pt", "--format", "authors")
     synthetic_file(tmp_path / "syn.pt", "(Q=K=V)+")
     syn = torch.load(tmp_path / "syn.pt", weights_only=True)
     lied = {**syn, "config": {**syn["config"], "variant": "QKV"}}

@@ -52,7 +52,7 @@ from qkv_lightning.errors import CheckpointError, ConfigError
 
 LM_FORMAT, SYNTHETIC_FORMAT, VIT_FORMAT = "authors-lm", "authors-synthetic", "authors-vit"
 FORMATS = (LM_FORMAT, SYNTHETIC_FORMAT, VIT_FORMAT)
-"""The ``--format`` names of the authors' three checkpoint kinds."""
+"""The authors' three checkpoint kinds (recorded as the import's format; ``import --format authors`` reads any)."""
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes that DistributedDataParallel and torch.compile add to a saved state dict."""
@@ -458,20 +458,18 @@ def load(task: Any, state: dict[str, Tensor], source: str) -> Any:
     return task.eval()
 
 
-def import_authors(path: Path, fmt: str | None, bpe_file: Path | None = None,
-                   seq_len: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """Read one of the authors' checkpoints (``fmt`` one of :data:`FORMATS`, or None to tell from the contents);
-    returns our task (eval mode) and the source's record (format, layout and metadata)."""
+def import_authors(path: Path, bpe_file: Path | None = None, seq_len: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Read one of the authors' checkpoints, its kind (:data:`FORMATS`) told from its contents; returns our task (eval
+    mode) and the source's record (format, layout and metadata)."""
     source = str(path)
     raw = read(path)
     found = format_of(raw)
     if found is None:
         raise CheckpointError(
             f"{path} holds a model_state_dict but neither model_config (the authors' language models) nor model "
-            "'Encoder' / 'ViT' with its config (their synthetic encoders and ViTs); give --format to say which."
+            "'Encoder' / 'ViT' with its config (their synthetic encoders and ViTs), so it is not one of the "
+            "authors' checkpoints."
         )
-    if fmt is not None and fmt != found:
-        raise ConfigError(f"--format {fmt} was given, but {path} is an {found} file (from its contents).")
     if found == LM_FORMAT:
         task, layout = import_lm(raw, source, bpe_file, seq_len)
     elif found == SYNTHETIC_FORMAT:

@@ -1,7 +1,7 @@
 """``import``: a Hugging Face GPT-2 folder, timm ViT weights or the paper authors' checkpoints as a checkpoint of
 our tasks, exactly.
 
-Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit|authors-lm|authors-synthetic|authors-vit]``
+Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit|authors]``
 
 - ``hf-gpt2``: SRC is a folder with ``config.json`` + ``model.safetensors`` (``GPT2LMHeadModel.save_pretrained``);
   ``--bpe_file gpt2.tiktoken`` records the GPT-2 BPE's identity in the checkpoint, so that ``validate``/``test``
@@ -9,8 +9,8 @@ Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit|authors
   ``n_positions``).
 - ``timm-vit``: SRC is a ``.safetensors`` file or a weights-only ``.pth`` of a timm ``vit_*`` model; ``--n_head``
   (default width / 64) or ``--timm_model NAME`` (with timm installed: the architecture is checked against timm's).
-- ``authors-lm`` / ``authors-synthetic`` / ``authors-vit``: SRC is a ``.pt`` file the paper's authors' code saved
-  (their language models, synthetic-task encoders, ViTs; see :mod:`qkv_lightning.interop.authors`).
+- ``authors``: SRC is a ``.pt`` file the paper's authors' code saved: their language models, synthetic-task encoders
+  or ViTs, told apart by the file's contents (see :mod:`qkv_lightning.interop.authors`).
 
 ``auto`` takes a folder for GPT-2, a torch file holding the authors' ``model_state_dict`` for theirs (by its
 contents), and any other file for timm. Loading is offline, from local files only; nothing read runs
@@ -40,13 +40,13 @@ class ImportOptions:
     """a Hugging Face GPT-2 folder, a timm ViT .safetensors / .pth file, or a .pt file of the paper's authors"""
     dst: str
     """the checkpoint to write (must not exist)"""
-    format: Literal["auto", "hf-gpt2", "timm-vit", "authors-lm", "authors-synthetic", "authors-vit"] = "auto"
+    format: Literal["auto", "hf-gpt2", "timm-vit", "authors"] = "auto"
     """auto: a folder is hf-gpt2, a file with the authors' model_state_dict theirs (by its contents), another file
     timm-vit"""
     bpe_file: str | None = None
-    """hf-gpt2, authors-lm: GPT-2 .tiktoken ranks recorded as the tokenizer"""
+    """hf-gpt2, authors (a language model): GPT-2 .tiktoken ranks recorded as the tokenizer"""
     seq_len: int | None = None
-    """hf-gpt2, authors-lm: recorded data seq_len (default n_positions)"""
+    """hf-gpt2, authors (a language model): recorded data seq_len (default n_positions)"""
     n_head: int | None = None
     """timm-vit: attention heads (default width / 64)"""
     timm_model: str | None = None
@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qkv_lightning.interop import authors
 
     fmt = args.format if args.format != "auto" else ("hf-gpt2" if src.is_dir() else authors.detect(src) or "timm-vit")
-    if fmt in authors.FORMATS:  # the paper authors' own checkpoints
-        task, source = authors.import_authors(src, fmt, Path(args.bpe_file) if args.bpe_file else None, args.seq_len)
+    if fmt == "authors" or fmt in authors.FORMATS:  # the paper authors' own checkpoints
+        task, source = authors.import_authors(src, Path(args.bpe_file) if args.bpe_file else None, args.seq_len)
         difference, library = None, ""
     elif fmt == "hf-gpt2":
         from qkv_lightning.interop.hf_gpt2 import check_with_transformers, import_gpt2
