@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
-from qkv_lightning.interop.common import read_safetensors, require
+from qkv_lightning.interop.common import language_data_spec, read_safetensors, require
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -215,18 +215,7 @@ def import_gpt2(folder: Path, bpe_file: Path | None = None, seq_len: int | None 
     from qkv_lightning.tasks.language_model import LanguageModel
 
     network, attention, state, config = load_folder(folder)
-    data_spec: dict[str, Any] = {"vocab_size": network["vocab_size"], "seq_len": seq_len or network["max_seq_len"]}
-    if bpe_file is not None:
-        from qkv_lightning.data.tokenizers import BPETokenizer
-
-        tokenizer = BPETokenizer.from_ranks_file(bpe_file)
-        if tokenizer.vocab_size > network["vocab_size"]:
-            raise ConfigError(
-                f"--bpe_file {bpe_file} has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                f"{network['vocab_size']}; give the BPE the model was trained with."
-            )
-        data_spec["tokenizer"] = tokenizer.identity
-        data_spec["vocab_size"] = tokenizer.vocab_size
+    data_spec = language_data_spec(network["vocab_size"], seq_len or network["max_seq_len"], bpe_file)
     task = LanguageModel(network=network, attention=attention, data_spec=data_spec)
     task.configure_model()
     task.network.load_state_dict(state, strict=True)

@@ -196,9 +196,9 @@ class PaperScoreEncoding(nn.Module):
     asymmetric (c(j) != c(i) in general) but cannot depend on i - j.
 
     On a ViT's patch grid (:meth:`index_by_grid`, set by the ViT's ``score_grid``) P is indexed by each patch's
-    (row, column) instead of its place in the sequence, as the authors' ImageNet follow-up describes
-    (:func:`paper_grid_pair_tensor`): each half of P splits again into row and column channels, and the class token
-    gets none.
+    (row, column) instead of its place in the sequence (:func:`paper_grid_pair_tensor`; our extension: the
+    authors' released code indexes P by sequence place only): each half of P splits again into row and column
+    channels, and the class token gets none.
 
     Args:
         channels: m, the channels of P (10 for the paper's synthetic tasks, 50 for its ViT).

@@ -60,9 +60,10 @@ class ViTConfig(TrunkConfig):
 
     score_grid: bool = False
     """Index the paper's "+" score encoding (attention.score_encoding: paper) by each patch's (row, column) on the
-    grid instead of its place in the token sequence, as the authors' ImageNet follow-up describes: each half of P
-    (query, key) splits into row and column sinusoids, and the class token gets no position features. No effect on
-    the other encodings; false keeps the paper's sequence indexing (the class token at position 0)."""
+    grid instead of its place in the token sequence (our extension; the authors' released code has no grid
+    indexing): each half of P (query, key) splits into row and column sinusoids, and the class token gets no
+    position features. No effect on the other encodings; false keeps the paper's sequence indexing (the class token
+    at position 0)."""
 
     init: Literal["vit", "torch"] = "vit"
     """Weight initialisation. vit: truncated N(0, init_std) weights, zero biases and head, a near-zero class token.

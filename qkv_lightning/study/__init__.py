@@ -20,6 +20,7 @@ import jsonargparse
 
 from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.study.config import Cell, StudyConfig
+from qkv_lightning.study.reference import markdown as reference_markdown
 from qkv_lightning.study.report import equivalence_table, summary_table
 from qkv_lightning.study.runner import run_study, study_dir_of
 from qkv_lightning.study.sweep import sweep_table
@@ -79,6 +80,8 @@ def main(argv: Sequence[str]) -> int:
             f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
             "significant difference, which is not evidence of none (set --equivalence_margin to test for that)."
         )
+    if summary.get("reference"):  # study.reference: the matched cells against the reference file
+        print(reference_markdown(summary["reference"]))
     print(
         f"Written: {study_dir}/summary.md, summary.json, results.csv, summary.png"
         f"{', cells.md' if 'sweep_table' in summary else ''}; TensorBoard (every cell, and the study's own run "

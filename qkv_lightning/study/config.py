@@ -162,6 +162,19 @@ class StudyConfig:
     """A strategy config layered on every cell after the task config (e.g. configs/strategy/ddp.yaml), so that a
     cell can itself be multi-GPU or multi-node."""
 
+    reference: str | list[str] | None = None
+    """A reference results file (or several, e.g. the authors' two shards) to compare with over matched cells only:
+    the paper authors' per-cell CSV (/work/shared/data/paper-results/synthetic_results_shard*.csv) or one of our own
+    results.csv (see qkv_lightning/study/reference.py); the report gains the reference, ours and the paired
+    difference per matched cell group. A reference that matches no run is an error."""
+
+    reference_metric: str = "test/acc"
+    """Our metric compared with the reference's value (the authors' ``accuracy`` column, or this column of ours)."""
+
+    reference_cell: dict[str, Any] = field(default_factory=dict)
+    """Values our cells hold fixed that the reference varies (e.g. ``{n_layer: 2, n_head: 2}``), so that each run
+    matches one reference row."""
+
     def __post_init__(self) -> None:
         if not self.task:
             raise ConfigError("study.task is not set: give the path of a fit config, e.g. configs/synthetic/sort.yaml.")
@@ -232,6 +245,10 @@ class StudyConfig:
             self.breakers = ["+".join(parse_breakers(name)) or NO_BREAKER for name in self.breakers]
         except ConfigError as error:
             raise ConfigError(f"study.breakers={self.breakers}: {error}") from None
+        for path in self.reference_files:
+            if not Path(path).is_file():
+                raise ConfigError(f"study.reference: {path} is not a file; name a results CSV (the authors' per-cell "
+                                  "file or a study's results.csv).")
         if self.calibration_batches < 1:
             raise ConfigError(f"study.calibration_batches={self.calibration_batches} must be >= 1.")
         converting = any(
@@ -249,6 +266,13 @@ class StudyConfig:
                     f"study.task={path!r}: no such fit config (looked in {os.getcwd()}); run from the project root "
                     "or give a path that exists."
                 )
+
+    @property
+    def reference_files(self) -> list[str]:
+        """The reference results files (none without ``reference``)."""
+        if not self.reference:
+            return []
+        return [self.reference] if isinstance(self.reference, str) else [str(p) for p in self.reference]
 
     @property
     def task_paths(self) -> list[str]:

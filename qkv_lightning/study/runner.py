@@ -17,6 +17,7 @@ from qkv_lightning.study.config import StudyConfig, cells, expand_grid
 from qkv_lightning.study.dashboard import StudyBoard
 from qkv_lightning.study.launchers import run_cells
 from qkv_lightning.study.plots import plot_summary
+from qkv_lightning.study.reference import add_reference
 from qkv_lightning.study.report import (
     summarize,
     summary_table,
@@ -141,6 +142,7 @@ def _run_locked(
         plot_summary(summary, study_dir / "summary.png")
     except Exception as error:  # noqa: BLE001 - the tables are written; a plotting problem must not lose them
         echo(f"study: could not draw summary.png ({type(error).__name__}: {error})")
+    add_reference(config, results, study_dir, summary)  # study.reference: matched cells against a results file
     board.finish(summary)
     summary["ran"], summary["skipped"] = len(pending), len(grid) - unfinished
     summary["impossible"] = skipped
