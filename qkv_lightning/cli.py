@@ -13,6 +13,7 @@ from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qkv_lightning.config_files import resolve_config_args
 from qkv_lightning.data.progress import show_data_progress
@@ -75,6 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {explain_config_error(str(error))}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # Lightning stops the loops on SIGTERM with a SystemExit whose code is 0
+        if debug:
+            raise
+        print(
+            "error: the run was stopped by SIGTERM before it finished: it is not complete. The checkpoints saved "
+            "before the signal are kept; resume a fit with --ckpt_path last.",
+            file=sys.stderr,
+        )
+        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except MisconfigurationException as error:  # Lightning rejects a trainer setting (devices, precision, ...)
         if debug:
             raise
