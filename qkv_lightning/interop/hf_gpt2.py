@@ -16,6 +16,7 @@ settings (they do not change the logits in evaluation).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,60 @@ def read_config(folder: Path) -> dict[str, Any]:
     if model_type != "gpt2":
         raise ConfigError(f"{path}: model_type={model_type!r}; only GPT-2 (model_type 'gpt2') can be imported.")
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        if not isinstance(config.get(name), int) or config[name] < 1:
+        if not _is_int(config.get(name)) or config[name] < 1:
             raise ConfigError(f"{path}: {name}={config.get(name)!r} must be a positive integer.")
+    check_values(config, path)
     return config
+
+
+NUMBERS: dict[str, tuple[float, float, bool, str]] = {
+    "layer_norm_epsilon": (0.0, 1.0, False, "a LayerNorm epsilon is a small positive number (GPT-2: 1e-05)"),
+    "resid_pdrop": (0.0, 1.0, True, "a dropout rate lies in [0, 1)"),
+    "embd_pdrop": (0.0, 1.0, True, "a dropout rate lies in [0, 1)"),
+    "attn_pdrop": (0.0, 1.0, True, "a dropout rate lies in [0, 1)"),
+    "initializer_range": (0.0, math.inf, True, "a standard deviation is finite and >= 0"),
+}
+"""``config.json`` fields read as numbers: (low, high, low included, what the value must be); high is excluded."""
+
+FLAGS = ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
+"""``config.json`` fields read as true/false (a string such as "false" would otherwise count as true)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_values(config: dict[str, Any], path: Path | str) -> None:
+    """Every other field of ``config.json`` that the import reads holds a value of its type and range: numbers finite
+    (JSON's ``NaN`` / ``Infinity`` refused) and within their range, flags true or false, ``n_inner`` a positive
+    integer or null, and no ``quantization_config`` (the weights must be plain floats).
+
+    Raises:
+        ConfigError: naming the field and the value.
+    """
+    for name, (low, high, low_included, what) in NUMBERS.items():
+        if name not in config:
+            continue
+        value = config[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not (low <= value if low_included else low < value) or (
+            value >= high
+        ):
+            raise ConfigError(f"{path}: {name}={value!r} cannot be imported: {what}.")
+    for name in FLAGS:
+        if name in config and not isinstance(config[name], bool):
+            raise ConfigError(f"{path}: {name}={config[name]!r} must be true or false.")
+    n_inner = config.get("n_inner")
+    if n_inner is not None and (not _is_int(n_inner) or n_inner < 1):
+        raise ConfigError(f"{path}: n_inner={n_inner!r} must be a positive integer or null (4 x n_embd).")
+    if not isinstance(config.get("activation_function", "gelu_new"), str):
+        raise ConfigError(f"{path}: activation_function={config['activation_function']!r} must be a name.")
+    if config.get("quantization_config") is not None:
+        raise ConfigError(
+            f"{path}: quantization_config={config['quantization_config']!r}: the model's weights are quantized, and "
+            "only plain floating-point "
+            "GPT-2 weights can be imported; save the unquantized model (save_pretrained of the float model)."
+        )
 
 
 def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -140,6 +192,10 @@ def to_our_state(weights: dict[str, Tensor], network: dict[str, Any], source: st
         tensor = remaining.pop(key)
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, but config.json implies {shape}.")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: {key} holds {tensor.dtype} values; GPT-2 weights are floating-point.")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: {key} holds NaN or infinite values; the weights are damaged.")
         return tensor
 
     d, v, t = network["d_model"], network["vocab_size"], network["max_seq_len"]
