@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from qkv_lightning.cli import main
@@ -20,18 +19,9 @@ from qkv_lightning.lightning_cli import QKVLightningCLI
 from tests.imagedata import write_cifar10
 from tests.lm_fixtures import write_wikitext
 from tests.run_fixtures import CONFIGS, QUIET, image_args, lm_args, synthetic_args
+from tests.test_shipped_configs import FIT
 
-
-def fit_configs() -> list[Path]:
-    found = []
-    for path in sorted(CONFIGS.rglob("*.yaml")):
-        config = yaml.safe_load(path.read_text()) or {}
-        if isinstance(config, dict) and "class_path" in (config.get("model") or {}) and "data" in config:
-            found.append(path)
-    return found
-
-
-FIT_CONFIGS = fit_configs()
+FIT_CONFIGS = [CONFIGS / name for name in FIT]  # the walk of tests/test_shipped_configs.py
 
 
 def test_the_walk_finds_every_kind_of_fit_config():
