@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.attention_config import AttentionConfig
 from qkv_lightning.nn.cost import (  # noqa: F401  (the accounting vocabulary, re-exported)
     AttentionShape,
     Flops,

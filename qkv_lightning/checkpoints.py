@@ -55,8 +55,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     ``ckpt_path="last"`` search cannot pick up a half-written file; a process killed while writing leaves one such
     file behind, which :func:`remove_stale_temporaries` deletes on the next save into that folder.
     """
-    with atomic_open(path, "wb", prefix=f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-") as file:
-        torch.save(obj, file)
+    try:
+        with atomic_open(path, "wb", prefix=f"{TEMPORARY_PREFIX}{socket.gethostname()}-{os.getpid()}-") as file:
+            torch.save(obj, file)
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as a RuntimeError of its zip writer
+        raise CheckpointError(
+            f"could not write the checkpoint {path} ({type(error).__name__}: {_first_line(error)}); a full disk or a "
+            f"file-size limit (ulimit -f) stops a save this way. {Path(path).name} is unchanged (an earlier one is "
+            "kept whole); free space or raise the limit, then resume with --ckpt_path last."
+        ) from error
 
 
 def start_checkpoint(task: Any, **records: Any) -> dict[str, Any]:
@@ -67,7 +74,7 @@ def start_checkpoint(task: Any, **records: Any) -> dict[str, Any]:
     top-level entries that say where the weights came from (``qkv_import=...``, ``converted_from=...``)."""
     import lightning
 
-    from qkv_lightning.tasks.base import plain
+    from qkv_lightning.hparams import plain
 
     checkpoint: dict[str, Any] = {
         "epoch": 0,
@@ -381,7 +388,32 @@ def load_checkpoint_file(path: str | Path, weights_only: bool = True, lightning:
         raise CheckpointError(
             f"{path} is not a Lightning checkpoint (no state_dict); pass a .ckpt file that fit saved."
         )
+    check_checkpoint_layout(checkpoint, path)
     return checkpoint
+
+
+def check_checkpoint_layout(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """The entries every reader of a checkpoint relies on have the types Lightning writes: ``state_dict`` maps
+    parameter names to tensors, ``hyper_parameters`` and ``datamodule_hyper_parameters`` are mappings.
+
+    Raises:
+        CheckpointError: naming the file and the entry.
+    """
+    for key, kind in (("state_dict", "a mapping of parameter names to tensors"),
+                      ("hyper_parameters", "a mapping of settings"),
+                      ("datamodule_hyper_parameters", "a mapping of settings")):
+        value = checkpoint.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(
+                f"checkpoint {path}: its {key} is a {type(value).__name__}, not {kind} as Lightning writes it; the "
+                "file was edited or not written by fit, convert or import. Use another checkpoint."
+            )
+    for name, tensor in (checkpoint.get("state_dict") or {}).items():
+        if not isinstance(name, str) or not (isinstance(tensor, torch.Tensor) or name.endswith("_extra_state")):
+            raise CheckpointError(
+                f"checkpoint {path}: its state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor; the "
+                "file was edited or not written by fit, convert or import. Use another checkpoint."
+            )
 
 
 def recover_interrupted_swap(path: str | Path) -> bool:
@@ -463,7 +495,7 @@ def consolidate(source: str | Path, destination: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """``consolidate SOURCE DESTINATION``: one plain file from a sharded checkpoint folder."""
-    import jsonargparse
+    from qkv_lightning.command_line import run_function
 
     def run(source: str, destination: str) -> None:
         """Turn a sharded (FSDP / FSDP2) checkpoint folder into one plain Lightning checkpoint file.
@@ -480,5 +512,5 @@ def main(argv: list[str]) -> int:
             f"global step {checkpoint.get('global_step')}"
         )
 
-    jsonargparse.auto_cli(run, args=argv)
+    run_function("consolidate", run, argv)
     return 0

@@ -80,14 +80,48 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     return out
 
 
+COMMAND_KEYS = ("ckpt_path", "weights_only")
+"""Keys of a subcommand (not of the task) that the config.yaml LightningCLI saves beside a run also holds."""
+
+
+def run_config_text(path: str | Path, option: str = "--config") -> str:
+    """A fit config (a run's saved ``config.yaml``, or the user's) as YAML text that loads as a task config: a
+    mapping, without :data:`COMMAND_KEYS`. The one reader of a run's saved config for ``analyze`` and ``convert``.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping of settings, naming it and ``option``.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        detail = " ".join(str(error).split())
+        raise ConfigError(f"{option} {path}: cannot read it as a YAML fit config ({detail}).") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{option} {path} holds a YAML {type(data).__name__}, not the mapping of settings of a fit config "
+            "(model:, data:, trainer:, ...); pass the config the run was trained with."
+        )
+    for key in COMMAND_KEYS:
+        data.pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def main(argv: Sequence[str]) -> int:
-    """``configs``: print the shipped configs, one ``qkv:NAME`` per line (``--path``: the folder they are in)."""
-    if "--path" in argv:
-        print(config_root())
-        return 0
-    if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: configs [--path]\n\nPrint the shipped configs as qkv:NAME (for --config), or their folder.")
-        return 0
-    for name in shipped_configs():
-        print(SCHEME + name)
+    """``configs``: print the shipped configs, one ``qkv:NAME`` per line (``--path true``: the folder they are in)."""
+    from qkv_lightning.command_line import run_function
+
+    def run(path: bool = False) -> None:
+        """Print the shipped configs, one qkv:NAME per line (give one to --config), or the folder they are in.
+
+        Args:
+            path: print the folder of the shipped configs instead.
+        """
+        print(config_root() if path else "\n".join(SCHEME + name for name in shipped_configs()))
+
+    run_function("configs", run, argv, positional=False)
     return 0

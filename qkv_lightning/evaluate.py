@@ -1,6 +1,6 @@
 """``evaluate``: downstream tasks of a trained language model through lm-eval-harness (the paper's protocol).
 
-Run: ``python cli.py evaluate --ckpt_path logs/.../last.ckpt --tasks hellaswag,piqa,arc_easy,winogrande
+Run: ``python cli.py evaluate --ckpt_path logs/.../last.ckpt --tasks '[hellaswag, piqa, arc_easy, winogrande]'
 [--num_fewshot 5] [--limit N] [--include_path my_tasks/] [--output results.json]``
 
 The checkpoint's GPT (any attention variant) is wrapped as an lm-eval ``LM`` (:mod:`qkv_lightning.harness`):
@@ -17,34 +17,53 @@ without ``--overwrite``). Needs the optional ``lm-eval`` package (``pip install 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import jsonargparse
 
+from qkv_lightning.command_line import command_parser, parse, torch_device
 from qkv_lightning.errors import CheckpointError, ConfigError
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cli.py evaluate", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_path", required=True, help="a language model's checkpoint (fit, convert or import)")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,piqa,arc_easy")
-    p.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples per prompt (task default: 0)")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (for quick checks; <1: fraction)")
-    p.add_argument("--include_path", default=None, help="folder of extra lm-eval task YAML files (trusted)")
-    p.add_argument("--bpe_file", default=None, help="GPT-2 .tiktoken ranks (default: the checkpoint's data.bpe_file)")
-    p.add_argument("--batch_size", type=int, default=16, help="requests per forward pass")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--output", default=None, help="JSON results file (default: <checkpoint>.lm_eval.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    p.add_argument("--log_samples", action="store_true", help="also write every request and response to the JSON")
-    p.add_argument("--seed", type=int, default=1234, help="seed of lm-eval's few-shot sampling")
-    p.add_argument("--weights_only", type=lambda s: s.lower() not in ("0", "false", "no"), default=True,
-                   help="load the checkpoint with torch's safe loading (default true)")
-    return p
+@dataclass
+class EvaluateOptions:
+    """The options of ``evaluate``."""
+
+    ckpt_path: str
+    """a language model's checkpoint (fit, convert or import)"""
+    tasks: list[str]
+    """lm-eval task names, e.g. '[hellaswag, piqa, arc_easy]'"""
+    num_fewshot: int | None = None
+    """few-shot examples per prompt (task default: 0)"""
+    limit: float | None = None
+    """documents per task (for quick checks; <1: fraction)"""
+    include_path: str | None = None
+    """folder of extra lm-eval task YAML files (trusted)"""
+    bpe_file: str | None = None
+    """GPT-2 .tiktoken ranks (default: the checkpoint's data.bpe_file)"""
+    batch_size: int = 16
+    """requests per forward pass"""
+    device: str | None = None
+    """cpu or cuda (default: cuda when available)"""
+    output: str | None = None
+    """JSON results file (default: <checkpoint>.lm_eval.json)"""
+    overwrite: bool = False
+    """replace an existing --output file"""
+    log_samples: bool = False
+    """also write every request and response to the JSON"""
+    seed: int = 1234
+    """seed of lm-eval's few-shot sampling"""
+    weights_only: bool = True
+    """load the checkpoint with torch's safe loading"""
+
+
+def parser() -> jsonargparse.ArgumentParser:
+    """The parser of ``evaluate`` (:mod:`qkv_lightning.command_line`)."""
+    return command_parser("evaluate", EvaluateOptions, description=__doc__.split("\n\n")[0])
 
 
 def load_tokenizer(hparams: dict[str, Any], datamodule: dict[str, Any], bpe_file: str | None) -> Any:
@@ -107,10 +126,11 @@ def results_table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``evaluate``: load, wrap, run lm-eval, print and write the results."""
-    args = parser().parse_args(list(argv or []))
-    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    args = parse(parser(), argv or [])
+    names = [str(name).strip() for name in args.tasks if str(name).strip()]
     if not names:
-        raise ConfigError("--tasks is empty; name lm-eval tasks, e.g. --tasks hellaswag,piqa,arc_easy,winogrande.")
+        raise ConfigError("--tasks is empty; name lm-eval tasks, e.g. --tasks '[hellaswag, piqa, arc_easy]'.")
+    device = str(torch_device(args.device))
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ConfigError(f"--num_fewshot={args.num_fewshot} must be >= 0.")
     if args.limit is not None and args.limit <= 0:
@@ -118,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = Path(args.ckpt_path)
     output = Path(args.output) if args.output else ckpt.with_name(ckpt.name + ".lm_eval.json")
     if output.exists() and not args.overwrite:
-        raise ConfigError(f"--output {output} exists already; name another file or pass --overwrite.")
+        raise ConfigError(f"--output {output} exists already; name another file or pass --overwrite true.")
     if output.resolve() == ckpt.resolve():
         raise ConfigError(f"--output {output} is the checkpoint; name another file.")
     try:
@@ -131,14 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lm_eval.utils import handle_non_serializable
 
     from qkv_lightning.checkpoints import load_checkpoint_file
-    from qkv_lightning.export import load_gpt
     from qkv_lightning.harness import HarnessGPT
+    from qkv_lightning.tasks.language_model import load_gpt
 
     model, hparams = load_gpt(ckpt, args.weights_only)
     datamodule = load_checkpoint_file(ckpt, args.weights_only).get("datamodule_hyper_parameters") or {}
     tokenizer = load_tokenizer(hparams, datamodule, args.bpe_file)
     manager = task_manager(names, args.include_path)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = HarnessGPT(model, tokenizer, batch_size=args.batch_size, device=device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = simple_evaluate(

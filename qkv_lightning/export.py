@@ -21,52 +21,21 @@ packages are installed (an optional extra, ``pip install onnx onnxscript``).
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import jsonargparse
 import torch
 
-from qkv_lightning.errors import CheckpointError, ConfigError
-from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT
+from qkv_lightning.command_line import command_parser, parse
+from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.decoding import PrefillGraph, StaticDecoder, StepGraph
 from qkv_lightning.nn.gpt import GPT
-
-LANGUAGE_MODEL = "qkv_lightning.tasks.language_model.LanguageModel"
-
-
-def load_gpt(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str, Any]]:
-    """The GPT of a ``LanguageModel`` checkpoint (eval mode, on CPU) and the checkpoint's hyper-parameters.
-
-    Only the language-model task is built (its class is named here, not taken from the file).
-
-    Raises:
-        CheckpointError: the file is unreadable, not a language model's, or its weights do not fit.
-    """
-    from qkv_lightning.checkpoints import load_checkpoint_file
-    from qkv_lightning.tasks.language_model import LanguageModel
-
-    checkpoint = load_checkpoint_file(path, weights_only=weights_only)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    saved = hparams.pop("_class_path", LANGUAGE_MODEL)
-    if saved != LANGUAGE_MODEL or not hparams.get("data_spec"):
-        raise CheckpointError(
-            f"{path} is not a language model's checkpoint with its data_spec (saved by {saved}); export takes "
-            "checkpoints that `fit` saved for qkv_lightning.tasks.language_model.LanguageModel."
-        )
-    accepted = inspect.signature(LanguageModel.__init__).parameters
-    task = LanguageModel(**{k: v for k, v in hparams.items() if k in accepted and k != "compile"})
-    task.configure_model()
-    state = checkpoint["state_dict"]
-    task.on_load_checkpoint(checkpoint)
-    try:
-        task.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"the weights in {path} do not fit its own hyper-parameters: {error}") from None
-    return task.network.eval().fuse(), hparams  # depth-factorised projections fused: one matmul each
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT
+from qkv_lightning.tasks.language_model import load_gpt
 
 
 def export_graphs(model: GPT, capacity: int, prompt_len: int, batch_size: int, rope_keys: str = ROPE_KEYS_DEFAULT,
@@ -129,26 +98,41 @@ def check_exported(model: GPT, prefill: Any, step: Any, prompt: torch.Tensor, n_
     return {"tokens": n_tokens, "max_abs_logit_diff": worst, "max_abs_logit": scale, "tokens_equal": bool(same)}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cli.py export", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt_path", required=True, help="a single-file checkpoint that fit saved (LanguageModel)")
-    p.add_argument("--out", required=True, help="folder for the graphs and export.json (must not hold them yet)")
-    p.add_argument("--format", choices=("torch_export", "onnx", "hf"), default="torch_export",
-                   help="hf: a Hugging Face GPT-2 folder (config.json + model.safetensors) of a QKV GPT, not graphs")
-    p.add_argument("--capacity", type=int, default=None, help="cache tokens; default network.max_seq_len")
-    p.add_argument("--prompt_len", type=int, default=16, help="example prompt length (dynamic where possible)")
-    p.add_argument("--batch_size", type=int, default=1, help="sequences per call (static in the graphs)")
-    p.add_argument("--rope_keys", default=ROPE_KEYS_DEFAULT, help="K=V with RoPE: on_read (one tensor per layer) "
-                   "or copy (and a rotated copy)")
-    p.add_argument("--check_tokens", type=int, default=8, help="tokens compared with eager decoding")
-    p.add_argument("--weights_only", type=lambda s: s.lower() not in ("0", "false", "no"), default=True,
-                   help="load the checkpoint with torch's safe loading (default true)")
-    return p
+@dataclass
+class ExportOptions:
+    """The options of ``export``."""
+
+    ckpt_path: str
+    """a single-file checkpoint that fit saved (LanguageModel)"""
+    out: str
+    """folder for the graphs and export.json (must not hold them yet)"""
+    format: Literal["torch_export", "onnx", "hf"] = "torch_export"
+    """hf: a Hugging Face GPT-2 folder (config.json + model.safetensors) of a QKV GPT, not graphs"""
+    capacity: int | None = None
+    """cache tokens; default network.max_seq_len"""
+    prompt_len: int = 16
+    """example prompt length (dynamic where possible)"""
+    batch_size: int = 1
+    """sequences per call (static in the graphs)"""
+    rope_keys: str = ROPE_KEYS_DEFAULT
+    """K=V with RoPE: on_read (one tensor per layer) or copy (and a rotated copy)"""
+    check_tokens: int = 8
+    """tokens compared with eager decoding"""
+    weights_only: bool = True
+    """load the checkpoint with torch's safe loading"""
+
+
+def parser() -> jsonargparse.ArgumentParser:
+    """The parser of ``export`` (:mod:`qkv_lightning.command_line`)."""
+    return command_parser("export", ExportOptions, description=__doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``export``: export, check against eager, write."""
-    args = parser().parse_args(list(argv or []))
+    args = parse(parser(), argv or [])
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before anything is loaded or exported
+        raise ConfigError(f"--out {out} is a file; name a folder (new, or without the export's files).")
     if args.format == "hf":
         from qkv_lightning.interop.hf_gpt2 import main_export
 
@@ -158,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_tokens < 1 or args.prompt_len + args.check_tokens > capacity:
         raise ConfigError(f"--prompt_len {args.prompt_len} + --check_tokens {args.check_tokens} must fit in "
                           f"--capacity {capacity} (and --check_tokens be at least 1).")
-    out = Path(args.out)
     names = ("prefill.onnx", "decode_step.onnx") if args.format == "onnx" else ("prefill.pt2", "decode_step.pt2")
     existing = [str(out / name) for name in (*names, "export.json") if (out / name).exists()]
     if existing:

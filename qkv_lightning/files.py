@@ -18,8 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from qkv_lightning.errors import DataError
+
 CHUNK = 1 << 22
 """Bytes read at a time when hashing."""
+
+JSON_NAMES = {dict: "mapping", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+              type(None): "null"}
+"""The JSON names of the Python types ``json.loads`` returns, for errors."""
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -29,6 +35,53 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         while chunk := file.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json(
+    path: str | os.PathLike, what: str = "the file", instead: str | None = None, expected: type = dict,
+    damaged_ok: bool = False,
+) -> Any | None:
+    """Read back a JSON file this code wrote: its contents, checked to be of the type it wrote (a mapping by
+    default), or None when there is no file.
+
+    Args:
+        path: the file.
+        what: what the file is, for the error (``"the cache metadata"``).
+        instead: what the user may do instead of removing the file, for the error (``"point data.cache_dir
+            elsewhere"``).
+        expected: the type of the JSON value this code writes there.
+        damaged_ok: a file that cannot be read or is not JSON reads as None (for a file the code rebuilds when it
+            is missing) instead of raising.
+
+    Raises:
+        DataError: one paragraph naming the file: a folder or special file stands at ``path`` (left alone); the file
+            cannot be read or is not JSON (damaged), unless ``damaged_ok``; or it holds another type of JSON value
+            (edited or replaced).
+    """
+    path = Path(path)
+    alternative = f", or {instead}" if instead else ""
+    if path.exists() and not path.is_file():
+        kind = "folder" if path.is_dir() else "special file"
+        raise DataError(
+            f"{what} path {path} is a {kind}, not a file; it was not made by this code, so it is left alone. Move it "
+            f"away{alternative}."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:  # unreadable, or damaged: not UTF-8, not JSON
+        if damaged_ok:
+            return None
+        problem = f"cannot be read ({error})" if isinstance(error, OSError) else f"is damaged: not JSON ({error})"
+        raise DataError(f"{what} {path} {problem}. Delete it so that it is written again{alternative}.") from error
+    if not isinstance(data, expected):
+        raise DataError(
+            f"{what} {path} holds a JSON {JSON_NAMES.get(type(data), type(data).__name__)}, not the "
+            f"{JSON_NAMES.get(expected, expected.__name__)} this code writes: it was edited or replaced. Delete it so "
+            f"that it is written again{alternative}."
+        )
+    return data
 
 
 def current_umask() -> int:

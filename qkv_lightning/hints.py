@@ -7,23 +7,12 @@ fields of the project's tasks, datamodules and callbacks, and the top-level sect
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import inspect
 import pkgutil
-import re
-from collections.abc import Sequence
 from typing import Any
 
-_NOISE = (
-    "Does not validate against any of the Union subtypes",
-    "Expected a path but",
-    "Subtypes:",
-    "Errors:",
-    "Expected a <class 'NoneType'>",
-    "Given value type:",
-    "Given value:",
-)
+from qkv_lightning.command_line import explain_parse_error
 
 
 def known_setting_names() -> set[str]:
@@ -89,67 +78,14 @@ def top_level_settings() -> set[str]:
     return names
 
 
-_STRUCTURE = {"init_args", "class_path", "dict_kwargs"}
-
-
-def _suggest(name: str, vocabulary: Sequence[str]) -> str | None:
-    close = difflib.get_close_matches(name, list(vocabulary), n=1, cutoff=0.6)
-    return close[0] if close and close[0] != name else None
-
-
-def _hint_for_option(option: str, vocabulary: set[str]) -> str | None:
-    """``'modle': did you mean 'model'?`` for the first part of a dotted option that is not a known name."""
-    for segment in option.lstrip("-").split("=")[0].split("."):
-        if not segment or segment in _STRUCTURE or segment.isdigit() or segment in vocabulary:
-            continue
-        close = _suggest(segment, sorted(vocabulary))
-        return f"'{segment}': did you mean '{close}'?" if close else None
-    return None
-
-
-def _hint_for_class_path(message: str) -> list[str]:
-    """``did you mean 'ModelCheckpoint'?`` for a class path naming a missing attribute of an existing module."""
-    hints = []
-    for module_name, attribute in dict.fromkeys(re.findall(r"module '([\w.]+)' has no attribute '(\w+)'", message)):
-        try:
-            names = [n for n in dir(importlib.import_module(module_name)) if not n.startswith("_")]
-        except ImportError:
-            continue
-        close = _suggest(attribute, names)
-        if close:
-            hints.append(f"'{module_name}.{attribute}': did you mean '{module_name}.{close}'?")
-    return hints
-
-
 def explain_config_error(message: str, vocabulary: set[str] | None = None) -> str:
-    """One paragraph from a jsonargparse error: the parts that say what is wrong, and a suggestion for a typo.
+    """One paragraph from a jsonargparse error, with "did you mean" for a typo
+    (:func:`qkv_lightning.command_line.explain_parse_error`).
 
     Args:
         message: the error's text.
         vocabulary: known setting names for suggestions; None: every setting of the training commands.
     """
-    parts: list[str] = []
-    for raw in message.splitlines():
-        line = raw.strip().removeprefix("- ").strip()
-        if line and not line.startswith(_NOISE) and line not in parts:
-            parts.append(line)
-    text = " ".join(parts) or message.strip()
-    unknown = re.findall(r"does not accept (?:option|nested key) '([^']+)'", message)  # nested key: jsonargparse<4.4x
-    unknown += re.findall(r"Key '([^']+)' is not expected", message)
-    unknown += re.findall(r"Option '([^']+)' is not accepted", message)
-    for arguments in re.findall(r"[Uu]nrecognized arguments: (.*)", message)[:1]:  # capital U: jsonargparse<4.4x
-        unknown += [a.split("=")[0] for a in arguments.split() if a.startswith("--")]
-    hints: list[str] = []
-    if unknown:
-        if vocabulary is None:
-            vocabulary = known_setting_names() | top_level_settings()
-        hints += [hint for hint in (_hint_for_option(o, vocabulary) for o in dict.fromkeys(unknown)) if hint]
-    hints += _hint_for_class_path(message)
-    choice = re.search(r"invalid choice: '([^']+)' \(choose from (.*)\)", message)
-    if choice:
-        close = _suggest(choice.group(1), re.findall(r"'([^']+)'", choice.group(2)))
-        if close:
-            hints.append(f"did you mean '{close}'?")
-    if hints:
-        text += " " + " ".join(hints)
-    return f"invalid configuration: {text} (see --help for the accepted settings)"
+    if vocabulary is None:
+        return explain_parse_error(message, lambda: known_setting_names() | top_level_settings())
+    return explain_parse_error(message, vocabulary)

@@ -43,6 +43,7 @@ from qkv_lightning.resume import (
     resolve_last,
 )
 from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.persist import resolve_class, stored_settings
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 install_yaml_guard()  # a config that expands past a size limit through YAML aliases is refused
@@ -157,12 +158,17 @@ class QKVLightningCLI(LightningCLI):
         info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
         if info.sharded:
             return  # a sharded folder: checked before the run starts (check_checkpoint_fits_model)
-        hparams = dict(info.hparams)
-        if not hparams:
-            return
-        saved_class = hparams.pop("_class_path", None)
-        check_class(info, (config.get("model") or {}).get("class_path"))
         path = info.path
+        saved_class, hparams = stored_settings(info.hparams, str(path))  # output settings never come from a file
+        if not hparams and not saved_class:
+            return
+        configured_class = (config.get("model") or {}).get("class_path")
+        check_class(info, configured_class)
+        if saved_class:  # vetted before jsonargparse imports it
+            try:
+                resolve_class(saved_class, TaskModule, f"_class_path in {path}", trusted=[configured_class])
+            except ConfigError as error:
+                raise CheckpointError(str(error)) from None
         model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
         configured_settings = flatten(config.get("model") or {})
         try:
@@ -304,7 +310,7 @@ def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
     """
     import inspect
 
-    from qkv_lightning.tasks.base import OPTIMIZER_OWN_SETTINGS, optimizer_class
+    from qkv_lightning.tasks.optim import OPTIMIZER_OWN_SETTINGS, optimizer_class
 
     flag = config.get("optimizer")
     model = config.get("model")

@@ -17,7 +17,7 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 stage core 60 python3 tests/gpu_core_check.py
 stage fsdp 150 python3 tests/gpu_fsdp_check.py
 stage bench-300m 150 python3 cli.py bench --config configs/lm/gpt2-300m.yaml --data random --data.batch_size 4 \
-  --device cuda --precision bf16-mixed --gemm --steps 6 --warmup 2 --lightning_overhead --overhead_steps 6
+  --device cuda --precision bf16-mixed --gemm true --steps 6 --warmup 2 --lightning_overhead true --overhead_steps 6
 stage attention-vit-b 40 python3 cli.py bench-attention --d_model 768 --n_head 12 --seq_len 197 --batch_size 64 \
   --device cuda --dtype bfloat16 --repeats 30
 stage attention-lm-300m 40 python3 cli.py bench-attention --d_model 1024 --n_head 16 --seq_len 2048 --batch_size 4 \

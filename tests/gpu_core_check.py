@@ -22,8 +22,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qkv_lightning.errors import ConfigError  # noqa: E402
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, Attention, AttentionConfig  # noqa: E402
+from qkv_lightning.nn.attention import Attention, AttentionConfig  # noqa: E402
 from qkv_lightning.nn.gpt import GPT, GPTConfig  # noqa: E402
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

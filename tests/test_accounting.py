@@ -15,9 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from qkv_lightning.accounting import AttentionShape, attended_pairs, network_cost
 from qkv_lightning.bench.common import task_variant
 from qkv_lightning.cli import main
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, Attention, AttentionConfig
+from qkv_lightning.nn.attention import Attention, AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.nn.vit import ViT, ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +183,42 @@ def test_encoder_closed_form_matches_the_built_model(variant, n_kv, score):
     assert counted(lambda: loss().backward()) == cost.train_flops(2)
 
 
+ROLE_NORMS = {
+    "layer-all": {"q_norm": "layer", "k_norm": "layer", "v_norm": "layer"},
+    "layer-k-rms-q": {"q_norm": "rms", "k_norm": "layer"},
+    "layer-v-cla": {"v_norm": "layer", "q_norm": "layer", "kv_share_every": 2},
+}
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("variant", "n_kv", "norms"), [  # a layer reusing K/V keeps Q separate: no Q=K=V with CLA
+    (v, n, norms) for v, n in (("QKV", 2), ("Q-K=V", None), ("Q=K=V", None)) for norms in ROLE_NORMS
+    if not (v == "Q=K=V" and "cla" in norms)])
+def test_closed_form_with_per_role_norms_matches_the_built_model(variant, n_kv, norms, bias):
+    """Per-role LayerNorms have a scale and, only with ``bias: true``, a shift (head_dim each); RMSNorms a scale. The
+    closed form equals ``numel`` of the GPT, the ViT and the encoder built with them, with and without biases (and
+    a layer reusing K/V has no K/V norms). Written out for one layer: each norm adds head_dim, x2 for a biased
+    LayerNorm."""
+    attention = AttentionConfig(sharing=variant, n_kv_heads=n_kv, **ROLE_NORMS[norms])
+    networks = [
+        GPT(GPTConfig(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=24, vocab_size=50, bias=bias), attention),
+        ViT(ViTConfig(patch_size=4, n_layer=2, n_head=4, d_model=32, d_mlp=40, image_size=8, in_channels=3,
+                      num_classes=7, bias=bias), attention),
+        SequenceEncoder(EncoderConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, vocab_size=10, num_classes=10,
+                                      bias=bias), attention),
+    ]
+    for model in networks:
+        cost = network_cost(model.config, attention)
+        assert cost.params_total == n_params(model)
+        assert cost.params_attention == attention_params(model)
+    plain = Attention(32, 4, AttentionConfig(sharing=variant, n_kv_heads=n_kv), causal=True, bias=bias)
+    normed = Attention(32, 4, attention, causal=True, bias=bias)
+    settings = ROLE_NORMS[norms]
+    extra = sum(8 * (2 if settings.get(role) == "layer" and bias else 1)
+                for role in ("q_norm", "k_norm", "v_norm") if settings.get(role, "none") != "none")
+    assert n_params(normed) - n_params(plain) == extra
+
+
 def test_shared_variants_remove_exactly_their_projections():
     """Per layer, Q=K=V saves two of the three d x d projections (plus biases) and Q-K=V one; MQA keeps one head."""
     d, h, layers = 64, 8, 3
@@ -220,7 +257,7 @@ def built_params(task, attention: AttentionConfig) -> int:
 )
 def test_report_json_matches_built_models_of_each_task(capsys, configs, monkeypatch):
     monkeypatch.chdir(ROOT)
-    data = report_json(capsys, *[arg for path in configs for arg in ("--config", path)], "--n_kv_heads", "1")
+    data = report_json(capsys, *[arg for path in configs for arg in ("--config", path)], "--n_kv_heads", "[1]")
     from qkv_lightning.bench.common import load_task
 
     task = load_task(configs).task
@@ -257,9 +294,9 @@ def test_report_says_where_the_data_values_came_from(capsys, monkeypatch):
 
 def test_report_keeps_the_configs_symmetry_breakers_and_overrides(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    plain = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--variants", "Q=K=V")
+    plain = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--variants", "[Q=K=V]")
     scored = report_json(capsys, "--config", "configs/synthetic/reverse.yaml", "--config",
-                         "configs/variants/q=k=v+score.yaml", "--variants", "Q=K=V", "--model.network.n_layer", "3")
+                         "configs/variants/q=k=v+score.yaml", "--variants", "[Q=K=V]", "--model.network.n_layer", "3")
     assert [v["name"] for v in scored["variants"]] == ["Q=K=V+score"]
     per_layer = 10 + 1  # the paper's encoding: w (m = 10 channels) and b, one per layer, shared by the heads
     assert scored["variants"][0]["params_attention"] * 2 == plain["variants"][0]["params_attention"] * 3 + \
@@ -278,9 +315,9 @@ def test_report_text_and_markdown_show_ratios(capsys, monkeypatch):
 
 def test_report_bad_input_is_one_clear_error(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--n_kv_heads", "3"]) == 2
+    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--n_kv_heads", "[3]"]) == 2
     assert "n_kv_heads=3 must divide n_head=4" in capsys.readouterr().err
-    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--variants", "QQV"]) == 2
+    assert main(["report", "--config", "configs/synthetic/reverse.yaml", "--variants", "[QQV]"]) == 2
     assert "is not a projection-sharing variant" in capsys.readouterr().err
     assert main(["report", "--config", "configs/lm/wikitext2.yaml", "--data.init_args.train_file", "mine.txt",
                  "--prepare_data", "false"]) == 2

@@ -72,6 +72,23 @@ def test_identical_k_and_v_weights_give_cosine_one_and_angle_zero_and_tied_varia
     assert shared["summary"]["cosine"]["K-V"] is None
 
 
+@pytest.mark.parametrize(("singular", "expected"), [((3.0, 1.0), 1.7547653506), ((3.0, 1.0, 0.0), 1.7547653506),
+                                                   ((4.0, 2.0, 1.0, 1.0), 3.3635856610)])
+def test_effective_rank_is_exp_of_the_entropy_of_the_normalised_singular_values(singular, expected):
+    """Roy and Vetterli: p = s / sum(s), effective rank exp(-sum p log p) (nats). Singular values (3, 1):
+    p = (3/4, 1/4), exp(0.5623) = 1.7548 (not the energy's (9/10, 1/10): 1.384, nor bits: 2.25); (4, 2, 1, 1):
+    2^1.75."""
+    generator = torch.Generator().manual_seed(3)
+    k = len(singular)
+    u = torch.linalg.qr(torch.randn(8, k, generator=generator, dtype=torch.float64))[0]  # (8, k), orthonormal
+    w = torch.linalg.qr(torch.randn(32, k, generator=generator, dtype=torch.float64))[0]  # (32, k)
+    matrix = u @ torch.diag(torch.tensor(singular, dtype=torch.float64)) @ w.T  # (8, 32)
+    p = [s / sum(singular) for s in singular if s > 0]
+    assert math.exp(-sum(x * math.log(x) for x in p)) == pytest.approx(expected, abs=1e-9)
+    assert effective_rank(matrix) == pytest.approx(expected, abs=1e-9)
+    assert effective_rank(matrix.T) == pytest.approx(expected, abs=1e-9)
+
+
 def test_effective_rank_of_a_rank_r_projection_is_about_r():
     generator = torch.Generator().manual_seed(0)
     u = torch.linalg.qr(torch.randn(8, 8, generator=generator, dtype=torch.float64))[0]

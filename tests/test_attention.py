@@ -8,14 +8,9 @@ import pytest
 import torch
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import (
-    CANONICAL_VARIANTS,
-    Attention,
-    AttentionConfig,
-    Sharing,
-    canonical_variant,
-)
+from qkv_lightning.nn.attention import Attention, AttentionConfig
 from qkv_lightning.nn.positional import rope_tables
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS, Sharing, canonical_variant
 
 D_MODEL, N_HEAD, HEAD_DIM = 24, 4, 6
 

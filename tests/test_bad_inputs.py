@@ -5,14 +5,17 @@ finished runs it points at.
 Three small runs (synthetic task, language model, ViT) finish first, each with checkpoints in its log folder. Most bad
 commands point at one of them with ``fit --ckpt_path last``, which would resume into, and log into, that very folder;
 the whole ``logs`` tree (file names and SHA-256 of their content) must be the same after every bad command. The
-README's "Errors and recovery" table lists every case with its message.
+errors reference (``qkv_lightning/ERRORS.md``, "Bad inputs and their messages") lists every case with its message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +27,10 @@ import torch
 from qkv_lightning.cli import main
 from tests.imagedata import write_cifar10, write_image_tree, write_mnist_gz
 from tests.lm_fixtures import write_wikitext
-from tests.run_fixtures import CONFIGS, image_args, lm_args, snapshot, synthetic_args
+from tests.run_fixtures import CONFIGS, image_args, lm_args, snapshot, subprocess_env, synthetic_args
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+ERRORS = ROOT / "qkv_lightning" / "ERRORS.md"
 
 
 class RunsCode:
@@ -198,7 +202,7 @@ def study(*extra: str) -> Callable[[Runs, Path], list[str]]:
 
 @dataclass
 class Case:
-    """One bad input: how to make the command, and the part of its message the README documents."""
+    """One bad input: how to make the command, and the part of its message the errors reference documents."""
 
     id: str
     build: Callable[[Runs, Path], list[str]]
@@ -389,6 +393,83 @@ def study_over_a_user_folder(runs: Runs, tmp: Path) -> list[str]:
     return study("--output", str(tmp / "mine"))(runs, tmp)
 
 
+def edited_checkpoint(key: str, value: object) -> Callable[[Runs, Path], list[str]]:
+    def build(runs: Runs, tmp: Path) -> list[str]:
+        path, checkpoint = checkpoint_copy(runs, tmp)
+        checkpoint[key] = value
+        torch.save(checkpoint, path)
+        return runs.synthetic("--ckpt_path", str(path), command="validate")
+
+    return build
+
+
+def locked_by_a_folder(runs: Runs, tmp: Path) -> list[str]:
+    from qkv_lightning.study.safety import LOCK, MARKER, task_identity
+
+    output = tmp / "old-study"
+    (output / LOCK).mkdir(parents=True)  # a folder where the study's lock file goes
+    (output / MARKER).write_text(f'{{"task": "{task_identity(str(CONFIGS / "synthetic" / "reverse.yaml"))}"}}')
+    return study("--output", str(output))(runs, tmp)
+
+
+def gpt2_folder(tmp: Path, **changes: object) -> Path:
+    """A Hugging Face GPT-2 folder whose config.json has ``changes`` (its weights file is never read: the config is
+    refused first)."""
+    import json
+
+    folder = tmp / "gpt2"
+    folder.mkdir()
+    config = {"model_type": "gpt2", "vocab_size": 64, "n_positions": 16, "n_embd": 16, "n_layer": 1, "n_head": 2,
+              "resid_pdrop": 0.1, "layer_norm_epsilon": 1e-5, **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"never read")
+    return folder
+
+
+def ranks_with_a_gap(runs: Runs, tmp: Path) -> list[str]:
+    import base64
+
+    ranks = tmp / "gap.tiktoken"
+    ranks.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b if b < 5 else b + 1}\n" for b in range(256)))
+    return ["fit", *lm_args(tmp, runs.wikitext), "--data.tokenizer", "gpt2", "--data.bpe_file", str(ranks)]
+
+
+def convert_fit_with_a_list_config(runs: Runs, tmp: Path) -> list[str]:
+    checkpoints = tmp / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(runs.checkpoint("synthetic"), checkpoints / "last.ckpt")
+    (tmp / "run" / "config.yaml").write_text("- model\n- data\n")
+    return ["convert", str(checkpoints / "last.ckpt"), str(tmp / "out.ckpt"), "--sharing", "Q-K=V", "--method", "fit"]
+
+
+CASES += [
+    Case("checkpoint whose hyper-parameters are a string", edited_checkpoint("hyper_parameters", "a string"),
+         "its hyper_parameters is a str, not a mapping of settings"),
+    Case("checkpoint whose state_dict is a list", edited_checkpoint("state_dict", [1, 2]),
+         "its state_dict is a list, not a mapping of parameter names to tensors"),
+    Case("export into a file",
+         lambda r, t: (t / "a-file").write_text("x")
+         and ["export", "--ckpt_path", str(r.checkpoint("lm")), "--out", str(t / "a-file")],
+         "is a file; name a folder"),
+    Case("study lock that is a folder", locked_by_a_folder, "is a folder, not a file this tool wrote"),
+    Case("GPT-2 config with a dropout that is no number",
+         lambda r, t: ["import", str(gpt2_folder(t, resid_pdrop="abc")), str(t / "gpt2.ckpt")],
+         "resid_pdrop='abc' cannot be imported: it must be a finite number"),
+    Case("quantized GPT-2 folder",
+         lambda r, t: ["import", str(gpt2_folder(t, quantization_config={"load_in_8bit": True})),
+                       str(t / "gpt2.ckpt")],
+         "quantization_config={'load_in_8bit': True} cannot be imported"),
+    Case("BPE ranks file with a gap", ranks_with_a_gap, "but rank 5 is missing or repeated"),
+    Case("optimizer argument the optimizer refuses",
+         lambda r, t: ["fit", *synthetic_args(t), "--optimizer", "SGD", "--optimizer.momentum", "-1"],
+         "SGD refuses these settings (Invalid momentum value: -1.0)"),
+    Case("convert --method fit with a run config that is a list", convert_fit_with_a_list_config,
+         "holds a YAML list, not the mapping of settings of a fit config"),
+    Case("bench on a GPU this machine lacks",
+         lambda r, t: ["bench", "--config", str(CONFIGS / "synthetic" / "reverse.yaml"), "--device", "cuda:64"],
+         "--device cuda:64: this machine has"),
+]
+
 CASES += [
     Case("YAML alias bomb", lambda r, t: r.synthetic("--config", yaml_file(t, ALIAS_BOMB)),
          "expands to more than 100,000 YAML nodes"),
@@ -444,9 +525,9 @@ def test_bad_inputs_are_many_and_distinct():
     assert len(CASES) >= 30 and len({case.id for case in CASES}) == len(CASES)
 
 
-def test_readme_documents_every_error():
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Errors and recovery") :]
+def test_the_errors_reference_documents_every_error():
+    text = ERRORS.read_text(encoding="utf-8")
+    section = text[text.index("## Bad inputs and their messages") :]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     for case in CASES:
         assert any(case.id in row and case.message.replace("|", "\\|") in row for row in rows), case.id
@@ -457,6 +538,43 @@ def test_every_task_checkpoint_loads_weights_only(runs):
     for run in ("synthetic", "lm", "vit"):
         checkpoint = torch.load(runs.checkpoint(run), weights_only=True)
         assert checkpoint["global_step"] > 0 and isinstance(checkpoint["hyper_parameters"], dict)
+
+
+def test_a_save_past_the_file_size_limit_keeps_the_last_checkpoint_and_is_one_paragraph(tmp_path):
+    """A checkpoint save that hits ``ulimit -f`` (as a full disk would) in a real process: exit code 2, one paragraph
+    naming the checkpoint, no traceback; the previous ``last.ckpt`` is unchanged and no temporary file is left."""
+    assert main(["fit", *synthetic_args(tmp_path, name="limited", steps=2)]) == 0
+    (last,) = (tmp_path / "logs" / "limited").rglob("last.ckpt")
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    blocks = last.stat().st_size // 2 // 1024  # ulimit -f counts 1024-byte blocks in bash
+    command = ["bash", "-c", f'ulimit -f {blocks} && exec "$0" "$@"', sys.executable, str(ROOT / "cli.py"), "fit",
+               *synthetic_args(tmp_path, name="limited", steps=4), "--ckpt_path", "last"]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(errors) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().endswith(errors[0]) and "could not write the checkpoint" in errors[0], errors
+    assert "file-size limit" in errors[0] and str(last.parent) in errors[0], errors
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    assert not list(last.parent.glob(".checkpoint-*")), sorted(p.name for p in last.parent.iterdir())
+
+
+def test_export_into_a_file_is_refused_before_the_checkpoint_is_read(runs, tmp_path, capsys, monkeypatch):
+    """``export --out FILE`` (graphs or ``--format hf``) is refused before anything is loaded or exported."""
+    import qkv_lightning.export as export
+    import qkv_lightning.interop.hf_gpt2 as hf_gpt2
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(export, "load_gpt", never)
+    monkeypatch.setattr(hf_gpt2, "main_export", never)
+    (tmp_path / "a-file").write_text("mine")
+    for extra in ([], ["--format", "hf"]):
+        assert main(["export", "--ckpt_path", str(runs.checkpoint("lm")), "--out", str(tmp_path / "a-file"),
+                     *extra]) == 2
+        assert f"--out {tmp_path / 'a-file'} is a file" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_debug_shows_the_traceback(runs):

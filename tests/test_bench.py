@@ -117,8 +117,9 @@ def run_json(capsys, *args: str) -> dict:
 
 
 def test_bench_command_runs_every_variant_with_attention_core_gemm_and_overhead(capsys):
-    result = run_json(capsys, *SYNTHETIC, *FAST, "--variants", "QKV", "Q=K=V", "--n_kv_heads", "2", "--gemm",
-                      "--gemm_size", "64", "--lightning_overhead", "--overhead_steps", "4", "--overhead_rounds", "1")
+    result = run_json(capsys, *SYNTHETIC, *FAST, "--variants", "[QKV, Q=K=V]", "--n_kv_heads", "[2]", "--gemm", "true",
+                      "--gemm_size", "64", "--lightning_overhead", "true", "--overhead_steps", "4", "--overhead_rounds",
+                      "1")
     names = [row["name"] for row in result["variants"]]
     assert names == ["QKV", "Q=K=V", "QKV_kv2"]
     qkv = result["variants"][0]
@@ -140,7 +141,7 @@ def test_bench_command_runs_every_variant_with_attention_core_gemm_and_overhead(
 
 
 def test_bench_decodes_language_models_with_caches_of_the_closed_form_size(capsys):
-    result = run_json(capsys, *LM, *FAST, "--variants", "QKV", "Q-K=V", "--decode_tokens", "3", "--attention", "false")
+    result = run_json(capsys, *LM, *FAST, "--variants", "[QKV, Q-K=V]", "--decode_tokens", "3", "--attention", "false")
     rows = {row["name"]: row for row in result["variants"]}
     assert result["setup"]["decode"] == {"context": 13, "tokens": 3, "batch": 1}
     for row in rows.values():
@@ -154,19 +155,19 @@ def test_bench_decodes_language_models_with_caches_of_the_closed_form_size(capsy
 @pytest.mark.slow
 def test_bench_measures_memory_in_a_fresh_process_per_variant(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # the child runs `python -m qkv_lightning.bench.models` from here
-    result = run_json(capsys, *SYNTHETIC, *FAST[:-2], "--variants", "QKV", "Q=K=V", "--attention", "false")
+    result = run_json(capsys, *SYNTHETIC, *FAST[:-2], "--variants", "[QKV, Q=K=V]", "--attention", "false")
     assert all(row["peak_memory_bytes"] > 0 for row in result["variants"])
     assert result["variants"][0]["memory_ratio"] == 1.0
     assert "fresh process" in result["setup"]["memory"]
 
 
 def test_bench_bad_input_is_one_clear_error(capsys):
-    assert main(["bench", *SYNTHETIC, "--variants", "Q=K=V"]) == 2
+    assert main(["bench", *SYNTHETIC, "--variants", "[Q=K=V]"]) == 2
     assert "keep QKV among --variants" in capsys.readouterr().err
     assert main(["bench", *SYNTHETIC, "--precision", "16-mixed"]) == 2
     assert "--precision" in capsys.readouterr().err
     # 3 steps per loop segment leave none to time after the 2 warm-up steps
-    assert main(["bench", *SYNTHETIC, "--lightning_overhead", "--overhead_steps", "3"]) == 2
+    assert main(["bench", *SYNTHETIC, "--lightning_overhead", "true", "--overhead_steps", "3"]) == 2
     assert "--overhead_steps=3 must be at least 4" in capsys.readouterr().err
     assert main(["bench", *SYNTHETIC, "--steps", "0"]) == 2
     assert "--steps=0 must be at least 1" in capsys.readouterr().err

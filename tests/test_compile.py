@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from qkv_lightning.data.synthetic import SyntheticSequenceData
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig
+from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block
 from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.gpt import GPTConfig
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.nn.vit import ViTConfig
-from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.optim import OptimizerConfig
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
 from tests.distributed_support import needs_cpu_fsdp2
 

@@ -4,6 +4,7 @@ memory-budget batch under a limit the test enforces, and the bench-decode comman
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from qkv_lightning.accounting import AttentionShape, kv_cache_bytes_per_token
-from qkv_lightning.bench.decode import (
+from qkv_lightning.bench.decode_memory import (
     computed_largest_batch,
     largest_batch,
     model_spec,
@@ -23,9 +24,11 @@ from qkv_lightning.bench.decode import (
 )
 from qkv_lightning.cli import main
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig, parse_rope_keys
+from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
+from qkv_lightning.nn.kv_cache import parse_rope_keys
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(v, None) for v in CANONICAL_VARIANTS] + [("QKV", 2), ("Q-K=V", 1)]
@@ -162,6 +165,33 @@ def test_exported_graphs_equal_eager_decoding_token_by_token(variant, n_kv, posi
     assert len(signature.user_outputs) == 1 + 2 * per_layer and len(signature.user_inputs) == 2 + 2 * per_layer
 
 
+def test_static_decoder_and_export_refuse_a_rope_keys_window(tmp_path, capsys):
+    """A static cache (and so ``export``) has no window layout: ``rope_keys=window:W`` with W below the capacity is a
+    one-paragraph error naming rope_keys, not an export of another layout (a window as wide as the cache is exactly
+    the copy layout). Through the real export command: exit 2, nothing written, the checkpoint unchanged."""
+    model = model_for("Q-K=V", None, "rope", max_seq_len=32).float()
+    copy = StaticDecoder(model, 32, rope_keys="copy").tensors_per_layer()
+    assert copy == [2, 2] and StaticDecoder(model, 32).tensors_per_layer() == [1, 1]
+    for window in (1, 8, 31):
+        with pytest.raises(ConfigError, match=rf"rope_keys='window:{window}': a static cache takes on_read or copy"):
+            StaticDecoder(model, 32, rope_keys=f"window:{window}")
+    assert StaticDecoder(model, 32, rope_keys="window:32").tensors_per_layer() == copy
+    from qkv_lightning.tasks.language_model import LanguageModel
+
+    network = GPTConfig(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=32, vocab_size=50, position="rope")
+    task = LanguageModel(network=network, attention=AttentionConfig(sharing="Q-K=V"), data_spec={"vocab_size": 50})
+    task.configure_model()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    assert main(["export", "--ckpt_path", str(path), "--out", str(out), "--rope_keys", "window:8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rope_keys='window:8'" in err and "\n\n" not in err and "Traceback" not in err
+    assert not out.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
 @pytest.mark.slow
 def test_export_command_writes_checked_graphs_and_never_overwrites(tmp_path, capsys):
     from qkv_lightning.tasks.language_model import LanguageModel
@@ -184,12 +214,13 @@ def test_export_command_writes_checked_graphs_and_never_overwrites(tmp_path, cap
 
 CHILD = """
 import json, resource, sys, torch
-from qkv_lightning.bench.decode import _status, fit_step, param_bytes, rebuild
+from qkv_lightning.bench.decode_memory import fit_step, param_bytes, rebuild
+from qkv_lightning.bench.memory import proc_status
 torch.set_num_threads(1)
 job = json.loads(sys.argv[1])
 model = rebuild(job["spec"], torch.device("cpu"))
 fit_step(model, 1, job["capacity"], "on_read")
-held = _status("VmData")
+held = proc_status("VmData")
 resource.setrlimit(resource.RLIMIT_DATA, (held + job["budget"] - param_bytes(model), resource.RLIM_INFINITY))
 try:
     fit_step(model, job["batch"], job["capacity"], "on_read")
@@ -221,6 +252,35 @@ def test_the_largest_batch_for_a_budget_fits_and_one_more_does_not(variant):
     assert not under_the_budget(batch + 1)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU memory probe reads Linux's /proc")
+@pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_memory_budget_counts_the_weights_once_and_fits_sequences_in_the_rest(capsys):
+    """With weights worth 16 sequences, ``bench-decode --memory_budget`` finds the largest batch that fits the budget
+    minus the weights: computed exactly as the closed form written out here, checked by allocation close to it, and
+    far from the batch the whole budget would give."""
+    vocab, d, heads, mlp, layers, capacity = 8192, 64, 4, 128, 2, 58  # QKV, RoPE, tied embeddings, fp32
+    per_layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * mlp + mlp + mlp * d + d)  # 2 LNs, qkv, proj, MLP
+    weights = 4 * (vocab * d + layers * per_layer + 2 * d)  # + the final LN
+    cache = 4 * layers * 2 * d * capacity  # K and V of every layer at every position
+    step = 4 * (d * capacity + 2 * vocab + 4 * (mlp + 3 * d) + 3 * heads * capacity)  # keys, logits, hidden, scores
+    per_sequence = cache + step
+    budget = weights + 6 * per_sequence + per_sequence // 2
+    assert weights > 15 * per_sequence and budget // per_sequence == 22  # the whole budget: 22 sequences
+    args = ["bench-decode", "--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model.network.n_layer",
+            str(layers), "--model.network.d_model", str(d), "--model.network.n_head", str(heads),
+            "--model.network.d_mlp", str(mlp), "--model.network.vocab_size", str(vocab), "--model.network.max_seq_len",
+            "64", "--data_spec", json.dumps({"vocab_size": vocab, "seq_len": 64}), "--threads", "1", "--progress",
+            "false", "--variants", "[QKV]", "--contexts", f"[{capacity - 2}]", "--new_tokens", "2", "--rounds", "1",
+            "--warmup", "0", "--memory_budget", str(budget), "--format", "json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["setup"]["weights_bytes"] == weights
+    (row,) = result["memory_budget"]["rows"]
+    assert row["capacity"] == capacity and row["computed"] == 6  # (budget - weights) // per_sequence
+    assert abs(row["checked"] - 6) <= 3  # allocated for real under the budget less the weights
+
+
 def test_memory_amounts_parse_and_bad_ones_are_one_clear_error():
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1e9") == 10**9
     with pytest.raises(ConfigError, match="--memory_budget='lots'"):
@@ -234,12 +294,24 @@ TINY = ["--config", str(ROOT / "configs/bench/decode-gpt2-small.yaml"), "--model
 
 
 @pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_memory_budget_refuses_a_rope_keys_window_before_measuring(capsys):
+    """--memory_budget sizes a static cache, which has no window layout: a window:W contender is a one-paragraph
+    error before anything is measured (it was a bare traceback from the memory probe after the timings)."""
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--rope_keys", "[on_read, window:4]", "--contexts",
+            "[8]", "--new_tokens", "2", "--rounds", "1", "--warmup", "0", "--memory_budget", "20MB"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "--rope_keys window:4: the static cache takes on_read or copy" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.usefixtures("plain_argv")
 def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tmp_path, capsys):
     out = tmp_path / "results"
-    args = ["bench-decode", *TINY, "--variants", "QKV", "Q-K=V", "--n_kv_heads", "2", "--labels", "QKV", "Q-K=V",
-            "QKV_kv2", "--rope_keys", "on_read", "copy", "--contexts", "8", "24", "--batch_sizes", "1", "2",
-            "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "--serve_requests", "3",
-            "--serve_prompt_lens", "4", "12", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--n_kv_heads", "[2]", "--labels",
+            "[QKV, Q-K=V, QKV_kv2]", "--rope_keys", "[on_read, copy]", "--contexts", "[8, 24]", "--batch_sizes",
+            "[1, 2]", "--new_tokens", "3", "--rounds", "1", "--warmup", "0", "--serve", "true", "--serve_requests", "3",
+            "--serve_prompt_lens", "[4, 12]", "--serve_new_tokens", "3", "--serve_slots", "2", "--out", str(out),
             "--format", "json"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -266,7 +338,7 @@ def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tm
     assert "| QKV |" in (out / "table.md").read_text()
     assert main(args) == 2  # the outputs exist: nothing is overwritten
     assert "nothing is overwritten" in capsys.readouterr().err
-    bad = ["bench-decode", *TINY, "--contexts", "64", "--new_tokens", "4"]
+    bad = ["bench-decode", *TINY, "--contexts", "[64]", "--new_tokens", "4"]
     assert main(bad) == 2 and "max_seq_len=64" in capsys.readouterr().err
-    assert main(["bench-decode", *TINY, "--contexts", "8", "--cache", "static", "--rope_keys", "window:4"]) == 2
+    assert main(["bench-decode", *TINY, "--contexts", "[8]", "--cache", "static", "--rope_keys", "[window:4]"]) == 2
     assert "static cache takes on_read or copy" in capsys.readouterr().err

@@ -14,8 +14,8 @@ from qkv_lightning.data.documents import packed_rows, padded_row
 from qkv_lightning.data.wikitext import WikiText
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.gpt import IGNORE_INDEX, GPTConfig
-from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.optim import OptimizerConfig
 
 # three articles; the blank line before the first heading joins the first article
 CORPUS = " \n = A = \n x y \n = B = \n z \n = C = \n a b c d e f g \n"

@@ -96,8 +96,8 @@ def test_evaluate_scores_like_a_direct_forward_pass_and_generates_like_greedy_de
     folder, ranks, tokenizer, model = setup
     tasks = write_tasks(folder / "tasks")
     out = folder / "results.json"
-    args = ["evaluate", "--ckpt_path", str(folder / "lm.ckpt"), "--tasks", "toy_mc,toy_gen,toy_rolling",
-            "--include_path", str(tasks), "--bpe_file", str(ranks), "--output", str(out), "--log_samples",
+    args = ["evaluate", "--ckpt_path", str(folder / "lm.ckpt"), "--tasks", "[toy_mc, toy_gen, toy_rolling]",
+            "--include_path", str(tasks), "--bpe_file", str(ranks), "--output", str(out), "--log_samples", "true",
             "--batch_size", "2", "--device", "cpu"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -157,7 +157,7 @@ def test_evaluate_refuses_another_tokenizer_and_a_missing_bpe_file(setup, plain_
     other = tmp_path / "other.tiktoken"
     other.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     base = ["evaluate", "--ckpt_path", str(folder / "lm.ckpt"), "--include_path", str(tasks)]
-    assert main([*base, "--tasks", "toy_mc", "--bpe_file", str(other)]) == 2
+    assert main([*base, "--tasks", "[toy_mc]", "--bpe_file", str(other)]) == 2
     assert "trained with bpe:" in capsys.readouterr().err
-    assert main([*base, "--tasks", "toy_mc"]) == 2
+    assert main([*base, "--tasks", "[toy_mc]"]) == 2
     assert "--bpe_file" in capsys.readouterr().err

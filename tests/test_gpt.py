@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import yaml
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig
+from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig, sample
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -13,13 +13,14 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qkv_lightning.cli import main
-from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.image_base import NO_AUGMENTATION
 from qkv_lightning.data.images import CIFAR10DataModule
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig
+from qkv_lightning.lightning_cli import QKVLightningCLI
+from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.nn.vit import ViT, ViTConfig
-from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.image_classifier import ImageClassifier
+from qkv_lightning.tasks.optim import OptimizerConfig
 from tests import run_fixtures
 from tests.imagedata import write_cifar10, write_image_tree
 from tests.run_fixtures import image_data_args

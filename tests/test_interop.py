@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from qkv_lightning.cli import main
-from qkv_lightning.export import load_gpt
 from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.resume import check_fits, read_checkpoint_info
+from qkv_lightning.tasks.language_model import load_gpt
 from tests.lm_fixtures import GPT2_RANKS, write_wikitext
 from tests.run_fixtures import lm_args
 

@@ -13,13 +13,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qkv_lightning.cli import main
-from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.wikitext import WikiText
 from qkv_lightning.errors import CheckpointError
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPTConfig
-from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.optim import OptimizerConfig
 from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, word_count, write_wikitext
 from tests.run_fixtures import CONFIGS, lm_config_args
 from tests.streaming_support import streaming_data_args, write_corpus

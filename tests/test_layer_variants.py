@@ -179,6 +179,33 @@ def test_cla2_on_q_k_v_stores_one_tensor_per_two_layers():
 
 
 @pytest.mark.parametrize(
+    ("every", "n_layer", "expected"),
+    [(3, 6, [None, 0, 0, None, 3, 3]), (3, 7, [None, 0, 0, None, 3, 3, None]), (2, 5, [None, 0, None, 2, None]),
+     (4, 6, [None, 0, 0, 0, None, 4]), (1, 3, [None, None, None])],
+)
+def test_kv_share_every_gives_each_run_the_k_v_of_its_first_layer(every, n_layer, expected):
+    """kv_share_every: N splits the layers into runs of N; every layer of a run reuses the K/V of the run's first
+    layer (written out above). The network built from it is the one built from that explicit kv_sources map: same
+    parameters, same outputs, and it decodes exactly."""
+    attention = AttentionConfig(kv_share_every=every)
+    assert attention.kv_source_list(n_layer, 4) == expected
+    explicit_map = {str(i): source for i, source in enumerate(expected) if source is not None}
+    model = gpt(attention, "rope", n_layer=n_layer)
+    assert model.trunk.kv_sources == expected
+    assert [block.attn.reuses_kv for block in model.blocks] == [source is not None for source in expected]
+    if not explicit_map:
+        return
+    reference = gpt(AttentionConfig(kv_sources=explicit_map), "rope", n_layer=n_layer)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()}
+    reference.load_state_dict(model.state_dict())
+    idx = idx_batch()
+    torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
+    caches = cached_equals_full(model, idx, prompt=5)
+    assert [len(c.buffers) for c in caches] == [0 if source is not None else 2 for source in expected]
+
+
+@pytest.mark.parametrize(
     ("settings", "message"),
     [
         ({"sharing": "Q=K-V", "kv_share_every": 2}, "layer 1 reuses the K/V of layer 0, but its sharing"),

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "qkv_lightning"
 
 FLOORS: list[set[str]] = [
-    {"errors", "files", "hparams", "quiet", "loggers"},  # ground: no project imports but errors
+    {"errors", "files", "hparams", "quiet", "loggers", "command_line"},  # ground: no project imports but errors
     {"nn"},  # networks: the attention core and its algebra
     {"variants", "accounting"},  # the variant labels and closed-form costs, read off the networks
     {"checkpoints", "resume", "parallel"},  # reading, writing and resuming checkpoints; sharding

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 
 from qkv_lightning.cli import main
-from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.synthetic import SyntheticSequenceData
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.tasks.base import OptimizerConfig, lr_multiplier
+from qkv_lightning.lightning_cli import QKVLightningCLI
+from qkv_lightning.tasks.optim import OptimizerConfig, lr_multiplier
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
 from tests.run_fixtures import synthetic_args
 
@@ -170,7 +170,7 @@ def test_an_optimizer_name_never_imports_a_module_of_its_own(tmp_path, monkeypat
     """A dotted ``optimizer.name`` (which a checkpoint's hyper-parameters can carry) resolves only in torch.optim or
     an already imported module: naming a module whose import has a side effect neither imports nor runs it."""
     from qkv_lightning.errors import ConfigError
-    from qkv_lightning.tasks.base import optimizer_class
+    from qkv_lightning.tasks.optim import optimizer_class
 
     marker = tmp_path / "ran"
     (tmp_path / "planted_optimizer_module.py").write_text(

@@ -21,9 +21,9 @@ from qkv_lightning.bench.common import load_task, variants_of
 from qkv_lightning.bench.report import format_report, report_data
 from qkv_lightning.callbacks.global_batch import GlobalBatch
 from qkv_lightning.cli import main
-from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.synthetic import SyntheticSequenceData
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.gpt import GPT, GPTConfig
 from qkv_lightning.variants import Variant

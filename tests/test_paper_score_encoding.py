@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import Attention, AttentionConfig, canonical_score_encoding
+from qkv_lightning.nn.attention import Attention, AttentionConfig
+from qkv_lightning.nn.attention_config import canonical_score_encoding
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
 from qkv_lightning.nn.positional import PairScoreEncoding, PaperScoreEncoding, paper_pair_tensor, rope_tables
 from tests.test_attention import D_MODEL, HEAD_DIM, N_HEAD, build
@@ -53,9 +54,10 @@ def paper(variant: str = "Q=K-V", n_kv: int = N_HEAD, causal: bool = False, **co
     return attn, tied
 
 
-def conv_reference(attn: Attention, tied: dict, x: torch.Tensor, causal: bool, n_kv: int) -> torch.Tensor:
-    """The paper's formulation written out: S = q k^T / sqrt(d) per head, broadcast to m channels, plus P, then a
-    1x1 convolution (m -> 1, weight w, bias b) over the channels, (masks), softmax, weighted sum, output projection."""
+def conv_scores(attn: Attention, tied: dict, x: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's score map written out: S = q k^T / sqrt(d) per head, broadcast to m channels, plus P, then a
+    1x1 convolution (m -> 1, weight w, bias b) over the channels. Returns the mixed scores (B, H, T, T) before any
+    mask, and v with its heads repeated for the query heads, (B, H, T, D)."""
     b, t, _ = x.shape
 
     def heads(role: str, n: int) -> torch.Tensor:
@@ -71,7 +73,13 @@ def conv_reference(attn: Attention, tied: dict, x: torch.Tensor, causal: bool, n
     channels_first = stacked.permute(0, 1, 4, 2, 3).reshape(b * N_HEAD, M, t, t)  # (B*H, m, T, T)
     enc = attn.score_encoding
     mixed = F.conv2d(channels_first, enc.weight.view(1, M, 1, 1), enc.bias)  # (B*H, 1, T, T)
-    mixed = mixed.view(b, N_HEAD, t, t)
+    return mixed.view(b, N_HEAD, t, t), v
+
+
+def conv_reference(attn: Attention, tied: dict, x: torch.Tensor, causal: bool, n_kv: int) -> torch.Tensor:
+    """The paper's formulation written out: :func:`conv_scores`, (masks), softmax, weighted sum, output projection."""
+    b, t, _ = x.shape
+    mixed, v = conv_scores(attn, tied, x, n_kv)
     if causal:
         mixed = mixed.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
     out = torch.einsum("bhij,bhjd->bhid", mixed.softmax(-1), v)  # (B, H, T, D)
@@ -105,6 +113,27 @@ def test_matches_the_explicit_1x1_conv_forward_and_gradients(variant, n_kv, caus
     assert got[1].abs().max() > 1e-6  # w does receive a gradient
     # b is constant along every softmax row, so its gradient vanishes (up to rounding)
     assert got[2].abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("variant", "n_kv"), [("QKV", 2), ("Q=K-V", N_HEAD), ("Q-K=V", 1), ("Q=K=V", N_HEAD)])
+def test_logits_are_the_scores_behind_the_probabilities(variant, n_kv, causal):
+    """``logits()`` (attention maps, ``analyze``) are the paper's mixed scores S sum(w) + P . w + b, the 1x1
+    convolution written out, and their softmax (masked) is the probabilities the forward uses, with and without
+    RoPE. sum(w) is set far from 1, so that logits without the temperature differ from both."""
+    attn, tied = paper(variant, n_kv, causal)
+    with torch.no_grad():
+        attn.score_encoding.weight.add_(2.5 / M - attn.score_encoding.weight.mean())  # sum(w) = 2.5
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    expected, _ = conv_scores(attn, tied, x, n_kv)  # (B, H, T, T)
+    torch.testing.assert_close(attn.logits(x), expected, rtol=1e-10, atol=1e-10)
+    mask = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    for tables in (None, rope_tables(torch.arange(7), HEAD_DIM, dtype=torch.float64)):
+        _, probs = attn(x, tables, need_weights=True)  # (B, H, T, T)
+        logits = attn.logits(x, tables)
+        if causal:
+            logits = logits.masked_fill(mask, float("-inf"))
+        torch.testing.assert_close(probs, logits.softmax(-1), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["Q=K-V", "Q=K=V"])

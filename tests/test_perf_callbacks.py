@@ -19,8 +19,8 @@ from qkv_lightning.cli import main
 from qkv_lightning.nn.attention import Attention, AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.vit import ViTConfig
-from qkv_lightning.tasks.base import OptimizerConfig
 from qkv_lightning.tasks.image_classifier import ImageClassifier
+from qkv_lightning.tasks.optim import OptimizerConfig
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,11 @@ from qkv_lightning.cli import main as cli_main
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study import StudyConfig, parse_study_args, run_study
 from qkv_lightning.study import stats as S
+from qkv_lightning.study.cell import cell_spec
 from qkv_lightning.study.config import Cell, cells, expand_grid
+from qkv_lightning.study.launchers import gpu_share
 from qkv_lightning.study.report import TRAILING_COLUMNS, result_columns, summarize, summary_table
-from qkv_lightning.study.runner import cell_spec, gpu_share, is_finished
+from qkv_lightning.study.results import is_finished
 from qkv_lightning.variants import Variant
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -197,8 +199,8 @@ def test_bad_study_settings_are_one_paragraph_errors(tmp_path: Path, capsys: pyt
     bad.write_text(yaml.safe_dump({"task": str(_task_config(tmp_path)), "sharing": ["Q=Q-V"]}))
     assert cli_main(["study", "--config", str(bad)]) == 2
     assert "attention.sharing='Q=Q-V'" in capsys.readouterr().err
-    assert cli_main(["study", "--config", str(bad), "--seeds", "seven"]) == 2
-    assert "study settings" in capsys.readouterr().err
+    assert cli_main(["study", "--config", str(bad), "--seeds", "[seven]"]) == 2
+    assert "cli.py study: invalid configuration" in capsys.readouterr().err
 
 
 def test_study_configs_parse_and_differ_only_in_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,8 +330,11 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
             }
         )
     )
-    assert cli_main(["study", "--config", str(study_yaml)]) == 0
-    printed = capfd.readouterr().out
+    assert cli_main(["study", "--config", str(study_yaml)]) == 1  # the tables are written, and the exit says it failed
+    captured = capfd.readouterr()
+    printed = captured.out
+    assert "error: 2 of 6 runs of the study failed" in captured.err
+    assert f"{out}/runs/QKV_kv2/seed0/log.txt: " in captured.err
     assert (
         "| variant | runs ok | params |" in printed
         and "| Q=K=V | 2/2 |" in printed

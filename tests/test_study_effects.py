@@ -14,7 +14,8 @@ from qkv_lightning.study import StudyConfig, parse_study_args
 from qkv_lightning.study import effects as E
 from qkv_lightning.study import stats as S
 from qkv_lightning.study.config import Variant
-from qkv_lightning.study.report import equivalence_table, summarize, summary_figure, summary_markdown
+from qkv_lightning.study.plots import summary_figure
+from qkv_lightning.study.report import equivalence_table, summarize, summary_markdown
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -83,6 +84,25 @@ def test_min_detectable_difference_has_the_target_power(n: int, sd: float, alpha
     assert normal < power.min_detectable < normal * (1.03 if n >= 40 else 2.5)
 
 
+@pytest.mark.parametrize(("a", "b"), [(A, C), (C, B), (B, [0.70, 0.95, 0.81]), ([0.50, 0.52], C)])
+def test_welch_power_uses_scipys_degrees_of_freedom(a: list[float], b: list[float]) -> None:
+    """Welch's power analysis reads the standard error and Welch-Satterthwaite degrees of freedom that scipy's
+    ``ttest_ind(equal_var=False)`` reports, and its minimum detectable difference is the non-central t's at them."""
+    reference = scipy_stats.ttest_ind(a, b, equal_var=False)
+    se = abs((S.mean(a) - S.mean(b)) / reference.statistic)
+    sds, n = [S.std(a), S.std(b)], [len(a), len(b)]
+    assert S._welch_se_df(*sds, *n) == pytest.approx((se, reference.df), rel=1e-12)
+    optimize = pytest.importorskip("scipy.optimize")
+    critical = scipy_stats.t.ppf(0.975, reference.df)
+
+    def power(nc: float) -> float:  # P(|T| > critical); the far tail is nan (far below 1e-16) for large nc
+        far = scipy_stats.nct.cdf(-critical, reference.df, nc)
+        return scipy_stats.nct.sf(critical, reference.df, nc) + (0.0 if math.isnan(far) else far)
+
+    nc = optimize.brentq(lambda x: power(x) - 0.8, 0.0, 200.0, xtol=1e-13)
+    assert S.power_analysis("welch", sds, n, 0.05, 0.8).min_detectable == pytest.approx(nc * se, rel=1e-8)
+
+
 @pytest.mark.parametrize(("n", "sd", "margin"), [(5, 0.1322, 0.02), (3, 0.004, 0.01), (10, 0.05, 0.05)])
 def test_power_matches_statsmodels_solver(n: int, sd: float, margin: float) -> None:
     power_module = pytest.importorskip("statsmodels.stats.power")
@@ -131,6 +151,21 @@ def _task(tmp_path: Path) -> str:
     path = tmp_path / "task.yaml"
     path.write_text("trainer: {}\n")
     return str(path)
+
+
+def test_study_verdict_reads_holm_corrected_p(tmp_path: Path) -> None:
+    """The study summary's verdict (one task): raw paired p 0.039 and 0.032 over two comparisons are 0.064 after
+    Holm, so neither is significant at 0.05 (the sweep's verdict: tests/test_study_sweep.py)."""
+    from tests.test_study_sweep import BASE, lower_with_p
+
+    values = {"QKV": BASE, "Q-K=V": lower_with_p(0.039), "Q=K=V": lower_with_p(0.032)}
+    config = StudyConfig(task=_task(tmp_path), sharing=list(values), seeds=list(range(len(BASE))))
+    summary = summarize(config, [Variant(label) for label in values], _results(values))
+    entries = {row["variant"]: row["metrics"]["test/acc"] for row in summary["variants"]}
+    assert [entries[label]["p"] for label in ("Q-K=V", "Q=K=V")] == pytest.approx([0.039, 0.032], rel=1e-9)
+    assert [entries[label]["p_holm"] for label in ("Q-K=V", "Q=K=V")] == pytest.approx([0.064, 0.064], rel=1e-9)
+    assert {label: entry["verdict"] for label, entry in entries.items()} == {
+        "QKV": "baseline", "Q-K=V": "n.s.", "Q=K=V": "n.s."}
 
 
 def test_verdicts_on_constructed_data(tmp_path: Path) -> None:

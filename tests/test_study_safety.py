@@ -183,3 +183,11 @@ def test_an_edited_result_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"the study result {path} was edited or damaged" in err and "are not numbers" in err
     assert "Traceback" not in err and snapshot(out) == before
+    # a number the metric cannot take: an accuracy of 7.5, a perplexity below 1, a negative loss
+    for name, value in {"test/acc": 7.5, "val/acc": -0.1, "val/ppl": 0.5, "test/loss": -2.0}.items():
+        path.write_text(json.dumps({**result, "metrics": {**result["metrics"], "test/acc": 0.5, name: value}}))
+        before = snapshot(out)
+        assert main(study_args(task, out)) == 2
+        err = capsys.readouterr().err
+        assert f"its metric {name}={value!r} lies outside the values" in err and "Traceback" not in err
+        assert snapshot(out) == before

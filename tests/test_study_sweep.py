@@ -13,8 +13,8 @@ import yaml
 
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.study import StudyConfig, parse_study_args, run_study
+from qkv_lightning.study.cell import cell_overrides, cell_spec
 from qkv_lightning.study.config import cells, expand_grid
-from qkv_lightning.study.runner import cell_overrides, cell_spec
 from qkv_lightning.study.sweep import matched_pairs, summarize_sweep, sweep_markdown
 from qkv_lightning.variants import parse_label
 from tests.test_study import _task_config
@@ -101,6 +101,45 @@ def test_matched_cell_pairing_when_cells_fail(tmp_path: Path) -> None:
            and (label, group, seed) not in failed]
     assert summary["sweep_table"]["test/acc"]["QKV"]["per_task"]["sub"] == pytest.approx(sum(sub) / len(sub))
     assert summary["tasks"] == ["sub", "copy"]
+
+
+BASE = [0.80, 0.83, 0.78, 0.85, 0.81, 0.79]  # the baseline's value per seed
+OFFSETS = [0.004, -0.003, 0.001, -0.005, 0.002, 0.001]  # paired differences around their mean (mean 0)
+
+
+def lower_with_p(p: float) -> list[float]:
+    """BASE - c + OFFSETS, with c > 0 chosen so that the paired t-test against BASE gives the two-sided p-value p."""
+    optimize = pytest.importorskip("scipy.optimize")
+
+    def series(c: float) -> list[float]:
+        return [b - c + e for b, e in zip(BASE, OFFSETS, strict=True)]
+
+    c = optimize.brentq(lambda c: scipy_stats.ttest_rel(series(c), BASE).pvalue - p, 1e-6, 0.1, xtol=1e-15)
+    return series(c)
+
+
+@pytest.mark.parametrize(
+    ("raw", "holm", "verdicts"),
+    [((0.039, 0.032), (0.064, 0.064), ("n.s.", "n.s.")),  # raw p < 0.05 both, not after Holm
+     ((0.039, 0.001), (0.039, 0.002), ("worse", "worse"))],  # Holm's step-down (Bonferroni would give 0.078)
+)
+def test_sweep_verdict_reads_holm_corrected_p(tmp_path: Path, raw, holm, verdicts) -> None:
+    """The sweep table's verdict is significant only where the Holm-corrected p (over the variants compared with the
+    baseline) is below alpha: p_(1) * m, then max(that, p_(2) * (m - 1)), computed here by hand."""
+    config = StudyConfig(task=_tasks(tmp_path)[0], variants=["QKV", "Q-K=V", "Q=K=V"], seeds=list(range(6)),
+                         metrics=["test/acc"])
+    values = {"QKV": BASE, "Q-K=V": lower_with_p(raw[0]), "Q=K=V": lower_with_p(raw[1])}
+    results = [_fake_result(label, "sub", "sub", seed, value) for label, series in values.items()
+               for seed, value in enumerate(series)]
+    summary = summarize_sweep(config, expand_grid(config)[0], results, groups=[])
+    table = summary["sweep_table"]["test/acc"]
+    for label, p, p_holm, verdict in zip(("Q-K=V", "Q=K=V"), raw, holm, verdicts, strict=True):
+        assert table[label]["p"] == pytest.approx(p, rel=1e-9) and table[label]["diff"] < 0
+        assert table[label]["p_holm"] == pytest.approx(p_holm, rel=1e-9)
+        assert table[label]["verdict"] == verdict
+    rows = {row["variant"]: row["metrics"]["test/acc"]["verdict"] for row in summary["variants"]}
+    assert rows == {"QKV": "baseline", "Q-K=V": verdicts[0], "Q=K=V": verdicts[1]}
+    assert sweep_markdown(summary, "t", []).count("| worse * |") == 2 * (verdicts[0] == "worse")
 
 
 def test_sweep_study_skips_impossible_cells_and_its_table_follows_from_results_csv(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.data.synthetic import TASKS, SyntheticSequenceData, make_targets, rows_in
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
 from qkv_lightning.tasks.sequence_tasks import SequenceTask

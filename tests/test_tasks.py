@@ -8,9 +8,10 @@ import lightning as L
 import pytest
 import torch
 
-from qkv_lightning.tasks.base import TaskModule, warmup_cosine
+from qkv_lightning.tasks.base import TaskModule
 from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.optim import warmup_cosine
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
 
 TASKS = [LanguageModel, ImageClassifier, SequenceTask]
@@ -21,10 +22,13 @@ def test_saved_hyperparameters_rebuild_the_task(task):
     """``fit --ckpt_path`` re-parses the saved hyper-parameters as init arguments, so each must be accepted and
     every base-class setting must be a setting of the task."""
     module = task()
-    accepted = set(inspect.signature(task.__init__).parameters) - {"self"}
+    own = inspect.signature(task.__init__).parameters
+    accepted = set(own) - {"self", "kwargs"}
+    if "kwargs" in own:  # the shared settings are declared once, in TaskModule, and forwarded
+        accepted |= set(inspect.signature(TaskModule.__init__).parameters) - {"self", "stored"}
     saved = set(module.hparams) - {"_class_path"}
     assert saved <= accepted, f"saved but not accepted: {saved - accepted}"
-    assert set(inspect.signature(TaskModule.__init__).parameters) - {"self"} <= accepted
+    assert set(inspect.signature(TaskModule.__init__).parameters) - {"self", "stored"} <= accepted
     assert module.hparams["_class_path"] == f"{task.__module__}.{task.__qualname__}"
     rebuilt = task(**{k: v for k, v in module.hparams.items() if k != "_class_path"})  # dicts, as in checkpoints
     assert rebuilt.attention_config == module.attention_config

@@ -16,17 +16,13 @@ from qkv_lightning.nn.encoder import EncoderConfig
 from qkv_lightning.nn.gpt import IGNORE_INDEX, GPTConfig
 from qkv_lightning.nn.vit import ViTConfig
 from qkv_lightning.resume import check_fits, read_checkpoint_info
+from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.distill import distillation_loss
 from qkv_lightning.tasks.image_classifier import ImageClassifier
 from qkv_lightning.tasks.language_model import LanguageModel
+from qkv_lightning.tasks.persist import build_task, load_task
 from qkv_lightning.tasks.sequence_tasks import SequenceTask
-from qkv_lightning.uptrain.convert import (
-    attention_layers,
-    calibration_grams,
-    convert_task,
-    load_task,
-    task_from_hparams,
-)
-from qkv_lightning.uptrain.distill import distillation_loss
+from qkv_lightning.uptrain.convert import attention_layers, calibration_grams, convert_task
 from qkv_lightning.uptrain.surgery import fit_outputs, output_error, role_projections
 from qkv_lightning.variants import Variant
 from tests.lm_fixtures import write_wikitext
@@ -138,7 +134,7 @@ def test_convert_cli_on_a_checkpoint_of_each_task_keeps_its_outputs(kind, tmp_pa
     identity = tmp_path / "qkv.ckpt"
     atomic_save(start_checkpoint(source), tmp_path / "source.ckpt")
     assert main(["convert", str(tmp_path / "source.ckpt"), str(identity), "--sharing", "QKV"]) == 0
-    loaded, _ = load_task(identity)
+    loaded, _ = load_task(identity, expected=TaskModule)
     assert type(loaded) is type(source) and loaded.attention_config.sharing == "QKV"
     assert torch.equal(task_outputs(loaded.eval(), inputs), task_outputs(source, inputs))
     tie_k_to_v(source)
@@ -146,11 +142,44 @@ def test_convert_cli_on_a_checkpoint_of_each_task_keeps_its_outputs(kind, tmp_pa
     shared = tmp_path / "q-k=v.ckpt"
     assert main(["convert", str(tmp_path / "tied.ckpt"), str(shared), "--sharing", "Q-K=V", "--method", "mean"]) == 0
     assert "QKV -> Q-K=V by mean" in capsys.readouterr().out
-    loaded, checkpoint = load_task(shared)
+    loaded, checkpoint = load_task(shared, expected=TaskModule)
     assert loaded.attention_config.sharing == "Q-K=V" and checkpoint["converted_from"]["method"] == "mean"
     expected = task_outputs(source, inputs)
     assert (task_outputs(tiny_task(kind, "QKV", seed=2), inputs) - expected).abs().max() > 1e-2  # tying changed it
     torch.testing.assert_close(task_outputs(loaded.eval(), inputs), expected, rtol=0, atol=1e-6)
+
+
+# the target's groups in the order of its fused projection, written out (not read from the parser)
+GROUPS = {"Q-K=V": [("Q",), ("K", "V")], "Q=V-K": [("Q", "V"), ("K",)], "Q=K-V": [("Q", "K"), ("V",)]}
+
+
+@pytest.mark.parametrize(("sharing", "keep"), [("Q-K=V", "K"), ("Q-K=V", "V"), ("Q=V-K", "V"), ("Q=V-K", "Q"),
+                                               ("Q=K-V", "K")])
+def test_convert_keep_writes_the_kept_roles_rows(sharing, keep, tmp_path, capsys):
+    """``cli.py convert --method keep --keep R``: each merged group of the converted fused projection is the
+    source's R rows (weights and biases), a group of one role is that role's rows, and every other weight is the
+    source's; the source file is unchanged."""
+    source = tiny_task("gpt", "QKV", seed=2)
+    src = tmp_path / "source.ckpt"
+    atomic_save(start_checkpoint(source), src)
+    before = digest(src)
+    dst = tmp_path / "kept.ckpt"
+    assert main(["convert", str(src), str(dst), "--sharing", sharing, "--method", "keep", "--keep", keep]) == 0
+    assert f"QKV -> {sharing} by keep (keep {keep})" in capsys.readouterr().out
+    loaded, checkpoint = load_task(dst, expected=TaskModule)
+    assert checkpoint["converted_from"]["method"] == "keep" and checkpoint["converted_from"]["keep"] == keep
+    rows = {"Q": slice(0, 32), "K": slice(32, 64), "V": slice(64, 96)}  # the source's fused QKV rows
+    layers, converted = attention_layers(source), attention_layers(loaded)
+    assert len(layers) == 2 and converted.keys() == layers.keys()
+    for name, attn in layers.items():
+        picks = [rows[keep if len(group) > 1 else group[0]] for group in GROUPS[sharing]]
+        assert torch.equal(converted[name].qkv.weight, torch.cat([attn.qkv.weight[r] for r in picks]))
+        assert torch.equal(converted[name].qkv.bias, torch.cat([attn.qkv.bias[r] for r in picks]))
+    theirs = loaded.state_dict()
+    for key, value in source.state_dict().items():
+        if ".qkv." not in key:
+            assert torch.equal(theirs[key], value), key
+    assert digest(src) == before
 
 
 def test_gqa_head_pooling_equals_a_hand_computed_pooling():
@@ -274,7 +303,7 @@ def test_converted_checkpoints_load_validate_fine_tune_distil_and_resume_through
     assert digest(converted) == before
     info = read_checkpoint_info(converted)  # weights-only, like every checkpoint
     assert info.hparams["attention"]["sharing"] == "Q-K=V"
-    check_fits(task_from_hparams(info.hparams), info)
+    check_fits(build_task(info.hparams, str(converted), expected=TaskModule), info)
     # validate --ckpt_path and validate from init_from give the converted model's numbers
     losses = {}
     for name, extra in {

@@ -21,7 +21,6 @@ from qkv_lightning.variants import Variant, expand
 from tests.run_fixtures import synthetic_args
 
 
-
 def test_one_label_format_for_every_variant() -> None:
     assert Variant("shared_kv").label == "Q-K=V"
     assert Variant("Q-K=V", 2).label == "Q-K=V_kv2"

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS, AttentionConfig
+from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import DropPath
 from qkv_lightning.nn.positional import sincos_2d
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.nn.vit import ViT, ViTConfig, vit_config
 
 

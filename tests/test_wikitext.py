@@ -20,18 +20,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from qkv_lightning.data import wikitext
+from qkv_lightning.data.token_cache import ARTICLE_HEADING, FileInfo, SplitSource, build_token_cache, scan_file
+from qkv_lightning.data.token_datasets import DocumentRows, TokenWindows
 from qkv_lightning.data.tokenizers import EOS, UNK, BPETokenizer, WordTokenizer
-from qkv_lightning.data.wikitext import (
-    ARTICLE_HEADING,
-    OFFICIAL,
-    DocumentRows,
-    FileInfo,
-    SplitSource,
-    TokenWindows,
-    WikiText,
-    build_token_cache,
-    scan_file,
-)
+from qkv_lightning.data.wikitext import WikiText
+from qkv_lightning.data.wikitext_release import OFFICIAL
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import temporary_prefix
 from qkv_lightning.nn.gpt import IGNORE_INDEX

@@ -11,15 +11,14 @@ and the logits of a variant with Q=K and no score encoding as symmetric by const
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import yaml
 
 from qkv_lightning.analysis.capture import LayerCapture, head_index, role_weights, run_batches
 from qkv_lightning.analysis.metrics import (
@@ -29,6 +28,7 @@ from qkv_lightning.analysis.metrics import (
     random_subspace_angle,
     token_cosines,
 )
+from qkv_lightning.command_line import command_parser, parse_with_overrides, torch_device
 from qkv_lightning.errors import CheckpointError, ConfigError
 
 PAIRS = (("Q", "K"), ("Q", "V"), ("K", "V"))
@@ -264,17 +264,6 @@ def _run_config(ckpt: Path) -> Path:
     return candidate
 
 
-def config_text(path: Path) -> str:
-    """A config file as YAML text without the keys of a command (``ckpt_path``, ``weights_only``) that a saved run
-    config holds, so that it loads as a task config."""
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} is not a mapping of settings.")
-    for key in ("ckpt_path", "weights_only"):
-        data.pop(key, None)
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def load_trained(ckpt_path: str, configs: Sequence[str] | None, overrides: Sequence[str]) -> tuple[Any, Any]:
     """The task of the checkpoint (built from its run's config, the weights loaded) and its datamodule.
 
@@ -283,6 +272,7 @@ def load_trained(ckpt_path: str, configs: Sequence[str] | None, overrides: Seque
     """
     from qkv_lightning.bench.common import load_task
     from qkv_lightning.checkpoints import load_checkpoint_file
+    from qkv_lightning.config_files import run_config_text
     from qkv_lightning.resume import CheckpointInfo, check_fits
 
     path = Path(ckpt_path)
@@ -295,7 +285,7 @@ def load_trained(ckpt_path: str, configs: Sequence[str] | None, overrides: Seque
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     paths = [Path(c) for c in configs] if configs else [_run_config(path)]
-    args = [text for p in paths for text in ("--config", config_text(p))]
+    args = [text for p in paths for text in ("--config", run_config_text(p))]
     loaded = load_task(args[1::2], overrides, data_spec=hparams.get("data_spec"), prepare=True)
     task = loaded.task
     shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}
@@ -346,21 +336,31 @@ def analyze(task: Any, batches: list[Any], max_tokens: int = 8192) -> dict[str, 
     }
 
 
+@dataclass
+class AnalyzeOptions:
+    """The options of ``analyze``."""
+
+    ckpt_path: str
+    """a single-file checkpoint of a fit run"""
+    batches: int = 4
+    """batches of the split to run"""
+    split: Literal["val", "test"] = "val"
+    """data split"""
+    max_tokens: int = 8192
+    """token vectors kept per layer"""
+    out: str | None = None
+    """output folder; default: <run folder>/analysis"""
+    overwrite: bool = False
+    """replace the outputs of an earlier analyze"""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda if available)"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``analyze``; other ``--model...``/``--data...`` options go to the run's config."""
-    parser = argparse.ArgumentParser(prog="analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="a single-file checkpoint of a fit run")
-    parser.add_argument(
-        "--config", action="append", default=None,
-        help="the run's task config (repeat to layer); default: config.yaml of the checkpoint's run folder",
-    )
-    parser.add_argument("--batches", type=int, default=4, help="batches of the split to run (default 4)")
-    parser.add_argument("--split", choices=("val", "test"), default="val", help="data split (default val)")
-    parser.add_argument("--max_tokens", type=int, default=8192, help="token vectors kept per layer (default 8192)")
-    parser.add_argument("--out", default=None, help="output folder; default: <run folder>/analysis")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier analyze")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available)")
-    args, overrides = parser.parse_known_args(list(argv or []))
+    """Entry point of ``analyze``; ``--config`` (default: the run's config.yaml) and its ``--model...``/``--data...``
+    options give the run's task config."""
+    parser = command_parser("analyze", AnalyzeOptions, description=__doc__.split("\n\n")[0], task_config="optional")
+    args, overrides = parse_with_overrides(parser, argv or [])
     if args.batches < 1 or args.max_tokens < 1:
         raise ConfigError("--batches and --max_tokens must be at least 1.")
     ckpt = Path(args.ckpt_path)
@@ -369,10 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing and not args.overwrite:
         raise ConfigError(
             f"{out} already holds the outputs of an analyze ({', '.join(existing)}); pass another --out, or "
-            "--overwrite to replace them."
+            "--overwrite true to replace them."
         )
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch_device(args.device)
     task, datamodule = load_trained(args.ckpt_path, args.config, overrides)
     task.to(device)
     batches = data_batches(datamodule, args.split, args.batches, device)

@@ -57,8 +57,7 @@ class LayerCapture:
     def role_outputs(self, role: str) -> Tensor:
         """Raw outputs (N, heads of the role's group, D) of ``role``'s projection over the kept tokens."""
         owner = self.owner(role)
-        group = owner.module.sharing.group_of(role)
-        chunks = owner.groups[owner.module.own_groups.index(group)]
+        chunks = owner.groups[owner.module.layout.part_of(role)]
         n = min(self.tokens, owner.tokens)
         return torch.cat(chunks, dim=0)[:n]
 
@@ -167,13 +166,13 @@ def role_weights(module: Attention, role: str, head: int) -> Tensor:
     c = module.qkv.in_features
     eye = torch.eye(c, dtype=weight.dtype, device=weight.device)[None]  # (1, C, C): C "tokens"
     zero = torch.zeros(1, 1, c, dtype=weight.dtype, device=weight.device)
-    index = module.own_groups.index(module.sharing.group_of(role))
+    index = module.layout.part_of(role)
     mapped = module.split_groups(eye)[index] - module.split_groups(zero)[index]  # (1, heads, C, D)
     return mapped[0, head_index(module, role, head)].T.float().cpu()  # (D, C)
 
 
 def head_index(module: Attention, role: str, head: int) -> int:
-    """The head of ``role``'s group that query head ``head`` reads (itself, or its K/V head under GQA)."""
-    group = module.sharing.group_of(role)
-    return head if module.group_heads[group] == module.n_head else head // (module.n_head // module.n_kv_heads)
+    """The head of ``role``'s group that query head ``head`` reads (itself, or its K/V head under GQA): the layer's
+    :meth:`~qkv_lightning.nn.sharing.ProjectionLayout.head_of`."""
+    return module.layout.head_of(role, head)
 

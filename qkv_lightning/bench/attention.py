@@ -2,8 +2,8 @@
 ``torch.nn.MultiheadAttention``, forward plus backward, interleaved, medians after warm-up.
 
 Run: ``python cli.py bench-attention [--d_model 384 --n_head 6 --seq_len 197 --batch_size 8 --causal false]``.
-``--score_encodings [none,paper,relative]`` also times each variant with each score encoding and prints the step-time
-ratio of each encoding to the same variant without one (and, on CUDA, the SDPA kernels each may use).
+``--score_encodings '[none, paper, relative]'`` also times each variant with each score encoding and prints the
+step-time ratio of each encoding to the same variant without one (and, on CUDA, the SDPA kernels each may use).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def sdpa_kernels(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``bench-attention``: print the side-by-side table."""
-    import jsonargparse
+    from qkv_lightning.command_line import run_function, torch_device
 
     def run(
         d_model: int = 384,
@@ -221,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             score_encodings: score encodings to time each variant with (none, paper, relative); with more than
                 none, a second table gives each encoding's step time as a ratio to the same variant without one.
         """
+        torch_device(device)  # a device this machine has
         modes = list(dict.fromkeys(canonical_score_encoding(mode) for mode in ["none", *score_encodings]))
         timings = bench_attention(
             d_model, n_head, seq_len, batch_size, causal, variants, n_kv_heads, repeats, warmup, device, dtype,
@@ -240,5 +241,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                     kernels = sdpa_kernels(d_model, n_head, seq_len, batch_size, causal, mode, device, dtype)
                     print(f"SDPA kernels usable with score_encoding={mode}: {', '.join(kernels) or 'none'}")
 
-    jsonargparse.auto_cli(run, args=list(argv or []), as_positional=False)
+    run_function("bench-attention", run, argv or [], positional=False)
     return 0

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import inspect
-import json
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qkv_lightning.errors import ConfigError, QKVError
@@ -30,30 +28,17 @@ class LoadedTask:
     """Where ``data_spec`` came from, in words."""
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options ``report`` and ``bench`` share; other ``--model...``/``--data...`` options go to the config."""
-    parser.add_argument("--config", action="append", required=True, help="task config (repeat to layer configs)")
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        default=list(CANONICAL_VARIANTS),
-        help="sharing variants (QKV, Q=K-V, Q-K=V, Q=V-K, Q=K=V or aliases); default: all five",
-    )
-    parser.add_argument(
-        "--n_kv_heads",
-        nargs="+",
-        type=int,
-        default=None,
-        help="K/V head counts (GQA; 1 is MQA) to add for the variants that keep Q separate (QKV, Q-K=V); default: "
-        "the config's attention.n_kv_heads, if set",
-    )
-    parser.add_argument(
-        "--data_spec",
-        type=json.loads,
-        default=None,
-        help='what the data decides, as JSON (e.g. \'{"vocab_size": 33278, "seq_len": 256}\'), instead of asking the '
-        "datamodule",
-    )
+@dataclass
+class VariantOptions:
+    """The options ``report``, ``bench`` and ``bench-decode`` share, besides ``--config`` and the config's own."""
+
+    variants: list[str] = field(default_factory=lambda: list(CANONICAL_VARIANTS))
+    """sharing variants (QKV, Q=K-V, Q-K=V, Q=V-K, Q=K=V or aliases), e.g. '[QKV, Q-K=V]'; default: all five"""
+    n_kv_heads: list[int] | None = None
+    """K/V head counts (GQA; 1 is MQA) to add for the variants that keep Q separate (QKV, Q-K=V), e.g. '[4, 1]';
+    default: the config's attention.n_kv_heads, if set"""
+    data_spec: dict | None = None
+    """what the data decides, e.g. '{"vocab_size": 33278, "seq_len": 256}', instead of asking the datamodule"""
 
 
 def load_task(

@@ -1,7 +1,7 @@
 """``bench``: every variant of a task config measured side by side on this device, with the closed-form ratios.
 
-Run: ``python cli.py bench --config configs/bench/gpt-mid.yaml [--variants QKV Q-K=V] [--gemm]
-[--lightning_overhead]``. It measures, with every variant in the same process and timed round-robin (so drifts in
+Run: ``python cli.py bench --config configs/bench/gpt-mid.yaml [--variants '[QKV, Q-K=V]'] [--gemm true]
+[--lightning_overhead true]``. It measures, with every variant in the same process and timed round-robin (so drifts in
 machine load hit all alike), medians after warm-up:
 
 - the training step (forward, backward, gradient clipping, AdamW step, zero_grad) on one fixed batch: time,
@@ -20,18 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import jsonargparse
 import torch
 
 from qkv_lightning.accounting import NetworkCost
 from qkv_lightning.bench.attention import bench_attention
 from qkv_lightning.bench.attention import format_table as format_attention_table
-from qkv_lightning.bench.common import LoadedTask, add_config_arguments, load_task, variants_of
+from qkv_lightning.bench.common import LoadedTask, VariantOptions, load_task, variants_of
 from qkv_lightning.bench.memory import measure_memory, probe
 from qkv_lightning.bench.overhead import OVERHEAD_SKIP, measure_overhead
 from qkv_lightning.bench.report import ratio, render_table
@@ -46,6 +48,7 @@ from qkv_lightning.bench.steps import (
     train_step,
 )
 from qkv_lightning.bench.timing import interleaved_medians, interleaved_samples, print_progress
+from qkv_lightning.command_line import command_parser, parse_with_overrides, torch_device
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.tasks.base import TaskModule
 from qkv_lightning.variants import Variant
@@ -142,49 +145,67 @@ def format_variants(rows: list[dict[str, Any]], unit: str, counts_tokens: bool, 
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cli.py bench",
-        allow_abbrev=False,
+@dataclass
+class BenchOptions(VariantOptions):
+    """The options of ``bench``."""
+
+    device: str | None = None
+    """torch device; default cuda if available, else cpu"""
+    precision: str | None = None
+    """32-true, bf16-mixed or bf16-true; default the config's"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice)"""
+    data: Literal["config", "random"] = "config"
+    """the datamodule's first batch, or random contents of the same shapes (no data needed)"""
+    steps: int = 5
+    """timed training steps per variant (interleaved rounds)"""
+    warmup: int = 2
+    """untimed training steps per variant first"""
+    memory: bool = True
+    """measure peak memory (a subprocess per variant on CPU)"""
+    decode: bool = True
+    """measure KV-cached decoding (language models)"""
+    decode_context: int | None = None
+    """prompt tokens in the cache; default max - 32"""
+    decode_tokens: int = 32
+    """tokens decoded per timed call"""
+    decode_batch: int = 1
+    """sequences decoded together"""
+    decode_repeats: int = 5
+    """timed decoding calls per variant"""
+    attention: bool = True
+    """also time the attention core against timm's Attention and torch.nn.MultiheadAttention"""
+    attention_repeats: int = 20
+    """timed rounds of the attention core"""
+    gemm: bool = False
+    """measure the device's GEMM peak and the fraction reached"""
+    gemm_size: int | None = None
+    """side of the square GEMM; default 4096 CPU, 8192 GPU"""
+    gemm_dtype: str | None = None
+    """GEMM dtype; default float32 (bfloat16 for bf16 precisions)"""
+    lightning_overhead: bool = False
+    """compare Lightning fit loops with a plain PyTorch loop on the first variant"""
+    overhead_steps: int = 8
+    """steps per loop segment"""
+    overhead_rounds: int = 2
+    """interleaved rounds of the three loops"""
+    format: Literal["table", "markdown", "json"] = "table"
+    """how the results are printed"""
+
+
+def parser() -> jsonargparse.ArgumentParser:
+    """The parser of ``bench`` (:mod:`qkv_lightning.command_line`); ``--probe N`` (hidden) measures the memory of
+    variant N in this process (:func:`qkv_lightning.bench.memory.measure_memory` starts one per variant)."""
+    p = command_parser(
+        "bench",
+        BenchOptions,
         description="Measure every attention variant of a task config side by side on this device (interleaved, "
         "medians after warm-up) and print each figure as a ratio to QKV next to the closed-form ratios. Other "
         "options (e.g. --data.batch_size 4) change the config.",
+        task_config="required",
     )
-    add_config_arguments(p)
-    p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
-    p.add_argument("--precision", default=None, help="32-true, bf16-mixed or bf16-true; default the config's")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--data", choices=("config", "random"), default="config",
-                   help="the datamodule's first batch, or random contents of the same shapes (no data needed)")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps per variant (interleaved rounds)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed training steps per variant first")
-    p.add_argument("--memory", type=_bool, default=True, help="measure peak memory (a subprocess per variant on CPU)")
-    p.add_argument("--decode", type=_bool, default=True, help="measure KV-cached decoding (language models)")
-    p.add_argument("--decode_context", type=int, default=None, help="prompt tokens in the cache; default max - 32")
-    p.add_argument("--decode_tokens", type=int, default=32, help="tokens decoded per timed call")
-    p.add_argument("--decode_batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--decode_repeats", type=int, default=5, help="timed decoding calls per variant")
-    p.add_argument("--attention", type=_bool, default=True,
-                   help="also time the attention core against timm's Attention and torch.nn.MultiheadAttention")
-    p.add_argument("--attention_repeats", type=int, default=20)
-    p.add_argument("--gemm", action="store_true", help="measure the device's GEMM peak and the fraction reached")
-    p.add_argument("--gemm_size", type=int, default=None, help="side of the square GEMM; default 4096 CPU, 8192 GPU")
-    p.add_argument("--gemm_dtype", default=None, help="GEMM dtype; default float32 (bfloat16 for bf16 precisions)")
-    p.add_argument("--lightning_overhead", action="store_true",
-                   help="compare Lightning fit loops with a plain PyTorch loop on the first variant")
-    p.add_argument("--overhead_steps", type=int, default=8, help="steps per loop segment")
-    p.add_argument("--overhead_rounds", type=int, default=2, help="interleaved rounds of the three loops")
-    p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
-    p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe", type=int | None, default=None, help=argparse.SUPPRESS)
     return p
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -206,10 +227,10 @@ def check_counts(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``bench``: measure and print."""
     argv = list(argv or [])
-    args, overrides = parser().parse_known_args(argv)
+    args, overrides = parse_with_overrides(parser(), argv)
+    device = torch_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_task(args.config, overrides, args.data_spec)
     precision = check_precision(args.precision or loaded.config.trainer.get("precision") or "32-true")
     clip = loaded.config.trainer.get("gradient_clip_val")
@@ -357,7 +378,7 @@ def setup_of(args: argparse.Namespace, argv: list[str], loaded: LoadedTask, cost
     """What was measured, where and how: the ``setup`` part of the result (the load averages are filled in by
     :func:`run_bench`)."""
     return {
-        "command": "python cli.py bench " + " ".join(argv),
+        "command": "python cli.py bench " + shlex.join(argv),
         "task": type(loaded.task).__name__,
         "network": cost.network,
         "sizes": {"n_layer": cost.n_layer, "d_model": cost.d_model, "n_head": cost.n_head},

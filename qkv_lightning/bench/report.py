@@ -1,7 +1,8 @@
 """``report``: parameters, training FLOPs and KV-cache bytes of every variant of a task config, in closed form.
 
-Run: ``python cli.py report --config configs/lm/wikitext2.yaml [--variants QKV Q-K=V] [--n_kv_heads 2 1]
-[--count_masked] [--format table|markdown|json]``. Nothing is built or trained; see :mod:`qkv_lightning.accounting`.
+Run: ``python cli.py report --config configs/lm/wikitext2.yaml [--variants '[QKV, Q-K=V]'] [--n_kv_heads '[2, 1]']
+[--count_masked true] [--format table|markdown|json]``. Nothing is built or trained; see
+:mod:`qkv_lightning.accounting`.
 
 FLOP conventions: by default a causal decoder's score matrices count only the query-key pairs the mask allows
 (T (T + 1) / 2 per head, what a causal kernel computes); ``--count_masked`` counts the full T x T matrix, the paper's
@@ -11,15 +12,18 @@ for PV), under which the forward FLOPs of a sequence are twice the paper's MACs.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from qkv_lightning.accounting import NetworkCost
-from qkv_lightning.bench.common import LoadedTask, add_config_arguments, baseline_of, load_task, variants_of
+from qkv_lightning.bench.common import LoadedTask, VariantOptions, baseline_of, load_task, variants_of
+from qkv_lightning.command_line import command_parser, parse_with_overrides
 
-KV_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+KVDtype = Literal["float32", "bfloat16", "float16", "float8"]
+"""The KV-cache element types ``report`` knows."""
+KV_BYTES: dict[str, int] = dict(zip(get_args(KVDtype), (4, 2, 2, 1), strict=True))
 
 RATIO_KEYS = (
     "params_total",
@@ -183,31 +187,32 @@ def format_report(data: dict[str, Any], markdown: bool = False) -> str:
     return separator.join(["\n".join(header), render_table(rows, markdown)])
 
 
+@dataclass
+class ReportOptions(VariantOptions):
+    """The options of ``report``."""
+
+    format: Literal["table", "markdown", "json"] = "table"
+    """how the tables are printed"""
+    kv_dtype: KVDtype = "bfloat16"
+    """KV-cache element type"""
+    count_masked: bool = False
+    """count the full T x T score matrix of causal attention (the paper's FLOP convention); default: only the
+    query-key pairs the causal mask allows"""
+    prepare_data: bool = True
+    """let the datamodule prepare its data (build a vocabulary, tokenize) if that is the only way to learn its
+    values"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``report``: print the closed-form accounting of every variant."""
-    parser = argparse.ArgumentParser(
-        prog="cli.py report",
-        allow_abbrev=False,
+    parser = command_parser(
+        "report",
+        ReportOptions,
         description="Parameters, training FLOPs per token and KV-cache bytes of every attention variant of a task "
         "config, in closed form (nothing is built). Other options (e.g. --model.network.n_layer 8) change the config.",
+        task_config="required",
     )
-    add_config_arguments(parser)
-    parser.add_argument("--format", choices=("table", "markdown", "json"), default="table")
-    parser.add_argument("--kv_dtype", choices=tuple(KV_BYTES), default="bfloat16", help="KV-cache element type")
-    parser.add_argument(
-        "--count_masked",
-        action="store_true",
-        help="count the full T x T score matrix of causal attention (the paper's FLOP convention); default: only the "
-        "query-key pairs the causal mask allows",
-    )
-    parser.add_argument(
-        "--prepare_data",
-        type=lambda s: s.lower() in ("1", "true", "yes"),
-        default=True,
-        help="let the datamodule prepare its data (build a vocabulary, tokenize) if that is the only way to learn "
-        "its values (default true)",
-    )
-    args, overrides = parser.parse_known_args(list(argv or []))
+    args, overrides = parse_with_overrides(parser, argv or [])
     loaded = load_task(args.config, overrides, args.data_spec, args.prepare_data)
     task = loaded.task
     variants = variants_of(task.attention_config, task.network_config.n_head, args.variants, args.n_kv_heads)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,13 @@ class Timing:
     name: str
     median_ms: float
     flops: int | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values``: the smallest value at or above a fraction ``q`` of them."""
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
 
 
 def synchronize(device: torch.device) -> None:

@@ -87,7 +87,7 @@ class PerfMonitor(Callback):
         enabled: log the ``perf/...`` metrics.
         available_flops: peak FLOP/s of one device, for ``perf/mfu``. None takes it from Lightning's table of GPUs
             for the run's precision; CPUs have no table entry: measure their matrix-multiply peak with
-            ``python cli.py bench --config <config> --gemm`` and set it here.
+            ``python cli.py bench --config <config> --gemm true`` and set it here.
         window: time points (logging steps) in the rolling average, at least 2: rates average over the last
             ``window - 1`` intervals of ``trainer.log_every_n_steps`` batches.
     """

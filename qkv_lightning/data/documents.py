@@ -69,7 +69,7 @@ def packed_rows(documents: Iterable[np.ndarray], seq_len: int, boundary_id: int)
     """Rows of ``seq_len + 1`` ids of the packed stream ``[boundary] + documents concatenated``.
 
     Row ``i`` is ``stream[i*T : i*T + T + 1]`` (the windows of
-    :class:`~qkv_lightning.data.wikitext.TokenWindows` in training); a tail shorter than one row is not yielded.
+    :class:`~qkv_lightning.data.token_datasets.TokenWindows` in training); a tail shorter than one row is not yielded.
     Memory stays bounded by one document plus one row.
     """
     buffer = np.array([boundary_id], dtype=np.int64)

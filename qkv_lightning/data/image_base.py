@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from qkv_lightning.data.loading import train_loader
+from qkv_lightning.data.loading import check_loader_settings, train_loader
 from qkv_lightning.errors import ConfigError, DataError
 
 MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -210,14 +210,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
-        if eval_batch_size is not None and eval_batch_size < 1:
-            raise ConfigError(
-                f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size)."
-            )
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
+        check_loader_settings(batch_size, eval_batch_size, num_workers)
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={val_fraction} must lie in [0, 1).")
         if train_subset is not None and train_subset < 1:

@@ -1,4 +1,5 @@
-"""Training data loaders that resume mid-epoch at the same position, on one device or many.
+"""Training data loaders that resume mid-epoch at the same position, on one device or many, and the check of the
+loader settings every datamodule has (:func:`check_loader_settings`).
 
 :class:`ResumableSampler` fixes each epoch's order from ``(seed, epoch)`` and shards it over ranks, so every run
 with the same seed sees the same batches. :class:`ResumableDataLoader` counts the samples it has handed out; Lightning
@@ -27,7 +28,26 @@ from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.loops.loop import _Loop
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from qkv_lightning.errors import DataError
+from qkv_lightning.errors import ConfigError, DataError
+
+
+def check_loader_settings(batch_size: int, eval_batch_size: int | None, num_workers: int) -> None:
+    """The check of the data-loader settings every datamodule has.
+
+    Args:
+        batch_size: ``data.batch_size``, at least 1.
+        eval_batch_size: ``data.eval_batch_size``, at least 1, or None for ``data.batch_size``.
+        num_workers: ``data.num_workers``, at least 0.
+
+    Raises:
+        ConfigError: naming the setting.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
+    if eval_batch_size is not None and eval_batch_size < 1:
+        raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size).")
+    if num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
 
 
 class ResumableSampler(DistributedSampler):

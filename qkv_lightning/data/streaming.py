@@ -42,10 +42,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qkv_lightning.data.documents import DocumentMode, check_document_mode, packed_rows, padded_row, row_sample
+from qkv_lightning.data.loading import check_loader_settings
 from qkv_lightning.data.progress import Progress
 from qkv_lightning.data.text import TextData
+from qkv_lightning.data.token_cache import read_metadata
 from qkv_lightning.data.tokenizers import BPETokenizer
-from qkv_lightning.data.wikitext import read_json
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_write_json
 from qkv_lightning.nn.gpt import IGNORE_INDEX
@@ -199,7 +200,7 @@ def to_sample(item: Any, padded: bool) -> tuple[torch.Tensor, ...]:
 
 def count_rows(folder: Path) -> int:
     """Rows of an optimized dataset, from its ``index.json`` (``len(StreamingDataset)`` is per process under DDP)."""
-    index = read_json(folder / "index.json") or {}
+    index = read_metadata(folder / "index.json") or {}
     return sum(int(chunk["chunk_size"]) for chunk in index.get("chunks", []))
 
 
@@ -287,14 +288,10 @@ class StreamingText(TextData):
         check_document_mode(document_mode)
         if not train_files:
             raise ConfigError("data.train_files is empty; name the training text, JSONL or Parquet files.")
-        for name, value in (("seq_len", seq_len), ("val_tokens", val_tokens), ("batch_size", batch_size),
-                            ("optimize_workers", optimize_workers)):
+        for name, value in (("seq_len", seq_len), ("val_tokens", val_tokens), ("optimize_workers", optimize_workers)):
             if value < 1:
                 raise ConfigError(f"data.{name}={value} must be at least 1.")
-        if eval_batch_size is not None and eval_batch_size < 1:
-            raise ConfigError(f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null).")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
+        check_loader_settings(batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
         self.train_patterns, self.val_patterns = list(train_files), list(val_files) if val_files else None
         self.text_field = text_field
@@ -377,7 +374,7 @@ class StreamingText(TextData):
         """Tokenize the sources into LitData datasets unless this very dataset exists (rank 0 of each node)."""
         folder = self.folder()
         meta_path = folder / "meta.json"
-        if read_json(meta_path) is not None:
+        if read_metadata(meta_path) is not None:
             return
         log.info("preparing the streaming dataset %s (LitData optimize, GPT-2 BPE)", folder)
         segments, taken, val_tokens = self.plan_validation()
@@ -407,7 +404,7 @@ class StreamingText(TextData):
     # ---------------------------------------------------------------------------------------------- Lightning
     def setup(self, stage: str | None = None) -> None:
         folder = self.folder()
-        self.meta = read_json(folder / "meta.json")
+        self.meta = read_metadata(folder / "meta.json")
         if self.meta is None:
             raise DataError(
                 f"the streaming dataset {folder} is not prepared: run prepare_data() first (Lightning runs it before "

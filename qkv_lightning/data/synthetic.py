@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from qkv_lightning.data.loading import train_loader
+from qkv_lightning.data.loading import check_loader_settings, train_loader
 from qkv_lightning.errors import ConfigError
 
 NUM_DIGITS = 10
@@ -111,16 +111,11 @@ class SyntheticSequenceData(L.LightningDataModule):
         super().__init__()
         if task not in TASKS:
             raise ConfigError(f"data.task={task!r} is not a synthetic task; allowed: {', '.join(TASKS)}.")
-        for name, value, least in (
-            ("seq_len", seq_len, 1),
-            ("train_size", train_size, 1),
-            ("val_size", val_size, 1),
-            ("test_size", test_size, 1),
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < least:
-                raise ConfigError(f"data.{name}={value} must be at least {least}.")
+        for name, value in (("seq_len", seq_len), ("train_size", train_size), ("val_size", val_size),
+                            ("test_size", test_size)):
+            if value < 1:
+                raise ConfigError(f"data.{name}={value} must be at least 1.")
+        check_loader_settings(batch_size, None, num_workers)
         possible = NUM_DIGITS**seq_len
         if 2 * (val_size + test_size) > possible:
             raise ConfigError(

@@ -197,12 +197,21 @@ class BPETokenizer(Tokenizer):
                 "or set data.bpe_file: null to use tiktoken.get_encoding('gpt2') (needs internet or tiktoken's cache)."
             )
         try:
-            ranks = {
-                base64.b64decode(token, validate=True): int(rank)
+            pairs = [
+                (base64.b64decode(token, validate=True), int(rank))
                 for token, rank in (line.split() for line in path.read_bytes().splitlines() if line)
-            }
+            ]
         except Exception as error:  # a file in another format
             raise DataError(f"data.bpe_file={path} is not a .tiktoken ranks file ({error}).") from error
+        ranks = dict(pairs)
+        numbers = sorted(rank for _, rank in pairs)
+        if len(ranks) != len(pairs) or numbers != list(range(len(pairs))):
+            gap = next((n for n, rank in enumerate(numbers) if rank != n), None)
+            raise DataError(
+                f"data.bpe_file={path} is not a complete .tiktoken ranks file: its {len(pairs)} lines must give "
+                f"{'distinct tokens and ' if len(ranks) != len(pairs) else ''}the ranks 0 to {len(pairs) - 1}, each "
+                f"once{f', but rank {gap} is missing or repeated' if gap is not None else ''}."
+            )
         n_vocab = len(ranks) + 1
         encoding = tiktoken.Encoding(
             name="gpt2-local",

@@ -19,450 +19,46 @@ Data flow:
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from qkv_lightning.data.archives import extract_zip_members, remove_tree
-from qkv_lightning.data.documents import DocumentMode, check_document_mode, padded_row, row_sample
-from qkv_lightning.data.loading import train_loader
+from qkv_lightning.data.documents import DocumentMode, check_document_mode
+from qkv_lightning.data.loading import check_loader_settings, train_loader
 from qkv_lightning.data.progress import Progress
 from qkv_lightning.data.text import TextData
-from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer, words_in_line
+from qkv_lightning.data.token_cache import (
+    CACHE_FORMAT,
+    FileInfo,
+    SplitSource,
+    article_starts,
+    build_token_cache,
+    cache_dtype,
+    cache_mismatch,
+    iter_lines,
+    read_metadata,
+    scan_file,
+)
+from qkv_lightning.data.token_datasets import DocumentRows, TokenWindows
+from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer
+from qkv_lightning.data.wikitext_release import OFFICIAL, download_release
 from qkv_lightning.errors import ConfigError, DataError
-from qkv_lightning.files import atomic_open, atomic_write_json, file_digest, temporary_prefix
-from qkv_lightning.nn.gpt import IGNORE_INDEX
+from qkv_lightning.files import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-CACHE_FORMAT = 1
-"""Version of the cache layout; caches of another version are rebuilt."""
 
 SPLITS = ("train", "val", "test")
 
 DEFAULT_PROMPTS = [" = Valkyria Chronicles III = \n", " The history of the"]
 
 
-@dataclass(frozen=True)
-class OfficialRelease:
-    """What the official archive of a WikiText release holds, to download and to check files against."""
-
-    title: str
-    folder: str
-    urls: tuple[str, ...]
-    md5: str
-    lines: dict[str, int]
-    tokens: dict[str, int]
-    vocab_size: int
-
-
-OFFICIAL = {
-    "wikitext-103": OfficialRelease(
-        title="WikiText-103",
-        folder="wikitext-103",
-        urls=(
-            "https://wikitext.smerity.com/wikitext-103-v1.zip",
-            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
-        ),
-        md5="9ddaacaf6af0710eda8c456decff7832",
-        lines={"wiki.train.tokens": 1801350, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
-        tokens={"wiki.train.tokens": 103227021, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
-        vocab_size=267735,
-    ),
-    "wikitext-2": OfficialRelease(
-        title="WikiText-2",
-        folder="wikitext-2",
-        urls=(
-            "https://wikitext.smerity.com/wikitext-2-v1.zip",
-            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
-        ),
-        md5="542ccefacc6c27f945fb54453812b3cd",
-        lines={"wiki.train.tokens": 36718, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
-        tokens={"wiki.train.tokens": 2088628, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
-        vocab_size=33278,
-    ),
-}
-"""The releases: archive URLs (a mirror first, then the original address), the archive's MD5, and the line and
-word-level token counts (one ``<eos>`` per line) of each file, from the WikiText paper (Merity et al., 2016)."""
-
-ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
-"""A top-level heading (`` = Title = ``) starts a new article."""
-
-
-# ------------------------------------------------------------------------------------------------------------- files
-@dataclass(frozen=True)
-class FileInfo:
-    """What one pass over a text file tells: checksum, size, line count, and whether it ends with a line end."""
-
-    sha256: str
-    size: int
-    lines: int
-    ends_with_newline: bool
-
-
-def scan_file(path: Path) -> FileInfo:
-    """Checksum and count the lines of ``path`` in one streamed pass."""
-    digest, size, lines, last = hashlib.sha256(), 0, 0, b""
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-            size += len(chunk)
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
-    return FileInfo(digest.hexdigest(), size, lines, last == b"\n")
-
-
-def iter_lines(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
-    """Lines ``start .. stop-1`` of a UTF-8 text file, each with its line end, streamed."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            yield from itertools.islice(f, start, stop)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path} is not UTF-8 text ({error}); use the official WikiText files.") from error
-
-
-def article_starts(path: Path) -> list[int]:
-    """Indices of the lines that start an article (top-level headings)."""
-    return [i for i, line in enumerate(iter_lines(path)) if ARTICLE_HEADING.match(line.rstrip("\n"))]
-
-
-def read_json(path: Path) -> dict | None:
-    """The mapping this code wrote to ``path``; None if it is missing or unreadable (then it is rebuilt).
-
-    Raises:
-        DataError: the file holds JSON that is not a mapping (edited or replaced), or ``path`` is a folder.
-    """
-    if path.is_dir():
-        raise DataError(
-            f"the cache metadata path {path} is a folder, not a file; it was not made by this code, so it is left "
-            "alone. Move it away, or point data.cache_dir elsewhere."
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        raise DataError(
-            f"the cache metadata {path} holds a JSON {type(data).__name__}, not the mapping this code writes: it was "
-            "edited or replaced. Delete it so that the cache is rebuilt, or point data.cache_dir elsewhere."
-        )
-    return data
-
-
-def download_release(release: OfficialRelease, data_dir: Path) -> None:
-    """Fetch the release's archive (trying each URL; torchvision's ``download_url``, with a progress bar), check its
-    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor.
-
-    Nothing the user has is deleted or replaced: the archive is downloaded into a new scratch folder in ``data_dir``
-    (``tempfile.mkdtemp``, a name no file had), which alone is removed afterwards, and a split file that already
-    exists in ``data_dir`` is kept as it is (only the missing ones are extracted).
-    """
-    from torchvision.datasets.utils import calculate_md5, download_url
-
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=temporary_prefix(data_dir / release.folder), dir=data_dir))
-    except OSError as error:
-        raise DataError(f"cannot create data.data_dir={data_dir} for the download ({error}).") from error
-    archive = scratch / f"{release.folder}-v1.zip"
-    failures = []
-    try:
-        for url in release.urls:
-            log.info("downloading %s from %s", release.title, url)
-            try:
-                download_url(url, str(scratch), filename=archive.name)
-                break
-            except (OSError, RuntimeError, ValueError) as error:  # URLError, HTTPError, too many redirects
-                archive.unlink(missing_ok=True)  # a partial download, in the scratch folder
-                failures.append(f"{url}: {error}")
-        else:
-            raise DataError(
-                f"could not download {release.title} ({'; '.join(failures)}). Without internet, put the official files "
-                f"{', '.join(release.lines)} into data.data_dir={data_dir} and set data.download: false."
-            )
-        digest = calculate_md5(str(archive))
-        if digest != release.md5:
-            raise DataError(
-                f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
-                "download is damaged or the mirror serves another file. Try again, or put the official files into "
-                f"{data_dir}."
-            )
-        kept = [name for name in release.lines if os.path.lexists(data_dir / name)]
-        if kept:
-            log.info("keeping the existing %s in %s (not replaced by the archive's)", ", ".join(kept), data_dir)
-        members = {f"{release.folder}/{name}": data_dir / name for name in release.lines if name not in kept}
-        extract_zip_members(archive, members)
-    finally:
-        remove_tree(scratch)  # the folder this call made, with the archive
-
-
-# ------------------------------------------------------------------------------------------------------------ caches
-@dataclass(frozen=True)
-class SplitSource:
-    """Where a split's text is: lines ``start .. stop-1`` of ``path`` (``stop`` None: to the end)."""
-
-    path: Path
-    start: int = 0
-    stop: int | None = None
-
-    @property
-    def whole_file(self) -> bool:
-        return self.start == 0 and self.stop is None
-
-
-def cache_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def build_token_cache(
-    source: SplitSource, info: FileInfo, tokenizer: Tokenizer, prefix: Path, chunk_lines: int = 4096,
-    what: str | None = None,
-) -> dict:
-    """Tokenize ``source`` line by line into ``<prefix>.bin`` (boundary id, then the text's ids) and ``.json``.
-
-    Memory stays bounded by one chunk of lines; progress lines (tokens, tokens/s) name the job ``what``. Returns the
-    metadata that was written.
-    """
-    progress = Progress(what or f"tokenizing {source.path}", unit="tokens")
-    dtype = cache_dtype(tokenizer.vocab_size)
-    bin_path, meta_path = prefix.with_suffix(".bin"), prefix.with_suffix(".json")
-    digest = hashlib.sha256()
-    n_tokens = n_words = n_lines = 0
-    document_starts = [1]  # array offsets where a document (article) starts; text before the first heading joins it
-    headings = 0
-    unknown_before = getattr(tokenizer, "unknown", 0)
-    meta_path.unlink(missing_ok=True)  # the old metadata never describes a new array
-    with atomic_open(bin_path) as out:
-        head = np.array([tokenizer.boundary_id], dtype=dtype).tobytes()
-        out.write(head)
-        digest.update(head)
-        lines = iter_lines(source.path, source.start, source.stop)
-        while chunk := list(itertools.islice(lines, chunk_lines)):
-            ids = tokenizer.encode_lines(chunk)
-            offset = 1 + n_tokens
-            for line, line_ids in zip(chunk, ids, strict=True):
-                if ARTICLE_HEADING.match(line.rstrip("\n")):
-                    if headings and offset > document_starts[-1]:
-                        document_starts.append(offset)
-                    headings += 1
-                offset += len(line_ids)
-            array = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
-            data = array.tobytes()
-            out.write(data)
-            digest.update(data)
-            n_tokens += array.size
-            n_words += sum(words_in_line(line) for line in chunk)
-            n_lines += len(chunk)
-            progress.update(array.size)
-    progress.done()
-    meta = {
-        "format": CACHE_FORMAT,
-        "source": str(source.path),
-        "source_sha256": info.sha256,
-        "source_bytes": info.size,
-        "range": [source.start, source.stop],
-        "n_lines": n_lines,
-        "tokenizer": tokenizer.identity,
-        "dtype": dtype.name,
-        "n_tokens": n_tokens,
-        "n_words": n_words,
-        "n_unknown": getattr(tokenizer, "unknown", 0) - unknown_before,
-        "array_bytes": (n_tokens + 1) * dtype.itemsize,
-        "array_sha256": digest.hexdigest(),
-        "document_starts": document_starts,
-    }
-    atomic_write_json(meta_path, meta, sort_keys=True)
-    return meta
-
-
-def cache_mismatch(prefix: Path, expected: dict, check_array: bool) -> str | None:
-    """Why the cache at ``prefix`` does not fit ``expected`` (metadata keys and values), or None if it does.
-
-    The array's size is always checked; its SHA-256 too with ``check_array``.
-    """
-    meta_path, bin_path = prefix.with_suffix(".json"), prefix.with_suffix(".bin")
-    for path in (meta_path, bin_path):
-        if path.exists() and not path.is_file():
-            raise DataError(
-                f"the token cache path {path} is a {'folder' if path.is_dir() else 'special file'}, not a file; it "
-                "was not made by this code, so it is left alone. Move it away, or point data.cache_dir elsewhere."
-            )
-    meta = read_json(meta_path)
-    if meta is None or not bin_path.is_file():
-        return "it does not exist yet"
-    for key, value in expected.items():
-        if meta.get(key) != value:
-            return f"its {key} is {meta.get(key)!r}, but the current one is {value!r}"
-    size = bin_path.stat().st_size
-    if size != meta.get("array_bytes"):
-        return f"its token file has {size} bytes instead of the recorded {meta.get('array_bytes')} (truncated?)"
-    try:
-        itemsize = np.dtype(meta.get("dtype")).itemsize if meta.get("dtype") in ("uint16", "uint32") else None
-        counted = (int(meta["n_tokens"]) + 1) * itemsize if itemsize else None
-    except (KeyError, TypeError, ValueError):
-        counted = None
-    if counted != size:
-        return (
-            f"its recorded dtype {meta.get('dtype')!r} x {meta.get('n_tokens')!r} tokens (+1) does not make the "
-            f"{size} bytes of its token file (the metadata was edited)"
-        )
-    if check_array and file_digest(bin_path) != meta.get("array_sha256"):
-        return "its token file's SHA-256 differs from the recorded one (modified or damaged)"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------- datasets
-class MemmapTokens(Dataset):
-    """A dataset over the ``length`` ids (``dtype``) of a memory-mapped ``.bin`` token file at ``path``, mapped on first
-    use: a data-loading worker gets the dataset without the map (it is not pickled) and opens its own."""
-
-    def __init__(self, path: Path, length: int, dtype: np.dtype) -> None:
-        self.path, self.length, self.dtype = Path(path), length, np.dtype(dtype)
-        self._data: np.ndarray | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_data": None}  # workers open their own memory map
-
-    @property
-    def data(self) -> np.ndarray:
-        """The token array (length,), read-only."""
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.length,))
-        return self._data
-
-
-class TokenWindows(MemmapTokens):
-    """Windows over a memory-mapped token array, as ``(input ids (T,), target ids (T,))`` pairs of int64.
-
-    Kept (with the ``.bin`` caches) instead of LitData for WikiText: a split of at most 0.1B tokens is one memory map,
-    read at any offset, which exact sliding evaluation windows need.
-
-    The array starts with a boundary token that is never a target, so its ``n - 1`` later tokens are the targets.
-
-    * training (``stride`` None): windows ``[i*T, i*T + T + 1)`` for ``i < (n - 1) // T``, all targets scored;
-    * evaluation (``stride`` S <= T): windows start at 0, S, 2S, ... (the last one moved back to end at the array's
-      end), and each scores only targets no earlier window scored, so every target is scored exactly once; targets
-      not scored are :data:`IGNORE_INDEX`. ``pad_to`` appends windows that score nothing until the count is a
-      multiple of it (so that every process gets as many batches).
-
-    Args:
-        path: the ``.bin`` file.
-        length: number of ids in it.
-        dtype: their dtype.
-        seq_len: tokens per window input (T).
-        stride: evaluation stride, or None for training windows.
-        pad_to: make the number of windows a multiple of this.
-    """
-
-    def __init__(
-        self, path: Path, length: int, dtype: np.dtype, seq_len: int, stride: int | None = None, pad_to: int = 1
-    ) -> None:
-        super().__init__(path, length, dtype)
-        self.train = stride is None
-        self.seq_len = seq_len if self.train else min(seq_len, length - 1)
-        if self.seq_len < 1 or (self.train and (length - 1) // seq_len < 1):
-            raise DataError(
-                f"{self.path} holds {length - 1} tokens, too few for one window of data.seq_len={seq_len} + 1; "
-                "lower data.seq_len or use a longer split."
-            )
-        if self.train:
-            self.starts = None
-            self.n_windows = (length - 1) // seq_len
-        else:
-            span = length - 1 - self.seq_len  # the largest start
-            self.stride = stride
-            self.n_windows = -(-span // stride) + 1 if span > 0 else 1
-        self.padded = -(-self.n_windows // pad_to) * pad_to
-
-    def __len__(self) -> int:
-        return self.n_windows if self.train else self.padded
-
-    def start(self, i: int) -> int:
-        if self.train:
-            return i * self.seq_len
-        return min(i * self.stride, self.length - 1 - self.seq_len)
-
-    def first_scored(self, i: int) -> int:
-        """Absolute index of the first target window ``i`` scores (an earlier window scored those before it)."""
-        if self.train or i == 0:
-            return self.start(i) + 1
-        return self.start(i - 1) + self.seq_len + 1
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        padding = i >= self.n_windows
-        j = 0 if padding else i
-        begin = self.start(j)
-        chunk = torch.from_numpy(self.data[begin : begin + self.seq_len + 1].astype(np.int64))  # (T+1,)
-        inputs, targets = chunk[:-1], chunk[1:].clone()  # (T,), (T,)
-        if padding:
-            targets.fill_(IGNORE_INDEX)
-        elif not self.train:
-            targets[: self.first_scored(j) - begin - 1] = IGNORE_INDEX
-        return inputs, targets
-
-
-class DocumentRows(MemmapTokens):
-    """One row per document (article) of a memory-mapped token array, cut or padded to ``seq_len`` (padded mode).
-
-    Items are ``(inputs (T,), targets (T,), padding (T,) bool)`` from :func:`~qkv_lightning.data.documents.padded_row`.
-    ``pad_to`` appends rows that score nothing (targets :data:`IGNORE_INDEX`) until the count is a multiple of it.
-
-    Args:
-        path: the ``.bin`` file.
-        length: number of ids in it.
-        dtype: their dtype.
-        starts: array offsets where documents start (the first one 1: offset 0 is the stream's boundary token).
-        seq_len: T.
-        boundary_id: the end-of-document and padding id.
-        pad_to: make the number of rows a multiple of this.
-    """
-
-    def __init__(
-        self, path: Path, length: int, dtype: np.dtype, starts: list[int], seq_len: int, boundary_id: int,
-        pad_to: int = 1,
-    ) -> None:
-        super().__init__(path, length, dtype)
-        bounds = [*starts, length]
-        self.spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        if not self.spans:
-            raise DataError(f"{self.path} holds no document; use a longer split or data.document_mode: packed.")
-        self.seq_len, self.boundary_id = seq_len, boundary_id
-        self.padded = -(-len(self.spans) // pad_to) * pad_to
-
-    def __len__(self) -> int:
-        return self.padded
-
-    def n_cut(self) -> int:
-        """Document tokens (their end included) that do not fit into their row and are never seen."""
-        return sum(max(0, b - a + (self.data[b - 1] != self.boundary_id) - self.seq_len) for a, b in self.spans)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        a, b = self.spans[min(i, len(self.spans) - 1)]
-        row, n_document = padded_row(self.data[a : min(b, a + self.seq_len)], self.seq_len, self.boundary_id)
-        inputs, targets, padding = row_sample(row, n_document)
-        if i >= len(self.spans):
-            targets.fill_(IGNORE_INDEX)
-            padding.zero_()
-        return inputs, targets, padding
-
-
-# -------------------------------------------------------------------------------------------------------- datamodule
 class WikiText(TextData):
     """WikiText-103 or WikiText-2, word level or GPT-2 BPE, as windows of ``seq_len + 1`` tokens.
 
@@ -539,14 +135,7 @@ class WikiText(TextData):
             raise ConfigError(f"data.split_test_for_val={split_test_for_val} must lie strictly between 0 and 1.")
         if split_test_for_val is None and val_file is None:
             raise ConfigError("data.val_file is null: name a validation file or set data.split_test_for_val.")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be at least 1.")
-        if eval_batch_size is not None and eval_batch_size < 1:
-            raise ConfigError(
-                f"data.eval_batch_size={eval_batch_size} must be at least 1 (or null for data.batch_size)."
-            )
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0.")
+        check_loader_settings(batch_size, eval_batch_size, num_workers)
         self.save_hyperparameters()
         self.release = OFFICIAL[dataset]
         self.dataset = dataset
@@ -666,7 +255,7 @@ class WikiText(TextData):
         """Build the word vocabulary from the training split, unless a matching one is cached."""
         vocab_path, meta_path = self.vocab_paths()
         expected = self.expected_meta(source, None, info)
-        meta = read_json(meta_path)
+        meta = read_metadata(meta_path)
         if meta is not None and vocab_path.is_file() and all(meta.get(k) == v for k, v in expected.items()):
             return
         if meta is not None and not self.rebuild_cache:
@@ -711,7 +300,7 @@ class WikiText(TextData):
         vocab_path, meta_path = self.vocab_paths()
         self.check_files(("train",), download=False)
         source = SplitSource(self.path_of("train"))
-        meta = read_json(meta_path)
+        meta = read_metadata(meta_path)
         expected = self.expected_meta(source, None, None)
         if meta is None or not vocab_path.is_file() or any(meta.get(k) != v for k, v in expected.items()):
             raise DataError(
@@ -762,7 +351,7 @@ class WikiText(TextData):
 
     def documents_missing(self, prefix: Path) -> str | None:
         """Why a cache cannot serve ``padded`` mode (it records no document starts: an older cache), or None."""
-        if self.document_mode != "padded" or "document_starts" in (read_json(prefix.with_suffix(".json")) or {}):
+        if self.document_mode != "padded" or "document_starts" in (read_metadata(prefix.with_suffix(".json")) or {}):
             return None
         return "it records no document boundaries (made by an older version), which data.document_mode: padded needs"
 
@@ -812,7 +401,7 @@ class WikiText(TextData):
                     f"{self.tokenizer_kind}: {reason}. Run prepare_data() (Lightning runs it before each stage on rank "
                     "0), or delete the cache so that it is rebuilt."
                 )
-            meta = read_json(prefix.with_suffix(".json"))
+            meta = read_metadata(prefix.with_suffix(".json"))
             self.meta[split] = meta
             if self.document_mode == "padded":
                 self.datasets[split] = DocumentRows(

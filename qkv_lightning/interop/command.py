@@ -17,32 +17,47 @@ finite number fails the import, and nothing is written.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import jsonargparse
+
+from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.interop.common import check_destination, task_checkpoint, write_checkpoint
 
-FORMATS = ("auto", "hf-gpt2", "timm-vit")
+
+@dataclass
+class ImportOptions:
+    """The arguments of ``import``."""
+
+    src: str
+    """a Hugging Face GPT-2 folder, or a timm ViT .safetensors / .pth file"""
+    dst: str
+    """the checkpoint to write (must not exist)"""
+    format: Literal["auto", "hf-gpt2", "timm-vit"] = "auto"
+    """auto: a folder is hf-gpt2, a file timm-vit"""
+    bpe_file: str | None = None
+    """hf-gpt2: GPT-2 .tiktoken ranks recorded as the tokenizer"""
+    seq_len: int | None = None
+    """hf-gpt2: recorded data seq_len (default n_positions)"""
+    n_head: int | None = None
+    """timm-vit: attention heads (default width / 64)"""
+    timm_model: str | None = None
+    """timm-vit: timm model name whose architecture is checked"""
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cli.py import", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("src", help="a Hugging Face GPT-2 folder, or a timm ViT .safetensors / .pth file")
-    p.add_argument("dst", help="the checkpoint to write (must not exist)")
-    p.add_argument("--format", choices=FORMATS, default="auto", help="auto: a folder is hf-gpt2, a file timm-vit")
-    p.add_argument("--bpe_file", default=None, help="hf-gpt2: GPT-2 .tiktoken ranks recorded as the tokenizer")
-    p.add_argument("--seq_len", type=int, default=None, help="hf-gpt2: recorded data seq_len (default n_positions)")
-    p.add_argument("--n_head", type=int, default=None, help="timm-vit: attention heads (default width / 64)")
-    p.add_argument("--timm_model", default=None, help="timm-vit: timm model name whose architecture is checked")
-    return p
+def parser() -> jsonargparse.ArgumentParser:
+    """The parser of ``import`` (:mod:`qkv_lightning.command_line`)."""
+    return command_parser("import", ImportOptions, description=__doc__.split("\n\n")[0], positional=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``import``: read, translate, check, write."""
-    args = parser().parse_args(list(argv or []))
+    args = parse(parser(), argv or [])
     src, dst = Path(args.src), Path(args.dst)
     check_destination(dst)
     if not src.exists():

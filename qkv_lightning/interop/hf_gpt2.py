@@ -135,6 +135,22 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
     def refuse(field: str, why: str) -> None:
         raise ConfigError(f"{source}: {field}={config.get(field)!r} cannot be imported: {why}")
 
+    def number(field: str, default: float, low: float, high: float = math.inf, low_open: bool = False) -> float:
+        value = config.get(field, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            refuse(field, "it must be a finite number.")
+        if not (low < value if low_open else low <= value) or value > high:
+            refuse(field, f"it must lie in {'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}.")
+        return float(value)
+
+    if config.get("quantization_config") is not None:
+        refuse("quantization_config", "quantized weights are not read; import the float weights (dequantize them "
+               "first, e.g. save_pretrained of the model loaded without quantization).")
+    if not isinstance(config.get("tie_word_embeddings", True), bool):
+        refuse("tie_word_embeddings", "it must be true or false.")
+    n_inner = config.get("n_inner")
+    if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int) or n_inner < 1):
+        refuse("n_inner", "it must be a positive integer or null.")
     if config.get("scale_attn_weights", True) is not True:
         refuse("scale_attn_weights", "our attention always scales the scores by 1/sqrt(head size).")
     if config.get("scale_attn_by_inverse_layer_idx", False):
@@ -149,16 +165,16 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
         "d_model": config["n_embd"],
         "d_mlp": config.get("n_inner") or None,
         "bias": True,
-        "dropout": float(config.get("resid_pdrop", 0.1)),
-        "norm_eps": float(config.get("layer_norm_epsilon", 1e-5)),
-        "init_std": float(config.get("initializer_range", 0.02)),
+        "dropout": number("resid_pdrop", 0.1, 0.0, 1.0),
+        "norm_eps": number("layer_norm_epsilon", 1e-5, 0.0, low_open=True),
+        "init_std": number("initializer_range", 0.02, 0.0),
         "max_seq_len": config["n_positions"],
         "vocab_size": config["vocab_size"],
         "position": "learned",
         "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "output": "linear",
     }
-    embd_pdrop = float(config.get("embd_pdrop", 0.1))
+    embd_pdrop = number("embd_pdrop", 0.1, 0.0, 1.0)
     if embd_pdrop != network["dropout"] and "embedding_dropout" in {f.name for f in fields(GPTConfig)}:
         network["embedding_dropout"] = embd_pdrop
     activation = config.get("activation_function", "gelu_new")
@@ -171,7 +187,7 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
     else:
         refuse("activation_function", f"our MLP's activation is the GELU ({', '.join(TANH_GELU)}"
                f"{' or gelu' if field else ''}).")
-    attention = {"sharing": "QKV", "n_kv_heads": None, "dropout": float(config.get("attn_pdrop", 0.1))}
+    attention = {"sharing": "QKV", "n_kv_heads": None, "dropout": number("attn_pdrop", 0.1, 0.0, 1.0)}
     return network, attention
 
 
@@ -380,8 +396,8 @@ def export_hf(ckpt_path: str | Path, out: Path, weights_only: bool = True) -> di
     require("safetensors", "export --format hf")
     from safetensors.torch import save
 
-    from qkv_lightning.export import load_gpt
     from qkv_lightning.files import atomic_open
+    from qkv_lightning.tasks.language_model import load_gpt
 
     existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if (out / name).exists()]
     if existing:

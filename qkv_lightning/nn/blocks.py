@@ -13,7 +13,9 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import Attention, AttentionConfig, KVCache
+from qkv_lightning.nn.attention import Attention
+from qkv_lightning.nn.attention_config import AttentionConfig
+from qkv_lightning.nn.kv_cache import KVCache
 from qkv_lightning.nn.positional import PaperScoreEncoding
 
 
@@ -268,11 +270,16 @@ def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02, residual_scal
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
             nn.init.normal_(sub.weight, mean=0.0, std=std)
-        elif isinstance(sub, nn.LayerNorm):
-            nn.init.ones_(sub.weight)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.RMSNorm):  # per-role norms (attention.q_norm, k_norm, v_norm)
-            nn.init.ones_(sub.weight)
         elif isinstance(sub, PaperScoreEncoding):
             sub.reset_parameters()  # the paper's own initialisation, w ~ N(0, 0.02) and b = 0, whatever std is
+    init_norms_(module)
+
+
+def init_norms_(module: nn.Module) -> None:
+    """Unit scales and zero shifts for every LayerNorm and RMSNorm in ``module`` (the blocks' norms, the final norm
+    and the per-role norms ``attention.q_norm``, ``k_norm``, ``v_norm``); draws no random numbers."""
+    for sub in module.modules():
+        if isinstance(sub, nn.LayerNorm | nn.RMSNorm):
+            nn.init.ones_(sub.weight)
+            if getattr(sub, "bias", None) is not None:
+                nn.init.zeros_(sub.bias)

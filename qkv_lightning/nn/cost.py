@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from qkv_lightning.nn.attention import AttentionConfig, Sharing
+from qkv_lightning.nn.attention_config import AttentionConfig
+from qkv_lightning.nn.sharing import ProjectionLayout, Sharing
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class AttentionShape:
 
     d_model: int
     n_head: int
-    sharing: str = "QKV"
+    sharing: Sharing | str = "QKV"
+    """The projection sharing: a parsed :class:`Sharing` (a name is parsed once, when the shape is made)."""
     n_kv_heads: int | None = None
     bias: bool = True
     score_encoding_frequencies: int | None = None
@@ -37,6 +39,10 @@ class AttentionShape:
     role_norms: tuple[str, ...] = ()
     """The per-role norms of the layer (``rms`` or ``layer``, one per role that has one)."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.sharing, Sharing):
+            object.__setattr__(self, "sharing", Sharing.parse(self.sharing))
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
@@ -46,10 +52,14 @@ class AttentionShape:
         return self.n_head if self.n_kv_heads is None else self.n_kv_heads
 
     @property
+    def layout(self) -> ProjectionLayout:
+        """The rows of the layer's fused projection."""
+        return ProjectionLayout(self.sharing, self.n_head, self.kv_heads, self.head_dim, self.owns_kv)
+
+    @property
     def group_widths(self) -> tuple[int, ...]:
         """Output width of each group the layer projects (only Q's for a layer that reuses K/V)."""
-        heads = Sharing.parse(self.sharing).group_heads(self.n_head, self.kv_heads)
-        return tuple(h * self.head_dim for h in (heads[:1] if not self.owns_kv else heads))
+        return self.layout.widths
 
     @property
     def projection_width(self) -> int:
@@ -66,7 +76,7 @@ class AttentionShape:
     def cached_tensors(self) -> int:
         """Distinct tensors a KV cache stores per layer (1 when K and V share a projection, 0 when the layer reuses
         another layer's)."""
-        return len(Sharing.parse(self.sharing).cached_groups) if self.owns_kv else 0
+        return self.layout.cached_tensors
 
     @classmethod
     def from_config(
@@ -77,7 +87,7 @@ class AttentionShape:
         return cls(
             d_model,
             n_head,
-            attention.sharing,
+            attention.parsed.partition,
             attention.resolve_kv_heads(n_head),
             bias,
             attention.score_encoding_frequencies if attention.score_encoding == "relative" else None,
@@ -143,9 +153,12 @@ def score_encoding_flops(shape: AttentionShape, t_q: int, t_k: int) -> int:
     return 2 * t_q * t_k * 6 * shape.score_encoding_frequencies * shape.n_head
 
 
-def kv_cache_bytes_per_token(shape: AttentionShape, bytes_per_element: int = 2) -> int:
-    """KV-cache bytes one token adds to one layer."""
-    return shape.cached_tensors * shape.kv_heads * shape.head_dim * bytes_per_element
+def kv_cache_bytes_per_token(shape: AttentionShape, bytes_per_element: int = 2, tensors: float | None = None) -> int:
+    """KV-cache bytes one token adds to one layer: ``shape.cached_tensors`` tensors (or ``tensors``, e.g. with a K=V
+    cache's rotated copy; a fraction gives a fraction of a byte) of ``kv_heads * head_dim`` elements. The one
+    KV-bytes formula: accounting, the static decoder and the benchmarks use it."""
+    count = shape.cached_tensors if tensors is None else tensors
+    return count * shape.kv_heads * shape.head_dim * bytes_per_element
 
 
 def norm_params(d_model: int, bias: bool) -> int:
@@ -287,9 +300,7 @@ def attention_shapes(
 
 def schedule_name(attention: AttentionConfig) -> str:
     """The sharing of a network's attention as one word for tables: the sharing, or a schedule's layers."""
-    if not attention.layers:
-        return attention.sharing
-    return ",".join(f"{label}@{key}" for key, label in attention.layers.items())
+    return attention.parsed.variant_text if attention.layers else attention.sharing
 
 
 def trunk_network_cost(

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, parse_rope_keys
+from qkv_lightning.nn.cost import attention_shapes, kv_cache_bytes_per_token
 from qkv_lightning.nn.gpt import GPT
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, parse_rope_keys
 
 
 class StaticDecoder(nn.Module):
@@ -89,12 +90,17 @@ class StaticDecoder(nn.Module):
         return out
 
     def cache_bytes(self, batch_size: int) -> int:
-        """Bytes of the cache tensors for ``batch_size`` sequences."""
-        weight = self.model.embed.weight
-        return sum(
-            count * batch_size * block.attn.n_kv_heads * self.capacity * block.attn.head_dim * weight.element_size()
-            for block, count in zip(self.model.blocks, self.tensors_per_layer(), strict=True)
+        """Bytes of the cache tensors for ``batch_size`` sequences: each layer's
+        :func:`~qkv_lightning.nn.cost.kv_cache_bytes_per_token` with its tensors (:meth:`tensors_per_layer`), times
+        the positions and the sequences."""
+        c = self.model.config
+        shapes = attention_shapes(c.d_model, c.n_head, self.model.trunk.attention, c.bias, c.n_layer)
+        element = self.model.embed.weight.element_size()
+        per_token = sum(
+            kv_cache_bytes_per_token(shape, element, tensors=count)
+            for shape, count in zip(shapes, self.tensors_per_layer(), strict=True)
         )
+        return batch_size * self.capacity * per_token
 
     def prefill(self, idx: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Run the prompt ``idx`` (B, T); returns the last position's logits (B, V) and the filled cache tensors."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.attention_config import AttentionConfig
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
 from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.sequence import SequenceConfig

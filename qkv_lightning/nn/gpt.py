@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import ROPE_KEYS_DEFAULT, AttentionConfig, KVCache
+from qkv_lightning.nn.attention_config import AttentionConfig
 from qkv_lightning.nn.blocks import Trunk, init_gpt2_
 from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, KVCache
 from qkv_lightning.nn.sequence import SequenceConfig
 
 IGNORE_INDEX = -100
@@ -195,7 +196,7 @@ class GPT(nn.Module):
         self, batch_size: int, capacity: int | None = None, rope_keys: str = ROPE_KEYS_DEFAULT
     ) -> list[KVCache]:
         """Empty KV caches for every layer; ``rope_keys``: how K=V caches give rotated keys with RoPE (see
-        :func:`~qkv_lightning.nn.attention.parse_rope_keys`; ignored without rotary positions)."""
+        :func:`~qkv_lightning.nn.kv_cache.parse_rope_keys`; ignored without rotary positions)."""
         rope_keys = rope_keys if self.config.position == "rope" else "on_read"
         return self.trunk.new_caches(batch_size, capacity or self.config.max_seq_len, rope_keys=rope_keys)
 

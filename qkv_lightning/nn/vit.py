@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import AttentionConfig
-from qkv_lightning.nn.blocks import Trunk, TrunkConfig
+from qkv_lightning.nn.attention_config import AttentionConfig
+from qkv_lightning.nn.blocks import Trunk, TrunkConfig, init_norms_
 from qkv_lightning.nn.cost import Flops, NetworkCost, attention_shapes, trunk_flops, trunk_network_cost
 from qkv_lightning.nn.positional import PaperScoreEncoding, sincos_2d
 
@@ -228,12 +228,7 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm):  # per-role norms (attention.q_norm, k_norm, v_norm)
-                nn.init.ones_(module.weight)
+        init_norms_(self)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         if self.cls_token is not None:

@@ -12,11 +12,12 @@ from typing import Any
 
 from qkv_lightning.config_files import resolve_config, resolve_config_args
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import CANONICAL_VARIANTS
+from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 from qkv_lightning.study.effects import check_margins, statsmodels_available
-from qkv_lightning.study.launchers import LAUNCHERS
 from qkv_lightning.variants import NO_BREAKER, Variant, expand, parse_breakers, parse_label
 
+LAUNCHERS = ("local", "slurm", "submitit_local")
+"""``study.launcher`` values: the local worker pool, SLURM through submitit, submitit's local executor."""
 INIT_FROM_KEY = "model.init_args.init_from"
 """The config key of the checkpoint a cell starts from (``TaskModule.init_from``)."""
 
@@ -335,7 +336,7 @@ def expand_grid(config: StudyConfig) -> tuple[list[Variant], list[str]]:
 
 def cells(config: StudyConfig) -> list[Cell]:
     """Every cell of the study: seed x task x axis values x variant, seeds outermost so that a partial study covers
-    every variant and setting (impossible cells are taken out later, :func:`~qkv_lightning.study.runner.check_cells`).
+    every variant and setting (impossible cells are taken out later, :func:`~qkv_lightning.study.cell.check_cells`).
     """
     variants, _ = expand_grid(config)
     names = config.axis_names()

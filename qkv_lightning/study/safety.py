@@ -166,6 +166,11 @@ def study_lock(study_dir: Path) -> Iterator[None]:
         ConfigError: another live study process holds the lock (or one on another host may).
     """
     path = study_dir / LOCK
+    if path.is_dir() or (path.exists() and not path.is_file()):  # not a lock this tool wrote: never removed
+        raise ConfigError(
+            f"{path}, the lock file of study.output={study_dir}, is a {'folder' if path.is_dir() else 'special file'}, "
+            "not a file this tool wrote; nothing was run. Move it away, or name another study.output."
+        )
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -27,7 +27,8 @@ import math
 
 from qkv_lightning.study import stats
 from qkv_lightning.study.config import INIT_FROM_KEY, TEACHER_KEY, StudyConfig
-from qkv_lightning.study.report import _num, _p, _signed, clip_interval
+from qkv_lightning.study.report import _num, _p, _signed, summary_header
+from qkv_lightning.study.results import clip_interval
 from qkv_lightning.variants import Variant
 
 KEPT_APART = (INIT_FROM_KEY, TEACHER_KEY)
@@ -201,25 +202,14 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
                 "verdict": entry["verdict"],
             }
     return {
+        **summary_header(config, metrics, base, results),
         "task": config.task_paths,
         "tasks": tasks,
         "axes": dict(config.axes),
         "kept_apart": names,
-        "overrides": list(config.overrides),
-        "seeds": list(config.seeds),
-        "baseline": base,
-        "primary": metrics[0] if metrics else None,
-        "metrics": metrics,
-        "lower_is_better": {metric: config.is_lower_better(metric) for metric in metrics},
-        "alpha": config.alpha,
         "variants": rows,
         "sweep_table": sweep,
         "groups": groups,
-        "failed": [
-            {"variant": r["variant"], "group": r.get("group", ""), "seed": r["seed"], "error": r["error"]}
-            for r in results
-            if r["status"] != "ok"
-        ],
     }
 
 

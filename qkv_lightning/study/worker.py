@@ -1,6 +1,6 @@
 """A study worker process: reads one cell spec (a JSON line) at a time from stdin, runs it, answers with the result.
 
-Started by :func:`qkv_lightning.study.runner.run_in_workers`; ``CUDA_VISIBLE_DEVICES`` selects its GPU and
+Started by :func:`qkv_lightning.study.launchers.run_in_workers`; ``CUDA_VISIBLE_DEVICES`` selects its GPU and
 ``QKV_STUDY_THREADS`` its torch CPU threads. Everything the cells print goes to stderr (or the cell's log), so
 stdout carries only the answers.
 """
@@ -20,7 +20,7 @@ def main() -> int:
     os.dup2(2, 1)  # stray prints must not corrupt the answers
     import torch
 
-    from qkv_lightning.study.runner import run_cell
+    from qkv_lightning.study.cell import run_cell
 
     threads = int(os.environ.get("QKV_STUDY_THREADS", "0"))
     if threads:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import abc
-import importlib
-import inspect
 import math
-import sys
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import lightning as L
 import torch
@@ -18,227 +13,13 @@ from torch import nn
 
 from qkv_lightning.accounting import NetworkCost, check_declares_cost, network_cost
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.hparams import as_config, plain
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
-from qkv_lightning.uptrain.distill import DistillConfig, distillation_loss, freeze
-
-T = TypeVar("T")
-
-
-OPTIMIZER_OWN_SETTINGS = ("params", "lr", "weight_decay", "betas", "eps")
-"""Optimiser arguments set by :class:`OptimizerConfig`'s own fields (never through ``optimizer.kwargs``)."""
-
-
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The optimiser class named ``name``: a class of ``torch.optim`` (``AdamW``, ``Adam``, ``SGD``, ...) or the dotted
-    path of a :class:`torch.optim.Optimizer` subclass in ``torch.optim`` or in a module that is already imported
-    (``my_package.MyOptimizer`` once ``my_package`` is imported). A name read from a checkpoint's hyper-parameters
-    therefore never imports, and so never runs, a module of its own choosing."""
-    module_name, _, class_name = name.rpartition(".")
-    try:
-        if not module_name:
-            cls = getattr(torch.optim, class_name)
-        elif module_name == "torch.optim" or module_name.startswith("torch.optim."):
-            cls = getattr(importlib.import_module(module_name), class_name)
-        else:
-            cls = getattr(sys.modules[module_name], class_name)
-    except (ImportError, AttributeError, ValueError, KeyError):
-        cls = None
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        known = sorted(
-            n
-            for n, c in vars(torch.optim).items()
-            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
-        )
-        raise ConfigError(
-            f"optimizer.name={name!r} is not a torch.optim.Optimizer class: use one of torch.optim's "
-            f"({', '.join(known)}) or the dotted path of an Optimizer subclass in torch.optim or in a module that is "
-            f"already imported (import your package first, e.g. from the model's class_path module)."
-        )
-    return cls
-
-
-def optimizer_arguments(cls: type) -> set[str]:
-    """The keyword arguments ``cls.__init__`` accepts (an ``Optimizer`` taking ``**kwargs`` accepts any)."""
-    parameters = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return {"*"}
-    return set(parameters) - {"self"}
-
-
-@dataclass
-class OptimizerConfig:
-    """The optimiser (AdamW by default, or any ``torch.optim`` class), its two named parameter groups (``decay``: the
-    matrices, ``no_decay``: biases, norms and other 1-D parameters; the LR monitor logs ``lr-AdamW/decay`` and
-    ``lr-AdamW/no_decay``) and a per-step learning-rate schedule with linear warm-up.
-
-    The optimiser is built in ``configure_optimizers``, after FSDP has wrapped the network. Choose another class as a
-    Lightning user would with ``--optimizer`` (``fit ... --optimizer SGD --optimizer.momentum 0.9``), or on the task:
-    ``model.init_args.optimizer: {name: SGD, kwargs: {momentum: 0.9}}``.
-    """
-
-    lr: float = 3e-4
-    """Peak learning rate."""
-
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam-style betas, passed to optimiser classes that take ``betas`` (AdamW, Adam, NAdam, RAdam, Adamax, ...)."""
-
-    eps: float = 1e-8
-    """Epsilon, passed to optimiser classes that take ``eps``."""
-
-    weight_decay: float = 0.1
-    """Weight decay (decoupled for AdamW), applied to the parameters ``decay_on`` names."""
-
-    decay_on: Literal["matrices", "all"] = "matrices"
-    """Which parameters weight decay applies to: ``matrices`` (parameters with 2 or more dimensions; not biases or
-    norms, as nanoGPT does; our recipe) or ``all`` (every parameter, as the paper's LM training does). Either way the
-    parameters form the same two named groups, so a checkpoint resumes under both settings."""
-
-    name: str = "AdamW"
-    """The optimiser class: a class of ``torch.optim`` (AdamW, Adam, SGD, RMSprop, ...) or the dotted path of a
-    ``torch.optim.Optimizer`` subclass in torch.optim or an already imported module (a name never imports a module
-    of its own). ``--optimizer CLASS`` on the command line sets it too."""
-
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    """Further init arguments of that class (e.g. ``{momentum: 0.9, nesterov: true}`` for SGD); ``lr``,
-    ``weight_decay``, ``betas`` and ``eps`` are the settings above, not kwargs."""
-
-    warmup_steps: int = 100
-    """Steps of linear warm-up from 0 to ``lr`` (ignored when warmup_fraction is set)."""
-
-    warmup_fraction: float | None = None
-    """Warm-up over this fraction of the run's optimiser steps instead of warmup_steps: max(1, int(fraction *
-    total steps)) steps, e.g. 0.05 as in the paper's synthetic tasks; None uses warmup_steps."""
-
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
-    """After warm-up: ``cosine`` decay to ``min_lr_ratio * lr`` at the last step, ``constant``, or ``step``: the
-    learning rate is multiplied by ``step_gamma`` at each of ``step_milestones`` (as the paper's vision recipe, Adam
-    with MultiStepLR at 50% and 75% of training, gamma 0.1)."""
-
-    min_lr_ratio: float = 0.1
-    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
-
-    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    """The ``step`` schedule's milestones as fractions of the run's optimiser steps: the rate drops at step
-    ``int(fraction * total steps)``. The paper steps per epoch at ``int(0.5 * E)`` and ``int(0.75 * E)`` epochs, so
-    for E = 50 epochs its second drop is at epoch 37, i.e. 0.74."""
-
-    step_gamma: float = 0.1
-    """Factor by which the ``step`` schedule multiplies the learning rate at each milestone (0.1 in the paper)."""
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:  # also NaN
-            raise ConfigError(f"optimizer.lr={self.lr} must be positive.")
-        if not math.isfinite(self.lr):
-            raise ConfigError(f"optimizer.lr={self.lr} must be a finite number.")
-        if not (math.isfinite(self.eps) and self.eps >= 0):
-            raise ConfigError(f"optimizer.eps={self.eps} must be a finite number >= 0.")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):  # NaN fails every comparison
-            raise ConfigError(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1).")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ConfigError(f"optimizer.weight_decay={self.weight_decay} must be a finite number >= 0.")
-        if self.decay_on not in ("matrices", "all"):
-            raise ConfigError(f"optimizer.decay_on={self.decay_on!r} must be 'matrices' or 'all'.")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0.")
-        if self.warmup_fraction is not None and not 0.0 <= self.warmup_fraction < 1.0:  # also NaN
-            raise ConfigError(f"optimizer.warmup_fraction={self.warmup_fraction} must lie in [0, 1) (or be null).")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:  # also NaN
-            raise ConfigError(f"optimizer.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1].")
-        self.step_milestones = [float(m) for m in self.step_milestones]
-        if not all(0.0 < m < 1.0 for m in self.step_milestones) or self.step_milestones != sorted(self.step_milestones):
-            raise ConfigError(
-                f"optimizer.step_milestones={self.step_milestones} must be increasing fractions of the run in (0, 1)."
-            )
-        if not 0.0 < self.step_gamma <= 1.0:  # also NaN
-            raise ConfigError(f"optimizer.step_gamma={self.step_gamma} must lie in (0, 1].")
-        self.betas = tuple(self.betas)
-        self.kwargs = dict(self.kwargs or {})
-        cls = optimizer_class(self.name)
-        own = sorted(set(self.kwargs) & set(OPTIMIZER_OWN_SETTINGS))
-        if own:
-            raise ConfigError(
-                f"optimizer.kwargs sets {own}: set them as optimizer.{own[0]} (the schedule and the decay groups use "
-                "these settings), not as kwargs."
-            )
-        accepted = optimizer_arguments(cls)
-        unknown = sorted(set(self.kwargs) - accepted) if "*" not in accepted else []
-        if unknown:
-            raise ConfigError(
-                f"optimizer.kwargs {unknown} are not arguments of {cls.__module__}.{cls.__name__}; it accepts "
-                f"{sorted(accepted - set(OPTIMIZER_OWN_SETTINGS))}."
-            )
-        if self.weight_decay and "weight_decay" not in accepted and "*" not in accepted:
-            raise ConfigError(
-                f"optimizer.name={self.name!r} takes no weight_decay: set optimizer.weight_decay to 0."
-            )
-
-    def build(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        """The optimiser over ``groups`` (parameter groups holding their own ``weight_decay``)."""
-        cls = optimizer_class(self.name)
-        accepted = optimizer_arguments(cls)
-        settings: dict[str, Any] = {"lr": self.lr}
-        if "betas" in accepted:
-            settings["betas"] = self.betas
-        if "eps" in accepted:
-            settings["eps"] = self.eps
-        if "weight_decay" not in accepted and "*" not in accepted:
-            groups = [{k: v for k, v in group.items() if k != "weight_decay"} for group in groups]
-        return cls(groups, **settings, **self.kwargs)
-
-
-def as_config(cls: type[T], value: T | dict | None) -> T:
-    """Accept a config dataclass or its dict form (as stored in checkpoints' hyper-parameters)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} settings {unknown}; allowed: {sorted(known)}.")
-        return cls(**value)
-    raise ConfigError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
-
-
-def plain(value: Any) -> Any:
-    """Dataclasses to dicts and tuples to lists, so hyper-parameters hold only plain, safely loadable types."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return plain(asdict(value))
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then cosine decay to ``min_ratio`` (or constant)."""
-    return lr_multiplier(step, warmup_steps, total_steps, schedule, min_ratio=min_ratio)
-
-
-def lr_multiplier(
-    step: int,
-    warmup_steps: int,
-    total_steps: int,
-    schedule: str,
-    min_ratio: float = 0.1,
-    milestones: Sequence[float] = (),
-    gamma: float = 0.1,
-) -> float:
-    """Learning-rate multiplier at optimiser ``step`` (0-based): linear warm-up over ``warmup_steps``, then ``cosine``
-    decay to ``min_ratio`` at ``total_steps``, ``constant``, or ``step``: times ``gamma`` for each milestone
-    ``int(fraction * total_steps)`` that ``step`` has reached."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "step":
-        return gamma ** sum(step >= int(fraction * total_steps) for fraction in milestones)
-    if schedule == "constant" or total_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from qkv_lightning.tasks.distill import DistillConfig, distillation_loss, freeze
+from qkv_lightning.tasks.optim import OptimizerConfig, lr_multiplier
+from qkv_lightning.tasks.persist import BOOKKEEPING, build_task, load_weights, state_dict_of, stored_settings
 
 
 class TaskModule(L.LightningModule, abc.ABC):
@@ -259,7 +40,9 @@ class TaskModule(L.LightningModule, abc.ABC):
         activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
         init_from: a checkpoint whose weights ``fit`` starts from, with a fresh optimiser and schedule (e.g. one
             written by ``convert``); ``--ckpt_path`` takes precedence (a resumed run continues its own weights).
-        distill: distillation from a frozen teacher checkpoint (:class:`~qkv_lightning.uptrain.distill.DistillConfig`).
+        distill: distillation from a frozen teacher checkpoint (:class:`~qkv_lightning.tasks.distill.DistillConfig`).
+        **stored: only the bookkeeping keys a checkpoint's hyper-parameters carry beside the settings (``_class_path``),
+            which Lightning's ``load_from_checkpoint`` hands back; they are ignored.
     """
 
     network: nn.Module | None
@@ -276,7 +59,11 @@ class TaskModule(L.LightningModule, abc.ABC):
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         distill: DistillConfig = DistillConfig(),
+        **stored: Any,
     ) -> None:
+        unknown = sorted(set(stored) - set(BOOKKEEPING))
+        if unknown:
+            raise ConfigError(f"unknown model settings {unknown}; see --model.help <task class> for the settings.")
         super().__init__()
         check_declares_cost(network)
         self.network_config = network
@@ -398,11 +185,12 @@ class TaskModule(L.LightningModule, abc.ABC):
             checkpoint = load_sharded_checkpoint(path) if is_sharded_checkpoint(path) else load_checkpoint_file(path)
         except CheckpointError as error:
             raise CheckpointError(f"{setting}={path}: {error}") from None
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        source = f"{setting}={path}"
+        saved_class, hparams = stored_settings(checkpoint.get("hyper_parameters"), source)
         mine = f"{type(self).__module__}.{type(self).__qualname__}"
-        check_class(CheckpointInfo(Path(path), False, {}, hparams), mine)
-        self.check_checkpoint_data(hparams.get("data_spec") or {}, f"{setting}={path}")
-        state = checkpoint["state_dict"]
+        check_class(CheckpointInfo(Path(path), False, {}, {"_class_path": saved_class}), mine)
+        self.check_checkpoint_data(hparams.get("data_spec") or {}, source)
+        state = state_dict_of(checkpoint, source)
         weights = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
         return weights, hparams
 
@@ -431,13 +219,11 @@ class TaskModule(L.LightningModule, abc.ABC):
 
     def load_teacher(self, path: str) -> nn.Module:
         """The teacher's network, built from its checkpoint's own settings (any attention variant), with its weights."""
-        from qkv_lightning.uptrain.convert import task_from_hparams
-
         weights, hparams = self.read_weights(path, "model.distill.teacher")
-        hparams.pop("_instantiator", None)
-        hparams["distill"] = {}
-        teacher = task_from_hparams({**hparams, "data_spec": hparams.get("data_spec") or self.data_spec}).network
-        teacher.load_state_dict(weights, strict=True)
+        source = f"model.distill.teacher={path}"
+        replace = {"distill": {}, "data_spec": hparams.get("data_spec") or self.data_spec}
+        teacher = build_task(hparams, source, expected=type(self), replace=replace, drop=("init_from",)).network
+        load_weights(teacher, weights, source)
         return teacher
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,10 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.vit import ViT, ViTConfig, check_patch_grid
-from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
-from qkv_lightning.uptrain.distill import DistillConfig
+from qkv_lightning.tasks.base import TaskModule
 
 
 class ImageClassifier(TaskModule):
@@ -24,44 +25,23 @@ class ImageClassifier(TaskModule):
 
     Args:
         network: sizes and options of the ViT.
-        attention: the attention variant of every block.
-        optimizer: AdamW and learning-rate schedule.
         label_smoothing: label smoothing of the training loss (0.1 in DeiT).
         mixup_alpha: Beta(alpha, alpha) mixing of image pairs and their labels on each training batch; 0 is off.
         cutmix_alpha: CutMix (pasted boxes) with Beta(alpha, alpha) areas; 0 is off. With both on, each batch uses
             one of the two, chosen at random (as DeiT).
-        data_spec: what the data decides; filled from the datamodule when None.
-        compile: compile each block with ``torch.compile``.
-        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
-        init_from: a checkpoint (e.g. from ``convert``) whose weights ``fit`` starts from, with a fresh optimiser;
-            ``--ckpt_path`` takes precedence.
-        distill: distillation from a frozen teacher checkpoint (teacher, temperature, alpha).
+        **kwargs: the settings every task shares (``attention``, ``optimizer``, ``data_spec``, ``compile``,
+            ``activation_checkpointing``, ``init_from``, ``distill``), declared once in :class:`TaskModule`.
     """
 
     def __init__(
         self,
         network: ViTConfig = ViTConfig(),
-        attention: AttentionConfig = AttentionConfig(),
-        optimizer: OptimizerConfig = OptimizerConfig(),
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
-        data_spec: dict | None = None,
-        compile: bool = False,
-        activation_checkpointing: bool = False,
-        init_from: str | None = None,
-        distill: DistillConfig = DistillConfig(),
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            as_config(ViTConfig, network),
-            attention=attention,
-            optimizer=optimizer,
-            data_spec=data_spec,
-            compile=compile,
-            activation_checkpointing=activation_checkpointing,
-            init_from=init_from,
-            distill=distill,
-        )
+        super().__init__(as_config(ViTConfig, network), **kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing={label_smoothing} must lie in [0, 1).")
         for name, alpha in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):

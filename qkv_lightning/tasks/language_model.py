@@ -15,11 +15,10 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from qkv_lightning.errors import CheckpointError, ConfigError
-from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
 from qkv_lightning.resume import differing_settings, weight_problems
-from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
-from qkv_lightning.uptrain.distill import DistillConfig
+from qkv_lightning.tasks.base import TaskModule
 
 
 @dataclass
@@ -103,41 +102,17 @@ class LanguageModel(TaskModule):
 
     Args:
         network: the decoder's sizes and options; ``vocab_size`` None takes the data's vocabulary.
-        attention: the attention variant.
-        optimizer: AdamW and the learning-rate schedule.
         generation: decoding settings for ``predict``.
-        data_spec: what the data decides (vocab_size, seq_len, tokenizer); filled from the datamodule when None.
-        compile: compile each block with ``torch.compile``.
-        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
-        init_from: a checkpoint (e.g. from ``convert``) whose weights ``fit`` starts from, with a fresh optimiser;
-            ``--ckpt_path`` takes precedence.
-        distill: distillation from a frozen teacher checkpoint (teacher, temperature, alpha).
+        **kwargs: the settings every task shares (``attention``, ``optimizer``, ``data_spec``, ``compile``,
+            ``activation_checkpointing``, ``init_from``, ``distill``), declared once in :class:`TaskModule`.
     """
 
     network: GPT | None
 
     def __init__(
-        self,
-        network: GPTConfig = GPTConfig(),
-        attention: AttentionConfig = AttentionConfig(),
-        optimizer: OptimizerConfig = OptimizerConfig(),
-        generation: GenerationConfig = GenerationConfig(),
-        data_spec: dict | None = None,
-        compile: bool = False,
-        activation_checkpointing: bool = False,
-        init_from: str | None = None,
-        distill: DistillConfig = DistillConfig(),
+        self, network: GPTConfig = GPTConfig(), generation: GenerationConfig = GenerationConfig(), **kwargs: Any
     ) -> None:
-        super().__init__(
-            as_config(GPTConfig, network),
-            attention=attention,
-            optimizer=optimizer,
-            data_spec=data_spec,
-            compile=compile,
-            activation_checkpointing=activation_checkpointing,
-            init_from=init_from,
-            distill=distill,
-        )
+        super().__init__(as_config(GPTConfig, network), **kwargs)
         self.generation_config = as_config(GenerationConfig, generation)
         # generation settings are left out of the hyper-parameters, so that `predict --ckpt_path` takes them from the
         # config and command line instead of the checkpoint
@@ -420,3 +395,22 @@ class LanguageModel(TaskModule):
                 f.write(json.dumps(result) + "\n")
         rank_zero_info(f"wrote {len(self.generated)} generations to {path}")
 
+
+
+def load_gpt(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str, Any]]:
+    """The GPT of a ``LanguageModel`` checkpoint (eval mode, on CPU, depth-factorised projections fused) and the
+    checkpoint's hyper-parameters, built by the one task builder (:func:`qkv_lightning.tasks.persist.load_task`).
+
+    Raises:
+        CheckpointError: the file is unreadable, not a language model's (with its data spec), or its weights do not fit.
+    """
+    from qkv_lightning.tasks.persist import load_task, stored_settings
+
+    task, checkpoint = load_task(path, expected=LanguageModel, weights_only=weights_only, drop=("compile",))
+    _, hparams = stored_settings(checkpoint.get("hyper_parameters"), str(path))
+    if not hparams.get("data_spec"):
+        raise CheckpointError(
+            f"{path} is a language model's checkpoint without its data_spec; export and evaluate take checkpoints "
+            "that `fit` saved for qkv_lightning.tasks.language_model.LanguageModel."
+        )
+    return task.network.eval().fuse(), hparams

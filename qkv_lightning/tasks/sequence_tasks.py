@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +11,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.encoder import EncoderConfig, SequenceEncoder
-from qkv_lightning.tasks.base import OptimizerConfig, TaskModule, as_config
-from qkv_lightning.uptrain.distill import DistillConfig
+from qkv_lightning.tasks.base import TaskModule
 
 STAGES = ("train", "val", "test")
 
@@ -24,38 +24,13 @@ class SequenceTask(TaskModule):
     Logs ``{stage}/loss``, ``{stage}/acc`` (token accuracy) and ``{stage}/seq_acc`` (whole lists right).
 
     Args:
-        attention: the attention variant.
-        optimizer: AdamW and learning-rate schedule.
         network: sizes of the encoder (vocabulary and classes come from the data).
-        data_spec: what the data decides; filled from the datamodule when None.
-        compile: compile each block with ``torch.compile``.
-        activation_checkpointing: recompute each block's activations in the backward pass (saves memory).
-        init_from: a checkpoint (e.g. from ``convert``) whose weights ``fit`` starts from, with a fresh optimiser;
-            ``--ckpt_path`` takes precedence.
-        distill: distillation from a frozen teacher checkpoint (teacher, temperature, alpha).
+        **kwargs: the settings every task shares (``attention``, ``optimizer``, ``data_spec``, ``compile``,
+            ``activation_checkpointing``, ``init_from``, ``distill``), declared once in :class:`TaskModule`.
     """
 
-    def __init__(
-        self,
-        attention: AttentionConfig = AttentionConfig(),
-        optimizer: OptimizerConfig = OptimizerConfig(),
-        network: EncoderConfig = EncoderConfig(),
-        data_spec: dict | None = None,
-        compile: bool = False,
-        activation_checkpointing: bool = False,
-        init_from: str | None = None,
-        distill: DistillConfig = DistillConfig(),
-    ) -> None:
-        super().__init__(
-            as_config(EncoderConfig, network),
-            attention=attention,
-            optimizer=optimizer,
-            data_spec=data_spec,
-            compile=compile,
-            activation_checkpointing=activation_checkpointing,
-            init_from=init_from,
-            distill=distill,
-        )
+    def __init__(self, network: EncoderConfig = EncoderConfig(), **kwargs: Any) -> None:
+        super().__init__(as_config(EncoderConfig, network), **kwargs)
         self.save_task_hyperparameters(network=self.network_config)
         # one metric object per stage and quantity (token accuracy, whole-sequence accuracy)
         self.token_acc = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})

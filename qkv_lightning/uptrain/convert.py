@@ -13,51 +13,18 @@ optimiser state to continue). An existing destination is never overwritten.
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.nn.attention import Attention
-from qkv_lightning.uptrain.surgery import METHODS, Layout, check_reachable, convert_attention
+from qkv_lightning.tasks.base import TaskModule
+from qkv_lightning.tasks.persist import build_task, load_task
+from qkv_lightning.uptrain.surgery import METHODS, check_reachable, convert_attention
 from qkv_lightning.variants import Variant
-
-
-def task_from_hparams(hparams: dict[str, Any], attention: dict[str, Any] | None = None) -> Any:
-    """The task module a checkpoint's hyper-parameters describe (``_class_path`` and its init arguments), its network
-    built; ``attention`` replaces the saved attention settings."""
-    values = dict(hparams)
-    class_path = values.pop("_class_path", None)
-    if not class_path:
-        raise CheckpointError("the checkpoint records no model class (_class_path); convert reads checkpoints of fit.")
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    if attention is not None:
-        values["attention"] = attention
-    values.pop("init_from", None)  # the converted model starts from these weights, not from its source's source
-    task = cls(**values)
-    task.configure_model()
-    return task
-
-
-def load_task(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """The task of a single-file checkpoint (read with ``weights_only=True``) with its weights, and the checkpoint."""
-    from qkv_lightning.checkpoints import is_sharded_checkpoint, load_checkpoint_file
-
-    if is_sharded_checkpoint(path):
-        raise CheckpointError(
-            f"{path} is a sharded checkpoint folder; turn it into one file first: python cli.py consolidate {path} "
-            "model.ckpt."
-        )
-    checkpoint = load_checkpoint_file(path, weights_only=True)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    hparams.pop("_instantiator", None)
-    task = task_from_hparams(hparams)
-    task.load_state_dict(checkpoint["state_dict"], strict=True)
-    return task, checkpoint
 
 
 def attention_layers(task: Any) -> dict[str, Attention]:
@@ -134,16 +101,20 @@ def convert_task(
         raise ConfigError(f"--method {method!r} is not a conversion method; use one of {', '.join(METHODS)}.")
     if method == "keep" and keep not in ("Q", "K", "V"):
         raise ConfigError(f"--method keep needs --keep Q, K or V (the role whose projection is kept), got {keep!r}.")
-    attention = {**vars(source.attention_config), "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
+    settings = dataclasses.asdict(source.attention_config)  # the fields (not what the config parsed from them)
+    attention = {**settings, "sharing": variant.sharing, "n_kv_heads": variant.n_kv_heads}
     if "layers" in attention:
         attention["layers"] = None  # the target is one variant in every layer (a per-layer schedule is converted away)
     try:
-        target = task_from_hparams(dict(source.hparams), attention=attention)
-    except ConfigError as error:
+        target = build_task(
+            dict(source.hparams), "the source checkpoint", expected=type(source), replace={"attention": attention},
+            drop=("init_from",),  # the converted model starts from these weights, not from its source's source
+        )
+    except (ConfigError, CheckpointError) as error:
         raise ConfigError(f"--sharing {variant.sharing} --n_kv_heads {variant.n_kv_heads}: {error}") from None
     src_layers, tgt_layers = attention_layers(source), attention_layers(target)
     for name in src_layers:
-        check_reachable(Layout.of(src_layers[name]), Layout.of(tgt_layers[name]))
+        check_reachable(src_layers[name].layout, tgt_layers[name].layout)
     fused = {f"network.{name}.qkv.{part}" for name in tgt_layers for part in ("weight", "bias")}
     state = {k: v for k, v in source.state_dict().items() if k not in fused}
     missing, unexpected = target.load_state_dict(state, strict=False)
@@ -171,6 +142,7 @@ def convert(
     ``fit`` reads its calibration data from the fit config ``config`` (default: the run's saved config.yaml), or
     from the command-line arguments ``calibration_args`` (``--config FILE --data.x y``)."""
     from qkv_lightning.checkpoints import atomic_save, start_checkpoint
+    from qkv_lightning.config_files import run_config_text
 
     source, destination = Path(source), Path(destination)
     if destination.exists():
@@ -178,7 +150,7 @@ def convert(
     if not destination.parent.is_dir():
         raise ConfigError(f"the destination's folder {destination.parent} does not exist; create it first.")
     variant = Variant(sharing, n_kv_heads)
-    task, checkpoint = load_task(source)
+    task, checkpoint = load_task(source, expected=TaskModule, drop=("init_from",))
     grams = None
     if method == "fit":
         if calibration_batches_count < 1:
@@ -190,10 +162,7 @@ def convert(
                     f"--method fit reads calibration batches of the run's training data, but no config.yaml was found "
                     f"beside {source}; pass the run's fit config with --config FILE."
                 )
-            settings = yaml.safe_load(Path(config).read_text()) or {}
-            for key in ("ckpt_path", "weights_only"):  # a saved run config's subcommand settings
-                settings.pop(key, None)
-            calibration_args = ["--config", yaml.safe_dump(settings)]
+            calibration_args = ["--config", run_config_text(config)]
         grams = calibration_grams(task, calibration_batches(calibration_args, calibration_batches_count))
     target = convert_task(task, variant, method, keep, grams)
     provenance = {
@@ -211,7 +180,7 @@ def convert(
 
 def main(argv: list[str]) -> int:
     """``convert SRC DST --sharing ...``: see :func:`run`."""
-    import jsonargparse
+    from qkv_lightning.command_line import run_function
 
     def run(
         source: str,
@@ -257,5 +226,5 @@ def main(argv: list[str]) -> int:
             f"{destination}, evaluate with validate --ckpt_path {destination}"
         )
 
-    jsonargparse.auto_cli(run, args=argv)
+    run_function("convert", run, argv)
     return 0

@@ -1,10 +1,10 @@
 """Weight surgery between attention variants: the fused projection of a trained layer rewritten for another variant.
 
 Everything here is keyed on the public layout of :class:`~qkv_lightning.nn.attention.Attention`: one fused
-``qkv`` Linear whose output rows are the groups of :class:`~qkv_lightning.nn.attention.Sharing` in canonical order,
-group ``g`` holding ``Sharing.group_heads(n_head, n_kv_heads)[g]`` heads of ``head_dim`` rows each (head-major), and
-the output projection ``proj`` whose input columns are the query heads. A role's projection is written *augmented*:
-``A = [W | b]`` of shape (heads, D, C + 1), so that the role's output for an input ``x`` is ``A [x; 1]``.
+``qkv`` Linear whose rows are given by its :class:`~qkv_lightning.nn.sharing.ProjectionLayout` (``Attention.layout``:
+which rows hold which group and role), and the output projection ``proj`` whose input columns are the query heads.
+A role's projection is written *augmented*: ``A = [W | b]`` of shape (heads, D, C + 1), so that the role's output
+for an input ``x`` is ``A [x; 1]``.
 
 Methods (per target group, from the roles' source projections ``A_r``, each first brought to the target's head count):
 
@@ -31,14 +31,14 @@ Methods (per target group, from the roles' source projections ``A_r``, each firs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.attention import ROLES, Attention, Sharing
+from qkv_lightning.nn.attention import Attention
+from qkv_lightning.nn.sharing import ROLES, ProjectionLayout
 
 METHODS = ("mean", "keep", "fit")
 """The conversion methods (see the module docstring for their formulas)."""
@@ -46,28 +46,7 @@ METHODS = ("mean", "keep", "fit")
 Method = Literal["mean", "keep", "fit"]
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The public layout of an attention layer's fused projection: its sharing, heads per group and head size."""
-
-    sharing: Sharing
-    n_head: int
-    n_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, attn: Attention) -> Layout:
-        return cls(attn.sharing, attn.n_head, attn.n_kv_heads, attn.head_dim)
-
-    @property
-    def group_heads(self) -> tuple[int, ...]:
-        return self.sharing.group_heads(self.n_head, self.n_kv_heads)
-
-    def heads_of(self, role: str) -> int:
-        return self.group_heads[self.sharing.group_of(role)]
-
-
-def check_reachable(source: Layout, target: Layout) -> None:
+def check_reachable(source: ProjectionLayout, target: ProjectionLayout) -> None:
     """Raise a :class:`ConfigError` if ``target`` cannot be made from ``source``: a target group must be a union of
     source groups (no projection is invented), and every group's head count must divide or be divided by the source
     role's."""
@@ -98,14 +77,12 @@ def check_reachable(source: Layout, target: Layout) -> None:
 def role_projections(attn: Attention) -> dict[str, Tensor]:
     """Each role's augmented projection ``[W | b]``, (heads, D, C + 1), read from the fused ``qkv`` Linear (without
     biases: ``W``, (heads, D, C))."""
-    layout = Layout.of(attn)
+    layout = attn.layout
     weight = attn.qkv.weight.detach()  # (sum of group widths, C)
     bias = attn.qkv.bias
     augmented = weight if bias is None else torch.cat([weight, bias.detach()[:, None]], dim=1)  # (rows, C + 1)
-    widths = [heads * layout.head_dim for heads in layout.group_heads]
-    groups = augmented.split(widths, dim=0)
     return {
-        role: groups[layout.sharing.group_of(role)].reshape(layout.heads_of(role), layout.head_dim, -1)
+        role: augmented[layout.rows(layout.sharing.group_of(role))].reshape(layout.heads_of(role), layout.head_dim, -1)
         for role in ROLES
     }
 
@@ -224,7 +201,7 @@ def convert_attention(
                 "kv_share_every / kv_sources) and depth-factorised roles (attention.depth) are not supported; convert "
                 "a model without them."
             )
-    src, tgt = Layout.of(source), Layout.of(target)
+    src, tgt = source.layout, target.layout
     check_reachable(src, tgt)
     biased = target.qkv.bias is not None
     if gram is not None and not biased:
@@ -276,7 +253,9 @@ def convert_attention(
         per_query = tgt.n_head // q_fold.shape[0]
         fold = q_fold.repeat_interleave(per_query, dim=0).transpose(1, 2)  # (H, D, D)
         groups_out[qg] = fold @ groups_out[qg]
-    fused = torch.cat([g.reshape(-1, g.shape[-1]) for g in groups_out], dim=0)  # (rows, C + 1)
+    fused = groups_out[0].new_empty(tgt.width, groups_out[0].shape[-1])  # (rows, C + 1)
+    for group, part in zip(tgt.groups, groups_out, strict=True):
+        fused[tgt.rows(group)] = part.reshape(-1, part.shape[-1])  # (heads * D, C + 1)
     with torch.no_grad():
         target.qkv.weight.copy_(fused[:, :-1] if biased else fused)
         if biased:

@@ -1,0 +1,106 @@
+"""The official WikiText releases: what each archive holds (URLs, MD5, line and token counts, vocabulary size), and
+the download that fetches and checks one into ``data.data_dir``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from qkv_lightning.data.archives import extract_zip_members, remove_tree
+from qkv_lightning.errors import DataError
+from qkv_lightning.files import temporary_prefix
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OfficialRelease:
+    """What the official archive of a WikiText release holds, to download and to check files against."""
+
+    title: str
+    folder: str
+    urls: tuple[str, ...]
+    md5: str
+    lines: dict[str, int]
+    tokens: dict[str, int]
+    vocab_size: int
+
+
+OFFICIAL = {
+    "wikitext-103": OfficialRelease(
+        title="WikiText-103",
+        folder="wikitext-103",
+        urls=(
+            "https://wikitext.smerity.com/wikitext-103-v1.zip",
+            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
+        ),
+        md5="9ddaacaf6af0710eda8c456decff7832",
+        lines={"wiki.train.tokens": 1801350, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
+        tokens={"wiki.train.tokens": 103227021, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
+        vocab_size=267735,
+    ),
+    "wikitext-2": OfficialRelease(
+        title="WikiText-2",
+        folder="wikitext-2",
+        urls=(
+            "https://wikitext.smerity.com/wikitext-2-v1.zip",
+            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+        ),
+        md5="542ccefacc6c27f945fb54453812b3cd",
+        lines={"wiki.train.tokens": 36718, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
+        tokens={"wiki.train.tokens": 2088628, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
+        vocab_size=33278,
+    ),
+}
+"""The releases: archive URLs (a mirror first, then the original address), the archive's MD5, and the line and
+word-level token counts (one ``<eos>`` per line) of each file, from the WikiText paper (Merity et al., 2016)."""
+
+
+def download_release(release: OfficialRelease, data_dir: Path) -> None:
+    """Fetch the release's archive (trying each URL; torchvision's ``download_url``, with a progress bar), check its
+    MD5 (torchvision's ``calculate_md5``) and extract its three files into ``data_dir`` with the safe extractor.
+
+    Nothing the user has is deleted or replaced: the archive is downloaded into a new scratch folder in ``data_dir``
+    (``tempfile.mkdtemp``, a name no file had), which alone is removed afterwards, and a split file that already
+    exists in ``data_dir`` is kept as it is (only the missing ones are extracted).
+    """
+    from torchvision.datasets.utils import calculate_md5, download_url
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=temporary_prefix(data_dir / release.folder), dir=data_dir))
+    except OSError as error:
+        raise DataError(f"cannot create data.data_dir={data_dir} for the download ({error}).") from error
+    archive = scratch / f"{release.folder}-v1.zip"
+    failures = []
+    try:
+        for url in release.urls:
+            log.info("downloading %s from %s", release.title, url)
+            try:
+                download_url(url, str(scratch), filename=archive.name)
+                break
+            except (OSError, RuntimeError, ValueError) as error:  # URLError, HTTPError, too many redirects
+                archive.unlink(missing_ok=True)  # a partial download, in the scratch folder
+                failures.append(f"{url}: {error}")
+        else:
+            raise DataError(
+                f"could not download {release.title} ({'; '.join(failures)}). Without internet, put the official files "
+                f"{', '.join(release.lines)} into data.data_dir={data_dir} and set data.download: false."
+            )
+        digest = calculate_md5(str(archive))
+        if digest != release.md5:
+            raise DataError(
+                f"the downloaded {release.title} archive has MD5 {digest}, not the official {release.md5}: the "
+                "download is damaged or the mirror serves another file. Try again, or put the official files into "
+                f"{data_dir}."
+            )
+        kept = [name for name in release.lines if os.path.lexists(data_dir / name)]
+        if kept:
+            log.info("keeping the existing %s in %s (not replaced by the archive's)", ", ".join(kept), data_dir)
+        members = {f"{release.folder}/{name}": data_dir / name for name in release.lines if name not in kept}
+        extract_zip_members(archive, members)
+    finally:
+        remove_tree(scratch)  # the folder this call made, with the archive

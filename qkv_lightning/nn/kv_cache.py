@@ -1,0 +1,128 @@
+"""The KV cache of one attention layer for incremental decoding, and how a K=V cache gives rotated keys with RoPE
+(``rope_keys``: rotate on read, keep a rotated copy, or a window of both)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qkv_lightning.errors import ConfigError
+from qkv_lightning.nn.positional import apply_rope, rotate_into
+
+ROPE_KEYS_DEFAULT = "on_read"
+"""How a K=V cache with rotary positions gives rotated keys: see :func:`parse_rope_keys` and the README's
+"bench-decode" section for the measurements behind the default."""
+
+
+def parse_rope_keys(value: str, capacity: int) -> int:
+    """Positions whose rotated keys a K=V cache keeps in a second tensor, from a ``rope_keys`` setting.
+
+    ``on_read`` (0): the cache holds the one un-rotated K=V tensor (half of QKV's cache) and rotates the cached keys
+    as it reads them, at every step, into a workspace shared by all layers. ``copy`` (``capacity``): a rotated copy
+    of every key, as QKV caches them: decoding costs what QKV's does, and the cache is as large as QKV's.
+    ``window:W``: a rotated copy of the first W positions only; the others are rotated on read.
+
+    Raises:
+        ConfigError: naming ``rope_keys`` and the allowed values.
+    """
+    text = str(value).strip().lower()
+    if text == "on_read":
+        return 0
+    if text == "copy":
+        return capacity
+    if text.startswith("window:") and text[7:].isdigit() and int(text[7:]) > 0:
+        return min(int(text[7:]), capacity)
+    raise ConfigError(
+        f"rope_keys={value!r} is not a K=V cache scheme: use on_read (rotate cached keys when read; half the cache), "
+        "copy (a rotated copy of every key; QKV's cache size and speed) or window:W (a rotated copy of the first W "
+        "positions, e.g. window:1024)."
+    )
+
+
+class KVCache:
+    """Cache of one attention layer for incremental decoding; stores each distinct K/V tensor once.
+
+    Args:
+        n_tensors: distinct tensors to store (1 when K and V share a projection, else 2).
+        batch_size: batch size of the decoding run.
+        n_kv_heads: heads per stored tensor.
+        capacity: the most tokens it can hold.
+        head_dim: size of one head.
+        dtype: dtype of the stored tensors.
+        device: where to allocate them.
+        rotated: positions (from 0) whose rotated keys are also kept, for K=V with RoPE (see
+            :func:`parse_rope_keys`); 0 keeps none.
+        workspace: a list shared by the caches of all layers, holding the one tensor into which keys are rotated
+            on read (allocated on first use); None gives this cache its own.
+    """
+
+    def __init__(
+        self,
+        n_tensors: int,
+        batch_size: int,
+        n_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        rotated: int = 0,
+        workspace: list[Tensor] | None = None,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, capacity, head_dim)
+        self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_tensors)]
+        self.rotated = (
+            torch.zeros((batch_size, n_kv_heads, rotated, head_dim), dtype=dtype, device=device) if rotated else None
+        )
+        self.workspace = [] if workspace is None else workspace
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, new: list[Tensor]) -> list[Tensor]:
+        """Append ``new`` tensors, each (B, H_kv, T, D), and return the whole sequences, each (B, H_kv, L+T, D)."""
+        t_new = new[0].shape[2]
+        end = self.length + t_new
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} tokens exceed its capacity of {self.capacity}")
+        for buffer, tensor in zip(self.buffers, new, strict=True):
+            buffer[:, :, self.length : end] = tensor
+        self.length = end
+        return [buffer[:, :, :end] for buffer in self.buffers]
+
+    def rotated_keys(self, kv: Tensor, rope: tuple[Tensor, Tensor], start: int) -> Tensor:
+        """Rotated keys (B, H_kv, L, D) of the un-rotated K=V sequence ``kv`` (B, H_kv, L, D) just returned by
+        :meth:`update`, whose positions from ``start`` on are new; ``rope``: tables (L, D) for positions 0 .. L-1.
+
+        Keys of the rotated copy's positions are rotated once, when they arrive; the others at every call, into the
+        shared workspace when no gradient is needed (no cache-sized temporaries), else with :func:`apply_rope`.
+        """
+        cos, sin = rope
+        end, kept = kv.shape[2], 0 if self.rotated is None else self.rotated.shape[2]
+        if kept:
+            upto = min(end, kept)
+            if start < upto:
+                self.rotated[:, :, start:upto] = apply_rope(kv[:, :, start:upto], cos[start:upto], sin[start:upto])
+            if end <= kept:
+                return self.rotated[:, :, :end]
+        if torch.is_grad_enabled() and kv.requires_grad:
+            rest = apply_rope(kv[:, :, kept:], cos[kept:], sin[kept:])
+            return rest if not kept else torch.cat([self.rotated, rest], dim=2)
+        out = self._workspace(kv)[:, :, :end]  # (B, H_kv, L, D)
+        if kept:
+            out[:, :, :kept] = self.rotated
+        rotate_into(kv[:, :, kept:], cos[kept:], sin[kept:], out[:, :, kept:])
+        return out
+
+    def _workspace(self, like: Tensor) -> Tensor:
+        shape = (*like.shape[:2], self.capacity, like.shape[3])
+        ws = self.workspace
+        fits = ws and ws[0].shape == shape and ws[0].dtype == like.dtype and ws[0].device == like.device
+        if not fits or ws[0].is_inference() != torch.is_inference_mode_enabled():
+            ws[:] = [torch.empty(shape, dtype=like.dtype, device=like.device)]
+        return ws[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors (the rotated copy included; not the workspace shared by all layers)."""
+        tensors = self.buffers + ([] if self.rotated is None else [self.rotated])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
