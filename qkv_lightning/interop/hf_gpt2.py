@@ -69,58 +69,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
         if not _is_int(config.get(name)) or config[name] < 1:
             raise ConfigError(f"{path}: {name}={config.get(name)!r} must be a positive integer.")
-    check_values(config, path)
     return config
-
-
-NUMBERS: dict[str, tuple[float, float, bool, str]] = {
-    "layer_norm_epsilon": (0.0, 1.0, False, "a LayerNorm epsilon is a small positive number (GPT-2: 1e-05)"),
-    "resid_pdrop": (0.0, 1.0, True, "a dropout rate lies in [0, 1)"),
-    "embd_pdrop": (0.0, 1.0, True, "a dropout rate lies in [0, 1)"),
-    "attn_pdrop": (0.0, 1.0, True, "a dropout rate lies in [0, 1)"),
-    "initializer_range": (0.0, math.inf, True, "a standard deviation is finite and >= 0"),
-}
-"""``config.json`` fields read as numbers: (low, high, low included, what the value must be); high is excluded."""
-
-FLAGS = ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
-"""``config.json`` fields read as true/false (a string such as "false" would otherwise count as true)."""
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_values(config: dict[str, Any], path: Path | str) -> None:
-    """Every other field of ``config.json`` that the import reads holds a value of its type and range: numbers finite
-    (JSON's ``NaN`` / ``Infinity`` refused) and within their range, flags true or false, ``n_inner`` a positive
-    integer or null, and no ``quantization_config`` (the weights must be plain floats).
-
-    Raises:
-        ConfigError: naming the field and the value.
-    """
-    for name, (low, high, low_included, what) in NUMBERS.items():
-        if name not in config:
-            continue
-        value = config[name]
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or not math.isfinite(value) or not (low <= value if low_included else low < value) or (
-            value >= high
-        ):
-            raise ConfigError(f"{path}: {name}={value!r} cannot be imported: {what}.")
-    for name in FLAGS:
-        if name in config and not isinstance(config[name], bool):
-            raise ConfigError(f"{path}: {name}={config[name]!r} must be true or false.")
-    n_inner = config.get("n_inner")
-    if n_inner is not None and (not _is_int(n_inner) or n_inner < 1):
-        raise ConfigError(f"{path}: n_inner={n_inner!r} must be a positive integer or null (4 x n_embd).")
-    if not isinstance(config.get("activation_function", "gelu_new"), str):
-        raise ConfigError(f"{path}: activation_function={config['activation_function']!r} must be a name.")
-    if config.get("quantization_config") is not None:
-        raise ConfigError(
-            f"{path}: quantization_config={config['quantization_config']!r}: the model's weights are quantized, and "
-            "only plain floating-point "
-            "GPT-2 weights can be imported; save the unquantized model (save_pretrained of the float model)."
-        )
 
 
 def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -135,12 +88,15 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
     def refuse(field: str, why: str) -> None:
         raise ConfigError(f"{source}: {field}={config.get(field)!r} cannot be imported: {why}")
 
-    def number(field: str, default: float, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    def number(
+        field: str, default: float, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+    ) -> float:
         value = config.get(field, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             refuse(field, "it must be a finite number.")
-        if not (low < value if low_open else low <= value) or value > high:
-            refuse(field, f"it must lie in {'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}.")
+        if not (low < value if low_open else low <= value) or not (value < high if high_open else value <= high):
+            closing = ")" if high_open or high == math.inf else "]"
+            refuse(field, f"it must lie in {'(' if low_open else '['}{low}, {high}{closing}.")
         return float(value)
 
     if config.get("quantization_config") is not None:
@@ -165,7 +121,7 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
         "d_model": config["n_embd"],
         "d_mlp": config.get("n_inner") or None,
         "bias": True,
-        "dropout": number("resid_pdrop", 0.1, 0.0, 1.0),
+        "dropout": number("resid_pdrop", 0.1, 0.0, 1.0, high_open=True),
         "norm_eps": number("layer_norm_epsilon", 1e-5, 0.0, low_open=True),
         "init_std": number("initializer_range", 0.02, 0.0),
         "max_seq_len": config["n_positions"],
@@ -174,7 +130,7 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
         "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "output": "linear",
     }
-    embd_pdrop = number("embd_pdrop", 0.1, 0.0, 1.0)
+    embd_pdrop = number("embd_pdrop", 0.1, 0.0, 1.0, high_open=True)
     if embd_pdrop != network["dropout"] and "embedding_dropout" in {f.name for f in fields(GPTConfig)}:
         network["embedding_dropout"] = embd_pdrop
     activation = config.get("activation_function", "gelu_new")
@@ -187,7 +143,7 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
     else:
         refuse("activation_function", f"our MLP's activation is the GELU ({', '.join(TANH_GELU)}"
                f"{' or gelu' if field else ''}).")
-    attention = {"sharing": "QKV", "n_kv_heads": None, "dropout": number("attn_pdrop", 0.1, 0.0, 1.0)}
+    attention = {"sharing": "QKV", "n_kv_heads": None, "dropout": number("attn_pdrop", 0.1, 0.0, 1.0, high_open=True)}
     return network, attention
 
 
