@@ -144,20 +144,20 @@ EVERY_RUN = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--traine
              "--trainer.limit_test_batches", "1", *QUIET]
 """One optimiser step on one CPU device; a validation of one batch (the sanity check before training)."""
 
+
+def tiny_gpt(n_head: int, *extra: str) -> list[str]:
+    """A GPT of one layer, width 64, MLP 128, on 16-token windows; ``n_head`` heads (the paper configs' K/V-head
+    variants, 4 and 8 K/V heads, need as many)."""
+    return ["--model.network.n_layer", "1", "--model.network.d_model", "64", "--model.network.n_head", str(n_head),
+            "--model.network.d_mlp", "128", "--model.network.max_seq_len", "16", "--data.seq_len", "16", *extra]
+
+
 SHRINK: dict[str, list[str]] = {
     # config: the settings that make a GPU-sized config fit a CPU step (the data's sizes are DATA's)
-    "lm/gpt2-300m.yaml": ["--model.network.n_layer", "1", "--model.network.d_model", "64", "--model.network.n_head",
-                          "2", "--model.network.d_mlp", "128", "--model.network.max_seq_len", "16",
-                          "--data.seq_len", "16", "--trainer.accumulate_grad_batches", "1"],
-    "lm/gpt2-1.2b.yaml": ["--model.network.n_layer", "1", "--model.network.d_model", "64", "--model.network.n_head",
-                          "2", "--model.network.d_mlp", "128", "--model.network.max_seq_len", "16",
-                          "--data.seq_len", "16", "--trainer.accumulate_grad_batches", "1"],
-    "lm/paper-300m.yaml": ["--model.network.n_layer", "1", "--model.network.d_model", "64", "--model.network.n_head",
-                           "4", "--model.network.d_mlp", "128", "--model.network.max_seq_len", "16",
-                           "--data.seq_len", "16", "--global_batch_tokens", "32"],
-    "lm/paper-1.2b.yaml": ["--model.network.n_layer", "1", "--model.network.d_model", "64", "--model.network.n_head",
-                           "8", "--model.network.d_mlp", "128", "--model.network.max_seq_len", "16",
-                           "--data.seq_len", "16", "--global_batch_tokens", "32"],
+    "lm/gpt2-300m.yaml": tiny_gpt(2, "--trainer.accumulate_grad_batches", "1"),
+    "lm/gpt2-1.2b.yaml": tiny_gpt(2, "--trainer.accumulate_grad_batches", "1"),
+    "lm/paper-300m.yaml": tiny_gpt(4, "--global_batch_tokens", "32"),
+    "lm/paper-1.2b.yaml": tiny_gpt(8, "--global_batch_tokens", "32"),
     "lm/wikitext103.yaml": ["--model.network.n_layer", "1", "--model.network.d_model", "32",
                             "--model.network.max_seq_len", "16", "--data.seq_len", "16",
                             "--model.network.adaptive_cutoffs", "[20, 40]", "--trainer.precision", "32-true"],
