@@ -39,7 +39,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "bench-attention": ("qkv_lightning.bench.attention:main", "the attention core against timm and torch's MHA"),
     "bench-decode": ("qkv_lightning.bench.decode:main", "prefill and KV-cached decoding of every variant of an LM"),
     "configs": ("qkv_lightning.config_files:main", "list the shipped configs, as qkv:NAME for --config"),
-    "consolidate": ("qkv_lightning.checkpoints:main", "one checkpoint file from a sharded (FSDP) checkpoint folder"),
+    "consolidate": ("qkv_lightning.checkpoints.consolidate:main", "one file from a sharded checkpoint folder"),
     "convert": ("qkv_lightning.uptrain.convert:main", "turn a trained checkpoint into another attention variant"),
     "evaluate": ("qkv_lightning.evaluate:main", "downstream tasks of a language model through lm-eval-harness"),
     "export": ("qkv_lightning.export:main", "a GPT as graphs with an explicit KV cache, or as a GPT-2 folder"),

@@ -71,17 +71,22 @@ GPT_OPTIONS = {
     "score-rope": {"position": "rope", "score_encoding": True},
     "no-positions-default-mlp": {"position": "none", "d_mlp": None, "score_encoding": True},
     "paper-rope": {"position": "rope", "score_encoding": "paper"},
+    "partial-rope": {"position": "rope", "rope_fraction": 0.5},
+    "rope-key": {"position": "rope", "rope_key_dim": 4},
+    "rope-key-no-bias": {"position": "rope", "rope_key_dim": 6, "bias": False},
 }
+ATTENTION_OPTIONS = ("score_encoding", "rope_fraction", "rope_key_dim")
+"""Options of GPT_OPTIONS that are attention settings."""
 
 
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
 @pytest.mark.parametrize("option", list(GPT_OPTIONS))
 def test_gpt_closed_form_matches_the_built_model(variant, n_kv, option):
     options = dict(GPT_OPTIONS[option])
-    score = options.pop("score_encoding", False)
+    settings = {key: options.pop(key) for key in ATTENTION_OPTIONS if key in options}
     config = GPTConfig(**{"n_layer": 2, "n_head": 4, "d_model": 32, "d_mlp": 48, "max_seq_len": 24, "vocab_size": 50,
                           **options})
-    attention = explicit(variant, n_kv, score_encoding=score)
+    attention = explicit(variant, n_kv, **settings)
     torch.manual_seed(0)
     model = GPT(config, attention)
     batch, seq_len = 3, 12

@@ -26,6 +26,7 @@ from qkv_lightning.checkpoints import (
     recover_interrupted_swap,
 )
 from qkv_lightning.cli import main
+from qkv_lightning.errors import CheckpointError
 from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.loggers import DeferredSummaryWriter
 from tests.run_fixtures import synthetic_args
@@ -50,7 +51,7 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_whole(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left"):  # one paragraph naming the file (cli prints it)
         writer.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
     monkeypatch.undo()
     previous = torch.load(path, weights_only=True)
@@ -62,7 +63,7 @@ def test_stale_temporary_cleanup_never_deletes_a_temporary_file_of_a_live_proces
     """A save first deletes the ``.checkpoint-<host>-<pid>-*.tmp`` files of writers that were killed, and only those:
     a file of a live process (another run saving into the same folder, this process itself) or of another host
     (whose processes cannot be checked from here) is kept. The host name has dashes, as cluster node names do."""
-    monkeypatch.setattr("qkv_lightning.checkpoints.socket.gethostname", lambda: "gpu-node-07")
+    monkeypatch.setattr("qkv_lightning.checkpoints.write.socket.gethostname", lambda: "gpu-node-07")
     folder = tmp_path / "ckpt"
     folder.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

@@ -391,7 +391,10 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
     content = run.PluginTagToContent("hparams")
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["variant"].string_value == "Q=K=V" and start.hparams["seed"].number_value == 1
-    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    study_run = EventAccumulator(str(out / "summary"))  # the one experiment of the study is in its own run
+    study_run.Reload()
+    study_content = study_run.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(study_content[metadata.EXPERIMENT_TAG])
     assert {m.name.tag for m in experiment.metric_infos} >= {"test/acc", "val/acc"}
     assert run.Scalars("test/acc")[-1].value == pytest.approx(float(ok["Q=K=V", "1"]["test/acc"]))
     assert not list((out / "runs").rglob("*.ckpt"))

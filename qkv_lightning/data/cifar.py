@@ -293,12 +293,3 @@ class CIFAR100DataModule(CIFAR10DataModule):
     layout = CIFAR100_LAYOUT
     num_classes = 100
     stats = "cifar100"
-
-    def __init__(
-        self,
-        root: str = "data",
-        augment: Augmentation = Augmentation(crop="pad_crop"),
-        verify_md5: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(root=root, augment=augment, verify_md5=verify_md5, **kwargs)

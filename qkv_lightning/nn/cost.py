@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qkv_lightning.nn.attention_config import AttentionConfig
+from qkv_lightning.nn.positional import rotary_dims
 from qkv_lightning.nn.sharing import ProjectionLayout, Sharing
 
 
@@ -38,6 +39,11 @@ class AttentionShape:
     """Factors of each group's projection (depth factorisation; empty: one matrix each)."""
     role_norms: tuple[str, ...] = ()
     """The per-role norms of the layer (``rms`` or ``layer``, one per role that has one)."""
+    rope_fraction: float = 1.0
+    """Partial rotary: the fraction of each head's dimensions rotated (what a K=V cache's rotated copy keeps)."""
+    rope_key_dim: int = 0
+    """A decoupled rotary key's size: ``(n_head + 1) * rope_key_dim`` more projected features, as many more per query
+    head in the scores, and ``rope_key_dim`` more cached values per token (0: none)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sharing, Sharing):
@@ -46,6 +52,11 @@ class AttentionShape:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each key head that rotary positions rotate (0 with a decoupled rotary key)."""
+        return 0 if self.rope_key_dim else rotary_dims(self.head_dim, self.rope_fraction)
 
     @property
     def kv_heads(self) -> int:
@@ -95,20 +106,27 @@ class AttentionShape:
             owns_kv,
             (depths[:1] if not owns_kv else depths) if any(n > 1 for n in depths) else (),
             tuple(kind for kind in norms if kind != "none"),
+            attention.rope_fraction,
+            attention.rope_key_dim,
         )
+
+    @property
+    def rope_width(self) -> int:
+        """Output features of the decoupled rotary projection: each query head's rotary part and the shared key."""
+        return (self.n_head + 1) * self.rope_key_dim
 
 
 def attention_params(shape: AttentionShape, fused: bool = False) -> int:
     """Parameters of one attention layer: fused projection, output projection, the optional score encoding and
     per-role norms, and (unless ``fused``: after :meth:`Attention.fuse`, at inference) the depth factors."""
     inner = shape.n_head * shape.head_dim
-    params = shape.d_model * shape.projection_width + inner * shape.d_model
+    params = shape.d_model * (shape.projection_width + shape.rope_width) + inner * shape.d_model
     if not fused:
         params += sum(w * w + (w if shape.bias else 0) for w in shape.factor_widths)
     for kind in shape.role_norms:
         params += shape.head_dim * (2 if kind == "layer" and shape.bias else 1)
     if shape.bias:
-        params += shape.projection_width + shape.d_model
+        params += shape.projection_width + shape.rope_width + shape.d_model
     if shape.score_encoding_frequencies:
         params += (6 * shape.score_encoding_frequencies + 1) * shape.n_head
     if shape.score_encoding_channels:  # the paper's w (m values) and b, shared by the heads
@@ -132,13 +150,15 @@ def attention_forward_flops(
     """Forward FLOPs of one attention layer for ``t_q`` queries over ``t_k`` keys, per sequence.
 
     Projections (fused input and output) cost 2 * T_q * d_in * d_out; scores and the weighted sum each
-    2 * pairs * n_head * head_dim (see :func:`attended_pairs`). The score encoding is counted separately
+    2 * pairs * n_head * head_dim (see :func:`attended_pairs`); a decoupled rotary key adds its projection and
+    2 * pairs * n_head * rope_key_dim to the scores. The score encoding is counted separately
     (:func:`score_encoding_flops`).
     """
     inner = shape.n_head * shape.head_dim
-    projections = 2 * t_q * shape.d_model * (shape.projection_width + inner)
+    projections = 2 * t_q * shape.d_model * (shape.projection_width + shape.rope_width + inner)
     projections += sum(2 * t_q * w * w for w in shape.factor_widths)  # depth factors (training form)
-    return projections + 2 * 2 * attended_pairs(t_q, t_k, causal, count_masked) * inner
+    pairs = attended_pairs(t_q, t_k, causal, count_masked)
+    return projections + 2 * pairs * (2 * inner + shape.n_head * shape.rope_key_dim)
 
 
 def score_encoding_flops(shape: AttentionShape, t_q: int, t_k: int) -> int:
@@ -153,12 +173,21 @@ def score_encoding_flops(shape: AttentionShape, t_q: int, t_k: int) -> int:
     return 2 * t_q * t_k * 6 * shape.score_encoding_frequencies * shape.n_head
 
 
-def kv_cache_bytes_per_token(shape: AttentionShape, bytes_per_element: int = 2, tensors: float | None = None) -> int:
-    """KV-cache bytes one token adds to one layer: ``shape.cached_tensors`` tensors (or ``tensors``, e.g. with a K=V
-    cache's rotated copy; a fraction gives a fraction of a byte) of ``kv_heads * head_dim`` elements. The one
-    KV-bytes formula: accounting, the static decoder and the benchmarks use it."""
+def kv_cache_bytes_per_token(
+    shape: AttentionShape, bytes_per_element: int = 2, tensors: float | None = None, copied: float = 0.0
+) -> int:
+    """KV-cache bytes one token adds to one layer: ``shape.cached_tensors`` tensors (or ``tensors``) of
+    ``kv_heads * head_dim`` elements, the decoupled rotary key's ``rope_key_dim`` elements, and for a K=V layer with
+    rotary keys the rotated copy (``kv_heads * rotary_dims`` elements) of the fraction ``copied`` of the positions
+    (``rope_keys``: 1 for copy, W/capacity for window:W; a fraction gives a fraction of a byte). The one KV-bytes
+    formula: accounting, the static decoder and the benchmarks use it."""
     count = shape.cached_tensors if tensors is None else tensors
-    return count * shape.kv_heads * shape.head_dim * bytes_per_element
+    elements = count * shape.kv_heads * shape.head_dim
+    if shape.owns_kv:
+        elements += shape.rope_key_dim
+        if shape.layout.cached_tensors == 1:  # K=V: the rotated copy of the rotated dimensions
+            elements += copied * shape.kv_heads * shape.rotary_dims
+    return elements * bytes_per_element
 
 
 def norm_params(d_model: int, bias: bool) -> int:

@@ -100,7 +100,8 @@ class SequenceEncoder(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         if self.position is not None:
             x = x + self.position(positions)  # (T, C) broadcast over the batch
-        rope = self.config.rope(t, idx.device, self.embed.weight.dtype)  # (T, D) each, or None
+        dims = self.trunk.attention.rotary_dims(self.config.head_dim) if self.config.position == "rope" else None
+        rope = self.config.rope(t, idx.device, self.embed.weight.dtype, dims)  # (T, R) each, or None
         hidden, maps = self.trunk(self.dropout(x), rope, None, need_weights)  # (B, T, C)
         # Not self.head(hidden): a biased Linear on (B, T, C) returns a view of its 2-D product, which FSDP2's
         # pre-backward hook cannot follow through an in-place op (torch warns). matmul + bias is a fresh tensor, the

@@ -111,6 +111,8 @@ class GPT(nn.Module):
         embedding_dropout = config.dropout if config.embedding_dropout is None else config.embedding_dropout
         self.dropout = nn.Dropout(embedding_dropout)  # on the embeddings; the blocks' residual dropout is their own
         self.trunk = Trunk.from_config(config, attention, causal=True)
+        self.rope_dims = attention.rotary_dims(config.head_dim) if config.position == "rope" else None
+        """Width of the rotary tables (partial rotary, a decoupled rotary key), or None without rotary positions."""
         if config.output == "adaptive":
             cutoffs = [c for c in config.adaptive_cutoffs if c < config.vocab_size]
             if not cutoffs:
@@ -143,7 +145,7 @@ class GPT(nn.Module):
 
     def rope(self, length: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """RoPE tables for positions 0 .. length-1, or None without rotary positions."""
-        return self.config.rope(length, device, self.embed.weight.dtype)
+        return self.config.rope(length, device, self.embed.weight.dtype, self.rope_dims)
 
     def hidden(
         self, idx: Tensor, caches: list[KVCache] | None = None, need_weights: bool = False

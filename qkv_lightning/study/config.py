@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,10 +269,8 @@ class StudyConfig:
         return len(self.task_paths) > 1 or bool(self.axes)
 
     def axis_names(self) -> dict[str, str]:
-        """Each axis key's short name in labels and columns: its last part (``d_model``), or the whole key where two
-        keys end alike."""
-        last = [key.rsplit(".", 1)[-1] for key in self.axes]
-        return {key: short if last.count(short) == 1 else key for key, short in zip(self.axes, last, strict=True)}
+        """Each axis key's short name in labels and columns (:func:`short_axis_names`)."""
+        return short_axis_names(self.axes)
 
     def resolve_metrics(self, results: list[dict]) -> list[str]:
         """The metrics to summarise: ``metrics``, else the preferred ones among those the finished runs logged."""
@@ -286,6 +285,15 @@ class StudyConfig:
         from qkv_lightning.loggers import lower_is_better
 
         return metric in self.lower_is_better or lower_is_better(metric)
+
+
+def short_axis_names(keys: Iterable[str], taken: Iterable[str] = ()) -> dict[str, str]:
+    """Each axis key's short name: its last part (``d_model``), or the whole key where two keys end alike or the last
+    part is one of the names ``taken`` (another column's)."""
+    keys, taken = list(keys), set(taken)
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    pairs = zip(keys, last, strict=True)
+    return {key: short if last.count(short) == 1 and short not in taken else key for key, short in pairs}
 
 
 def task_label(path: str) -> str:
