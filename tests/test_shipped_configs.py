@@ -341,6 +341,16 @@ def check_record(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the tests
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """A DDP or FSDP2 run in this process leaves torch.distributed's default group initialised; a later test in the
+    same worker would then see a world of one process that is 'distributed' (the loaders' sampler, dcp's
+    single-process path), so it is destroyed after each test."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def test_every_shipped_config_is_run_here():
     """The walk classifies every file, knows the data of every fit config and finds a fit config for every overlay;
     each kind is present, so a walk that finds nothing cannot pass."""
