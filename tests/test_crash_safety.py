@@ -168,11 +168,62 @@ def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good
             assert torch.isfinite(tensor).all() and torch.equal(tensor, saved[f"step={good}.ckpt"]["state_dict"][name])
 
 
-def test_the_guard_turned_off_lets_a_non_finite_step_through(tmp_path):
-    """``--nonfinite.enabled false`` (no per-step device sync): the poisoned gradient reaches the optimiser."""
-    assert main(poisoned(tmp_path, 1, "gradient", "--nonfinite.enabled", "false", every=1, steps=2)) == 0
+def test_the_guard_turned_off_lets_a_non_finite_step_through_and_the_validation_fails_the_run(tmp_path, capsys):
+    """``--nonfinite.enabled false`` (no per-step device sync): the poisoned gradient reaches the optimiser; the
+    validation after step 2 then gives ``val/loss nan`` and the run fails with exit code 2 (issue 26: it printed the
+    NaN as a result and exited 0)."""
+    assert main(poisoned(tmp_path, 1, "gradient", "--nonfinite.enabled", "false", every=1, steps=2)) == 2
+    err = capsys.readouterr().err
+    assert "error: the validation at global step 2 gave non-finite metrics (val/loss nan" in err
+    assert "Traceback" not in err
     weights = checkpoints(tmp_path)["step=2.ckpt"]["state_dict"]
     assert any(not torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_validate_and_test_of_non_finite_weights_fail_instead_of_reporting_nan(tmp_path, capsys):
+    """``validate`` / ``test`` of a checkpoint with one non-finite weight: exit code 2 and an error naming the
+    metrics, instead of a table of ``val/loss nan`` and exit code 0; the same checkpoint with finite weights: 0."""
+    assert main(["fit", *synthetic_args(tmp_path, steps=2, every=2)]) == 0
+    good = checkpoints(tmp_path)["step=2.ckpt"]
+    bad = {**good, "state_dict": {k: v.clone() for k, v in good["state_dict"].items()}}
+    next(iter(bad["state_dict"].values())).view(-1)[0] = math.nan
+    torch.save(bad, tmp_path / "bad.ckpt")
+    good_path = tmp_path / "logs" / "synthetic" / "version_0" / "checkpoints" / "step=2.ckpt"
+    evaluation = synthetic_args(tmp_path, steps=2)
+    capsys.readouterr()
+    for command, stage, what in (("validate", "val", "validation"), ("test", "test", "test")):
+        assert main([command, *evaluation, "--ckpt_path", str(good_path)]) == 0
+        assert main([command, *evaluation, "--ckpt_path", str(tmp_path / "bad.ckpt")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: the {what} at the end gave non-finite metrics ({stage}/loss nan" in err, err[-2000:]
+        assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_exits_non_zero_and_keeps_its_checkpoints(tmp_path):
+    """A real ``python cli.py fit`` sent SIGTERM after its first checkpoints: Lightning stops the loops with a
+    ``SystemExit`` whose code is 0, so the unfinished run exited 0 (issue 26); now 143 (128 + SIGTERM) and one error
+    line, the checkpoints saved before the signal kept."""
+    import signal
+    import time
+
+    from tests.run_fixtures import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "cli.py"), "fit", *synthetic_args(tmp_path, steps=100_000, every=1),
+               "--trainer.val_check_interval", "1000"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "logs" / "synthetic" / "version_0" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and len(list(folder.glob("step=*.ckpt"))) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    assert "error: the run was stopped by SIGTERM before it finished" in err and "Traceback" not in err
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert 2 <= last["global_step"] < 100_000
 
 
 def test_a_skipped_step_leaves_weights_and_optimizer_unchanged_and_is_logged(tmp_path):

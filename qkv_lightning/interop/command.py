@@ -18,11 +18,13 @@ Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit|authors
 ``auto`` takes a folder for GPT-2, a torch file holding the authors' ``model_state_dict`` for theirs (by its
 contents), and any other file for timm. Loading is offline, from local files only; nothing read runs
 code. When ``transformers`` (GPT-2) or timm with ``--timm_model`` (ViT) is installed, the written model's logits are
-compared with the source library's on random inputs and the largest difference is printed.
+compared with the source library's on random inputs and the largest difference is printed; a difference that is not a
+finite number fails the import, and nothing is written.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import Literal
 import jsonargparse
 
 from qkv_lightning.command_line import command_parser, parse
-from qkv_lightning.errors import ConfigError
+from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.interop.common import check_destination, task_checkpoint, write_checkpoint
 
 
@@ -100,6 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         task, source = import_vit(src, args.n_head, args.timm_model)
         difference = check_with_timm(args.timm_model, src, task.network)
         library = f"timm's {args.timm_model}"
+    if difference is not None and not math.isfinite(difference):
+        raise CheckpointError(
+            f"the model imported from {src} and {library} loaded from the same files give logits that differ by "
+            f"{difference} (not a finite number) on random inputs: one of them computes NaN or infinite values, so "
+            f"the import is wrong; nothing was written to {dst}."
+        )
     source = {**source, "path": str(src.resolve()), "max_abs_logit_diff": difference}
     write_checkpoint(task_checkpoint(task, source), dst)
     n = task.network_config

@@ -134,6 +134,11 @@ class StudyConfig:
     retry_failed: bool = True
     """On re-runs, run failed cells again (finished ones are always skipped)."""
 
+    max_cells: int | None = None
+    """Run at most this many of the pending cells, the first in the grid's order (seeds outermost, then tasks, axis
+    values and variants), and leave the others for a later run; e.g. 1 checks a study config end to end with its
+    first cell (as CI does for every shipped study). None: every pending cell."""
+
     convert_from: str | None = None
     """A trained checkpoint of the task (e.g. a QKV model) that cells start from when their
     ``model.init_args.init_from`` is ``convert:METHOD`` (an axis value: ``convert:mean``, ``convert:keep:V``,
@@ -249,6 +254,8 @@ class StudyConfig:
             if not Path(path).is_file():
                 raise ConfigError(f"study.reference: {path} is not a file; name a results CSV (the authors' per-cell "
                                   "file or a study's results.csv).")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ConfigError(f"study.max_cells={self.max_cells} must be >= 1 (or null: every pending cell).")
         if self.calibration_batches < 1:
             raise ConfigError(f"study.calibration_batches={self.calibration_batches} must be >= 1.")
         converting = any(

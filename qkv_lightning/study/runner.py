@@ -82,6 +82,10 @@ def _run_locked(
     unfinished = len(pending)
     if not config.run:
         pending = []
+    if config.max_cells is not None and len(pending) > config.max_cells:
+        echo(f"study: max_cells={config.max_cells}: running the first {config.max_cells} of {len(pending)} pending "
+             "cells; the others are left for a later run")
+        pending = pending[: config.max_cells]
     board = StudyBoard(config, study_dir, specs, echo)  # <study>/summary/: the study's TensorBoard run
     groups = sorted({cell.group for cell in grid}, key=[cell.group for cell in grid].index)
     shape = f"{len(variants)} variants x {len(config.seeds)} seeds" + (
