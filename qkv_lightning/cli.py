@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qkv_lightning.command_line import command_overview, suggest
 from qkv_lightning.config_files import resolve_config_args
@@ -38,7 +39,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "bench-attention": ("qkv_lightning.bench.attention:main", "the attention core against timm and torch's MHA"),
     "bench-decode": ("qkv_lightning.bench.decode:main", "prefill and KV-cached decoding of every variant of an LM"),
     "configs": ("qkv_lightning.config_files:main", "list the shipped configs, as qkv:NAME for --config"),
-    "consolidate": ("qkv_lightning.checkpoints:main", "one checkpoint file from a sharded (FSDP) checkpoint folder"),
+    "consolidate": ("qkv_lightning.checkpoints.consolidate:main", "one file from a sharded checkpoint folder"),
     "convert": ("qkv_lightning.uptrain.convert:main", "turn a trained checkpoint into another attention variant"),
     "evaluate": ("qkv_lightning.evaluate:main", "downstream tasks of a language model through lm-eval-harness"),
     "export": ("qkv_lightning.export:main", "a GPT as graphs with an explicit KV cache, or as a GPT-2 folder"),
@@ -112,6 +113,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_data_progress()  # tokenizing, caching and downloading print their progress (rank 0 only)
     try:
         return run(args, argv is None)
+    except SIGTERMException:  # Lightning stops the loops on SIGTERM with a SystemExit whose code is None (exit 0)
+        if debug:
+            raise
+        print(
+            "error: the run was stopped by SIGTERM before it finished: it is not complete. The checkpoints saved "
+            "before the signal are kept; resume a fit with --ckpt_path last.",
+            file=sys.stderr,
+        )
+        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except SystemExit as done:  # --help of a command (0); an exit code a command chose
         if isinstance(done.code, str):
             print(done.code, file=sys.stderr)

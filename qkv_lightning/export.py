@@ -11,8 +11,10 @@ Run: ``python cli.py export --ckpt_path logs/.../last.ckpt --out exported/ [--fo
 The cache is one tensor per layer for the K=V variants (Q-K=V, Q=K=V) and two (K, V) for the others, each
 (B, H_kv, capacity, D). Before anything is written, the exported graphs decode ``--check_tokens`` tokens greedily
 from a random prompt and are compared with eager decoding token by token (logits and tokens). Nothing existing is
-overwritten. ``--format onnx`` uses ``torch.onnx.export(dynamo=True)`` when the ``onnx`` and ``onnxscript``
-packages are installed (an optional extra, ``pip install onnx onnxscript``).
+overwritten: the three files are written into a scratch folder and put in place only when all are complete (a
+``kill -9`` leaves none of them under its final name, and the re-run finishes). ``--format onnx`` uses
+``torch.onnx.export(dynamo=True)`` when the ``onnx`` and ``onnxscript`` packages are installed (an optional extra,
+``pip install onnx onnxscript``).
 
 ``--format hf`` writes no graphs: it writes a QKV GPT as a Hugging Face GPT-2 folder (``config.json`` +
 ``model.safetensors``) that ``transformers.GPT2LMHeadModel.from_pretrained`` loads, with the same logits (see
@@ -21,7 +23,7 @@ packages are installed (an optional extra, ``pip install onnx onnxscript``).
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ import torch
 
 from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.files import atomic_write_json, staged_folder
 from qkv_lightning.nn.decoding import PrefillGraph, StaticDecoder, StepGraph
 from qkv_lightning.nn.gpt import GPT
 from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT
@@ -143,23 +146,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--prompt_len {args.prompt_len} + --check_tokens {args.check_tokens} must fit in "
                           f"--capacity {capacity} (and --check_tokens be at least 1).")
     names = ("prefill.onnx", "decode_step.onnx") if args.format == "onnx" else ("prefill.pt2", "decode_step.pt2")
-    existing = [str(out / name) for name in (*names, "export.json") if (out / name).exists()]
+    existing = [str(out / name) for name in (*names, "export.json") if os.path.lexists(out / name)]
     if existing:
-        raise ConfigError(f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is "
-                          "overwritten).")
+        raise ConfigError(f"--out {out} already holds {', '.join(existing)}; pick another folder, or remove them "
+                          "(nothing is overwritten).")
     result = export_graphs(model, capacity, args.prompt_len, args.batch_size, args.rope_keys)
     check = check_exported(model, result["prefill"], result["step"], result["prompt"], args.check_tokens)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.format == "onnx":
-        write_onnx(result, out / names[0], out / names[1])
-    else:
-        torch.export.save(result["prefill"], out / names[0])
-        torch.export.save(result["step"], out / names[1])
     attention = hparams.get("attention") or {}
     manifest = {"checkpoint": str(args.ckpt_path), "format": args.format, "files": list(names),
                 "sharing": attention.get("sharing"), "n_kv_heads": attention.get("n_kv_heads"),
                 "position": model.config.position, **result["layout"], "check": check}
-    (out / "export.json").write_text(json.dumps(manifest, indent=2))
+    with staged_folder(out, last=("export.json",)) as stage:  # all three in place only once all are complete
+        if args.format == "onnx":
+            write_onnx(result, stage / names[0], stage / names[1])
+        else:
+            torch.export.save(result["prefill"], stage / names[0])
+            torch.export.save(result["step"], stage / names[1])
+        atomic_write_json(stage / "export.json", manifest, indent=2)
     per_layer = sorted(set(result["layout"]["tensors_per_layer"]))
     print(f"exported {out / names[0]} and {out / names[1]}: {len(per_layer) and per_layer[0]} cache tensor(s) per "
           f"layer, capacity {capacity}; {check['tokens']} greedy tokens equal eager: {check['tokens_equal']}, "

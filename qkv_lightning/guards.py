@@ -1,7 +1,7 @@
 """Checks of a parsed command that need no data, model or checkpoint, run before anything is written: config files
 that expand past a size limit (YAML alias bombs), trainer settings Lightning would accept silently or fail late on,
-output folders that cannot be written, and where ``validate`` / ``test`` / ``predict`` log (inside the run they
-evaluate, never a new ``version_N``).
+output folders that cannot be written or hold a ``config.yaml`` the tool did not write, and where ``validate`` /
+``test`` / ``predict`` log (inside the run they evaluate, never a new ``version_N``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.files import check_replaceable
+from qkv_lightning.loggers import CONFIG_ADVICE, CONFIG_FILE
 
 MAX_CONFIG_NODES = 100_000
 """A config file may expand to at most this many YAML nodes (aliases counted at every use)."""
@@ -133,10 +135,16 @@ def _loggers(trainer: Any) -> list[Any]:
 
 
 def check_output_folders(config: Any) -> None:
-    """``trainer.default_root_dir`` and every logger's ``save_dir`` must be writable (checked before any work)."""
+    """``trainer.default_root_dir`` and every logger's ``save_dir`` must be writable, and without a logger the
+    ``config.yaml`` the run saves into ``default_root_dir`` (else the working folder) must not replace a file the tool
+    did not write (checked before any work; with a logger, when the stage is set up:
+    :class:`qkv_lightning.loggers.LoggedSaveConfigCallback`)."""
     trainer = config.get("trainer") or {}
     if trainer.get("default_root_dir") and "://" not in str(trainer["default_root_dir"]):
         check_writable_folder(trainer["default_root_dir"], "trainer.default_root_dir")
+    if trainer.get("logger") is False and "://" not in str(trainer.get("default_root_dir") or ""):
+        log_dir = Path(trainer.get("default_root_dir") or os.getcwd()).expanduser()
+        check_replaceable(log_dir / CONFIG_FILE, CONFIG_ADVICE)
     for i, logger in enumerate(_loggers(trainer)):
         init_args = logger.get("init_args") if hasattr(logger, "get") else None
         save_dir = init_args.get("save_dir") if init_args is not None else None

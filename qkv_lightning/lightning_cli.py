@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
+from qkv_lightning.data.loading import use_resuming_fit_loop
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
     SAVE_DIR_NOT_GIVEN,
@@ -299,7 +300,9 @@ class QKVLightningCLI(LightningCLI):
             check_output(self.config[self.subcommand].get("ckpt_path"), self.trainer.world_size)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with an atomic checkpoint writer and TensorBoard event files opened only when first written."""
+        """The trainer, with an atomic checkpoint writer, TensorBoard event files opened only when first written, a
+        fit loop that resumes at an epoch's end exactly (:class:`qkv_lightning.data.loading.ResumingFitLoop`), the
+        model summary's FLOPs from the cost model, and no LearningRateMonitor without a logger."""
         from lightning.pytorch.callbacks import LearningRateMonitor
         from lightning.pytorch.loggers import TensorBoardLogger
         from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -319,6 +322,7 @@ class QKVLightningCLI(LightningCLI):
             ) from error
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        use_resuming_fit_loop(trainer)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
                 logger._experiment = DeferredSummaryWriter(logger)

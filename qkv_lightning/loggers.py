@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from typing import Any
 
 import jsonargparse
@@ -13,6 +14,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
+
+from qkv_lightning.files import NotOwnedError, check_replaceable, write_sealed_text
 
 LOWER_IS_BETTER_WORDS = ("loss", "ppl", "perplexity", "error", "bpc", "nll")
 """Metric names (their last part) containing one of these are better when smaller; others when larger."""
@@ -148,11 +151,24 @@ def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
     return out
 
 
+CONFIG_FILE = "config.yaml"
+"""The name of the config a run saves in its log directory (Lightning's default)."""
+
+CONFIG_ADVICE = "set trainer.default_root_dir (or the logger's save_dir or version) to another folder"
+"""What a run can do when a ``config.yaml`` it did not write stands where it saves its config."""
+
+
 class LoggedSaveConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` in the log directory (overwriting on re-runs) and records the whole config, optimiser
-    included, as hyper-parameters of every logger, once, with the run's metrics: for ``fit`` the final and the best
-    value of every validation metric (``final/val/loss``, ``best/val/loss``: TensorBoard's HParams columns; MLflow
-    and W&B get them as metrics), for ``validate`` and ``test`` their final metrics.
+    """Saves ``config.yaml`` in the log directory and records the whole config, optimiser included, as
+    hyper-parameters of every logger, once, with the run's metrics: for ``fit`` the final and the best value of every
+    validation metric (``final/val/loss``, ``best/val/loss``: TensorBoard's HParams columns; MLflow and W&B get them
+    as metrics), for ``validate`` and ``test`` their final metrics.
+
+    ``config.yaml`` is written atomically under a seal (:func:`qkv_lightning.files.sealed`): a re-run replaces the
+    config an earlier run saved, but never a file the tool did not write there (the user's own ``config.yaml`` in
+    ``trainer.default_root_dir``, or a saved one the user edited); that is refused when the stage is set up, before
+    it runs (and, where the folder is known from the settings, before anything: :func:`qkv_lightning.guards
+    .check_output_folders`).
 
     ``config.yaml`` is written when the stage starts running (first validation, training, test or predict batch
     loop), after data and model setup and checkpoint restoring succeeded, so a command that fails before (bad data, a
@@ -171,10 +187,43 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
         self._params: dict[str, Any] | None = None
         self._history: list[dict[str, float]] = []
         self._logged = False
+        self.check_config_file(trainer)
+
+    def check_config_file(self, trainer: Trainer) -> None:
+        """Refuse, on every rank, a ``config.yaml`` in the log directory that the tool did not write."""
+        if self.already_saved or not self.save_to_log_dir:
+            return
+        path = os.path.join(trainer.log_dir, self.config_filename)  # log_dir broadcasts
+        refusal = None
+        if trainer.is_global_zero and "://" not in path:
+            try:
+                check_replaceable(path, CONFIG_ADVICE)
+            except NotOwnedError as error:
+                refusal = str(error)
+        refusal = trainer.strategy.broadcast(refusal)
+        if refusal:
+            raise NotOwnedError(refusal)
 
     def _save_now(self, trainer: Trainer, pl_module: Any) -> None:
-        if not self.already_saved:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir if self.save_to_log_dir else None  # broadcasts
+        if log_dir is None or "://" in log_dir:  # not saved, or a remote log folder: Lightning's writer
             super().setup(trainer, pl_module, self._stage)
+            return
+        if trainer.is_global_zero:
+            os.makedirs(log_dir, exist_ok=True)
+            write_sealed_text(os.path.join(log_dir, self.config_filename), self.dumped_config(), CONFIG_ADVICE)
+            self.save_config(trainer, pl_module, self._stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def dumped_config(self) -> str:
+        """The config as Lightning saves it (nulls kept)."""
+        try:
+            return self.parser.dump(self.config, skip_unset=False)  # jsonargparse >= 4.49
+        except (TypeError, ValueError):  # an earlier jsonargparse: the old name
+            return self.parser.dump(self.config, skip_none=False)
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         self._save_now(trainer, pl_module)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         from qkv_lightning.checkpoints import recover_interrupted_swap, remove_path
-        from qkv_lightning.files import fsync_dir
+        from qkv_lightning.files import swap_in
 
         path = Path(self.broadcast(str(filepath)))
         staging = path.with_name(path.name + ".partial")
@@ -78,11 +77,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier("fsdp2_save_written")
         if self.global_rank == 0:
             remove_path(retired)
-            if path.exists() or path.is_symlink():
-                os.replace(path, retired)
-            os.replace(staging, path)
-            fsync_dir(path.parent)
-            remove_path(retired)
+            swap_in(staging, path, retired=retired)  # recover_interrupted_swap repairs a crash between its renames
         self.barrier("fsdp2_save_done")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

@@ -29,10 +29,12 @@ __all__ = [  # BREAKERS, NO_BREAKER and parse_breakers: the registry and breaker
     "row_columns",
 ]
 
-STRUCTURE_DEFAULTS: dict[str, Any] = {"layers": None, "kv_share_every": 1, "kv_sources": None, "depth": None}
+STRUCTURE_DEFAULTS: dict[str, Any] = {"layers": None, "kv_share_every": 1, "kv_sources": None, "depth": None,
+                                      "rope_fraction": 1.0, "rope_key_dim": 0}
 """The attention settings of a variant's structure across layers and depth (per-layer schedule, cross-layer K/V
-sharing, depth factorisation), at their defaults. A variant's :meth:`Variant.attention_settings` holds those it
-changes; :meth:`Variant.attention_config` sets all of them."""
+sharing, depth factorisation) and of its rotary keys (partial rotary, a decoupled rotary key), at their defaults.
+A variant's :meth:`Variant.attention_settings` holds those it changes; :meth:`Variant.attention_config` sets all
+of them."""
 
 
 def parse_label(label: str) -> Variant:
@@ -68,10 +70,12 @@ class Variant(VariantLabel):
             (key, VariantLabel(layer.partition, heads(layer), layer.breakers))
             for (key, _), layer in zip(parsed.layers, parsed.schedule, strict=True)
         )
+        rope = {"rope_fraction": parsed.rope_fraction, "rope_key_dim": parsed.rope_key_dim}
         if layers:
-            return cls(parsed.partition, None, (), layers, parsed.kv_share_every, parsed.kv_sources, parsed.depth)
+            return cls(parsed.partition, None, (), layers, parsed.kv_share_every, parsed.kv_sources, parsed.depth,
+                       **rope)
         return cls(parsed.partition, heads(parsed), parsed.breakers, (), parsed.kv_share_every, parsed.kv_sources,
-                   parsed.depth)
+                   parsed.depth, **rope)
 
     def with_settings(self, **settings: Any) -> Variant:
         """The variant with other attention settings, e.g. ``with_settings(score_encoding="paper")``: a breaker's
@@ -99,6 +103,8 @@ class Variant(VariantLabel):
             "kv_share_every": self.kv_share_every,
             "kv_sources": {str(a): b for a, b in self.kv_sources} if self.kv_sources else None,
             "depth": dict(self.depth) if self.depth else None,
+            "rope_fraction": self.rope_fraction,
+            "rope_key_dim": self.rope_key_dim,
         }
 
     def attention_settings(self) -> dict[str, Any]:

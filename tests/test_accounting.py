@@ -71,17 +71,26 @@ GPT_OPTIONS = {
     "score-rope": {"position": "rope", "score_encoding": True},
     "no-positions-default-mlp": {"position": "none", "d_mlp": None, "score_encoding": True},
     "paper-rope": {"position": "rope", "score_encoding": "paper"},
+    "llama": {"norm": "rms", "mlp": "swiglu", "bias": False, "tie_embeddings": False, "position": "rope"},
+    "qwen2-qkv-bias": {"norm": "rms", "mlp": "swiglu", "bias": False, "qkv_bias": True, "position": "rope"},
+    "swiglu-bias-no-qkv-bias": {"mlp": "swiglu", "qkv_bias": False},
+    "partial-rope": {"position": "rope", "rope_fraction": 0.5},
+    "rope-key": {"position": "rope", "rope_key_dim": 4},
+    "rope-key-no-bias": {"position": "rope", "rope_key_dim": 6, "bias": False},
+    "rope-key-qkv-bias": {"position": "rope", "rope_key_dim": 4, "bias": False, "qkv_bias": True, "norm": "rms"},
 }
+ATTENTION_OPTIONS = ("score_encoding", "rope_fraction", "rope_key_dim")
+"""Options of GPT_OPTIONS that are attention settings."""
 
 
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
 @pytest.mark.parametrize("option", list(GPT_OPTIONS))
 def test_gpt_closed_form_matches_the_built_model(variant, n_kv, option):
     options = dict(GPT_OPTIONS[option])
-    score = options.pop("score_encoding", False)
+    settings = {key: options.pop(key) for key in ATTENTION_OPTIONS if key in options}
     config = GPTConfig(**{"n_layer": 2, "n_head": 4, "d_model": 32, "d_mlp": 48, "max_seq_len": 24, "vocab_size": 50,
                           **options})
-    attention = explicit(variant, n_kv, score_encoding=score)
+    attention = explicit(variant, n_kv, **settings)
     torch.manual_seed(0)
     model = GPT(config, attention)
     batch, seq_len = 3, 12
@@ -135,6 +144,7 @@ VIT_OPTIONS = {
     "mean-sincos-no-bias": {"pool": "mean", "position": "sincos", "bias": False},
     "score": {"score_encoding": True, "position": "none"},
     "paper": {"score_encoding": "paper", "position": "none"},
+    "rms-swiglu-qkv-bias": {"norm": "rms", "mlp": "swiglu", "bias": False, "qkv_bias": True},
 }
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -19,18 +20,9 @@ from qkv_lightning.lightning_cli import QKVLightningCLI
 from tests.imagedata import write_cifar10
 from tests.lm_fixtures import write_wikitext
 from tests.run_fixtures import CONFIGS, QUIET, image_args, lm_args, synthetic_args
+from tests.test_shipped_configs import FIT
 
-
-def fit_configs() -> list[Path]:
-    found = []
-    for path in sorted(CONFIGS.rglob("*.yaml")):
-        config = yaml.safe_load(path.read_text()) or {}
-        if isinstance(config, dict) and "class_path" in (config.get("model") or {}) and "data" in config:
-            found.append(path)
-    return found
-
-
-FIT_CONFIGS = fit_configs()
+FIT_CONFIGS = [CONFIGS / name for name in FIT]  # the walk of tests/test_shipped_configs.py
 
 
 def test_the_walk_finds_every_kind_of_fit_config():
@@ -99,6 +91,36 @@ def test_a_config_resumes_from_last_ckpt_through_the_cli(name, tmp_path, monkeyp
     assert main(["fit", *common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
     assert json.loads(record.read_text())["start"] == 2  # resumed at the saved step, not from scratch
     assert list((tmp_path / "logs").rglob("last.ckpt")) == [last]  # into the same run
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_a_max_epochs_run_resumed_twice_across_an_epoch_end_through_the_cli_ends_with_the_same_weights(tmp_path,
+                                                                                                       monkeypatch):
+    """Issue 26, through ``main``: a 3-epoch run (4 steps an epoch) resumed from its step-4 checkpoint (the end of
+    epoch 0), then from that run's step-6 checkpoint, takes 12 steps in all and ends with the uninterrupted run's
+    weights, bit for bit (today's main: 14 steps, epoch 1 replayed; a mid-epoch resume of a ``max_epochs`` run also
+    lost its position, because the task's schedule asks for the step count before the checkpoint is read)."""
+    monkeypatch.chdir(tmp_path)
+
+    def fit(name: str, *extra: str) -> dict:
+        args = [*synthetic_args(tmp_path, name=name, every=1), *QUIET, "--data.init_args.train_size", "32",
+                "--trainer.max_steps", "-1", "--trainer.max_epochs", "3", "--trainer.val_check_interval", "2",
+                "--model.init_args.network.dropout", "0.0", *extra]
+        assert main(["fit", *args]) == 0
+        return {int(p.stem.removeprefix("step=")): p for p in (tmp_path / "logs" / name).rglob("step=*.ckpt")}
+
+    uninterrupted = fit("uninterrupted")
+    once = fit("once", "--ckpt_path", str(uninterrupted[4]))
+    twice = fit("twice", "--ckpt_path", str(once[6]))
+    assert sorted(twice) == [7, 8, 9, 10, 11, 12]
+    for step in (8, 12):
+        expected, found = (torch.load(path[step], weights_only=True) for path in (uninterrupted, twice))
+        assert found["global_step"] == step
+        assert found["loops"]["fit_loop"]["state_dict"] == expected["loops"]["fit_loop"]["state_dict"]
+        assert expected["state_dict"].keys() == found["state_dict"].keys()
+        for key, value in expected["state_dict"].items():
+            assert torch.equal(found["state_dict"][key], value), f"{key} at step {step}"
 
 
 def shipped(config: str, *extra: str) -> list[str]:

@@ -9,10 +9,12 @@ tests/test_distributed.py, next to the uninterrupted runs they are compared with
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from qkv_lightning.checkpoints import (
     recover_interrupted_swap,
 )
 from qkv_lightning.cli import main
+from qkv_lightning.errors import CheckpointError
 from qkv_lightning.lightning_cli import QKVLightningCLI
 from qkv_lightning.loggers import DeferredSummaryWriter
 from tests.run_fixtures import synthetic_args
@@ -50,7 +53,7 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_whole(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left"):  # one paragraph naming the file (cli prints it)
         writer.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
     monkeypatch.undo()
     previous = torch.load(path, weights_only=True)
@@ -62,7 +65,7 @@ def test_stale_temporary_cleanup_never_deletes_a_temporary_file_of_a_live_proces
     """A save first deletes the ``.checkpoint-<host>-<pid>-*.tmp`` files of writers that were killed, and only those:
     a file of a live process (another run saving into the same folder, this process itself) or of another host
     (whose processes cannot be checked from here) is kept. The host name has dashes, as cluster node names do."""
-    monkeypatch.setattr("qkv_lightning.checkpoints.socket.gethostname", lambda: "gpu-node-07")
+    monkeypatch.setattr("qkv_lightning.checkpoints.write.socket.gethostname", lambda: "gpu-node-07")
     folder = tmp_path / "ckpt"
     folder.mkdir()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -165,11 +168,62 @@ def test_a_non_finite_step_stops_the_run_naming_the_step_and_keeps_the_last_good
             assert torch.isfinite(tensor).all() and torch.equal(tensor, saved[f"step={good}.ckpt"]["state_dict"][name])
 
 
-def test_the_guard_turned_off_lets_a_non_finite_step_through(tmp_path):
-    """``--nonfinite.enabled false`` (no per-step device sync): the poisoned gradient reaches the optimiser."""
-    assert main(poisoned(tmp_path, 1, "gradient", "--nonfinite.enabled", "false", every=1, steps=2)) == 0
+def test_the_guard_turned_off_lets_a_non_finite_step_through_and_the_validation_fails_the_run(tmp_path, capsys):
+    """``--nonfinite.enabled false`` (no per-step device sync): the poisoned gradient reaches the optimiser; the
+    validation after step 2 then gives ``val/loss nan`` and the run fails with exit code 2 (issue 26: it printed the
+    NaN as a result and exited 0)."""
+    assert main(poisoned(tmp_path, 1, "gradient", "--nonfinite.enabled", "false", every=1, steps=2)) == 2
+    err = capsys.readouterr().err
+    assert "error: the validation at global step 2 gave non-finite metrics (val/loss nan" in err
+    assert "Traceback" not in err
     weights = checkpoints(tmp_path)["step=2.ckpt"]["state_dict"]
     assert any(not torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_validate_and_test_of_non_finite_weights_fail_instead_of_reporting_nan(tmp_path, capsys):
+    """``validate`` / ``test`` of a checkpoint with one non-finite weight: exit code 2 and an error naming the
+    metrics, instead of a table of ``val/loss nan`` and exit code 0; the same checkpoint with finite weights: 0."""
+    assert main(["fit", *synthetic_args(tmp_path, steps=2, every=2)]) == 0
+    good = checkpoints(tmp_path)["step=2.ckpt"]
+    bad = {**good, "state_dict": {k: v.clone() for k, v in good["state_dict"].items()}}
+    next(iter(bad["state_dict"].values())).view(-1)[0] = math.nan
+    torch.save(bad, tmp_path / "bad.ckpt")
+    good_path = tmp_path / "logs" / "synthetic" / "version_0" / "checkpoints" / "step=2.ckpt"
+    evaluation = synthetic_args(tmp_path, steps=2)
+    capsys.readouterr()
+    for command, stage, what in (("validate", "val", "validation"), ("test", "test", "test")):
+        assert main([command, *evaluation, "--ckpt_path", str(good_path)]) == 0
+        assert main([command, *evaluation, "--ckpt_path", str(tmp_path / "bad.ckpt")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: the {what} at the end gave non-finite metrics ({stage}/loss nan" in err, err[-2000:]
+        assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_exits_non_zero_and_keeps_its_checkpoints(tmp_path):
+    """A real ``python cli.py fit`` sent SIGTERM after its first checkpoints: Lightning stops the loops with a
+    ``SystemExit`` whose code is 0, so the unfinished run exited 0 (issue 26); now 143 (128 + SIGTERM) and one error
+    line, the checkpoints saved before the signal kept."""
+    import signal
+    import time
+
+    from tests.run_fixtures import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "cli.py"), "fit", *synthetic_args(tmp_path, steps=100_000, every=1),
+               "--trainer.val_check_interval", "1000"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "logs" / "synthetic" / "version_0" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and len(list(folder.glob("step=*.ckpt"))) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    assert "error: the run was stopped by SIGTERM before it finished" in err and "Traceback" not in err
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert 2 <= last["global_step"] < 100_000
 
 
 def test_a_skipped_step_leaves_weights_and_optimizer_unchanged_and_is_logged(tmp_path):
@@ -189,3 +243,61 @@ def test_a_skipped_step_leaves_weights_and_optimizer_unchanged_and_is_logged(tmp
     logged = [(e.step, e.value) for e in events.Scalars("train/skipped_steps")]  # the count so far, from step 2
     assert logged[0] == (2, 1.0) and {value for _, value in logged} == {1.0}
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
+
+
+# ------------------------------------------------------------------------------------------- kill -9 during export
+def lm_checkpoint(path: Path) -> Path:
+    """A tiny language model's checkpoint, as fit saves its weights and hyper-parameters."""
+    from qkv_lightning.nn.attention import AttentionConfig
+    from qkv_lightning.nn.gpt import GPTConfig
+    from qkv_lightning.tasks.language_model import LanguageModel
+
+    network = GPTConfig(n_layer=1, n_head=2, d_model=16, d_mlp=32, max_seq_len=16, vocab_size=40, position="rope")
+    task = LanguageModel(network=network, attention=AttentionConfig(sharing="Q-K=V"), data_spec={"vocab_size": 40})
+    task.configure_model()
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, path)
+    return path
+
+
+def entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_exists", [False, True], ids=["new-folder", "existing-folder"])
+def test_kill_9_during_export_leaves_no_partial_file_and_the_rerun_finishes(tmp_path, out_exists):
+    """Two inputs (--out missing, --out an empty folder of the user's): export is killed with SIGKILL as soon as
+    the first file of its output appears (a temporary, or on main the first .pt2 being written). No file lies under a
+    final name unless it is complete, and the re-run finishes: exactly the three outputs, no temporaries left."""
+    from tests.run_fixtures import subprocess_env
+
+    ckpt = lm_checkpoint(tmp_path / "model.ckpt")
+    out = tmp_path / "exported"
+    if out_exists:
+        out.mkdir()
+    args = ["export", "--ckpt_path", str(ckpt), "--out", str(out), "--prompt_len", "4", "--check_tokens", "3"]
+    start = files_under(tmp_path)
+    child = subprocess.Popen([sys.executable, "cli.py", *args], cwd=Path(__file__).resolve().parent.parent,
+                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while child.poll() is None and files_under(tmp_path) == start:
+            time.sleep(0.001)  # the kill must land while the first output is being written
+        child.kill()
+    finally:
+        child.wait()
+    assert child.returncode == -9, "the export finished before anything of its output appeared"
+    finals = ("prefill.pt2", "decode_step.pt2", "export.json")
+    for name in finals:
+        if (out / name).exists():  # only a complete file may lie under a final name
+            if name.endswith(".pt2"):
+                torch.export.load(out / name)
+            else:
+                json.loads((out / name).read_text())
+    assert main(args) == 0
+    assert entries(out) == set(finals)
+    assert json.loads((out / "export.json").read_text())["check"]["tokens_equal"]
+    assert entries(tmp_path) == {"model.ckpt", "exported"}  # no scratch folder left beside it

@@ -25,6 +25,7 @@ from qkv_lightning.bench.decode_memory import (
 from qkv_lightning.cli import main
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import AttentionConfig
+from qkv_lightning.nn.cost import attention_shapes
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT, GPTConfig
 from qkv_lightning.nn.kv_cache import parse_rope_keys
@@ -33,40 +34,86 @@ from qkv_lightning.nn.sharing import CANONICAL_VARIANTS
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(v, None) for v in CANONICAL_VARIANTS] + [("QKV", 2), ("Q-K=V", 1)]
 SCHEMES = ("on_read", "copy", "window:20")
+POSITIONS = ["rope", "rope_rf0.5", "rope_rk4", "learned", "none"]
+"""Positions of the decoding tests: full RoPE, partial rotary (half of each head), a decoupled rotary key of 4
+dimensions, learned absolute positions and none (NoPE)."""
+ROPE_OPTIONS = {"rf": "rope_fraction", "rk": "rope_key_dim"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def layer_shapes(model: GPT) -> tuple[AttentionShape, ...]:
+    c = model.config
+    return attention_shapes(c.d_model, c.n_head, model.trunk.attention, c.bias, c.n_layer)
+
+
 def model_for(variant: str, n_kv: int | None, position: str, max_seq_len: int = 96, **network) -> GPT:
+    """A small double-precision GPT; ``position`` is a network position, ``rope_rf0.5`` (rope_fraction 0.5) or
+    ``rope_rk4`` (rope_key_dim 4)."""
     torch.manual_seed(0)
+    position, _, option = position.partition("_")
+    rope = {ROPE_OPTIONS[option[:2]]: float(option[2:]) if option[:2] == "rf" else int(option[2:])} if option else {}
     attention = AttentionConfig(sharing=variant, n_kv_heads=n_kv, score_encoding=variant == "Q=K-V",
-                                mask_self=variant == "Q=K=V")
+                                mask_self=variant == "Q=K=V", **rope)
     config = GPTConfig(**{**dict(n_layer=2, n_head=4, d_model=32, d_mlp=48, max_seq_len=max_seq_len, vocab_size=50,
                                  init_std=0.3, position=position), **network})
     return GPT(config, attention).double().eval()
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
 def test_long_context_cached_decoding_equals_the_full_forward_pass(variant, n_kv, position):
     model = model_for(variant, n_kv, position)
     tokens = torch.randint(0, 50, (2, 90), generator=torch.Generator().manual_seed(1))
     full = model(tokens)  # (B, T, V)
-    schemes = SCHEMES if model.blocks[0].attn.kv_shared and position == "rope" else ("on_read",)
+    rotates = model.blocks[0].attn.kv_shared and position in ("rope", "rope_rf0.5")  # K=V keys rotated on read
+    schemes = SCHEMES if rotates else ("on_read",)
     with torch.inference_mode():  # the decoding path: keys rotated on read into the shared workspace
         for scheme in schemes:
             caches = model.new_caches(2, 90, rope_keys=scheme)
             steps = [model(tokens[:, :60], caches)] + [model(tokens[:, t : t + 1], caches) for t in range(60, 90)]
             torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10, msg=scheme)
+            copied = {"on_read": 0.0, "copy": 1.0, "window:20": 20 / 90}[scheme] if rotates else 0.0
+            per_token = sum(kv_cache_bytes_per_token(shape, 8, copied=copied) for shape in layer_shapes(model))
+            assert sum(c.nbytes for c in caches) == pytest.approx(2 * 90 * per_token, rel=1e-12)  # closed form
             kept = caches[0].rotated
-            if scheme == "copy":
-                assert kept.shape[2] == 90 and sum(c.nbytes for c in caches) == 2 * sum(
+            if scheme == "copy":  # a rotated copy of the rotated dimensions (half of them with rope_fraction 0.5)
+                copy = 2 if position == "rope" else 1.5
+                assert kept.shape[2] == 90 and sum(c.nbytes for c in caches) == copy * sum(
                     b.numel() * 8 for c in caches for b in c.buffers)
             elif scheme == "window:20":
                 assert kept.shape[2] == 20
             else:
                 assert kept is None
     assert caches[0].length == 90
+
+
+LLAMA_TRUNKS = {
+    "llama": dict(norm="rms", mlp="swiglu", bias=False, tie_embeddings=False, rope_base=500.0),
+    "qwen2": dict(norm="rms", mlp="swiglu", bias=False, qkv_bias=True, rope_base=1e6),
+}
+
+
+@pytest.mark.parametrize("trunk", list(LLAMA_TRUNKS))
+@pytest.mark.parametrize(("variant", "n_kv"), [("QKV", 2), ("QKV", None), ("Q-K=V", 2)])
+def test_llama_style_trunks_decode_with_every_cache_as_their_full_forward_pass(trunk, variant, n_kv):
+    """RMSNorm, SwiGLU, q/k/v-only biases, their own RoPE base, untied head: the dynamic cache (each K=V RoPE scheme)
+    and the static cache give the full forward pass's logits."""
+    model = model_for(variant, n_kv, "rope", **LLAMA_TRUNKS[trunk])
+    assert isinstance(model.blocks[0].norm_mlp, torch.nn.RMSNorm) and model.blocks[0].mlp.gate.bias is None
+    assert (model.blocks[0].attn.qkv.bias is not None) == (trunk == "qwen2") and model.blocks[0].attn.proj.bias is None
+    tokens = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)  # (B, T, V)
+    with torch.inference_mode():
+        for scheme in SCHEMES if model.blocks[0].attn.kv_shared else ("on_read",):
+            caches = model.new_caches(2, 40, rope_keys=scheme)
+            steps = [model(tokens[:, :25], caches)] + [model(tokens[:, t : t + 1], caches) for t in range(25, 40)]
+            torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10, msg=scheme)
+        decoder = StaticDecoder(model, 40)
+        logits, cache = decoder.prefill(tokens[:, :25])
+        for t in range(25, 40):
+            torch.testing.assert_close(logits, full[:, t - 1], rtol=1e-10, atol=1e-10)
+            logits, cache = decoder.step(tokens[:, t : t + 1], torch.tensor([t]), cache)
 
 
 def test_rope_schemes_keep_k_equal_v_caches_at_half_the_bytes_unless_a_copy_is_asked_for():
@@ -82,13 +129,14 @@ def test_rope_schemes_keep_k_equal_v_caches_at_half_the_bytes_unless_a_copy_is_a
         parse_rope_keys("twice", 64)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize(("variant", "n_kv"), CASES)
 def test_static_cache_steps_equal_the_dynamic_cache(variant, n_kv, position):
     model = model_for(variant, n_kv, position)
     prompt = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
     reference = model.generate(prompt, 20, use_cache=False)
-    schemes = ("on_read", "copy") if model.blocks[0].attn.kv_shared and position == "rope" else ("on_read",)
+    rotates = model.blocks[0].attn.kv_shared and position in ("rope", "rope_rf0.5")
+    schemes = ("on_read", "copy") if rotates else ("on_read",)
     with torch.inference_mode():
         for scheme in schemes:
             for workspace in (False, True):
@@ -98,6 +146,9 @@ def test_static_cache_steps_equal_the_dynamic_cache(variant, n_kv, position):
                 eager = model(reference[:, :7], caches)[:, -1]
                 logits, cache = decoder.prefill(reference[:, :7])
                 assert len(cache) == sum(decoder.tensors_per_layer())
+                shapes = [shape for layer in decoder.cache_shapes(2) for shape in layer]
+                assert [tuple(t.shape) for t in cache] == shapes == [tuple(t.shape) for t in decoder.new_cache(2)]
+                assert sum(t.numel() * 8 for t in cache) == decoder.cache_bytes(2)  # closed form = measured
                 for t in range(7, 26):
                     torch.testing.assert_close(logits, eager, rtol=1e-10, atol=1e-10)
                     eager = model(reference[:, t : t + 1], caches)[:, -1]
@@ -150,14 +201,19 @@ def test_compiled_static_step_equals_eager():
 
 
 @pytest.mark.parametrize(("variant", "n_kv", "position", "per_layer"), [("Q-K=V", None, "rope", 1),
-                                                                        ("QKV", 2, "learned", 2)])
+                                                                        ("QKV", 2, "learned", 2),
+                                                                        ("Q-K=V", None, "rope_rf0.5", 1),
+                                                                        ("Q-K=V", 2, "rope_rk4", 2),
+                                                                        ("QKV", None, "rope_rk4", 3)])
 def test_exported_graphs_equal_eager_decoding_token_by_token(variant, n_kv, position, per_layer):
     from qkv_lightning.export import check_exported, export_graphs
 
     model = model_for(variant, n_kv, position).float()
     exported = export_graphs(model, 24, 6, 2)
     assert exported["layout"]["tensors_per_layer"] == [per_layer, per_layer]
-    assert all(shape == [2, n_kv or 4, 24, 8] for shape in exported["layout"]["cache_shapes"])
+    rope_key = [[2, 1, 24, 4]] if position == "rope_rk4" else []  # the decoupled rotary key's cache
+    layer = [[2, n_kv or 4, 24, 8]] * (per_layer - len(rope_key)) + rope_key
+    assert exported["layout"]["cache_shapes"] == layer * 2
     check = check_exported(model, exported["prefill"], exported["step"], exported["prompt"], 12)
     assert check["tokens_equal"] and check["max_abs_logit_diff"] < 1e-4 * max(1.0, check["max_abs_logit"])
     # the decode-step graph takes the cache as inputs and returns it: its outputs are logits plus one per input

@@ -142,6 +142,73 @@ def test_untranslatable_gpt2_settings_and_malformed_folders_are_clear_errors(tmp
     assert "exists already" in error_of(str(tmp_path / "good"), str(tmp_path / "good" / "config.json"))
 
 
+NAN, INF = float("nan"), float("inf")
+BAD_VALUES = [
+    ("layer_norm_epsilon", NAN), ("layer_norm_epsilon", INF), ("layer_norm_epsilon", -1e-5),
+    ("layer_norm_epsilon", 0.0), ("layer_norm_epsilon", "1e-5"), ("layer_norm_epsilon", True),
+    ("resid_pdrop", "abc"), ("resid_pdrop", 1.5), ("resid_pdrop", -0.1), ("resid_pdrop", NAN),
+    ("embd_pdrop", 1.0), ("attn_pdrop", -INF), ("initializer_range", -0.02), ("initializer_range", NAN),
+    ("tie_word_embeddings", "false"), ("scale_attn_weights", 1), ("n_inner", 0), ("n_inner", 2.5),
+    ("n_inner", "64"), ("n_layer", True), ("activation_function", 3),
+    ("quantization_config", {"load_in_8bit": True, "quant_method": "bitsandbytes"}),
+]
+"""config.json values the import must refuse (json.dumps writes NaN / Infinity, as Python's json reads them)."""
+
+
+def gpt2_variant(tmp_path: Path, name: str, config: dict, weights: dict) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    safetensors_torch.save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_gpt2_config_values_of_the_wrong_type_or_out_of_range_are_errors_naming_the_field(tmp_path, plain_argv,
+                                                                                          capsys):
+    """Issue 26: ``layer_norm_epsilon: NaN`` was imported (checkpoint written, 'largest |logit difference| ... nan',
+    exit 0), ``resid_pdrop: "abc"`` and ``quantization_config`` were tracebacks. Each of 22 values is now one error
+    paragraph naming the field, exit code 2, and no checkpoint."""
+    hf_gpt2(tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    weights = safetensors_torch.load_file(str(tmp_path / "good" / "model.safetensors"))
+    for number, (field, value) in enumerate(BAD_VALUES):
+        folder = gpt2_variant(tmp_path, f"bad{number}", {**config, field: value}, weights)
+        capsys.readouterr()
+        assert main(["import", str(folder), str(tmp_path / f"bad{number}.ckpt")]) == 2, (field, value)
+        err = capsys.readouterr().err
+        assert f"config.json: {field}=" in err and "Traceback" not in err, (field, value, err)
+        assert not (tmp_path / f"bad{number}.ckpt").exists()
+    assert main(["import", str(tmp_path / "good"), str(tmp_path / "good.ckpt")]) == 0  # the control
+
+
+def test_gpt2_weights_that_are_not_finite_floats_or_give_non_finite_logits_are_not_imported(tmp_path, plain_argv,
+                                                                                          capsys):
+    """A NaN or infinite weight, or integer (quantized) weights: an error naming the tensor. Finite weights whose
+    logits overflow (an untied head of 3e38s): transformers' and our logits are both infinite, their difference is
+    NaN, and the import fails instead of writing the checkpoint and printing 'nan' with exit code 0."""
+    hf_gpt2(tmp_path / "good", tie_word_embeddings=False)
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    weights = safetensors_torch.load_file(str(tmp_path / "good" / "model.safetensors"))
+    key = "transformer.h.1.mlp.c_fc.weight"
+    for name, tensor, said in (("nan", weights[key].clone().fill_(NAN), "NaN or infinite"),
+                               ("inf", weights[key].clone().index_fill_(0, torch.tensor([3]), INF), "NaN or infinite"),
+                               ("int8", weights[key].to(torch.int8), "torch.int8")):
+        folder = gpt2_variant(tmp_path, name, config, {**weights, key: tensor})
+        capsys.readouterr()
+        assert main(["import", str(folder), str(tmp_path / f"{name}.ckpt")]) == 2
+        err = capsys.readouterr().err
+        assert key in err and said in err and "Traceback" not in err, err
+        assert not (tmp_path / f"{name}.ckpt").exists()
+    huge = torch.full_like(weights["lm_head.weight"], 3e38)
+    huge[::2] = -3e38
+    folder = gpt2_variant(tmp_path, "overflow", config, {**weights, "lm_head.weight": huge})
+    capsys.readouterr()
+    assert main(["import", str(folder), str(tmp_path / "overflow.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "give logits that differ by nan (not a finite number)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "overflow.ckpt").exists()
+
+
 def test_shared_variants_are_not_exported_to_gpt2(tmp_path, plain_argv, capsys):
     from qkv_lightning.interop.common import task_checkpoint, write_checkpoint
     from qkv_lightning.tasks.language_model import LanguageModel

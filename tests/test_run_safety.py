@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -222,3 +223,144 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
     with pytest.raises(Exception, match="expands to more than 100,000 YAML nodes"):
         guarded_yaml_load(bomb)
     assert guarded_yaml_load("a: &x [1, 2]\nb: *x\n") == {"a": [1, 2], "b": [1, 2]}
+
+
+# ----------------------------------------------------------------- issue 26: a user's file is never replaced or deleted
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def users_config(path: Path) -> Path:
+    """The user's own experiment config (a tiny synthetic task, no logger, no checkpoints), with their comments."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# my experiment: keep this file as written\n"
+        "model:\n  class_path: qkv_lightning.tasks.sequence_tasks.SequenceTask\n"
+        "  init_args:\n    network: {n_layer: 1, n_head: 2, d_model: 8, max_seq_len: 8}\n"
+        "    optimizer: {lr: 0.003, warmup_steps: 1}\n"
+        "data:\n  class_path: qkv_lightning.data.synthetic.SyntheticSequenceData\n"
+        "  init_args: {task: sub, seq_len: 4, train_size: 32, val_size: 16, test_size: 16, batch_size: 16}\n"
+        "trainer: {max_steps: 1, max_epochs: -1, accelerator: cpu, devices: 1, enable_checkpointing: false,\n"
+        "          limit_val_batches: 1, num_sanity_val_steps: 0, enable_progress_bar: false,\n"
+        "          enable_model_summary: false}\n"
+    )
+    return path
+
+
+def test_fit_never_replaces_a_config_yaml_it_did_not_write(tmp_path, monkeypatch, capsys):
+    """Five inputs: the user's config.yaml in trainer.default_root_dir (passed as --config, and not), in the working
+    folder with no default_root_dir, in a logger's fixed version folder, and a saved config the user edited. Each is
+    refused with one paragraph naming it, keeping its SHA-256; the tool's own saved config is replaced on a re-run."""
+    monkeypatch.chdir(tmp_path)
+    mine = users_config(tmp_path / "exp" / "config.yaml")
+    other = users_config(tmp_path / "exp2" / "config.yaml")
+    cwd_config = users_config(tmp_path / "config.yaml")
+    logged = users_config(tmp_path / "logs" / "run" / "v" / "config.yaml")
+    no_logger = ["--trainer.logger", "false"]
+    cases = [
+        (["--config", str(mine), *no_logger, "--trainer.default_root_dir", str(tmp_path / "exp")], mine),
+        (["--config", str(cwd_config), *no_logger, "--trainer.default_root_dir", str(tmp_path / "exp2")], other),
+        (["--config", str(mine), *no_logger], cwd_config),
+        (["--config", str(mine), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.logger.init_args.name", "run",
+          "--trainer.logger.init_args.version", "v"], logged),
+    ]
+    for argv, user_file in cases:
+        before = sha256(user_file)
+        capsys.readouterr()
+        assert main(["fit", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert str(user_file) in err and "Traceback" not in err and err.count("error: ") == 1, err[-2000:]
+        assert sha256(user_file) == before, user_file
+    # the tool's own saved config is replaced by a re-run into the same folder; once edited by the user, it is not
+    run = ["fit", "--config", str(mine), *no_logger, "--trainer.default_root_dir", str(tmp_path / "own")]
+    assert main(run) == 0
+    saved = tmp_path / "own" / "config.yaml"
+    assert "max_steps: 1" in saved.read_text()
+    assert main([*run, "--trainer.max_steps", "2"]) == 0
+    assert "max_steps: 2" in saved.read_text()
+    saved.write_text(saved.read_text().replace("max_steps: 2", "max_steps: 3"))
+    before = sha256(saved)
+    capsys.readouterr()
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert str(saved) in err and "Traceback" not in err and err.count("error: ") == 1, err[-2000:]
+    assert sha256(saved) == before
+
+
+def tampered_checkpoint(source: Path, target: Path, generation: dict) -> Path:
+    """``source`` with ``generation`` settings added to its hyper-parameters (what a shared checkpoint could carry)."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["generation"] = generation
+    torch.save(checkpoint, target)
+    return target
+
+
+def test_a_checkpoints_stored_settings_never_choose_the_output_file_or_overwrite(lm_run, monkeypatch, capsys):
+    """Three inputs: a checkpoint naming a user file with overwrite, naming a new file, and granting overwrite of the
+    file the user names. The user's file keeps its SHA-256 and no file the checkpoint names is created."""
+    monkeypatch.chdir(lm_run)
+    ckpt = lm_run / "logs" / "lm" / "version_0" / "checkpoints" / "last.ckpt"
+    user = lm_run / "precious.txt"
+    user.write_text("the user's file\n")
+    before = sha256(user)
+    named = lm_run / "named-by-the-checkpoint.jsonl"
+    with_user_file = tampered_checkpoint(ckpt, lm_run / "t1.ckpt", {"output_file": str(user), "overwrite": True})
+    with_new_file = tampered_checkpoint(ckpt, lm_run / "t2.ckpt", {"output_file": str(named)})
+    with_overwrite = tampered_checkpoint(ckpt, lm_run / "t3.ckpt", {"overwrite": True})
+    for tampered in (with_user_file, with_new_file):
+        args = predict_args(lm_run)
+        args[args.index("--ckpt_path") + 1] = str(tampered)
+        assert main(args) == 0
+        assert sha256(user) == before and not named.exists(), tampered
+    args = predict_args(lm_run, "--model.generation.output_file", str(user))
+    args[args.index("--ckpt_path") + 1] = str(with_overwrite)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert sha256(user) == before
+
+
+def test_a_study_rerun_deletes_no_folder_it_cannot_prove_it_made(tmp_path, capsys):
+    """Three inputs: a finished cell folder replaced by a link to a user's folder, by a link to a user's folder with
+    the link one level up (the variant folder), and by a user's own folder (no link). Each re-run is refused with one
+    paragraph naming the folder; every user file keeps its SHA-256 and nothing is added to the user's folders."""
+    from tests.test_study_safety import study_args, task_config
+
+    task = task_config(tmp_path)
+    out = tmp_path / "study"
+    assert main(study_args(task, out)) == 0
+    cell = out / "runs" / "QKV" / "seed0"
+    assert (cell / "result.json").is_file()
+    user = tmp_path / "user-files"
+    (user / "seed0").mkdir(parents=True)
+    (user / "seed0" / "thesis.tex").write_text("years of work")
+    (user / "seed0" / "data.bin").write_bytes(os.urandom(1000))
+    before = snapshot(user)
+
+    def link_cell() -> None:
+        shutil.rmtree(cell)
+        cell.symlink_to(user / "seed0", target_is_directory=True)
+
+    def link_variant() -> None:
+        variant = cell.parent
+        shutil.rmtree(variant)
+        variant.symlink_to(user, target_is_directory=True)
+
+    def own_folder() -> None:
+        variant = cell.parent
+        variant.unlink()
+        variant.mkdir()
+        shutil.copytree(user / "seed0", cell)
+
+    for damage, where in ((link_cell, user / "seed0"), (link_variant, user / "seed0"), (own_folder, cell)):
+        damage()
+        capsys.readouterr()
+        assert main(study_args(task, out)) == 2, damage.__name__
+        err = capsys.readouterr().err
+        assert str(where) in err and "Traceback" not in err and err.count("error: ") == 1, err[-2000:]
+        assert snapshot(user) == before, damage.__name__
+        assert sorted(p.name for p in (user / "seed0").iterdir()) == ["data.bin", "thesis.tex"]
+    assert snapshot(cell) == snapshot(user / "seed0")  # the copy in the cell folder was not deleted either

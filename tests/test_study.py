@@ -391,7 +391,10 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
     content = run.PluginTagToContent("hparams")
     start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["variant"].string_value == "Q=K=V" and start.hparams["seed"].number_value == 1
-    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    study_run = EventAccumulator(str(out / "summary"))  # the one experiment of the study is in its own run
+    study_run.Reload()
+    study_content = study_run.PluginTagToContent("hparams")
+    experiment = metadata.parse_experiment_plugin_data(study_content[metadata.EXPERIMENT_TAG])
     assert {m.name.tag for m in experiment.metric_infos} >= {"test/acc", "val/acc"}
     assert run.Scalars("test/acc")[-1].value == pytest.approx(float(ok["Q=K=V", "1"]["test/acc"]))
     assert not list((out / "runs").rglob("*.ckpt"))
@@ -411,6 +414,20 @@ def test_study_writes_outputs_resumes_and_survives_a_failing_cell(
     before = {(r["variant"], r["seed"]): r["test/acc"] for r in rows}
     # the redone cell repeats its result exactly (same seed, same data), the others were kept
     assert {(r["variant"], r["seed"]): r["test/acc"] for r in rows_after} == before
+
+    # study.reference: the study's own results.csv as reference pairs its 4 finished runs with themselves (nothing
+    # runs again); a reference that matches no run is a one-paragraph error (exit 2)
+    (tmp_path / "reference.csv").write_text((out / "results.csv").read_text())
+    config, _ = parse_study_args(["--config", str(study_yaml), "--reference", str(tmp_path / "reference.csv")])
+    again = run_study(config, out, echo=lambda line: None)
+    assert again["ran"] == 0 and again["reference"]["matched_runs"] == 4 and len(again["reference"]["rows"]) == 2
+    assert all(row["difference"] == 0 and row["n"] == 2 for row in again["reference"]["rows"])
+    assert "4 of 4 finished runs matched" in (out / "reference.md").read_text()
+    assert "## Against the reference (test/acc)" in (out / "summary.md").read_text()
+    (tmp_path / "other.csv").write_text("variant,task,n_embd,seed,accuracy\nQKV,reverse,32,5,0.5\n")
+    capfd.readouterr()
+    assert cli_main(["study", "--config", str(study_yaml), "--reference", str(tmp_path / "other.csv")]) == 2
+    assert "study.reference: no finished run of this study matches" in capfd.readouterr().err
 
 
 def test_an_impossible_cell_rejects_the_study_before_anything_is_written(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from qkv_lightning.cli import main
+from qkv_lightning.files import make_owned_dir
 from qkv_lightning.study.safety import LOCK, LOCK_OWNER, MARKER, OWNER, STALE_S, identity, process_start_time
 from tests.run_fixtures import snapshot
 
@@ -117,8 +118,7 @@ def test_a_held_lock_is_refused_a_free_one_is_taken_and_a_survivors_cell_is_left
         assert (out / LOCK_OWNER).exists()
 
         owner = {**identity(), "pid": live.pid, "start": process_start_time(live.pid)}
-        cell = out / "runs" / "QKV" / "seed0"
-        cell.mkdir(parents=True)
+        cell = make_owned_dir(out / "runs" / "QKV" / "seed0")  # the killed study made it (and marked it)
         (cell / OWNER).write_text(json.dumps(owner))  # a worker of the killed study, still running this cell
         (cell / "events.out.tfevents.1").write_text("the survivor's events")
         before = snapshot(out)

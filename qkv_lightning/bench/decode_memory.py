@@ -63,12 +63,10 @@ def stored_bytes_per_position(model: GPT, rope_keys: str, capacity: int) -> int:
     c = model.config
     element = model.embed.weight.element_size()
     shapes = attention_shapes(c.d_model, c.n_head, model.trunk.attention, c.bias, c.n_layer)
-    total = 0
-    for block, shape in zip(model.blocks, shapes, strict=True):
-        tensors = shape.cached_tensors  # 0 for a layer that reuses an earlier layer's K/V
-        if block.attn.kv_shared and c.position == "rope" and tensors:
-            tensors += parse_rope_keys(rope_keys, capacity) / capacity  # the rotated copy's share of the positions
-        total += kv_cache_bytes_per_token(shape, element, tensors)
+    copied = parse_rope_keys(rope_keys, capacity) / capacity if c.position == "rope" else 0.0  # the rotated copy's
+    total = 0  # share of the positions (K=V layers that rotate keys: kv_cache_bytes_per_token decides)
+    for shape in shapes:
+        total += kv_cache_bytes_per_token(shape, element, copied=copied)
     return int(total)
 
 

@@ -1,4 +1,5 @@
-"""Stop (or, within a budget, skip) optimiser steps whose loss or gradients are not finite."""
+"""Stop (or, within a budget, skip) optimiser steps whose loss or gradients are not finite, and fail a validation or
+test whose metrics are not finite."""
 
 from __future__ import annotations
 
@@ -29,10 +30,15 @@ class NonFiniteGuard(Callback):
     gradients are dropped so that the optimiser leaves weights and moments untouched; the count is logged as
     ``train/skipped_steps``. Ranks agree on every decision.
 
+    A validation or test whose metrics (``val/*``, ``test/*``) hold a NaN or an infinity fails the same way, in
+    ``fit`` (before a checkpoint of that validation is saved) and in ``validate`` / ``test``: the command prints the
+    error and exits non-zero instead of printing ``val/loss nan`` as a result. That check costs nothing per step and
+    is always on.
+
     Args:
         max_skipped_steps: bad steps that may be skipped before the run stops (0: stop at the first).
         enabled: check every step; the check costs one device synchronisation per step, which on a GPU can stall the
-            queue of kernels (false turns the guard off).
+            queue of kernels (false turns the per-step check off).
     """
 
     def __init__(self, max_skipped_steps: int = 0, enabled: bool = True) -> None:
@@ -80,6 +86,34 @@ class NonFiniteGuard(Callback):
             f"optimizer.warmup_steps, check the data, or allow skipping bad steps with "
             f"--nonfinite.max_skipped_steps N (skipped so far: {self.skipped_steps})."
         )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_metrics(trainer, "val", "validation")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_metrics(trainer, "test", "test")
+
+    def _check_metrics(self, trainer: L.Trainer, stage: str, what: str) -> None:
+        """Raise :class:`NonFiniteError` when a metric of ``stage`` (``val/loss``, ...) is not finite on any rank."""
+        bad = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith(f"{stage}/") and not math.isfinite(float(value))
+        }
+        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return
+        found = ", ".join(f"{name} {value}" for name, value in sorted(bad.items())) or "on another process"
+        if trainer.state.fn == "fit":
+            when = f"global step {trainer.global_step}"
+            if trainer.sanity_checking:
+                when = "the sanity check before training"
+            outcome = ("training stopped and no checkpoint was written from this state; the checkpoints saved before "
+                       "it are kept. Lower optimizer.lr, raise optimizer.warmup_steps, or check the data")
+        else:
+            when = "the end"
+            outcome = ("no result is reported. The checkpoint's weights or the evaluation overflowed: check the "
+                       "checkpoint (--ckpt_path), or evaluate in 32-bit floats (--trainer.precision 32-true)")
+        raise NonFiniteError(f"the {what} at {when} gave non-finite metrics ({found}): {outcome}.")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """No checkpoint of the state that produced the non-finite values, even from ``ModelCheckpoint(

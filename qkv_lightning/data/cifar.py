@@ -24,7 +24,7 @@ from torchvision.datasets.utils import check_integrity, download_url
 from qkv_lightning.data.archives import check_md5, extract_archive, remove_tree
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule, TensorSource
 from qkv_lightning.errors import ConfigError, DataError
-from qkv_lightning.files import follow_umask
+from qkv_lightning.files import follow_umask, swap_in
 
 MAX_CIFAR_BYTES = 1 << 30
 """Cap on what a CIFAR archive may unpack to (the official ones hold about 180 MB)."""
@@ -218,7 +218,7 @@ class CIFAR10DataModule(ImageDataModule):
                 raise DataError(
                     f"{archive} holds no {self.layout.folder}/ folder; it is not the {self.layout.name} python version."
                 )
-            os.replace(inner, target)
+            swap_in(inner, target, replace=False)  # the complete folder, renamed into place
         finally:
             remove_tree(scratch)
 
@@ -293,12 +293,3 @@ class CIFAR100DataModule(CIFAR10DataModule):
     layout = CIFAR100_LAYOUT
     num_classes = 100
     stats = "cifar100"
-
-    def __init__(
-        self,
-        root: str = "data",
-        augment: Augmentation = Augmentation(crop="pad_crop"),
-        verify_md5: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(root=root, augment=augment, verify_md5=verify_md5, **kwargs)

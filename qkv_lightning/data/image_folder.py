@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 from qkv_lightning.data.archives import extract_archive, remove_tree
 from qkv_lightning.data.image_base import Augmentation, ImageDataModule
 from qkv_lightning.errors import ConfigError, DataError
-from qkv_lightning.files import follow_umask
+from qkv_lightning.files import atomic_write_text, follow_umask, swap_in
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 EXTRACTED_MARKER = ".extracted-from"
@@ -76,15 +76,10 @@ def extract_once(archive: str, extract_dir: str) -> str:
             f"cannot create a folder in data.extract_dir={extract_dir} to extract {archive} ({error}); set "
             "data.extract_dir to a writable folder."
         ) from None
-    retired = None
     try:
         extract_archive(archive, scratch)
-        with open(os.path.join(scratch, EXTRACTED_MARKER), "w") as file:
-            file.write(stamp)
-        if os.path.isdir(target):  # an extraction made here of an earlier version of the archive
-            retired = tempfile.mkdtemp(prefix=f".{archive_stem(archive)}-old-", dir=extract_dir)
-            os.replace(target, os.path.join(retired, "old"))
-        os.replace(scratch, target)
+        atomic_write_text(os.path.join(scratch, EXTRACTED_MARKER), stamp)
+        swap_in(scratch, target)  # replaces an extraction made here of an earlier version of the archive
     except OSError as error:
         raise DataError(
             f"cannot extract {archive} into {extract_dir}: {error}. Check the archive (data.root)."
@@ -92,8 +87,6 @@ def extract_once(archive: str, extract_dir: str) -> str:
     finally:
         if os.path.isdir(scratch):
             remove_tree(scratch)
-        if retired is not None:
-            remove_tree(retired)
     return target
 
 

@@ -8,6 +8,12 @@ restarted from a mid-epoch checkpoint continues with the batch an uninterrupted 
 
 tests/test_distributed.py checks against uninterrupted runs, also after ``kill -9``, that the count saved is the
 count trained on (Lightning's training loop does not hold a fetched-ahead batch when it saves).
+
+Lightning applies the saved count only to a loader it builds after reading the checkpoint, and only when its epoch
+counters say the checkpoint's epoch is unfinished, and those counters go wrong when a run is resumed at an epoch's
+end: :class:`ResumingFitLoop` (installed on every trainer the CLI builds, :func:`use_resuming_fit_loop`) corrects
+both, so a run resumed any number of times, from any checkpoint, trains exactly the batches of an uninterrupted run
+(tests/test_loading.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loops.fit_loop import _FitLoop
+from lightning.pytorch.loops.loop import _Loop
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from qkv_lightning.errors import ConfigError, DataError
@@ -179,3 +188,55 @@ def train_loader(
         persistent_workers=num_workers > 0,
         **kwargs,
     )
+
+
+class ResumingFitLoop(_FitLoop):
+    """Lightning's fit loop, resuming at an epoch's end as it resumes mid-epoch: the next epoch starts afresh.
+
+    Lightning (2.6) gets two cases wrong, and the second breaks every later resume of the run:
+
+    - a checkpoint saved after an epoch's last batch by an epoch-end save (``on_train_epoch_end`` or the validation
+      at the epoch's end) of a ``max_steps`` run: Lightning restarts "mid-epoch" with the finished epoch's counters,
+      so it trains one batch of the next epoch and then starts the one after it (batches skipped);
+    - a checkpoint saved at the last batch's ``on_train_batch_end`` (``every_n_train_steps``): Lightning counts the
+      epoch as finished but leaves its restart stage set, so the next epoch runs without being counted as started
+      (nor its ``on_train_epoch_start`` hooks called). Every checkpoint of that epoch then says "epoch not started",
+      and a resume from one of them replays the epoch from its first batch, the saved loader position ignored
+      (17 optimiser steps instead of 15 in tests/test_loading.py).
+
+    And a third that loses the position of every mid-epoch resume of a ``max_epochs`` run: Lightning hands the
+    loader its saved position only when it builds the loader, after the checkpoint is read; the task's
+    ``configure_optimizers`` asks ``trainer.estimated_stepping_batches`` (the schedule's length), which builds the
+    loader before, so the resumed run started its epoch from the first batch.
+
+    Here a checkpoint whose epoch counters say the epoch is finished (ready = started = processed) is resumed as a
+    fresh run of the next epoch, whatever the run's step limit (Lightning does so for ``max_epochs`` runs only); a
+    restart whose bookkeeping finished the epoch starts the next one as a new epoch; and the saved position is
+    handed to a loader built before the checkpoint was read (the loader reads it when its epoch's iteration starts).
+    """
+
+    def setup_data(self) -> None:
+        super().setup_data()
+        self._load_combined_loader_states()  # once, when restarting; a no-op when Lightning has done it
+
+    @_FitLoop.restarting.setter
+    def restarting(self, restarting: bool) -> None:
+        progress = self.epoch_progress.current
+        finished = progress.ready == progress.started == progress.processed
+        _Loop.restarting.fset(self, restarting and not finished)
+
+    def reset(self) -> None:
+        super().reset()
+        progress = self.epoch_progress.current
+        if self.restarted_mid_epoch and progress.ready == progress.processed:  # the epoch's last batch was saved
+            self.reset_restart_stage()  # so on_advance_start counts the next epoch as started and calls its hooks
+
+
+def use_resuming_fit_loop(trainer: Trainer) -> None:
+    """Give ``trainer`` a :class:`ResumingFitLoop` (before it runs), keeping its limits and its epoch loop."""
+    old = trainer.fit_loop
+    if isinstance(old, ResumingFitLoop):
+        return
+    loop = ResumingFitLoop(trainer, min_epochs=old.min_epochs, max_epochs=old.max_epochs)
+    loop.epoch_loop = old.epoch_loop
+    trainer.fit_loop = loop

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
-from qkv_lightning.interop.common import read_safetensors, require
+from qkv_lightning.interop.common import language_data_spec, read_safetensors, require
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -67,9 +67,13 @@ def read_config(folder: Path) -> dict[str, Any]:
     if model_type != "gpt2":
         raise ConfigError(f"{path}: model_type={model_type!r}; only GPT-2 (model_type 'gpt2') can be imported.")
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        if not isinstance(config.get(name), int) or config[name] < 1:
+        if not _is_int(config.get(name)) or config[name] < 1:
             raise ConfigError(f"{path}: {name}={config.get(name)!r} must be a positive integer.")
     return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -84,12 +88,15 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
     def refuse(field: str, why: str) -> None:
         raise ConfigError(f"{source}: {field}={config.get(field)!r} cannot be imported: {why}")
 
-    def number(field: str, default: float, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    def number(
+        field: str, default: float, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+    ) -> float:
         value = config.get(field, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             refuse(field, "it must be a finite number.")
-        if not (low < value if low_open else low <= value) or value > high:
-            refuse(field, f"it must lie in {'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}.")
+        if not (low < value if low_open else low <= value) or not (value < high if high_open else value <= high):
+            closing = ")" if high_open or high == math.inf else "]"
+            refuse(field, f"it must lie in {'(' if low_open else '['}{low}, {high}{closing}.")
         return float(value)
 
     if config.get("quantization_config") is not None:
@@ -114,7 +121,7 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
         "d_model": config["n_embd"],
         "d_mlp": config.get("n_inner") or None,
         "bias": True,
-        "dropout": number("resid_pdrop", 0.1, 0.0, 1.0),
+        "dropout": number("resid_pdrop", 0.1, 0.0, 1.0, high_open=True),
         "norm_eps": number("layer_norm_epsilon", 1e-5, 0.0, low_open=True),
         "init_std": number("initializer_range", 0.02, 0.0),
         "max_seq_len": config["n_positions"],
@@ -123,7 +130,7 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
         "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "output": "linear",
     }
-    embd_pdrop = number("embd_pdrop", 0.1, 0.0, 1.0)
+    embd_pdrop = number("embd_pdrop", 0.1, 0.0, 1.0, high_open=True)
     if embd_pdrop != network["dropout"] and "embedding_dropout" in {f.name for f in fields(GPTConfig)}:
         network["embedding_dropout"] = embd_pdrop
     activation = config.get("activation_function", "gelu_new")
@@ -136,7 +143,7 @@ def our_settings(config: dict[str, Any], source: str = CONFIG_FILE) -> tuple[dic
     else:
         refuse("activation_function", f"our MLP's activation is the GELU ({', '.join(TANH_GELU)}"
                f"{' or gelu' if field else ''}).")
-    attention = {"sharing": "QKV", "n_kv_heads": None, "dropout": number("attn_pdrop", 0.1, 0.0, 1.0)}
+    attention = {"sharing": "QKV", "n_kv_heads": None, "dropout": number("attn_pdrop", 0.1, 0.0, 1.0, high_open=True)}
     return network, attention
 
 
@@ -157,6 +164,10 @@ def to_our_state(weights: dict[str, Tensor], network: dict[str, Any], source: st
         tensor = remaining.pop(key)
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, but config.json implies {shape}.")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: {key} holds {tensor.dtype} values; GPT-2 weights are floating-point.")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: {key} holds NaN or infinite values; the weights are damaged.")
         return tensor
 
     d, v, t = network["d_model"], network["vocab_size"], network["max_seq_len"]
@@ -215,18 +226,7 @@ def import_gpt2(folder: Path, bpe_file: Path | None = None, seq_len: int | None 
     from qkv_lightning.tasks.language_model import LanguageModel
 
     network, attention, state, config = load_folder(folder)
-    data_spec: dict[str, Any] = {"vocab_size": network["vocab_size"], "seq_len": seq_len or network["max_seq_len"]}
-    if bpe_file is not None:
-        from qkv_lightning.data.tokenizers import BPETokenizer
-
-        tokenizer = BPETokenizer.from_ranks_file(bpe_file)
-        if tokenizer.vocab_size > network["vocab_size"]:
-            raise ConfigError(
-                f"--bpe_file {bpe_file} has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                f"{network['vocab_size']}; give the BPE the model was trained with."
-            )
-        data_spec["tokenizer"] = tokenizer.identity
-        data_spec["vocab_size"] = tokenizer.vocab_size
+    data_spec = language_data_spec(network["vocab_size"], seq_len or network["max_seq_len"], bpe_file)
     task = LanguageModel(network=network, attention=attention, data_spec=data_spec)
     task.configure_model()
     task.network.load_state_dict(state, strict=True)

@@ -34,6 +34,15 @@ def role_norm(kind: str, head_dim: int, eps: float, bias: bool) -> nn.Module:
     return nn.Identity()
 
 
+def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a`` (B, H, T, M) times ``b`` (B, H_b, M, N) for each of the H heads of ``a``, head h using ``b``'s head
+    h // (H / H_b) (GQA's pairing; H_b = 1: one matrix for all): (B, H, T, N), without repeating ``b``'s heads."""
+    bsz, h, t, m = a.shape
+    heads = b.shape[1]
+    grouped = a.reshape(bsz, heads, (h // heads) * t, m)  # (B, H_b, G*T, M): the query heads of one b head
+    return (grouped @ b).view(bsz, h, t, b.shape[-1])
+
+
 class Attention(nn.Module):
     """Multi-head attention with projection sharing, GQA/MQA, RoPE, symmetry breakers and a KV cache.
 
@@ -45,13 +54,16 @@ class Attention(nn.Module):
         bias: biases in the fused projection and the output projection.
         reuses_kv: cross-layer sharing: this layer projects only Q and attends with the K/V of an earlier layer
             (passed to :meth:`forward` as ``shared_kv``); it has no K/V projection and no cache of its own.
+        qkv_bias: biases on the fused projection (and its depth factors) apart from ``bias``, which then covers the
+            output projection and the per-role norms (Qwen2: q/k/v biases only); None: as ``bias``.
     """
 
     def __init__(
         self, d_model: int, n_head: int, config: AttentionConfig, causal: bool, bias: bool = True,
-        reuses_kv: bool = False,
+        reuses_kv: bool = False, qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
+        projection_bias = bias if qkv_bias is None else qkv_bias
         if d_model % n_head:
             raise ConfigError(f"d_model={d_model} must be divisible by n_head={n_head}.")
         self.config = config
@@ -77,7 +89,11 @@ class Attention(nn.Module):
         depths = config.group_depths()
 
         # one fused matmul for every group this layer projects
-        self.qkv = nn.Linear(d_model, self.layout.width, bias=bias)
+        self.qkv = nn.Linear(d_model, self.layout.width, bias=projection_bias)
+        self.rope_key_dim = config.rope_key_dim
+        """Dimensions of the decoupled rotary key (0: none)."""
+        if self.rope_key_dim:  # each query head's rotary part (H*R rows), then the one shared rotary key (R rows)
+            self.rope_proj = nn.Linear(d_model, (n_head + 1) * self.rope_key_dim, bias=projection_bias)
         self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
         mode = config.score_encoding  # canonical (AttentionConfig)
         self.score_encoding: PairScoreEncoding | PaperScoreEncoding | None = None
@@ -94,7 +110,7 @@ class Attention(nn.Module):
         """Q and K of one group are the same tensor (no per-role norm tells them apart)."""
         self.factors = nn.ModuleDict(
             {
-                str(g): nn.Sequential(*(nn.Linear(self.group_widths[g], self.group_widths[g], bias=bias)
+                str(g): nn.Sequential(*(nn.Linear(self.group_widths[g], self.group_widths[g], bias=projection_bias)
                                         for _ in range(depths[g] - 1)))
                 for g in self.own_groups
                 if depths[g] > 1
@@ -154,7 +170,8 @@ class Attention(nn.Module):
         """An empty :class:`KVCache` for this layer; ``rope_keys`` (K=V variants with RoPE): see
         :func:`parse_rope_keys`; ``workspace``: shared by the layers' caches (see :class:`KVCache`)."""
         weight = self.qkv.weight
-        rotated = parse_rope_keys(rope_keys, capacity) if self.kv_shared and not self.reuses_kv else 0
+        rotates = self.kv_shared and not self.reuses_kv and not self.rope_key_dim  # K=V keys rotated on read
+        rotated = parse_rope_keys(rope_keys, capacity) if rotates else 0
         return KVCache(
             self.cached_tensors,
             batch_size,
@@ -165,7 +182,52 @@ class Attention(nn.Module):
             device or weight.device,
             rotated=rotated,
             workspace=workspace,
+            rotated_dim=self.config.rotary_dims(self.head_dim) if rotated else None,
+            rope_key_dim=self.rope_key_dim,
         )
+
+    def cache_shapes(self, batch_size: int, capacity: int, copy: bool = False) -> list[tuple[int, ...]]:
+        """Shapes of this layer's static cache tensors: K and V, or the one K=V tensor (and its rotated copy, the
+        rotated dimensions only, with ``copy``), then the decoupled rotary key (B, 1, capacity, rope_key_dim)."""
+        if self.reuses_kv:
+            return []
+        shape = (batch_size, self.n_kv_heads, capacity, self.head_dim)
+        if not self.kv_shared:
+            out = [shape, shape]
+        elif copy and not self.rope_key_dim:
+            out = [shape, (*shape[:3], self.config.rotary_dims(self.head_dim))]
+        else:
+            out = [shape]
+        return out + ([(batch_size, 1, capacity, self.rope_key_dim)] if self.rope_key_dim else [])
+
+    def rope_parts(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """The decoupled rotary parts of ``x`` (B, T, C): each query head's (B, H, T, R) and the shared key
+        (B, 1, T, R), rotated by ``rope`` (tables (T, R) of the T positions of ``x``) if given."""
+        b, t, _ = x.shape
+        r = self.rope_key_dim
+        extra = self.rope_proj(x)  # (B, T, (H + 1) * R)
+        q_rope = extra[..., : self.n_head * r].view(b, t, self.n_head, r).transpose(1, 2)  # (B, H, T, R)
+        k_rope = extra[..., self.n_head * r :].view(b, t, 1, r).transpose(1, 2)  # (B, 1, T, R)
+        if rope is None:
+            return q_rope, k_rope
+        return apply_rope(q_rope, *rope), apply_rope(k_rope, *rope)
+
+    @staticmethod
+    def partial_split(q: Tensor, rotated: Tensor, keys: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """Queries and keys of a partial-rotary K=V decoding step as :meth:`split_attention` takes them: the rotated
+        dimensions (q (B, H, T, r), the rotated keys (B, H_kv, L, r)) and the others, as q with its first r dimensions
+        zeroed against the whole un-rotated keys (B, H_kv, L, D): a product over the contiguous cache, faster than
+        over its last D - r dimensions, and the same sum."""
+        r = rotated.shape[-1]
+        rest = q.clone()
+        rest[..., :r] = 0.0  # (B, H, T, D)
+        return (q[..., :r], rest), (rotated, keys)
+
+    def joined(self, q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Split queries and keys (see :meth:`split_attention`) joined into one q (B, H, T, E) and k (B, H_kv, S, E):
+        the form SDPA takes (a one-head second key part repeated for each K/V head)."""
+        kb = k[1].expand(-1, k[0].shape[1], -1, -1) if k[1].shape[1] != k[0].shape[1] else k[1]
+        return torch.cat(q, dim=-1), torch.cat([k[0], kb], dim=-1)
 
     def project(
         self,
@@ -173,12 +235,19 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         shared_kv: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        split: bool = False,
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor | tuple[Tensor, Tensor], Tensor]:
         """Project ``x`` (B, T, C) into q (B, H, T, D) and k, v (B, H_kv, L+T, D), L tokens coming from ``cache``.
 
-        ``rope``: cos/sin tables for positions 0 .. L+T-1, each (L+T, D), or None. Roles in one group are the same
-        tensor. With K=V shared the cache holds the un-rotated tensor and keys are rotated (and the per-role norms
-        applied) when read. ``shared_kv``: the keys and values of the source layer, for a layer that reuses them.
+        ``rope``: cos/sin tables for positions 0 .. L+T-1, each (L+T, R), or None (R < D: partial rotary; with a
+        decoupled rotary key R is its size). Roles in one group are the same tensor. With K=V shared the cache holds
+        the un-rotated tensor and keys are rotated (and the per-role norms applied) when read. ``shared_kv``: the
+        keys and values of the source layer, for a layer that reuses them.
+
+        With a decoupled rotary key, q and k have ``D + rope_key_dim`` dimensions (each head's rotary part after its
+        own). ``split``: return q and k as pairs for :meth:`split_attention` instead, where that avoids copying the
+        cache: (q, q_rope) and (k, k_rope) with a decoupled key, and for a K=V cache with partial rotary the rotated
+        and the unrotated dimensions (only the former rotated into the workspace).
         """
         t = x.shape[1]
         groups = self.split_groups(x)  # (B, heads, T, D) per group
@@ -192,6 +261,8 @@ class Attention(nn.Module):
             return (q if rope is None else apply_rope(q, rope[0][offset:], rope[1][offset:])), k, v
 
         offset = cache.length if cache is not None else 0
+        if self.rope_key_dim:
+            return self.project_decoupled(x, groups, rope, cache, split)
 
         def rotate_new(tensor: Tensor) -> Tensor:  # rotate the T new positions
             return tensor if rope is None else apply_rope(tensor, rope[0][offset:], rope[1][offset:])
@@ -200,10 +271,18 @@ class Attention(nn.Module):
             kv = cache.update([groups[self.k_group]])[0] if cache is not None else groups[self.k_group]
             v = self.v_norm(kv)  # (B, H_kv, L+T, D)
             keys = self.k_norm(kv)
+            r = self.head_dim if rope is None else rope[0].shape[-1]
             if rope is None:
                 k = keys
+            elif cache is None:
+                k = apply_rope(keys, *rope)
+            elif r < self.head_dim:  # partial rotary: only the first r dimensions are rotated on read
+                rotated = cache.rotated_keys(keys[..., :r], rope, offset)  # (B, H_kv, L+T, r)
+                if split:
+                    return (*self.partial_split(rotate_new(self.q_norm(groups[self.q_group])), rotated, keys), v)
+                k = torch.cat([rotated, keys[..., r:]], dim=-1)  # (B, H_kv, L+T, D)
             else:
-                k = apply_rope(keys, *rope) if cache is None else cache.rotated_keys(keys, rope, offset)
+                k = cache.rotated_keys(keys, rope, offset)
             if self.q_group == self.k_group and self.plain_qk:
                 q = k[:, :, offset:]
             else:
@@ -216,6 +295,31 @@ class Attention(nn.Module):
             return q, k_new, v_new
         k, v = cache.update([k_new, v_new])
         return q, k, v
+
+    def project_decoupled(
+        self,
+        x: Tensor,
+        groups: list[Tensor],
+        rope: tuple[Tensor, Tensor] | None,
+        cache: KVCache | None,
+        split: bool,
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor | tuple[Tensor, Tensor], Tensor]:
+        """:meth:`project` with a decoupled rotary key: no head is rotated; the rotary parts come from
+        :meth:`rope_parts` and the rotated key is cached beside K and V (or the K=V tensor)."""
+        offset = cache.length if cache is not None else 0
+        q_rope, k_rope = self.rope_parts(x, None if rope is None else (rope[0][offset:], rope[1][offset:]))
+        if self.kv_shared:  # the cache keeps the raw K=V tensor; the norms are applied when it is read
+            new = [groups[self.k_group]]
+        else:
+            new = [self.k_norm(groups[self.k_group]), self.v_norm(groups[self.v_group])]
+        stored = cache.update([*new, k_rope]) if cache is not None else [*new, k_rope]  # (B, ., L+T, .)
+        if self.kv_shared:
+            k, v = self.k_norm(stored[0]), self.v_norm(stored[0])  # (B, H_kv, L+T, D)
+        else:
+            k, v = stored[0], stored[1]
+        q = k[:, :, offset:] if self.q_group == self.k_group and self.plain_qk else self.q_norm(groups[self.q_group])
+        pairs = (q, q_rope), (k, stored[-1])
+        return (*pairs, v) if split else (*self.joined(*pairs), v)
 
     def static_step(
         self,
@@ -235,11 +339,13 @@ class Attention(nn.Module):
             x: the new token's input (B, 1, C).
             pos: its position, an int64 tensor of shape (1,), or one position per sequence, shape (B,) (a batch of
                 requests of different lengths, as a serving loop runs them).
-            rope: tables (capacity, D) for positions 0 .. capacity-1, or None.
-            buffers: this layer's cache tensors, each (B, H_kv, capacity, D): K and V; or for K=V the un-rotated
-                tensor, plus its rotated copy when the cache keeps one (``rope_keys=copy``).
+            rope: tables (capacity, R) for positions 0 .. capacity-1, or None (R < D: partial rotary; with a
+                decoupled rotary key R is its size).
+            buffers: this layer's cache tensors (:meth:`cache_shapes`), each (B, H_kv, capacity, D): K and V; or for
+                K=V the un-rotated tensor, plus its rotated copy (R wide) when the cache keeps one
+                (``rope_keys=copy``); then the decoupled rotary key (B, 1, capacity, rope_key_dim) if the layer has one.
             inplace: write the new entries into ``buffers`` (eager, compiled) or return new tensors (export).
-            workspace: (B, H_kv, capacity, D) tensor to rotate cached keys into (eager); None rotates them with
+            workspace: (B, H_kv, capacity, R) tensor to rotate cached keys into (eager); None rotates them with
                 :func:`apply_rope` (compiled and exported graphs, where the compiler fuses it).
             shared_kv: a layer that reuses another layer's K/V: that layer's keys and values, each
                 (B, H_kv, capacity, D) (then ``buffers`` is empty).
@@ -263,10 +369,37 @@ class Attention(nn.Module):
             index = pos.view(n_pos, 1, 1, 1).expand_as(new)
             return buffer.scatter_(2, index, new) if inplace else buffer.scatter(2, index, new)
 
+        r = self.head_dim if rope is None else rope[0].shape[-1]
+        plain = self.q_group == self.k_group and self.plain_qk
         if self.reuses_kv:
             k, v = shared_kv
             stored: list[Tensor] = []
             q = rotate(self.q_norm(groups[self.q_group]))
+        elif self.rope_key_dim:  # decoupled rotary key: nothing rotated on read; the key is cached rotated
+            q_rope, k_rope = self.rope_parts(x, row)  # (B, H, 1, R), (B, 1, 1, R)
+            if self.kv_shared:
+                stored = [write(buffers[0], groups[self.k_group])]
+                k, v = self.k_norm(stored[0]), self.v_norm(stored[0])
+            else:
+                stored = [write(buffers[0], self.k_norm(groups[self.k_group])),
+                          write(buffers[1], self.v_norm(groups[self.v_group]))]
+                k, v = stored
+            stored.append(write(buffers[-1], k_rope))
+            q_nope = self.k_norm(groups[self.k_group]) if plain else self.q_norm(groups[self.q_group])
+            q, k = (q_nope, q_rope), (k, stored[-1])
+        elif self.kv_shared and r < self.head_dim:  # partial rotary: the first r dimensions rotated on read
+            kv_new = groups[self.k_group]
+            stored = [write(buffers[0], kv_new)]
+            keys = self.k_norm(stored[0])
+            v = self.v_norm(stored[0])
+            if len(buffers) == 2:  # the rotated copy of the first r dimensions
+                stored.append(write(buffers[1], rotate(self.k_norm(kv_new)[..., :r])))
+                rotated = stored[1]
+            elif workspace is not None:
+                rotated = rotate_into(keys[..., :r], *rope, workspace)
+            else:
+                rotated = apply_rope(keys[..., :r], *rope)
+            q, k = self.partial_split(rotate(self.q_norm(groups[self.q_group])), rotated, keys)
         elif self.kv_shared:
             kv_new = groups[self.k_group]
             stored = [write(buffers[0], kv_new)]
@@ -280,11 +413,9 @@ class Attention(nn.Module):
                 k = rotate_into(self.k_norm(stored[0]), *rope, workspace)
             else:
                 k = apply_rope(self.k_norm(stored[0]), *rope)
-            plain = self.q_group == self.k_group and self.plain_qk
             q = rotate(kv_new) if plain else rotate(self.q_norm(groups[self.q_group]))
         else:
             k_new = rotate(self.k_norm(groups[self.k_group]))
-            plain = self.q_group == self.k_group and self.plain_qk
             q = k_new if plain else rotate(self.q_norm(groups[self.q_group]))
             stored = [write(buffers[0], k_new), write(buffers[1], self.v_norm(groups[self.v_group]))]
             k, v = stored
@@ -293,14 +424,16 @@ class Attention(nn.Module):
         allowed = keys <= at  # (P, 1, 1, capacity): the filled positions
         if self.config.mask_self:
             allowed = allowed & ((keys != at) | (at == 0))
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
+        bias = torch.zeros(allowed.shape, dtype=v.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         if self.paper_encoding:  # the temperature sum(w) scales q; P . w + b is one (P, capacity) bias for all heads
-            q = q * self.score_encoding.temperature.to(q.dtype)
-            bias = bias + self.score_encoding(pos, keys).to(q.dtype)[:, None, None, :]  # (P, 1, 1, capacity)
+            q = self.scale_queries(q, self.score_encoding.temperature)
+            bias = bias + self.score_encoding(pos, keys).to(v.dtype)[:, None, None, :]  # (P, 1, 1, capacity)
         elif self.score_encoding is not None:
-            encoded = self.score_encoding(pos, keys).to(q.dtype)  # (H, P, capacity)
+            encoded = self.score_encoding(pos, keys).to(v.dtype)  # (H, P, capacity)
             bias = bias + encoded.transpose(0, 1).unsqueeze(2)  # (P, H, 1, capacity)
-        if self.config.backend == "explicit":
+        if isinstance(q, tuple):
+            out = self.split_attention(q, k, v, bias)
+        elif self.config.backend == "explicit":
             out = self.explicit_attention(q, k, v, bias, 0.0)[0]
         else:
             out = F.scaled_dot_product_attention(
@@ -360,30 +493,69 @@ class Attention(nn.Module):
             ``(output (B, T, C), probabilities (B, H, T, L+T) or None)``, and ``(k, v)`` with ``return_kv``.
         """
         b, t, _ = x.shape
-        q, k, v = self.project(x, rope, cache, shared_kv)  # (B, H, T, D), (B, H_kv, S, D), (B, H_kv, S, D)
-        s = k.shape[2]
+        split = cache is not None and t == 1 and not need_weights and not return_kv  # a decoding step
+        q, k, v = self.project(x, rope, cache, shared_kv, split)  # (B, H, T, D), (B, H_kv, S, D), (B, H_kv, S, D)
+        s = v.shape[2]
         dropout = self.config.dropout if self.training else 0.0
         if self.paper_encoding:  # the paper's temperature sum(w) scales the scores: scale q, keep the fused path
-            q = q * self.score_encoding.temperature.to(q.dtype)
-        bias = self.score_bias(t, s, x.device, q.dtype)
+            q = self.scale_queries(q, self.score_encoding.temperature)
+        bias = self.score_bias(t, s, x.device, v.dtype)
         weights = None
-        if need_weights or self.config.backend == "explicit":
+        if isinstance(q, tuple):
+            out = self.split_attention(q, k, v, bias)
+        elif need_weights or self.config.backend == "explicit":
             out, weights = self.explicit_attention(q, k, v, bias, dropout)
         else:
             is_causal = self.causal and bias is None and t > 1
+            d = v.shape[-1]
+            if q.shape[-1] != d:  # decoupled rotary key: values padded to q's width keep SDPA's fused kernels
+                v = F.pad(v, (0, q.shape[-1] - d))  # (B, H_kv, S, D + R)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=is_causal,
                 enable_gqa=self.n_kv_heads != self.n_head,
-            )  # (B, H, T, D)
+            )[..., :d]  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # (B, T, H*D)
         return (self.proj(out), weights, (k, v)) if return_kv else (self.proj(out), weights)
+
+    @staticmethod
+    def scale_queries(q: Tensor | tuple[Tensor, Tensor], factor: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """``q`` (or both parts of a split q) times ``factor`` (a 0-d tensor)."""
+        if isinstance(q, tuple):
+            return tuple(part * factor.to(part.dtype) for part in q)
+        return q * factor.to(q.dtype)
+
+    def split_attention(
+        self, q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor], v: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        """softmax((q_a k_a^T + q_b k_b^T) / sqrt(D + rope_key_dim) + bias) v without joining the parts into one
+        tensor (no copy of the cache; for decoding steps, no dropout).
+
+        Args:
+            q: (q_a (B, H, T, E_a), q_b (B, H, T, E_b)).
+            k: (k_a (B, H_a, S, E_a), k_b (B, H_b, S, E_b)); a part's heads divide H, query head h reading its
+                head h // (H / heads) (as GQA pairs them); a one-head part (the decoupled rotary key) serves every
+                query head.
+            v: (B, H_kv, S, D).
+            bias: additive (broadcastable to (B, H, T, S)) masks and score encoding, or None.
+
+        Returns:
+            The output (B, H, T, D).
+        """
+        (qa, qb), (ka, kb) = q, k
+        scale = 1.0 / math.sqrt(self.head_dim + self.rope_key_dim)
+        scores = (grouped_matmul(qa, ka.transpose(-2, -1)) + grouped_matmul(qb, kb.transpose(-2, -1))) * scale
+        if bias is not None:
+            scores = scores + bias  # (B, H, T, S)
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+        return grouped_matmul(probs, v)  # (B, H, T, D)
 
     def explicit_attention(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: float
     ) -> tuple[Tensor, Tensor]:
-        """softmax(q k^T / sqrt(D) + masks) v written out; returns the output (B, H, T, D) and probabilities."""
-        k, v = self.expand_kv(k), self.expand_kv(v)  # (B, H, S, D)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        """softmax(q k^T / sqrt(E) + masks) v written out (E: the size of q's and k's heads: D, or D + rope_key_dim
+        with a decoupled rotary key); returns the output (B, H, T, D) and probabilities."""
+        k, v = self.expand_kv(k), self.expand_kv(v)  # (B, H, S, E), (B, H, S, D)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
         if bias is not None:
             scores = scores + bias
         elif self.causal and q.shape[2] > 1:
@@ -402,7 +574,7 @@ class Attention(nn.Module):
         """Attention logits (B, H, T, T) before any mask: q k^T / sqrt(D) with the score encoding, if any
         (``shared_kv``: the source layer's K/V for a layer that reuses them)."""
         q, k, _ = self.project(x, rope, None, shared_kv)
-        scores = (q @ self.expand_kv(k).transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, T)
+        scores = (q @ self.expand_kv(k).transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
         if self.paper_encoding:
             scores = scores * self.score_encoding.temperature.to(scores.dtype)
         if self.score_encoding is not None:

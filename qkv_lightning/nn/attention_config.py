@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.nn.positional import rotary_dims
 from qkv_lightning.nn.sharing import (
     BREAKERS,
     ROLES,
@@ -128,6 +129,19 @@ class AttentionConfig:
     parameter count, Q-K=V's cache). The first factor is part of the fused projection; `fuse` (used by export and
     bench-decode) multiplies the others into it, so inference runs one matmul. Roles of one group share a depth."""
 
+    rope_fraction: float = 1.0
+    """Partial rotary positions (with network.position=rope): the first ``int(head_dim * rope_fraction)``
+    dimensions of each query and key head, rounded down to an even count, are rotated and the rest are not (GPT-NeoX's
+    rotary_pct, Phi's partial_rotary_factor). A K=V cache then rotates only those dimensions of its cached keys when
+    it reads them. 1.0: every dimension (full RoPE)."""
+
+    rope_key_dim: int = 0
+    """Decoupled rotary key (DeepSeek-V2 style; with network.position=rope): queries and keys (the K=V tensor too)
+    carry no rotation; a small extra projection gives each token one rotary key of this many dimensions, shared by
+    every query head and cached already rotated, and each query head a rotary part of the same size. Scores are
+    q . k + q_rope . k_rope, scaled by 1/sqrt(head_dim + rope_key_dim); the cache adds rope_key_dim values per token
+    and layer. Even; 0: off (rotary positions, if any, rotate the heads themselves, see rope_fraction)."""
+
     def __post_init__(self) -> None:
         partition = Sharing.parse(self.sharing)
         self.sharing = partition.name
@@ -186,7 +200,32 @@ class AttentionConfig:
                     )
                 depth[name] = count
             self.depth = {role: depth[role] for role in ROLES if role in depth} or None
+        if isinstance(self.rope_fraction, bool) or not 0.0 < float(self.rope_fraction) <= 1.0:
+            raise ConfigError(
+                f"attention.rope_fraction={self.rope_fraction!r} must lie in (0, 1]: the fraction of each head's "
+                "dimensions that rotary positions rotate (1.0: all of them)."
+            )
+        self.rope_fraction = float(self.rope_fraction)
+        key_dim = self.rope_key_dim
+        if isinstance(key_dim, bool) or not isinstance(key_dim, int) or key_dim < 0 or key_dim % 2:
+            raise ConfigError(
+                f"attention.rope_key_dim={key_dim!r} must be an even whole number >= 0 (0: no decoupled rotary key; "
+                "e.g. 16 or 32)."
+            )
+        if key_dim and self.rope_fraction != 1.0:
+            raise ConfigError(
+                f"attention.rope_key_dim={key_dim} and attention.rope_fraction={self.rope_fraction} both place rotary "
+                "positions: with a decoupled rotary key no head dimension is rotated, so set rope_fraction back to 1.0 "
+                "(or rope_key_dim to 0)."
+            )
+        if key_dim and (self.kv_share_every != 1 or self.kv_sources):
+            raise ConfigError(
+                f"attention.rope_key_dim={key_dim} does not combine with cross-layer K/V sharing "
+                "(attention.kv_share_every / kv_sources): set rope_key_dim to 0 or share no K/V across layers."
+            )
         structure = {
+            "rope_fraction": self.rope_fraction,
+            "rope_key_dim": self.rope_key_dim,
             "kv_share_every": self.kv_share_every,
             "kv_sources": tuple((self.kv_sources or {}).items()),
             "depth": tuple((self.depth or {}).items()),
@@ -199,6 +238,24 @@ class AttentionConfig:
         else:
             schedule = tuple((key, layer_label(key, label)) for key, label in self.layers.items())
             self.parsed = VariantLabel(SEPARATE, layers=schedule, **structure)
+
+    def rotary_dims(self, head_dim: int) -> int:
+        """Width of the rotary tables for heads of ``head_dim`` (with rotary positions): ``rope_key_dim`` for a
+        decoupled rotary key, else the rotated dimensions of each head (:func:`~qkv_lightning.nn.positional.rotary_dims`
+        of ``rope_fraction``).
+
+        Raises:
+            ConfigError: naming ``attention.rope_fraction`` when it rotates no dimension.
+        """
+        if self.rope_key_dim:
+            return self.rope_key_dim
+        dims = rotary_dims(head_dim, self.rope_fraction)
+        if dims < 2:
+            raise ConfigError(
+                f"attention.rope_fraction={self.rope_fraction} rotates no dimension of heads of {head_dim} (it rounds "
+                f"down to an even count): raise it to at least {2 / head_dim:g}."
+            )
+        return dims
 
     def group_depths(self) -> tuple[int, ...]:
         """Factors of each group of the fused projection (1: one matrix), from ``depth``.
@@ -335,7 +392,8 @@ class AttentionConfig:
             layers=None, sharing=layer.sharing, n_kv_heads=layer.n_kv_heads, **breaker_settings(layer.breakers)
         )
         config.parsed = VariantLabel(layer.partition, layer.n_kv_heads, layer.breakers, (), self.parsed.kv_share_every,
-                                     self.parsed.kv_sources, self.parsed.depth)
+                                     self.parsed.kv_sources, self.parsed.depth, self.parsed.rope_fraction,
+                                     self.parsed.rope_key_dim)
         return config
 
 

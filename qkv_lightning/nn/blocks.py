@@ -41,6 +41,11 @@ class TrunkConfig:
     dropout: float = 0.0
     """Residual and embedding dropout."""
 
+    dropout_at: Literal["residual", "mlp"] = "residual"
+    """Where each block puts ``dropout``: ``residual`` (our default), after the attention's output projection and
+    after the MLP's output; ``mlp``, after the MLP's GELU and after the MLP's output, none on the attention branch (the
+    placement of the paper's ViT code, vision_tasks.py). The embeddings' dropout is the same either way."""
+
     norm_eps: float = 1e-5
     """LayerNorm epsilon."""
 
@@ -51,7 +56,25 @@ class TrunkConfig:
     """The MLP's GELU: ``tanh``, the tanh approximation (GPT-2's, our default), or ``exact``, the erf form (PyTorch's
     ``nn.GELU()`` default, as the paper's LM code uses). Not counted in FLOPs either way (element-wise)."""
 
+    norm: Literal["layer", "rms"] = "layer"
+    """The blocks' and the final norm: ``layer``, LayerNorm (GPT-2, our default; with a shift when ``bias``), or
+    ``rms``, RMSNorm (Llama, Mistral, Qwen2: a scale only)."""
+
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """The MLP: ``gelu``, two matrices with a GELU between (our default), or ``swiglu``, Llama's gated MLP
+    ``proj(silu(gate(x)) * fc(x))`` with three matrices; ``d_mlp`` is then the gated width."""
+
+    qkv_bias: bool | None = None
+    """Biases on the attention's fused Q/K/V projection apart from ``bias`` (which then covers the output projection,
+    the MLP and the norms); None: as ``bias``. Qwen2: ``bias: false`` with ``qkv_bias: true``."""
+
     def __post_init__(self) -> None:
+        if self.norm not in ("layer", "rms"):
+            raise ConfigError(f"network.norm={self.norm!r} must be 'layer' (LayerNorm) or 'rms' (RMSNorm).")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ConfigError(f"network.mlp={self.mlp!r} must be 'gelu' or 'swiglu'.")
+        if self.dropout_at not in ("residual", "mlp"):
+            raise ConfigError(f"network.dropout_at={self.dropout_at!r} must be 'residual' or 'mlp'.")
         if self.gelu not in ("tanh", "exact"):
             raise ConfigError(f"network.gelu={self.gelu!r} must be 'tanh' or 'exact'.")
         for name in ("n_layer", "n_head", "d_model"):
@@ -86,19 +109,55 @@ class DropPath(StochasticDepth):
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward network with GELU (``gelu``: ``tanh`` approximation or ``exact`` erf)."""
+    """Two-layer feed-forward network with GELU (``gelu``: ``tanh`` approximation or ``exact`` erf), dropout
+    ``dropout`` on its output and ``hidden_dropout`` after the GELU."""
 
     def __init__(
-        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, gelu: str = "tanh"
+        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, gelu: str = "tanh",
+        hidden_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, d_mlp, bias=bias)
         self.act = nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
+        self.hidden_dropout = nn.Dropout(hidden_dropout) if hidden_dropout > 0 else nn.Identity()
         self.proj = nn.Linear(d_mlp, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
+        return self.dropout(self.proj(self.hidden_dropout(self.act(self.fc(x)))))  # (B, T, C)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward network (Llama's): ``proj(silu(gate(x)) * fc(x))``, ``d_mlp`` the gated width."""
+
+    def __init__(
+        self, d_model: int, d_mlp: int, bias: bool = True, dropout: float = 0.0, hidden_dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_mlp, bias=bias)
+        self.fc = nn.Linear(d_model, d_mlp, bias=bias)
+        self.hidden_dropout = nn.Dropout(hidden_dropout) if hidden_dropout > 0 else nn.Identity()
+        self.proj = nn.Linear(d_mlp, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.hidden_dropout(nn.functional.silu(self.gate(x)) * self.fc(x))  # (B, T, d_mlp)
+        return self.dropout(self.proj(hidden))  # (B, T, C)
+
+
+def make_norm(kind: str, d_model: int, eps: float, bias: bool) -> nn.Module:
+    """A block's or the trunk's norm: LayerNorm (``layer``, shifted when ``bias``) or RMSNorm (``rms``)."""
+    return nn.RMSNorm(d_model, eps=eps) if kind == "rms" else nn.LayerNorm(d_model, eps=eps, bias=bias)
+
+
+def make_mlp(
+    kind: str, d_model: int, d_mlp: int, bias: bool, dropout: float, gelu: str, hidden_dropout: float = 0.0
+) -> nn.Module:
+    """A block's MLP: :class:`MLP` (``gelu``) or :class:`SwiGLU` (``swiglu``), with dropout on the hidden layer's
+    activations when ``hidden_dropout`` (``dropout_at: mlp``)."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_mlp, bias=bias, dropout=dropout, hidden_dropout=hidden_dropout)
+    return MLP(d_model, d_mlp, bias=bias, dropout=dropout, gelu=gelu, hidden_dropout=hidden_dropout)
 
 
 class Block(nn.Module):
@@ -111,11 +170,16 @@ class Block(nn.Module):
         attention: the attention variant.
         causal: decoder or encoder attention.
         bias: biases in linear layers.
-        dropout: residual dropout (after the attention and MLP output projections).
+        dropout: the blocks' dropout, placed by ``dropout_at``.
         drop_path: stochastic-depth probability of this block.
         norm_eps: LayerNorm epsilon.
         gelu: the MLP's GELU, ``tanh`` or ``exact`` (:attr:`TrunkConfig.gelu`).
         reuses_kv: the attention reuses an earlier layer's K/V (cross-layer sharing, see :class:`Attention`).
+        norm: ``layer`` or ``rms`` (:attr:`TrunkConfig.norm`).
+        mlp: ``gelu`` or ``swiglu`` (:attr:`TrunkConfig.mlp`).
+        qkv_bias: biases on the fused Q/K/V projection; None: as ``bias`` (:attr:`TrunkConfig.qkv_bias`).
+        dropout_at: ``residual`` (after the attention and MLP output projections) or ``mlp`` (after the MLP's GELU and
+            output, none on attention) (:attr:`TrunkConfig.dropout_at`).
     """
 
     def __init__(
@@ -131,13 +195,19 @@ class Block(nn.Module):
         norm_eps: float = 1e-5,
         gelu: str = "tanh",
         reuses_kv: bool = False,
+        norm: str = "layer",
+        mlp: str = "gelu",
+        qkv_bias: bool | None = None,
+        dropout_at: str = "residual",
     ) -> None:
         super().__init__()
-        self.norm_attn = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias, reuses_kv=reuses_kv)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.norm_mlp = nn.LayerNorm(d_model, eps=norm_eps, bias=bias)
-        self.mlp = MLP(d_model, d_mlp, bias=bias, dropout=dropout, gelu=gelu)
+        self.norm_attn = make_norm(norm, d_model, norm_eps, bias)
+        self.attn = Attention(d_model, n_head, attention, causal=causal, bias=bias, reuses_kv=reuses_kv,
+                              qkv_bias=qkv_bias)
+        self.attn_dropout = nn.Dropout(dropout if dropout_at == "residual" else 0.0)
+        self.norm_mlp = make_norm(norm, d_model, norm_eps, bias)
+        hidden = dropout if dropout_at == "mlp" else 0.0
+        self.mlp = make_mlp(mlp, d_model, d_mlp, bias, dropout, gelu, hidden_dropout=hidden)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -194,7 +264,7 @@ class Trunk(nn.Module):
                   **block_kwargs)
             for rate, config, source in zip(rates, configs, self.kv_sources, strict=True)
         )
-        self.norm = nn.LayerNorm(d_model, eps=norm_eps, bias=block_kwargs.get("bias", True))
+        self.norm = make_norm(block_kwargs.get("norm", "layer"), d_model, norm_eps, block_kwargs.get("bias", True))
         self.activation_checkpointing = False
         """Recompute each block's activations in the backward pass instead of storing them (saves memory)."""
 
@@ -215,6 +285,10 @@ class Trunk(nn.Module):
             drop_path=drop_path,
             norm_eps=config.norm_eps,
             gelu=config.gelu,
+            norm=config.norm,
+            mlp=config.mlp,
+            qkv_bias=config.qkv_bias,
+            dropout_at=config.dropout_at,
         )
 
     def forward(
@@ -263,7 +337,7 @@ def init_gpt2_(module: nn.Module, n_layer: int, std: float = 0.02, residual_scal
     initialisation."""
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            residual = residual_scaling and name.endswith((".attn.proj", ".mlp.proj"))
+            residual = residual_scaling and name.endswith((".attn.proj", ".mlp.proj"))  # SwiGLU's too
             scale = (2 * n_layer) ** -0.5 if residual else 1.0
             nn.init.normal_(sub.weight, mean=0.0, std=std * scale)
             if sub.bias is not None:

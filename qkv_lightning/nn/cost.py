@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qkv_lightning.nn.attention_config import AttentionConfig
+from qkv_lightning.nn.positional import rotary_dims
 from qkv_lightning.nn.sharing import ProjectionLayout, Sharing
 
 
@@ -38,6 +39,14 @@ class AttentionShape:
     """Factors of each group's projection (depth factorisation; empty: one matrix each)."""
     role_norms: tuple[str, ...] = ()
     """The per-role norms of the layer (``rms`` or ``layer``, one per role that has one)."""
+    rope_fraction: float = 1.0
+    """Partial rotary: the fraction of each head's dimensions rotated (what a K=V cache's rotated copy keeps)."""
+    rope_key_dim: int = 0
+    """A decoupled rotary key's size: ``(n_head + 1) * rope_key_dim`` more projected features, as many more per query
+    head in the scores, and ``rope_key_dim`` more cached values per token (0: none)."""
+    qkv_bias: bool | None = None
+    """Biases on the fused projection (and depth factors) apart from ``bias`` (the output projection's and the
+    per-role norms'); None: as ``bias``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sharing, Sharing):
@@ -46,6 +55,16 @@ class AttentionShape:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def rotary_dims(self) -> int:
+        """Dimensions of each key head that rotary positions rotate (0 with a decoupled rotary key)."""
+        return 0 if self.rope_key_dim else rotary_dims(self.head_dim, self.rope_fraction)
+
+    @property
+    def projection_bias(self) -> bool:
+        """Whether the fused projection and its depth factors have biases."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def kv_heads(self) -> int:
@@ -80,7 +99,8 @@ class AttentionShape:
 
     @classmethod
     def from_config(
-        cls, d_model: int, n_head: int, attention: AttentionConfig, bias: bool = True, owns_kv: bool = True
+        cls, d_model: int, n_head: int, attention: AttentionConfig, bias: bool = True, owns_kv: bool = True,
+        qkv_bias: bool | None = None,
     ) -> AttentionShape:
         depths = attention.group_depths()
         norms = [attention.q_norm] + ([attention.k_norm, attention.v_norm] if owns_kv else [])
@@ -95,20 +115,30 @@ class AttentionShape:
             owns_kv,
             (depths[:1] if not owns_kv else depths) if any(n > 1 for n in depths) else (),
             tuple(kind for kind in norms if kind != "none"),
+            attention.rope_fraction,
+            attention.rope_key_dim,
+            qkv_bias=qkv_bias,
         )
+
+    @property
+    def rope_width(self) -> int:
+        """Output features of the decoupled rotary projection: each query head's rotary part and the shared key."""
+        return (self.n_head + 1) * self.rope_key_dim
 
 
 def attention_params(shape: AttentionShape, fused: bool = False) -> int:
     """Parameters of one attention layer: fused projection, output projection, the optional score encoding and
     per-role norms, and (unless ``fused``: after :meth:`Attention.fuse`, at inference) the depth factors."""
     inner = shape.n_head * shape.head_dim
-    params = shape.d_model * shape.projection_width + inner * shape.d_model
+    params = shape.d_model * (shape.projection_width + shape.rope_width) + inner * shape.d_model
     if not fused:
-        params += sum(w * w + (w if shape.bias else 0) for w in shape.factor_widths)
+        params += sum(w * w + (w if shape.projection_bias else 0) for w in shape.factor_widths)
     for kind in shape.role_norms:
         params += shape.head_dim * (2 if kind == "layer" and shape.bias else 1)
     if shape.bias:
-        params += shape.projection_width + shape.d_model
+        params += shape.projection_width + shape.rope_width + shape.d_model
+    if shape.projection_bias != shape.bias:  # q/k/v biases without the output's (Qwen2), or the other way round
+        params += (shape.projection_width + shape.rope_width) * (1 if shape.projection_bias else -1)
     if shape.score_encoding_frequencies:
         params += (6 * shape.score_encoding_frequencies + 1) * shape.n_head
     if shape.score_encoding_channels:  # the paper's w (m values) and b, shared by the heads
@@ -132,13 +162,15 @@ def attention_forward_flops(
     """Forward FLOPs of one attention layer for ``t_q`` queries over ``t_k`` keys, per sequence.
 
     Projections (fused input and output) cost 2 * T_q * d_in * d_out; scores and the weighted sum each
-    2 * pairs * n_head * head_dim (see :func:`attended_pairs`). The score encoding is counted separately
+    2 * pairs * n_head * head_dim (see :func:`attended_pairs`); a decoupled rotary key adds its projection and
+    2 * pairs * n_head * rope_key_dim to the scores. The score encoding is counted separately
     (:func:`score_encoding_flops`).
     """
     inner = shape.n_head * shape.head_dim
-    projections = 2 * t_q * shape.d_model * (shape.projection_width + inner)
+    projections = 2 * t_q * shape.d_model * (shape.projection_width + shape.rope_width + inner)
     projections += sum(2 * t_q * w * w for w in shape.factor_widths)  # depth factors (training form)
-    return projections + 2 * 2 * attended_pairs(t_q, t_k, causal, count_masked) * inner
+    pairs = attended_pairs(t_q, t_k, causal, count_masked)
+    return projections + 2 * pairs * (2 * inner + shape.n_head * shape.rope_key_dim)
 
 
 def score_encoding_flops(shape: AttentionShape, t_q: int, t_k: int) -> int:
@@ -153,21 +185,33 @@ def score_encoding_flops(shape: AttentionShape, t_q: int, t_k: int) -> int:
     return 2 * t_q * t_k * 6 * shape.score_encoding_frequencies * shape.n_head
 
 
-def kv_cache_bytes_per_token(shape: AttentionShape, bytes_per_element: int = 2, tensors: float | None = None) -> int:
-    """KV-cache bytes one token adds to one layer: ``shape.cached_tensors`` tensors (or ``tensors``, e.g. with a K=V
-    cache's rotated copy; a fraction gives a fraction of a byte) of ``kv_heads * head_dim`` elements. The one
-    KV-bytes formula: accounting, the static decoder and the benchmarks use it."""
+def kv_cache_bytes_per_token(
+    shape: AttentionShape, bytes_per_element: int = 2, tensors: float | None = None, copied: float = 0.0
+) -> int | float:
+    """KV-cache bytes one token adds to one layer: ``shape.cached_tensors`` tensors (or ``tensors``) of
+    ``kv_heads * head_dim`` elements, the decoupled rotary key's ``rope_key_dim`` elements, and for a K=V layer with
+    rotary keys the rotated copy (``kv_heads * rotary_dims`` elements) of the fraction ``copied`` of the positions
+    (``rope_keys``: 1 for copy, W/capacity for window:W; a fraction gives a fraction of a byte, otherwise the count is a
+    whole number of bytes, an int). The one KV-bytes
+    formula: accounting, the static decoder and the benchmarks use it."""
     count = shape.cached_tensors if tensors is None else tensors
-    return count * shape.kv_heads * shape.head_dim * bytes_per_element
+    elements = count * shape.kv_heads * shape.head_dim
+    if shape.owns_kv:
+        elements += shape.rope_key_dim
+        if copied and shape.layout.cached_tensors == 1:  # K=V: the rotated copy of the rotated dimensions
+            elements += copied * shape.kv_heads * shape.rotary_dims
+    return elements * bytes_per_element
 
 
-def norm_params(d_model: int, bias: bool) -> int:
-    """Parameters of a LayerNorm (scale, and shift with biases)."""
-    return d_model * (2 if bias else 1)
+def norm_params(d_model: int, bias: bool, kind: str = "layer") -> int:
+    """Parameters of a LayerNorm (scale, and shift with biases) or an RMSNorm (``kind='rms'``: a scale only)."""
+    return d_model * (2 if bias and kind == "layer" else 1)
 
 
-def mlp_params(d_model: int, d_mlp: int, bias: bool) -> int:
-    """Parameters of the two-layer MLP."""
+def mlp_params(d_model: int, d_mlp: int, bias: bool, kind: str = "gelu") -> int:
+    """Parameters of the two-layer MLP, or of the gated one (``kind='swiglu'``: gate, up and down matrices)."""
+    if kind == "swiglu":
+        return 3 * d_model * d_mlp + ((2 * d_mlp + d_model) if bias else 0)
     return 2 * d_model * d_mlp + ((d_mlp + d_model) if bias else 0)
 
 
@@ -201,16 +245,16 @@ def layer_shapes(shape: AttentionShape | Sequence[AttentionShape], n_layer: int)
 
 def trunk_flops(
     shape: AttentionShape | Sequence[AttentionShape], d_mlp: int, n_layer: int, seq_len: int, causal: bool,
-    count_masked: bool,
+    count_masked: bool, mlp: str = "gelu",
 ) -> tuple[Flops, Flops]:
     """FLOPs of ``n_layer`` pre-norm blocks (one attention shape for all, or one per layer): per sequence of
     ``seq_len`` tokens, and per batch whatever its size (the score encoding, computed once per layer for the whole
-    batch)."""
+    batch). ``mlp='swiglu'``: three MLP matrices instead of two."""
+    matrices = 3 if mlp == "swiglu" else 2
     total, fixed = Flops(), Flops()
     for layer in layer_shapes(shape, n_layer):
         attention = Flops.product(attention_forward_flops(layer, seq_len, seq_len, causal, count_masked))
-        mlp = Flops.product(2 * seq_len * 2 * layer.d_model * d_mlp)
-        total += attention + mlp
+        total += attention + Flops.product(2 * seq_len * matrices * layer.d_model * d_mlp)
         fixed += Flops.product(score_encoding_flops(layer, seq_len, seq_len), input_needs_grad=False)
     return total, fixed
 
@@ -286,14 +330,15 @@ def attention_shape(d_model: int, n_head: int, attention: AttentionConfig, bias:
 
 
 def attention_shapes(
-    d_model: int, n_head: int, attention: AttentionConfig, bias: bool, n_layer: int
+    d_model: int, n_head: int, attention: AttentionConfig, bias: bool, n_layer: int, qkv_bias: bool | None = None
 ) -> tuple[AttentionShape, ...]:
     """The shape of each of ``n_layer`` layers: the per-layer schedule (``attention.layers``) and cross-layer K/V
-    sharing (a layer that reuses K/V projects and caches only Q) as the trunk builds them."""
+    sharing (a layer that reuses K/V projects and caches only Q) as the trunk builds them; ``qkv_bias``: see
+    :attr:`AttentionShape.qkv_bias`."""
     configs = attention.layer_configs(n_layer, n_head)
     sources = attention.kv_source_list(n_layer, n_head)
     return tuple(
-        AttentionShape.from_config(d_model, n_head, config, bias, owns_kv=source is None)
+        AttentionShape.from_config(d_model, n_head, config, bias, owns_kv=source is None, qkv_bias=qkv_bias)
         for config, source in zip(configs, sources, strict=True)
     )
 
@@ -324,8 +369,9 @@ def trunk_network_cost(
     caller computed."""
     d, bias = config.d_model, config.bias
     shapes = layer_shapes(shape, config.n_layer)
-    rest = config.n_layer * (mlp_params(d, config.mlp_width, bias) + 2 * norm_params(d, bias))
-    rest += embedding + norm_params(d, bias) + head
+    norm, mlp = config.norm, config.mlp
+    rest = config.n_layer * (mlp_params(d, config.mlp_width, bias, mlp) + 2 * norm_params(d, bias, norm))
+    rest += embedding + norm_params(d, bias, norm) + head
     attention_total = sum(attention_params(layer) for layer in shapes)
     return NetworkCost(
         network=network,

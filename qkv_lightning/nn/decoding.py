@@ -9,8 +9,9 @@ and exports.
   cache tensors after the step.
 
 Each layer has one cache tensor for the K=V variants (Q-K=V, Q=K=V) and two (K, V) for the others; with RoPE and
-``rope_keys=copy`` a K=V layer keeps a second, rotated, tensor. Every shape depends on the capacity only, so a
-compiled step compiles once; positions past the current one are masked.
+``rope_keys=copy`` a K=V layer keeps a second, rotated, tensor (its rotated dimensions); with a decoupled rotary key
+(``attention.rope_key_dim``) every layer keeps one more, the rotated key (B, 1, capacity, rope_key_dim). Every shape
+depends on the capacity only, so a compiled step compiles once; positions past the current one are masked.
 """
 
 from __future__ import annotations
@@ -72,22 +73,18 @@ class StaticDecoder(nn.Module):
 
     def tensors_per_layer(self) -> list[int]:
         """Cache tensors of each layer (0 for a layer that reuses an earlier layer's K/V)."""
-        out = []
-        for block in self.model.blocks:
-            if block.attn.reuses_kv:
-                out.append(0)
-            else:
-                out.append((2 if self.rope_keys == "copy" else 1) if block.attn.kv_shared else 2)
-        return out
+        return [len(shapes) for shapes in self.cache_shapes(1)]
+
+    def cache_shapes(self, batch_size: int) -> list[list[tuple[int, ...]]]:
+        """The shapes of each layer's cache tensors (:meth:`Attention.cache_shapes`)."""
+        copy = self.rope_keys == "copy"
+        return [block.attn.cache_shapes(batch_size, self.capacity, copy) for block in self.model.blocks]
 
     def new_cache(self, batch_size: int) -> list[Tensor]:
-        """Zero cache tensors, flat over layers, each (B, H_kv, capacity, D)."""
+        """Zero cache tensors, flat over layers, each (B, H_kv, capacity, D) (see :meth:`cache_shapes`)."""
         weight = self.model.embed.weight
-        out = []
-        for block, count in zip(self.model.blocks, self.tensors_per_layer(), strict=True):
-            shape = (batch_size, block.attn.n_kv_heads, self.capacity, block.attn.head_dim)
-            out += [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(count)]
-        return out
+        shapes = [shape for layer in self.cache_shapes(batch_size) for shape in layer]
+        return [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for shape in shapes]
 
     def cache_bytes(self, batch_size: int) -> int:
         """Bytes of the cache tensors for ``batch_size`` sequences: each layer's
@@ -96,10 +93,8 @@ class StaticDecoder(nn.Module):
         c = self.model.config
         shapes = attention_shapes(c.d_model, c.n_head, self.model.trunk.attention, c.bias, c.n_layer)
         element = self.model.embed.weight.element_size()
-        per_token = sum(
-            kv_cache_bytes_per_token(shape, element, tensors=count)
-            for shape, count in zip(shapes, self.tensors_per_layer(), strict=True)
-        )
+        copied = 1.0 if self.rope_keys == "copy" else 0.0
+        per_token = sum(kv_cache_bytes_per_token(shape, element, copied=copied) for shape in shapes)
         return batch_size * self.capacity * per_token
 
     def prefill(self, idx: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -137,10 +132,12 @@ class StaticDecoder(nn.Module):
         return model.logits(model.trunk.norm(x))[:, 0], out
 
     def _workspace_for(self, like: Tensor) -> Tensor:
-        if self._workspace is None or self._workspace.shape != like.shape or self._workspace.is_inference() != (
+        """The tensor cached keys are rotated into: ``like``'s (B, H_kv, capacity) by the rotated width."""
+        shape = like.shape if self.cos is None else (*like.shape[:3], self.cos.shape[-1])
+        if self._workspace is None or self._workspace.shape != shape or self._workspace.is_inference() != (
             torch.is_inference_mode_enabled()
         ):
-            self._workspace = torch.empty_like(like)
+            self._workspace = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._workspace
 
     @torch.no_grad()

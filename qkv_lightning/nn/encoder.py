@@ -46,10 +46,10 @@ class EncoderConfig(SequenceConfig):
         sequences of ``seq_len`` tokens (default: ``max_seq_len``)."""
         d, bias = self.d_model, self.bias
         t = seq_len or self.max_seq_len
-        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer, self.qkv_bias)
         embedding = self.vocab_size * d + (self.max_seq_len * d if self.position == "learned" else 0)
         head = d * self.num_classes + (self.num_classes if bias else 0)
-        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, False, False)
+        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, False, False, self.mlp)
         flops += Flops.product(2 * t * d * self.num_classes)
         return trunk_network_cost(
             "SequenceEncoder", self, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
@@ -100,7 +100,8 @@ class SequenceEncoder(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         if self.position is not None:
             x = x + self.position(positions)  # (T, C) broadcast over the batch
-        rope = self.config.rope(t, idx.device, self.embed.weight.dtype)  # (T, D) each, or None
+        dims = self.trunk.attention.rotary_dims(self.config.head_dim) if self.config.position == "rope" else None
+        rope = self.config.rope(t, idx.device, self.embed.weight.dtype, dims)  # (T, R) each, or None
         hidden, maps = self.trunk(self.dropout(x), rope, None, need_weights)  # (B, T, C)
         # Not self.head(hidden): a biased Linear on (B, T, C) returns a view of its 2-D product, which FSDP2's
         # pre-backward hook cannot follow through an in-place op (torch warns). matmul + bias is a fresh tensor, the

@@ -66,7 +66,7 @@ class GPTConfig(SequenceConfig):
         for the tokens whose target falls in it, which the data decides."""
         d, v, bias = self.d_model, self.vocab_size, self.bias
         t = seq_len or self.max_seq_len
-        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer, self.qkv_bias)
         embedding = v * d + (self.max_seq_len * d if self.position == "learned" else 0)
         notes = []
         if self.output == "adaptive":
@@ -81,7 +81,7 @@ class GPTConfig(SequenceConfig):
         else:
             head = 0 if self.tie_embeddings else v * d
             head_flops = Flops.product(2 * t * d * v)
-        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, True, count_masked)
+        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, True, count_masked, self.mlp)
         flops += head_flops
         return trunk_network_cost(
             "GPT", self, attention, shape, embedding=embedding, head=head, flops=flops, fixed=fixed,
@@ -111,6 +111,8 @@ class GPT(nn.Module):
         embedding_dropout = config.dropout if config.embedding_dropout is None else config.embedding_dropout
         self.dropout = nn.Dropout(embedding_dropout)  # on the embeddings; the blocks' residual dropout is their own
         self.trunk = Trunk.from_config(config, attention, causal=True)
+        self.rope_dims = attention.rotary_dims(config.head_dim) if config.position == "rope" else None
+        """Width of the rotary tables (partial rotary, a decoupled rotary key), or None without rotary positions."""
         if config.output == "adaptive":
             cutoffs = [c for c in config.adaptive_cutoffs if c < config.vocab_size]
             if not cutoffs:
@@ -143,7 +145,7 @@ class GPT(nn.Module):
 
     def rope(self, length: int, device: torch.device) -> tuple[Tensor, Tensor] | None:
         """RoPE tables for positions 0 .. length-1, or None without rotary positions."""
-        return self.config.rope(length, device, self.embed.weight.dtype)
+        return self.config.rope(length, device, self.embed.weight.dtype, self.rope_dims)
 
     def hidden(
         self, idx: Tensor, caches: list[KVCache] | None = None, need_weights: bool = False

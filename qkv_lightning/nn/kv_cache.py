@@ -54,6 +54,9 @@ class KVCache:
             :func:`parse_rope_keys`); 0 keeps none.
         workspace: a list shared by the caches of all layers, holding the one tensor into which keys are rotated
             on read (allocated on first use); None gives this cache its own.
+        rotated_dim: width of the rotated copy (the rotated dimensions with partial rotary); None: ``head_dim``.
+        rope_key_dim: a decoupled rotary key's size: the cache keeps one more tensor, (B, 1, capacity, rope_key_dim),
+            after the others (0: none).
     """
 
     def __init__(
@@ -67,18 +70,24 @@ class KVCache:
         device: torch.device | str | None = None,
         rotated: int = 0,
         workspace: list[Tensor] | None = None,
+        rotated_dim: int | None = None,
+        rope_key_dim: int = 0,
     ) -> None:
         shape = (batch_size, n_kv_heads, capacity, head_dim)
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_tensors)]
+        if rope_key_dim:
+            self.buffers.append(torch.zeros((batch_size, 1, capacity, rope_key_dim), dtype=dtype, device=device))
+        width = rotated_dim or head_dim
         self.rotated = (
-            torch.zeros((batch_size, n_kv_heads, rotated, head_dim), dtype=dtype, device=device) if rotated else None
+            torch.zeros((batch_size, n_kv_heads, rotated, width), dtype=dtype, device=device) if rotated else None
         )
         self.workspace = [] if workspace is None else workspace
         self.capacity = capacity
         self.length = 0
 
     def update(self, new: list[Tensor]) -> list[Tensor]:
-        """Append ``new`` tensors, each (B, H_kv, T, D), and return the whole sequences, each (B, H_kv, L+T, D)."""
+        """Append ``new`` tensors, each (B, H_kv, T, D) (the decoupled rotary key (B, 1, T, R)), and return the whole
+        sequences, each (B, H_kv, L+T, D) (and (B, 1, L+T, R))."""
         t_new = new[0].shape[2]
         end = self.length + t_new
         if end > self.capacity:
@@ -89,8 +98,9 @@ class KVCache:
         return [buffer[:, :, :end] for buffer in self.buffers]
 
     def rotated_keys(self, kv: Tensor, rope: tuple[Tensor, Tensor], start: int) -> Tensor:
-        """Rotated keys (B, H_kv, L, D) of the un-rotated K=V sequence ``kv`` (B, H_kv, L, D) just returned by
-        :meth:`update`, whose positions from ``start`` on are new; ``rope``: tables (L, D) for positions 0 .. L-1.
+        """Rotated keys (B, H_kv, L, R) of the un-rotated K=V sequence ``kv`` (B, H_kv, L, R) just returned by
+        :meth:`update` (with partial rotary, its first R dimensions), whose positions from ``start`` on are new;
+        ``rope``: tables (L, R) for positions 0 .. L-1.
 
         Keys of the rotated copy's positions are rotated once, when they arrive; the others at every call, into the
         shared workspace when no gradient is needed (no cache-sized temporaries), else with :func:`apply_rope`.

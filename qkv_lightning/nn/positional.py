@@ -34,8 +34,18 @@ def rope_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def rotary_dims(head_dim: int, fraction: float) -> int:
+    """Dimensions of a head that partial rotary rotates: ``int(head_dim * fraction)`` rounded down to an even count
+    (Hugging Face's ``partial_rotary_factor``, GPT-NeoX's ``rotary_pct``); the first ones of the head."""
+    return int(head_dim * fraction) // 2 * 2
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` of shape (B, H, T, D) by the tables ``cos``/``sin`` of shape (T, D)."""
+    """Rotate ``x`` of shape (B, H, T, D) by the tables ``cos``/``sin`` of shape (T, R): the first R <= D dimensions
+    of each head (partial rotary when R < D); the others pass unrotated."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)  # (B, H, T, D)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
@@ -47,7 +57,8 @@ def rotate_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> Tensor:
 
     Re-rotating a whole KV cache at each decoding step allocates several cache-sized temporaries with
     :func:`apply_rope`; on CPUs each fresh allocation is paged in again, which costs more than the arithmetic.
-    This writes ``x * cos`` into ``out`` and adds the rotated halves in place (no autograd through ``out``).
+    This writes ``x * cos`` into ``out`` and adds the rotated halves in place (no autograd through ``out``). With
+    partial rotary the callers pass only the rotated dimensions of a cache (no copy of the others).
     """
     half = x.shape[-1] // 2
     torch.mul(x, cos, out=out)  # (B, H, T, D)
@@ -185,9 +196,9 @@ class PaperScoreEncoding(nn.Module):
     asymmetric (c(j) != c(i) in general) but cannot depend on i - j.
 
     On a ViT's patch grid (:meth:`index_by_grid`, set by the ViT's ``score_grid``) P is indexed by each patch's
-    (row, column) instead of its place in the sequence, as the authors' ImageNet follow-up describes
-    (:func:`paper_grid_pair_tensor`): each half of P splits again into row and column channels, and the class token
-    gets none.
+    (row, column) instead of its place in the sequence (:func:`paper_grid_pair_tensor`; our extension: the
+    authors' released code indexes P by sequence place only): each half of P splits again into row and column
+    channels, and the class token gets none.
 
     Args:
         channels: m, the channels of P (10 for the paper's synthetic tasks, 50 for its ViT).

@@ -37,8 +37,12 @@ class SequenceConfig(TrunkConfig):
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"network.position=rope needs an even head size, but d_model/n_head = {self.head_dim}.")
 
-    def rope(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """RoPE tables for positions 0 .. length-1, each (length, head_dim), or None without rotary positions."""
+    def rope(
+        self, length: int, device: torch.device, dtype: torch.dtype, dims: int | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """RoPE tables for positions 0 .. length-1, each (length, dims), or None without rotary positions; ``dims``:
+        the rotated width (``AttentionConfig.rotary_dims``: partial rotary, a decoupled rotary key), None: head_dim.
+        The frequencies follow the rotated width, as Hugging Face's partial rotary computes them."""
         if self.position != "rope":
             return None
-        return rope_tables(torch.arange(length, device=device), self.head_dim, self.rope_base, dtype)
+        return rope_tables(torch.arange(length, device=device), dims or self.head_dim, self.rope_base, dtype)

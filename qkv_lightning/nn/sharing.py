@@ -257,11 +257,21 @@ def range_text(start: int, stop: int | None) -> str:
 
 _CLA = re.compile(r"_cla(\d+|\[\d+:\d+(?:,\d+:\d+)*\])$")
 _DEPTH = re.compile(r"_d((?:[QKV]\d+)+)$")
+_ROPE_KEY = re.compile(r"_rk(\d+)$")
+_ROPE_FRACTION = re.compile(r"_rf(\d*\.?\d+)$")
 
 
 def _split_structure(text: str) -> tuple[str, dict[str, Any]]:
-    """``Q-K=V_dQ2_cla2`` -> (``Q-K=V``, the depth and cross-layer settings its suffixes name)."""
+    """``Q-K=V_dQ2_cla2_rk16`` -> (``Q-K=V``, the depth, cross-layer and rotary settings its suffixes name)."""
     extra: dict[str, Any] = {}
+    match = _ROPE_KEY.search(text)
+    if match:
+        extra["rope_key_dim"] = int(match.group(1))
+        text = text[: match.start()]
+    match = _ROPE_FRACTION.search(text)
+    if match:
+        extra["rope_fraction"] = float(match.group(1))
+        text = text[: match.start()]
     match = _CLA.search(text)
     if match:
         value = match.group(1)
@@ -306,6 +316,10 @@ class VariantLabel:
     """Cross-layer K/V sharing as (layer, source layer) pairs (instead of ``kv_share_every``)."""
     depth: tuple[tuple[str, int], ...] = ()
     """Depth-factorised roles: (role, factors) pairs, e.g. (("Q", 2),) for QVV(3) on Q-K=V."""
+    rope_fraction: float = 1.0
+    """Partial rotary positions: the fraction of each head's dimensions rotated (1.0: all; label suffix ``_rf``)."""
+    rope_key_dim: int = 0
+    """A decoupled rotary key of this many dimensions (0: none; label suffix ``_rk``)."""
 
     def __post_init__(self) -> None:
         partition = self.sharing if isinstance(self.sharing, Sharing) else Sharing.parse(self.sharing)
@@ -344,12 +358,20 @@ class VariantLabel:
         object.__setattr__(
             self, "depth", tuple((role, int(depth[role])) for role in ROLES if role in depth and int(depth[role]) > 1)
         )
+        if not 0.0 < float(self.rope_fraction) <= 1.0 or int(self.rope_key_dim) < 0 or int(self.rope_key_dim) % 2:
+            raise ConfigError(
+                f"rope_fraction={self.rope_fraction!r} must lie in (0, 1] and rope_key_dim={self.rope_key_dim!r} "
+                "must be an even count >= 0."
+            )
+        object.__setattr__(self, "rope_fraction", float(self.rope_fraction))
+        object.__setattr__(self, "rope_key_dim", int(self.rope_key_dim))
 
     @classmethod
     def parse(cls, label: str) -> Any:
         """The variant a label names (an instance of ``cls``): ``QKV``, ``Q=K-V+score``, ``Q-K=V_kv2``,
         ``Q=K=V+score+noself``, the paper's ``(Q=K=V)+`` for ``Q=K=V+score``; a schedule ``QKV@0-1,Q-K=V@2-``; then
-        ``_dQ2`` (depth) and ``_cla2`` or ``_cla[1:0,3:2]`` (cross-layer K/V sharing). The inverse of :attr:`label`.
+        ``_dQ2`` (depth), ``_cla2`` or ``_cla[1:0,3:2]`` (cross-layer K/V sharing), ``_rf0.25`` (partial rotary)
+        and ``_rk16`` (a decoupled rotary key). The inverse of :attr:`label`.
 
         Raises:
             ConfigError: for an unknown sharing, breaker or K/V head count, or a malformed schedule, naming the label.
@@ -385,8 +407,10 @@ class VariantLabel:
 
     @property
     def structured(self) -> bool:
-        """Whether the label names depth factorisation or cross-layer K/V sharing."""
-        return bool(self.depth or self.kv_sources or self.kv_share_every != 1)
+        """Whether the label names depth factorisation, cross-layer K/V sharing or rotary settings (all of them the
+        whole network's)."""
+        return bool(self.depth or self.kv_sources or self.kv_share_every != 1 or self.rope_fraction != 1.0
+                    or self.rope_key_dim)
 
     @property
     def variant_text(self) -> str:
@@ -408,6 +432,10 @@ class VariantLabel:
             label += f"_cla{self.kv_share_every}"
         if self.kv_sources:
             label += "_cla[" + ",".join(f"{a}:{b}" for a, b in self.kv_sources) + "]"
+        if self.rope_fraction != 1.0:
+            label += f"_rf{self.rope_fraction:g}"
+        if self.rope_key_dim:
+            label += f"_rk{self.rope_key_dim}"
         return label
 
     @property

@@ -60,9 +60,10 @@ class ViTConfig(TrunkConfig):
 
     score_grid: bool = False
     """Index the paper's "+" score encoding (attention.score_encoding: paper) by each patch's (row, column) on the
-    grid instead of its place in the token sequence, as the authors' ImageNet follow-up describes: each half of P
-    (query, key) splits into row and column sinusoids, and the class token gets no position features. No effect on
-    the other encodings; false keeps the paper's sequence indexing (the class token at position 0)."""
+    grid instead of its place in the token sequence (our extension; the authors' released code has no grid
+    indexing): each half of P (query, key) splits into row and column sinusoids, and the class token gets no
+    position features. No effect on the other encodings; false keeps the paper's sequence indexing (the class token
+    at position 0)."""
 
     init: Literal["vit", "torch"] = "vit"
     """Weight initialisation. vit: truncated N(0, init_std) weights, zero biases and head, a near-zero class token.
@@ -115,13 +116,13 @@ class ViTConfig(TrunkConfig):
         d, bias = self.d_model, self.bias
         patches = self.grid**2
         t = patches + (1 if self.pool == "cls" else 0)
-        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer)
+        shape = attention_shapes(d, self.n_head, attention, bias, self.n_layer, self.qkv_bias)
         patch_in = self.in_channels * self.patch_size**2
         embedding = patch_in * d + (d if bias else 0)
         embedding += d if self.pool == "cls" else 0
         embedding += t * d if self.position == "learned" else 0
         head = d * self.num_classes + self.num_classes  # the ViT's head always has a bias
-        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, False, False)
+        flops, fixed = trunk_flops(shape, self.mlp_width, self.n_layer, t, False, False, self.mlp)
         flops += Flops.product(2 * patches * patch_in * d, input_needs_grad=False)  # images need no gradient
         flops += Flops.product(2 * d * self.num_classes)  # one pooled vector per image
         return trunk_network_cost(

@@ -5,7 +5,8 @@ Every cell (variant, seed) is a real Lightning fit of the same task config, with
 schedule; only the attention variant and the run seed differ. The study directory gets one TensorBoard run per cell
 (``runs/<variant>/seed<k>``, comparable in the HParams view), ``results.csv`` (one row per run), ``summary.md`` and
 ``summary.json`` (one row per variant, differences from the baseline with confidence intervals and Holm-corrected
-p-values) and ``summary.png``. Re-running skips finished cells; a failed cell is recorded and the study goes on.
+p-values), ``summary.png`` and the study's own TensorBoard run ``summary/`` (tables, plots, progress: see
+``dashboard.py``). Re-running skips finished cells; a failed cell is recorded and the study goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jsonargparse
 
 from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.study.config import Cell, StudyConfig
+from qkv_lightning.study.reference import markdown as reference_markdown
 from qkv_lightning.study.report import equivalence_table, summary_table
 from qkv_lightning.study.runner import run_study, study_dir_of
 from qkv_lightning.study.sweep import sweep_table
@@ -78,10 +80,12 @@ def main(argv: Sequence[str]) -> int:
             f"verdict: worse * / better * = significant after Holm correction (p < {config.alpha}); n.s. = no "
             "significant difference, which is not evidence of none (set --equivalence_margin to test for that)."
         )
+    if summary.get("reference"):  # study.reference: the matched cells against the reference file
+        print(reference_markdown(summary["reference"]))
     print(
-        f"Written: {study_dir}/summary.md, summary.json, results.csv, "
-        f"{'cells.md' if 'sweep_table' in summary else 'summary.png'}; "
-        f"TensorBoard: tensorboard --logdir {study_dir}"
+        f"Written: {study_dir}/summary.md, summary.json, results.csv, summary.png"
+        f"{', cells.md' if 'sweep_table' in summary else ''}; TensorBoard (every cell, and the study's own run "
+        f"summary/ with these tables, plots and progress): tensorboard --logdir {study_dir}"
     )
     return failed_runs(summary, study_dir)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from qkv_lightning.callbacks.milestones import MetricsAtSteps
-from qkv_lightning.files import atomic_write_text
+from qkv_lightning.files import atomic_write_text, make_owned_dir, remove_owned
 from qkv_lightning.study.config import (
     CONVERT_PREFIX,
     INIT_FROM_KEY,
@@ -64,6 +64,7 @@ def cell_spec(config: StudyConfig, study_dir: Path, cell: Cell) -> dict:
         "validate_first": config.validate_first,
         **resolve_starts(config, study_dir, cell, task),
         "logger": configured_logger(str(Path(task).resolve()), tuple(config.overrides)),
+        "logger_args": configured_logger_args(str(Path(task).resolve()), tuple(config.overrides)),
     }
 
 
@@ -232,15 +233,29 @@ TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
 @functools.cache
-def configured_logger(task: str, overrides: tuple[str, ...]) -> str | None:
-    """The ``class_path`` of the one ``trainer.logger`` that the task config (with the study's overrides) sets; None
-    for none, Lightning's default or several (the cells then log to TensorBoard)."""
+def _configured_logger(task: str, overrides: tuple[str, ...]) -> str:
+    """The one ``trainer.logger`` that the task config (with the study's overrides) sets, as JSON (``null`` for none,
+    Lightning's default or several)."""
     from qkv_lightning.lightning_cli import QKVLightningCLI
 
     logger = QKVLightningCLI.parse_only(["--config", task, *overrides]).as_dict()["trainer"].get("logger")
     if isinstance(logger, list) and len(logger) == 1:
         logger = logger[0]
-    return logger.get("class_path") if isinstance(logger, dict) else None
+    return json.dumps(logger if isinstance(logger, dict) else None, default=str)
+
+
+def configured_logger(task: str, overrides: tuple[str, ...]) -> str | None:
+    """The ``class_path`` of the one ``trainer.logger`` that the task config (with the study's overrides) sets; None
+    for none, Lightning's default or several (the cells then log to TensorBoard)."""
+    logger = json.loads(_configured_logger(task, overrides))
+    return logger.get("class_path") if logger else None
+
+
+def configured_logger_args(task: str, overrides: tuple[str, ...]) -> dict:
+    """The ``init_args`` of that logger ({} for none): where the study's own MLflow run goes
+    (:mod:`qkv_lightning.study.dashboard`)."""
+    logger = json.loads(_configured_logger(task, overrides))
+    return dict((logger or {}).get("init_args") or {})
 
 
 def logger_placement(class_path: str, directory: Path) -> dict:
@@ -323,25 +338,18 @@ def model_accounting(model: object) -> dict:
 
 
 def log_cell_record(trainer: object, spec: dict, result: dict) -> None:
-    """Record the cell through every logger's API (:func:`qkv_lightning.loggers.log_hyperparams_and_metrics`):
-    variant, seed, status and accounting as hyper-parameters, the final metrics as metrics (TensorBoard: its HParams
-    view; MLflow and W&B: params and metrics of the run). A failed cell records its hyper-parameters only."""
-    from qkv_lightning.loggers import log_hyperparams_and_metrics
+    """Record the cell through every logger's API (:func:`qkv_lightning.study.dashboard.log_cell_hparams`): its
+    hyper-parameters (:func:`~qkv_lightning.study.dashboard.cell_hparams`: variant, task, axis values, seed, status,
+    accounting) and its final metrics (TensorBoard: a session of the study's HParams view; MLflow, W&B, CSV: params
+    and metrics of the run). A failed cell records its hyper-parameters and its status only."""
+    from qkv_lightning.study.dashboard import cell_hparams, log_cell_hparams
 
-    params = {  # the variant's columns as text: null K/V heads are "all", booleans "true" / "false"
-        **{key: "all" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-           for key, value in spec["row"].items()},
-        "seed": spec["seed"],
-        "task": spec["task_name"],
-        "status": result["status"],
-        "params": result.get("params") or 0,
-        "kv_cache_bytes_per_token": result.get("kv_cache_bytes_per_token") or 0,
-    }
+    params = cell_hparams(spec, result)
     names = spec["metrics"] or sorted(result["metrics"])
     metrics = {name: result["metrics"][name] for name in names if name in result["metrics"]}
     ok = result["status"] == "ok"
     for logger in getattr(trainer, "loggers", None) or []:
-        log_hyperparams_and_metrics(logger, params, metrics if ok else {}, result.get("steps") or 0)
+        log_cell_hparams(logger, params, metrics if ok else {}, result.get("steps") or 0, ok, spec["key"])
         logger.finalize("success" if ok else "failed")
 
 
@@ -349,9 +357,8 @@ def prepare_cell(spec: dict) -> None:
     """A fresh cell folder with its ``cell.yaml`` (a half-finished or outdated run of this study starts afresh)."""
     directory = Path(spec["dir"])
     check_no_survivors([directory])
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    remove_owned(directory, advice="remove the link in study.output that leads there", role="the study cell")
+    make_owned_dir(directory)
     atomic_write_text(directory / "cell.yaml", yaml.safe_dump(cell_overrides(spec), sort_keys=False))
 
 

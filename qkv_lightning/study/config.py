@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,11 @@ class StudyConfig:
     retry_failed: bool = True
     """On re-runs, run failed cells again (finished ones are always skipped)."""
 
+    max_cells: int | None = None
+    """Run at most this many of the pending cells, the first in the grid's order (seeds outermost, then tasks, axis
+    values and variants), and leave the others for a later run; e.g. 1 checks a study config end to end with its
+    first cell (as CI does for every shipped study). None: every pending cell."""
+
     convert_from: str | None = None
     """A trained checkpoint of the task (e.g. a QKV model) that cells start from when their
     ``model.init_args.init_from`` is ``convert:METHOD`` (an axis value: ``convert:mean``, ``convert:keep:V``,
@@ -160,6 +166,19 @@ class StudyConfig:
     strategy: str | None = None
     """A strategy config layered on every cell after the task config (e.g. configs/strategy/ddp.yaml), so that a
     cell can itself be multi-GPU or multi-node."""
+
+    reference: str | list[str] | None = None
+    """A reference results file (or several, e.g. the authors' two shards) to compare with over matched cells only:
+    the paper authors' per-cell CSV (/work/shared/data/paper-results/synthetic_results_shard*.csv) or one of our own
+    results.csv (see qkv_lightning/study/reference.py); the report gains the reference, ours and the paired
+    difference per matched cell group. A reference that matches no run is an error."""
+
+    reference_metric: str = "test/acc"
+    """Our metric compared with the reference's value (the authors' ``accuracy`` column, or this column of ours)."""
+
+    reference_cell: dict[str, Any] = field(default_factory=dict)
+    """Values our cells hold fixed that the reference varies (e.g. ``{n_layer: 2, n_head: 2}``), so that each run
+    matches one reference row."""
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -231,6 +250,12 @@ class StudyConfig:
             self.breakers = ["+".join(parse_breakers(name)) or NO_BREAKER for name in self.breakers]
         except ConfigError as error:
             raise ConfigError(f"study.breakers={self.breakers}: {error}") from None
+        for path in self.reference_files:
+            if not Path(path).is_file():
+                raise ConfigError(f"study.reference: {path} is not a file; name a results CSV (the authors' per-cell "
+                                  "file or a study's results.csv).")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise ConfigError(f"study.max_cells={self.max_cells} must be >= 1 (or null: every pending cell).")
         if self.calibration_batches < 1:
             raise ConfigError(f"study.calibration_batches={self.calibration_batches} must be >= 1.")
         converting = any(
@@ -250,6 +275,13 @@ class StudyConfig:
                 )
 
     @property
+    def reference_files(self) -> list[str]:
+        """The reference results files (none without ``reference``)."""
+        if not self.reference:
+            return []
+        return [self.reference] if isinstance(self.reference, str) else [str(p) for p in self.reference]
+
+    @property
     def task_paths(self) -> list[str]:
         """The task configs, as a list (one or more)."""
         return [self.task] if isinstance(self.task, str) else list(self.task)
@@ -261,10 +293,8 @@ class StudyConfig:
         return len(self.task_paths) > 1 or bool(self.axes)
 
     def axis_names(self) -> dict[str, str]:
-        """Each axis key's short name in labels and columns: its last part (``d_model``), or the whole key where two
-        keys end alike."""
-        last = [key.rsplit(".", 1)[-1] for key in self.axes]
-        return {key: short if last.count(short) == 1 else key for key, short in zip(self.axes, last, strict=True)}
+        """Each axis key's short name in labels and columns (:func:`short_axis_names`)."""
+        return short_axis_names(self.axes)
 
     def resolve_metrics(self, results: list[dict]) -> list[str]:
         """The metrics to summarise: ``metrics``, else the preferred ones among those the finished runs logged."""
@@ -279,6 +309,15 @@ class StudyConfig:
         from qkv_lightning.loggers import lower_is_better
 
         return metric in self.lower_is_better or lower_is_better(metric)
+
+
+def short_axis_names(keys: Iterable[str], taken: Iterable[str] = ()) -> dict[str, str]:
+    """Each axis key's short name: its last part (``d_model``), or the whole key where two keys end alike or the last
+    part is one of the names ``taken`` (another column's)."""
+    keys, taken = list(keys), set(taken)
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    pairs = zip(keys, last, strict=True)
+    return {key: short if last.count(short) == 1 and short not in taken else key for key, short in pairs}
 
 
 def task_label(path: str) -> str:

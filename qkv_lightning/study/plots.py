@@ -1,10 +1,12 @@
-"""The study's plots: the forest plot of every variant's difference from the baseline with its interval, clipped to
-the values the metric can take (``summary.png``)."""
+"""The study's plots: ``summary.png`` of a study (the primary metric versus parameters and KV-cache size, and a forest
+panel of the differences from the baseline), of a sweep (the primary metric per task, and the forest panel of the
+matched-cell differences), and the same per task and axis setting of a sweep (drawn for its TensorBoard run)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from qkv_lightning.files import atomic_open
 from qkv_lightning.study.report import _marker
 from qkv_lightning.study.results import metric_range
 
@@ -76,8 +78,9 @@ def summary_figure(summary: dict):  # -> matplotlib.figure.Figure | None
     return figure
 
 
-def _forest(axis, summary: dict, metric: str, bounds: tuple[float, float]) -> None:
-    """Forest panel: one line per compared variant, difference from the baseline with its intervals."""
+def _forest(axis, summary: dict, metric: str, bounds: tuple[float, float], dots: str = "per seed") -> None:
+    """Forest panel: one line per compared variant, difference from the baseline with its intervals and its
+    ``diff_points`` (labelled ``dots``)."""
     base = summary["baseline"]
     base_mean = next(row for row in summary["variants"] if row["variant"] == base)["metrics"][metric]["mean"]
     if base_mean is None:
@@ -106,7 +109,7 @@ def _forest(axis, summary: dict, metric: str, bounds: tuple[float, float]) -> No
                       label=f"{level} CI (TOST)" if y == 0 else None)  # fmt: skip
         points = list(entry.get("diff_points", {}).values())
         axis.scatter(points, [y + 0.2] * len(points), s=14, color=color, alpha=0.7, marker=".",
-                     label="per seed" if y == 0 else None)  # fmt: skip
+                     label=dots if y == 0 else None)  # fmt: skip
         xs += [diff, *points, *(v for v in entry["diff_ci95"] if v is not None)]
     if margin is not None:
         xs += [-margin["margin"], margin["margin"]]
@@ -123,12 +126,60 @@ def _forest(axis, summary: dict, metric: str, bounds: tuple[float, float]) -> No
         axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
 
 
-def plot_summary(summary: dict, path: Path) -> None:
-    """Draw :func:`summary_figure` into ``path`` (PNG)."""
+def sweep_figure(summary: dict):  # -> matplotlib.figure.Figure | None
+    """The plot of a sweep's summary (:func:`qkv_lightning.study.sweep.summarize_sweep`): the primary metric of each
+    variant per task and axis setting (its mean over the seeds, from ``groups``), and the forest panel of each row's
+    difference from the baseline over the matched cells (95% CI, one dot per matched cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = summary_figure(summary)
-    if figure is None:
-        return
-    figure.savefig(path, dpi=120)
+    metric = summary["primary"]
+    if metric is None:
+        return None
+    base, groups = summary["baseline"], summary.get("groups") or []
+    figure, axes = plt.subplots(1, 2, figsize=(14, 4.4), gridspec_kw={"width_ratios": [1, 1.1]})
+    labels = list(dict.fromkeys(row["variant"] for row in summary["variants"]))
+    for i, label in enumerate(labels):
+        points = []
+        for x, part in enumerate(groups):
+            row = next((r for r in part["variants"] if r["variant"] == label), None)
+            mean = row["metrics"].get(metric, {}).get("mean") if row else None
+            if mean is not None:
+                points.append((x, mean))
+        if points:
+            axes[0].plot(*zip(*points, strict=True), marker="s" if label == base else "o", color=f"C{i}", label=label)
+    axes[0].set_xticks(range(len(groups)), [part["group"] for part in groups], rotation=20, ha="right", fontsize=7)
+    axes[0].set_xlim(-0.5, len(groups) - 0.5)
+    axes[0].set_ylabel(f"{metric} (mean over seeds)")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    rows = [row if row["variant"] == base else {**row, "variant": row["row"]} for row in summary["variants"]]
+    _forest(axes[1], {**summary, "variants": rows}, metric, metric_range(metric), dots="per matched cell")
+    axes[1].set_xlabel(f"{metric} minus {base} (mean over matched cells)")
+    figure.suptitle(f"{', '.join(summary['tasks'])}: {metric} per variant over every task and axis setting, seeds "
+                    f"{summary['seeds']}", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def figure_png(figure) -> bytes:  # figure: matplotlib.figure.Figure
+    """The figure as PNG bytes at 120 dpi (the resolution of ``summary.png``); the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
+    return buffer.getvalue()
+
+
+def plot_summary(summary: dict, path: Path) -> None:
+    """Draw the summary's plot (:func:`sweep_figure` for a sweep, else :func:`summary_figure`) into ``path`` (PNG,
+    written atomically)."""
+    figure = sweep_figure(summary) if "sweep_table" in summary else summary_figure(summary)
+    if figure is not None:
+        with atomic_open(path, "wb") as file:
+            file.write(figure_png(figure))

@@ -14,9 +14,11 @@ import yaml
 from qkv_lightning.files import atomic_write_text
 from qkv_lightning.study.cell import cell_spec, check_cells, make_conversions
 from qkv_lightning.study.config import StudyConfig, cells, expand_grid
+from qkv_lightning.study.dashboard import StudyBoard
 from qkv_lightning.study.launchers import plan_workers, run_cells
 from qkv_lightning.study.plots import plot_summary
 from qkv_lightning.study.progress import HEARTBEAT_S, StudyProgress
+from qkv_lightning.study.reference import add_reference
 from qkv_lightning.study.report import (
     summarize,
     summary_table,
@@ -38,7 +40,8 @@ def study_dir_of(config: StudyConfig, config_path: str | None) -> Path:
 def run_study(
     config: StudyConfig, study_dir: Path, echo: Callable[[str], None] = print, title: str | None = None
 ) -> dict:
-    """Run the pending cells of the study, then write results.csv, summary.{md,json} and summary.png.
+    """Run the pending cells of the study, then write results.csv, summary.{md,json}, summary.png and the study's
+    TensorBoard run ``summary/`` (:mod:`qkv_lightning.study.dashboard`).
 
     Returns:
         The summary (as written to summary.json), plus ``ran`` and ``skipped`` cell counts.
@@ -83,6 +86,11 @@ def _run_locked(
     unfinished = len(pending)
     if not config.run:
         pending = []
+    if config.max_cells is not None and len(pending) > config.max_cells:
+        echo(f"study: max_cells={config.max_cells}: running the first {config.max_cells} of {len(pending)} pending "
+             "cells; the others are left for a later run")
+        pending = pending[: config.max_cells]
+    board = StudyBoard(config, study_dir, specs, echo)  # <study>/summary/: the study's TensorBoard run
     groups = sorted({cell.group for cell in grid}, key=[cell.group for cell in grid].index)
     shape = f"{len(variants)} variants x {len(config.seeds)} seeds" + (
         f" x {len(groups)} task/axis settings" if config.is_sweep else ""
@@ -100,6 +108,7 @@ def _run_locked(
     progress = StudyProgress(len(pending), max(1, slots) if slots is not None else None, echo)
 
     def on_result(result: dict) -> None:
+        board.progress()
         progress.finished(result.get("wall_s"))
         where = f"{result['group']}/" if result.get("group") else ""
         head = f"[{progress.done}/{len(pending)}] {where}{result['variant']} seed {result['seed']}:"
@@ -139,10 +148,12 @@ def _run_locked(
     else:
         summary = summarize(config, variants, results)
         write_summary(summary, study_dir, name)
-        try:
-            plot_summary(summary, study_dir / "summary.png")
-        except Exception as error:  # noqa: BLE001 - the tables are written; a plotting problem must not lose them
-            echo(f"study: could not draw summary.png ({type(error).__name__}: {error})")
+    try:
+        plot_summary(summary, study_dir / "summary.png")
+    except Exception as error:  # noqa: BLE001 - the tables are written; a plotting problem must not lose them
+        echo(f"study: could not draw summary.png ({type(error).__name__}: {error})")
+    add_reference(config, results, study_dir, summary)  # study.reference: matched cells against a results file
+    board.finish(summary)
     summary["ran"], summary["skipped"] = len(pending), len(grid) - unfinished
     summary["impossible"] = skipped
     return summary

@@ -35,6 +35,10 @@ KEPT_APART = (INIT_FROM_KEY, TEACHER_KEY)
 """Axes whose values the sweep table keeps in separate rows instead of averaging over them (where a cell starts)."""
 
 
+TESTED = ("diff", "diff_ci95", "diff_points", "test", "t", "df", "p", "p_holm")
+"""The fields of a sweep-table entry that its row's metric entry repeats (the matched-cell comparison)."""
+
+
 def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else value
 
@@ -166,6 +170,8 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
                 test = stats.paired_test(mine, theirs)
                 entry.update(
                     pairs=len(keys),
+                    diff_points={f"{group}/seed{seed}": a - b for (group, seed), a, b in zip(keys, mine, theirs,
+                                                                                              strict=True)},
                     diff=_finite(test.diff),
                     diff_ci95=[_finite(test.ci_low), _finite(test.ci_high)],
                     test="paired (matched cells)",
@@ -198,7 +204,7 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
                 "mean": entry["average"],
                 "std": _finite(stats.std(seeds)),
                 "ci95": entry["ci95"],
-                **{k: entry[k] for k in ("diff", "diff_ci95", "test", "t", "df", "p", "p_holm") if k in entry},
+                **{k: entry[k] for k in TESTED if k in entry},
                 "verdict": entry["verdict"],
             }
     return {

@@ -19,7 +19,7 @@ from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
 from qkv_lightning.tasks.distill import DistillConfig, distillation_loss, freeze
 from qkv_lightning.tasks.optim import OptimizerConfig
-from qkv_lightning.tasks.persist import BOOKKEEPING, build_task, load_weights, state_dict_of, stored_settings
+from qkv_lightning.tasks.persist import BOOKKEEPING, build_task, load_weights, stored_settings
 
 
 class TaskModule(L.LightningModule, abc.ABC):
@@ -190,7 +190,7 @@ class TaskModule(L.LightningModule, abc.ABC):
         mine = f"{type(self).__module__}.{type(self).__qualname__}"
         check_class(CheckpointInfo(Path(path), False, {}, {"_class_path": saved_class}), mine)
         self.check_checkpoint_data(hparams.get("data_spec") or {}, source)
-        state = state_dict_of(checkpoint, source)
+        state = checkpoint["state_dict"]  # its layout checked where it was read
         weights = {k.removeprefix("network."): v for k, v in state.items() if k.startswith("network.")}
         return weights, hparams
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.files import atomic_open
 from qkv_lightning.hparams import as_config
 from qkv_lightning.nn.gpt import GPT, IGNORE_INDEX, GPTConfig
 from qkv_lightning.resume import differing_settings, weight_problems
@@ -389,8 +390,7 @@ class LanguageModel(TaskModule):
         if not paths:
             return
         path = paths[self.trainer.global_rank if len(paths) > 1 else 0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w" if self.generation_config.overwrite else "x", encoding="utf-8") as f:
+        with atomic_open(path, "w", replace=self.generation_config.overwrite) as f:
             for result in self.generated:
                 f.write(json.dumps(result) + "\n")
         rank_zero_info(f"wrote {len(self.generated)} generations to {path}")

@@ -10,8 +10,8 @@ check, ``--ckpt_path`` in LightningCLI) goes through here, so the rules hold eve
   check looks at the dotted path first, then at the object found.
 - **Stored settings never choose where output goes.** :data:`OUTPUT_SETTINGS` (files to write, overwrite flags)
   are dropped from a checkpoint's hyper-parameters; only the user's config and command line set them.
-- **A damaged file is an error naming it**, never a traceback: hyper-parameters that are not a mapping, weights that
-  are not a state dict, settings the class does not take, weights that do not fit.
+- **A damaged file is an error naming it**, never a traceback: settings the class does not take, weights that do not
+  fit (the file's layout itself is checked where it is read, :mod:`qkv_lightning.checkpoints.read`).
 """
 
 from __future__ import annotations
@@ -87,16 +87,10 @@ def stored_settings(hparams: Any, source: str) -> tuple[str | None, dict[str, An
     """A checkpoint's hyper-parameters as (saved class path, init arguments), with the bookkeeping keys and the
     :data:`OUTPUT_SETTINGS` removed.
 
-    Raises:
-        CheckpointError: ``hparams`` is not a mapping with string keys.
+    The mapping itself was checked where the file was read (:func:`qkv_lightning.checkpoints.load_checkpoint_file`).
     """
     if hparams is None:
         return None, {}
-    if not isinstance(hparams, Mapping) or not all(isinstance(key, str) for key in hparams):
-        raise CheckpointError(
-            f"{source}: its hyper_parameters are a {type(hparams).__name__}, not a mapping of settings; the file was "
-            "not written by this tool's fit (or was altered). Use a checkpoint that fit saved."
-        )
     values = dict(hparams)
     class_path = values.pop("_class_path", None)
     values.pop("_instantiator", None)
@@ -159,25 +153,6 @@ def build_task(
     return task
 
 
-def state_dict_of(checkpoint: Mapping[str, Any], source: str) -> Mapping[str, Any]:
-    """The checkpoint's ``state_dict`` itself (not a copy), checked to be a mapping of names to tensors.
-
-    Raises:
-        CheckpointError: it is missing or of another shape.
-    """
-    import torch
-
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise CheckpointError(
-            f"{source}: its state_dict is a {type(state).__name__} rather than a mapping of parameter names to "
-            "tensors; the file was not written by fit (or was altered). Use a checkpoint that fit saved."
-        )
-    return state
-
-
 def load_weights(task: Any, state: Mapping[str, Any], source: str) -> None:
     """Load ``state`` into ``task`` strictly; a mismatch is a :class:`CheckpointError` naming the file."""
     try:
@@ -210,7 +185,7 @@ def load_task(
         )
     checkpoint = load_checkpoint_file(path, weights_only=weights_only)
     source = str(path)
-    state = state_dict_of(checkpoint, source)
+    state = checkpoint["state_dict"]  # its layout checked by load_checkpoint_file
     task = build_task(checkpoint.get("hyper_parameters"), source, expected=expected, replace=replace, drop=drop)
     task.on_load_checkpoint(checkpoint)  # fills in tied parameters stored once
     load_weights(task, state, source)
