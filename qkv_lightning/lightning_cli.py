@@ -9,7 +9,7 @@ that run before Lightning reads or writes anything, and the ``--optimizer`` flag
 from __future__ import annotations
 
 from argparse import ArgumentError
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +386,19 @@ def _not_defaults(cls: type, values: dict[str, Any], skip: tuple[str, ...] = ())
     return out
 
 
+def _keep_on_resume(config: Any, flag: str, what: str, saved: str, same: Callable[[], bool]) -> None:
+    """A resumed run (``ckpt_path``) keeps the checkpoint's optimiser / schedule: its state fits only that class.
+
+    Raises:
+        ConfigError: ``flag`` names another class than the checkpoint's ``saved`` one.
+    """
+    if config.get("ckpt_path") and not same():
+        raise ConfigError(
+            f"{flag} with ckpt_path={config.get('ckpt_path')}: the run resumes with the checkpoint's {what} ({saved}) "
+            f"and its state; to train with another {what}, start a new run from the weights instead."
+        )
+
+
 def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
     """Hand LightningCLI's ``--optimizer CLASS --optimizer.X V`` to the task's ``model.optimizer`` settings, with
     LightningCLI's meaning: that class with its own defaults and the arguments given, nothing of the optimiser the
@@ -410,12 +423,8 @@ def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
     class_path, init_args, settings = found
     cls = optimizer_class(class_path)
     saved_name = settings.get("name") or "AdamW"
-    if config.get("ckpt_path") and optimizer_class(saved_name) is not cls:
-        raise ConfigError(
-            f"--optimizer {class_path} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
-            f"checkpoint's optimiser ({saved_name}) and its state; to train with another optimiser, start a new run "
-            "from the weights instead."
-        )
+    _keep_on_resume(config, f"--optimizer {class_path}", "optimiser", saved_name,
+                    lambda: optimizer_class(saved_name) is cls)
     own = OptimizerConfig.__dataclass_fields__
     for key in ("lr", "weight_decay", "betas", "eps"):
         value = init_args.get(key, 0.0 if key == "weight_decay" else own[key].default)  # none: the class has none
@@ -442,12 +451,8 @@ def apply_lr_scheduler_flag(config: jsonargparse.Namespace) -> None:
     class_path, init_args, settings = found
     cls = scheduler_class(class_path)
     saved = settings.get("schedule") or "cosine"
-    if config.get("ckpt_path") and (saved in BUILTIN_SCHEDULES or scheduler_class(saved) is not cls):
-        raise ConfigError(
-            f"--lr_scheduler {class_path} with ckpt_path={config.get('ckpt_path')}: the run resumes with the "
-            f"checkpoint's schedule ({saved}) and its state; to train with another schedule, start a new run from the "
-            "weights instead."
-        )
+    _keep_on_resume(config, f"--lr_scheduler {class_path}", "schedule", saved,
+                    lambda: saved not in BUILTIN_SCHEDULES and scheduler_class(saved) is cls)
     own = OptimizerConfig.__dataclass_fields__
     for key in ("warmup_fraction", "min_lr_ratio", "step_gamma"):
         settings[key] = own[key].default
