@@ -35,7 +35,8 @@ PROG = "cli.py"
 """How usage lines name the command line (``qkv-lightning`` and ``python -m qkv_lightning`` are the same)."""
 
 CONFIG_SECTIONS = frozenset(
-    {"config", "seed_everything", "trainer", "model", "data", "optimizer", "nonfinite", "perf", "attention_maps"}
+    {"config", "seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "nonfinite", "perf",
+     "attention_maps"}
 )
 """The top-level settings of a fit config (LightningCLI's parser without a subcommand; a test compares them): an
 option of a task-config command whose name starts with one of these, or has a dot, goes to the task config."""
