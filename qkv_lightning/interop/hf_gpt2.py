@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.files import read_json
 from qkv_lightning.interop.common import language_data_spec, read_safetensors, require
 
 CONFIG_FILE = "config.json"
@@ -57,12 +58,7 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"{folder} has no {CONFIG_FILE}: a Hugging Face GPT-2 folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
             "(as GPT2LMHeadModel.save_pretrained writes them)."
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} does not hold a JSON object.")
+    config = read_json(path, "the model's config.json")  # a damaged file or another JSON type: one paragraph
     model_type = config.get("model_type", "gpt2")
     if model_type != "gpt2":
         raise ConfigError(f"{path}: model_type={model_type!r}; only GPT-2 (model_type 'gpt2') can be imported.")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
+from qkv_lightning.files import read_json
 from qkv_lightning.interop.common import read_safetensors, require
 
 CONFIG_FILE = "config.json"
@@ -57,12 +58,7 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"{folder} has no {CONFIG_FILE}: a Hugging Face Llama, Mistral or Qwen2 folder holds {CONFIG_FILE} and "
             f"{WEIGHTS_FILE} (or {INDEX_FILE} and its shards), as save_pretrained writes them."
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} does not hold a JSON object.")
+    config = read_json(path, "the model's config.json")  # a damaged file or another JSON type: one paragraph
     return config
 
 
