@@ -43,7 +43,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("qkv_lightning.uptrain.convert:main", "turn a trained checkpoint into another attention variant"),
     "evaluate": ("qkv_lightning.evaluate:main", "downstream tasks of a language model through lm-eval-harness"),
     "export": ("qkv_lightning.export:main", "a GPT as graphs with an explicit KV cache, or as a GPT-2 folder"),
-    "import": ("qkv_lightning.interop.command:main", "a Hugging Face GPT-2 folder or timm ViT weights as a checkpoint"),
+    "import": ("qkv_lightning.interop.command:main", "GPT-2/Llama/GGUF/timm/the authors' weights as a checkpoint"),
     "report": ("qkv_lightning.bench.report:main", "parameters, FLOPs and KV-cache bytes of every variant, closed form"),
     "study": ("qkv_lightning.study:main", "train variants x seeds under one budget and compare them, with statistics"),
 }
