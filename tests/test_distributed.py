@@ -305,9 +305,7 @@ def test_two_nodes_with_torchrun_train_together_through_the_cli(workdir, ddp):
 def test_every_strategy_config_parses_on_a_task_config(strategy, capsys):
     args = ["fit", "--config", str(CONFIGS / "lm" / "wikitext2-offline.yaml"),
             "--config", str(CONFIGS / "strategy" / f"{strategy}.yaml"), "--print_config"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code in (0, None)
+    assert main(args) == 0  # --print_config ends the parse; main turns that SystemExit into its exit code
     printed = capsys.readouterr().out
     assert "strategy:" in printed and "class_path: qkv_lightning.tasks.language_model.LanguageModel" in printed
 

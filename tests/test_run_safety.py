@@ -250,19 +250,21 @@ def users_config(path: Path) -> Path:
 
 
 def test_fit_never_replaces_a_config_yaml_it_did_not_write(tmp_path, monkeypatch, capsys):
-    """Five inputs: the user's config.yaml in trainer.default_root_dir (passed as --config, and not), in the working
-    folder with no default_root_dir, in a logger's fixed version folder, and a saved config the user edited. Each is
+    """Five inputs: the user's config.yaml in trainer.default_root_dir (passed as --config, and not), in the default
+    root folder (logs/) when no default_root_dir is given, in a logger's fixed version folder, and a saved config the
+    user edited. Each is
     refused with one paragraph naming it, keeping its SHA-256; the tool's own saved config is replaced on a re-run."""
     monkeypatch.chdir(tmp_path)
     mine = users_config(tmp_path / "exp" / "config.yaml")
     other = users_config(tmp_path / "exp2" / "config.yaml")
     cwd_config = users_config(tmp_path / "config.yaml")
+    default_root_config = users_config(tmp_path / "logs" / "config.yaml")  # trainer.default_root_dir's default: logs
     logged = users_config(tmp_path / "logs" / "run" / "v" / "config.yaml")
     no_logger = ["--trainer.logger", "false"]
     cases = [
         (["--config", str(mine), *no_logger, "--trainer.default_root_dir", str(tmp_path / "exp")], mine),
         (["--config", str(cwd_config), *no_logger, "--trainer.default_root_dir", str(tmp_path / "exp2")], other),
-        (["--config", str(mine), *no_logger], cwd_config),
+        (["--config", str(mine), *no_logger], default_root_config),
         (["--config", str(mine), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
           "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.logger.init_args.name", "run",
           "--trainer.logger.init_args.version", "v"], logged),
@@ -272,7 +274,8 @@ def test_fit_never_replaces_a_config_yaml_it_did_not_write(tmp_path, monkeypatch
         capsys.readouterr()
         assert main(["fit", *argv]) == 2, argv
         err = capsys.readouterr().err
-        assert str(user_file) in err and "Traceback" not in err and err.count("error: ") == 1, err[-2000:]
+        named = {str(user_file), str(user_file.relative_to(tmp_path))}  # the default root is named as logs/config.yaml
+        assert any(name in err for name in named) and "Traceback" not in err and err.count("error: ") == 1, err[-2000:]
         assert sha256(user_file) == before, user_file
     # the tool's own saved config is replaced by a re-run into the same folder; once edited by the user, it is not
     run = ["fit", "--config", str(mine), *no_logger, "--trainer.default_root_dir", str(tmp_path / "own")]
