@@ -4,6 +4,7 @@ event files opened only when something is written."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import os
@@ -335,8 +336,9 @@ def logger_error(logger_settings: Any, error: BaseException) -> Exception | None
     if cause is error or not kinds or "loggers.logger.Logger" not in str(error):
         return None
     kind = next((k for k in kinds if k in str(cause) or k in LOGGER_EXTRAS), kinds[0])
-    if isinstance(cause, ImportError) and kind in LOGGER_EXTRAS:
-        module, extra = LOGGER_EXTRAS[kind]
+    module, extra = LOGGER_EXTRAS.get(kind, ("", ""))
+    # the package is missing: an ImportError, or (jsonargparse < 4.50 reports it as a union error) no such module
+    if module and (isinstance(cause, ImportError) or importlib.util.find_spec(module) is None):
         return ConfigError(
             f"trainer.logger={kind} needs the {module} package, which is not installed: pip install -e \".[{extra}]\" "
             f"in the checkout (pip install \"qkv-lightning[{extra}]\" otherwise), or choose another logger (e.g. "
