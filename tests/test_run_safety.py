@@ -396,3 +396,33 @@ def test_resuming_deletes_no_path_a_checkpoints_callback_state_puts_outside_its_
     torch.save(checkpoint, tampered)
     assert main(["fit", *synthetic_args(tmp_path, steps=8), "--ckpt_path", str(tampered)]) == 0
     assert {role: hashlib.sha256(v.read_bytes()).hexdigest() for role, v in victims.items() if v.exists()} == digests
+
+
+def test_a_sharded_save_deletes_only_leftovers_it_wrote(tmp_path):
+    """Before a sharded save, ``<name>.partial`` and ``<name>.old`` are cleared: a real DCP folder (an interrupted
+    save: shards without the index, or a whole set-aside checkpoint) is deleted; a folder with a user's file in it, a
+    link to a user's folder and a plain file of that name are refused with the path named and kept byte for byte."""
+    from qkv_lightning.checkpoints import leftover_refusal, remove_leftover
+
+    whole = dcp_folder(tmp_path / "last.ckpt.old", {"w": torch.ones(3)})
+    interrupted = dcp_folder(tmp_path / "a.ckpt.partial", {"w": torch.ones(3)})
+    (interrupted / ".metadata").unlink()  # DCP writes its index last
+    for leftover in (whole, interrupted, tmp_path / "missing.partial"):
+        assert leftover_refusal(leftover) is None
+        remove_leftover(leftover)
+        assert not os.path.lexists(leftover)
+
+    users = dcp_folder(tmp_path / "b.ckpt.partial", {"w": torch.ones(3)})
+    (users / "notes.txt").write_text("mine\n")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(users, elsewhere)
+    (elsewhere / "notes.txt").unlink()  # only what a save writes, but reached through a link
+    link = tmp_path / "c.ckpt.partial"
+    link.symlink_to(elsewhere)
+    plain = tmp_path / "d.ckpt.old"
+    plain.write_text("a file\n")
+    before = snapshot(tmp_path)
+    reasons = [leftover_refusal(path) for path in (users, link, plain)]
+    assert reasons[0] == f"{users} holds notes.txt, which no sharded save writes"
+    assert reasons[1] == f"{link} is a link" and reasons[2] == f"{plain} is not a folder"
+    assert snapshot(tmp_path) == before
