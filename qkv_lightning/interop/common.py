@@ -1,13 +1,20 @@
-"""What the importers share: reading weight files safely, and writing a task as a ``fit``-style checkpoint."""
+"""What the importers and the Hugging Face writers share: reading weight files safely, writing a task as a
+``fit``-style checkpoint, and writing a Hugging Face folder."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.json"
+"""A Hugging Face folder's model config."""
+WEIGHTS_FILE = "model.safetensors"
+"""A Hugging Face folder's weights (one file; larger models shard them, listed in ``model.safetensors.index.json``)."""
 
 
 def require(package: str, purpose: str, extra: str = "interop") -> Any:
@@ -94,3 +101,31 @@ def check_destination(path: Path) -> None:
     """Refuse an existing destination before any work is done."""
     if path.exists():
         raise ConfigError(f"{path} exists already; name a new file (nothing is overwritten).")
+
+
+def check_hf_destination(out: Path) -> None:
+    """Refuse an ``--out`` folder that already holds a Hugging Face folder's files, before anything is loaded."""
+    existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if (out / name).exists()]
+    if existing:
+        raise ConfigError(
+            f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is overwritten)."
+        )
+
+
+def write_hf_folder(out: Path, config: dict[str, Any], tensors: dict[str, Tensor],
+                    check: Callable[[Path], None] | None = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``out`` (new, or without them) through a staged folder
+    (:func:`qkv_lightning.files.staged_folder`): ``check`` reads the complete folder before it is put in place, and if
+    it raises, or the process dies, nothing lies under the final names. ``tensors`` must not share memory."""
+    require("safetensors", "export --format hf")
+    from safetensors.torch import save
+
+    from qkv_lightning.files import atomic_open, atomic_write_json, staged_folder
+
+    check_hf_destination(out)
+    with staged_folder(out, last=(CONFIG_FILE,)) as stage:
+        with atomic_open(stage / WEIGHTS_FILE, "wb") as file:
+            file.write(save(tensors, metadata={"format": "pt"}))
+        atomic_write_json(stage / CONFIG_FILE, config, indent=2)
+        if check is not None:
+            check(stage)
