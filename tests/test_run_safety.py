@@ -367,3 +367,32 @@ def test_a_study_rerun_deletes_no_folder_it_cannot_prove_it_made(tmp_path, capsy
         assert snapshot(user) == before, damage.__name__
         assert sorted(p.name for p in (user / "seed0").iterdir()) == ["data.bin", "thesis.tex"]
     assert snapshot(cell) == snapshot(user / "seed0")  # the copy in the cell folder was not deleted either
+
+
+def test_resuming_deletes_no_path_a_checkpoints_callback_state_puts_outside_its_folder(tmp_path):
+    """A checkpoint whose ModelCheckpoint state names user files (``best_k_models``, ``kth_best_model_path``,
+    ``last_model_path``) by a path that leads out of the checkpoint folder (``dirpath/../..``, which Lightning's own
+    check takes for a path inside it), its ``dirpath`` that of the resumed run (Lightning restores the paths only
+    then): resuming from it, Lightning would delete them when it saves the next best and last checkpoints. Each is
+    dropped when the checkpoint is loaded; the files keep their SHA-256."""
+    import hashlib
+
+    assert main(["fit", *synthetic_args(tmp_path, steps=4)]) == 0
+    last = next(tmp_path.glob("logs/**/last.ckpt"))
+    victims = {role: tmp_path / f"{role}.txt" for role in ("best", "kth", "last")}
+    for victim in victims.values():
+        victim.write_text(f"the user's {victim.name}\n")
+    digests = {role: hashlib.sha256(victim.read_bytes()).hexdigest() for role, victim in victims.items()}
+    checkpoint = torch.load(last, weights_only=True)
+    states = [state for state in checkpoint["callbacks"].values() if "best_k_models" in state]
+    assert states, "the run saves ModelCheckpoint state"
+    resumed = last.parent.parent.parent / "version_1" / "checkpoints"  # the resumed run's folder: a new version
+    down = {role: os.path.join(resumed, os.path.relpath(victim, resumed)) for role, victim in victims.items()}
+    worst = torch.tensor(-1.0)  # sort.yaml's checkpoint maximises val/seq_acc: any score beats it
+    for state in states:
+        state.update(dirpath=str(resumed), best_k_models={down["best"]: worst, down["kth"]: worst},
+                     kth_best_model_path=down["kth"], kth_value=worst, last_model_path=down["last"])
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save(checkpoint, tampered)
+    assert main(["fit", *synthetic_args(tmp_path, steps=8), "--ckpt_path", str(tampered)]) == 0
+    assert {role: hashlib.sha256(v.read_bytes()).hexdigest() for role, v in victims.items() if v.exists()} == digests
