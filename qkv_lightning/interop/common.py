@@ -61,30 +61,36 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def language_data_spec(vocab_size: int, seq_len: int, bpe_file: Path | None = None) -> dict[str, Any]:
-    """An imported language model's ``data_spec``: its vocabulary and sequence length and, with ``bpe_file`` (a GPT-2
-    ``.tiktoken`` ranks file), the BPE tokenizer's identity, so that the CLI checks that evaluation data is tokenized
-    with the same BPE (the vocabulary is then the tokenizer's, at most the model's)."""
+def language_data_spec(
+    vocab_size: int, seq_len: int, bpe_file: Path | None = None, tokenizer: Any = None
+) -> dict[str, Any]:
+    """An imported language model's ``data_spec``: its vocabulary and sequence length and, with a tokenizer (a GPT-2
+    ``.tiktoken`` ranks file ``bpe_file``, or the model's own ``tokenizer``, a
+    :class:`~qkv_lightning.data.tokenizers.Tokenizer`), that tokenizer's identity, so that the CLI checks that
+    evaluation data is tokenized with it (the vocabulary is then the tokenizer's, at most the model's)."""
     data_spec: dict[str, Any] = {"vocab_size": vocab_size, "seq_len": seq_len}
+    what = "the stored tokenizer"
     if bpe_file is not None:
         from qkv_lightning.data.tokenizers import BPETokenizer
 
-        tokenizer = BPETokenizer.from_ranks_file(bpe_file)
+        tokenizer, what = BPETokenizer.from_ranks_file(bpe_file), f"--bpe_file {bpe_file}"
+    if tokenizer is not None:
         if tokenizer.vocab_size > vocab_size:
             raise ConfigError(
-                f"--bpe_file {bpe_file} has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                f"{vocab_size}; give the BPE the model was trained with."
+                f"{what} has {tokenizer.vocab_size} tokens, more than the model's vocab_size {vocab_size}; its ids "
+                "would run past the model's embedding. Give the tokenizer the model was trained with."
             )
         data_spec["tokenizer"] = tokenizer.identity
         data_spec["vocab_size"] = tokenizer.vocab_size
     return data_spec
 
 
-def task_checkpoint(task: Any, source: dict[str, Any]) -> dict[str, Any]:
-    """:func:`qkv_lightning.checkpoints.start_checkpoint` of ``task``, recording ``source`` under ``qkv_import``."""
+def task_checkpoint(task: Any, source: dict[str, Any], **records: Any) -> dict[str, Any]:
+    """:func:`qkv_lightning.checkpoints.start_checkpoint` of ``task``, recording ``source`` under ``qkv_import`` (and
+    ``records`` as further top-level entries, such as the model's own tokenizer)."""
     from qkv_lightning.checkpoints import start_checkpoint
 
-    return start_checkpoint(task, qkv_import=source)
+    return start_checkpoint(task, qkv_import=source, **records)
 
 
 def write_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:

@@ -13,6 +13,13 @@ A ``.gguf`` file (llama.cpp's format, quantised or not) is read through ``transf
 dequantises it into a Llama model (and undoes llama.cpp's q/k row order); that model's config and tensors then take
 the folder's path. It needs the optional package ``gguf`` (``pip install 'qkv-lightning[gguf]'``).
 
+The model's own tokenizer is stored in the checkpoint as data (the entry
+:data:`~qkv_lightning.data.hf_tokenizer.CHECKPOINT_ENTRY`: the text of a ``tokenizer.json``): the folder's
+``tokenizer.json`` when it has one, or for a GGUF file the fast tokenizer ``transformers`` builds from the file's
+metadata (``AutoTokenizer.from_pretrained(folder, gguf_file=name)``). Its identity and vocabulary (at most the
+model's) become the checkpoint's ``data_spec``, so ``data.tokenizer: hf`` with ``data.tokenizer_file`` naming the
+checkpoint scores text with it, and other tokenizers are refused.
+
 What our GPT cannot express is a :class:`ConfigError` naming the ``config.json`` field: a sliding window shorter
 than ``max_position_embeddings``, ``rope_scaling`` / ``rope_parameters`` types other than the default, partial
 rotary, a ``head_dim`` other than ``hidden_size / num_attention_heads``, ``attention_bias`` / ``mlp_bias``, another
@@ -39,8 +46,16 @@ from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.files import read_json
-from qkv_lightning.interop.common import CONFIG_FILE, WEIGHTS_FILE, read_safetensors, require, write_hf_folder
+from qkv_lightning.interop.common import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    language_data_spec,
+    read_safetensors,
+    require,
+    write_hf_folder,
+)
 
+TOKENIZER_FILE = "tokenizer.json"
 INDEX_FILE = "model.safetensors.index.json"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 """The ``model_type`` values that can be imported."""
@@ -262,18 +277,52 @@ def load_source(src: Path, fmt: str) -> tuple[dict[str, Any], dict[str, Any], di
     return network, attention, state, config
 
 
-def import_llama(src: Path, fmt: str, seq_len: int | None = None) -> tuple[Any, dict[str, Any]]:
+def read_tokenizer_text(src: Path, fmt: str) -> str | None:
+    """The ``tokenizer.json`` text of the source model: the folder's file, or for a GGUF file the one ``transformers``
+    builds from its metadata; None when the folder has none or ``transformers`` builds none from the file."""
+    if fmt != "gguf":
+        path = src / TOKENIZER_FILE
+        if not path.is_file():
+            return None
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"cannot read {path} as UTF-8 text ({error}).") from None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
+        return tokenizer.backend_tokenizer.to_str()
+    except (ValueError, OSError, KeyError, RuntimeError, AttributeError, TypeError):
+        return None
+
+
+def import_llama(src: Path, fmt: str, seq_len: int | None = None) -> tuple[Any, dict[str, Any], Any]:
     """A :class:`~qkv_lightning.tasks.language_model.LanguageModel` (eval mode) holding the model of ``src``; its
     ``data_spec`` records the vocabulary and ``seq_len`` (default ``max_position_embeddings``, at most
-    :data:`SEQ_LEN_CAP`). Returns the task and a summary for the command's report."""
+    :data:`SEQ_LEN_CAP`) and, when the source has a tokenizer, that tokenizer's identity and vocabulary. Returns the
+    task, a summary for the command's report and the tokenizer
+    (:class:`~qkv_lightning.data.hf_tokenizer.HFTokenizer`, or None), which the checkpoint stores.
+
+    Raises:
+        DataError: the folder's ``tokenizer.json`` is not a tokenizer the ``tokenizers`` library reads.
+        ConfigError: the tokenizer has more tokens than the model's vocabulary.
+    """
+    from qkv_lightning.data.hf_tokenizer import HFTokenizer
     from qkv_lightning.tasks.language_model import LanguageModel
 
     network, attention, state, config = load_source(src, fmt)
-    data_spec = {"vocab_size": network["vocab_size"], "seq_len": seq_len or min(network["max_seq_len"], SEQ_LEN_CAP)}
+    text = read_tokenizer_text(src, fmt)
+    where = str(src / TOKENIZER_FILE) if fmt != "gguf" else f"that transformers builds from {src}"
+    tokenizer = HFTokenizer(text, where) if text is not None else None
+    data_spec = language_data_spec(
+        network["vocab_size"], seq_len or min(network["max_seq_len"], SEQ_LEN_CAP), tokenizer=tokenizer
+    )
     task = LanguageModel(network=network, attention=attention, data_spec=data_spec)
     task.configure_model()
     task.network.load_state_dict({k: t.float() for k, t in state.items()}, strict=True)
-    return task.eval(), {"format": fmt, "model_type": config.get("model_type"), "config": jsonable(config)}
+    summary = {"format": fmt, "model_type": config.get("model_type"), "config": jsonable(config)}
+    return task.eval(), summary, tokenizer
 
 
 def jsonable(config: dict[str, Any]) -> dict[str, Any]:
