@@ -398,3 +398,30 @@ def test_bench_decode_command_measures_every_contender_and_writes_its_outputs(tm
     assert main(bad) == 2 and "max_seq_len=64" in capsys.readouterr().err
     assert main(["bench-decode", *TINY, "--contexts", "[8]", "--cache", "static", "--rope_keys", "[window:4]"]) == 2
     assert "static cache takes on_read or copy" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("plain_argv")
+def test_bench_decode_baseline_is_the_variant_every_ratio_divides_by(capsys):
+    """``--baseline QKV_kv1`` (a model shipped with fewer K/V heads than query heads): every ratio column divides by
+    that variant's row, QKV itself need not be measured, the table names the baseline, and a baseline that is not
+    among the variants is one error naming --baseline. Cache bytes per token, 4 heads of 8 channels, fp32, 2 layers:
+    Q-K=V 4 tensors of a head, QKV_kv1 2, Q-K=V_kv1 1."""
+    args = ["bench-decode", *TINY, "--variants", "[QKV, Q-K=V]", "--n_kv_heads", "[1]", "--labels",
+            "[Q-K=V, QKV_kv1, Q-K=V_kv1]", "--baseline", "QKV_kv1", "--contexts", "[8]", "--new_tokens", "2",
+            "--rounds", "1", "--warmup", "0"]
+    assert main([*args, "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {c["name"]: c for c in result["cells"]}
+    assert list(rows) == ["Q-K=V", "QKV_kv1", "Q-K=V_kv1"] and result["setup"]["baseline"] == "QKV_kv1"
+    assert {name: row["kv_bytes_ratio"] for name, row in rows.items()} == {"Q-K=V": 2.0, "QKV_kv1": 1.0,
+                                                                          "Q-K=V_kv1": 0.5}
+    for row in rows.values():
+        assert row["decode_ratio"] == row["decode_tokens_per_sec"] / rows["QKV_kv1"]["decode_tokens_per_sec"]
+        assert row["prefill_ratio"] == row["prefill_tokens_per_sec"] / rows["QKV_kv1"]["prefill_tokens_per_sec"]
+    assert main([*args, "--format", "markdown"]) == 0
+    table = capsys.readouterr().out
+    assert "| variant | context | prefill tok/s | x QKV_kv1 | decode tok/s | x QKV_kv1 |" in table
+    assert "| QKV_kv1 | 8 |" in table and "| x QKV |" not in table
+    assert main([a if a != "QKV_kv1" else "QKV" for a in args]) == 2  # QKV is left out by --labels
+    error = capsys.readouterr().err
+    assert "--baseline QKV, which is not among the variants ['Q-K=V', 'QKV_kv1', 'Q-K=V_kv1']" in error

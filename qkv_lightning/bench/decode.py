@@ -7,11 +7,11 @@ window:1024]'] [--cache dynamic|static] [--compile true] [--memory_budget 80GB] 
 Every cell (context, batch) builds one prompt of ``context`` random tokens per sequence and, for each contender
 (a variant, and for K=V variants with RoPE each ``--rope_keys`` scheme), times the prefill and ``--new_tokens``
 greedy decoding steps, every step on its own; contenders run round-robin in ``--rounds`` rounds, so that drifts in
-machine load hit all alike, and ratios to ``QKV`` come from the same rounds. A cell gives prefill tokens/s, decode
-tokens/s, time per output token (median and p90 over all timed steps), the KV cache's bytes (measured on the cache
-tensors), the peak memory above what was resident before (CUDA allocator peak; on Linux CPUs the peak resident set,
-reset per contender), and the bytes a decoding step must read per generated token in closed form (weights once per
-step, shared by the batch, plus every cached tensor), with the bandwidth that implies.
+machine load hit all alike, and ratios to ``QKV`` (or ``--baseline``) come from the same rounds. A cell gives prefill
+tokens/s, decode tokens/s, time per output token (median and p90 over all timed steps), the KV cache's bytes
+(measured on the cache tensors), the peak memory above what was resident before (CUDA allocator peak; on Linux CPUs
+the peak resident set, reset per contender), and the bytes a decoding step must read per generated token in closed
+form (weights once per step, shared by the batch, plus every cached tensor), with the bandwidth that implies.
 
 ``--memory_budget`` adds, per contender and context, the largest batch whose weights, static cache and one decoding
 step fit in the budget: computed in closed form, then checked by allocating it (in a child process whose data
@@ -56,6 +56,9 @@ def parser() -> Any:
 
         labels: list[str] | None = None
         """keep only these of the variants' labels, e.g. '[QKV, QKV_kv4, Q-K=V, Q-K=V_kv1]'"""
+        baseline: str = "QKV"
+        """the variant the ratio columns (x ...) compare with, one of the labels, e.g. QKV_kv3 for a model shipped
+        with 3 K/V heads"""
         contexts: list[int] = dataclasses.field(default_factory=lambda: [256, 1024])
         """prompt tokens in the cache, e.g. '[256, 1024]'"""
         batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [1])
@@ -106,7 +109,8 @@ def parser() -> Any:
         "bench-decode",
         DecodeOptions,
         description="Prefill and KV-cached decoding of every variant of a language-model config over context lengths "
-        "and batch sizes, interleaved, with ratios to QKV. Other --model... options change the config.",
+        "and batch sizes, interleaved, with ratios to QKV (or --baseline). Other --model... options change the "
+        "config.",
         task_config="required",
     )
 
@@ -171,8 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"--labels {' '.join(unknown)}: not among the variants {[v.label for v in variants]}.")
         variants = [v for v in variants if v.label in args.labels]
-    if "QKV" not in [v.label for v in variants]:
-        raise ConfigError("bench-decode compares with QKV: keep QKV among --variants.")
+    if args.baseline not in [v.label for v in variants]:
+        raise ConfigError(f"bench-decode compares with --baseline {args.baseline}, which is not among the variants "
+                          f"{[v.label for v in variants]}: keep it among --variants (and --labels), or name another.")
     dtype = DTYPES[args.dtype]
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     models = {}
@@ -214,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serving = {"requests": args.serve_requests, "prompt_lens": [lo, hi], "new_tokens": args.serve_new_tokens,
                    "slots": args.serve_slots, "rounds": args.serve_rounds, "rows": serving_rows}
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    config = models["QKV"].config
+    config = models[args.baseline].config
     from qkv_lightning.bench.models import _cpu_name
 
     result = {
@@ -227,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_average_after": load_after, "cache": args.cache, "compile": args.compile,
             "new_tokens": args.new_tokens, "rounds": args.rounds, "warmup": args.warmup,
             "prefill_rounds": args.prefill_rounds, "contexts": args.contexts, "batch_sizes": args.batch_sizes,
-            "weights_bytes": param_bytes(models["QKV"]),
+            "weights_bytes": param_bytes(models[args.baseline]), "baseline": args.baseline,
             "peak_memory": "CUDA allocator peak above the memory allocated before" if device.type == "cuda" else
             "peak resident set above the resident set before (all contenders' weights), reset per contender",
         },

@@ -7,6 +7,12 @@ from pathlib import Path
 from typing import Any
 
 
+def baseline_row(rows: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
+    """The row the ratio columns divide by: the first of the variant ``baseline`` (a K=V variant's first
+    ``--rope_keys`` scheme), else the first row."""
+    return next((row for row in rows if row.get("variant", row["name"]) == baseline), rows[0])
+
+
 def format_tables(result: dict[str, Any], markdown: bool) -> str:
     """The per-cell table (one block per batch size), the memory-budget table and the serving table."""
     from qkv_lightning.bench.report import render_table
@@ -21,8 +27,9 @@ def format_tables(result: dict[str, Any], markdown: bool) -> str:
         f"{s['rounds']} interleaved decoding rounds after {s['warmup']} warm-up; prefill timed in the first "
         f"{s['prefill_rounds']}."
     ]
-    header = ["variant", "context", "prefill tok/s", "x QKV", "decode tok/s", "x QKV", "TPOT ms (p90)", "KV MiB",
-              "x QKV", "peak MiB", "read MB/token", "GB/s"]
+    times = f"x {s.get('baseline', 'QKV')}"  # a result.json from before --baseline compared with QKV
+    header = ["variant", "context", "prefill tok/s", times, "decode tok/s", times, "TPOT ms (p90)", "KV MiB", times,
+              "peak MiB", "read MB/token", "GB/s"]
     for batch in s["batch_sizes"]:
         table = [header]
         for row in (r for r in result["cells"] if r["batch"] == batch):
@@ -45,9 +52,9 @@ def format_tables(result: dict[str, Any], markdown: bool) -> str:
                       "checked: it fits and one more sequence does not):\n" + render_table(table, markdown))
     if result.get("serving"):
         sv = result["serving"]
-        table = [["variant", "tokens/s", "x QKV", "requests/s", "latency s median (p90)", "TTFT s median (p90)",
+        table = [["variant", "tokens/s", times, "requests/s", "latency s median (p90)", "TTFT s median (p90)",
                   "cache MiB"]]
-        ref = next((r for r in sv["rows"] if r["name"] == "QKV"), sv["rows"][0])
+        ref = baseline_row(sv["rows"], s.get("baseline", "QKV"))
         for row in sv["rows"]:
             table.append([row["name"], f"{row['tokens_per_sec']:,.1f}",
                           f"{row['tokens_per_sec'] / ref['tokens_per_sec']:.3f}", f"{row['requests_per_sec']:.3f}",

@@ -1,6 +1,6 @@
 """``bench-decode``'s timing: the contenders (a variant's model with one K=V RoPE scheme), the prefill and timed
 decoding steps of one contender (:class:`Runner`), and one cell of the grid (:func:`bench_cell`): every contender at
-one context length and batch size, interleaved over rounds, with ratios to ``QKV``."""
+one context length and batch size, interleaved over rounds, with ratios to ``QKV`` (or ``--baseline``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qkv_lightning.bench.decode_memory import bytes_per_decoded_token
+from qkv_lightning.bench.decode_tables import baseline_row
 from qkv_lightning.bench.memory import PeakMemory
 from qkv_lightning.bench.timing import percentile, synchronize
 from qkv_lightning.nn.decoding import StaticDecoder
@@ -157,7 +158,7 @@ def bench_cell(contenders: list[Contender], context: int, batch: int, args: argp
             "bytes_read_per_token": read,
             "implied_gb_per_sec": read * batch / median / 1e9,
         })
-    ref = next((row for row in rows if row["name"] == "QKV"), rows[0])
+    ref = baseline_row(rows, args.baseline)
     for row in rows:
         row["decode_ratio"] = row["decode_tokens_per_sec"] / ref["decode_tokens_per_sec"]
         row["tpot_ratio"] = row["tpot_median_ms"] / ref["tpot_median_ms"]

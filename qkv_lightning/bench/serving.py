@@ -74,7 +74,8 @@ def serve(contender: Contender, prompt_lens: list[int], new_tokens: int, slots: 
         total = time.perf_counter() - start
     latency = list(done.values())
     ttft = list(first.values())
-    return {"name": contender.label, "requests": len(queue), "slots": slots, "new_tokens": new_tokens,
+    return {"name": contender.label, "variant": contender.variant.label, "requests": len(queue), "slots": slots,
+            "new_tokens": new_tokens,
             "generated_tokens": generated, "seconds": total, "tokens_per_sec": generated / total,
             "requests_per_sec": len(queue) / total,
             "latency_median_s": statistics.median(latency), "latency_p90_s": percentile(latency, 0.9),
