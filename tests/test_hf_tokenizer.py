@@ -195,3 +195,26 @@ def test_an_imported_llama_stores_its_tokenizer_and_scores_text_as_transformers(
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "big.ckpt")]) == 2
     err = capsys.readouterr().err
     assert "more than the model's vocab_size 300" in err and not (tmp_path / "big.ckpt").exists()
+
+
+def test_a_converted_checkpoint_keeps_the_imported_tokenizer(tmp_path, plain_argv, capsys):
+    """``convert`` of an imported Llama (GQA-2 -> Q-K=V with 2 K/V heads) keeps the tokenizer that ``import`` stored,
+    byte for byte, so the converted checkpoint alone scores text (``--data.tokenizer_file`` names it too)."""
+    transformers = pytest.importorskip("transformers")
+    data = write_wikitext(tmp_path / "data", {"wiki.train.tokens": 2, "wiki.valid.tokens": 2, "wiki.test.tokens": 1})
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "hf"))
+    train_bpe(tmp_path / "hf" / "tokenizer.json", lines_of(data / "wiki.valid.tokens"), vocab_size=280)
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "m.ckpt")]) == 0
+    converted = tmp_path / "q-gqa2.ckpt"
+    assert main(["convert", str(tmp_path / "m.ckpt"), str(converted), "--sharing", "Q-K=V", "--n_kv_heads", "2"]) == 0
+    stored = torch.load(converted, weights_only=True, mmap=True)
+    assert stored[CHECKPOINT_ENTRY] == torch.load(tmp_path / "m.ckpt", weights_only=True, mmap=True)[CHECKPOINT_ENTRY]
+    assert stored["hyper_parameters"]["attention"]["sharing"] == "Q-K=V"
+    capsys.readouterr()
+    args = lm_args(tmp_path, data) + ["--data.tokenizer", "hf", "--data.tokenizer_file", str(converted),
+                                      "--ckpt_path", str(converted)]
+    assert main(["validate", *args]) == 0
+    assert "val/ppl" in capsys.readouterr().out

@@ -6,7 +6,8 @@
 The weights of every layer but the attention's fused projection are copied; the fused projection is rewritten by
 :func:`qkv_lightning.uptrain.surgery.convert_attention` (formulas there). The destination holds the new weights and
 the source's hyper-parameters with the new variant, so ``validate`` / ``test`` / ``predict --ckpt_path DST`` load it
-as any checkpoint (the same safe-loading checks, :func:`qkv_lightning.resume.check_fits`), and ``fit
+as any checkpoint (the same safe-loading checks, :func:`qkv_lightning.resume.check_fits`; a tokenizer that ``import``
+stored goes along, so ``--data.tokenizer_file DST`` reads it), and ``fit
 --model.init_args.init_from DST`` fine-tunes it with a fresh optimiser (``fit --ckpt_path DST`` cannot: there is no
 optimiser state to continue). An existing destination is never overwritten.
 """
@@ -173,7 +174,10 @@ def convert(
         "keep": keep,
         "calibration_batches": calibration_batches_count if method == "fit" else 0,
     }
-    result = start_checkpoint(target, converted_from=provenance)
+    from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY
+
+    kept = {CHECKPOINT_ENTRY: checkpoint[CHECKPOINT_ENTRY]} if CHECKPOINT_ENTRY in checkpoint else {}  # its tokenizer
+    result = start_checkpoint(target, converted_from=provenance, **kept)
     atomic_save(result, destination)
     return result
 
