@@ -59,9 +59,11 @@ def test_llama_family_import_has_the_logits_of_transformers(tmp_path, plain_argv
         assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
         assert not (tmp_path / "hf" / "model.safetensors").exists()
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "m.ckpt")]) == 0
-    assert "largest |logit difference|" in capsys.readouterr().out
+    out = capsys.readouterr().out
     model, hparams = load_gpt(tmp_path / "m.ckpt")
     n_kv = config["num_key_value_heads"]
+    name = {4: "QKV", 2: "GQA-2", 1: "MQA"}[n_kv]  # the K/V heads are said: SmolLM2 is GQA-3, not QKV
+    assert f"LanguageModel, {name}, 2 layers, width 32, 4 heads" in out and "largest |logit difference|" in out
     assert hparams["attention"]["n_kv_heads"] == (None if n_kv == 4 else n_kv)
     assert model.blocks[0].attn.n_kv_heads == n_kv and isinstance(model.trunk.norm, torch.nn.RMSNorm)
     assert (model.blocks[0].attn.qkv.bias is not None) == (kind == "qwen2") and model.blocks[0].attn.proj.bias is None

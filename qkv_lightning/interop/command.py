@@ -37,6 +37,7 @@ import jsonargparse
 from qkv_lightning.command_line import command_parser, parse
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.interop.common import check_destination, task_checkpoint, write_checkpoint
+from qkv_lightning.variants import Variant
 
 
 @dataclass
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = {CHECKPOINT_ENTRY: tokenizer.checkpoint_entry()} if tokenizer is not None else {}
     write_checkpoint(task_checkpoint(task, source, **records), dst)
     n = task.network_config
-    label = task.attention_config.sharing if hasattr(task, "attention_config") else "QKV"
+    label = Variant.of(task.attention_config, n.n_head).paper_name if hasattr(task, "attention_config") else "QKV"
     print(f"imported {src} ({fmt}) as {dst}: {type(task).__name__}, {label}, {n.n_layer} layers, width {n.d_model}, "
           f"{n.n_head} heads, {sum(p.numel() for p in task.network.parameters()):,} parameters")
     if difference is not None:
