@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 # The offline data sets (read only): $QKV_SHARED_DATA, else ../shared/data next to the checkout. Tests that need
 # them are skipped where they are missing; every other test writes its own files in the official formats.
@@ -70,3 +71,22 @@ def validate_against(reference, args: list[str]) -> tuple[float, float, int]:
             total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
             count += int((targets != -100).sum())
     return cli.trainer.callback_metrics["val/loss"].item(), total / max(count, 1), count
+
+
+def train_bpe(path: Path, lines: list[str], vocab_size: int = 300, bos: bool = True) -> Any:
+    """A byte-level BPE trained on ``lines``, with ``<s>`` (added before every text by its post-processor when
+    ``bos``) and ``<|endoftext|>``, saved as a tokenizer.json at ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(lines, trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+        )
+    tokenizer.save(str(path))
+    return tokenizer

@@ -17,7 +17,7 @@ from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY, HFTokenizer
 from qkv_lightning.data.wikitext import WikiText
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import file_digest
-from tests.lm_fixtures import validate_against, write_wikitext
+from tests.lm_fixtures import train_bpe, validate_against, write_wikitext
 from tests.run_fixtures import lm_args
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -29,25 +29,6 @@ def module(tmp_path: Path, **kwargs) -> WikiText:
     defaults = dict(dataset="wikitext-2", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
                     verify=False, seq_len=16, batch_size=4, num_workers=0, tokenizer="hf")
     return WikiText(**{**defaults, **kwargs})
-
-
-def train_bpe(path: Path, lines: list[str], vocab_size: int = 300, bos: bool = True) -> tokenizers.Tokenizer:
-    """A byte-level BPE trained on ``lines``, with ``<s>`` (added before every text by its post-processor when
-    ``bos``) and ``<|endoftext|>``, saved as a tokenizer.json at ``path``."""
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = tokenizers.Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(lines, trainer)
-    if bos:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-        )
-    tokenizer.save(str(path))
-    return tokenizer
 
 
 def train_words(path: Path, lines: list[str]) -> tokenizers.Tokenizer:

@@ -38,7 +38,7 @@ import yaml
 
 from qkv_lightning.cli import main
 from tests.imagedata import tar_tree, write_cifar10, write_cifar100, write_image_tree, write_mnist_gz
-from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, write_wikitext
+from tests.lm_fixtures import GPT2_RANKS, WIKITEXT2, train_bpe, write_wikitext
 from tests.run_fixtures import CIFAR_CLASSES, CONFIGS, QUIET
 
 ROOT = CONFIGS.parent
@@ -171,6 +171,10 @@ SHRINK: dict[str, list[str]] = {
                                      "--model.network.max_seq_len", "16", "--data.seq_len", "16"],
     "bench/gpt-mid.yaml": ["--model.network.n_layer", "1", "--model.network.d_model", "64",
                            "--model.network.max_seq_len", "16", "--data.seq_len", "16"],
+    "uptrain/smollm2-wikitext2.yaml": ["--model.network.n_layer", "1", "--model.network.d_model", "48",
+                                       "--model.network.n_head", "6", "--model.network.d_mlp", "64",
+                                       "--model.network.vocab_size", "320", "--model.network.max_seq_len", "16",
+                                       "--data.seq_len", "16"],
     "vit/imagenet-vit-s16.yaml": ["--data.image_size", "32", "--model.network.n_layer", "1",
                                   "--model.network.d_model", "48"],
     "vit/paper/tinyimagenet-vit-b16.yaml": ["--data.image_size", "32", "--model.network.n_layer", "1",
@@ -210,6 +214,11 @@ def wikitext(folder: Path, config: dict) -> list[str]:
     args += ["--data.num_workers", "0", "--data.batch_size", "2"]
     if "eval_batch_size" in init:
         args += ["--data.eval_batch_size", "2"]
+    if init.get("tokenizer") == "hf":  # the model's own (SmolLM2's, stored by import): a BPE of 300 tokens stands in
+        pytest.importorskip("tokenizers")
+        lines = (Path(args[args.index("--data.data_dir") + 1]) / init["train_file"]).read_text().splitlines(True)
+        args += ["--data.tokenizer_file", str(folder / "tokenizer.json")]
+        train_bpe(folder / "tokenizer.json", lines[:2000])
     if init.get("tokenizer") == "gpt2" or init.get("bpe_file"):
         if not GPT2_RANKS.is_file():
             pytest.skip("needs the offline GPT-2 BPE ranks (../shared/data or $QKV_SHARED_DATA)")
