@@ -145,10 +145,17 @@ def parse_with_overrides(
     return parse(parser, own), overrides
 
 
+def function_args(
+    name: str, function: Callable[..., Any], argv: Sequence[str], positional: bool = True
+) -> dict[str, Any]:
+    """``argv`` parsed into ``function``'s parameters (:func:`command_parser`), by name."""
+    values = parse(command_parser(name, function, positional=positional), argv).as_dict()
+    return {key: value for key, value in values.items() if not key.startswith("__")}
+
+
 def run_function(name: str, function: Callable[..., Any], argv: Sequence[str], positional: bool = True) -> Any:
     """Parse ``argv`` into ``function``'s parameters (:func:`command_parser`) and call it; returns its result."""
-    values = parse(command_parser(name, function, positional=positional), argv).as_dict()
-    return function(**{key: value for key, value in values.items() if not key.startswith("__")})
+    return function(**function_args(name, function, argv, positional))
 
 
 # ------------------------------------------------------------------------------------- old forms, with hints

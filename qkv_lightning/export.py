@@ -16,9 +16,11 @@ overwritten: the three files are written into a scratch folder and put in place 
 ``torch.onnx.export(dynamo=True)`` when the ``onnx`` and ``onnxscript`` packages are installed (an optional extra,
 ``pip install onnx onnxscript``).
 
-``--format hf`` writes no graphs: it writes a QKV GPT as a Hugging Face GPT-2 folder (``config.json`` +
-``model.safetensors``) that ``transformers.GPT2LMHeadModel.from_pretrained`` loads, with the same logits (see
-:mod:`qkv_lightning.interop.hf_gpt2`; shared variants and other settings GPT-2 cannot express are errors).
+``--format hf`` writes no graphs but a Hugging Face folder (``config.json`` + ``model.safetensors``) with the same
+logits: a QKV GPT with a LayerNorm/GELU trunk as GPT-2 (:mod:`qkv_lightning.interop.hf_gpt2`; shared variants are
+errors), an RMSNorm/SwiGLU trunk as Llama, or Qwen2 with q/k/v biases (:mod:`qkv_lightning.interop.hf_llama`: QKV,
+GQA and MQA, and the shared variants with each shared projection written under every role it serves, without
+their cache saving). Settings the folder cannot express are errors naming them.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class ExportOptions:
     out: str
     """folder for the graphs and export.json (must not hold them yet)"""
     format: Literal["torch_export", "onnx", "hf"] = "torch_export"
-    """hf: a Hugging Face GPT-2 folder (config.json + model.safetensors) of a QKV GPT, not graphs"""
+    """hf: a Hugging Face folder (config.json + model.safetensors), not graphs: GPT-2 for a LayerNorm/GELU trunk,
+    Llama (Qwen2 with q/k/v biases) for an RMSNorm/SwiGLU one"""
     capacity: int | None = None
     """cache tokens; default network.max_seq_len"""
     prompt_len: int = 16
@@ -136,10 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # before anything is loaded or exported
         raise ConfigError(f"--out {out} is a file; name a folder (new, or without the export's files).")
-    if args.format == "hf":
-        from qkv_lightning.interop.hf_gpt2 import main_export
+    if args.format == "hf":  # a Hugging Face folder: GPT-2 or Llama by the trunk (qkv_lightning/interop)
+        from qkv_lightning.interop import hf_gpt2, hf_llama
+        from qkv_lightning.interop.common import check_hf_destination
 
-        return main_export(args.ckpt_path, Path(args.out), args.weights_only)
+        check_hf_destination(out)
+        model, hparams = load_gpt(args.ckpt_path, args.weights_only)
+        writer = hf_llama if hf_llama.is_llama_trunk(model.config) else hf_gpt2
+        return writer.main_export(model, hparams, args.ckpt_path, out)
     model, hparams = load_gpt(args.ckpt_path, args.weights_only)
     capacity = args.capacity or model.config.max_seq_len
     if args.check_tokens < 1 or args.prompt_len + args.check_tokens > capacity:

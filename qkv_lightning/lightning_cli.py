@@ -357,10 +357,18 @@ class QKVLightningCLI(LightningCLI):
         )
 
 
-def _flag(config: jsonargparse.Namespace, key: str) -> tuple[str, dict[str, Any], Any] | None:
+def _take_flag(
+    config: jsonargparse.Namespace, key: str, resolve: Callable[[str], type], what: str, saved_key: str, default: str,
+    same: Callable[[str, type], bool],
+) -> tuple[str, dict[str, Any], Any, type] | None:
     """A LightningCLI class flag (``--optimizer`` / ``--lr_scheduler``): its class path, its init arguments (every one,
-    the class's defaults filled in by jsonargparse) and the task's ``optimizer`` settings it goes to; None when the
-    flag is not given."""
+    the class's defaults filled in by jsonargparse), the task's ``optimizer`` settings it goes to and the class
+    (``resolve``); None when the flag is not given. A resumed run (``ckpt_path``) keeps the checkpoint's optimiser /
+    schedule (``settings[saved_key]``, else ``default``): its state fits only that class.
+
+    Raises:
+        ConfigError: resuming, the flag names another class than the checkpoint's (``same`` says which are equal).
+    """
     flag, model = config.get(key), config.get("model")
     if not flag or model is None:
         return None
@@ -368,7 +376,15 @@ def _flag(config: jsonargparse.Namespace, key: str) -> tuple[str, dict[str, Any]
     target = model.get("init_args") if "class_path" in model else model
     if target.get("optimizer") is None:
         target["optimizer"] = jsonargparse.Namespace()
-    return flag["class_path"], dict(flag.get("init_args") or {}), target["optimizer"]
+    class_path, settings = flag["class_path"], target["optimizer"]
+    cls = resolve(class_path)
+    saved = settings.get(saved_key) or default
+    if config.get("ckpt_path") and not same(saved, cls):
+        raise ConfigError(
+            f"--{key} {class_path} with ckpt_path={config.get('ckpt_path')}: the run resumes with the checkpoint's "
+            f"{what} ({saved}) and its state; to train with another {what}, start a new run from the weights instead."
+        )
+    return class_path, dict(flag.get("init_args") or {}), settings, cls
 
 
 def _not_defaults(cls: type, values: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -384,19 +400,6 @@ def _not_defaults(cls: type, values: dict[str, Any], skip: tuple[str, ...] = ())
         if key not in skip and value != default:
             out[key] = value
     return out
-
-
-def _keep_on_resume(config: Any, flag: str, what: str, saved: str, same: Callable[[], bool]) -> None:
-    """A resumed run (``ckpt_path``) keeps the checkpoint's optimiser / schedule: its state fits only that class.
-
-    Raises:
-        ConfigError: ``flag`` names another class than the checkpoint's ``saved`` one.
-    """
-    if config.get("ckpt_path") and not same():
-        raise ConfigError(
-            f"{flag} with ckpt_path={config.get('ckpt_path')}: the run resumes with the checkpoint's {what} ({saved}) "
-            f"and its state; to train with another {what}, start a new run from the weights instead."
-        )
 
 
 def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
@@ -417,14 +420,11 @@ def apply_optimizer_flag(config: jsonargparse.Namespace) -> None:
     """
     from qkv_lightning.tasks.optim import OPTIMIZER_OWN_SETTINGS, OptimizerConfig, optimizer_class
 
-    found = _flag(config, "optimizer")
-    if found is None:
+    taken = _take_flag(config, "optimizer", optimizer_class, "optimiser", "name", "AdamW",
+                       lambda saved, cls: optimizer_class(saved) is cls)
+    if taken is None:
         return
-    class_path, init_args, settings = found
-    cls = optimizer_class(class_path)
-    saved_name = settings.get("name") or "AdamW"
-    _keep_on_resume(config, f"--optimizer {class_path}", "optimiser", saved_name,
-                    lambda: optimizer_class(saved_name) is cls)
+    class_path, init_args, settings, cls = taken
     own = OptimizerConfig.__dataclass_fields__
     for key in ("lr", "weight_decay", "betas", "eps"):
         value = init_args.get(key, 0.0 if key == "weight_decay" else own[key].default)  # none: the class has none
@@ -445,14 +445,11 @@ def apply_lr_scheduler_flag(config: jsonargparse.Namespace) -> None:
     """
     from qkv_lightning.tasks.optim import BUILTIN_SCHEDULES, OptimizerConfig, scheduler_class
 
-    found = _flag(config, "lr_scheduler")
-    if found is None:
+    taken = _take_flag(config, "lr_scheduler", scheduler_class, "schedule", "schedule", "cosine",
+                       lambda saved, cls: saved not in BUILTIN_SCHEDULES and scheduler_class(saved) is cls)
+    if taken is None:
         return
-    class_path, init_args, settings = found
-    cls = scheduler_class(class_path)
-    saved = settings.get("schedule") or "cosine"
-    _keep_on_resume(config, f"--lr_scheduler {class_path}", "schedule", saved,
-                    lambda: saved not in BUILTIN_SCHEDULES and scheduler_class(saved) is cls)
+    class_path, init_args, settings, cls = taken
     own = OptimizerConfig.__dataclass_fields__
     for key in ("warmup_fraction", "min_lr_ratio", "step_gamma"):
         settings[key] = own[key].default

@@ -63,20 +63,31 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from qkv_lightning.checkpoints import recover_interrupted_swap, remove_path
-        from qkv_lightning.files import swap_in
+        from qkv_lightning.checkpoints import leftover_refusal, recover_interrupted_swap, remove_leftover
+        from qkv_lightning.files import NotOwnedError, swap_in
 
         path = Path(self.broadcast(str(filepath)))
         staging = path.with_name(path.name + ".partial")
         retired = path.with_name(path.name + ".old")
+
+        def clear(leftover: Path) -> None:  # on every rank: a refusal stops them all, before any collective hangs
+            refusal = self.broadcast(leftover_refusal(leftover) if self.global_rank == 0 else None)
+            if refusal is not None:
+                raise NotOwnedError(
+                    f"{refusal}, so it is not deleted (qkv-lightning deletes only what it made); the sharded save of "
+                    f"{path} writes through it. Move it away, then resume with fit --ckpt_path last."
+                )
+            if self.global_rank == 0:
+                remove_leftover(leftover)
+
         if self.global_rank == 0:
             recover_interrupted_swap(path)  # a crash between the two renames of an earlier save
-            remove_path(staging)
+        clear(staging)
         self.barrier("fsdp2_save_staging")
         super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("fsdp2_save_written")
+        clear(retired)
         if self.global_rank == 0:
-            remove_path(retired)
             swap_in(staging, path, retired=retired)  # recover_interrupted_swap repairs a crash between its renames
         self.barrier("fsdp2_save_done")
 

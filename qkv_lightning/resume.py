@@ -294,3 +294,50 @@ def resolve_last(config: Any, subcommand: str) -> None:
     if subcommand == "fit" and settings and isinstance(logger, jsonargparse.Namespace) and "init_args" in logger:
         for key, value in settings.items():
             logger.init_args[key] = value
+
+
+CHECKPOINT_PATH_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
+"""The single paths a ``ModelCheckpoint`` state holds (besides the ``best_k_models`` mapping)."""
+
+
+def confine_callback_paths(checkpoint: dict[str, Any]) -> list[str]:
+    """Drop, from every ``ModelCheckpoint`` state in a loaded checkpoint, each path that does not lie inside that
+    state's own ``dirpath`` (:func:`qkv_lightning.files.escapes`: ``..`` resolved, no link on the way); returns them.
+
+    Lightning restores ``best_k_models``, ``kth_best_model_path`` and ``last_model_path`` when ``dirpath`` is the
+    resumed run's, and deletes them later as it saves newer checkpoints; its own check reads ``dirpath/../x`` as inside
+    ``dirpath``. So a checkpoint's callback state never chooses a path outside its folder: a state with such a path
+    loses its top-k record (``best_k_models`` emptied, ``kth_best_model_path`` cleared, ``kth_value`` left to the
+    callback's initial one) and the single path fields outside are cleared. Called by
+    :meth:`TaskModule.on_load_checkpoint`, before Lightning restores the callbacks.
+    """
+    from qkv_lightning.files import escapes
+
+    dropped: list[str] = []
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if not isinstance(state, dict) or "best_k_models" not in state:
+            continue
+        root = state.get("dirpath")
+
+        def outside(path: Any, root: Any = root) -> bool:
+            return not isinstance(path, str) or not isinstance(root, str) or escapes(path, root) is not None
+
+        models = state.get("best_k_models")
+        paths = list(models) if isinstance(models, dict) else [models]
+        if any(outside(path) for path in paths) or (state.get("kth_best_model_path") and outside(
+                state["kth_best_model_path"])):
+            dropped += [str(path) for path in paths if outside(path)]
+            state["best_k_models"], state["kth_best_model_path"] = {}, ""
+            state.pop("kth_value", None)
+        for name in CHECKPOINT_PATH_FIELDS:
+            if state.get(name) and outside(state[name]):
+                dropped.append(str(state[name]))
+                state[name] = ""
+    if dropped:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"the checkpoint's ModelCheckpoint state names {len(dropped)} path(s) outside its checkpoint folder "
+            f"({', '.join(sorted(set(dropped)))}); they are dropped, so nothing outside the folder is ever deleted."
+        )
+    return dropped

@@ -50,3 +50,23 @@ def write_wikitext(folder: Path, articles: dict[str, int] | None = None, seed: i
 def word_count(path: Path) -> int:
     """Word-level tokens of a file: whitespace words plus one ``<eos>`` per line."""
     return sum(len(line.split()) + 1 for line in path.read_text(encoding="utf-8").splitlines(keepends=True))
+
+
+def validate_against(reference, args: list[str]) -> tuple[float, float, int]:
+    """``validate`` through the CLI with ``args`` (a ``--ckpt_path`` among them), and the cross-entropy that the
+    Hugging Face model ``reference`` gives on the same validation windows: (our val/loss, theirs, scored tokens)."""
+    import pytest
+    import torch
+    import torch.nn.functional as F
+
+    from qkv_lightning.lightning_cli import QKVLightningCLI
+
+    with pytest.warns(UserWarning, match="replace the config's"):
+        cli = QKVLightningCLI(args=["validate", *args])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in cli.datamodule.val_dataloader():
+            logits = reference(inputs).logits
+            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
+    return cli.trainer.callback_metrics["val/loss"].item(), total / max(count, 1), count

@@ -367,3 +367,62 @@ def test_a_study_rerun_deletes_no_folder_it_cannot_prove_it_made(tmp_path, capsy
         assert snapshot(user) == before, damage.__name__
         assert sorted(p.name for p in (user / "seed0").iterdir()) == ["data.bin", "thesis.tex"]
     assert snapshot(cell) == snapshot(user / "seed0")  # the copy in the cell folder was not deleted either
+
+
+def test_resuming_deletes_no_path_a_checkpoints_callback_state_puts_outside_its_folder(tmp_path):
+    """A checkpoint whose ModelCheckpoint state names user files (``best_k_models``, ``kth_best_model_path``,
+    ``last_model_path``) by a path that leads out of the checkpoint folder (``dirpath/../..``, which Lightning's own
+    check takes for a path inside it), its ``dirpath`` that of the resumed run (Lightning restores the paths only
+    then): resuming from it, Lightning would delete them when it saves the next best and last checkpoints. Each is
+    dropped when the checkpoint is loaded; the files keep their SHA-256."""
+    import hashlib
+
+    assert main(["fit", *synthetic_args(tmp_path, steps=4)]) == 0
+    last = next(tmp_path.glob("logs/**/last.ckpt"))
+    victims = {role: tmp_path / f"{role}.txt" for role in ("best", "kth", "last")}
+    for victim in victims.values():
+        victim.write_text(f"the user's {victim.name}\n")
+    digests = {role: hashlib.sha256(victim.read_bytes()).hexdigest() for role, victim in victims.items()}
+    checkpoint = torch.load(last, weights_only=True)
+    states = [state for state in checkpoint["callbacks"].values() if "best_k_models" in state]
+    assert states, "the run saves ModelCheckpoint state"
+    resumed = last.parent.parent.parent / "version_1" / "checkpoints"  # the resumed run's folder: a new version
+    down = {role: os.path.join(resumed, os.path.relpath(victim, resumed)) for role, victim in victims.items()}
+    worst = torch.tensor(-1.0)  # sort.yaml's checkpoint maximises val/seq_acc: any score beats it
+    for state in states:
+        state.update(dirpath=str(resumed), best_k_models={down["best"]: worst, down["kth"]: worst},
+                     kth_best_model_path=down["kth"], kth_value=worst, last_model_path=down["last"])
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save(checkpoint, tampered)
+    assert main(["fit", *synthetic_args(tmp_path, steps=8), "--ckpt_path", str(tampered)]) == 0
+    assert {role: hashlib.sha256(v.read_bytes()).hexdigest() for role, v in victims.items() if v.exists()} == digests
+
+
+def test_a_sharded_save_deletes_only_leftovers_it_wrote(tmp_path):
+    """Before a sharded save, ``<name>.partial`` and ``<name>.old`` are cleared: a real DCP folder (an interrupted
+    save: shards without the index, or a whole set-aside checkpoint) is deleted; a folder with a user's file in it, a
+    link to a user's folder and a plain file of that name are refused with the path named and kept byte for byte."""
+    from qkv_lightning.checkpoints import leftover_refusal, remove_leftover
+
+    whole = dcp_folder(tmp_path / "last.ckpt.old", {"w": torch.ones(3)})
+    interrupted = dcp_folder(tmp_path / "a.ckpt.partial", {"w": torch.ones(3)})
+    (interrupted / ".metadata").unlink()  # DCP writes its index last
+    for leftover in (whole, interrupted, tmp_path / "missing.partial"):
+        assert leftover_refusal(leftover) is None
+        remove_leftover(leftover)
+        assert not os.path.lexists(leftover)
+
+    users = dcp_folder(tmp_path / "b.ckpt.partial", {"w": torch.ones(3)})
+    (users / "notes.txt").write_text("mine\n")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(users, elsewhere)
+    (elsewhere / "notes.txt").unlink()  # only what a save writes, but reached through a link
+    link = tmp_path / "c.ckpt.partial"
+    link.symlink_to(elsewhere)
+    plain = tmp_path / "d.ckpt.old"
+    plain.write_text("a file\n")
+    before = snapshot(tmp_path)
+    reasons = [leftover_refusal(path) for path in (users, link, plain)]
+    assert reasons[0] == f"{users} holds notes.txt, which no sharded save writes"
+    assert reasons[1] == f"{link} is a link" and reasons[2] == f"{plain} is not a folder"
+    assert snapshot(tmp_path) == before

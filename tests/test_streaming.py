@@ -199,3 +199,33 @@ def test_two_process_ddp_sees_every_training_row_exactly_once(tmp_path):
     val_rows = stored_rows(dm._dataset(dm.folder() / "val", shuffle=False))
     assert scalars.Scalars("val/tokens")[-1].value == sum(n for _, n in val_rows)
     assert scalars.Scalars("val/tokens_with_padding")[-1].value == 8 * len(val_rows)
+
+
+def test_a_hugging_face_tokenizer_makes_rows_of_its_ids_in_a_dataset_of_its_own(tmp_path):
+    """``data.tokenizer: hf``: documents encoded by the ``tokenizers`` library without special tokens, each followed
+    by the tokenizer's boundary (its lowest-id special token here); another tokenizer is another dataset."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    rng = random.Random(0)
+    texts, val = documents(rng, 12), documents(rng, 3)
+    write_jsonl(tmp_path / "train.jsonl", texts)
+    write_jsonl(tmp_path / "val.jsonl", val)
+    reference = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    reference.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    reference.train_from_iterator(texts[:1], trainers.WordLevelTrainer(special_tokens=["<|endoftext|>", "[UNK]"]))
+    reference.save(str(tmp_path / "tokenizer.json"))
+    settings = dict(train_files=[str(tmp_path / "train.jsonl")], val_files=[str(tmp_path / "val.jsonl")],
+                    cache_dir=str(tmp_path / "cache"), seq_len=8, val_tokens=1000, batch_size=2, num_workers=0)
+    dm = StreamingText(**settings, tokenizer="hf", tokenizer_file=str(tmp_path / "tokenizer.json"))
+    dm.prepare_data()
+    dm.setup("fit")
+    stream = [0]
+    for text in texts:
+        stream += reference.encode(text, add_special_tokens=False).ids + [0]
+    expected = [(stream[k * 8 : k * 8 + 9], 8) for k in range((len(stream) - 1) // 8)]
+    assert 1 in stream  # [UNK]: words the tokenizer was not trained on
+    assert sorted(stored_rows(dm._dataset(dm.folder() / "train", shuffle=False))) == sorted(expected)
+    assert dm.meta["tokenizer"] == dm.load_tokenizer().identity
+    write_byte_ranks(tmp_path / "bytes.tiktoken")
+    assert StreamingText(**settings, bpe_file=str(tmp_path / "bytes.tiktoken")).folder() != dm.folder()

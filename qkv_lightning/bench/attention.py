@@ -98,7 +98,26 @@ def bench_attention(
     seed: int = 0,
     score_encodings: Sequence[str] = ("none",),
 ) -> list[Timing]:
-    """Time forward plus backward of each contender on the same input; returns one :class:`Timing` each."""
+    """Time forward+backward of the attention core against timm and torch.nn.MultiheadAttention, each contender on
+    the same input; returns one timing each.
+
+    Args:
+        d_model: model width.
+        n_head: query heads.
+        seq_len: tokens per sequence.
+        batch_size: sequences per batch.
+        causal: decoder (causal) instead of encoder attention.
+        variants: sharing variants of the core to time.
+        n_kv_heads: K/V heads for the variants that keep Q separate (GQA/MQA); None for MHA.
+        repeats: timed rounds (each contender once per round, interleaved).
+        warmup: untimed steps per contender first.
+        device: torch device.
+        dtype: float32, bfloat16 or float16.
+        seed: seed of the input and the contenders' weights.
+        score_encodings: score encodings to time each variant with (none, paper, relative); with more than
+            none, ``bench-attention`` prints a second table giving each encoding's step time as a ratio to the same
+            variant without one.
+    """
     torch.manual_seed(seed)
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
@@ -188,58 +207,25 @@ def sdpa_kernels(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``bench-attention``: print the side-by-side table."""
-    from qkv_lightning.command_line import run_function, torch_device
+    from qkv_lightning.command_line import function_args, torch_device
 
-    def run(
-        d_model: int = 384,
-        n_head: int = 6,
-        seq_len: int = 197,
-        batch_size: int = 8,
-        causal: bool = False,
-        variants: list[str] = list(CANONICAL_VARIANTS),  # noqa: B006 (jsonargparse shows it in --help)
-        n_kv_heads: int | None = None,
-        repeats: int = 30,
-        warmup: int = 5,
-        device: str = "cpu",
-        dtype: str = "float32",
-        score_encodings: list[str] = ["none"],  # noqa: B006 - read, never mutated (a CLI default)
-    ) -> None:
-        """Time forward+backward of the attention core against timm and torch.nn.MultiheadAttention.
-
-        Args:
-            d_model: model width.
-            n_head: query heads.
-            seq_len: tokens per sequence.
-            batch_size: sequences per batch.
-            causal: decoder (causal) instead of encoder attention.
-            variants: sharing variants of the core to time.
-            n_kv_heads: K/V heads for the variants that keep Q separate (GQA/MQA); None for MHA.
-            repeats: timed rounds (each contender once per round, interleaved).
-            warmup: untimed steps per contender first.
-            device: torch device.
-            dtype: float32, bfloat16 or float16.
-            score_encodings: score encodings to time each variant with (none, paper, relative); with more than
-                none, a second table gives each encoding's step time as a ratio to the same variant without one.
-        """
-        torch_device(device)  # a device this machine has
-        modes = list(dict.fromkeys(canonical_score_encoding(mode) for mode in ["none", *score_encodings]))
-        timings = bench_attention(
-            d_model, n_head, seq_len, batch_size, causal, variants, n_kv_heads, repeats, warmup, device, dtype,
-            score_encodings=modes,
-        )
-        print(
-            f"attention core, forward+backward, B={batch_size} T={seq_len} C={d_model} H={n_head} "
-            f"causal={causal} {device} {dtype} threads={torch.get_num_threads()}, {repeats} interleaved rounds"
-        )
-        print(format_table(timings))
-        if len(modes) > 1:
-            print()
-            print("score encodings: step time of each variant with the encoding / the same variant without one")
-            print(format_encoding_table(timings, modes))
-            if torch.device(device).type == "cuda":
-                for mode in modes:
-                    kernels = sdpa_kernels(d_model, n_head, seq_len, batch_size, causal, mode, device, dtype)
-                    print(f"SDPA kernels usable with score_encoding={mode}: {', '.join(kernels) or 'none'}")
-
-    run_function("bench-attention", run, argv or [], positional=False)
+    settings = function_args("bench-attention", bench_attention, argv or [], positional=False)
+    torch_device(settings["device"])  # a device this machine has
+    modes = list(dict.fromkeys(canonical_score_encoding(mode) for mode in ["none", *settings["score_encodings"]]))
+    timings = bench_attention(**{**settings, "score_encodings": modes})
+    d_model, n_head, seq_len, batch_size, causal, device, dtype, repeats = (settings[key] for key in (
+        "d_model", "n_head", "seq_len", "batch_size", "causal", "device", "dtype", "repeats"))
+    print(
+        f"attention core, forward+backward, B={batch_size} T={seq_len} C={d_model} H={n_head} "
+        f"causal={causal} {device} {dtype} threads={torch.get_num_threads()}, {repeats} interleaved rounds"
+    )
+    print(format_table(timings))
+    if len(modes) > 1:
+        print()
+        print("score encodings: step time of each variant with the encoding / the same variant without one")
+        print(format_encoding_table(timings, modes))
+        if torch.device(device).type == "cuda":
+            for mode in modes:
+                kernels = sdpa_kernels(d_model, n_head, seq_len, batch_size, causal, mode, device, dtype)
+                print(f"SDPA kernels usable with score_encoding={mode}: {', '.join(kernels) or 'none'}")
     return 0

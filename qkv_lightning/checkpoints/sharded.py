@@ -4,6 +4,7 @@ state dict."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import shutil
@@ -249,12 +250,29 @@ def recover_interrupted_swap(path: str | Path) -> bool:
     return recover_swap(path, candidates, is_sharded_checkpoint)
 
 
-def remove_path(path: Path) -> None:
-    """Delete a file or folder if it exists."""
-    if path.is_dir() and not path.is_symlink():
+SAVE_ENTRY = re.compile(r"__\d+_\d+\.distcp|\.metadata|meta\.pt")
+"""What a sharded save writes into its folder: torch.distributed.checkpoint's shards and index, Lightning's
+``meta.pt``."""
+
+
+def leftover_refusal(path: Path) -> str | None:
+    """Why ``path`` (``<name>.partial`` or ``<name>.old`` beside a sharded checkpoint) may not be deleted before a save,
+    or None: it is missing, or a real folder holding only files a sharded save writes (:data:`SAVE_ENTRY`), so the
+    tool made it (an interrupted save, or the previous checkpoint set aside). A link, a file, or a folder with anything
+    else in it is the user's."""
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink() or not path.is_dir():
+        return f"{path} is {'a link' if path.is_symlink() else 'not a folder'}"
+    others = [entry.name for entry in os.scandir(path)
+              if not (SAVE_ENTRY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False))]
+    return f"{path} holds {', '.join(sorted(others)[:3])}, which no sharded save writes" if others else None
+
+
+def remove_leftover(path: Path) -> None:
+    """Delete what :func:`leftover_refusal` allows (call it first, and stop on a reason)."""
+    if os.path.lexists(path):
         shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 WEIGHT_KEYS = ("state_dict", "model")

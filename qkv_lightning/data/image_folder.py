@@ -259,21 +259,28 @@ class ImageFolderDataModule(ImageDataModule):
         """The folder that holds ``train/``, extracting the archive first if ``root`` is one."""
         if self.tree is not None:
             return self.tree
-        if not os.path.exists(self.root):
-            raise DataError(
-                f"data.root={self.root} does not exist; point it at a folder holding train/<class>/<image> (plus val/ "
-                "or test/), or at a .tar/.tar.gz/.zip archive of one."
-            )
-        if os.path.isfile(self.root):
-            if not self.root.endswith(ARCHIVE_SUFFIXES):
-                raise DataError(
-                    f"data.root={self.root} is a file but not a .tar/.tar.gz/.zip archive of an image tree."
-                )
-            folder = extract_once(self.root, self.extract_dir)
-        else:
-            folder = self.root
-        self.tree = find_tree(folder)
+        self.tree = find_tree(self.unpacked_root(
+            "point it at a folder holding train/<class>/<image> (plus val/ or test/), or at a .tar/.tar.gz/.zip "
+            "archive of one", "a .tar/.tar.gz/.zip archive of an image tree"))
         return self.tree
+
+    def unpacked_root(self, expected: str, archive: str) -> str:
+        """``data.root`` as a folder: itself, or the folder its archive is extracted into (once).
+
+        Args:
+            expected: what the error for a missing root asks for.
+            archive: what a file given as root must be.
+
+        Raises:
+            DataError: the root does not exist, or is a file but not an archive.
+        """
+        if not os.path.exists(self.root):
+            raise DataError(f"data.root={self.root} does not exist; {expected}.")
+        if not os.path.isfile(self.root):
+            return self.root
+        if not self.root.endswith(ARCHIVE_SUFFIXES):
+            raise DataError(f"data.root={self.root} is a file but not {archive}.")
+        return extract_once(self.root, self.extract_dir)
 
     def describe(self) -> None:
         if self.class_names is None:

@@ -6,7 +6,9 @@ Data flow:
   document per non-empty line), ``.jsonl`` / ``.json`` / ``.jsonl.gz`` / ``.jsonl.zst`` (one JSON object per line,
   its ``data.text_field`` the document) and ``.parquet`` (the ``data.text_field`` column; needs pyarrow).
 * :meth:`StreamingText.prepare_data` (rank 0 of each node) tokenizes every document with GPT-2 BPE
-  (:mod:`qkv_lightning.data.tokenizers`, ``<|endoftext|>`` after each document) and writes rows of ``seq_len + 1``
+  (:mod:`qkv_lightning.data.tokenizers`) or a model's own Hugging Face tokenizer
+  (:mod:`qkv_lightning.data.hf_tokenizer`; no special tokens inside a document), the boundary token
+  (``<|endoftext|>``, or the tokenizer's BOS) after each document, and writes rows of ``seq_len + 1``
   token ids, packed or padded (:mod:`qkv_lightning.data.documents`, the same rule as WikiText), with LitData's
   ``optimize`` into ``<cache_dir>/<key>/{train,val}``. ``key`` digests the settings and each source file's path,
   size and modification time, so changed sources or settings make a new dataset and a finished one is reused.
@@ -35,18 +37,19 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from qkv_lightning.data.documents import DocumentMode, check_document_mode, packed_rows, padded_row, row_sample
+from qkv_lightning.data.hf_tokenizer import check_tokenizer_settings, subword_tokenizer
 from qkv_lightning.data.loading import check_loader_settings
 from qkv_lightning.data.progress import Progress
 from qkv_lightning.data.text import TextData
 from qkv_lightning.data.token_cache import read_metadata
-from qkv_lightning.data.tokenizers import BPETokenizer
+from qkv_lightning.data.tokenizers import Tokenizer
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_write_json
 from qkv_lightning.nn.gpt import IGNORE_INDEX
@@ -147,20 +150,21 @@ class RowMaker:
         seq_len: T.
         document_mode: ``packed`` or ``padded``.
         text_field: the JSONL field or Parquet column holding the text.
+        tokenizer_kind: ``gpt2`` or ``hf``.
+        tokenizer_file: ``hf``: the ``tokenizer.json`` or the checkpoint that stores the tokenizer.
     """
 
     bpe_file: str | None
     seq_len: int
     document_mode: str
     text_field: str = "text"
+    tokenizer_kind: str = "gpt2"
+    tokenizer_file: str | None = None
 
-    def tokenizer(self) -> BPETokenizer:
-        key = (self.bpe_file,)
+    def tokenizer(self) -> Tokenizer:
+        key = (self.tokenizer_kind, self.bpe_file, self.tokenizer_file)
         if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = (
-                BPETokenizer.from_ranks_file(Path(self.bpe_file).expanduser()) if self.bpe_file
-                else BPETokenizer.from_tiktoken("gpt2")
-            )
+            _TOKENIZERS[key] = subword_tokenizer(self.tokenizer_kind, self.bpe_file, self.tokenizer_file)
         return _TOKENIZERS[key]
 
     def documents(self, segments: list[tuple[str, int, int | None]]) -> Iterator[np.ndarray]:
@@ -186,7 +190,7 @@ class RowMaker:
             yield row.astype(dtype), int(n_document)
 
 
-_TOKENIZERS: dict[tuple, BPETokenizer] = {}
+_TOKENIZERS: dict[tuple, Tokenizer] = {}
 
 
 def to_sample(item: Any, padded: bool) -> tuple[torch.Tensor, ...]:
@@ -246,7 +250,12 @@ class StreamingText(TextData):
         text_field: the JSON field or Parquet column that holds a document's text.
         cache_dir: where the optimized datasets are written (``<cache_dir>/<key>/{train,val}``); a finished one is
             reused, and nothing else there is touched.
-        bpe_file: GPT-2 ``.tiktoken`` ranks file for offline use; None uses ``tiktoken.get_encoding("gpt2")``.
+        bpe_file: ``gpt2``: GPT-2 ``.tiktoken`` ranks file for offline use; None uses
+            ``tiktoken.get_encoding("gpt2")``.
+        tokenizer: ``gpt2`` (GPT-2 BPE) or ``hf`` (a model's own Hugging Face tokenizer from ``tokenizer_file``,
+            documents encoded without special tokens; :mod:`qkv_lightning.data.hf_tokenizer`).
+        tokenizer_file: ``hf`` (and only then): a Hugging Face ``tokenizer.json``, or a checkpoint that ``import``
+            wrote, which stores the imported model's own tokenizer.
         seq_len: tokens per sample (the model sees ``seq_len`` and predicts the next ``seq_len``).
         document_mode: ``packed`` (documents concatenated, each followed by ``<|endoftext|>``, cut into rows; exact)
             or ``padded`` (one document per row, cut or padded with ``<|endoftext|>``; the paper's protocol).
@@ -271,6 +280,8 @@ class StreamingText(TextData):
         text_field: str = "text",
         cache_dir: str = ".cache/streaming",
         bpe_file: str | None = None,
+        tokenizer: Literal["gpt2", "hf"] = "gpt2",
+        tokenizer_file: str | None = None,
         seq_len: int = 2048,
         document_mode: DocumentMode = "packed",
         score_padding: bool = False,
@@ -286,6 +297,7 @@ class StreamingText(TextData):
     ) -> None:
         super().__init__()
         check_document_mode(document_mode)
+        check_tokenizer_settings(tokenizer, ("gpt2", "hf"), bpe_file, tokenizer_file)
         if not train_files:
             raise ConfigError("data.train_files is empty; name the training text, JSONL or Parquet files.")
         for name, value in (("seq_len", seq_len), ("val_tokens", val_tokens), ("optimize_workers", optimize_workers)):
@@ -309,13 +321,13 @@ class StreamingText(TextData):
         self.shuffle = shuffle
         self.pin_memory = pin_memory
         self.prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
-        self.maker = RowMaker(bpe_file, seq_len, document_mode, text_field)
+        self.maker = RowMaker(bpe_file, seq_len, document_mode, text_field, tokenizer, tokenizer_file)
         self.datasets: dict[str, Any] = {}
         self.meta: dict | None = None
         self._folder: Path | None = None
 
     # ------------------------------------------------------------------------------------------------ locations
-    def load_tokenizer(self) -> BPETokenizer:
+    def load_tokenizer(self) -> Tokenizer:
         return self.maker.tokenizer()
 
     def folder(self) -> Path:
@@ -327,7 +339,9 @@ class StreamingText(TextData):
                 for setting, pats in (("data.train_files", self.train_patterns), ("data.val_files", self.val_patterns))
                 if pats
             }
-            settings = {"format": FORMAT, **asdict(self.maker), "bpe_file": None, "tokenizer": self.tokenizer_identity,
+            # the tokenizer enters by its identity only (not the files that give it): GPT-2 datasets keep their key
+            maker = {k: v for k, v in asdict(self.maker).items() if k not in ("tokenizer_kind", "tokenizer_file")}
+            settings = {"format": FORMAT, **maker, "bpe_file": None, "tokenizer": self.tokenizer_identity,
                         "val_tokens": self.val_tokens, "sources": sources}
             key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
             self._folder = self.cache_dir / f"{self.document_mode}-{self.seq_len}-{key}"
@@ -376,7 +390,8 @@ class StreamingText(TextData):
         meta_path = folder / "meta.json"
         if read_metadata(meta_path) is not None:
             return
-        log.info("preparing the streaming dataset %s (LitData optimize, GPT-2 BPE)", folder)
+        log.info("preparing the streaming dataset %s (LitData optimize, %s tokenizer)", folder,
+                 self.maker.tokenizer_kind)
         segments, taken, val_tokens = self.plan_validation()
         if val_tokens < self.val_tokens:
             log.warning("the validation sources hold only %d tokens, fewer than data.val_tokens=%d",

@@ -22,11 +22,9 @@ import numpy as np
 
 from qkv_lightning.data.image_base import Augmentation
 from qkv_lightning.data.image_folder import (
-    ARCHIVE_SUFFIXES,
     FileSource,
     ImageFolderDataModule,
     class_folders,
-    extract_once,
     scan_split,
 )
 from qkv_lightning.errors import DataError
@@ -142,16 +140,9 @@ class TinyImageNetDataModule(ImageFolderDataModule):
         one)."""
         if self.tree is not None:
             return self.tree
-        if not os.path.exists(self.root):
-            raise DataError(
-                f"data.root={self.root} does not exist. Download http://cs231n.stanford.edu/tiny-imagenet-200.zip "
-                "and point data.root at it (or at the folder it unpacks to)."
-            )
-        folder = self.root
-        if os.path.isfile(self.root):
-            if not self.root.endswith(ARCHIVE_SUFFIXES):
-                raise DataError(f"data.root={self.root} is a file but not the tiny-imagenet-200.zip archive.")
-            folder = extract_once(self.root, self.extract_dir)
+        folder = self.unpacked_root(
+            "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and point data.root at it (or at the folder it "
+            "unpacks to)", "the tiny-imagenet-200.zip archive")
         for candidate in (folder, os.path.join(folder, TREE_NAME)):
             if os.path.isfile(os.path.join(candidate, "wnids.txt")):
                 self.tree = candidate

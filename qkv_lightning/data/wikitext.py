@@ -1,4 +1,5 @@
-"""WikiText-103 and WikiText-2 for language modelling, word level or GPT-2 BPE, with memory-mapped token caches.
+"""WikiText-103 and WikiText-2 for language modelling, word level, GPT-2 BPE or a model's own Hugging Face tokenizer,
+with memory-mapped token caches.
 
 Data flow:
 
@@ -7,10 +8,11 @@ Data flow:
   validation split out of the test file, so the offline "validation text for training, test text split into
   validation and test" arrangement is a config.
 * :meth:`WikiText.prepare_data` (rank 0 of each node only) streams each file line by line through the tokenizer into
-  ``<cache_dir>/<tokenizer>/<split>.bin`` (a flat array of ids that starts with the boundary token) next to a small
-  ``<split>.json`` recording the source file's SHA-256, the line range, the tokenizer's identity and the array's size
-  and SHA-256. Writes go to a temporary file that is renamed into place. A cache that no longer matches its source or
-  tokenizer is rebuilt (or, with ``rebuild_cache: false``, reported as an error).
+  ``<cache_dir>/<tokenizer>/<split>.bin`` (a flat array of ids that starts with the boundary token; ``<tokenizer>``
+  is ``word``, ``gpt2``, or ``hf-<identity>`` for a Hugging Face tokenizer) next to a small ``<split>.json``
+  recording the source file's SHA-256, the line range, the tokenizer's identity and the array's size and SHA-256.
+  Writes go to a temporary file that is renamed into place. A cache that no longer matches its source or tokenizer
+  is rebuilt (or, with ``rebuild_cache: false``, reported as an error).
 * :meth:`WikiText.setup` memory-maps the caches. Training samples are contiguous windows of ``seq_len + 1`` tokens;
   evaluation windows score every token exactly once (non-overlapping, or sliding with ``eval_stride``), and are padded
   with empty windows to a multiple of the number of processes, so that the summed loss over all ranks divided by the
@@ -31,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from qkv_lightning.data.documents import DocumentMode, check_document_mode
+from qkv_lightning.data.hf_tokenizer import check_tokenizer_settings, subword_tokenizer
 from qkv_lightning.data.loading import check_loader_settings, train_loader
 from qkv_lightning.data.progress import Progress
 from qkv_lightning.data.text import TextData
@@ -47,7 +50,7 @@ from qkv_lightning.data.token_cache import (
     scan_file,
 )
 from qkv_lightning.data.token_datasets import DocumentRows, TokenWindows
-from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer, WordTokenizer
+from qkv_lightning.data.tokenizers import Tokenizer, WordTokenizer
 from qkv_lightning.data.wikitext_release import OFFICIAL, download_release
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import atomic_write_json
@@ -60,7 +63,8 @@ DEFAULT_PROMPTS = [" = Valkyria Chronicles III = \n", " The history of the"]
 
 
 class WikiText(TextData):
-    """WikiText-103 or WikiText-2, word level or GPT-2 BPE, as windows of ``seq_len + 1`` tokens.
+    """WikiText-103 or WikiText-2, word level, GPT-2 BPE or a Hugging Face tokenizer, as windows of ``seq_len + 1``
+    tokens.
 
     Args:
         dataset: which release; decides the download and the official line/token counts files are checked against.
@@ -69,8 +73,13 @@ class WikiText(TextData):
         cache_dir: writable folder for token caches and the word vocabulary; None means ``<data_dir>/cache``.
         download: fetch the official archive (checking its MD5) when split files are missing.
         tokenizer: ``word``: whitespace words plus ``<eos>`` per line over the training split's vocabulary (the
-            benchmark's standard); ``gpt2``: GPT-2 BPE (tiktoken).
-        bpe_file: GPT-2 ``.tiktoken`` ranks file for offline use; None uses ``tiktoken.get_encoding("gpt2")``.
+            benchmark's standard); ``gpt2``: GPT-2 BPE (tiktoken); ``hf``: a model's own Hugging Face tokenizer from
+            ``tokenizer_file``, each line encoded with its newline and without special tokens, the stream started by
+            its BOS (or ``<|endoftext|>``-like special token; :mod:`qkv_lightning.data.hf_tokenizer`).
+        bpe_file: ``gpt2``: GPT-2 ``.tiktoken`` ranks file for offline use; None uses
+            ``tiktoken.get_encoding("gpt2")``. Other tokenizers ignore it.
+        tokenizer_file: ``hf`` (and only then): a Hugging Face ``tokenizer.json``, or a checkpoint (``.ckpt``,
+            ``.pt``, ``.pth``) that ``import`` wrote, which stores the imported model's own tokenizer.
         train_file: training text, relative to ``data_dir`` (or absolute).
         val_file: validation text; unused when ``split_test_for_val`` is set.
         test_file: test text.
@@ -103,8 +112,9 @@ class WikiText(TextData):
         data_dir: str = "data/wikitext-103",
         cache_dir: str | None = None,
         download: bool = False,
-        tokenizer: Literal["word", "gpt2"] = "word",
+        tokenizer: Literal["word", "gpt2", "hf"] = "word",
         bpe_file: str | None = None,
+        tokenizer_file: str | None = None,
         train_file: str = "wiki.train.tokens",
         val_file: str | None = "wiki.valid.tokens",
         test_file: str = "wiki.test.tokens",
@@ -125,8 +135,7 @@ class WikiText(TextData):
         check_document_mode(document_mode)
         if dataset not in OFFICIAL:
             raise ConfigError(f"data.dataset={dataset!r} is not one of {sorted(OFFICIAL)}.")
-        if tokenizer not in ("word", "gpt2"):
-            raise ConfigError(f"data.tokenizer={tokenizer!r} must be 'word' or 'gpt2'.")
+        check_tokenizer_settings(tokenizer, ("word", "gpt2", "hf"), bpe_file, tokenizer_file)
         if seq_len < 1:
             raise ConfigError(f"data.seq_len={seq_len} must be at least 1.")
         if eval_stride is not None and not 1 <= eval_stride <= seq_len:
@@ -144,6 +153,7 @@ class WikiText(TextData):
         self.download = download
         self.tokenizer_kind = tokenizer
         self.bpe_file = bpe_file
+        self.tokenizer_file = tokenizer_file
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.split_test_for_val = split_test_for_val
         self.seq_len = seq_len
@@ -174,6 +184,9 @@ class WikiText(TextData):
 
     @property
     def token_dir(self) -> Path:
+        """``<cache_dir>/word``, ``<cache_dir>/gpt2``, or ``<cache_dir>/hf-<identity>`` (one folder per tokenizer)."""
+        if self.tokenizer_kind == "hf":
+            return self.cache_dir / self.load_tokenizer().identity.replace(":", "-")
         return self.cache_dir / self.tokenizer_kind
 
     def needed_splits(self, stage: str | None) -> tuple[str, ...]:
@@ -287,15 +300,12 @@ class WikiText(TextData):
                           sort_keys=True)
 
     def load_tokenizer(self) -> Tokenizer:
-        """The tokenizer: GPT-2 BPE, or the word vocabulary that :meth:`prepare_data` built."""
+        """The tokenizer: GPT-2 BPE, a Hugging Face tokenizer, or the word vocabulary that :meth:`prepare_data`
+        built."""
         if self.tokenizer is not None:
             return self.tokenizer
-        if self.tokenizer_kind == "gpt2":
-            self.tokenizer = (
-                BPETokenizer.from_ranks_file(Path(self.bpe_file).expanduser())
-                if self.bpe_file
-                else BPETokenizer.from_tiktoken("gpt2")
-            )
+        if self.tokenizer_kind in ("gpt2", "hf"):
+            self.tokenizer = subword_tokenizer(self.tokenizer_kind, self.bpe_file, self.tokenizer_file)
             return self.tokenizer
         vocab_path, meta_path = self.vocab_paths()
         self.check_files(("train",), download=False)

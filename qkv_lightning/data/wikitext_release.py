@@ -29,31 +29,33 @@ class OfficialRelease:
     vocab_size: int
 
 
+# WikiText-2 and WikiText-103 share their validation and test articles: the same files, line for line.
+EVAL_LINES = {"wiki.valid.tokens": 3760, "wiki.test.tokens": 4358}
+EVAL_TOKENS = {"wiki.valid.tokens": 217646, "wiki.test.tokens": 245569}
+
+
+def _release(
+    title: str, folder: str, md5: str, train_lines: int, train_tokens: int, vocab_size: int
+) -> OfficialRelease:
+    """One release: its archive at the mirror and the original address, its own training split, the shared ones."""
+    return OfficialRelease(
+        title=title,
+        folder=folder,
+        urls=(
+            f"https://wikitext.smerity.com/{folder}-v1.zip",
+            f"https://s3.amazonaws.com/research.metamind.io/wikitext/{folder}-v1.zip",
+        ),
+        md5=md5,
+        lines={"wiki.train.tokens": train_lines, **EVAL_LINES},
+        tokens={"wiki.train.tokens": train_tokens, **EVAL_TOKENS},
+        vocab_size=vocab_size,
+    )
+
+
 OFFICIAL = {
-    "wikitext-103": OfficialRelease(
-        title="WikiText-103",
-        folder="wikitext-103",
-        urls=(
-            "https://wikitext.smerity.com/wikitext-103-v1.zip",
-            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip",
-        ),
-        md5="9ddaacaf6af0710eda8c456decff7832",
-        lines={"wiki.train.tokens": 1801350, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
-        tokens={"wiki.train.tokens": 103227021, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
-        vocab_size=267735,
-    ),
-    "wikitext-2": OfficialRelease(
-        title="WikiText-2",
-        folder="wikitext-2",
-        urls=(
-            "https://wikitext.smerity.com/wikitext-2-v1.zip",
-            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
-        ),
-        md5="542ccefacc6c27f945fb54453812b3cd",
-        lines={"wiki.train.tokens": 36718, "wiki.valid.tokens": 3760, "wiki.test.tokens": 4358},
-        tokens={"wiki.train.tokens": 2088628, "wiki.valid.tokens": 217646, "wiki.test.tokens": 245569},
-        vocab_size=33278,
-    ),
+    "wikitext-103": _release("WikiText-103", "wikitext-103", "9ddaacaf6af0710eda8c456decff7832", 1801350, 103227021,
+                             267735),
+    "wikitext-2": _release("WikiText-2", "wikitext-2", "542ccefacc6c27f945fb54453812b3cd", 36718, 2088628, 33278),
 }
 """The releases: archive URLs (a mirror first, then the original address), the archive's MD5, and the line and
 word-level token counts (one ``<eos>`` per line) of each file, from the WikiText paper (Merity et al., 2016)."""

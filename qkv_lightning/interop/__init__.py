@@ -10,7 +10,8 @@
 Both become QKV models whose logits equal the source's; the written file has the layout of a ``fit`` checkpoint
 (``state_dict`` and the ``hyper_parameters`` that rebuild the task), so ``validate``/``test --ckpt_path``, ``convert``
 and ``fit --model.init_args.init_from`` take it. ``python cli.py export --format hf`` writes a QKV GPT back in the
-GPT-2 layout. Nothing here runs code from a file: configs are JSON, weights safetensors or weights-only torch files.
+GPT-2 layout, and the Llama-style trunk as a Llama or Qwen2 folder (:mod:`qkv_lightning.interop.hf_llama`). Nothing
+here runs code from a file: configs are JSON, weights safetensors or weights-only torch files.
 ``safetensors`` (and, for the checks against the source library, ``transformers`` or ``timm``) are optional extras,
 imported only by these commands.
 """

@@ -9,7 +9,9 @@ Run: ``python cli.py import SRC DST.ckpt [--format auto|hf-gpt2|timm-vit|authors
   ``n_positions``).
 - ``hf-llama``: SRC is a Hugging Face Llama, Mistral or Qwen2 folder (``config.json`` + safetensors, sharded ones
   included); ``gguf``: SRC is a ``.gguf`` file, read through transformers' GGUF loader (needs ``gguf``). Both give
-  QKV/GQA checkpoints with the Llama-style trunk (:mod:`qkv_lightning.interop.hf_llama`).
+  QKV/GQA checkpoints with the Llama-style trunk (:mod:`qkv_lightning.interop.hf_llama`), storing the model's own
+  tokenizer (the folder's ``tokenizer.json``, or the one transformers builds from the GGUF metadata) in the checkpoint,
+  where ``--data.tokenizer hf --data.tokenizer_file DST.ckpt`` reads it.
 - ``timm-vit``: SRC is a ``.safetensors`` file or a weights-only ``.pth`` of a timm ``vit_*`` model; ``--n_head``
   (default width / 64) or ``--timm_model NAME`` (with timm installed: the architecture is checked against timm's).
 - ``authors``: SRC is a ``.pt`` file the paper's authors' code saved: their language models, synthetic-task encoders
@@ -75,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qkv_lightning.interop import authors
 
     fmt = args.format
+    tokenizer = None  # the model's own tokenizer, stored in the checkpoint (Llama-family folders and GGUF files)
     if fmt == "auto" and src.is_dir():
         from qkv_lightning.interop.hf_llama import is_llama_folder
 
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fmt in ("hf-llama", "gguf"):  # Llama, Mistral, Qwen2 folders and GGUF files (interop/hf_llama.py)
         from qkv_lightning.interop.hf_llama import check_with_transformers, import_llama
 
-        task, source = import_llama(src, fmt, args.seq_len)
+        task, source, tokenizer = import_llama(src, fmt, args.seq_len)
         difference = check_with_transformers(src, fmt, task.network)
         library = f"transformers' {source['model_type']} model" + (" (its GGUF loader)" if fmt == "gguf" else "")
     elif fmt == "authors" or fmt in authors.FORMATS:  # the paper authors' own checkpoints
@@ -109,11 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"the import is wrong; nothing was written to {dst}."
         )
     source = {**source, "path": str(src.resolve()), "max_abs_logit_diff": difference}
-    write_checkpoint(task_checkpoint(task, source), dst)
+    from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY
+
+    records = {CHECKPOINT_ENTRY: tokenizer.checkpoint_entry()} if tokenizer is not None else {}
+    write_checkpoint(task_checkpoint(task, source, **records), dst)
     n = task.network_config
     label = task.attention_config.sharing if hasattr(task, "attention_config") else "QKV"
     print(f"imported {src} ({fmt}) as {dst}: {type(task).__name__}, {label}, {n.n_layer} layers, width {n.d_model}, "
           f"{n.n_head} heads, {sum(p.numel() for p in task.network.parameters()):,} parameters")
     if difference is not None:
         print(f"largest |logit difference| against {library} on random inputs: {difference:.3g}")
+    if tokenizer is not None:
+        print(f"stored the model's own tokenizer ({tokenizer.identity}, {tokenizer.vocab_size} tokens): score text "
+              f"with it through --data.tokenizer hf --data.tokenizer_file {dst}")
+    elif fmt in ("hf-llama", "gguf"):
+        print(f"{src} has no tokenizer ({'tokenizer.json' if fmt == 'hf-llama' else 'in its metadata'}): none stored")
     return 0

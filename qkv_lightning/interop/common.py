@@ -1,13 +1,20 @@
-"""What the importers share: reading weight files safely, and writing a task as a ``fit``-style checkpoint."""
+"""What the importers and the Hugging Face writers share: reading weight files safely, writing a task as a
+``fit``-style checkpoint, and writing a Hugging Face folder."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.json"
+"""A Hugging Face folder's model config."""
+WEIGHTS_FILE = "model.safetensors"
+"""A Hugging Face folder's weights (one file; larger models shard them, listed in ``model.safetensors.index.json``)."""
 
 
 def require(package: str, purpose: str, extra: str = "interop") -> Any:
@@ -54,30 +61,36 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-def language_data_spec(vocab_size: int, seq_len: int, bpe_file: Path | None = None) -> dict[str, Any]:
-    """An imported language model's ``data_spec``: its vocabulary and sequence length and, with ``bpe_file`` (a GPT-2
-    ``.tiktoken`` ranks file), the BPE tokenizer's identity, so that the CLI checks that evaluation data is tokenized
-    with the same BPE (the vocabulary is then the tokenizer's, at most the model's)."""
+def language_data_spec(
+    vocab_size: int, seq_len: int, bpe_file: Path | None = None, tokenizer: Any = None
+) -> dict[str, Any]:
+    """An imported language model's ``data_spec``: its vocabulary and sequence length and, with a tokenizer (a GPT-2
+    ``.tiktoken`` ranks file ``bpe_file``, or the model's own ``tokenizer``, a
+    :class:`~qkv_lightning.data.tokenizers.Tokenizer`), that tokenizer's identity, so that the CLI checks that
+    evaluation data is tokenized with it (the vocabulary is then the tokenizer's, at most the model's)."""
     data_spec: dict[str, Any] = {"vocab_size": vocab_size, "seq_len": seq_len}
+    what = "the stored tokenizer"
     if bpe_file is not None:
         from qkv_lightning.data.tokenizers import BPETokenizer
 
-        tokenizer = BPETokenizer.from_ranks_file(bpe_file)
+        tokenizer, what = BPETokenizer.from_ranks_file(bpe_file), f"--bpe_file {bpe_file}"
+    if tokenizer is not None:
         if tokenizer.vocab_size > vocab_size:
             raise ConfigError(
-                f"--bpe_file {bpe_file} has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                f"{vocab_size}; give the BPE the model was trained with."
+                f"{what} has {tokenizer.vocab_size} tokens, more than the model's vocab_size {vocab_size}; its ids "
+                "would run past the model's embedding. Give the tokenizer the model was trained with."
             )
         data_spec["tokenizer"] = tokenizer.identity
         data_spec["vocab_size"] = tokenizer.vocab_size
     return data_spec
 
 
-def task_checkpoint(task: Any, source: dict[str, Any]) -> dict[str, Any]:
-    """:func:`qkv_lightning.checkpoints.start_checkpoint` of ``task``, recording ``source`` under ``qkv_import``."""
+def task_checkpoint(task: Any, source: dict[str, Any], **records: Any) -> dict[str, Any]:
+    """:func:`qkv_lightning.checkpoints.start_checkpoint` of ``task``, recording ``source`` under ``qkv_import`` (and
+    ``records`` as further top-level entries, such as the model's own tokenizer)."""
     from qkv_lightning.checkpoints import start_checkpoint
 
-    return start_checkpoint(task, qkv_import=source)
+    return start_checkpoint(task, qkv_import=source, **records)
 
 
 def write_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
@@ -94,3 +107,31 @@ def check_destination(path: Path) -> None:
     """Refuse an existing destination before any work is done."""
     if path.exists():
         raise ConfigError(f"{path} exists already; name a new file (nothing is overwritten).")
+
+
+def check_hf_destination(out: Path) -> None:
+    """Refuse an ``--out`` folder that already holds a Hugging Face folder's files, before anything is loaded."""
+    existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if (out / name).exists()]
+    if existing:
+        raise ConfigError(
+            f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is overwritten)."
+        )
+
+
+def write_hf_folder(out: Path, config: dict[str, Any], tensors: dict[str, Tensor],
+                    check: Callable[[Path], None] | None = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``out`` (new, or without them) through a staged folder
+    (:func:`qkv_lightning.files.staged_folder`): ``check`` reads the complete folder before it is put in place, and if
+    it raises, or the process dies, nothing lies under the final names. ``tensors`` must not share memory."""
+    require("safetensors", "export --format hf")
+    from safetensors.torch import save
+
+    from qkv_lightning.files import atomic_open, atomic_write_json, staged_folder
+
+    check_hf_destination(out)
+    with staged_folder(out, last=(CONFIG_FILE,)) as stage:
+        with atomic_open(stage / WEIGHTS_FILE, "wb") as file:
+            file.write(save(tensors, metadata={"format": "pt"}))
+        atomic_write_json(stage / CONFIG_FILE, config, indent=2)
+        if check is not None:
+            check(stage)

@@ -15,7 +15,6 @@ settings (they do not change the logits in evaluation).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import fields
 from pathlib import Path
@@ -26,10 +25,13 @@ from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.files import read_json
-from qkv_lightning.interop.common import language_data_spec, read_safetensors, require
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+from qkv_lightning.interop.common import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    language_data_spec,
+    read_safetensors,
+    write_hf_folder,
+)
 
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 """GPT-2 activation names that are the tanh approximation of GELU (our MLP's default)."""
@@ -242,7 +244,8 @@ def export_settings(hparams: dict[str, Any], network_config: Any) -> dict[str, A
     n = network_config
 
     def refuse(setting: str, value: Any, why: str) -> None:
-        raise ConfigError(f"the checkpoint's {setting}={value!r} cannot be exported to GPT-2's layout: {why}")
+        raise ConfigError(f"the checkpoint's {setting}={value!r} cannot be exported to GPT-2's layout: {why} "
+                          "(--format hf writes a LayerNorm/GELU trunk as GPT-2, an RMSNorm or SwiGLU one as Llama.)")
 
     if attention.sharing != "QKV":
         refuse("attention.sharing", attention.sharing, "GPT-2 has three separate projections (QKV); a shared "
@@ -331,31 +334,6 @@ def from_our_state(state: dict[str, Tensor], config: dict[str, Any]) -> dict[str
     return out
 
 
-def export_hf(ckpt_path: str | Path, out: Path, weights_only: bool = True) -> dict[str, Any]:
-    """Write the GPT of a ``LanguageModel`` checkpoint as a Hugging Face GPT-2 folder (``config.json`` +
-    ``model.safetensors``) into ``out``, which must not hold them yet. Returns the config and the tensors."""
-    require("safetensors", "export --format hf")
-    from safetensors.torch import save
-
-    from qkv_lightning.files import atomic_open
-    from qkv_lightning.tasks.language_model import load_gpt
-
-    existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if (out / name).exists()]
-    if existing:
-        raise ConfigError(
-            f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is overwritten)."
-        )
-    model, hparams = load_gpt(ckpt_path, weights_only)
-    config = export_settings(hparams, model.config)
-    tensors = from_our_state({k: v.detach() for k, v in model.state_dict().items()}, config)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out / WEIGHTS_FILE, "wb") as file:
-        file.write(save(tensors, metadata={"format": "pt"}))
-    with atomic_open(out / CONFIG_FILE, "w", encoding="utf-8") as file:
-        file.write(json.dumps(config, indent=2) + "\n")
-    return {"config": config, "tensors": tensors, "model": model}
-
-
 def check_with_transformers(folder: Path, model: Any, n_tokens: int = 16, seed: int = 0) -> float | None:
     """Largest |logit difference| between ``transformers``' GPT2LMHeadModel loaded from ``folder`` and our ``model``
     (a GPT in eval mode) on random tokens, or None when ``transformers`` is not installed."""
@@ -373,14 +351,15 @@ def check_with_transformers(folder: Path, model: Any, n_tokens: int = 16, seed: 
     return (theirs - ours).abs().max().item()
 
 
-def main_export(ckpt_path: str | Path, out: Path, weights_only: bool = True) -> int:
-    """``export --format hf``: write the folder and, with ``transformers`` installed, compare its logits with ours."""
-    result = export_hf(ckpt_path, out, weights_only)
-    config = result["config"]
+def main_export(model: Any, hparams: dict[str, Any], ckpt_path: str | Path, out: Path) -> int:
+    """``export --format hf`` of a LayerNorm/GELU trunk: write ``model`` (a checkpoint's GPT, eval mode, with its
+    ``hparams``) as a GPT-2 folder and, with ``transformers`` installed, compare its logits with ours."""
+    config = export_settings(hparams, model.config)
+    write_hf_folder(out, config, from_our_state({k: v.detach() for k, v in model.state_dict().items()}, config))
     print(f"exported {ckpt_path} as a Hugging Face GPT-2 folder {out} ({CONFIG_FILE} + {WEIGHTS_FILE}): "
           f"{config['n_layer']} layers, width {config['n_embd']}, {config['n_head']} heads, vocabulary "
           f"{config['vocab_size']}, tied embeddings {config['tie_word_embeddings']}")
-    difference = check_with_transformers(out, result["model"])
+    difference = check_with_transformers(out, model)
     if difference is not None:
         print(f"largest |logit difference| of transformers' GPT2LMHeadModel loaded from {out} against the checkpoint's "
               f"GPT on random tokens: {difference:.3g}")

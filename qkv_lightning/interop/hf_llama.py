@@ -13,10 +13,26 @@ A ``.gguf`` file (llama.cpp's format, quantised or not) is read through ``transf
 dequantises it into a Llama model (and undoes llama.cpp's q/k row order); that model's config and tensors then take
 the folder's path. It needs the optional package ``gguf`` (``pip install 'qkv-lightning[gguf]'``).
 
+The model's own tokenizer is stored in the checkpoint as data (the entry
+:data:`~qkv_lightning.data.hf_tokenizer.CHECKPOINT_ENTRY`: the text of a ``tokenizer.json``): the folder's
+``tokenizer.json`` when it has one, or for a GGUF file the fast tokenizer ``transformers`` builds from the file's
+metadata (``AutoTokenizer.from_pretrained(folder, gguf_file=name)``). Its identity and vocabulary (at most the
+model's) become the checkpoint's ``data_spec``, so ``data.tokenizer: hf`` with ``data.tokenizer_file`` naming the
+checkpoint scores text with it, and other tokenizers are refused.
+
 What our GPT cannot express is a :class:`ConfigError` naming the ``config.json`` field: a sliding window shorter
 than ``max_position_embeddings``, ``rope_scaling`` / ``rope_parameters`` types other than the default, partial
 rotary, a ``head_dim`` other than ``hidden_size / num_attention_heads``, ``attention_bias`` / ``mlp_bias``, another
 activation than SiLU, and model types other than these three (mixture-of-experts ones included).
+
+``export --format hf`` writes such a GPT back (:func:`main_export`, the inverse of :func:`to_our_state`): a Llama
+folder, or Qwen2 where the q/k/v projections have biases, that ``transformers`` loads with our logits. Each of
+``q_proj``, ``k_proj`` and ``v_proj`` is the rows of its role's group in the fused projection, so QKV, GQA and MQA are
+written as they are, and a shared variant (Q-K=V, Q-GQA, Q-MQA, also Q=K-V, Q=V-K, Q=K=V) as the shared weights under
+every role they serve: the same logits, but a standard model projects and caches K and V apart, so the folder has
+none of the variant's cache saving (the export says so). What a standard folder cannot express is refused naming our
+setting: a LayerNorm or GELU trunk, learned or no positions, biases outside q/k/v, partial rotary, a decoupled rotary
+key, score encodings, ``mask_self``, per-role norms, cross-layer K/V sharing, K/V heads that differ between layers.
 """
 
 from __future__ import annotations
@@ -30,10 +46,16 @@ from torch import Tensor
 
 from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.files import read_json
-from qkv_lightning.interop.common import read_safetensors, require
+from qkv_lightning.interop.common import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    language_data_spec,
+    read_safetensors,
+    require,
+    write_hf_folder,
+)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
 INDEX_FILE = "model.safetensors.index.json"
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 """The ``model_type`` values that can be imported."""
@@ -255,18 +277,52 @@ def load_source(src: Path, fmt: str) -> tuple[dict[str, Any], dict[str, Any], di
     return network, attention, state, config
 
 
-def import_llama(src: Path, fmt: str, seq_len: int | None = None) -> tuple[Any, dict[str, Any]]:
+def read_tokenizer_text(src: Path, fmt: str) -> str | None:
+    """The ``tokenizer.json`` text of the source model: the folder's file, or for a GGUF file the one ``transformers``
+    builds from its metadata; None when the folder has none or ``transformers`` builds none from the file."""
+    if fmt != "gguf":
+        path = src / TOKENIZER_FILE
+        if not path.is_file():
+            return None
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"cannot read {path} as UTF-8 text ({error}).") from None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
+        return tokenizer.backend_tokenizer.to_str()
+    except (ValueError, OSError, KeyError, RuntimeError, AttributeError, TypeError):
+        return None
+
+
+def import_llama(src: Path, fmt: str, seq_len: int | None = None) -> tuple[Any, dict[str, Any], Any]:
     """A :class:`~qkv_lightning.tasks.language_model.LanguageModel` (eval mode) holding the model of ``src``; its
     ``data_spec`` records the vocabulary and ``seq_len`` (default ``max_position_embeddings``, at most
-    :data:`SEQ_LEN_CAP`). Returns the task and a summary for the command's report."""
+    :data:`SEQ_LEN_CAP`) and, when the source has a tokenizer, that tokenizer's identity and vocabulary. Returns the
+    task, a summary for the command's report and the tokenizer
+    (:class:`~qkv_lightning.data.hf_tokenizer.HFTokenizer`, or None), which the checkpoint stores.
+
+    Raises:
+        DataError: the folder's ``tokenizer.json`` is not a tokenizer the ``tokenizers`` library reads.
+        ConfigError: the tokenizer has more tokens than the model's vocabulary.
+    """
+    from qkv_lightning.data.hf_tokenizer import HFTokenizer
     from qkv_lightning.tasks.language_model import LanguageModel
 
     network, attention, state, config = load_source(src, fmt)
-    data_spec = {"vocab_size": network["vocab_size"], "seq_len": seq_len or min(network["max_seq_len"], SEQ_LEN_CAP)}
+    text = read_tokenizer_text(src, fmt)
+    where = str(src / TOKENIZER_FILE) if fmt != "gguf" else f"that transformers builds from {src}"
+    tokenizer = HFTokenizer(text, where) if text is not None else None
+    data_spec = language_data_spec(
+        network["vocab_size"], seq_len or min(network["max_seq_len"], SEQ_LEN_CAP), tokenizer=tokenizer
+    )
     task = LanguageModel(network=network, attention=attention, data_spec=data_spec)
     task.configure_model()
     task.network.load_state_dict({k: t.float() for k, t in state.items()}, strict=True)
-    return task.eval(), {"format": fmt, "model_type": config.get("model_type"), "config": jsonable(config)}
+    summary = {"format": fmt, "model_type": config.get("model_type"), "config": jsonable(config)}
+    return task.eval(), summary, tokenizer
 
 
 def jsonable(config: dict[str, Any]) -> dict[str, Any]:
@@ -292,3 +348,183 @@ def check_with_transformers(src: Path, fmt: str, model: Any, n_tokens: int = 16,
                         generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return (reference(ids).logits.float() - model(ids).float()).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------- export
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+"""The class ``export --format hf`` names in ``config.json``, by ``model_type``."""
+EXPORT_TOLERANCE = 1e-2
+"""Largest |logit difference| between ``transformers``' model of the written folder and ours that the export accepts
+(float32 round-off is far below; a misplaced tensor far above); beyond it nothing is put in place."""
+
+
+def is_llama_trunk(network_config: Any) -> bool:
+    """Whether ``export --format hf`` writes a GPT with this config as a Llama-family folder (an RMSNorm or SwiGLU
+    trunk) rather than as GPT-2."""
+    return network_config.norm == "rms" or network_config.mlp == "swiglu"
+
+
+def export_settings(model: Any, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The Llama (or Qwen2) ``config.json`` of a checkpoint's GPT (eval mode, depth factors fused).
+
+    Raises:
+        ConfigError: naming our setting that a standard Llama or Qwen2 folder cannot express.
+    """
+    n, trunk = model.config, model.trunk
+    attention = hparams.get("attention") or {}
+
+    def refuse(setting: str, value: Any, why: str, layer: int | None = None) -> None:
+        where = f" (layer {layer}, from attention.layers)" if layer is not None and trunk.attention.layers else ""
+        raise ConfigError(f"the checkpoint's {setting}={value!r}{where} cannot be exported as a Hugging Face Llama "
+                          f"folder: {why} Convert or fine-tune the model to a setting Llama has, or export graphs "
+                          "(--format torch_export) instead.")
+
+    for setting, value, wanted, why in (
+        ("norm", n.norm, "rms", "Llama's norms are RMSNorm (norm: rms)."),
+        ("mlp", n.mlp, "swiglu", "Llama's MLP is the gated SiLU one (mlp: swiglu)."),
+        ("position", n.position, "rope", "Llama has rotary positions (position: rope), no learned or missing ones."),
+        ("bias", n.bias, False, "Llama has no biases on its output projection, MLP or norms (Qwen2 has them on "
+         "q/k/v only: bias: false, qkv_bias: true)."),
+        ("output", n.output, "linear", "Llama's head is a full linear softmax."),
+    ):
+        if value != wanted:
+            refuse(f"network.{setting}", value, why)
+    if any(source is not None for source in trunk.kv_sources):
+        setting = "kv_sources" if attention.get("kv_sources") else "kv_share_every"
+        refuse(f"attention.{setting}", attention.get(setting), "every Llama layer projects its own K and V (no "
+               "cross-layer K/V sharing).")
+    kv_heads = {block.attn.n_kv_heads for block in model.blocks}
+    if len(kv_heads) > 1:
+        refuse("attention.layers", attention.get("layers"), f"its layers have {sorted(kv_heads)} K/V heads; a Llama "
+               "config has one num_key_value_heads for every layer.")
+    for i, block in enumerate(model.blocks):
+        c = block.attn.config
+        if c.score_encoding != "none":
+            refuse("attention.score_encoding", c.score_encoding, "Llama's scores are q.k / sqrt(head_dim) with a "
+                   "causal mask and nothing added (no '+score' / '+relative' encoding).", i)
+        if c.mask_self:
+            refuse("attention.mask_self", True, "Llama lets each token attend to itself (no '+noself').", i)
+        for role in ("q_norm", "k_norm", "v_norm"):
+            if getattr(c, role) != "none":
+                refuse(f"attention.{role}", getattr(c, role), "Llama has no per-role norms.", i)
+        if c.rope_key_dim:
+            refuse("attention.rope_key_dim", c.rope_key_dim, "Llama rotates the query and key heads themselves (no "
+                   "decoupled rotary key).", i)
+        if c.rope_fraction != 1.0:
+            refuse("attention.rope_fraction", c.rope_fraction, "Llama rotates every dimension of a head; its config "
+                   "has no partial rotary.", i)
+    model_type = "qwen2" if model.blocks[0].attn.qkv.bias is not None else "llama"
+    config: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": n.vocab_size,
+        "hidden_size": n.d_model,
+        "intermediate_size": n.mlp_width,
+        "num_hidden_layers": n.n_layer,
+        "num_attention_heads": n.n_head,
+        "num_key_value_heads": kv_heads.pop(),
+        "head_dim": n.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": n.max_seq_len,
+        "rms_norm_eps": n.norm_eps,
+        "initializer_range": n.init_std,
+        "tie_word_embeddings": bool(n.tie_embeddings),
+        "rope_theta": n.rope_base,  # transformers 4's field; 5 reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": n.rope_base},
+        "attention_dropout": float(attention.get("dropout", 0.0)),
+        "bos_token_id": None,  # the checkpoint records no tokenizer's special tokens
+        "eos_token_id": None,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if model_type == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=n.n_layer)
+    else:
+        config.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    return config
+
+
+def from_our_state(model: Any, config: dict[str, Any]) -> dict[str, Tensor]:
+    """Our GPT's tensors under the Llama names (the inverse of :func:`to_our_state`): ``q_proj``, ``k_proj`` and
+    ``v_proj`` are the rows of each role's group in the fused projection (a shared group's under each of its roles),
+    as float32 tensors that share no memory.
+
+    Raises:
+        ConfigError: if the GPT holds weights the Llama layout has no place for.
+    """
+    remaining = {k: t.detach() for k, t in model.state_dict().items()}
+    out: dict[str, Tensor] = {}
+
+    def put(theirs: str, tensor: Tensor) -> None:
+        out[theirs] = tensor.float().contiguous().clone()
+
+    put("model.embed_tokens.weight", remaining.pop("embed.weight"))
+    for i, block in enumerate(model.blocks):
+        h, ours, layout = f"model.layers.{i}.", f"trunk.blocks.{i}.", block.attn.layout
+        put(f"{h}input_layernorm.weight", remaining.pop(f"{ours}norm_attn.weight"))
+        put(f"{h}post_attention_layernorm.weight", remaining.pop(f"{ours}norm_mlp.weight"))
+        weight = remaining.pop(f"{ours}attn.qkv.weight")  # (sum of the groups' widths, C)
+        bias = remaining.pop(f"{ours}attn.qkv.bias", None)
+        for role, name in (("Q", "q_proj"), ("K", "k_proj"), ("V", "v_proj")):
+            rows = layout.rows(layout.sharing.group_of(role))  # (heads of the role's group * head_dim) rows
+            put(f"{h}self_attn.{name}.weight", weight[rows])
+            if bias is not None:
+                put(f"{h}self_attn.{name}.bias", bias[rows])
+        put(f"{h}self_attn.o_proj.weight", remaining.pop(f"{ours}attn.proj.weight"))
+        for theirs, mine in (("gate_proj", "gate"), ("up_proj", "fc"), ("down_proj", "proj")):
+            put(f"{h}mlp.{theirs}.weight", remaining.pop(f"{ours}mlp.{mine}.weight"))
+    put("model.norm.weight", remaining.pop("trunk.norm.weight"))
+    head = remaining.pop("head.weight")
+    if not config["tie_word_embeddings"]:
+        put("lm_head.weight", head)
+    if remaining:
+        raise ConfigError(
+            f"the checkpoint's GPT has weights the Llama layout has no place for: {', '.join(sorted(remaining)[:6])}; "
+            "only GPTs with the Llama-style trunk (norm: rms, mlp: swiglu, position: rope, bias: false) can be "
+            "exported."
+        )
+    return out
+
+
+def sharing_note(model: Any) -> str | None:
+    """What a folder of a shared variant does not keep: the cache saving (None for QKV, GQA and MQA)."""
+    shared = sorted({block.attn.sharing.name for block in model.blocks} - {"QKV"})
+    if not shared:
+        return None
+    ours = sum(block.attn.cached_tensors for block in model.blocks)
+    return (f"the checkpoint shares projections ({', '.join(shared)}): the folder holds each shared projection under "
+            f"every role it serves (q_proj, k_proj, v_proj), so its logits are the checkpoint's, but a Hugging Face "
+            f"model projects and caches K and V apart: its cache holds {2 * len(model.blocks)} K/V head tensors per "
+            f"token (K and V in each of {len(model.blocks)} layers) where the checkpoint's holds {ours}, so the folder "
+            "has no cache saving (and fine-tuning it unties the shared weights).")
+
+
+def main_export(model: Any, hparams: dict[str, Any], ckpt_path: str | Path, out: Path) -> int:
+    """``export --format hf`` of an RMSNorm/SwiGLU trunk: write ``model`` (a checkpoint's GPT, eval mode, with its
+    ``hparams``) as a Llama or Qwen2 folder; with ``transformers`` installed, the folder's logits are compared with
+    ours before it is put in place, and a difference beyond :data:`EXPORT_TOLERANCE` writes nothing."""
+    config = export_settings(model, hparams)
+    architecture = config["architectures"][0]
+    checked: dict[str, float | None] = {}
+
+    def check(folder: Path) -> None:
+        difference = checked["difference"] = check_with_transformers(folder, "hf-llama", model)
+        if difference is not None and not difference <= EXPORT_TOLERANCE:
+            raise CheckpointError(
+                f"transformers' {architecture} loaded from the folder written for {ckpt_path} gives logits that "
+                f"differ from the checkpoint's GPT by {difference:.3g} (more than {EXPORT_TOLERANCE}) on random "
+                f"tokens, so the folder would not be this model; nothing was written to {out}."
+            )
+
+    write_hf_folder(out, config, from_our_state(model, config), check)
+    print(f"exported {ckpt_path} as a Hugging Face {architecture} folder {out} ({CONFIG_FILE} + {WEIGHTS_FILE}): "
+          f"{config['num_hidden_layers']} layers, width {config['hidden_size']}, {config['num_attention_heads']} "
+          f"query heads over {config['num_key_value_heads']} K/V heads, vocabulary {config['vocab_size']}, tied "
+          f"embeddings {config['tie_word_embeddings']}")
+    note = sharing_note(model)
+    if note:
+        print(f"note: {note}")
+    if checked.get("difference") is not None:
+        print(f"largest |logit difference| of transformers' {architecture} loaded from {out} against the "
+              f"checkpoint's GPT on random tokens: {checked['difference']:.3g}")
+    return 0

@@ -17,6 +17,7 @@ from qkv_lightning.hparams import as_config, plain
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.blocks import Block, Trunk
 from qkv_lightning.parallel import shard_network
+from qkv_lightning.resume import confine_callback_paths
 from qkv_lightning.tasks.distill import DistillConfig, distillation_loss, freeze
 from qkv_lightning.tasks.optim import OptimizerConfig
 from qkv_lightning.tasks.persist import BOOKKEEPING, build_task, load_weights, stored_settings
@@ -263,7 +264,9 @@ class TaskModule(L.LightningModule, abc.ABC):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Fill in tied parameters (e.g. a GPT head tied to the embedding) that sharded checkpoints store once; and
         name the two parameter groups of a checkpoint saved before they had names (the optimiser takes its groups'
-        settings from the checkpoint, so the LR monitor would log ``pg1``/``pg2`` again)."""
+        settings from the checkpoint, so the LR monitor would log ``pg1``/``pg2`` again). Paths in its callback state
+        outside the checkpoint folder are dropped first (:func:`qkv_lightning.resume.confine_callback_paths`)."""
+        confine_callback_paths(checkpoint)
         for state in checkpoint.get("optimizer_states") or []:
             groups = state.get("param_groups") if isinstance(state, dict) else None
             if isinstance(groups, list) and len(groups) == 2 and all(isinstance(g, dict) for g in groups):

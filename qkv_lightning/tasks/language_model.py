@@ -86,7 +86,7 @@ def check_same_vocabulary(expected: dict, actual: dict, subject: str) -> None:
         if key in expected and key in actual and expected[key] != actual[key]:
             raise CheckpointError(
                 f"{subject} with {key}={expected[key]!r}, but the data gives {actual[key]!r}: use the data settings "
-                "of its training run (data.tokenizer, data.train_file, data.bpe_file)."
+                "of its training run (data.tokenizer, data.train_file, data.bpe_file, data.tokenizer_file)."
             )
 
 

@@ -1,0 +1,193 @@
+"""A model's own tokenizer: a Hugging Face ``tokenizer.json`` read through the ``tokenizers`` library, from the file or
+from the checkpoint that ``import`` stored it in; and the one place the data modules turn their tokenizer settings
+(``data.tokenizer``, ``data.bpe_file``, ``data.tokenizer_file``) into a subword tokenizer.
+
+How text is encoded (:class:`HFTokenizer`), chosen to score text the way a Hugging Face causal LM is scored:
+
+* each line, as read from the file with its ``"\\n"``, is encoded with ``add_special_tokens=False``: the newline is
+  text, and no BOS or EOS is added per line (the text is one continuous stream, as with the GPT-2 BPE). Lines are
+  encoded one by one, so a pre-tokenizer never merges text across a line end (the same rule as ``gpt2``);
+* the stream starts with :attr:`~HFTokenizer.boundary_id` (the data modules put it before the first token and
+  between documents): the BOS that the tokenizer's post-processor adds when it adds one (Llama, Mistral, Llama-3),
+  so the model sees its BOS once at the start, as ``tokenizer(text)`` gives it; else the special added token with
+  the lowest id (``<|endoftext|>`` for GPT-2, SmolLM2 and Qwen2);
+* truncation and padding stored in the file are switched off (they would cut or pad lines).
+
+The identity is ``hf:`` and the SHA-256 of the normalized JSON (keys sorted, no whitespace, truncation and padding
+left out): the same tokenizer has the same identity whether read from a ``tokenizer.json`` or a checkpoint, and any
+change of the vocabulary, merges, normalizer, pre-tokenizer or special tokens gives another one. Loading a
+``tokenizer.json`` only parses data (``Tokenizer.from_str``); a checkpoint is read weights-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer
+from qkv_lightning.errors import ConfigError, DataError
+
+CHECKPOINT_ENTRY = "qkv_tokenizer"
+"""The top-level checkpoint entry holding a tokenizer: ``{"format": CHECKPOINT_FORMAT, "json": <tokenizer.json>}``."""
+CHECKPOINT_FORMAT = "huggingface-tokenizers"
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+"""A ``data.tokenizer_file`` with one of these suffixes is a checkpoint; anything else is a ``tokenizer.json``."""
+PROBE = "Hello world"
+
+
+def _tokenizers(purpose: str) -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise ConfigError(
+            f"{purpose} needs the optional package 'tokenizers': pip install tokenizers (or pip install "
+            "'qkv-lightning[interop]')."
+        ) from None
+    return tokenizers
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face fast tokenizer from the text of a ``tokenizer.json`` (see the module docstring).
+
+    Args:
+        text: the ``tokenizer.json`` text.
+        source: where it came from (a file, or a checkpoint's entry), named in errors.
+
+    Raises:
+        DataError: the text is not a tokenizer the ``tokenizers`` library reads, or it has no special token to start
+            a token stream.
+    """
+
+    name = "hf"
+
+    def __init__(self, text: str, source: str) -> None:
+        tokenizers = _tokenizers(f"reading the tokenizer {source}")
+        fix = "give the tokenizer.json that the model's tokenizer (tokenizer.save or save_pretrained) wrote"
+        if not isinstance(text, str):
+            raise DataError(
+                f"the tokenizer {source} is a {type(text).__name__}, not the text of a tokenizer.json; {fix}."
+            )
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise DataError(f"the tokenizer {source} is not JSON ({error}); {fix}.") from None
+        if not isinstance(data, dict):
+            raise DataError(
+                f"the tokenizer {source} holds a JSON {type(data).__name__}, not a tokenizer object; {fix}."
+            )
+        try:
+            self.backend = tokenizers.Tokenizer.from_str(text)
+        except Exception as error:  # the library raises plain Exceptions for malformed files
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DataError(f"the tokenizers library cannot read the tokenizer {source} ({detail}); {fix}.") from None
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.source = source
+        self.text = text
+        normalized = {k: v for k, v in data.items() if k not in ("truncation", "padding")}
+        canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        self._identity = "hf:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+        self.eos_id = self._boundary(vocab)
+
+    def _boundary(self, vocab: dict[str, int]) -> int:
+        with_specials = self.backend.encode(PROBE, add_special_tokens=True).ids
+        plain = self.backend.encode(PROBE, add_special_tokens=False).ids
+        for start in range(len(with_specials) - len(plain) + 1):
+            if start and with_specials[start:start + len(plain)] == plain:
+                return with_specials[0]  # the post-processor's BOS
+        special = sorted(token.content for token in self.backend.get_added_tokens_decoder().values() if token.special)
+        if not special:
+            raise DataError(
+                f"the tokenizer {self.source} adds no BOS and has no special token (such as <|endoftext|>) to start "
+                "the token stream and separate documents; give the model's own tokenizer.json."
+            )
+        return min(vocab[content] for content in special)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
+        """The tokenizer of a ``tokenizer.json``, or the one a checkpoint stores (``.ckpt``/``.pt``/``.pth``, read
+        weights-only; ``import`` stores the source model's tokenizer there)."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise DataError(
+                f"data.tokenizer_file={path} is not a file; name a tokenizer.json or a checkpoint written by import."
+            )
+        if path.suffix in CHECKPOINT_SUFFIXES:
+            from qkv_lightning.checkpoints import load_checkpoint_file
+
+            entry = load_checkpoint_file(path, weights_only=True, lightning=False).get(CHECKPOINT_ENTRY)
+            if entry is None:
+                raise DataError(
+                    f"the checkpoint {path} (data.tokenizer_file) stores no tokenizer: only import of a Hugging Face "
+                    "folder with a tokenizer.json, or of a GGUF file, stores one. Name the model's tokenizer.json."
+                )
+            if not isinstance(entry, dict) or entry.get("format") != CHECKPOINT_FORMAT:
+                raise DataError(
+                    f"the checkpoint {path} (data.tokenizer_file): its {CHECKPOINT_ENTRY} entry is not a stored "
+                    f"tokenizer ({{'format': {CHECKPOINT_FORMAT!r}, 'json': ...}}); the file was edited or written by "
+                    "other code. Import the model again, or name its tokenizer.json."
+                )
+            return cls(entry.get("json"), f"stored in the checkpoint {path} (data.tokenizer_file)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"cannot read data.tokenizer_file={path} as UTF-8 text ({error}).") from None
+        return cls(text, f"{path} (data.tokenizer_file)")
+
+    def checkpoint_entry(self) -> dict[str, str]:
+        """What a checkpoint stores under :data:`CHECKPOINT_ENTRY`."""
+        return {"format": CHECKPOINT_FORMAT, "json": self.text}
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def boundary_id(self) -> int:
+        return self.eos_id
+
+    def encode_lines(self, lines: Sequence[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.backend.encode_batch(list(lines), add_special_tokens=False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
+
+
+def check_tokenizer_settings(
+    kind: str, kinds: tuple[str, ...], bpe_file: str | None, tokenizer_file: str | None
+) -> None:
+    """``data.tokenizer`` is one of ``kinds``, and ``data.tokenizer_file`` is given exactly when it is ``hf`` (a
+    tokenizer file that would be ignored is an error, so that no run is scored otherwise than its config says;
+    ``data.bpe_file`` is only read with ``gpt2``, as before)."""
+    if kind not in kinds:
+        raise ConfigError(f"data.tokenizer={kind!r} must be one of {', '.join(repr(k) for k in kinds)}.")
+    if kind == "hf" and not tokenizer_file:
+        raise ConfigError(
+            "data.tokenizer: hf needs data.tokenizer_file: a Hugging Face tokenizer.json, or a checkpoint written by "
+            "import (which stores the model's own tokenizer)."
+        )
+    if kind != "hf" and tokenizer_file:
+        raise ConfigError(
+            f"data.tokenizer_file={tokenizer_file} is only read with data.tokenizer: hf (it is {kind!r}); set "
+            "data.tokenizer: hf to use it, or data.tokenizer_file: null."
+        )
+
+
+def subword_tokenizer(kind: str, bpe_file: str | None, tokenizer_file: str | None) -> Tokenizer:
+    """The ``gpt2`` (``bpe_file``, or tiktoken's ``gpt2``) or ``hf`` (``tokenizer_file``) tokenizer."""
+    if kind == "hf":
+        return HFTokenizer.from_file(tokenizer_file)
+    return BPETokenizer.from_ranks_file(Path(bpe_file).expanduser()) if bpe_file else BPETokenizer.from_tiktoken("gpt2")

@@ -1,0 +1,197 @@
+"""A model's own Hugging Face tokenizer for the LM data (``data.tokenizer: hf``): tiny tokenizers trained by the
+``tokenizers`` library in the test give the ids that library gives, a new vocabulary a new identity and cache, an
+imported Llama folder's ``tokenizer.json`` is stored in its checkpoint and scores text as transformers' model does,
+and malformed tokenizers are one-paragraph errors naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qkv_lightning.cli import main
+from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY, HFTokenizer
+from qkv_lightning.data.wikitext import WikiText
+from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.files import file_digest
+from tests.lm_fixtures import validate_against, write_wikitext
+from tests.run_fixtures import lm_args
+
+tokenizers = pytest.importorskip("tokenizers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def module(tmp_path: Path, **kwargs) -> WikiText:
+    defaults = dict(dataset="wikitext-2", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
+                    verify=False, seq_len=16, batch_size=4, num_workers=0, tokenizer="hf")
+    return WikiText(**{**defaults, **kwargs})
+
+
+def train_bpe(path: Path, lines: list[str], vocab_size: int = 300, bos: bool = True) -> tokenizers.Tokenizer:
+    """A byte-level BPE trained on ``lines``, with ``<s>`` (added before every text by its post-processor when
+    ``bos``) and ``<|endoftext|>``, saved as a tokenizer.json at ``path``."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(lines, trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+        )
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def train_words(path: Path, lines: list[str]) -> tokenizers.Tokenizer:
+    """A WordLevel tokenizer over the whitespace words of ``lines`` (``[UNK]`` for the rest), saved at ``path``."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tokenizer = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+def cache_ids(dm: WikiText, split: str) -> np.ndarray:
+    meta = dm.meta[split]
+    return np.fromfile(dm.token_dir / f"{split}.bin", dtype=meta["dtype"])
+
+
+def test_ids_are_those_of_the_tokenizers_library_line_by_line_after_its_bos(tmp_path):
+    data = write_wikitext(tmp_path / "data")
+    reference = train_bpe(tmp_path / "tokenizer.json", lines_of(data / "wiki.train.tokens"))
+    bos = reference.token_to_id("<s>")
+    dm = module(tmp_path, tokenizer_file=str(tmp_path / "tokenizer.json"))
+    dm.prepare_data()
+    dm.setup("fit")
+    tokenizer = dm.load_tokenizer()
+    assert tokenizer.boundary_id == bos and tokenizer.vocab_size == reference.get_vocab_size(with_added_tokens=True)
+    assert dm.token_dir == tmp_path / "cache" / tokenizer.identity.replace(":", "-")
+    assert tokenizer.identity.startswith("hf:") and dm.meta["val"]["tokenizer"] == tokenizer.identity
+    for split, name in (("train", "wiki.train.tokens"), ("val", "wiki.valid.tokens")):
+        expected = [bos]  # the stream starts with the BOS the post-processor adds; no BOS or EOS per line
+        for line in lines_of(data / name):
+            expected += reference.encode(line, add_special_tokens=False).ids
+        assert cache_ids(dm, split).tolist() == expected
+        assert expected.count(bos) == 1
+    assert reference.decode(expected[1:], skip_special_tokens=False) == (data / "wiki.valid.tokens").read_text()
+    assert tokenizer.encode_prompt(" The song") == reference.encode(" The song", add_special_tokens=False).ids
+    # without a BOS in the post-processor, the lowest-id special token (<|endoftext|>, GPT-2's and SmolLM2's) starts
+    train_bpe(tmp_path / "plain.json", ["a b c"], bos=False)
+    assert HFTokenizer.from_file(tmp_path / "plain.json").boundary_id == 0
+
+
+def test_a_new_vocabulary_is_a_new_identity_and_cache_and_layout_or_truncation_are_not(tmp_path):
+    data = write_wikitext(tmp_path / "data")
+    lines = lines_of(data / "wiki.train.tokens")
+    small = train_words(tmp_path / "small.json", lines[: len(lines) // 4])
+    first = module(tmp_path, tokenizer_file=str(tmp_path / "small.json"))
+    first.prepare_data()
+    first.setup("validate")
+    old = {path.name: file_digest(path) for path in first.token_dir.iterdir()}
+    # the same tokenizer written with another layout and with truncation switched on: same identity, lines whole
+    text = json.loads((tmp_path / "small.json").read_text())
+    text["truncation"] = {"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0}
+    (tmp_path / "same.json").write_text(json.dumps(text, indent=4))
+    same = HFTokenizer.from_file(tmp_path / "same.json")
+    assert same.identity == first.load_tokenizer().identity
+    line = max(lines_of(data / "wiki.valid.tokens"), key=len)
+    assert len(same.encode_lines([line])[0]) == len(line.split()) > 2
+
+    train_words(tmp_path / "large.json", lines)
+    second = module(tmp_path, tokenizer_file=str(tmp_path / "large.json"))
+    second.prepare_data()
+    second.setup("validate")
+    assert second.load_tokenizer().identity != first.load_tokenizer().identity
+    assert second.token_dir != first.token_dir and second.meta["val"]["tokenizer"] == second.load_tokenizer().identity
+    assert not np.array_equal(cache_ids(second, "val"), cache_ids(first, "val"))
+    unk = small.token_to_id("[UNK]")
+    assert (cache_ids(first, "val") == unk).sum() > (cache_ids(second, "val") == unk).sum()
+    assert {path.name: file_digest(path) for path in first.token_dir.iterdir()} == old  # the old cache is kept
+    # a cache recorded for another tokenizer is refused with rebuild_cache: false, rebuilt otherwise
+    (second.token_dir / "val.json").write_text((first.token_dir / "val.json").read_text())
+    with pytest.raises(DataError, match="tokenizer"):
+        module(tmp_path, tokenizer_file=str(tmp_path / "large.json"), rebuild_cache=False).prepare_data()
+    module(tmp_path, tokenizer_file=str(tmp_path / "large.json")).prepare_data()
+    assert json.loads((second.token_dir / "val.json").read_text())["tokenizer"] == second.load_tokenizer().identity
+
+
+def test_malformed_tokenizers_and_settings_are_one_paragraph_errors_naming_the_file(tmp_path, plain_argv, capsys):
+    data = write_wikitext(tmp_path / "data")
+    bad = {
+        "not-json.json": "{ not json",
+        "list.json": "[1, 2]",
+        "unknown-model.json": json.dumps({"version": "1.0", "model": {"type": "NoSuchModel"}}),
+    }
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError) as error:
+            module(tmp_path, tokenizer_file=str(tmp_path / name)).prepare_data()
+        assert str(tmp_path / name) in str(error.value) and "\n" not in str(error.value)
+    for entry in (None, {"format": "huggingface-tokenizers", "json": 7}, "a string"):
+        torch.save({"state_dict": {}, **({CHECKPOINT_ENTRY: entry} if entry is not None else {})},
+                   tmp_path / "m.ckpt")
+        with pytest.raises(DataError) as error:
+            HFTokenizer.from_file(tmp_path / "m.ckpt")
+        assert str(tmp_path / "m.ckpt") in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="data.tokenizer_file"):
+        module(tmp_path)
+    with pytest.raises(ConfigError, match="data.tokenizer: hf"):
+        module(tmp_path, tokenizer="gpt2", tokenizer_file=str(tmp_path / "list.json"))
+    # through the CLI: exit 2, one paragraph, no traceback
+    args = lm_args(tmp_path, data) + ["--data.tokenizer", "hf", "--data.tokenizer_file", str(tmp_path / "list.json")]
+    capsys.readouterr()
+    assert main(["validate", *args]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "list.json") in err and "Traceback" not in err
+
+
+def test_an_imported_llama_stores_its_tokenizer_and_scores_text_as_transformers(tmp_path, plain_argv, capsys):
+    """A tiny Llama saved with a tokenizer.json: import stores it; ``validate`` with the checkpoint as
+    ``data.tokenizer_file`` reports transformers' cross-entropy on the same windows; other tokenizers are refused,
+    and so is a tokenizer with more tokens than the model's vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    data = write_wikitext(tmp_path / "data", {"wiki.train.tokens": 2, "wiki.valid.tokens": 2, "wiki.test.tokens": 1})
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(str(tmp_path / "hf"))
+    train_bpe(tmp_path / "hf" / "tokenizer.json", lines_of(data / "wiki.valid.tokens"), vocab_size=280)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "m.ckpt")]) == 0
+    assert "stored the model's own tokenizer" in capsys.readouterr().out
+    stored = torch.load(tmp_path / "m.ckpt", weights_only=True, mmap=True)
+    assert stored[CHECKPOINT_ENTRY]["json"] == (tmp_path / "hf" / "tokenizer.json").read_text()
+    from_file = HFTokenizer.from_file(tmp_path / "hf" / "tokenizer.json")
+    from_checkpoint = module(tmp_path, tokenizer_file=str(tmp_path / "m.ckpt")).load_tokenizer()
+    assert from_checkpoint.identity == from_file.identity == stored["hyper_parameters"]["data_spec"]["tokenizer"]
+    assert stored["hyper_parameters"]["data_spec"]["vocab_size"] == from_file.vocab_size <= 280
+
+    args = lm_args(tmp_path, data) + ["--data.tokenizer", "hf", "--data.tokenizer_file", str(tmp_path / "m.ckpt"),
+                                      "--trainer.limit_val_batches", "1.0", "--ckpt_path", str(tmp_path / "m.ckpt")]
+    ours, theirs, count = validate_against(reference, args)
+    assert count > 0 and ours == pytest.approx(theirs, rel=1e-5)
+    word = lm_args(tmp_path, data, name="word") + ["--ckpt_path", str(tmp_path / "m.ckpt")]
+    capsys.readouterr()
+    assert main(["validate", *word]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+    train_bpe(tmp_path / "hf" / "tokenizer.json", lines_of(data / "wiki.train.tokens"), vocab_size=400)
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "big.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "more than the model's vocab_size 300" in err and not (tmp_path / "big.ckpt").exists()
