@@ -4,6 +4,7 @@ memory-budget batch under a limit the test enforces, and the bench-decode comman
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from qkv_lightning.bench.decode_memory import (
 )
 from qkv_lightning.cli import main
 from qkv_lightning.errors import ConfigError
+from qkv_lightning.nn import kv_cache
 from qkv_lightning.nn.attention import AttentionConfig
 from qkv_lightning.nn.cost import attention_shapes
 from qkv_lightning.nn.decoding import StaticDecoder
@@ -86,6 +88,35 @@ def test_long_context_cached_decoding_equals_the_full_forward_pass(variant, n_kv
             else:
                 assert kept is None
     assert caches[0].length == 90
+
+
+@pytest.mark.parametrize("n_kv", [None, 2, 1])
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_partial_rotary_k_equal_v_decoding_block_by_block_equals_the_full_forward_pass(monkeypatch, n_kv, backend):
+    """Q-K=V with rope_fraction 0.5: each decoding step scores the rotated dimensions block by block (blocks of 16
+    positions here, so 90 tokens take 6) without rotating the cache; every rope_keys scheme, the dynamic cache under
+    inference mode and with autograd on, and the static cache with and without its workspace, equal the full forward
+    pass."""
+    monkeypatch.setattr(kv_cache, "ROTARY_SCORE_BLOCK", 16)
+    model = model_for("Q-K=V", n_kv, "rope_rf0.5")
+    for block in model.blocks:
+        block.attn.config = dataclasses.replace(block.attn.config, backend=backend)
+    tokens = torch.randint(0, 50, (2, 90), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens)  # (B, T, V)
+    for grad, scheme in [(False, "on_read"), (False, "copy"), (False, "window:20"), (True, "window:20")]:
+        with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+            caches = model.new_caches(2, 90, rope_keys=scheme)
+            steps = [model(tokens[:, :50], caches)] + [model(tokens[:, t : t + 1], caches) for t in range(50, 90)]
+        assert steps[-1].requires_grad == grad
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10, msg=scheme)
+    with torch.inference_mode():
+        for scheme, workspace in [("on_read", True), ("on_read", False), ("copy", True)]:
+            decoder = StaticDecoder(model, 90, rope_keys=scheme, workspace=workspace)
+            logits, cache = decoder.prefill(tokens[:, :50])
+            for t in range(50, 90):
+                torch.testing.assert_close(logits, full[:, t - 1], rtol=1e-10, atol=1e-10, msg=scheme)
+                logits, cache = decoder.step(tokens[:, t : t + 1], torch.tensor([t]), cache)
 
 
 LLAMA_TRUNKS = {

@@ -13,6 +13,7 @@ import torch
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.attention import Attention, AttentionConfig
 from qkv_lightning.nn.gpt import GPT, GPTConfig
+from qkv_lightning.nn.kv_cache import rotary_scores
 from qkv_lightning.nn.positional import rope_tables
 from qkv_lightning.variants import Variant, parse_label
 
@@ -45,6 +46,27 @@ def causal_attention(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def heads(x: torch.Tensor, n: int) -> torch.Tensor:
     b, t, _ = x.shape
     return x.view(b, t, n, -1).transpose(1, 2)  # (B, n, T, width)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+@pytest.mark.parametrize("block", [1, 5, 23, 64, None])
+def test_rotary_scores_equal_queries_against_keys_rotated_by_their_positions(n_kv, block):
+    """The scores of a K=V cache's rotated dimensions, computed without rotating the keys, block by block through a
+    workspace (or with temporaries), equal the written-out product with Hugging Face's rotation, GQA heads paired."""
+    torch.manual_seed(0)
+    r, length = 8, 23
+    q = torch.randn(2, 4, 1, r, dtype=torch.float64)  # a rotated query (any values)
+    cache = torch.randn(2, n_kv, 30, 16, dtype=torch.float64)  # the K=V cache; its first r dims are rotated
+    keys = cache[:, :, :length, :r]  # a strided view, as the cache gives it
+    positions = torch.arange(length)
+    rotated = hf_partial_rope(keys, positions, r).repeat_interleave(4 // n_kv, dim=1)  # (2, 4, L, r)
+    reference = q @ rotated.transpose(-2, -1)  # (2, 4, 1, L)
+    cos, sin = rope_tables(positions, r, dtype=torch.float64)
+    workspace = torch.full((2, n_kv, 7, r), float("nan"), dtype=torch.float64)  # 7 positions: blocks of <= 7
+    for scratch in (workspace, None):
+        scores = rotary_scores(q, keys, cos, sin, scratch, block)
+        torch.testing.assert_close(scores, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(keys, cache[:, :, :length, :r]) and cache.isfinite().all()  # the cache is only read
 
 
 @pytest.mark.parametrize(("fraction", "rotated"), [(0.5, 8), (0.25, 4), (0.3, 4), (1.0, 16)])

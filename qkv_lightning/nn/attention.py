@@ -20,7 +20,7 @@ from qkv_lightning.errors import ConfigError
 
 # bench/ imports CANONICAL_VARIANTS and canonical_score_encoding from here (homes: nn.sharing, nn.attention_config)
 from qkv_lightning.nn.attention_config import AttentionConfig, canonical_score_encoding  # noqa: F401
-from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, KVCache, parse_rope_keys
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, KVCache, grouped_matmul, parse_rope_keys, rotary_scores
 from qkv_lightning.nn.positional import PairScoreEncoding, PaperScoreEncoding, apply_rope, rotate_into
 from qkv_lightning.nn.sharing import CANONICAL_VARIANTS, ROLES  # noqa: F401
 
@@ -32,15 +32,6 @@ def role_norm(kind: str, head_dim: int, eps: float, bias: bool) -> nn.Module:
     if kind == "layer":
         return nn.LayerNorm(head_dim, eps=eps, bias=bias)
     return nn.Identity()
-
-
-def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a`` (B, H, T, M) times ``b`` (B, H_b, M, N) for each of the H heads of ``a``, head h using ``b``'s head
-    h // (H / H_b) (GQA's pairing; H_b = 1: one matrix for all): (B, H, T, N), without repeating ``b``'s heads."""
-    bsz, h, t, m = a.shape
-    heads = b.shape[1]
-    grouped = a.reshape(bsz, heads, (h // heads) * t, m)  # (B, H_b, G*T, M): the query heads of one b head
-    return (grouped @ b).view(bsz, h, t, b.shape[-1])
 
 
 class Attention(nn.Module):
@@ -213,19 +204,24 @@ class Attention(nn.Module):
         return apply_rope(q_rope, *rope), apply_rope(k_rope, *rope)
 
     @staticmethod
-    def partial_split(q: Tensor, rotated: Tensor, keys: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """Queries and keys of a partial-rotary K=V decoding step as :meth:`split_attention` takes them: the rotated
-        dimensions (q (B, H, T, r), the rotated keys (B, H_kv, L, r)) and the others, as q with its first r dimensions
-        zeroed against the whole un-rotated keys (B, H_kv, L, D): a product over the contiguous cache, faster than
-        over its last D - r dimensions, and the same sum."""
-        r = rotated.shape[-1]
+    def partial_split(q: Tensor, r: int, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """The split query (see :meth:`split_attention`) of a partial-rotary K=V decoding step: ``q`` (B, H, T, D)
+        with its first ``r`` (rotated) dimensions zeroed, taken against the whole un-rotated keys (B, H_kv, L, D) (a
+        product over the contiguous cache, faster than over its last D - r dimensions, and the same sum), and
+        ``scores`` (B, H, T, L), those r dimensions' scores against the rotated keys (:func:`rotary_scores`)."""
         rest = q.clone()
         rest[..., :r] = 0.0  # (B, H, T, D)
-        return (q[..., :r], rest), (rotated, keys)
+        return rest, scores
+
+    @staticmethod
+    def decoupled_split(q: Tensor, q_rope: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        """The split query (see :meth:`split_attention`) with a decoupled rotary key: ``q`` (B, H, T, D) and the
+        rotary parts' scores, ``q_rope`` (B, H, T, R) against the cached rotated key ``k_rope`` (B, 1, L, R)."""
+        return q, grouped_matmul(q_rope, k_rope.transpose(-2, -1))  # (B, H, T, D), (B, H, T, L)
 
     def joined(self, q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Split queries and keys (see :meth:`split_attention`) joined into one q (B, H, T, E) and k (B, H_kv, S, E):
-        the form SDPA takes (a one-head second key part repeated for each K/V head)."""
+        """The decoupled rotary parts beside the heads, (q, q_rope) and (k, k_rope), joined into one q (B, H, T, E)
+        and k (B, H_kv, S, E): the form SDPA takes (a one-head second key part repeated for each K/V head)."""
         kb = k[1].expand(-1, k[0].shape[1], -1, -1) if k[1].shape[1] != k[0].shape[1] else k[1]
         return torch.cat(q, dim=-1), torch.cat([k[0], kb], dim=-1)
 
@@ -236,7 +232,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         shared_kv: tuple[Tensor, Tensor] | None = None,
         split: bool = False,
-    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor | tuple[Tensor, Tensor], Tensor]:
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor, Tensor]:
         """Project ``x`` (B, T, C) into q (B, H, T, D) and k, v (B, H_kv, L+T, D), L tokens coming from ``cache``.
 
         ``rope``: cos/sin tables for positions 0 .. L+T-1, each (L+T, R), or None (R < D: partial rotary; with a
@@ -245,9 +241,10 @@ class Attention(nn.Module):
         keys and values of the source layer, for a layer that reuses them.
 
         With a decoupled rotary key, q and k have ``D + rope_key_dim`` dimensions (each head's rotary part after its
-        own). ``split``: return q and k as pairs for :meth:`split_attention` instead, where that avoids copying the
-        cache: (q, q_rope) and (k, k_rope) with a decoupled key, and for a K=V cache with partial rotary the rotated
-        and the unrotated dimensions (only the former rotated into the workspace).
+        own). ``split``: return q as the pair :meth:`split_attention` takes instead, where that avoids copying the
+        cache: (q, the rotary parts' scores) with a decoupled key, and for a K=V cache with partial rotary (q with its
+        rotated dimensions zeroed, their scores against the rotated keys, which are never rotated into a tensor of
+        the cache's length: :meth:`KVCache.rotary_scores`); k is then the un-rotated keys (B, H_kv, L+T, D).
         """
         t = x.shape[1]
         groups = self.split_groups(x)  # (B, heads, T, D) per group
@@ -276,10 +273,12 @@ class Attention(nn.Module):
                 k = keys
             elif cache is None:
                 k = apply_rope(keys, *rope)
+            elif r < self.head_dim and split:  # partial rotary, a decoding step: the rotated dimensions' scores
+                q = rotate_new(self.q_norm(groups[self.q_group]))  # (B, H, 1, D)
+                scores = cache.rotary_scores(q[..., :r], keys[..., :r], rope, offset)  # (B, H, 1, L+1)
+                return self.partial_split(q, r, scores), keys, v
             elif r < self.head_dim:  # partial rotary: only the first r dimensions are rotated on read
                 rotated = cache.rotated_keys(keys[..., :r], rope, offset)  # (B, H_kv, L+T, r)
-                if split:
-                    return (*self.partial_split(rotate_new(self.q_norm(groups[self.q_group])), rotated, keys), v)
                 k = torch.cat([rotated, keys[..., r:]], dim=-1)  # (B, H_kv, L+T, D)
             else:
                 k = cache.rotated_keys(keys, rope, offset)
@@ -303,7 +302,7 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         cache: KVCache | None,
         split: bool,
-    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor | tuple[Tensor, Tensor], Tensor]:
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor, Tensor]:
         """:meth:`project` with a decoupled rotary key: no head is rotated; the rotary parts come from
         :meth:`rope_parts` and the rotated key is cached beside K and V (or the K=V tensor)."""
         offset = cache.length if cache is not None else 0
@@ -318,8 +317,9 @@ class Attention(nn.Module):
         else:
             k, v = stored[0], stored[1]
         q = k[:, :, offset:] if self.q_group == self.k_group and self.plain_qk else self.q_norm(groups[self.q_group])
-        pairs = (q, q_rope), (k, stored[-1])
-        return (*pairs, v) if split else (*self.joined(*pairs), v)
+        if split:
+            return self.decoupled_split(q, q_rope, stored[-1]), k, v
+        return (*self.joined((q, q_rope), (k, stored[-1])), v)
 
     def static_step(
         self,
@@ -386,20 +386,19 @@ class Attention(nn.Module):
                 k, v = stored
             stored.append(write(buffers[-1], k_rope))
             q_nope = self.k_norm(groups[self.k_group]) if plain else self.q_norm(groups[self.q_group])
-            q, k = (q_nope, q_rope), (k, stored[-1])
+            q = self.decoupled_split(q_nope, q_rope, stored[-1])
         elif self.kv_shared and r < self.head_dim:  # partial rotary: the first r dimensions rotated on read
             kv_new = groups[self.k_group]
             stored = [write(buffers[0], kv_new)]
-            keys = self.k_norm(stored[0])
+            k = self.k_norm(stored[0])
             v = self.v_norm(stored[0])
+            q = rotate(self.q_norm(groups[self.q_group]))  # (B, H, 1, D)
             if len(buffers) == 2:  # the rotated copy of the first r dimensions
                 stored.append(write(buffers[1], rotate(self.k_norm(kv_new)[..., :r])))
-                rotated = stored[1]
-            elif workspace is not None:
-                rotated = rotate_into(keys[..., :r], *rope, workspace)
+                scores = grouped_matmul(q[..., :r], stored[1].transpose(-2, -1))  # (B, H, 1, capacity)
             else:
-                rotated = apply_rope(keys[..., :r], *rope)
-            q, k = self.partial_split(rotate(self.q_norm(groups[self.q_group])), rotated, keys)
+                scores = rotary_scores(q[..., :r], k[..., :r], *rope, workspace)
+            q = self.partial_split(q, r, scores)
         elif self.kv_shared:
             kv_new = groups[self.k_group]
             stored = [write(buffers[0], kv_new)]
@@ -524,30 +523,30 @@ class Attention(nn.Module):
             return tuple(part * factor.to(part.dtype) for part in q)
         return q * factor.to(q.dtype)
 
-    def split_attention(
-        self, q: tuple[Tensor, Tensor], k: tuple[Tensor, Tensor], v: Tensor, bias: Tensor | None
-    ) -> Tensor:
-        """softmax((q_a k_a^T + q_b k_b^T) / sqrt(D + rope_key_dim) + bias) v without joining the parts into one
-        tensor (no copy of the cache; for decoding steps, no dropout).
+    def split_attention(self, q: tuple[Tensor, Tensor], k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """softmax((q k^T + scores) / sqrt(D + rope_key_dim) + bias) v, where ``scores`` are the rotary parts' scores
+        computed apart (:meth:`partial_split`, :meth:`decoupled_split`): they enter as an additive mask, so SDPA
+        reads the one K=V tensor as keys and values (for decoding steps, no dropout).
 
         Args:
-            q: (q_a (B, H, T, E_a), q_b (B, H, T, E_b)).
-            k: (k_a (B, H_a, S, E_a), k_b (B, H_b, S, E_b)); a part's heads divide H, query head h reading its
-                head h // (H / heads) (as GQA pairs them); a one-head part (the decoupled rotary key) serves every
-                query head.
+            q: (q (B, H, T, D), scores (B, H, T, S)).
+            k: (B, H_kv, S, D); query head h reads K/V head h // (H / H_kv), as GQA pairs them.
             v: (B, H_kv, S, D).
             bias: additive (broadcastable to (B, H, T, S)) masks and score encoding, or None.
 
         Returns:
             The output (B, H, T, D).
         """
-        (qa, qb), (ka, kb) = q, k
+        q, scores = q
         scale = 1.0 / math.sqrt(self.head_dim + self.rope_key_dim)
-        scores = (grouped_matmul(qa, ka.transpose(-2, -1)) + grouped_matmul(qb, kb.transpose(-2, -1))) * scale
-        if bias is not None:
-            scores = scores + bias  # (B, H, T, S)
-        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
-        return grouped_matmul(probs, v)  # (B, H, T, D)
+        mask = scores * scale if bias is None else torch.add(bias, scores, alpha=scale)  # (B, H, T, S)
+        if self.config.backend == "explicit":
+            logits = grouped_matmul(q, k.transpose(-2, -1)) * scale + mask  # (B, H, T, S)
+            probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+            return grouped_matmul(probs, v)  # (B, H, T, D)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=self.n_kv_heads != self.n_head
+        )  # (B, H, T, D)
 
     def explicit_attention(
         self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: float

@@ -1,5 +1,6 @@
 """The KV cache of one attention layer for incremental decoding, and how a K=V cache gives rotated keys with RoPE
-(``rope_keys``: rotate on read, keep a rotated copy, or a window of both)."""
+(``rope_keys``: rotate on read, keep a rotated copy, or a window of both), or the scores of rotated keys without
+rotating them (:func:`rotary_scores`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.positional import apply_rope, rotate_into
 
 ROPE_KEYS_DEFAULT = "on_read"
+ROTARY_SCORE_BLOCK = 1024
+"""Positions :func:`rotary_scores` takes at a time: small enough that a block of cached keys and its products stay
+in a CPU core's cache between the two products, large enough that the per-block overhead stays small (at 4,096
+tokens 1,024 and 2,048 timed alike, 512 slower)."""
 """How a K=V cache with rotary positions gives rotated keys: see :func:`parse_rope_keys` and the README's
 "bench-decode" section for the measurements behind the default."""
 
@@ -37,6 +42,58 @@ def parse_rope_keys(value: str, capacity: int) -> int:
         "copy (a rotated copy of every key; QKV's cache size and speed) or window:W (a rotated copy of the first W "
         "positions, e.g. window:1024)."
     )
+
+
+def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a`` (B, H, T, M) times ``b`` (B, H_b, M, N) for each of the H heads of ``a``, head h using ``b``'s head
+    h // (H / H_b) (GQA's pairing; H_b = 1: one matrix for all): (B, H, T, N), without repeating ``b``'s heads."""
+    bsz, h, t, m = a.shape
+    heads = b.shape[1]
+    grouped = a.reshape(bsz, heads, (h // heads) * t, m)  # (B, H_b, G*T, M): the query heads of one b head
+    return (grouped @ b).view(bsz, h, t, b.shape[-1])
+
+
+def rotary_scores(
+    q: Tensor, keys: Tensor, cos: Tensor, sin: Tensor, workspace: Tensor | None = None, block: int | None = None
+) -> Tensor:
+    """Scores of rotated queries against keys rotated by their positions, without rotating the keys: q . R(n) k_n.
+
+    With the rotate-half tables of :func:`~qkv_lightning.nn.positional.rope_tables` (whose two halves are equal),
+    R(n) k = k * cos_n + (-k2, k1) * sin_n, so q . R(n) k = (k * cos_n) . q + (k * sin_n) . (q2, -q1): two products
+    of the keys with the tables, each a full-row product with no half-width operation (on CPUs these are what a
+    rotation costs). Block by block of ``block`` positions, both products go through the same ``workspace`` slice
+    while the block of keys is still in the CPU's cache; the keys are never rotated into a tensor of their length.
+
+    Args:
+        q: rotated queries (B, H, T, R).
+        keys: the un-rotated keys (B, H_kv, L, R) (e.g. the rotated dimensions of a K=V cache, a strided view); the
+            heads pair as in :func:`grouped_matmul`.
+        cos: tables (L, R) of the keys' positions.
+        sin: tables (L, R) of the keys' positions.
+        workspace: (B, H_kv, >= 1, R) scratch (its first ``min(block, its length)`` positions are used); None
+            computes with temporaries (autograd, compiled and exported graphs).
+        block: positions per block; None: :data:`ROTARY_SCORE_BLOCK`.
+
+    Returns:
+        Scores (B, H, T, L), unscaled.
+    """
+    half = q.shape[-1] // 2
+    swapped = torch.cat([q[..., half:], -q[..., :half]], dim=-1)  # (B, H, T, R): (q2, -q1)
+    if workspace is None:
+        return grouped_matmul(q, (keys * cos).transpose(-2, -1)) + grouped_matmul(
+            swapped, (keys * sin).transpose(-2, -1)
+        )  # (B, H, T, L)
+    length = keys.shape[2]
+    block = min(block or ROTARY_SCORE_BLOCK, workspace.shape[2])
+    out = q.new_empty((*q.shape[:3], length))  # (B, H, T, L)
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        part, scratch = keys[:, :, start:end], workspace[:, :, : end - start]  # (B, H_kv, n, R)
+        torch.mul(part, cos[start:end], out=scratch)
+        scores = grouped_matmul(q, scratch.transpose(-2, -1))  # (B, H, T, n)
+        torch.mul(part, sin[start:end], out=scratch)
+        out[..., start:end] = scores.add_(grouped_matmul(swapped, scratch.transpose(-2, -1)))
+    return out
 
 
 class KVCache:
@@ -106,24 +163,49 @@ class KVCache:
         shared workspace when no gradient is needed (no cache-sized temporaries), else with :func:`apply_rope`.
         """
         cos, sin = rope
-        end, kept = kv.shape[2], 0 if self.rotated is None else self.rotated.shape[2]
-        if kept:
-            upto = min(end, kept)
-            if start < upto:
-                self.rotated[:, :, start:upto] = apply_rope(kv[:, :, start:upto], cos[start:upto], sin[start:upto])
-            if end <= kept:
-                return self.rotated[:, :, :end]
+        end, kept = kv.shape[2], self._keep_rotated(kv, rope, start)
+        if kept and end <= kept:
+            return self.rotated[:, :, :end]
         if torch.is_grad_enabled() and kv.requires_grad:
             rest = apply_rope(kv[:, :, kept:], cos[kept:], sin[kept:])
             return rest if not kept else torch.cat([self.rotated, rest], dim=2)
-        out = self._workspace(kv)[:, :, :end]  # (B, H_kv, L, D)
+        out = self._workspace(kv.shape[:2], self.capacity, kv)[:, :, :end]  # (B, H_kv, L, D)
         if kept:
             out[:, :, :kept] = self.rotated
         rotate_into(kv[:, :, kept:], cos[kept:], sin[kept:], out[:, :, kept:])
         return out
 
-    def _workspace(self, like: Tensor) -> Tensor:
-        shape = (*like.shape[:2], self.capacity, like.shape[3])
+    def rotary_scores(self, q: Tensor, kv: Tensor, rope: tuple[Tensor, Tensor], start: int) -> Tensor:
+        """Scores (B, H, T, L) of rotated queries ``q`` (B, H, T, R) against the rotated keys of the un-rotated K=V
+        sequence ``kv`` (B, H_kv, L, R) (as :meth:`rotated_keys` takes it), without rotating them: the rotated
+        copy's positions from the copy, the others by :func:`rotary_scores` through a workspace of at most
+        :data:`ROTARY_SCORE_BLOCK` positions shared by the layers. Unscaled."""
+        cos, sin = rope
+        kept = self._keep_rotated(kv, rope, start)
+        grad = torch.is_grad_enabled() and (kv.requires_grad or q.requires_grad)
+        workspace = None if grad else self._workspace(kv.shape[:2], min(self.capacity, ROTARY_SCORE_BLOCK), kv)
+        scores = rotary_scores(q, kv[:, :, kept:], cos[kept:], sin[kept:], workspace)  # (B, H, T, L - kept)
+        if not kept:
+            return scores
+        copied = grouped_matmul(q, self.rotated[:, :, : kv.shape[2]].transpose(-2, -1))  # (B, H, T, <= kept)
+        return torch.cat([copied, scores], dim=-1)
+
+    def _keep_rotated(self, kv: Tensor, rope: tuple[Tensor, Tensor], start: int) -> int:
+        """Rotate the new positions (from ``start``) of ``kv`` that fall in the rotated copy into it; returns the
+        positions the copy holds (0 without one)."""
+        if self.rotated is None:
+            return 0
+        cos, sin = rope
+        kept = self.rotated.shape[2]
+        upto = min(kv.shape[2], kept)
+        if start < upto:
+            self.rotated[:, :, start:upto] = apply_rope(kv[:, :, start:upto], cos[start:upto], sin[start:upto])
+        return kept
+
+    def _workspace(self, heads: tuple[int, ...], positions: int, like: Tensor) -> Tensor:
+        """The workspace shared by the layers, (``heads``..., ``positions``, ``like``'s last size), reallocated when
+        a layer needs another shape, dtype or device."""
+        shape = (*heads, positions, like.shape[3])
         ws = self.workspace
         fits = ws and ws[0].shape == shape and ws[0].dtype == like.dtype and ws[0].device == like.device
         if not fits or ws[0].is_inference() != torch.is_inference_mode_enabled():
