@@ -323,10 +323,11 @@ def confine_callback_paths(checkpoint: dict[str, Any]) -> list[str]:
             return not isinstance(path, str) or not isinstance(root, str) or escapes(path, root) is not None
 
         models = state.get("best_k_models")
-        paths = list(models) if isinstance(models, dict) else [models]
-        if any(outside(path) for path in paths) or (state.get("kth_best_model_path") and outside(
-                state["kth_best_model_path"])):
-            dropped += [str(path) for path in paths if outside(path)]
+        ranked = [*(models if isinstance(models, dict) else [models])]  # not a mapping: dropped as well
+        kth = state.get("kth_best_model_path")
+        escaped = [str(path) for path in ranked + ([kth] if kth else []) if outside(path)]
+        if escaped:  # the top-k record names a path outside: it is dropped whole
+            dropped += escaped
             state["best_k_models"], state["kth_best_model_path"] = {}, ""
             state.pop("kth_value", None)
         for name in CHECKPOINT_PATH_FIELDS:

@@ -199,3 +199,24 @@ def test_a_converted_checkpoint_keeps_the_imported_tokenizer(tmp_path, plain_arg
                                       "--ckpt_path", str(converted)]
     assert main(["validate", *args]) == 0
     assert "val/ppl" in capsys.readouterr().out
+
+
+def test_a_tokenizer_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    """``data.tokenizer_file`` naming a checkpoint whose stored tokenizer entry unpickles into a call (``open(marker,
+    'w')``): a plain ``torch.load`` would create the marker; the tokenizer is read weights-only and refused."""
+    from qkv_lightning.errors import QKVError
+
+    marker = tmp_path / "marker"
+
+    class CreatesFile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({CHECKPOINT_ENTRY: {"format": "huggingface-tokenizers", "json": CreatesFile()}}, evil)
+    torch.load(evil, weights_only=False)  # control: the file really runs code when trusted
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(QKVError):
+        HFTokenizer.from_file(evil)
+    assert not marker.exists()
