@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ def check_destination(path: Path) -> None:
 
 def check_hf_destination(out: Path) -> None:
     """Refuse an ``--out`` folder that already holds a Hugging Face folder's files, before anything is loaded."""
-    existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if (out / name).exists()]
+    existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(out / name)]
     if existing:
         raise ConfigError(
             f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is overwritten)."
