@@ -114,6 +114,50 @@ def test_fused_decoding_equals_written_out_attention_and_the_full_pass_under_tri
     assert "fused decode checks passed" in done.stdout
 
 
+def ptxas() -> Path | None:
+    """The ptxas that Triton's NVIDIA backend ships, or None."""
+    if not HAS_TRITON:
+        return None
+    spec = importlib.util.find_spec("triton.backends.nvidia")
+    found = Path(spec.origin).parent / "bin" / "ptxas" if spec and spec.origin else None
+    return found if found and found.is_file() else None
+
+
+@pytest.mark.skipif(ptxas() is None, reason="Triton's NVIDIA backend (and its ptxas) is not installed")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_the_kernel_compiles_for_an_h100_with_its_tiles_in_registers(dtype, tmp_path):
+    """Without a GPU: Triton compiles the kernel ahead of time for sm_90 (H100) at the tiles it launches with (head
+    sizes 64 and 128, 1 to 16 query heads per K/V head, full and partial rotary), and ptxas reports no register
+    spills (a tile too large for the registers spills to local memory: 16,384 elements did, with 148 bytes)."""
+    import inspect
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qkv_lightning.nn import fused_decode
+
+    kernel = fused_decode._rotary_decode_kernel
+    names = list(inspect.signature(kernel.fn).parameters)
+    types = {name: f"*{dtype}" for name in names[:4]} | {name: "*fp32" for name in names[4:7]}
+    types |= {name: "i32" for name in names[7:15]} | {"scale": "fp32"}
+    for group, head_dim, rotary in [(1, 64, 64), (1, 64, 16), (3, 64, 16), (12, 64, 64), (1, 128, 128),
+                                    (4, 128, 128), (16, 128, 32)]:
+        block_g, block_d, block_n = fused_decode.block_sizes(group, head_dim)
+        constants = dict(GROUP=group, HEAD_DIM=head_dim, ROTARY=rotary, BLOCK_G=block_g, BLOCK_D=block_d,
+                         BLOCK_N=block_n)
+        source = ASTSource(fn=kernel, signature={name: types.get(name, "constexpr") for name in names},
+                           constexprs={(names.index(name),): value for name, value in constants.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": fused_decode.NUM_WARPS})
+        (tmp_path / "k.ptx").write_text(compiled.asm["ptx"])
+        report = subprocess.run([str(ptxas()), "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o",
+                                 str(tmp_path / "k.cubin")], capture_output=True, text=True, check=True).stderr
+        spills = re.search(r"(\d+) bytes spill stores", report)
+        assert spills and spills.group(1) == "0", (group, head_dim, rotary, report)
+
+
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA device and Triton")
 def test_fused_decoding_on_a_gpu_equals_written_out_attention_and_the_full_pass():
     fused_checks("cuda")
