@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qkv_lightning.cli import main
-from qkv_lightning.data.hf_tokenizer import HFTokenizer
+from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY, HFTokenizer
 from qkv_lightning.interop import hf_llama
 from qkv_lightning.interop.common import task_checkpoint, write_checkpoint
 from qkv_lightning.interop.hf_llama import read_folder_weights
@@ -93,6 +93,9 @@ def test_import_then_export_gives_back_the_original_tensors(tmp_path, plain_argv
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "m.ckpt")]) == 0
     stored = HFTokenizer.from_file(tmp_path / "m.ckpt")
     assert stored.checkpoint_entry()["special_token_ids"] == SPECIAL_IDS[case]  # what a fit on it stores again
+    older = torch.load(tmp_path / "m.ckpt", weights_only=True, mmap=True)  # as import wrote it before the ids:
+    del older[CHECKPOINT_ENTRY]["special_token_ids"]  # they come from the source's config that qkv_import keeps
+    assert HFTokenizer.from_checkpoint(older, "older").special_token_ids == SPECIAL_IDS[case]
     capsys.readouterr()
     assert export(tmp_path / "m.ckpt", tmp_path / "back") == 0
     printed = capsys.readouterr().out
