@@ -568,6 +568,7 @@ def test_export_into_a_file_is_refused_before_the_checkpoint_is_read(runs, tmp_p
         raise AssertionError("the export ran")
 
     monkeypatch.setattr(export, "load_gpt", never)
+    monkeypatch.setattr(export, "load_gpt_checkpoint", never)  # the loader of --format hf
     monkeypatch.setattr(hf_gpt2, "main_export", never)
     (tmp_path / "a-file").write_text("mine")
     for extra in ([], ["--format", "hf"]):
