@@ -77,8 +77,13 @@ def fused_checks(device: str) -> None:
         kv = torch.randn(bsz, kv_heads, length + 7, dim, generator=generator).to(device)[:, :, :length]  # a view
         cos, sin = (t.to(device) for t in rope_tables(torch.arange(length), rotated))
         out = fused_decode.rotary_decode_attention(q, kv, cos, sin)
-        torch.testing.assert_close(out.double().cpu(), written_out_attention(q.cpu(), kv.cpu(), rotated),
-                                   rtol=1e-5, atol=1e-5, msg=f"kernel, length {length}")
+        expected = written_out_attention(q.cpu(), kv.cpu(), rotated)
+        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5, msg=f"kernel, length {length}")
+        if device == "cuda":  # half precision (numpy, under the interpreter, has no bfloat16)
+            for dtype in (torch.bfloat16, torch.float16):
+                half = fused_decode.rotary_decode_attention(q.to(dtype), kv.to(dtype), cos.to(dtype), sin.to(dtype))
+                assert half.dtype == dtype
+                torch.testing.assert_close(half.double().cpu(), expected, rtol=0.0, atol=5e-2, msg=f"{dtype}")
 
     calls = []
     kernel = fused_decode.rotary_decode_attention
