@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from qkv_lightning.callbacks.attention_maps import AttentionMaps
 from qkv_lightning.callbacks.nonfinite import NonFiniteGuard
 from qkv_lightning.callbacks.perf import PerfMonitor
+from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY, checkpoint_tokenizer_file
 from qkv_lightning.data.loading import use_resuming_fit_loop
 from qkv_lightning.errors import CheckpointError, ConfigError, QKVError
 from qkv_lightning.guards import (
@@ -168,8 +169,31 @@ class QKVLightningCLI(LightningCLI):
         check_trainer_settings(config)
         check_output_folders(config)
         resolve_last(config, self.subcommand)
+        self.use_checkpoint_tokenizer(config)
         if self.subcommand != "fit":
             place_evaluation_logs(config, self.subcommand)  # after `last` is resolved: into the evaluated run
+
+    def use_checkpoint_tokenizer(self, config: jsonargparse.Namespace) -> None:
+        """With ``ckpt_path`` naming a checkpoint that stores its model's tokenizer (``import``, ``fit`` with
+        ``data.tokenizer: hf``, ``convert``), the data reads that tokenizer when its settings name none
+        (``data.tokenizer: hf`` without ``data.tokenizer_file``); another kind of tokenizer is refused
+        (:func:`qkv_lightning.data.hf_tokenizer.checkpoint_tokenizer_file`). After ``last`` is resolved, so that
+        ``--ckpt_path last`` is covered; the checkpoint is read once (:meth:`checkpoint_info`), and the stored
+        tokenizer then by the data module, weights-only."""
+        data, ckpt_path = config.get("data"), config.get("ckpt_path")
+        settings = data.get("init_args") if isinstance(data, jsonargparse.Namespace) else None
+        if not isinstance(settings, jsonargparse.Namespace) or not is_local_file_or_folder(ckpt_path):
+            return
+        if "tokenizer" not in settings or "tokenizer_file" not in settings:
+            return  # a datamodule without a choice of tokenizer
+        info = self.checkpoint_info(ckpt_path, config.get("weights_only") is not False)
+        if info.sharded or CHECKPOINT_ENTRY not in info.entries:
+            return
+        recorded = (info.hparams.get("data_spec") or {}).get("tokenizer")
+        path = checkpoint_tokenizer_file(settings.tokenizer, settings.tokenizer_file, str(info.path), recorded)
+        if path is not None:
+            settings["tokenizer_file"] = path
+            rank_zero_info(f"data.tokenizer_file: {path} (the tokenizer ckpt_path stores, {recorded})")
 
     def instantiate_classes(self) -> None:
         """Lightning's, with a logger that cannot be created (a missing package, MLflow refusing its file store) said

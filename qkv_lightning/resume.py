@@ -27,12 +27,14 @@ def is_local_file_or_folder(ckpt_path: Any) -> bool:
 
 @dataclass
 class CheckpointInfo:
-    """What the checks need from a checkpoint, read once: its weights' shapes and its hyper-parameters."""
+    """What the checks need from a checkpoint, read once: its weights' shapes, its hyper-parameters and the names of
+    its top-level entries (e.g. a stored tokenizer's; a sharded folder's are those of its metadata file)."""
 
     path: Path
     sharded: bool
     shapes: dict[str, tuple[int, ...]]
     hparams: dict[str, Any] = field(default_factory=dict)
+    entries: frozenset[str] = frozenset()
 
     @property
     def class_path(self) -> str | None:
@@ -67,10 +69,11 @@ def read_checkpoint_info(ckpt_path: str | Path, weights_only: bool = True) -> Ch
             if key.startswith(prefix) and hasattr(item, "size")
         }
         meta = load_checkpoint_file(path / METADATA_FILE, weights_only=weights_only, lightning=False)
-        return CheckpointInfo(path, True, shapes, _plain_hparams(meta.get("hyper_parameters")))
+        return CheckpointInfo(path, True, shapes, _plain_hparams(meta.get("hyper_parameters")), frozenset(meta))
     checkpoint = load_checkpoint_file(path, weights_only=weights_only)
     shapes = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if hasattr(v, "shape")}
-    return CheckpointInfo(path, False, shapes, _plain_hparams(checkpoint.get("hyper_parameters")))
+    hparams = _plain_hparams(checkpoint.get("hyper_parameters"))
+    return CheckpointInfo(path, False, shapes, hparams, frozenset(checkpoint))
 
 
 def _plain_hparams(hparams: Any) -> dict[str, Any]:

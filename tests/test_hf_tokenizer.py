@@ -230,7 +230,7 @@ LLAMA_TRUNK = ["--model.network.norm", "rms", "--model.network.mlp", "swiglu", "
 """lm_args' tiny GPT with the Llama-style trunk, which export --format hf writes as a Llama folder."""
 
 
-def test_a_fit_checkpoint_carries_its_tokenizer_to_predict_and_export(tmp_path, plain_argv, capsys):
+def test_a_fit_checkpoint_carries_its_tokenizer_to_predict_and_export(tmp_path, plain_argv, capsys, caplog):
     """``fit`` (2 steps, a tiny Llama-trunk GPT) with ``data.tokenizer: hf`` from a tokenizer.json stores that
     tokenizer in its checkpoint (weights-only loadable), with its boundary token as BOS and EOS; with the
     tokenizer.json gone, ``predict`` reads it from the checkpoint (``--data.tokenizer_file CKPT``) and its completions
@@ -259,6 +259,27 @@ def test_a_fit_checkpoint_carries_its_tokenizer_to_predict_and_export(tmp_path, 
     for g in generated:
         assert g["completion"] == reference.decode(g["ids"], skip_special_tokens=False), g
     assert sum(len(g["completion"]) for g in generated) > 0
+    # the checkpoint's tokenizer is the default: data.tokenizer hf without data.tokenizer_file reads it
+    again = tmp_path / "again.jsonl"
+    caplog.clear()
+    assert main(["predict", *args, "--ckpt_path", str(last), "--model.generation.output_file", str(again),
+                 "--model.generation.max_new_tokens", "6"]) == 0
+    assert f"data.tokenizer_file: {last} (the tokenizer ckpt_path stores" in caplog.text
+    assert [json.loads(line) for line in again.read_text().splitlines()] == generated
+    # another tokenizer is refused before anything is generated: another kind, or another tokenizer.json
+    capsys.readouterr()
+    other = HFTokenizer(train_bpe(tmp_path / "other.json", lines_of(data / "wiki.valid.tokens"), 280).to_str(), "t")
+    mine = stored["hyper_parameters"]["data_spec"]["tokenizer"]
+    for setting, said in (
+        (["--data.tokenizer", "word"], f"ckpt_path={last} stores the tokenizer its model was trained with ({mine})"),
+        (["--data.tokenizer_file", str(tmp_path / "other.json")], f"tokenizer={mine!r}, but the data gives "
+                                                                   f"{other.identity!r}"),
+    ):
+        refused = tmp_path / "refused.jsonl"
+        assert main(["predict", *args, *setting, "--ckpt_path", str(last), "--model.generation.output_file",
+                     str(refused)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "data.tokenizer_file" in err and "Traceback" not in err and not refused.exists(), err
 
     assert main(["export", "--ckpt_path", str(last), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
     assert f"special tokens bos {bos}, eos {bos}, pad None" in capsys.readouterr().out

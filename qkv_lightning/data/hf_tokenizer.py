@@ -260,6 +260,35 @@ def check_tokenizer_settings(
         )
 
 
+def checkpoint_tokenizer_file(
+    kind: str, tokenizer_file: str | None, checkpoint: str, model_tokenizer: str | None
+) -> str | None:
+    """The ``data.tokenizer_file`` of a run whose ``ckpt_path`` is a checkpoint that stores its model's tokenizer
+    (:data:`CHECKPOINT_ENTRY`): the checkpoint itself when the data settings name no tokenizer (``data.tokenizer: hf``
+    and no ``data.tokenizer_file``), so that ``predict`` decodes, and ``validate``/``test`` encode, with the model's
+    own vocabulary; None to keep the settings (a ``data.tokenizer_file`` that holds another tokenizer than the
+    model's is refused when the data is set up: :func:`~qkv_lightning.tasks.language_model.check_same_vocabulary`).
+
+    Args:
+        kind: ``data.tokenizer``.
+        tokenizer_file: ``data.tokenizer_file``.
+        checkpoint: the checkpoint (``ckpt_path``).
+        model_tokenizer: the identity its model was trained with (``data_spec.tokenizer``), for the message.
+
+    Raises:
+        ConfigError: ``data.tokenizer`` names another kind of tokenizer (``word``, ``gpt2``): its ids are not the
+            model's.
+    """
+    if kind == "hf":
+        return checkpoint if not tokenizer_file else None
+    raise ConfigError(
+        f"ckpt_path={checkpoint} stores the tokenizer its model was trained with ({model_tokenizer or 'hf'}), but "
+        f"data.tokenizer={kind!r} names another one: text would be encoded, and generated ids decoded, with a "
+        "vocabulary that is not the model's. Set data.tokenizer: hf and leave data.tokenizer_file out (null) to use "
+        "the checkpoint's own tokenizer, or name the model's tokenizer.json in data.tokenizer_file."
+    )
+
+
 def subword_tokenizer(kind: str, bpe_file: str | None, tokenizer_file: str | None) -> Tokenizer:
     """The ``gpt2`` (``bpe_file``, or tiktoken's ``gpt2``) or ``hf`` (``tokenizer_file``) tokenizer."""
     if kind == "hf":
