@@ -5,14 +5,16 @@ Run: ``python cli.py evaluate --ckpt_path logs/.../last.ckpt --tasks '[hellaswag
 
 The checkpoint's GPT (any attention variant) is wrapped as an lm-eval ``LM`` (:mod:`qkv_lightning.harness`):
 log-likelihoods from one forward pass, rolling log-likelihoods in disjoint windows, greedy generation on the KV
-cache. Text is tokenized with the GPT-2 BPE the model was trained with: ``--bpe_file``, else the checkpoint's data
-setting ``bpe_file``; its identity must be the one recorded in the checkpoint (word-level models cannot be
-evaluated). The paper scores its LMs 5-shot on HellaSwag, PIQA, ARC and Winogrande; those tasks download their data
-sets from the Hugging Face hub on first use. ``--include_path`` adds task YAML files (lm-eval's format, e.g. a local
-JSON data set: ``dataset_path: json`` with ``dataset_kwargs: {data_files: ...}``); lm-eval's task files may name
-Python functions (``!function``), so include only task folders you trust. Results are printed as lm-eval's table and
-written as JSON to ``--output`` (default: ``<checkpoint>.lm_eval.json`` beside the checkpoint; never overwritten
-without ``--overwrite``). Needs the optional ``lm-eval`` package (``pip install 'qkv-lightning[eval]'``).
+cache. Text is tokenized with the model's own tokenizer: the Hugging Face tokenizer its checkpoint stores (``import``
+of a Llama-family folder or GGUF file, ``fit`` with ``data.tokenizer: hf``, ``convert`` of either; read weights-only),
+else the GPT-2 BPE it was trained with: ``--bpe_file``, else the checkpoint's data setting ``bpe_file``, whose identity
+must be the one recorded in the checkpoint (word-level models cannot be evaluated). The paper scores its LMs 5-shot
+on HellaSwag, PIQA, ARC and Winogrande; those tasks download their data sets from the Hugging Face hub on first use.
+``--include_path`` adds task YAML files (lm-eval's format, e.g. a local JSON data set: ``dataset_path: json`` with
+``dataset_kwargs: {data_files: ...}``); lm-eval's task files may name Python functions (``!function``), so include only
+task folders you trust. Results are printed as lm-eval's table and written as JSON to ``--output`` (default:
+``<checkpoint>.lm_eval.json`` beside the checkpoint; never overwritten without ``--overwrite``). Needs the optional
+``lm-eval`` package (``pip install 'qkv-lightning[eval]'``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class EvaluateOptions:
     include_path: str | None = None
     """folder of extra lm-eval task YAML files (trusted)"""
     bpe_file: str | None = None
-    """GPT-2 .tiktoken ranks (default: the checkpoint's data.bpe_file)"""
+    """GPT-2 .tiktoken ranks (default: the checkpoint's data.bpe_file); a stored tokenizer needs none"""
     batch_size: int = 16
     """requests per forward pass"""
     device: str | None = None
@@ -66,21 +68,50 @@ def parser() -> jsonargparse.ArgumentParser:
     return command_parser("evaluate", EvaluateOptions, description=__doc__.split("\n\n")[0])
 
 
-def load_tokenizer(hparams: dict[str, Any], datamodule: dict[str, Any], bpe_file: str | None) -> Any:
-    """The GPT-2 BPE of a checkpoint: ``bpe_file``, else its data's ``bpe_file``; checked against the identity the
-    checkpoint recorded.
+def load_tokenizer(
+    checkpoint: dict[str, Any], hparams: dict[str, Any], bpe_file: str | None, where: str
+) -> Any:
+    """The tokenizer a checkpoint's model was trained with: the one the checkpoint stores (``import`` of a Hugging
+    Face folder or GGUF file, ``fit`` with ``data.tokenizer: hf``, ``convert`` of either; read weights-only and
+    checked against its ``data_spec``), else the GPT-2 BPE of ``bpe_file`` or of its data's ``bpe_file``, checked
+    against the identity the checkpoint recorded.
+
+    Args:
+        checkpoint: the checkpoint's contents.
+        hparams: its hyper-parameters (with ``data_spec``).
+        bpe_file: ``--bpe_file``.
+        where: the checkpoint, as errors name it.
 
     Raises:
-        CheckpointError: a word-level model, or a BPE other than the model's.
+        ConfigError: ``--bpe_file`` for a checkpoint that stores its own tokenizer, or no BPE file to read.
+        CheckpointError: a word-level model, a Hugging Face tokenizer the checkpoint does not store, or a BPE other
+            than the model's.
     """
+    from qkv_lightning.data.hf_tokenizer import HFTokenizer
     from qkv_lightning.data.tokenizers import BPETokenizer
 
+    stored = HFTokenizer.from_checkpoint(checkpoint, where)
+    if stored is not None:
+        if bpe_file:
+            raise ConfigError(
+                f"--bpe_file {bpe_file}: {where} stores the tokenizer its model was trained with ({stored.identity}), "
+                "which evaluate uses; leave --bpe_file out."
+            )
+        return stored
     recorded = (hparams.get("data_spec") or {}).get("tokenizer")
+    if isinstance(recorded, str) and recorded.startswith("hf:"):
+        raise CheckpointError(
+            f"{where}'s model was trained with a Hugging Face tokenizer (data_spec.tokenizer={recorded}), but the "
+            "checkpoint does not store it (it was written before fit stored the tokenizer of its data): use a "
+            "checkpoint that fit with data.tokenizer: hf, import or convert wrote."
+        )
     if isinstance(recorded, str) and not recorded.startswith("bpe:"):
         raise CheckpointError(
             f"the checkpoint's model was trained on {recorded.split(':')[0]}-level tokens (data_spec.tokenizer="
-            f"{recorded}); lm-eval's tasks are text, so evaluate needs a model trained with data.tokenizer: gpt2."
+            f"{recorded}); lm-eval's tasks are text, so evaluate needs a model trained with data.tokenizer: gpt2 or "
+            "hf."
         )
+    datamodule = checkpoint.get("datamodule_hyper_parameters") or {}
     path = bpe_file or datamodule.get("bpe_file")
     if not path:
         raise ConfigError("the checkpoint names no GPT-2 BPE file; give the model's .tiktoken ranks with --bpe_file.")
@@ -150,13 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
-    from qkv_lightning.checkpoints import load_checkpoint_file
     from qkv_lightning.harness import HarnessGPT
-    from qkv_lightning.tasks.language_model import load_gpt
+    from qkv_lightning.tasks.language_model import load_gpt_checkpoint
 
-    model, hparams = load_gpt(ckpt, args.weights_only)
-    datamodule = load_checkpoint_file(ckpt, args.weights_only).get("datamodule_hyper_parameters") or {}
-    tokenizer = load_tokenizer(hparams, datamodule, args.bpe_file)
+    model, hparams, checkpoint = load_gpt_checkpoint(ckpt, args.weights_only)
+    tokenizer = load_tokenizer(checkpoint, hparams, args.bpe_file, f"the checkpoint {ckpt}")
     manager = task_manager(names, args.include_path)
     lm = HarnessGPT(model, tokenizer, batch_size=args.batch_size, device=device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit

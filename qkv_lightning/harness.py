@@ -2,16 +2,23 @@
 
 Imported only by the ``evaluate`` command (it needs the optional ``lm-eval`` package, the ``eval`` extra).
 
-- ``loglikelihood``: lm-eval splits each request into context and continuation tokens (GPT-2 BPE, our
-  :class:`~qkv_lightning.data.tokenizers.BPETokenizer`); the context is cut on the left so that context plus
+- tokens: the model's own tokenizer (:func:`qkv_lightning.evaluate.load_tokenizer`): GPT-2 BPE
+  (:class:`~qkv_lightning.data.tokenizers.BPETokenizer`) or the Hugging Face tokenizer its checkpoint stores
+  (:class:`~qkv_lightning.data.hf_tokenizer.HFTokenizer`), text encoded without special tokens (as lm-eval's own
+  Hugging Face models do by default). The prefix of an empty context and of the first rolling window is the token
+  that starts every token stream of our data (:attr:`~qkv_lightning.data.tokenizers.Tokenizer.boundary_id`:
+  ``<|endoftext|>`` for GPT-2 and SmolLM2, the BOS for Llama tokenizers); generation stops at the model's EOS (the
+  EOS ids its checkpoint records, else that boundary token).
+- ``loglikelihood``: lm-eval splits each request into context and continuation tokens; the context is cut on the
+  left so that context plus
   continuation fit ``network.max_seq_len``; one forward pass scores the continuation: the sum of its tokens'
   log-probabilities and whether each is the argmax. Requests are batched longest first, padded on the right (a
   causal model's earlier positions do not see the padding).
 - ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_seq_len`` tokens, the first conditioned on
-  ``<|endoftext|>``; every token is scored once.
+  the prefix token; every token is scored once.
 - ``generate_until``: greedy decoding on the static KV cache (:class:`~qkv_lightning.nn.decoding.StaticDecoder`):
-  the prompt is run once, then one token per step, until a stop string of ``until`` appears, ``<|endoftext|>`` is
-  generated, ``max_gen_toks`` tokens are made, or the context is full.
+  the prompt is run once, then one token per step, until a stop string of ``until`` appears, an EOS is generated,
+  ``max_gen_toks`` tokens are made, or the context is full.
 
 Log-probabilities are taken over the tokenizer's vocabulary: a model whose output layer is wider (e.g. 50304 for
 50257 GPT-2 tokens) has its padding ids excluded, as ``predict`` excludes them from generation.
@@ -27,38 +34,51 @@ from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 from torch import Tensor
 
-from qkv_lightning.data.tokenizers import BPETokenizer
+from qkv_lightning.data.tokenizers import Tokenizer
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.decoding import StaticDecoder
 from qkv_lightning.nn.gpt import GPT
 
 
+def eos_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end a generation: the EOS ids a Hugging Face tokenizer's checkpoint records (``eos_token_id``, an
+    id or a list), else the tokenizer's boundary token (GPT-2's ``<|endoftext|>``)."""
+    recorded = (getattr(tokenizer, "special_token_ids", None) or {}).get("eos_token_id")
+    ids = recorded if isinstance(recorded, list) else [recorded] if recorded is not None else []
+    return ids or [tokenizer.boundary_id]
+
+
 class HarnessGPT(TemplateLM):
-    """lm-eval's view of a :class:`GPT` with the GPT-2 BPE tokenizer.
+    """lm-eval's view of a :class:`GPT` with its own tokenizer.
 
     Args:
         model: the decoder (put in eval mode; moved to ``device``).
-        tokenizer: GPT-2 BPE whose ids the model was trained on.
+        tokenizer: the tokenizer whose ids the model was trained on (GPT-2 BPE, or a Hugging Face tokenizer).
         batch_size: requests per forward pass for the log-likelihoods.
         device: where to run.
     """
 
     backend = "causal"
 
-    def __init__(self, model: GPT, tokenizer: BPETokenizer, batch_size: int = 16, device: str = "cpu") -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 16, device: str = "cpu") -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"--batch_size={batch_size} must be at least 1.")
         self.model = model.eval().to(device)
-        self.tokenizer_bpe = tokenizer
+        self.tokenizer_ids = tokenizer
         self.batch_size = batch_size
         self._device = torch.device(device)
         self.n_valid = min(tokenizer.vocab_size, model.config.vocab_size)
+        self.stop_ids = eos_ids(tokenizer)
 
     # ------------------------------------------------------------------------------------------------ tokens
     @property
     def eot_token_id(self) -> int:
-        return self.tokenizer_bpe.eot_id
+        return self.stop_ids[0]
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer_ids.boundary_id
 
     @property
     def max_length(self) -> int:
@@ -66,13 +86,13 @@ class HarnessGPT(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tokenizer_bpe.identity
+        return self.tokenizer_ids.identity
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return self.tokenizer_bpe.encode_prompt(string)
+        return self.tokenizer_ids.encode_prompt(string)
 
     def tok_decode(self, tokens: list[int]) -> str:
-        return self.tokenizer_bpe.decode(tokens)
+        return self.tokenizer_ids.decode(tokens)
 
     def log_probs(self, logits: Tensor) -> Tensor:
         """Log-probabilities (..., n_valid) over the tokenizer's vocabulary from logits (..., V)."""
@@ -140,7 +160,7 @@ class HarnessGPT(TemplateLM):
     @torch.no_grad()
     def greedy_until(self, context: list[int], until: list[str], max_new: int) -> list[int]:
         """Greedy continuation ids of ``context`` on the static KV cache, cut before the first stop string."""
-        context = context[-(self.max_length - 1) :] or [self.eot_token_id]
+        context = context[-(self.max_length - 1) :] or [self.prefix_token_id]
         capacity = min(self.max_length, len(context) + max_new)
         max_new = capacity - len(context)
         if max_new <= 0:
@@ -150,7 +170,7 @@ class HarnessGPT(TemplateLM):
         generated: list[int] = []
         while True:
             token = int(logits[0, : self.n_valid].argmax())
-            if token == self.eot_token_id:
+            if token in self.stop_ids:
                 break
             generated.append(token)
             if until and any(stop in self.tok_decode(generated) for stop in until):

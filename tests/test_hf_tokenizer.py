@@ -5,6 +5,7 @@ and malformed tokenizers are one-paragraph errors naming the file."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -234,8 +235,10 @@ def test_a_fit_checkpoint_carries_its_tokenizer_to_predict_and_export(tmp_path, 
     """``fit`` (2 steps, a tiny Llama-trunk GPT) with ``data.tokenizer: hf`` from a tokenizer.json stores that
     tokenizer in its checkpoint (weights-only loadable), with its boundary token as BOS and EOS; with the
     tokenizer.json gone, ``predict`` reads it from the checkpoint (``--data.tokenizer_file CKPT``) and its completions
-    are the tokenizers library's decoding of the generated ids; ``export --format hf`` names the same BOS and EOS in
-    ``config.json`` and ``generation_config.json`` as transformers reads them."""
+    are the tokenizers library's decoding of the generated ids, and without ``--data.tokenizer_file`` the same (the
+    checkpoint's tokenizer is the default), while ``data.tokenizer: word`` or another tokenizer.json is refused;
+    ``export --format hf`` names the same BOS and EOS in ``config.json`` and ``generation_config.json`` as
+    transformers reads them; ``evaluate`` scores lm-eval's requests over the tokenizers library's ids."""
     transformers = pytest.importorskip("transformers")
     data = write_wikitext(tmp_path / "data", {"wiki.train.tokens": 2, "wiki.valid.tokens": 1, "wiki.test.tokens": 1})
     reference = train_bpe(tmp_path / "tokenizer.json", lines_of(data / "wiki.train.tokens"))
@@ -287,3 +290,27 @@ def test_a_fit_checkpoint_carries_its_tokenizer_to_predict_and_export(tmp_path, 
     generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     for read in (config, generation):
         assert (read.bos_token_id, read.eos_token_id, read.pad_token_id) == (bos, bos, None)
+
+    # evaluate (lm-eval) tokenizes with the tokenizer the checkpoint stores: each log-likelihood is our model's over
+    # the tokenizers library's ids
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    from qkv_lightning.tasks.language_model import load_gpt
+    from tests.test_evaluate import write_tasks
+
+    results = tmp_path / "results.json"
+    assert main(["evaluate", "--ckpt_path", str(last), "--tasks", "[toy_mc]", "--include_path",
+                 str(write_tasks(tmp_path / "tasks")), "--output", str(results), "--log_samples", "true",
+                 "--device", "cpu"]) == 0
+    model, hparams = load_gpt(last)
+    n_valid, limit = hparams["data_spec"]["vocab_size"], model.config.max_seq_len
+    samples = json.loads(results.read_text())["samples"]["toy_mc"]
+    requests = [pair for sample in samples for pair in zip(sample["arguments"], sample["resps"], strict=True)]
+    assert len(requests) == 7  # the three documents' choices
+    for (context, continuation), [(value, _)] in requests:
+        context_ids = reference.encode(context, add_special_tokens=False).ids
+        target = reference.encode(context + continuation, add_special_tokens=False).ids[len(context_ids):]
+        with torch.no_grad():
+            logits = model(torch.tensor([(context_ids + target)[-(limit + 1) : -1]]))[0, -len(target) :, :n_valid]
+        expected = logits.float().log_softmax(-1)[torch.arange(len(target)), torch.tensor(target)].sum().item()
+        assert value == pytest.approx(expected, abs=1e-4)

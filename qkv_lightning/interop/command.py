@@ -124,8 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if difference is not None:
         print(f"largest |logit difference| against {library} on random inputs: {difference:.3g}")
     if tokenizer is not None:
-        print(f"stored the model's own tokenizer ({tokenizer.identity}, {tokenizer.vocab_size} tokens): score text "
-              f"with it through --data.tokenizer hf --data.tokenizer_file {dst}")
+        print(f"stored the model's own tokenizer ({tokenizer.identity}, {tokenizer.vocab_size} tokens): --ckpt_path "
+              f"{dst} --data.tokenizer hf scores text with it (elsewhere: --data.tokenizer_file {dst}); evaluate "
+              "uses it")
     elif fmt in ("hf-llama", "gguf"):
         print(f"{src} has no tokenizer ({'tokenizer.json' if fmt == 'hf-llama' else 'in its metadata'}): none stored")
     return 0
