@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer
-from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_ENTRY = "qkv_tokenizer"
 """The top-level checkpoint entry holding a tokenizer: ``{"format": CHECKPOINT_FORMAT, "json": <tokenizer.json>}``."""
@@ -69,7 +69,7 @@ class HFTokenizer(Tokenizer):
         fix = "give the tokenizer.json that the model's tokenizer (tokenizer.save or save_pretrained) wrote"
         if not isinstance(text, str):
             raise DataError(
-                f"the tokenizer {source} is a {type(text).__name__}, not the text of a tokenizer.json; {fix}."
+                f"the tokenizer {source} is of type {type(text).__name__}, not the text of a tokenizer.json; {fix}."
             )
         try:
             data = json.loads(text)
@@ -112,16 +112,19 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
         """The tokenizer of a ``tokenizer.json``, or the one a checkpoint stores (``.ckpt``/``.pt``/``.pth``, read
-        weights-only; ``import`` stores the source model's tokenizer there)."""
+        weights-only; ``import`` stores the source model's tokenizer there).
+
+        Raises:
+            DataError: naming ``data.tokenizer_file``: the file is missing, is no readable tokenizer.json or
+                checkpoint, holds code, stores no tokenizer, or its tokenizer is malformed.
+        """
         path = Path(path).expanduser()
         if not path.is_file():
             raise DataError(
                 f"data.tokenizer_file={path} is not a file; name a tokenizer.json or a checkpoint written by import."
             )
         if path.suffix in CHECKPOINT_SUFFIXES:
-            from qkv_lightning.checkpoints import load_checkpoint_file
-
-            entry = load_checkpoint_file(path, weights_only=True, lightning=False).get(CHECKPOINT_ENTRY)
+            entry = _checkpoint_entry(path)
             if entry is None:
                 raise DataError(
                     f"the checkpoint {path} (data.tokenizer_file) stores no tokenizer: only import of a Hugging Face "
@@ -164,6 +167,27 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
+
+
+def _checkpoint_entry(path: Path) -> Any:
+    """The tokenizer entry of the checkpoint ``path`` (None if it has none), read weights-only whatever
+    ``--weights_only`` says; a file that is no readable checkpoint is a DataError naming ``data.tokenizer_file``."""
+    from qkv_lightning.checkpoints import load_checkpoint_file
+    from qkv_lightning.checkpoints.read import ForbiddenCheckpointContent
+
+    try:
+        return load_checkpoint_file(path, weights_only=True, lightning=False).get(CHECKPOINT_ENTRY)
+    except ForbiddenCheckpointContent:
+        raise DataError(
+            f"refusing to read the tokenizer of {path} (data.tokenizer_file): the checkpoint holds Python objects "
+            "other than tensors and plain containers, which could run code when loaded, and a tokenizer is always "
+            "read weights-only (one that import wrote holds none). Import the model again, or name its tokenizer.json."
+        ) from None
+    except CheckpointError as error:
+        raise DataError(
+            f"data.tokenizer_file={path} is read as a checkpoint (its name ends in {path.suffix}), and cannot be: "
+            f"{error}"
+        ) from None
 
 
 def check_tokenizer_settings(
