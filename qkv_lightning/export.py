@@ -16,11 +16,12 @@ overwritten: the three files are written into a scratch folder and put in place 
 ``torch.onnx.export(dynamo=True)`` when the ``onnx`` and ``onnxscript`` packages are installed (an optional extra,
 ``pip install onnx onnxscript``).
 
-``--format hf`` writes no graphs but a Hugging Face folder (``config.json`` + ``model.safetensors``) with the same
-logits: a QKV GPT with a LayerNorm/GELU trunk as GPT-2 (:mod:`qkv_lightning.interop.hf_gpt2`; shared variants are
-errors), an RMSNorm/SwiGLU trunk as Llama, or Qwen2 with q/k/v biases (:mod:`qkv_lightning.interop.hf_llama`: QKV,
-GQA and MQA, and the shared variants with each shared projection written under every role it serves, without
-their cache saving). Settings the folder cannot express are errors naming them.
+``--format hf`` writes no graphs but a Hugging Face folder (``config.json`` + ``model.safetensors`` +
+``generation_config.json``) with the same logits: a QKV GPT with a LayerNorm/GELU trunk as GPT-2
+(:mod:`qkv_lightning.interop.hf_gpt2`; shared variants are errors), an RMSNorm/SwiGLU trunk as Llama, or Qwen2 with
+q/k/v biases (:mod:`qkv_lightning.interop.hf_llama`: QKV, GQA and MQA, and the shared variants with each shared
+projection written under every role it serves, without their cache saving; the BOS, EOS and padding ids of the
+tokenizer the checkpoint stores, if it stores one). Settings the folder cannot express are errors naming them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from qkv_lightning.files import atomic_write_json, staged_folder
 from qkv_lightning.nn.decoding import PrefillGraph, StaticDecoder, StepGraph
 from qkv_lightning.nn.gpt import GPT
 from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT
-from qkv_lightning.tasks.language_model import load_gpt
+from qkv_lightning.tasks.language_model import load_gpt, load_gpt_checkpoint
 
 
 def export_graphs(model: GPT, capacity: int, prompt_len: int, batch_size: int, rope_keys: str = ROPE_KEYS_DEFAULT,
@@ -144,9 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from qkv_lightning.interop.common import check_hf_destination
 
         check_hf_destination(out)
-        model, hparams = load_gpt(args.ckpt_path, args.weights_only)
-        writer = hf_llama if hf_llama.is_llama_trunk(model.config) else hf_gpt2
-        return writer.main_export(model, hparams, args.ckpt_path, out)
+        model, hparams, checkpoint = load_gpt_checkpoint(args.ckpt_path, args.weights_only)
+        if not hf_llama.is_llama_trunk(model.config):
+            return hf_gpt2.main_export(model, hparams, args.ckpt_path, out)
+        from qkv_lightning.data.hf_tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer.from_checkpoint(checkpoint, f"the checkpoint {args.ckpt_path}")  # None: it has none
+        return hf_llama.main_export(model, hparams, args.ckpt_path, out, tokenizer)
     model, hparams = load_gpt(args.ckpt_path, args.weights_only)
     capacity = args.capacity or model.config.max_seq_len
     if args.check_tokens < 1 or args.prompt_len + args.check_tokens > capacity:

@@ -23,3 +23,7 @@ stage attention-vit-b 40 python3 cli.py bench-attention --d_model 768 --n_head 1
 stage attention-lm-300m 40 python3 cli.py bench-attention --d_model 1024 --n_head 16 --seq_len 2048 --batch_size 4 \
   --causal true --device cuda --dtype bfloat16 --repeats 20
 stage reliability 100 python3 tests/gpu_reliability_check.py
+stage fused-decode 120 python3 -m pytest -q -n 0 tests/test_fused_decode.py
+stage bench-decode-fused 150 python3 cli.py bench-decode --config configs/bench/decode-gpt2-small.yaml \
+  --model.network.n_layer 4 --variants '[QKV, Q-K=V, Q-K=V_rf0.25]' --rope_keys '[on_read, fused]' \
+  --contexts '[1024, 4096]' --new_tokens 32 --device cuda --progress false

@@ -90,3 +90,15 @@ def train_bpe(path: Path, lines: list[str], vocab_size: int = 300, bos: bool = T
         )
     tokenizer.save(str(path))
     return tokenizer
+
+
+def train_words(path: Path, lines: list[str]) -> Any:
+    """A WordLevel tokenizer over the whitespace words of ``lines`` (``[UNK]`` for the rest, and ``<|endoftext|>``),
+    saved as a tokenizer.json at ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tokenizer.save(str(path))
+    return tokenizer

@@ -547,6 +547,19 @@ def tokenizer_checkpoint(entry: object) -> Callable[[Runs, Path], None]:
     return write
 
 
+def stored_tokenizer(ids: object = None, trained_with: str | None = None) -> Callable[[Runs, Path], None]:
+    """A checkpoint storing a real tokenizer (the BPE's tokenizer.json) with special token ids ``ids``, whose model
+    was trained with the tokenizer ``trained_with`` (its ``hyper_parameters.data_spec.tokenizer``)."""
+
+    def write(runs: Runs, path: Path) -> None:
+        text = bpe_tokenizer(runs, path.with_suffix(".json")).read_text(encoding="utf-8")
+        entry = {"format": "huggingface-tokenizers", "json": text, **({"special_token_ids": ids} if ids else {})}
+        spec = {"hyper_parameters": {"data_spec": {"tokenizer": trained_with}}} if trained_with else {}
+        torch.save({"state_dict": {}, CHECKPOINT_ENTRY: entry, **spec}, path)
+
+    return write
+
+
 def larger_vocabulary(runs: Runs, tmp: Path) -> list[str]:
     tokenizer = bpe_tokenizer(runs, tmp / "tokenizer.json")
     return ["fit", *lm_args(tmp, runs.wikitext), "--data.tokenizer", "hf", "--data.tokenizer_file", str(tokenizer),
@@ -564,7 +577,7 @@ def streaming_tokenizer_missing(runs: Runs, tmp: Path) -> list[str]:
 
 CASES += [
     Case("missing tokenizer file", hf_tokenizer("nothere.json", lambda r, p: None),
-         "is not a file; name a tokenizer.json or a checkpoint written by import"),
+         "is not a file; name a tokenizer.json, or a checkpoint written by import"),
     Case("tokenizer file that is not JSON", hf_tokenizer("t.json", lambda r, p: p.write_text("{ not json")),
          "(data.tokenizer_file) is not JSON ("),
     Case("tokenizer file holding a JSON list", hf_tokenizer("t.json", lambda r, p: p.write_text("[1, 2]")),
@@ -588,6 +601,13 @@ CASES += [
     Case("tokenizer checkpoint holding code",
          hf_tokenizer("m.ckpt", tokenizer_checkpoint({"format": "huggingface-tokenizers", "json": RunsCode()})),
          "(data.tokenizer_file): the checkpoint holds Python objects other than tensors"),
+    Case("tokenizer checkpoint whose special ids are no mapping", hf_tokenizer("m.ckpt", stored_tokenizer("bos")),
+         "the special token ids of the tokenizer stored in the checkpoint"),
+    Case("tokenizer checkpoint with a special id that is no id",
+         hf_tokenizer("m.ckpt", stored_tokenizer({"bos_token_id": -1})), "bos_token_id=-1 is not a token id"),
+    Case("tokenizer checkpoint whose tokenizer is not its model's",
+         hf_tokenizer("m.ckpt", stored_tokenizer(trained_with="hf:0123456789abcdef")),
+         "but its model was trained with hf:0123456789abcdef (hyper_parameters.data_spec.tokenizer)"),
     Case("hf tokenizer without a file", lambda r, t: r.lm(None, "--data.tokenizer", "hf"),
          "data.tokenizer: hf needs data.tokenizer_file"),
     Case("tokenizer file with another tokenizer",
@@ -598,7 +618,7 @@ CASES += [
     Case("checkpoint of another tokenizer", hf_tokenizer("tokenizer.json", bpe_tokenizer),
          "the checkpoint was trained with tokenizer='word:"),
     Case("missing tokenizer file of streaming data", streaming_tokenizer_missing,
-         "is not a file; name a tokenizer.json or a checkpoint written by import"),
+         "is not a file; name a tokenizer.json, or a checkpoint written by import"),
 ]
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -664,6 +684,7 @@ def test_export_into_a_file_is_refused_before_the_checkpoint_is_read(runs, tmp_p
         raise AssertionError("the export ran")
 
     monkeypatch.setattr(export, "load_gpt", never)
+    monkeypatch.setattr(export, "load_gpt_checkpoint", never)  # the loader of --format hf
     monkeypatch.setattr(hf_gpt2, "main_export", never)
     (tmp_path / "a-file").write_text("mine")
     for extra in ([], ["--format", "hf"]):

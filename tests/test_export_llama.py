@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from qkv_lightning.cli import main
+from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY, HFTokenizer
 from qkv_lightning.interop import hf_llama
 from qkv_lightning.interop.common import task_checkpoint, write_checkpoint
 from qkv_lightning.interop.hf_llama import read_folder_weights
 from qkv_lightning.tasks.language_model import LanguageModel, load_gpt
+from tests.lm_fixtures import train_words
 from tests.test_hf_llama import CASES, SIZES, hf_model
 
 transformers = pytest.importorskip("transformers")
@@ -65,17 +67,45 @@ def assert_logits_of_transformers(folder: Path, ckpt: Path, cls: type | None = N
     torch.testing.assert_close(torch.cat(steps, dim=1), ours, rtol=0, atol=1e-5)
 
 
+SPECIAL_IDS = {
+    "llama-gqa-untied": dict(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=None),  # several EOS, as Llama 3's
+    "llama-mha-tied-sharded": dict(bos_token_id=3, eos_token_id=4, pad_token_id=4),
+    "mistral-mqa-untied": dict(bos_token_id=1, eos_token_id=2, pad_token_id=None),
+    "qwen2-gqa-tied": dict(bos_token_id=None, eos_token_id=5, pad_token_id=6),
+    "qwen2-mha-untied": dict(bos_token_id=8, eos_token_id=8, pad_token_id=9),
+}
+"""The special token ids of each case's config (its tokenizer.json is a small WordLevel one)."""
+
+
+def token_ids(config) -> tuple:
+    """(bos, eos, pad) of a transformers config or generation config."""
+    return config.bos_token_id, config.eos_token_id, config.pad_token_id
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_then_export_gives_back_the_original_tensors(tmp_path, plain_argv, capsys, case):
     """Llama GQA untied, Llama MHA tied (sharded), Mistral MQA, Qwen2 (q/k/v biases) GQA tied and MHA untied: every
-    tensor of the exported folder equals the original's, under the same names, and transformers loads it."""
+    tensor of the exported folder equals the original's, under the same names, and transformers loads it; the
+    folder's config and generation config name the source's BOS, EOS and padding ids (stored with its tokenizer)."""
     kind, config = CASES[case]
-    original_model = hf_model(tmp_path / "hf", kind, shard="sharded" in case, **config)
+    original_model = hf_model(tmp_path / "hf", kind, shard="sharded" in case, **config, **SPECIAL_IDS[case])
+    train_words(tmp_path / "hf" / "tokenizer.json", ["the song was a game season album film river city team"])
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "m.ckpt")]) == 0
+    stored = HFTokenizer.from_file(tmp_path / "m.ckpt")
+    assert stored.checkpoint_entry()["special_token_ids"] == SPECIAL_IDS[case]  # what a fit on it stores again
+    older = torch.load(tmp_path / "m.ckpt", weights_only=True, mmap=True)  # as import wrote it before the ids:
+    del older[CHECKPOINT_ENTRY]["special_token_ids"]  # they come from the source's config that qkv_import keeps
+    assert HFTokenizer.from_checkpoint(older, "older").special_token_ids == SPECIAL_IDS[case]
     capsys.readouterr()
     assert export(tmp_path / "m.ckpt", tmp_path / "back") == 0
     printed = capsys.readouterr().out
     assert "largest |logit difference|" in printed and "note:" not in printed, printed
+    source = token_ids(original_model.config)
+    assert source == tuple(SPECIAL_IDS[case].values())
+    assert token_ids(transformers.AutoConfig.from_pretrained(str(tmp_path / "back"), local_files_only=True)) == source
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "back"), local_files_only=True)
+    original_generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert token_ids(generation) == token_ids(original_generation) == source
     original, _ = read_folder_weights(tmp_path / "hf")
     exported = safetensors_torch.load_file(str(tmp_path / "back" / "model.safetensors"))
     assert set(exported) == set(original)

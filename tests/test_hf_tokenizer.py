@@ -17,7 +17,7 @@ from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY, HFTokenizer
 from qkv_lightning.data.wikitext import WikiText
 from qkv_lightning.errors import ConfigError, DataError
 from qkv_lightning.files import file_digest
-from tests.lm_fixtures import train_bpe, validate_against, write_wikitext
+from tests.lm_fixtures import train_bpe, train_words, validate_against, write_wikitext
 from tests.run_fixtures import lm_args
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -29,17 +29,6 @@ def module(tmp_path: Path, **kwargs) -> WikiText:
     defaults = dict(dataset="wikitext-2", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
                     verify=False, seq_len=16, batch_size=4, num_workers=0, tokenizer="hf")
     return WikiText(**{**defaults, **kwargs})
-
-
-def train_words(path: Path, lines: list[str]) -> tokenizers.Tokenizer:
-    """A WordLevel tokenizer over the whitespace words of ``lines`` (``[UNK]`` for the rest), saved at ``path``."""
-    from tokenizers import models, pre_tokenizers, trainers
-
-    tokenizer = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
-    tokenizer.save(str(path))
-    return tokenizer
 
 
 def lines_of(path: Path) -> list[str]:
@@ -122,12 +111,26 @@ def test_malformed_tokenizers_and_settings_are_one_paragraph_errors_naming_the_f
         with pytest.raises(DataError) as error:
             module(tmp_path, tokenizer_file=str(tmp_path / name)).prepare_data()
         assert str(tmp_path / name) in str(error.value) and "\n" not in str(error.value)
-    for entry in (None, {"format": "huggingface-tokenizers", "json": 7}, "a string"):
+    train_words(tmp_path / "words.json", ["a b c"])
+    good = HFTokenizer.from_file(tmp_path / "words.json").checkpoint_entry()
+    assert HFTokenizer.from_checkpoint({CHECKPOINT_ENTRY: good}, "c").special_token_ids == good["special_token_ids"]
+    for entry, named in ((None, "stores no tokenizer"), ({"format": "huggingface-tokenizers", "json": 7}, "int"),
+                         ("a string", "not a stored tokenizer"),
+                         ({**good, "special_token_ids": {"bos_token_id": "<s>"}}, "bos_token_id='<s>'"),
+                         ({**good, "special_token_ids": {"eos_token_id": [2, -1]}}, "eos_token_id=[2, -1]"),
+                         ({**good, "special_token_ids": [1, 2]}, "not a mapping")):
         torch.save({"state_dict": {}, **({CHECKPOINT_ENTRY: entry} if entry is not None else {})},
                    tmp_path / "m.ckpt")
         with pytest.raises(DataError) as error:
             HFTokenizer.from_file(tmp_path / "m.ckpt")
         assert str(tmp_path / "m.ckpt") in str(error.value) and "\n" not in str(error.value)
+        assert named in str(error.value), error.value
+    # a stored tokenizer that is not the one the checkpoint's model was trained with: refused, naming both
+    torch.save({"state_dict": {}, "hyper_parameters": {"data_spec": {"tokenizer": "hf:0123456789abcdef"}},
+                CHECKPOINT_ENTRY: good}, tmp_path / "m.ckpt")
+    with pytest.raises(DataError, match="hf:0123456789abcdef") as error:
+        HFTokenizer.from_file(tmp_path / "m.ckpt")
+    assert HFTokenizer(good["json"], "t").identity in str(error.value)
     with pytest.raises(ConfigError, match="data.tokenizer_file"):
         module(tmp_path)
     with pytest.raises(ConfigError, match="data.tokenizer: hf"):
@@ -220,3 +223,46 @@ def test_a_tokenizer_checkpoint_that_would_run_code_is_refused_and_runs_nothing(
     with pytest.raises(QKVError):
         HFTokenizer.from_file(evil)
     assert not marker.exists()
+
+
+LLAMA_TRUNK = ["--model.network.norm", "rms", "--model.network.mlp", "swiglu", "--model.network.position", "rope",
+               "--model.network.bias", "false", "--model.network.output", "linear"]
+"""lm_args' tiny GPT with the Llama-style trunk, which export --format hf writes as a Llama folder."""
+
+
+def test_a_fit_checkpoint_carries_its_tokenizer_to_predict_and_export(tmp_path, plain_argv, capsys):
+    """``fit`` (2 steps, a tiny Llama-trunk GPT) with ``data.tokenizer: hf`` from a tokenizer.json stores that
+    tokenizer in its checkpoint (weights-only loadable), with its boundary token as BOS and EOS; with the
+    tokenizer.json gone, ``predict`` reads it from the checkpoint (``--data.tokenizer_file CKPT``) and its completions
+    are the tokenizers library's decoding of the generated ids; ``export --format hf`` names the same BOS and EOS in
+    ``config.json`` and ``generation_config.json`` as transformers reads them."""
+    transformers = pytest.importorskip("transformers")
+    data = write_wikitext(tmp_path / "data", {"wiki.train.tokens": 2, "wiki.valid.tokens": 1, "wiki.test.tokens": 1})
+    reference = train_bpe(tmp_path / "tokenizer.json", lines_of(data / "wiki.train.tokens"))
+    text, bos = (tmp_path / "tokenizer.json").read_text(), reference.token_to_id("<s>")
+    args = lm_args(tmp_path, data) + ["--data.tokenizer", "hf", *LLAMA_TRUNK]
+    assert main(["fit", *args, "--data.tokenizer_file", str(tmp_path / "tokenizer.json")]) == 0
+    last = tmp_path / "logs" / "lm" / "version_0" / "checkpoints" / "last.ckpt"
+    stored = torch.load(last, weights_only=True, mmap=True)
+    assert stored[CHECKPOINT_ENTRY] == {"format": "huggingface-tokenizers", "json": text,
+                                        "special_token_ids": {"bos_token_id": bos, "eos_token_id": bos,
+                                                              "pad_token_id": None}}
+    assert stored["hyper_parameters"]["data_spec"]["tokenizer"] == HFTokenizer(text, "t").identity
+    (tmp_path / "tokenizer.json").unlink()
+
+    out = tmp_path / "generated.jsonl"
+    capsys.readouterr()
+    assert main(["predict", *args, "--data.tokenizer_file", str(last), "--ckpt_path", str(last),
+                 "--model.generation.output_file", str(out), "--model.generation.max_new_tokens", "6"]) == 0
+    generated = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(generated) == 2 and all(len(g["ids"]) == 6 for g in generated), generated
+    for g in generated:
+        assert g["completion"] == reference.decode(g["ids"], skip_special_tokens=False), g
+    assert sum(len(g["completion"]) for g in generated) > 0
+
+    assert main(["export", "--ckpt_path", str(last), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert f"special tokens bos {bos}, eos {bos}, pad None" in capsys.readouterr().out
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    for read in (config, generation):
+        assert (read.bos_token_id, read.eos_token_id, read.pad_token_id) == (bos, bos, None)

@@ -40,7 +40,7 @@ from qkv_lightning.bench.decode_tables import format_tables, plot
 from qkv_lightning.bench.decode_timing import bench_cell, contenders_of
 from qkv_lightning.bench.serving import serve
 from qkv_lightning.errors import ConfigError
-from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, parse_rope_keys
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, is_fused, parse_rope_keys
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -72,8 +72,8 @@ def parser() -> Any:
         prefill_rounds: int = 1
         """first rounds that also prefill, timed (the others rewind the cache to the prompt and decode)"""
         rope_keys: list[str] = dataclasses.field(default_factory=lambda: [ROPE_KEYS_DEFAULT])
-        """K=V variants with RoPE: on_read (half the cache), copy (rotated copy: QKV's size), window:W; one
-        contender each, e.g. '[on_read, copy]'"""
+        """K=V variants with RoPE: on_read (half the cache), copy (rotated copy: QKV's size), window:W, fused (on_read's
+        cache, keys rotated inside a Triton kernel; CUDA); one contender each, e.g. '[on_read, fused]'"""
         cache: Literal["dynamic", "static"] = "dynamic"
         """the growing KVCache, or a static preallocated cache (fixed shapes; masked attention)"""
         compile: bool = False
@@ -129,9 +129,9 @@ def _check(args: argparse.Namespace, max_len: int) -> None:
                           f"network.max_seq_len={max_len}; raise --model.network.max_seq_len.")
     for scheme in args.rope_keys:
         kept = parse_rope_keys(scheme, 1 << 30)
-        if (args.cache == "static" or args.memory_budget) and kept not in (0, 1 << 30):
+        if (args.cache == "static" or args.memory_budget) and (kept not in (0, 1 << 30) or is_fused(scheme)):
             raise ConfigError(f"--rope_keys {scheme}: the static cache takes on_read or copy (--cache static, and "
-                              "--memory_budget, which sizes a static cache).")
+                              "--memory_budget, which sizes a static cache); window:W and fused are dynamic.")
     if len(args.serve_prompt_lens) != 2:
         raise ConfigError(f"--serve_prompt_lens {args.serve_prompt_lens}: give two lengths, '[MIN, MAX]'.")
     lo, hi = args.serve_prompt_lens

@@ -13,6 +13,12 @@ How text is encoded (:class:`HFTokenizer`), chosen to score text the way a Huggi
   the lowest id (``<|endoftext|>`` for GPT-2, SmolLM2 and Qwen2);
 * truncation and padding stored in the file are switched off (they would cut or pad lines).
 
+A checkpoint stores the tokenizer under :data:`CHECKPOINT_ENTRY` (``import`` of a Llama-family folder or GGUF file,
+``fit`` with ``data.tokenizer: hf``, and ``convert`` of either keep it), with the special token ids a Hugging Face
+config names (:data:`SPECIAL_TOKEN_IDS`): the imported model's config's, or, for a tokenizer read from a
+``tokenizer.json``, the boundary token as BOS and EOS (a model fit on our data starts with it and ends each document
+with it). ``export --format hf`` writes them into ``config.json`` and ``generation_config.json``.
+
 The identity is ``hf:`` and the SHA-256 of the normalized JSON (keys sorted, no whitespace, truncation and padding
 left out): the same tokenizer has the same identity whether read from a ``tokenizer.json`` or a checkpoint, and any
 change of the vocabulary, merges, normalizer, pre-tokenizer or special tokens gives another one. Loading a
@@ -34,6 +40,9 @@ from qkv_lightning.errors import CheckpointError, ConfigError, DataError
 CHECKPOINT_ENTRY = "qkv_tokenizer"
 """The top-level checkpoint entry holding a tokenizer: ``{"format": CHECKPOINT_FORMAT, "json": <tokenizer.json>}``."""
 CHECKPOINT_FORMAT = "huggingface-tokenizers"
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""The special token ids of a Hugging Face model's config that a stored tokenizer records (each an id, a list of
+ids, or None), under ``special_token_ids`` in :data:`CHECKPOINT_ENTRY`."""
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 """A ``data.tokenizer_file`` with one of these suffixes is a checkpoint; anything else is a ``tokenizer.json``."""
 PROBE = "Hello world"
@@ -56,15 +65,17 @@ class HFTokenizer(Tokenizer):
     Args:
         text: the ``tokenizer.json`` text.
         source: where it came from (a file, or a checkpoint's entry), named in errors.
+        special_token_ids: the model config's :data:`SPECIAL_TOKEN_IDS` (missing ones are None); None: the boundary
+            token as BOS and EOS, no padding token (what our data feeds a model).
 
     Raises:
-        DataError: the text is not a tokenizer the ``tokenizers`` library reads, or it has no special token to start
-            a token stream.
+        DataError: the text is not a tokenizer the ``tokenizers`` library reads, it has no special token to start
+            a token stream, or a special token id is not an id.
     """
 
     name = "hf"
 
-    def __init__(self, text: str, source: str) -> None:
+    def __init__(self, text: str, source: str, special_token_ids: Any = None) -> None:
         tokenizers = _tokenizers(f"reading the tokenizer {source}")
         fix = "give the tokenizer.json that the model's tokenizer (tokenizer.save or save_pretrained) wrote"
         if not isinstance(text, str):
@@ -94,6 +105,10 @@ class HFTokenizer(Tokenizer):
         vocab = self.backend.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.eos_id = self._boundary(vocab)
+        self.special_token_ids: dict[str, Any] = (
+            {"bos_token_id": self.eos_id, "eos_token_id": self.eos_id, "pad_token_id": None}
+            if special_token_ids is None else checked_special_ids(special_token_ids, source)
+        )
 
     def _boundary(self, vocab: dict[str, int]) -> int:
         with_specials = self.backend.encode(PROBE, add_special_tokens=True).ids
@@ -112,7 +127,7 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
         """The tokenizer of a ``tokenizer.json``, or the one a checkpoint stores (``.ckpt``/``.pt``/``.pth``, read
-        weights-only; ``import`` stores the source model's tokenizer there).
+        weights-only; ``import`` stores the source model's tokenizer there, ``fit`` the tokenizer of its data).
 
         Raises:
             DataError: naming ``data.tokenizer_file``: the file is missing, is no readable tokenizer.json or
@@ -121,31 +136,68 @@ class HFTokenizer(Tokenizer):
         path = Path(path).expanduser()
         if not path.is_file():
             raise DataError(
-                f"data.tokenizer_file={path} is not a file; name a tokenizer.json or a checkpoint written by import."
+                f"data.tokenizer_file={path} is not a file; name a tokenizer.json, or a checkpoint written by import "
+                "or by fit with data.tokenizer: hf."
             )
         if path.suffix in CHECKPOINT_SUFFIXES:
-            entry = _checkpoint_entry(path)
-            if entry is None:
+            where = f"the checkpoint {path} (data.tokenizer_file)"
+            tokenizer = cls.from_checkpoint(_read_checkpoint(path), where)
+            if tokenizer is None:
                 raise DataError(
-                    f"the checkpoint {path} (data.tokenizer_file) stores no tokenizer: only import of a Hugging Face "
-                    "folder with a tokenizer.json, or of a GGUF file, stores one. Name the model's tokenizer.json."
+                    f"{where} stores no tokenizer: import of a Hugging Face folder with a tokenizer.json or of a GGUF "
+                    "file stores one, and so does fit with data.tokenizer: hf (and convert keeps it). Name the "
+                    "model's tokenizer.json."
                 )
-            if not isinstance(entry, dict) or entry.get("format") != CHECKPOINT_FORMAT:
-                raise DataError(
-                    f"the checkpoint {path} (data.tokenizer_file): its {CHECKPOINT_ENTRY} entry is not a stored "
-                    f"tokenizer ({{'format': {CHECKPOINT_FORMAT!r}, 'json': ...}}); the file was edited or written by "
-                    "other code. Import the model again, or name its tokenizer.json."
-                )
-            return cls(entry.get("json"), f"stored in the checkpoint {path} (data.tokenizer_file)")
+            return tokenizer
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise DataError(f"cannot read data.tokenizer_file={path} as UTF-8 text ({error}).") from None
         return cls(text, f"{path} (data.tokenizer_file)")
 
-    def checkpoint_entry(self) -> dict[str, str]:
-        """What a checkpoint stores under :data:`CHECKPOINT_ENTRY`."""
-        return {"format": CHECKPOINT_FORMAT, "json": self.text}
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], where: str) -> HFTokenizer | None:
+        """The tokenizer a checkpoint (read weights-only) stores under :data:`CHECKPOINT_ENTRY`, or None if it stores
+        none. An entry written before the special token ids were recorded takes them from the imported model's
+        config (``qkv_import``), if the checkpoint has one.
+
+        Args:
+            checkpoint: the checkpoint's contents.
+            where: the checkpoint, as errors name it.
+
+        Raises:
+            DataError: the entry is not a stored tokenizer, or not the tokenizer the checkpoint's model was trained
+                with (its ``data_spec.tokenizer``).
+        """
+        entry = checkpoint.get(CHECKPOINT_ENTRY)
+        if entry is None:
+            return None
+        if not isinstance(entry, dict) or entry.get("format") != CHECKPOINT_FORMAT:
+            raise DataError(
+                f"{where}: its {CHECKPOINT_ENTRY} entry is not a stored tokenizer ({{'format': {CHECKPOINT_FORMAT!r}, "
+                "'json': ...}); the file was edited or written by other code. Import the model again, or name its "
+                "tokenizer.json."
+            )
+        ids = entry.get("special_token_ids")
+        imported = checkpoint.get("qkv_import")
+        source_config = imported.get("config") if isinstance(imported, dict) else None
+        if ids is None and isinstance(source_config, dict):
+            ids = {key: source_config.get(key) for key in SPECIAL_TOKEN_IDS}
+        tokenizer = cls(entry.get("json"), f"stored in {where}", ids)
+        hparams = checkpoint.get("hyper_parameters")
+        spec = hparams.get("data_spec") if isinstance(hparams, dict) else None
+        recorded = spec.get("tokenizer") if isinstance(spec, dict) else None
+        if recorded is not None and recorded != tokenizer.identity:
+            raise DataError(
+                f"{where}: its stored tokenizer is {tokenizer.identity}, but its model was trained with {recorded} "
+                "(hyper_parameters.data_spec.tokenizer); the file was edited or pieced together from two "
+                "checkpoints. Use the checkpoint that fit, import or convert wrote."
+            )
+        return tokenizer
+
+    def checkpoint_entry(self) -> dict[str, Any]:
+        """What a checkpoint stores under :data:`CHECKPOINT_ENTRY`: plain strings, ids and None, read weights-only."""
+        return {"format": CHECKPOINT_FORMAT, "json": self.text, "special_token_ids": dict(self.special_token_ids)}
 
     @property
     def identity(self) -> str:
@@ -169,25 +221,48 @@ class HFTokenizer(Tokenizer):
         return self.backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
 
 
-def _checkpoint_entry(path: Path) -> Any:
-    """The tokenizer entry of the checkpoint ``path`` (None if it has none), read weights-only whatever
-    ``--weights_only`` says; a file that is no readable checkpoint is a DataError naming ``data.tokenizer_file``."""
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint ``path`` named by ``data.tokenizer_file``, read weights-only whatever ``--weights_only`` says; a
+    file that is no readable checkpoint, or holds code, is a DataError naming the setting."""
     from qkv_lightning.checkpoints import load_checkpoint_file
     from qkv_lightning.checkpoints.read import ForbiddenCheckpointContent
 
     try:
-        return load_checkpoint_file(path, weights_only=True, lightning=False).get(CHECKPOINT_ENTRY)
+        return load_checkpoint_file(path, weights_only=True, lightning=False)
     except ForbiddenCheckpointContent:
         raise DataError(
             f"refusing to read the tokenizer of {path} (data.tokenizer_file): the checkpoint holds Python objects "
             "other than tensors and plain containers, which could run code when loaded, and a tokenizer is always "
-            "read weights-only (one that import wrote holds none). Import the model again, or name its tokenizer.json."
+            "read weights-only (one that import, fit or convert wrote holds none). Name the model's tokenizer.json, "
+            "or a checkpoint that this tool wrote."
         ) from None
     except CheckpointError as error:
         raise DataError(
             f"data.tokenizer_file={path} is read as a checkpoint (its name ends in {path.suffix}), and cannot be: "
             f"{error}"
         ) from None
+
+
+def checked_special_ids(ids: Any, source: str) -> dict[str, Any]:
+    """``ids`` (a mapping) as :data:`SPECIAL_TOKEN_IDS`, each a non-negative int, a non-empty list of them (several
+    EOS ids, as Llama 3 configs name them), or None (missing ones too).
+
+    Raises:
+        DataError: naming ``source`` and the id that is not one.
+    """
+    if not isinstance(ids, dict):
+        raise DataError(f"the special token ids of the tokenizer {source} are a {type(ids).__name__}, not a mapping.")
+    checked: dict[str, Any] = {}
+    for key in SPECIAL_TOKEN_IDS:
+        value = ids.get(key)
+        values = value if isinstance(value, list) and value else [value]
+        if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise DataError(
+                f"the tokenizer {source}: {key}={value!r} is not a token id (a non-negative integer, a list of them, "
+                "or null); fix the model's config.json, or import the model again."
+            )
+        checked[key] = list(value) if isinstance(value, list) else value
+    return checked
 
 
 def check_tokenizer_settings(
@@ -201,7 +276,7 @@ def check_tokenizer_settings(
     if kind == "hf" and not tokenizer_file:
         raise ConfigError(
             "data.tokenizer: hf needs data.tokenizer_file: a Hugging Face tokenizer.json, or a checkpoint written by "
-            "import (which stores the model's own tokenizer)."
+            "import or by fit with data.tokenizer: hf (which store the model's own tokenizer)."
         )
     if kind != "hf" and tokenizer_file:
         raise ConfigError(

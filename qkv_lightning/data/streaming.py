@@ -255,7 +255,8 @@ class StreamingText(TextData):
         tokenizer: ``gpt2`` (GPT-2 BPE) or ``hf`` (a model's own Hugging Face tokenizer from ``tokenizer_file``,
             documents encoded without special tokens; :mod:`qkv_lightning.data.hf_tokenizer`).
         tokenizer_file: ``hf`` (and only then): a Hugging Face ``tokenizer.json``, or a checkpoint that ``import``
-            wrote, which stores the imported model's own tokenizer.
+            wrote (it stores the imported model's own tokenizer) or that ``fit`` with ``hf`` wrote (the tokenizer of
+            its data).
         seq_len: tokens per sample (the model sees ``seq_len`` and predicts the next ``seq_len``).
         document_mode: ``packed`` (documents concatenated, each followed by ``<|endoftext|>``, cut into rows; exact)
             or ``padded`` (one document per row, cut or padded with ``<|endoftext|>``; the paper's protocol).

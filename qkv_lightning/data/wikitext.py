@@ -79,7 +79,8 @@ class WikiText(TextData):
         bpe_file: ``gpt2``: GPT-2 ``.tiktoken`` ranks file for offline use; None uses
             ``tiktoken.get_encoding("gpt2")``. Other tokenizers ignore it.
         tokenizer_file: ``hf`` (and only then): a Hugging Face ``tokenizer.json``, or a checkpoint (``.ckpt``,
-            ``.pt``, ``.pth``) that ``import`` wrote, which stores the imported model's own tokenizer.
+            ``.pt``, ``.pth``) that ``import`` wrote (it stores the imported model's own tokenizer) or that ``fit``
+            with ``hf`` wrote (it stores the tokenizer of its data).
         train_file: training text, relative to ``data_dir`` (or absolute).
         val_file: validation text; unused when ``split_test_for_val`` is set.
         test_file: test text.

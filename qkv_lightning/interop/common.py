@@ -16,6 +16,10 @@ CONFIG_FILE = "config.json"
 """A Hugging Face folder's model config."""
 WEIGHTS_FILE = "model.safetensors"
 """A Hugging Face folder's weights (one file; larger models shard them, listed in ``model.safetensors.index.json``)."""
+GENERATION_FILE = "generation_config.json"
+"""A Hugging Face folder's generation defaults (``GenerationConfig``): the special token ids ``generate`` uses."""
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""The ids ``save_pretrained`` copies from a model's config into its ``generation_config.json`` (when not None)."""
 
 
 def require(package: str, purpose: str, extra: str = "interop") -> Any:
@@ -112,18 +116,26 @@ def check_destination(path: Path) -> None:
 
 def check_hf_destination(out: Path) -> None:
     """Refuse an ``--out`` folder that already holds a Hugging Face folder's files, before anything is loaded."""
-    existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE) if os.path.lexists(out / name)]
+    existing = [str(out / name) for name in (CONFIG_FILE, WEIGHTS_FILE, GENERATION_FILE) if os.path.lexists(out / name)]
     if existing:
         raise ConfigError(
             f"--out {out} already holds {', '.join(existing)}; pick another folder (nothing is overwritten)."
         )
 
 
+def generation_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``generation_config.json`` that ``save_pretrained`` writes for a causal LM with this ``config.json``: the
+    config's :data:`GENERATION_IDS` that are not None, marked as taken from the model's config."""
+    ids = {key: config[key] for key in GENERATION_IDS if config.get(key) is not None}
+    return {"_from_model_config": True, **ids, "use_cache": True}
+
+
 def write_hf_folder(out: Path, config: dict[str, Any], tensors: dict[str, Tensor],
                     check: Callable[[Path], None] | None = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` into ``out`` (new, or without them) through a staged folder
-    (:func:`qkv_lightning.files.staged_folder`): ``check`` reads the complete folder before it is put in place, and if
-    it raises, or the process dies, nothing lies under the final names. ``tensors`` must not share memory."""
+    """Write ``config.json``, ``model.safetensors`` and ``generation_config.json`` (:func:`generation_config`) into
+    ``out`` (new, or without them) through a staged folder (:func:`qkv_lightning.files.staged_folder`): ``check`` reads
+    the complete folder before it is put in place, and if it raises, or the process dies, nothing lies under the final
+    names. ``tensors`` must not share memory."""
     require("safetensors", "export --format hf")
     from safetensors.torch import save
 
@@ -133,6 +145,7 @@ def write_hf_folder(out: Path, config: dict[str, Any], tensors: dict[str, Tensor
     with staged_folder(out, last=(CONFIG_FILE,)) as stage:
         with atomic_open(stage / WEIGHTS_FILE, "wb") as file:
             file.write(save(tensors, metadata={"format": "pt"}))
+        atomic_write_json(stage / GENERATION_FILE, generation_config(config), indent=2)
         atomic_write_json(stage / CONFIG_FILE, config, indent=2)
         if check is not None:
             check(stage)

@@ -27,6 +27,7 @@ from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.files import read_json
 from qkv_lightning.interop.common import (
     CONFIG_FILE,
+    GENERATION_FILE,
     WEIGHTS_FILE,
     language_data_spec,
     read_safetensors,
@@ -356,7 +357,8 @@ def main_export(model: Any, hparams: dict[str, Any], ckpt_path: str | Path, out:
     ``hparams``) as a GPT-2 folder and, with ``transformers`` installed, compare its logits with ours."""
     config = export_settings(hparams, model.config)
     write_hf_folder(out, config, from_our_state({k: v.detach() for k, v in model.state_dict().items()}, config))
-    print(f"exported {ckpt_path} as a Hugging Face GPT-2 folder {out} ({CONFIG_FILE} + {WEIGHTS_FILE}): "
+    print(f"exported {ckpt_path} as a Hugging Face GPT-2 folder {out} ({CONFIG_FILE} + {WEIGHTS_FILE} + "
+          f"{GENERATION_FILE}): "
           f"{config['n_layer']} layers, width {config['n_embd']}, {config['n_head']} heads, vocabulary "
           f"{config['vocab_size']}, tied embeddings {config['tie_word_embeddings']}")
     difference = check_with_transformers(out, model)

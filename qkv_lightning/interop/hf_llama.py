@@ -16,9 +16,10 @@ the folder's path. It needs the optional package ``gguf`` (``pip install 'qkv-li
 The model's own tokenizer is stored in the checkpoint as data (the entry
 :data:`~qkv_lightning.data.hf_tokenizer.CHECKPOINT_ENTRY`: the text of a ``tokenizer.json``): the folder's
 ``tokenizer.json`` when it has one, or for a GGUF file the fast tokenizer ``transformers`` builds from the file's
-metadata (``AutoTokenizer.from_pretrained(folder, gguf_file=name)``). Its identity and vocabulary (at most the
-model's) become the checkpoint's ``data_spec``, so ``data.tokenizer: hf`` with ``data.tokenizer_file`` naming the
-checkpoint scores text with it, and other tokenizers are refused.
+metadata (``AutoTokenizer.from_pretrained(folder, gguf_file=name)``), with the BOS, EOS and padding ids of the
+source's config (the GGUF file's, as ``transformers`` reads them). Its identity and vocabulary (at most the model's)
+become the checkpoint's ``data_spec``, so ``data.tokenizer: hf`` with ``data.tokenizer_file`` naming the checkpoint
+scores text with it, and other tokenizers are refused.
 
 What our GPT cannot express is a :class:`ConfigError` naming the ``config.json`` field: a sliding window shorter
 than ``max_position_embeddings``, ``rope_scaling`` / ``rope_parameters`` types other than the default, partial
@@ -48,6 +49,7 @@ from qkv_lightning.errors import CheckpointError, ConfigError
 from qkv_lightning.files import read_json
 from qkv_lightning.interop.common import (
     CONFIG_FILE,
+    GENERATION_FILE,
     WEIGHTS_FILE,
     language_data_spec,
     read_safetensors,
@@ -302,19 +304,21 @@ def import_llama(src: Path, fmt: str, seq_len: int | None = None) -> tuple[Any, 
     ``data_spec`` records the vocabulary and ``seq_len`` (default ``max_position_embeddings``, at most
     :data:`SEQ_LEN_CAP`) and, when the source has a tokenizer, that tokenizer's identity and vocabulary. Returns the
     task, a summary for the command's report and the tokenizer
-    (:class:`~qkv_lightning.data.hf_tokenizer.HFTokenizer`, or None), which the checkpoint stores.
+    (:class:`~qkv_lightning.data.hf_tokenizer.HFTokenizer`, or None, with the source config's BOS, EOS and padding
+    ids), which the checkpoint stores.
 
     Raises:
         DataError: the folder's ``tokenizer.json`` is not a tokenizer the ``tokenizers`` library reads.
         ConfigError: the tokenizer has more tokens than the model's vocabulary.
     """
-    from qkv_lightning.data.hf_tokenizer import HFTokenizer
+    from qkv_lightning.data.hf_tokenizer import SPECIAL_TOKEN_IDS, HFTokenizer
     from qkv_lightning.tasks.language_model import LanguageModel
 
     network, attention, state, config = load_source(src, fmt)
     text = read_tokenizer_text(src, fmt)
     where = str(src / TOKENIZER_FILE) if fmt != "gguf" else f"that transformers builds from {src}"
-    tokenizer = HFTokenizer(text, where) if text is not None else None
+    special_ids = {key: config.get(key) for key in SPECIAL_TOKEN_IDS}  # as the source's config names them
+    tokenizer = HFTokenizer(text, where, special_ids) if text is not None else None
     data_spec = language_data_spec(
         network["vocab_size"], seq_len or min(network["max_seq_len"], SEQ_LEN_CAP), tokenizer=tokenizer
     )
@@ -364,8 +368,10 @@ def is_llama_trunk(network_config: Any) -> bool:
     return network_config.norm == "rms" or network_config.mlp == "swiglu"
 
 
-def export_settings(model: Any, hparams: dict[str, Any]) -> dict[str, Any]:
-    """The Llama (or Qwen2) ``config.json`` of a checkpoint's GPT (eval mode, depth factors fused).
+def export_settings(model: Any, hparams: dict[str, Any], tokenizer: Any = None) -> dict[str, Any]:
+    """The Llama (or Qwen2) ``config.json`` of a checkpoint's GPT (eval mode, depth factors fused), with the BOS, EOS
+    and padding ids of the checkpoint's stored ``tokenizer``
+    (:class:`~qkv_lightning.data.hf_tokenizer.HFTokenizer`; None: no ids).
 
     Raises:
         ConfigError: naming our setting that a standard Llama or Qwen2 folder cannot express.
@@ -432,8 +438,10 @@ def export_settings(model: Any, hparams: dict[str, Any]) -> dict[str, Any]:
         "rope_theta": n.rope_base,  # transformers 4's field; 5 reads rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": n.rope_base},
         "attention_dropout": float(attention.get("dropout", 0.0)),
-        "bos_token_id": None,  # the checkpoint records no tokenizer's special tokens
+        "bos_token_id": None,  # without a stored tokenizer, the checkpoint names no special tokens
         "eos_token_id": None,
+        "pad_token_id": None,
+        **(tokenizer.special_token_ids if tokenizer is not None else {}),  # the imported model's, or fit's boundary
         "use_cache": True,
         "torch_dtype": "float32",
     }
@@ -499,11 +507,13 @@ def sharing_note(model: Any) -> str | None:
             "has no cache saving (and fine-tuning it unties the shared weights).")
 
 
-def main_export(model: Any, hparams: dict[str, Any], ckpt_path: str | Path, out: Path) -> int:
+def main_export(model: Any, hparams: dict[str, Any], ckpt_path: str | Path, out: Path, tokenizer: Any = None) -> int:
     """``export --format hf`` of an RMSNorm/SwiGLU trunk: write ``model`` (a checkpoint's GPT, eval mode, with its
-    ``hparams``) as a Llama or Qwen2 folder; with ``transformers`` installed, the folder's logits are compared with
-    ours before it is put in place, and a difference beyond :data:`EXPORT_TOLERANCE` writes nothing."""
-    config = export_settings(model, hparams)
+    ``hparams`` and the ``tokenizer`` it stores, whose special token ids ``config.json`` and
+    ``generation_config.json`` name) as a Llama or Qwen2 folder; with ``transformers`` installed, the folder's logits
+    are compared with ours before it is put in place, and a difference beyond :data:`EXPORT_TOLERANCE` writes
+    nothing."""
+    config = export_settings(model, hparams, tokenizer)
     architecture = config["architectures"][0]
     checked: dict[str, float | None] = {}
 
@@ -517,10 +527,12 @@ def main_export(model: Any, hparams: dict[str, Any], ckpt_path: str | Path, out:
             )
 
     write_hf_folder(out, config, from_our_state(model, config), check)
-    print(f"exported {ckpt_path} as a Hugging Face {architecture} folder {out} ({CONFIG_FILE} + {WEIGHTS_FILE}): "
-          f"{config['num_hidden_layers']} layers, width {config['hidden_size']}, {config['num_attention_heads']} "
-          f"query heads over {config['num_key_value_heads']} K/V heads, vocabulary {config['vocab_size']}, tied "
-          f"embeddings {config['tie_word_embeddings']}")
+    print(f"exported {ckpt_path} as a Hugging Face {architecture} folder {out} ({CONFIG_FILE} + {WEIGHTS_FILE} + "
+          f"{GENERATION_FILE}): {config['num_hidden_layers']} layers, width {config['hidden_size']}, "
+          f"{config['num_attention_heads']} query heads over {config['num_key_value_heads']} K/V heads, vocabulary "
+          f"{config['vocab_size']}, tied embeddings {config['tie_word_embeddings']}; special tokens bos "
+          f"{config['bos_token_id']}, eos {config['eos_token_id']}, pad {config['pad_token_id']}"
+          f"{' (from the tokenizer the checkpoint stores)' if tokenizer is not None else ' (it stores no tokenizer)'}")
     note = sharing_note(model)
     if note:
         print(f"note: {note}")

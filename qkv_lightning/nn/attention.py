@@ -20,7 +20,14 @@ from qkv_lightning.errors import ConfigError
 
 # bench/ imports CANONICAL_VARIANTS and canonical_score_encoding from here (homes: nn.sharing, nn.attention_config)
 from qkv_lightning.nn.attention_config import AttentionConfig, canonical_score_encoding  # noqa: F401
-from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, KVCache, grouped_matmul, parse_rope_keys, rotary_scores
+from qkv_lightning.nn.kv_cache import (
+    ROPE_KEYS_DEFAULT,
+    KVCache,
+    grouped_matmul,
+    is_fused,
+    parse_rope_keys,
+    rotary_scores,
+)
 from qkv_lightning.nn.positional import PairScoreEncoding, PaperScoreEncoding, apply_rope, rotate_into
 from qkv_lightning.nn.sharing import CANONICAL_VARIANTS, ROLES  # noqa: F401
 
@@ -159,10 +166,16 @@ class Attention(nn.Module):
         workspace: list[Tensor] | None = None,
     ) -> KVCache:
         """An empty :class:`KVCache` for this layer; ``rope_keys`` (K=V variants with RoPE): see
-        :func:`parse_rope_keys`; ``workspace``: shared by the layers' caches (see :class:`KVCache`)."""
+        :func:`parse_rope_keys` (``fused``: :func:`~qkv_lightning.nn.fused_decode.fuses`); ``workspace``: shared by
+        the layers' caches (see :class:`KVCache`)."""
         weight = self.qkv.weight
         rotates = self.kv_shared and not self.reuses_kv and not self.rope_key_dim  # K=V keys rotated on read
         rotated = parse_rope_keys(rope_keys, capacity) if rotates else 0
+        fused = False
+        if rotates and is_fused(rope_keys):  # decoding steps in the fused kernel, where this layer allows it
+            from qkv_lightning.nn.fused_decode import fuses
+
+            fused = fuses(self, torch.device(device or weight.device))
         return KVCache(
             self.cached_tensors,
             batch_size,
@@ -175,6 +188,7 @@ class Attention(nn.Module):
             workspace=workspace,
             rotated_dim=self.config.rotary_dims(self.head_dim) if rotated else None,
             rope_key_dim=self.rope_key_dim,
+            fused=fused,
         )
 
     def cache_shapes(self, batch_size: int, capacity: int, copy: bool = False) -> list[tuple[int, ...]]:
@@ -493,6 +507,10 @@ class Attention(nn.Module):
         """
         b, t, _ = x.shape
         split = cache is not None and t == 1 and not need_weights and not return_kv  # a decoding step
+        if split and cache.fused and rope is not None:  # K=V keys rotated inside the fused kernel (CUDA)
+            from qkv_lightning.nn.fused_decode import decode_step
+
+            return self.proj(decode_step(self, x, rope, cache)), None
         q, k, v = self.project(x, rope, cache, shared_kv, split)  # (B, H, T, D), (B, H_kv, S, D), (B, H_kv, S, D)
         s = v.shape[2]
         dropout = self.config.dropout if self.training else 0.0

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from qkv_lightning.errors import ConfigError
 from qkv_lightning.nn.cost import attention_shapes, kv_cache_bytes_per_token
 from qkv_lightning.nn.gpt import GPT
-from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, parse_rope_keys
+from qkv_lightning.nn.kv_cache import ROPE_KEYS_DEFAULT, is_fused, parse_rope_keys
 
 
 class StaticDecoder(nn.Module):
@@ -56,8 +56,9 @@ class StaticDecoder(nn.Module):
         self.capacity = capacity
         self.uses_rope = model.config.position == "rope"
         rotated = parse_rope_keys(rope_keys, capacity) if self.uses_rope else 0
-        if rotated not in (0, capacity):
-            raise ConfigError(f"rope_keys={rope_keys!r}: a static cache takes on_read or copy (window:W is dynamic).")
+        if rotated not in (0, capacity) or (self.uses_rope and is_fused(rope_keys)):
+            raise ConfigError(f"rope_keys={rope_keys!r}: a static cache takes on_read or copy (window:W and fused "
+                              "are steps of the dynamic cache).")
         self.rope_keys = "copy" if rotated else "on_read"
         self.inplace = inplace
         self.use_workspace = workspace

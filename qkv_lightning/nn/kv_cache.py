@@ -25,13 +25,15 @@ def parse_rope_keys(value: str, capacity: int) -> int:
     ``on_read`` (0): the cache holds the one un-rotated K=V tensor (half of QKV's cache) and rotates the cached keys
     as it reads them, at every step, into a workspace shared by all layers. ``copy`` (``capacity``): a rotated copy
     of every key, as QKV caches them: decoding costs what QKV's does, and the cache is as large as QKV's.
-    ``window:W``: a rotated copy of the first W positions only; the others are rotated on read.
+    ``window:W``: a rotated copy of the first W positions only; the others are rotated on read. ``fused`` (0): the
+    cache of ``on_read``, the keys rotated as they are read inside one Triton kernel on CUDA, with no workspace
+    (:mod:`~qkv_lightning.nn.fused_decode`; :func:`is_fused` tells it apart).
 
     Raises:
         ConfigError: naming ``rope_keys`` and the allowed values.
     """
     text = str(value).strip().lower()
-    if text == "on_read":
+    if text in ("on_read", "fused"):
         return 0
     if text == "copy":
         return capacity
@@ -39,9 +41,14 @@ def parse_rope_keys(value: str, capacity: int) -> int:
         return min(int(text[7:]), capacity)
     raise ConfigError(
         f"rope_keys={value!r} is not a K=V cache scheme: use on_read (rotate cached keys when read; half the cache), "
-        "copy (a rotated copy of every key; QKV's cache size and speed) or window:W (a rotated copy of the first W "
-        "positions, e.g. window:1024)."
+        "copy (a rotated copy of every key; QKV's cache size and speed), window:W (a rotated copy of the first W "
+        "positions, e.g. window:1024) or fused (on_read's cache, the keys rotated inside a Triton kernel; CUDA)."
     )
+
+
+def is_fused(value: str) -> bool:
+    """True for the ``rope_keys`` scheme that rotates keys inside the fused decoding kernel (``fused``)."""
+    return str(value).strip().lower() == "fused"
 
 
 def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -114,6 +121,8 @@ class KVCache:
         rotated_dim: width of the rotated copy (the rotated dimensions with partial rotary); None: ``head_dim``.
         rope_key_dim: a decoupled rotary key's size: the cache keeps one more tensor, (B, 1, capacity, rope_key_dim),
             after the others (0: none).
+        fused: decoding steps read the K=V tensor through the fused kernel
+            (:func:`~qkv_lightning.nn.fused_decode.rotary_decode_attention`), which rotates the keys as it reads them.
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class KVCache:
         workspace: list[Tensor] | None = None,
         rotated_dim: int | None = None,
         rope_key_dim: int = 0,
+        fused: bool = False,
     ) -> None:
         shape = (batch_size, n_kv_heads, capacity, head_dim)
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_tensors)]
@@ -141,6 +151,7 @@ class KVCache:
         self.workspace = [] if workspace is None else workspace
         self.capacity = capacity
         self.length = 0
+        self.fused = fused
 
     def update(self, new: list[Tensor]) -> list[Tensor]:
         """Append ``new`` tensors, each (B, H_kv, T, D) (the decoupled rotary key (B, 1, T, R)), and return the whole

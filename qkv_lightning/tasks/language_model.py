@@ -229,6 +229,24 @@ class LanguageModel(TaskModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        entry = self.data_tokenizer_entry()
+        if entry is not None:
+            from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY
+
+            checkpoint[CHECKPOINT_ENTRY] = entry
+
+    def data_tokenizer_entry(self) -> dict[str, Any] | None:
+        """The data's own tokenizer (``data.tokenizer: hf``) as a checkpoint stores it
+        (:meth:`~qkv_lightning.data.hf_tokenizer.HFTokenizer.checkpoint_entry`), so that ``predict``, ``validate``,
+        ``export`` read it from the checkpoint (``--data.tokenizer_file CKPT``) as from an imported one; None without
+        a trainer's datamodule, for other tokenizers, or a tokenizer that is not the model's (``data_spec``)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        load = getattr(datamodule, "load_tokenizer", None)
+        tokenizer = load() if load is not None else None
+        entry = getattr(tokenizer, "checkpoint_entry", None)
+        if entry is None or tokenizer.identity != (self.data_spec or {}).get("tokenizer"):
+            return None
+        return entry()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # fills in tied parameters that sharded checkpoints store once
@@ -399,7 +417,15 @@ class LanguageModel(TaskModule):
 
 def load_gpt(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str, Any]]:
     """The GPT of a ``LanguageModel`` checkpoint (eval mode, on CPU, depth-factorised projections fused) and the
-    checkpoint's hyper-parameters, built by the one task builder (:func:`qkv_lightning.tasks.persist.load_task`).
+    checkpoint's hyper-parameters (:func:`load_gpt_checkpoint` without the checkpoint)."""
+    model, hparams, _ = load_gpt_checkpoint(path, weights_only)
+    return model, hparams
+
+
+def load_gpt_checkpoint(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str, Any], dict[str, Any]]:
+    """The GPT of a ``LanguageModel`` checkpoint (eval mode, on CPU, depth-factorised projections fused), the
+    checkpoint's hyper-parameters and the checkpoint's contents (its stored tokenizer, for ``export``), built by the
+    one task builder (:func:`qkv_lightning.tasks.persist.load_task`).
 
     Raises:
         CheckpointError: the file is unreadable, not a language model's (with its data spec), or its weights do not fit.
@@ -413,4 +439,4 @@ def load_gpt(path: str | Path, weights_only: bool = True) -> tuple[GPT, dict[str
             f"{path} is a language model's checkpoint without its data_spec; export and evaluate take checkpoints "
             "that `fit` saved for qkv_lightning.tasks.language_model.LanguageModel."
         )
-    return task.network.eval().fuse(), hparams
+    return task.network.eval().fuse(), hparams, checkpoint
