@@ -25,9 +25,11 @@ import pytest
 import torch
 
 from qkv_lightning.cli import main
+from qkv_lightning.data.hf_tokenizer import CHECKPOINT_ENTRY
 from tests.imagedata import write_cifar10, write_image_tree, write_mnist_gz
-from tests.lm_fixtures import write_wikitext
+from tests.lm_fixtures import train_bpe, write_wikitext
 from tests.run_fixtures import CONFIGS, image_args, lm_args, snapshot, subprocess_env, synthetic_args
+from tests.streaming_support import streaming_data_args, write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 ERRORS = ROOT / "qkv_lightning" / "ERRORS.md"
@@ -504,6 +506,120 @@ CASES += [
     Case("sharded checkpoint with a truncated shard", damaged_shard("truncated"), "is truncated ("),
 ]
 
+
+
+# ------------------------------------------------------------------------- a model's own tokenizer (data.tokenizer: hf)
+def bpe_tokenizer(runs: Runs, path: Path, **kwargs: object) -> Path:
+    """A real tokenizer.json: a byte-level BPE of 300 tokens trained on the finished language model's text."""
+    lines = (runs.wikitext / "wiki.train.tokens").read_text(encoding="utf-8").splitlines(keepends=True)
+    train_bpe(path, lines, **kwargs)
+    return path
+
+
+def no_start_token(runs: Runs, path: Path) -> None:
+    """A tokenizer.json with neither a BOS added by its post-processor nor any special token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"the": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+
+
+def hf_tokenizer(name: str, write: Callable[[Runs, Path], object], *extra: str) -> Callable[[Runs, Path], list[str]]:
+    """``fit --ckpt_path last`` of the language model with ``data.tokenizer: hf`` and the file ``name`` that ``write``
+    makes as its ``data.tokenizer_file``."""
+
+    def build(runs: Runs, tmp: Path) -> list[str]:
+        path = tmp / name
+        write(runs, path)
+        return runs.lm(None, "--data.cache_dir", str(tmp / "cache"), "--data.tokenizer", "hf",
+                       "--data.tokenizer_file", str(path), *extra)
+
+    return build
+
+
+def tokenizer_checkpoint(entry: object) -> Callable[[Runs, Path], None]:
+    """A checkpoint (``torch.save``) whose tokenizer entry is ``entry`` (none where it is None)."""
+
+    def write(runs: Runs, path: Path) -> None:
+        torch.save({"state_dict": {}, **({CHECKPOINT_ENTRY: entry} if entry is not None else {})}, path)
+
+    return write
+
+
+def stored_tokenizer(ids: object = None, trained_with: str | None = None) -> Callable[[Runs, Path], None]:
+    """A checkpoint storing a real tokenizer (the BPE's tokenizer.json) with special token ids ``ids``, whose model
+    was trained with the tokenizer ``trained_with`` (its ``hyper_parameters.data_spec.tokenizer``)."""
+
+    def write(runs: Runs, path: Path) -> None:
+        text = bpe_tokenizer(runs, path.with_suffix(".json")).read_text(encoding="utf-8")
+        entry = {"format": "huggingface-tokenizers", "json": text, **({"special_token_ids": ids} if ids else {})}
+        spec = {"hyper_parameters": {"data_spec": {"tokenizer": trained_with}}} if trained_with else {}
+        torch.save({"state_dict": {}, CHECKPOINT_ENTRY: entry, **spec}, path)
+
+    return write
+
+
+def larger_vocabulary(runs: Runs, tmp: Path) -> list[str]:
+    tokenizer = bpe_tokenizer(runs, tmp / "tokenizer.json")
+    return ["fit", *lm_args(tmp, runs.wikitext), "--data.tokenizer", "hf", "--data.tokenizer_file", str(tokenizer),
+            "--model.network.vocab_size", "100"]
+
+
+def streaming_tokenizer_missing(runs: Runs, tmp: Path) -> list[str]:
+    write_corpus(tmp / "corpus", 4)
+    return ["fit", "--config", str(CONFIGS / "lm" / "streaming.yaml"), *streaming_data_args(tmp / "corpus"),
+            "--trainer.default_root_dir", str(tmp), "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32", "--model.network.n_layer", "1", "--model.network.n_head", "2",
+            "--model.network.d_model", "16", "--model.network.d_mlp", "32", "--model.network.max_seq_len", "8",
+            "--data.tokenizer", "hf", "--data.tokenizer_file", str(tmp / "nothere.json")]
+
+
+CASES += [
+    Case("missing tokenizer file", hf_tokenizer("nothere.json", lambda r, p: None),
+         "is not a file; name a tokenizer.json, or a checkpoint written by import"),
+    Case("tokenizer file that is not JSON", hf_tokenizer("t.json", lambda r, p: p.write_text("{ not json")),
+         "(data.tokenizer_file) is not JSON ("),
+    Case("tokenizer file holding a JSON list", hf_tokenizer("t.json", lambda r, p: p.write_text("[1, 2]")),
+         "(data.tokenizer_file) holds a JSON list, not a tokenizer object"),
+    Case("tokenizer file the tokenizers library cannot read",
+         hf_tokenizer("t.json", lambda r, p: p.write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')),
+         "the tokenizers library cannot read the tokenizer"),
+    Case("tokenizer file not UTF-8", hf_tokenizer("t.json", lambda r, p: p.write_bytes(b"\xff\xfe\xfa broken")),
+         "as UTF-8 text ('utf-8' codec can't decode"),
+    Case("tokenizer without a start token", hf_tokenizer("t.json", no_start_token),
+         "adds no BOS and has no special token (such as <|endoftext|>)"),
+    Case("tokenizer checkpoint storing no tokenizer", hf_tokenizer("m.ckpt", tokenizer_checkpoint(None)),
+         "(data.tokenizer_file) stores no tokenizer"),
+    Case("tokenizer checkpoint with an edited entry", hf_tokenizer("m.ckpt", tokenizer_checkpoint("a string")),
+         "its qkv_tokenizer entry is not a stored tokenizer"),
+    Case("tokenizer checkpoint whose tokenizer is no text",
+         hf_tokenizer("m.ckpt", tokenizer_checkpoint({"format": "huggingface-tokenizers", "json": 7})),
+         "is of type int, not the text of a tokenizer.json"),
+    Case("tokenizer checkpoint that is no checkpoint", hf_tokenizer("m.ckpt", lambda r, p: p.write_text("notes")),
+         "is read as a checkpoint (its name ends in .ckpt), and cannot be"),
+    Case("tokenizer checkpoint holding code",
+         hf_tokenizer("m.ckpt", tokenizer_checkpoint({"format": "huggingface-tokenizers", "json": RunsCode()})),
+         "(data.tokenizer_file): the checkpoint holds Python objects other than tensors"),
+    Case("tokenizer checkpoint whose special ids are no mapping", hf_tokenizer("m.ckpt", stored_tokenizer("bos")),
+         "the special token ids of the tokenizer stored in the checkpoint"),
+    Case("tokenizer checkpoint with a special id that is no id",
+         hf_tokenizer("m.ckpt", stored_tokenizer({"bos_token_id": -1})), "bos_token_id=-1 is not a token id"),
+    Case("tokenizer checkpoint whose tokenizer is not its model's",
+         hf_tokenizer("m.ckpt", stored_tokenizer(trained_with="hf:0123456789abcdef")),
+         "but its model was trained with hf:0123456789abcdef (hyper_parameters.data_spec.tokenizer)"),
+    Case("hf tokenizer without a file", lambda r, t: r.lm(None, "--data.tokenizer", "hf"),
+         "data.tokenizer: hf needs data.tokenizer_file"),
+    Case("tokenizer file with another tokenizer",
+         lambda r, t: r.lm(None, "--data.tokenizer", "gpt2", "--data.tokenizer_file", str(t / "tokenizer.json")),
+         "is only read with data.tokenizer: hf (it is 'gpt2')"),
+    Case("tokenizer larger than the model's vocabulary", larger_vocabulary,
+         "model.network.vocab_size=100 is smaller than the data's vocabulary (300 tokens)"),
+    Case("checkpoint of another tokenizer", hf_tokenizer("tokenizer.json", bpe_tokenizer),
+         "the checkpoint was trained with tokenizer='word:"),
+    Case("missing tokenizer file of streaming data", streaming_tokenizer_missing,
+         "is not a file; name a tokenizer.json, or a checkpoint written by import"),
+]
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_gives_its_documented_error_and_changes_no_run(case, runs, tmp_path, capsys):

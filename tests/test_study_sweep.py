@@ -238,3 +238,109 @@ def test_sweep_rows_keep_from_scratch_and_converted_cells_apart(tmp_path: Path) 
     assert rows == list(table)
     markdown = sweep_markdown(summary, "t", [])
     assert "| Q=K-V (init_from=convert:mean) |" in markdown and "kept apart by `init_from`" in markdown
+
+
+def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the markdown table whose header line starts with ``header_start``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _cells_md_verdicts(text: str) -> dict[tuple[str, str], str]:
+    """``{(group, variant): verdict}`` of every table in ``cells.md``."""
+    verdicts, group = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            group = line[3:]
+        elif line.startswith("| ") and not line.startswith("| variant ") and group is not None:
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            verdicts[group, cells[0]] = cells[-1]
+    return verdicts
+
+
+def test_a_sweep_with_a_margin_states_its_verdicts_at_the_margin_in_summary_md(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A real sweep (two tasks, three variants, three seeds, through the CLI) with a relative margin: summary.md's
+    paper-layout table reads each matched-cell difference at the margin (TOST over the matched cells, checked against
+    scipy's one-sided t-tests and Holm by hand), and lists every task's verdict at its margin exactly as cells.md and
+    summary.json's per-cell summaries state it (never the margin-blind `n.s.`)."""
+    from qkv_lightning.cli import main
+
+    out = tmp_path / "study"
+    study_yaml = tmp_path / "sweep.yaml"
+    study_yaml.write_text(yaml.safe_dump({
+        "task": _tasks(tmp_path), "variants": ["QKV", "Q=K=V", "Q-K=V"], "seeds": [0, 1, 2], "workers": 0,
+        "validate": False, "output": str(out), "metrics": ["test/acc"], "equivalence_margin": "50%",
+    }))
+    assert main(["study", "--config", str(study_yaml)]) == 0
+    printed = capsys.readouterr().out
+    assert "equivalent * = within the margin" in printed and "n.s. = no significant" not in printed
+    summary = json.loads((out / "summary.json").read_text())
+    markdown = (out / "summary.md").read_text()
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # the paper-layout table: the margin is half the baseline's average over the tasks, read as TOST over matched cells
+    def value(label: str, task: str, seed: int) -> float:
+        (row,) = [r for r in rows if r["variant"] == label and r["task"] == task and r["seed"] == str(seed)]
+        return float(row["test/acc"])
+
+    tasks, seeds = ("sub", "copy"), (0, 1, 2)
+    margin = 0.5 * abs(sum(value("QKV", t, s) for t in tasks for s in seeds) / 6)
+    table = summary["sweep_table"]["test/acc"]
+    raw = {}
+    for label in ("Q=K=V", "Q-K=V"):
+        diffs = [value(label, t, s) - value("QKV", t, s) for t in tasks for s in seeds]
+        assert table[label]["margin"] == pytest.approx(margin, rel=1e-12)
+        assert sorted(table[label]["diff_points"].values()) == pytest.approx(sorted(diffs), abs=1e-12)
+        if len(set(diffs)) == 1:
+            raw[label] = 0.0 if abs(diffs[0]) < margin else 1.0  # no spread: known exactly
+        else:
+            raw[label] = max(scipy_stats.ttest_1samp(diffs, -margin, alternative="greater").pvalue,
+                             scipy_stats.ttest_1samp(diffs, margin, alternative="less").pvalue)
+        assert table[label]["tost_p"] == pytest.approx(raw[label], rel=1e-9, abs=1e-12)
+    low, high = sorted(raw, key=raw.get)
+    holm = {low: min(1.0, 2 * raw[low])}
+    holm[high] = min(1.0, max(holm[low], raw[high]))
+    paper = {r[0]: r for r in _table_rows(markdown, "| variant | sub | copy | average |")}
+    assert set(paper) == {"QKV", "Q=K=V", "Q-K=V"} and paper["QKV"][-1] == "baseline"
+    for label in ("Q=K=V", "Q-K=V"):
+        entry = table[label]
+        assert entry["tost_p_holm"] == pytest.approx(holm[label], rel=1e-9, abs=1e-12)
+        if holm[label] < 0.05:
+            expected = "equivalent"
+        elif entry["p_holm"] < 0.05:
+            expected = "worse" if entry["diff"] < 0 else "better"
+        else:
+            expected = "inconclusive"
+        assert entry["verdict"] == expected
+        row = next(r for r in summary["variants"] if r["variant"] == label)["metrics"]["test/acc"]
+        assert row["verdict"] == expected and row["tost_ci"] == entry["tost_ci"]
+        assert paper[label][-1] == {"equivalent": "equivalent *", "worse": "worse *", "better": "better *"}.get(
+            expected, expected)
+        assert paper[label][-2] == ("<1e-4" if holm[label] < 1e-4 else f"{holm[label]:.4f}")  # TOST p Holm
+        assert paper[label][-3] == f"50% = {margin:.4g}"
+    # every task's verdict at its margin: summary.md == cells.md == summary.json's per-cell summaries
+    groups = {part["group"]: part for part in summary["groups"]}
+    assert set(groups) == set(tasks)
+    from_json = {
+        (group, row["variant"]): row["metrics"]["test/acc"]["verdict"]
+        for group, part in groups.items() for row in part["variants"] if row["variant"] != "QKV"
+    }
+    marked = {key: {"equivalent": "equivalent *", "worse": "worse *", "better": "better *"}.get(v, v)
+              for key, v in from_json.items()}
+    cell_rows = _table_rows(markdown, "| task and axes | variant |")
+    from_md = {(r[0], r[1]): r[-1] for r in cell_rows}
+    assert len(cell_rows) == 4 and from_md == marked
+    assert {key: v for key, v in _cells_md_verdicts((out / "cells.md").read_text()).items()
+            if key[1] != "QKV"} == marked
+    for r in cell_rows:
+        assert r[4] == groups[r[0]]["equivalence_margins"]["test/acc"]["stated"]  # that task's own margin
+    assert set(from_json.values()) <= {"equivalent", "inconclusive", "worse", "better"}
+    assert set(from_json.values()) & {"equivalent", "inconclusive"}  # verdicts only a margin gives

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from qkv_lightning.data.tokenizers import BPETokenizer, Tokenizer
-from qkv_lightning.errors import ConfigError, DataError
+from qkv_lightning.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_ENTRY = "qkv_tokenizer"
 """The top-level checkpoint entry holding a tokenizer: ``{"format": CHECKPOINT_FORMAT, "json": <tokenizer.json>}``."""
@@ -80,7 +80,7 @@ class HFTokenizer(Tokenizer):
         fix = "give the tokenizer.json that the model's tokenizer (tokenizer.save or save_pretrained) wrote"
         if not isinstance(text, str):
             raise DataError(
-                f"the tokenizer {source} is a {type(text).__name__}, not the text of a tokenizer.json; {fix}."
+                f"the tokenizer {source} is of type {type(text).__name__}, not the text of a tokenizer.json; {fix}."
             )
         try:
             data = json.loads(text)
@@ -127,7 +127,12 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
         """The tokenizer of a ``tokenizer.json``, or the one a checkpoint stores (``.ckpt``/``.pt``/``.pth``, read
-        weights-only; ``import`` stores the source model's tokenizer there, ``fit`` the tokenizer of its data)."""
+        weights-only; ``import`` stores the source model's tokenizer there, ``fit`` the tokenizer of its data).
+
+        Raises:
+            DataError: naming ``data.tokenizer_file``: the file is missing, is no readable tokenizer.json or
+                checkpoint, holds code, stores no tokenizer, or its tokenizer is malformed.
+        """
         path = Path(path).expanduser()
         if not path.is_file():
             raise DataError(
@@ -135,10 +140,8 @@ class HFTokenizer(Tokenizer):
                 "or by fit with data.tokenizer: hf."
             )
         if path.suffix in CHECKPOINT_SUFFIXES:
-            from qkv_lightning.checkpoints import load_checkpoint_file
-
             where = f"the checkpoint {path} (data.tokenizer_file)"
-            tokenizer = cls.from_checkpoint(load_checkpoint_file(path, weights_only=True, lightning=False), where)
+            tokenizer = cls.from_checkpoint(_read_checkpoint(path), where)
             if tokenizer is None:
                 raise DataError(
                     f"{where} stores no tokenizer: import of a Hugging Face folder with a tokenizer.json or of a GGUF "
@@ -216,6 +219,28 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint ``path`` named by ``data.tokenizer_file``, read weights-only whatever ``--weights_only`` says; a
+    file that is no readable checkpoint, or holds code, is a DataError naming the setting."""
+    from qkv_lightning.checkpoints import load_checkpoint_file
+    from qkv_lightning.checkpoints.read import ForbiddenCheckpointContent
+
+    try:
+        return load_checkpoint_file(path, weights_only=True, lightning=False)
+    except ForbiddenCheckpointContent:
+        raise DataError(
+            f"refusing to read the tokenizer of {path} (data.tokenizer_file): the checkpoint holds Python objects "
+            "other than tensors and plain containers, which could run code when loaded, and a tokenizer is always "
+            "read weights-only (one that import, fit or convert wrote holds none). Name the model's tokenizer.json, "
+            "or a checkpoint that this tool wrote."
+        ) from None
+    except CheckpointError as error:
+        raise DataError(
+            f"data.tokenizer_file={path} is read as a checkpoint (its name ends in {path.suffix}), and cannot be: "
+            f"{error}"
+        ) from None
 
 
 def checked_special_ids(ids: Any, source: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from qkv_lightning.study.config import Cell, StudyConfig
 from qkv_lightning.study.reference import markdown as reference_markdown
 from qkv_lightning.study.report import equivalence_table, summary_table
 from qkv_lightning.study.runner import run_study, study_dir_of
-from qkv_lightning.study.sweep import sweep_table
+from qkv_lightning.study.sweep import sweep_has_margin, sweep_table
 from qkv_lightning.variants import Variant
 
 __all__ = ["Cell", "StudyConfig", "Variant", "main", "parse_study_args", "run_study"]
@@ -67,13 +67,16 @@ def main(argv: Sequence[str]) -> int:
     print()
     print(sweep_table(summary) if "sweep_table" in summary else summary_table(summary))
     print()
-    equivalence = None if "sweep_table" in summary else equivalence_table(summary)
+    sweep = "sweep_table" in summary
+    equivalence = sweep_has_margin(summary) if sweep else equivalence_table(summary)
     if equivalence:
-        print(equivalence)
-        print()
+        if not sweep:
+            print(equivalence)
+            print()
         print(
             f"verdict: equivalent * = within the margin (TOST, Holm, p < {config.alpha}); worse * / better * = "
             f"significant difference after Holm correction; inconclusive = neither."
+            + (" Every task and axis setting's verdict at its margin: summary.md." if sweep else "")
         )
     else:
         print(

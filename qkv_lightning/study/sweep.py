@@ -8,7 +8,13 @@ the tasks, as the paper's Table 1 reports. Its statistics stay paired:
   with the same task, axis values and seed that both finished, with a paired t confidence interval over those
   pairs and a Holm-corrected p-value over the variants compared with the baseline;
 * the **95% CI** of a variant's average is a t interval over seeds: for each seed, the average over tasks of the
-  mean over that task's cells with that seed, clipped to the values the metric can take.
+  mean over that task's cells with that seed, clipped to the values the metric can take;
+* with ``study.equivalence_margin`` (:func:`~qkv_lightning.study.effects.margin_for`: a relative margin is that
+  share of the baseline row's average), the matched-cell difference is also read as two one-sided tests
+  (:func:`~qkv_lightning.study.stats.tost`, Holm-corrected over the variants) and the verdict is
+  :func:`~qkv_lightning.study.effects.verdict`'s, as a plain study's: ``equivalent``, ``worse`` / ``better`` or
+  ``inconclusive``. ``summary.md`` then also lists the verdict of every task and axis setting at its margin, the
+  per-cell summaries' (``cells.md``).
 
 An axis that says where a cell *starts* (``model.init_args.init_from``: from scratch or from a converted checkpoint;
 ``model.init_args.distill.teacher``: trained alone or distilled) is a treatment, not a nuisance to average over: a
@@ -25,9 +31,9 @@ from __future__ import annotations
 import itertools
 import math
 
-from qkv_lightning.study import stats
+from qkv_lightning.study import effects, stats
 from qkv_lightning.study.config import INIT_FROM_KEY, TEACHER_KEY, StudyConfig
-from qkv_lightning.study.report import _num, _p, _signed, summary_header
+from qkv_lightning.study.report import _marker, _num, _p, _signed, summary_header
 from qkv_lightning.study.results import clip_interval
 from qkv_lightning.variants import Variant
 
@@ -35,8 +41,10 @@ KEPT_APART = (INIT_FROM_KEY, TEACHER_KEY)
 """Axes whose values the sweep table keeps in separate rows instead of averaging over them (where a cell starts)."""
 
 
-TESTED = ("diff", "diff_ci95", "diff_points", "test", "t", "df", "p", "p_holm")
-"""The fields of a sweep-table entry that its row's metric entry repeats (the matched-cell comparison)."""
+TESTED = ("diff", "diff_ci95", "diff_points", "test", "t", "df", "p", "p_holm", "diff_verdict",
+          "margin", "margin_stated", "tost_ci", "tost_p", "tost_p_holm")
+"""The fields of a sweep-table entry that its row's metric entry repeats (the matched-cell comparison, and with an
+equivalence margin its two one-sided tests)."""
 
 
 def _finite(value: float | None) -> float | None:
@@ -158,6 +166,7 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
                 }
             )
     sweep: dict[str, dict] = {}
+    margins: dict[str, dict] = {}
     for metric in metrics:
         table, tests = {}, {}
         for row in rows:
@@ -181,17 +190,33 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
                 )
                 tests[row["row"]] = test
             table[row["row"]] = entry
+        equivalences = {}
+        for row in rows:  # with a margin, the same matched-cell comparison read as two one-sided tests
+            label = row["row"]
+            if label not in tests:
+                continue
+            base_average = table[row_label(base, names, tuple(row["kept_apart"].values()))]["average"]
+            margin, stated = effects.margin_for(config.equivalence_margin, metric, metrics[0], base_average)
+            if margin is not None:
+                equivalences[label] = equivalence = stats.tost(tests[label], margin, config.alpha)
+                table[label].update(margin=margin, margin_stated=stated,
+                                    tost_ci=[_finite(equivalence.ci_low), _finite(equivalence.ci_high)],
+                                    tost_p=_finite(equivalence.p))
+        stated_margins = {(table[label]["margin"], table[label]["margin_stated"]) for label in equivalences}
+        if len(stated_margins) == 1:  # one margin for the whole table (a relative one differs between kept-apart rows)
+            (amount, stated), = stated_margins
+            margins[metric] = {"margin": amount, "stated": stated}
         adjusted = stats.holm([tests[label].p for label in tests])
+        adjusted_tost = dict(zip(equivalences, stats.holm([e.p for e in equivalences.values()]), strict=True))
         lower_better = config.is_lower_better(metric)
         for label, p_holm in zip(tests, adjusted, strict=True):
             entry = table[label]
             entry["p_holm"] = _finite(p_holm)
-            if math.isnan(p_holm):
-                entry["verdict"] = "n/a"
-            elif p_holm < config.alpha:
-                entry["verdict"] = "worse" if (entry["diff"] > 0) == lower_better else "better"
-            else:
-                entry["verdict"] = "n.s."
+            p_tost = adjusted_tost.get(label)
+            if p_tost is not None:
+                entry["tost_p_holm"] = _finite(p_tost)
+            entry["diff_verdict"] = effects.verdict(p_holm, None, entry["diff"], lower_better, config.alpha)
+            entry["verdict"] = effects.verdict(p_holm, p_tost, entry["diff"], lower_better, config.alpha)
         for row in rows:
             if row["variant"] == base:
                 table[row["row"]]["verdict"] = "baseline"
@@ -213,42 +238,113 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
         "tasks": tasks,
         "axes": dict(config.axes),
         "kept_apart": names,
+        "equivalence_margins": margins,
         "variants": rows,
         "sweep_table": sweep,
         "groups": groups,
     }
 
 
+def _has_margin(entries: list[dict]) -> bool:
+    return any(entry.get("margin") is not None for entry in entries)
+
+
+def sweep_has_margin(summary: dict, metric: str | None = None) -> bool:
+    """Whether the sweep table of ``metric`` (the primary one by default) reads its verdicts at an equivalence
+    margin."""
+    metric = metric or summary["primary"]
+    return metric is not None and _has_margin(list(summary["sweep_table"][metric].values()))
+
+
 def sweep_table(summary: dict, metric: str | None = None) -> str:
     """The paper-layout markdown table of one metric: a row per variant (and value of the kept-apart axes), a column
     per task, the average over the tasks with its seed-level 95% CI, and the matched-cell difference from the baseline
-    with its CI and Holm p."""
+    with its CI and Holm p; where ``study.equivalence_margin`` gives the metric a margin, also the TOST interval, the
+    margin and the TOST p Holm of the same comparison, and the verdict at the margin."""
     metric = metric or summary["primary"]
     if metric is None:
         return "(no run has finished: no metrics to summarise; see the failed runs)"
     base, tasks = summary["baseline"], summary["tasks"]
+    entries = summary["sweep_table"][metric]
+    margin = sweep_has_margin(summary, metric)
+    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    extra = f" {level} CI (TOST) | margin ± | TOST p Holm |" if margin else ""
     header = (
         f"| variant | {' | '.join(tasks)} | average | 95% CI (seeds) | diff vs {base} [95% CI] (matched cells) "
-        "| pairs | p Holm | verdict |"
+        f"| pairs | p Holm |{extra} verdict |"
     )
-    lines = [header, "|" + "---|" * (len(tasks) + 7)]
-    for label, entry in summary["sweep_table"][metric].items():
+    lines = [header, "|" + "---|" * (len(tasks) + 7 + 3 * margin)]
+    for label, entry in entries.items():
         cells = " | ".join(_num(entry["per_task"].get(task)) for task in tasks)
         ci = f"[{_num(entry['ci95'][0])}, {_num(entry['ci95'][1])}]"
         if entry.get("variant", label) == base:
             diff = pairs = p_holm = ""
+            tost = "  |  |  |" if margin else ""
         else:
             diff = f"{_signed(entry['diff'])} [{_signed(entry['diff_ci95'][0])}, {_signed(entry['diff_ci95'][1])}]"
             pairs, p_holm = str(entry["pairs"]), _p(entry["p_holm"])
-        verdict = {"worse": "worse *", "better": "better *"}.get(entry["verdict"], entry["verdict"])
+            tost_ci = entry.get("tost_ci") or [None, None]
+            tost = (
+                f" [{_signed(tost_ci[0])}, {_signed(tost_ci[1])}] | {entry.get('margin_stated') or '-'} "
+                f"| {_p(entry.get('tost_p_holm'))} |"
+            ) if margin else ""
         lines.append(
-            f"| {label} | {cells} | {_num(entry['average'])} | {ci} | {diff} | {pairs} | {p_holm} | {verdict} |"
+            f"| {label} | {cells} | {_num(entry['average'])} | {ci} | {diff} | {pairs} | {p_holm} |{tost} "
+            f"{_marker(entry['verdict'])} |"
         )
     return "\n".join(lines)
 
 
+def cell_equivalence_table(summary: dict, metric: str | None = None) -> str:
+    """Every task and axis setting's comparison with the baseline at its equivalence margin, read from the per-cell
+    summaries (``groups``, the tables of ``cells.md``): the difference over seeds, its TOST interval, the margin (a
+    relative one of that cell's baseline mean), the TOST p Holm and the verdict. '' where no cell has a margin."""
+    metric = metric or summary["primary"]
+    groups = [part for part in summary.get("groups") or [] if metric in part.get("equivalence_margins", {})]
+    if metric is None or not groups:
+        return ""
+    base = summary["baseline"]
+    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    lines = [
+        f"| task and axes | variant | diff vs {base} [95% CI] | {level} CI (TOST) | margin ± | TOST p Holm | verdict |",
+        "|" + "---|" * 7,
+    ]
+    for part in groups:
+        stated = part["equivalence_margins"][metric]["stated"]
+        for row in part["variants"]:
+            if row["variant"] == base:
+                continue
+            entry = row["metrics"][metric]
+            ci, tost_ci = entry["diff_ci95"], entry.get("tost_ci") or [None, None]
+            lines.append(
+                f"| {part['group']} | {row['variant']} | {_signed(entry['diff'])} [{_signed(ci[0])}, {_signed(ci[1])}] "
+                f"| [{_signed(tost_ci[0])}, {_signed(tost_ci[1])}] | {stated} | {_p(entry.get('tost_p_holm'))} "
+                f"| {_marker(entry['verdict'])} |"
+            )
+    return "\n".join(lines)
+
+
+def _verdicts(summary: dict) -> str:
+    """How the sweep table's verdict column reads, with or without an equivalence margin for the primary metric."""
+    alpha = summary["alpha"]
+    if not sweep_has_margin(summary):
+        return (
+            f"`verdict`: `worse *` / `better *` when p Holm < {alpha}; `n.s.` otherwise, which is not evidence of no "
+            "difference: set `equivalence_margin` to test for that."
+        )
+    level = f"{100 * (1 - 2 * alpha):g}%"
+    return (
+        "With the equivalence margin (`margin ±`; a relative one is that share of the baseline row's `average`) the "
+        f"same matched-cell difference is also read as two one-sided tests (its {level} interval, `TOST p Holm` "
+        f"Holm-corrected over the variants): `verdict` is `equivalent *` when TOST p Holm < {alpha} (the difference "
+        f"is shown within ± the margin), else `worse *` / `better *` when p Holm < {alpha}, else `inconclusive` "
+        "(neither is shown)."
+    )
+
+
 def sweep_markdown(summary: dict, title: str, notes: list[str]) -> str:
-    """The ``summary.md`` of a sweep: the paper-layout table, how to read it, skipped and failed cells."""
+    """The ``summary.md`` of a sweep: the paper-layout table, how to read it, with an equivalence margin the
+    verdicts of every task and axis setting at it (:func:`cell_equivalence_table`), skipped and failed cells."""
     primary = summary["primary"]
     direction = "lower" if primary and summary["lower_is_better"][primary] else "higher"
     axes = ", ".join(f"`{key}` {values}" for key, values in summary["axes"].items()) or "none"
@@ -264,8 +360,8 @@ def sweep_markdown(summary: dict, title: str, notes: list[str]) -> str:
         "their mean over the tasks; `95% CI (seeds)` is a t interval over the seeds of that average (clipped to the "
         "values the metric can take). The difference "
         f"from {summary['baseline']} is the mean over matched cells (same task, axis values and seed, both "
-        f"finished), with a paired t interval; `p Holm`: Holm-corrected over the variants (`worse *` / `better *` "
-        f"when below {summary['alpha']}). Per-cell tables: `cells.md`; every run: `results.csv`.",
+        f"finished), with a paired t interval; `p Holm`: Holm-corrected over the variants. {_verdicts(summary)} "
+        "Per-cell tables: `cells.md`; every run: `results.csv`.",
     ]
     if summary.get("kept_apart"):
         kept = ", ".join(f"`{name}`" for name in summary["kept_apart"])
@@ -276,6 +372,17 @@ def sweep_markdown(summary: dict, title: str, notes: list[str]) -> str:
         )
     for metric in summary["metrics"][1:]:
         parts += ["", f"{metric}:", "", sweep_table(summary, metric)]
+    for metric in summary["metrics"]:
+        cells = cell_equivalence_table(summary, metric)
+        if cells:
+            parts += [
+                "",
+                f"Equivalence of {metric} per task and axis setting (the verdicts of `cells.md`: each setting's seeds "
+                "paired, Holm-corrected over the variants within the setting; a relative margin is that share of the "
+                "setting's baseline mean):",
+                "",
+                cells,
+            ]
     if notes:
         parts += ["", "Skipped or left out:", ""] + [f"- {note}" for note in notes]
     if summary["failed"]:
