@@ -560,6 +560,20 @@ def stored_tokenizer(ids: object = None, trained_with: str | None = None) -> Cal
     return write
 
 
+def word_data_for_a_stored_tokenizer(runs: Runs, tmp: Path) -> list[str]:
+    """``predict`` with the word-level config of the language model's checkpoint, copied with a stored tokenizer that
+    its model is recorded to be trained with (as import, fit with data.tokenizer: hf, and convert write it)."""
+    from qkv_lightning.data.hf_tokenizer import HFTokenizer
+
+    tokenizer = HFTokenizer.from_file(bpe_tokenizer(runs, tmp / "tokenizer.json"))
+    checkpoint = torch.load(runs.checkpoint("lm"), weights_only=True)
+    checkpoint[CHECKPOINT_ENTRY] = tokenizer.checkpoint_entry()
+    checkpoint["hyper_parameters"]["data_spec"]["tokenizer"] = tokenizer.identity
+    torch.save(checkpoint, tmp / "m.ckpt")
+    return ["predict", *lm_args(tmp, runs.wikitext), "--ckpt_path", str(tmp / "m.ckpt"),
+            "--model.generation.output_file", str(tmp / "out.jsonl")]
+
+
 def larger_vocabulary(runs: Runs, tmp: Path) -> list[str]:
     tokenizer = bpe_tokenizer(runs, tmp / "tokenizer.json")
     return ["fit", *lm_args(tmp, runs.wikitext), "--data.tokenizer", "hf", "--data.tokenizer_file", str(tokenizer),
@@ -617,6 +631,8 @@ CASES += [
          "model.network.vocab_size=100 is smaller than the data's vocabulary (300 tokens)"),
     Case("checkpoint of another tokenizer", hf_tokenizer("tokenizer.json", bpe_tokenizer),
          "the checkpoint was trained with tokenizer='word:"),
+    Case("word data for a checkpoint that stores its tokenizer", word_data_for_a_stored_tokenizer,
+         "stores the tokenizer its model was trained with (hf:"),
     Case("missing tokenizer file of streaming data", streaming_tokenizer_missing,
          "is not a file; name a tokenizer.json, or a checkpoint written by import"),
 ]
