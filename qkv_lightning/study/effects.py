@@ -108,6 +108,24 @@ def verdict(p_diff_holm: float, p_tost_holm: float | None, diff: float, lower_is
     return "n.s." if p_tost_holm is None else "inconclusive"
 
 
+def holm_verdicts(
+    entries: Mapping[str, dict], p_diff: Mapping[str, float], p_tost: Mapping[str, float], lower_is_better: bool,
+    alpha: float,
+) -> None:
+    """Holm-adjust the difference tests ``p_diff`` and the equivalence tests ``p_tost`` (each by label, over the
+    labels it holds; ``p_tost`` only where a margin is set) and write into each ``entries[label]`` (which holds the
+    ``diff``): ``p_holm``, ``tost_p_holm``, ``diff_verdict`` (margin-blind) and ``verdict`` (:func:`verdict`); a nan
+    p-value is written as None."""
+    adjusted_tost = dict(zip(p_tost, stats.holm(list(p_tost.values())), strict=True))
+    for label, p_holm in zip(p_diff, stats.holm(list(p_diff.values())), strict=True):
+        entry, tost = entries[label], adjusted_tost.get(label)
+        entry["p_holm"] = None if math.isnan(p_holm) else p_holm
+        if tost is not None:
+            entry["tost_p_holm"] = None if math.isnan(tost) else tost
+        entry["diff_verdict"] = verdict(p_holm, None, entry["diff"], lower_is_better, alpha)
+        entry["verdict"] = verdict(p_holm, tost, entry["diff"], lower_is_better, alpha)
+
+
 # ---------------------------------------------------------------------------------------------- results table
 def results_table(results: Iterable[dict], axes: Sequence[str] = ()) -> list[dict]:
     """The results table of the finished runs: ``variant``, ``cell``, ``seed``, the axis columns and the metrics.

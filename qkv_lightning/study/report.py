@@ -183,18 +183,10 @@ def summarize(config: StudyConfig, variants: list[Variant], results: list[dict])
                         tost_p=_finite(equivalence.p),
                     )
             row["metrics"][metric] = entry
-        labels = list(tests)
-        adjusted = stats.holm([tests[label].p for label in labels])
-        adjusted_tost = dict(zip(equivalences, stats.holm([e.p for e in equivalences.values()]), strict=True))
-        lower_better = config.is_lower_better(metric)
-        for label, p_holm in zip(labels, adjusted, strict=True):
-            entry = next(row for row in rows if row["variant"] == label)["metrics"][metric]
-            entry["p_holm"] = _finite(p_holm)
-            p_tost = adjusted_tost.get(label)
-            if p_tost is not None:
-                entry["tost_p_holm"] = _finite(p_tost)
-            entry["diff_verdict"] = effects.verdict(p_holm, None, entry["diff"], lower_better, config.alpha)
-            entry["verdict"] = effects.verdict(p_holm, p_tost, entry["diff"], lower_better, config.alpha)
+        entries = {row["variant"]: row["metrics"][metric] for row in rows}
+        effects.holm_verdicts(entries, {label: test.p for label, test in tests.items()},
+                              {label: e.p for label, e in equivalences.items()}, config.is_lower_better(metric),
+                              config.alpha)
         next(row for row in rows if row["variant"] == base)["metrics"][metric]["verdict"] = "baseline"
 
     notes = []

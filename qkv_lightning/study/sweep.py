@@ -206,17 +206,9 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
         if len(stated_margins) == 1:  # one margin for the whole table (a relative one differs between kept-apart rows)
             (amount, stated), = stated_margins
             margins[metric] = {"margin": amount, "stated": stated}
-        adjusted = stats.holm([tests[label].p for label in tests])
-        adjusted_tost = dict(zip(equivalences, stats.holm([e.p for e in equivalences.values()]), strict=True))
-        lower_better = config.is_lower_better(metric)
-        for label, p_holm in zip(tests, adjusted, strict=True):
-            entry = table[label]
-            entry["p_holm"] = _finite(p_holm)
-            p_tost = adjusted_tost.get(label)
-            if p_tost is not None:
-                entry["tost_p_holm"] = _finite(p_tost)
-            entry["diff_verdict"] = effects.verdict(p_holm, None, entry["diff"], lower_better, config.alpha)
-            entry["verdict"] = effects.verdict(p_holm, p_tost, entry["diff"], lower_better, config.alpha)
+        effects.holm_verdicts(table, {label: test.p for label, test in tests.items()},
+                              {label: e.p for label, e in equivalences.items()}, config.is_lower_better(metric),
+                              config.alpha)
         for row in rows:
             if row["variant"] == base:
                 table[row["row"]]["verdict"] = "baseline"
