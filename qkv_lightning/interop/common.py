@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
+from qkv_lightning.data.hf_tokenizer import SPECIAL_TOKEN_IDS
 from qkv_lightning.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
@@ -18,8 +19,6 @@ WEIGHTS_FILE = "model.safetensors"
 """A Hugging Face folder's weights (one file; larger models shard them, listed in ``model.safetensors.index.json``)."""
 GENERATION_FILE = "generation_config.json"
 """A Hugging Face folder's generation defaults (``GenerationConfig``): the special token ids ``generate`` uses."""
-GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-"""The ids ``save_pretrained`` copies from a model's config into its ``generation_config.json`` (when not None)."""
 
 
 def require(package: str, purpose: str, extra: str = "interop") -> Any:
@@ -125,8 +124,9 @@ def check_hf_destination(out: Path) -> None:
 
 def generation_config(config: dict[str, Any]) -> dict[str, Any]:
     """The ``generation_config.json`` that ``save_pretrained`` writes for a causal LM with this ``config.json``: the
-    config's :data:`GENERATION_IDS` that are not None, marked as taken from the model's config."""
-    ids = {key: config[key] for key in GENERATION_IDS if config.get(key) is not None}
+    config's special token ids (:data:`~qkv_lightning.data.hf_tokenizer.SPECIAL_TOKEN_IDS`) that are not None,
+    marked as taken from the model's config."""
+    ids = {key: config[key] for key in SPECIAL_TOKEN_IDS if config.get(key) is not None}
     return {"_from_model_config": True, **ids, "use_cache": True}
 
 

@@ -59,18 +59,13 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def fused_decode_refusal(device: torch.device) -> str | None:
-    """Why ``rope_keys: fused`` cannot run on ``device`` (a sentence), or None when it can."""
-    if triton is None:
-        return "it needs Triton, which this torch installation lacks (Linux CUDA wheels of torch ship it)"
-    if device.type != "cuda" and not interpreted():
-        return f"it runs as a Triton kernel on a CUDA device, and the model is on {device.type}"
-    return None
-
-
 def check_fused_decode(device: torch.device) -> None:
     """Raise a ConfigError naming ``rope_keys`` when the fused decoding step cannot run on ``device``."""
-    reason = fused_decode_refusal(device)
+    reason = None
+    if triton is None:
+        reason = "it needs Triton, which this torch installation lacks (Linux CUDA wheels of torch ship it)"
+    elif device.type != "cuda" and not interpreted():
+        reason = f"it runs as a Triton kernel on a CUDA device, and the model is on {device.type}"
     if reason:
         raise ConfigError(
             f"rope_keys=fused: {reason}. Use rope_keys=on_read there (the same cache, with the keys rotated into a "

@@ -108,6 +108,11 @@ def verdict(p_diff_holm: float, p_tost_holm: float | None, diff: float, lower_is
     return "n.s." if p_tost_holm is None else "inconclusive"
 
 
+def tost_level(alpha: float) -> str:
+    """The confidence level of the interval two one-sided tests at ``alpha`` read, e.g. ``90%`` at 0.05."""
+    return f"{100 * (1 - 2 * alpha):g}%"
+
+
 def holm_verdicts(
     entries: Mapping[str, dict], p_diff: Mapping[str, float], p_tost: Mapping[str, float], lower_is_better: bool,
     alpha: float,

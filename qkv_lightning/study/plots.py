@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qkv_lightning.files import atomic_open
+from qkv_lightning.study import effects
 from qkv_lightning.study.report import _marker
 from qkv_lightning.study.results import metric_range
 
@@ -94,7 +95,7 @@ def _forest(axis, summary: dict, metric: str, bounds: tuple[float, float], dots:
         m = margin["margin"]
         axis.axvspan(-m, m, color="tab:green", alpha=0.15, lw=0, label=f"margin ±{m:.3g}")
     axis.axvline(0.0, color="black", lw=0.8)
-    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    level = effects.tost_level(summary["alpha"])
     xs: list[float] = [0.0]
     for y, row in enumerate(compared):
         entry = row["metrics"][metric]

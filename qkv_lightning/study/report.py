@@ -297,7 +297,7 @@ def equivalence_table(summary: dict, metric: str | None = None) -> str:
     if metric is None or margin is None:
         return ""
     base = summary["baseline"]
-    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    level = effects.tost_level(summary["alpha"])
     power = f"{100 * summary['power']:g}%"
     lines = [
         f"| variant | diff vs {base} | {level} CI | margin ± | TOST p | TOST p Holm | min detectable diff ({power}) "
@@ -432,7 +432,7 @@ def summary_markdown(summary: dict, title: str) -> str:
     ]
     equivalence = equivalence_table(summary)
     if equivalence:
-        level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+        level = effects.tost_level(summary["alpha"])
         parts += [
             "",
             f"Equivalence of {primary} within the margin (two one-sided tests on the same comparison, Holm-corrected "

@@ -237,15 +237,12 @@ def summarize_sweep(config: StudyConfig, variants: list[Variant], results: list[
     }
 
 
-def _has_margin(entries: list[dict]) -> bool:
-    return any(entry.get("margin") is not None for entry in entries)
-
-
 def sweep_has_margin(summary: dict, metric: str | None = None) -> bool:
     """Whether the sweep table of ``metric`` (the primary one by default) reads its verdicts at an equivalence
     margin."""
     metric = metric or summary["primary"]
-    return metric is not None and _has_margin(list(summary["sweep_table"][metric].values()))
+    entries = summary["sweep_table"][metric].values() if metric is not None else ()
+    return any(entry.get("margin") is not None for entry in entries)
 
 
 def sweep_table(summary: dict, metric: str | None = None) -> str:
@@ -259,7 +256,7 @@ def sweep_table(summary: dict, metric: str | None = None) -> str:
     base, tasks = summary["baseline"], summary["tasks"]
     entries = summary["sweep_table"][metric]
     margin = sweep_has_margin(summary, metric)
-    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    level = effects.tost_level(summary["alpha"])
     extra = f" {level} CI (TOST) | margin ± | TOST p Holm |" if margin else ""
     header = (
         f"| variant | {' | '.join(tasks)} | average | 95% CI (seeds) | diff vs {base} [95% CI] (matched cells) "
@@ -296,7 +293,7 @@ def cell_equivalence_table(summary: dict, metric: str | None = None) -> str:
     if metric is None or not groups:
         return ""
     base = summary["baseline"]
-    level = f"{100 * (1 - 2 * summary['alpha']):g}%"
+    level = effects.tost_level(summary["alpha"])
     lines = [
         f"| task and axes | variant | diff vs {base} [95% CI] | {level} CI (TOST) | margin ± | TOST p Holm | verdict |",
         "|" + "---|" * 7,
@@ -324,7 +321,7 @@ def _verdicts(summary: dict) -> str:
             f"`verdict`: `worse *` / `better *` when p Holm < {alpha}; `n.s.` otherwise, which is not evidence of no "
             "difference: set `equivalence_margin` to test for that."
         )
-    level = f"{100 * (1 - 2 * alpha):g}%"
+    level = effects.tost_level(alpha)
     return (
         "With the equivalence margin (`margin ±`; a relative one is that share of the baseline row's `average`) the "
         f"same matched-cell difference is also read as two one-sided tests (its {level} interval, `TOST p Holm` "
